@@ -1,0 +1,454 @@
+//! Configuration: a TOML file, overridden by command-line flags, with typed defaults.
+//!
+//! Relative paths in a config file are resolved against the file's directory; relative paths
+//! given as flags, against the working directory.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::auth::{Principal, Role, TenantScope, TokenDigest};
+use crate::lease::{DEFAULT_MAX_TTL, DEFAULT_MAX_USES, DEFAULT_TTL, LeasePolicy};
+use crate::model::{PrincipalId, TenantId};
+
+/// Environment variable naming the config file when `--config` is not given.
+pub const ENV_CONFIG: &str = "BYOKD_CONFIG";
+/// Environment variable with a `tracing` filter for the logs, e.g. `info,byokd=debug`.
+pub const ENV_LOG: &str = "BYOKD_LOG";
+/// Address the server listens on by default: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// Data directory by default, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "byokd-data";
+/// Name of the local master key file inside the data directory, by default.
+pub const DEFAULT_MASTER_KEY_FILE: &str = "master.key";
+/// How often expired leases are removed, by default.
+pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(30);
+/// Longest time a request may run before it is cancelled, by default.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where the master key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MasterKeyConfig {
+    /// A local file of 32 random bytes, created on first start.
+    Local {
+        /// The key file.
+        path: PathBuf,
+    },
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Data directory (sled database, and by default the master key).
+    pub data_dir: PathBuf,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Master key source.
+    pub master_key: MasterKeyConfig,
+    /// Lease limits.
+    pub lease: LeasePolicy,
+    /// Interval of expired-lease collection.
+    pub gc_interval: Duration,
+    /// Per-request timeout.
+    pub request_timeout: Duration,
+    /// Configured principals; empty means "use the bootstrap admin".
+    pub principals: Vec<Principal>,
+}
+
+/// Command-line values that override the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--config` (or `BYOKD_CONFIG`).
+    pub config: Option<PathBuf>,
+    /// `--listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--log-format`.
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+    #[serde(default, with = "humantime_serde")]
+    request_timeout: Option<Duration>,
+    master_key: Option<MasterKeyFile>,
+    #[serde(default)]
+    lease: LeaseFile,
+    #[serde(default)]
+    principal: Vec<PrincipalFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+enum MasterKeyFile {
+    Local { path: Option<PathBuf> },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeaseFile {
+    #[serde(default, with = "humantime_serde")]
+    default_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    max_ttl: Option<Duration>,
+    max_uses: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    gc_interval: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrincipalFile {
+    id: String,
+    token_sha256: String,
+    roles: Vec<Role>,
+    tenants: Vec<String>,
+}
+
+impl Config {
+    /// Reads the config file named by `overrides` (if any) and applies the overrides.
+    pub fn load(overrides: Overrides) -> Result<Self, ConfigError> {
+        let (file, base) = match &overrides.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                (Self::parse_file(path, &text)?, base)
+            }
+            None => (FileConfig::default(), PathBuf::new()),
+        };
+        Self::resolve(file, &base, overrides)
+    }
+
+    fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string()
+                + &e.span().map(|s| at_line(text, s.start)).unwrap_or_default(),
+        })
+    }
+
+    fn resolve(file: FileConfig, base: &Path, overrides: Overrides) -> Result<Self, ConfigError> {
+        let listen = match (overrides.listen, &file.listen) {
+            (Some(addr), _) => addr,
+            (None, Some(text)) => text.parse().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "listen: {text:?} is not an address like 127.0.0.1:50051"
+                ))
+            })?,
+            (None, None) => DEFAULT_LISTEN
+                .parse()
+                .map_err(|_| ConfigError::Invalid("default listen address".into()))?,
+        };
+        let data_dir = overrides
+            .data_dir
+            .or_else(|| file.data_dir.map(|d| base.join(d)))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let master_key = match file.master_key {
+            Some(MasterKeyFile::Local { path: Some(path) }) => MasterKeyConfig::Local {
+                path: base.join(path),
+            },
+            Some(MasterKeyFile::Local { path: None }) | None => MasterKeyConfig::Local {
+                path: data_dir.join(DEFAULT_MASTER_KEY_FILE),
+            },
+        };
+        let lease = LeasePolicy {
+            default_ttl: file.lease.default_ttl.unwrap_or(DEFAULT_TTL),
+            max_ttl: file.lease.max_ttl.unwrap_or(DEFAULT_MAX_TTL),
+            max_uses: file.lease.max_uses.unwrap_or(DEFAULT_MAX_USES),
+        };
+        if lease.max_ttl.is_zero() || lease.default_ttl.is_zero() {
+            return Err(ConfigError::Invalid(
+                "lease: default_ttl and max_ttl must be positive".into(),
+            ));
+        }
+        if lease.default_ttl > lease.max_ttl {
+            return Err(ConfigError::Invalid(
+                "lease: default_ttl must not exceed max_ttl".into(),
+            ));
+        }
+        if lease.max_uses == 0 {
+            return Err(ConfigError::Invalid(
+                "lease: max_uses must be at least 1".into(),
+            ));
+        }
+        let gc_interval = file.lease.gc_interval.unwrap_or(DEFAULT_GC_INTERVAL);
+        if gc_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "lease: gc_interval must be positive".into(),
+            ));
+        }
+        let request_timeout = file.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+        if request_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "request_timeout must be positive".into(),
+            ));
+        }
+        Ok(Self {
+            listen,
+            data_dir,
+            log_format: overrides.log_format.or(file.log_format).unwrap_or_default(),
+            master_key,
+            lease,
+            gc_interval,
+            request_timeout,
+            principals: principals(file.principal)?,
+        })
+    }
+}
+
+/// " (line N: <that line>)" for the byte offset of a parse error.
+fn at_line(text: &str, offset: usize) -> String {
+    let number = text.get(..offset).map_or(0, |t| t.matches('\n').count());
+    let line = text.lines().nth(number).unwrap_or("").trim();
+    format!(" (line {}: {line})", number + 1)
+}
+
+fn principals(entries: Vec<PrincipalFile>) -> Result<Vec<Principal>, ConfigError> {
+    let mut ids = HashSet::new();
+    let mut digests = HashSet::new();
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, p) in entries.into_iter().enumerate() {
+        let at = |msg: String| ConfigError::Invalid(format!("principal #{}: {msg}", i + 1));
+        let id = PrincipalId::parse(p.id).map_err(|e| at(format!("id: {}", e.problem)))?;
+        let at = |msg: String| ConfigError::Invalid(format!("principal {id}: {msg}"));
+        if !ids.insert(id.clone()) {
+            return Err(at("duplicate id".into()));
+        }
+        let token_sha256 = parse_digest(&p.token_sha256).ok_or_else(|| {
+            at("token_sha256 must be 64 hex digits (sha256sum of the token)".into())
+        })?;
+        if !digests.insert(token_sha256) {
+            return Err(at("token_sha256 is shared with another principal".into()));
+        }
+        if p.roles.is_empty() {
+            return Err(at("roles must not be empty".into()));
+        }
+        let tenants = match p.tenants.as_slice() {
+            [] => return Err(at("tenants must not be empty (use [\"*\"] for all)".into())),
+            [all] if all == "*" => TenantScope::All,
+            list => TenantScope::Only(
+                list.iter()
+                    .map(|t| {
+                        TenantId::parse(t.as_str()).map_err(|_| {
+                            at(format!(
+                                "tenants: {t:?} is not a tenant (\"*\" must stand alone)"
+                            ))
+                        })
+                    })
+                    .collect::<Result<BTreeSet<_>, _>>()?,
+            ),
+        };
+        out.push(Principal {
+            id: id.clone(),
+            token_sha256,
+            roles: p.roles.into_iter().collect(),
+            tenants,
+        });
+    }
+    Ok(out)
+}
+
+fn parse_digest(text: &str) -> Option<TokenDigest> {
+    let bytes = hex::decode(text.trim()).ok()?;
+    bytes.try_into().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH_A: &str = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b";
+    const HASH_B: &str = "9e3c5a1d1c37c1a5e5a0e9b2a0f9a8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1";
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let file = Config::parse_file(Path::new("test.toml"), text)?;
+        Config::resolve(file, Path::new("/etc/byokd"), Overrides::default())
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let c = Config::load(Overrides::default()).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(
+            c.master_key,
+            MasterKeyConfig::Local {
+                path: PathBuf::from("byokd-data/master.key")
+            }
+        );
+        assert_eq!(c.lease, LeasePolicy::default());
+        assert!(c.principals.is_empty());
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = load(&format!(
+            r#"
+            listen = "0.0.0.0:6000"
+            data_dir = "data"
+            log_format = "json"
+            [master_key]
+            kind = "local"
+            path = "/keys/master.key"
+            [lease]
+            default_ttl = "30s"
+            max_ttl = "5m"
+            max_uses = 10
+            [[principal]]
+            id = "orchestrator"
+            token_sha256 = "{HASH_A}"
+            roles = ["writer", "leaser"]
+            tenants = ["*"]
+            [[principal]]
+            id = "agent"
+            token_sha256 = "{HASH_B}"
+            roles = ["reader"]
+            tenants = ["acme", "globex"]
+            "#
+        ))
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:6000");
+        assert_eq!(c.data_dir, PathBuf::from("/etc/byokd/data"));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(
+            c.master_key,
+            MasterKeyConfig::Local {
+                path: PathBuf::from("/keys/master.key")
+            }
+        );
+        assert_eq!(c.lease.default_ttl, Duration::from_secs(30));
+        assert_eq!(c.lease.max_ttl, Duration::from_secs(300));
+        assert_eq!(c.lease.max_uses, 10);
+        assert_eq!(c.principals.len(), 2);
+        assert_eq!(c.principals[0].tenants, TenantScope::All);
+        assert!(matches!(&c.principals[1].tenants, TenantScope::Only(t) if t.len() == 2));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = Config::parse_file(
+            Path::new("t"),
+            "listen = \"127.0.0.1:1\"\nlog_format = \"json\"",
+        )
+        .unwrap();
+        let c = Config::resolve(
+            file,
+            Path::new(""),
+            Overrides {
+                listen: Some("127.0.0.1:2".parse().unwrap()),
+                data_dir: Some(PathBuf::from("/d")),
+                log_format: Some(LogFormat::Text),
+                config: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.data_dir, PathBuf::from("/d"));
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(
+            c.master_key,
+            MasterKeyConfig::Local {
+                path: PathBuf::from("/d/master.key")
+            }
+        );
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_a_reason() {
+        let principal = |extra: &str| {
+            format!(
+                "[[principal]]\nid = \"p\"\ntoken_sha256 = \"{HASH_A}\"\nroles = [\"admin\"]\ntenants = [\"*\"]\n{extra}"
+            )
+        };
+        let cases: Vec<(String, &str)> = vec![
+            ("listen = 5".into(), "invalid type"),
+            ("listne = \"x\"".into(), "unknown field"),
+            ("listen = \"localhost\"".into(), "listen"),
+            ("[master_key]\nkind = \"hsm\"".into(), "unknown variant"),
+            ("[lease]\nmax_ttl = \"forever\"".into(), "max_ttl"),
+            (
+                "[lease]\ndefault_ttl = \"20m\"".into(),
+                "default_ttl must not exceed max_ttl",
+            ),
+            ("[lease]\nmax_uses = 0".into(), "max_uses"),
+            (principal("").replace(HASH_A, "abc"), "token_sha256"),
+            (
+                principal("").replace("[\"admin\"]", "[\"root\"]"),
+                "unknown variant",
+            ),
+            (
+                principal("").replace("[\"admin\"]", "[]"),
+                "roles must not be empty",
+            ),
+            (
+                principal("").replace("[\"*\"]", "[]"),
+                "tenants must not be empty",
+            ),
+            (
+                principal("").replace("[\"*\"]", "[\"*\", \"a\"]"),
+                "must stand alone",
+            ),
+            (principal("").replace("\"p\"", "\"a b\""), "id"),
+            (
+                principal("") + &principal("").replace(HASH_A, HASH_B),
+                "duplicate id",
+            ),
+            (
+                principal("") + &principal("").replace("\"p\"", "\"q\""),
+                "shared",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = load(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! byokd: a vault for end users' own model-provider API keys.
+//!
+//! See ARCHITECTURE.md for the map of these modules and the rules between them.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod audit;
+pub mod auth;
+pub mod config;
+pub mod crypto;
+pub mod keyring;
+pub mod lease;
+pub mod model;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod vault;

@@ -1,0 +1,730 @@
+//! Domain types: validated identifiers and the records byokd keeps.
+//!
+//! "Parse, don't validate": every value that crossed the network is checked once, here, and
+//! gets its own type, so later code cannot forget the check. Records decode through the same
+//! checks (`serde(try_from)`), so a corrupted stored record is an error, not a bad value.
+//! These are byokd's own types: the generated protobuf types stop at `service.rs`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::keyring::WrappedKey;
+
+/// Longest tenant, secret name or principal id, in characters.
+pub const MAX_NAME_LEN: usize = 128;
+/// Longest provider name.
+pub const MAX_PROVIDER_LEN: usize = 64;
+/// Largest secret value in bytes (64 KiB).
+pub const MAX_VALUE_LEN: usize = 64 * 1024;
+/// Most labels on one secret.
+pub const MAX_LABELS: usize = 32;
+/// Longest label key.
+pub const MAX_LABEL_KEY_LEN: usize = 63;
+/// Longest label value.
+pub const MAX_LABEL_VALUE_LEN: usize = 256;
+/// Longest revocation reason.
+pub const MAX_REASON_LEN: usize = 256;
+
+/// A request field that failed validation. The message names the field and the rule, never
+/// the offending value (it may be a secret pasted in the wrong field).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct ValidationError {
+    /// The request field, as named in the proto.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl ValidationError {
+    /// A validation failure of `field`.
+    pub fn new(field: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            field,
+            problem: problem.into(),
+        }
+    }
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+fn check_name(field: &'static str, s: &str, max: usize) -> Result<(), ValidationError> {
+    if s.is_empty() {
+        return Err(ValidationError::new(field, "required"));
+    }
+    if s.len() > max {
+        return Err(ValidationError::new(
+            field,
+            format!("at most {max} characters"),
+        ));
+    }
+    if !s.chars().all(is_name_char) {
+        return Err(ValidationError::new(
+            field,
+            "only letters, digits, '.', '_' and '-' are allowed",
+        ));
+    }
+    Ok(())
+}
+
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident, $field:literal, $max:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// Checks `s` against the naming rules.
+            pub fn parse(s: impl Into<String>) -> Result<Self, ValidationError> {
+                let s = s.into();
+                check_name($field, &s, $max)?;
+                Ok(Self(s))
+            }
+
+            /// The name as a string.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = ValidationError;
+            fn try_from(s: String) -> Result<Self, ValidationError> {
+                Self::parse(s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(v: $name) -> String {
+                v.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+name_type!(
+    /// A tenant: 1-128 characters of `[A-Za-z0-9._-]`.
+    TenantId,
+    "tenant",
+    MAX_NAME_LEN
+);
+name_type!(
+    /// A secret's name, unique within its tenant: 1-128 characters of `[A-Za-z0-9._-]`.
+    SecretName,
+    "name",
+    MAX_NAME_LEN
+);
+name_type!(
+    /// A model provider such as `anthropic`: 1-64 characters of `[A-Za-z0-9._-]`.
+    Provider,
+    "provider",
+    MAX_PROVIDER_LEN
+);
+name_type!(
+    /// A principal's id: 1-128 characters of `[A-Za-z0-9._-]`.
+    PrincipalId,
+    "principal",
+    MAX_NAME_LEN
+);
+
+impl PrincipalId {
+    /// Parses `s` as the id named in a request's `field` (e.g. `audience`).
+    pub fn parse_field(field: &'static str, s: impl Into<String>) -> Result<Self, ValidationError> {
+        let s = s.into();
+        check_name(field, &s, MAX_NAME_LEN)?;
+        Ok(Self(s))
+    }
+}
+
+/// A secret's labels: at most 32, keys 1-63 characters of `[A-Za-z0-9._/-]`, values up to 256
+/// printable characters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    try_from = "BTreeMap<String, String>",
+    into = "BTreeMap<String, String>"
+)]
+pub struct Labels(BTreeMap<String, String>);
+
+impl Labels {
+    /// Checks every label.
+    pub fn parse(map: impl IntoIterator<Item = (String, String)>) -> Result<Self, ValidationError> {
+        let map: BTreeMap<String, String> = map.into_iter().collect();
+        if map.len() > MAX_LABELS {
+            return Err(ValidationError::new(
+                "labels",
+                format!("at most {MAX_LABELS} labels"),
+            ));
+        }
+        for (k, v) in &map {
+            let key_ok = !k.is_empty()
+                && k.len() <= MAX_LABEL_KEY_LEN
+                && k.chars().all(|c| is_name_char(c) || c == '/');
+            if !key_ok {
+                return Err(ValidationError::new(
+                    "labels",
+                    format!(
+                        "keys are 1-{MAX_LABEL_KEY_LEN} characters of letters, digits, '.', '_', '-' and '/'"
+                    ),
+                ));
+            }
+            if v.chars().count() > MAX_LABEL_VALUE_LEN || v.chars().any(char::is_control) {
+                return Err(ValidationError::new(
+                    "labels",
+                    format!(
+                        "values are at most {MAX_LABEL_VALUE_LEN} characters without control characters"
+                    ),
+                ));
+            }
+        }
+        Ok(Self(map))
+    }
+
+    /// The labels, ordered by key.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter()
+    }
+}
+
+impl TryFrom<BTreeMap<String, String>> for Labels {
+    type Error = ValidationError;
+    fn try_from(map: BTreeMap<String, String>) -> Result<Self, ValidationError> {
+        Self::parse(map)
+    }
+}
+
+impl From<Labels> for BTreeMap<String, String> {
+    fn from(l: Labels) -> Self {
+        l.0
+    }
+}
+
+/// A free-text reason (for a revocation), at most 256 characters without control characters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reason(String);
+
+impl Reason {
+    /// Checks a caller-supplied reason.
+    pub fn parse(s: String) -> Result<Self, ValidationError> {
+        if s.chars().count() > MAX_REASON_LEN {
+            return Err(ValidationError::new(
+                "reason",
+                format!("at most {MAX_REASON_LEN} characters"),
+            ));
+        }
+        if s.chars().any(char::is_control) {
+            return Err(ValidationError::new(
+                "reason",
+                "control characters are not allowed",
+            ));
+        }
+        Ok(Self(s))
+    }
+
+    /// The reason text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Checks the size of a secret value (1 byte to 64 KiB) in request field `field`.
+pub fn check_value_len(field: &'static str, len: usize) -> Result<(), ValidationError> {
+    if len == 0 {
+        return Err(ValidationError::new(field, "required (1 byte to 64 KiB)"));
+    }
+    if len > MAX_VALUE_LEN {
+        return Err(ValidationError::new(
+            field,
+            format!("at most {MAX_VALUE_LEN} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+macro_rules! uuid_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        pub struct $name(uuid::Uuid);
+
+        impl $name {
+            /// A fresh random (v4) id.
+            pub fn generate() -> Self {
+                Self(uuid::Uuid::new_v4())
+            }
+
+            /// Parses the hyphenated form; `field` names the request field for errors.
+            pub fn parse(field: &'static str, s: &str) -> Result<Self, ValidationError> {
+                uuid::Uuid::try_parse(s)
+                    .map(Self)
+                    .map_err(|_| ValidationError::new(field, "not a valid id"))
+            }
+
+            /// The 16 raw bytes, for storage keys.
+            pub fn as_bytes(&self) -> &[u8; 16] {
+                self.0.as_bytes()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.hyphenated().fmt(f)
+            }
+        }
+    };
+}
+
+uuid_type!(
+    /// A secret's immutable id, assigned at Store.
+    SecretId
+);
+uuid_type!(
+    /// A lease's id: public, safe to log and to revoke by (unlike its token).
+    LeaseId
+);
+
+/// SHA-256 of a lease token: what the store keeps instead of the token.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TokenHash(pub [u8; 32]);
+
+impl fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TokenHash(..)")
+    }
+}
+
+/// A point in time, in microseconds since the Unix epoch (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Time(i64);
+
+impl Time {
+    /// The current wall-clock time.
+    pub fn now() -> Self {
+        Self::from_system(SystemTime::now())
+    }
+
+    /// Converts from `SystemTime`, saturating far outside the representable range.
+    pub fn from_system(t: SystemTime) -> Self {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Self(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
+            Err(e) => Self(-i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX)),
+        }
+    }
+
+    /// From microseconds since the epoch.
+    pub const fn from_micros(us: i64) -> Self {
+        Self(us)
+    }
+
+    /// Microseconds since the epoch.
+    pub const fn as_micros(self) -> i64 {
+        self.0
+    }
+
+    /// Seconds and nanoseconds since the epoch, as in `google.protobuf.Timestamp`.
+    pub fn seconds_nanos(self) -> (i64, i32) {
+        let secs = self.0.div_euclid(1_000_000);
+        // rem_euclid of 1e6 is below 1e6, so the nanoseconds fit in i32.
+        let nanos = (self.0.rem_euclid(1_000_000) * 1_000) as i32;
+        (secs, nanos)
+    }
+
+    /// From seconds and nanoseconds since the epoch; `None` if out of range.
+    pub fn from_seconds_nanos(seconds: i64, nanos: i32) -> Option<Self> {
+        if !(0..1_000_000_000).contains(&nanos) {
+            return None;
+        }
+        seconds
+            .checked_mul(1_000_000)
+            .and_then(|us| us.checked_add(i64::from(nanos) / 1_000))
+            .map(Self)
+    }
+
+    /// This time plus `d`, saturating.
+    pub fn plus(self, d: Duration) -> Self {
+        let us = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        Self(self.0.saturating_add(us))
+    }
+}
+
+/// Whether a secret can still be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SecretState {
+    /// The current version can be leased and read.
+    Active,
+    /// Every version was destroyed; the record remains as a tombstone.
+    Revoked,
+}
+
+/// A secret's metadata: everything but the value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretRecord {
+    /// Immutable id.
+    pub id: SecretId,
+    /// Owning tenant.
+    pub tenant: TenantId,
+    /// Name, unique within the tenant.
+    pub name: SecretName,
+    /// Model provider.
+    pub provider: Provider,
+    /// Caller-supplied labels.
+    pub labels: Labels,
+    /// Current version, starting at 1.
+    pub version: u32,
+    /// Active or revoked.
+    pub state: SecretState,
+    /// When the secret was stored.
+    pub created_at: Time,
+    /// When it last changed (store, rotate, revoke).
+    pub updated_at: Time,
+    /// Non-secret fingerprint of the current value; see [`value_hint`].
+    pub hint: String,
+    /// When it was revoked.
+    pub revoked_at: Option<Time>,
+}
+
+/// The sealed value of one secret version and its wrapped data key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvelopeRecord {
+    /// The secret this version belongs to.
+    pub secret_id: SecretId,
+    /// The version number.
+    pub version: u32,
+    /// The data key, wrapped by the master key.
+    pub wrapped_key: WrappedKey,
+    /// AES-GCM nonce of the value.
+    pub nonce: [u8; 12],
+    /// Sealed value with its tag.
+    pub ciphertext: Vec<u8>,
+    /// When this version was created.
+    pub created_at: Time,
+}
+
+/// A lease: the right to redeem one secret version a bounded number of times.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// Public id.
+    pub id: LeaseId,
+    /// SHA-256 of the bearer token; the token itself is never stored.
+    pub token_hash: TokenHash,
+    /// Leased secret.
+    pub secret_id: SecretId,
+    /// Its tenant.
+    pub tenant: TenantId,
+    /// Its name.
+    pub name: SecretName,
+    /// The version leased; redemption fails once the secret has moved on.
+    pub version: u32,
+    /// Principal that obtained the lease.
+    pub issued_to: PrincipalId,
+    /// If set, the only principal that may redeem it.
+    pub audience: Option<PrincipalId>,
+    /// When it was issued.
+    pub created_at: Time,
+    /// When it stops working.
+    pub expires_at: Time,
+    /// Uses allowed.
+    pub max_uses: u32,
+    /// Uses consumed.
+    pub uses: u32,
+    /// Ended by Revoke.
+    pub revoked: bool,
+}
+
+/// What an audited request did: one per RPC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Action {
+    /// `Store`
+    Store,
+    /// `Describe`
+    Describe,
+    /// `List`
+    List,
+    /// `Lease`
+    Lease,
+    /// `Get`
+    Get,
+    /// `Rotate`
+    Rotate,
+    /// `Revoke`
+    Revoke,
+    /// `Audit`
+    Audit,
+}
+
+impl Action {
+    /// Every action.
+    pub const ALL: [Action; 8] = [
+        Action::Store,
+        Action::Describe,
+        Action::List,
+        Action::Lease,
+        Action::Get,
+        Action::Rotate,
+        Action::Revoke,
+        Action::Audit,
+    ];
+
+    /// The RPC's name, as recorded and as filtered on.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Store => "Store",
+            Action::Describe => "Describe",
+            Action::List => "List",
+            Action::Lease => "Lease",
+            Action::Get => "Get",
+            Action::Rotate => "Rotate",
+            Action::Revoke => "Revoke",
+            Action::Audit => "Audit",
+        }
+    }
+
+    /// Parses an RPC name, case-insensitively; `field` names the request field.
+    pub fn parse(field: &'static str, s: &str) -> Result<Self, ValidationError> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                ValidationError::new(
+                    field,
+                    "unknown action (Store, Describe, List, Lease, Get, Rotate, Revoke, Audit)",
+                )
+            })
+    }
+}
+
+/// How a request ended: byokd's own mirror of the gRPC status codes it uses, so the domain
+/// can record outcomes without knowing the wire protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Success.
+    Ok,
+    /// Bad input.
+    InvalidArgument,
+    /// No such secret or lease (or one the caller may not see).
+    NotFound,
+    /// The name is taken.
+    AlreadyExists,
+    /// Authenticated, but not allowed.
+    PermissionDenied,
+    /// The state forbids the operation (e.g. a revoked secret).
+    FailedPrecondition,
+    /// Too much contention; retry.
+    Aborted,
+    /// No valid credentials.
+    Unauthenticated,
+    /// Stored data could not be decrypted.
+    DataLoss,
+    /// A dependency (store, key service) is unavailable.
+    Unavailable,
+    /// A bug or an unexpected failure.
+    Internal,
+}
+
+impl Outcome {
+    /// Canonical gRPC name of the code, e.g. `PERMISSION_DENIED`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "OK",
+            Outcome::InvalidArgument => "INVALID_ARGUMENT",
+            Outcome::NotFound => "NOT_FOUND",
+            Outcome::AlreadyExists => "ALREADY_EXISTS",
+            Outcome::PermissionDenied => "PERMISSION_DENIED",
+            Outcome::FailedPrecondition => "FAILED_PRECONDITION",
+            Outcome::Aborted => "ABORTED",
+            Outcome::Unauthenticated => "UNAUTHENTICATED",
+            Outcome::DataLoss => "DATA_LOSS",
+            Outcome::Unavailable => "UNAVAILABLE",
+            Outcome::Internal => "INTERNAL",
+        }
+    }
+
+    /// Numeric gRPC code.
+    pub fn code(self) -> i32 {
+        match self {
+            Outcome::Ok => 0,
+            Outcome::InvalidArgument => 3,
+            Outcome::NotFound => 5,
+            Outcome::AlreadyExists => 6,
+            Outcome::PermissionDenied => 7,
+            Outcome::FailedPrecondition => 9,
+            Outcome::Aborted => 10,
+            Outcome::Internal => 13,
+            Outcome::Unavailable => 14,
+            Outcome::DataLoss => 15,
+            Outcome::Unauthenticated => 16,
+        }
+    }
+}
+
+/// One audit entry as the caller of the store describes it; the store assigns `seq` and `time`
+/// when it commits the entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditDraft {
+    /// Authenticated principal, if any.
+    pub principal: Option<PrincipalId>,
+    /// Peer address of the caller.
+    pub peer: Option<String>,
+    /// The RPC.
+    pub action: Action,
+    /// Tenant concerned, if known and valid.
+    pub tenant: Option<TenantId>,
+    /// Secret name concerned, if known and valid.
+    pub name: Option<SecretName>,
+    /// Secret id concerned, if known.
+    pub secret_id: Option<SecretId>,
+    /// Secret version concerned, if any.
+    pub version: Option<u32>,
+    /// Lease concerned, if any (never the token).
+    pub lease_id: Option<LeaseId>,
+    /// How the request ended.
+    pub outcome: Outcome,
+    /// Why it failed, or the caller's reason for a revocation.
+    pub reason: String,
+}
+
+impl AuditDraft {
+    /// A draft for `action` by `principal` from `peer`, outcome OK until told otherwise.
+    pub fn new(action: Action, principal: Option<PrincipalId>, peer: Option<String>) -> Self {
+        Self {
+            principal,
+            peer,
+            action,
+            tenant: None,
+            name: None,
+            secret_id: None,
+            version: None,
+            lease_id: None,
+            outcome: Outcome::Ok,
+            reason: String::new(),
+        }
+    }
+
+    /// Records which secret the request concerned.
+    pub fn secret(&mut self, record: &SecretRecord) {
+        self.tenant = Some(record.tenant.clone());
+        self.name = Some(record.name.clone());
+        self.secret_id = Some(record.id);
+        self.version = Some(record.version);
+    }
+
+    /// Records which lease the request concerned.
+    pub fn lease(&mut self, lease: &LeaseRecord) {
+        self.tenant = Some(lease.tenant.clone());
+        self.name = Some(lease.name.clone());
+        self.secret_id = Some(lease.secret_id);
+        self.version = Some(lease.version);
+        self.lease_id = Some(lease.id);
+    }
+}
+
+/// A committed audit entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Position in the trail, from 1, without gaps.
+    pub seq: u64,
+    /// When the store committed it.
+    pub time: Time,
+    /// What happened.
+    pub entry: AuditDraft,
+}
+
+/// A non-secret fingerprint of a value, such as `sk-a…a1b2`: at most 8 characters of the
+/// value, and fewer for short values (none below 16 bytes), so that the hint never narrows
+/// down a value an attacker could otherwise not guess. Non-printable values get `…` only.
+pub fn value_hint(value: &[u8]) -> String {
+    const ELLIPSIS: &str = "…";
+    let printable = value.iter().all(|b| b.is_ascii_graphic());
+    if !printable || value.len() < 16 {
+        return ELLIPSIS.to_string();
+    }
+    // 4 + 4 characters from 32 bytes up; 2 + 2 between 16 and 31 bytes.
+    let side = if value.len() >= 32 { 4 } else { 2 };
+    let head = String::from_utf8_lossy(&value[..side]);
+    let tail = String::from_utf8_lossy(&value[value.len() - side..]);
+    format!("{head}{ELLIPSIS}{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(TenantId::parse("acme-corp_1.prod").is_ok());
+        for bad in ["", "a b", "a/b", "ü", &"x".repeat(129)] {
+            let err = TenantId::parse(bad).unwrap_err();
+            assert_eq!(err.field, "tenant");
+        }
+        assert!(SecretName::parse("x".repeat(128)).is_ok());
+        assert_eq!(
+            SecretName::parse("").unwrap_err().to_string(),
+            "name: required"
+        );
+    }
+
+    #[test]
+    fn labels_are_bounded() {
+        let ok = Labels::parse([("team/owner".into(), "Ada Lovelace".into())]);
+        assert!(ok.is_ok());
+        let too_many = (0..33).map(|i| (format!("k{i}"), String::new()));
+        assert!(Labels::parse(too_many).is_err());
+        assert!(Labels::parse([("".into(), "v".into())]).is_err());
+        assert!(Labels::parse([("k".into(), "line\nbreak".into())]).is_err());
+        assert!(Labels::parse([("k".into(), "v".repeat(257))]).is_err());
+    }
+
+    #[test]
+    fn value_limits() {
+        assert!(check_value_len("value", 0).is_err());
+        assert!(check_value_len("value", 1).is_ok());
+        assert!(check_value_len("value", 65536).is_ok());
+        assert_eq!(
+            check_value_len("value", 65537).unwrap_err().to_string(),
+            "value: at most 65536 bytes"
+        );
+    }
+
+    #[test]
+    fn hints_reveal_at_most_eight_characters() {
+        let key = b"sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123456789-a1b2";
+        assert_eq!(value_hint(key), "sk-a…a1b2");
+        assert_eq!(value_hint(b"0123456789abcdef"), "01…ef");
+        assert_eq!(value_hint(b"short-secret"), "…");
+        assert_eq!(value_hint(&[0xff; 40]), "…");
+        for len in 0..100 {
+            let v: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            let hint = value_hint(&v);
+            let revealed = hint.chars().filter(|&c| c != '…').count();
+            assert!(revealed <= 8 && revealed * 4 <= len, "len {len}: {hint}");
+        }
+    }
+
+    #[test]
+    fn time_round_trips_through_seconds_and_nanos() {
+        for us in [0, 1, 1_700_000_000_123_456, -1, -1_500_000] {
+            let t = Time::from_micros(us);
+            let (s, n) = t.seconds_nanos();
+            assert_eq!(Time::from_seconds_nanos(s, n), Some(t));
+        }
+        assert_eq!(Time::from_seconds_nanos(0, -1), None);
+        assert_eq!(Time::from_seconds_nanos(i64::MAX, 0), None);
+    }
+
+    #[test]
+    fn actions_parse_case_insensitively() {
+        assert_eq!(Action::parse("action", "get").unwrap(), Action::Get);
+        assert!(Action::parse("action", "Delete").is_err());
+    }
+}

@@ -1,0 +1,293 @@
+//! The gRPC boundary: generated protobuf types in, domain calls, protobuf types out.
+//!
+//! This is the one place where errors become `tonic::Status`. Internal failures are logged
+//! here with their cause and returned as a generic message. Request bodies are never logged.
+
+use std::sync::Arc;
+
+use tonic::{Code, Request, Response, Status};
+
+use crate::api::v1::{self as pb, vault_server};
+use crate::crypto::Plaintext;
+use crate::lease::RequestedTtl;
+use crate::model::{AuditRecord, Outcome, SecretRecord, SecretState, Time};
+use crate::vault::{AuditInput, Caller, LeaseInput, RevokeTarget, StoreInput, Vault, VaultError};
+
+/// The `byokd.v1.Vault` service.
+pub struct VaultService {
+    vault: Arc<Vault>,
+}
+
+impl VaultService {
+    /// A service answering with `vault`.
+    pub fn new(vault: Arc<Vault>) -> Self {
+        Self { vault }
+    }
+
+    /// The server, ready to add to a tonic router.
+    pub fn into_server(self) -> vault_server::VaultServer<Self> {
+        vault_server::VaultServer::new(self)
+    }
+
+    fn caller<T>(&self, request: &Request<T>) -> Caller {
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            // Present but not text: pass something that fails as malformed, not as missing.
+            .map(|v| v.to_str().unwrap_or(""));
+        let peer = request.remote_addr().map(|a| a.to_string());
+        self.vault.caller(authorization, peer)
+    }
+}
+
+#[tonic::async_trait]
+impl vault_server::Vault for VaultService {
+    async fn store(
+        &self,
+        request: Request<pb::StoreRequest>,
+    ) -> Result<Response<pb::SecretMetadata>, Status> {
+        let caller = self.caller(&request);
+        let mut req = request.into_inner();
+        let input = StoreInput {
+            tenant: req.tenant,
+            name: req.name,
+            provider: req.provider,
+            // Moves the buffer: no copy of the value is left behind unzeroized.
+            value: Plaintext::new(std::mem::take(&mut req.value)),
+            labels: req.labels,
+        };
+        let result = self.vault.store(&caller, input).await;
+        respond("Store", result.map(|r| metadata(&r)))
+    }
+
+    async fn describe(
+        &self,
+        request: Request<pb::SecretRef>,
+    ) -> Result<Response<pb::SecretMetadata>, Status> {
+        let caller = self.caller(&request);
+        let req = request.into_inner();
+        let result = self.vault.describe(&caller, req.tenant, req.name).await;
+        respond("Describe", result.map(|r| metadata(&r)))
+    }
+
+    async fn list(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let caller = self.caller(&request);
+        let req = request.into_inner();
+        let result = self
+            .vault
+            .list(&caller, req.tenant, req.page_size, req.page_token)
+            .await;
+        respond(
+            "List",
+            result.map(|(secrets, next)| pb::ListResponse {
+                secrets: secrets.iter().map(metadata).collect(),
+                next_page_token: next.unwrap_or_default(),
+            }),
+        )
+    }
+
+    async fn lease(
+        &self,
+        request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseGrant>, Status> {
+        let caller = self.caller(&request);
+        let req = request.into_inner();
+        let ttl = match req.ttl {
+            None => RequestedTtl::Default,
+            Some(d) => match std::time::Duration::try_from(d) {
+                Ok(d) if !d.is_zero() => RequestedTtl::Positive(d),
+                _ => RequestedTtl::NotPositive,
+            },
+        };
+        let input = LeaseInput {
+            tenant: req.tenant,
+            name: req.name,
+            ttl,
+            max_uses: req.max_uses,
+            audience: req.audience,
+        };
+        let result = self.vault.lease(&caller, input).await;
+        respond(
+            "Lease",
+            result.map(|issued| pb::LeaseGrant {
+                lease_id: issued.lease.id.to_string(),
+                token: issued.token.expose_secret().to_string(),
+                expires_at: Some(timestamp(issued.lease.expires_at)),
+                max_uses: issued.lease.max_uses,
+                version: issued.lease.version,
+            }),
+        )
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::SecretValue>, Status> {
+        let caller = self.caller(&request);
+        let req = request.into_inner();
+        let result = self.vault.get(&caller, &req.token).await;
+        respond(
+            "Get",
+            result.map(|r| pb::SecretValue {
+                value: r.value.expose_secret().to_vec(),
+                tenant: r.secret.tenant.to_string(),
+                name: r.secret.name.to_string(),
+                provider: r.secret.provider.to_string(),
+                version: r.secret.version,
+                lease_id: r.lease.id.to_string(),
+                remaining_uses: r.lease.max_uses.saturating_sub(r.lease.uses),
+            }),
+        )
+    }
+
+    async fn rotate(
+        &self,
+        request: Request<pb::RotateRequest>,
+    ) -> Result<Response<pb::SecretMetadata>, Status> {
+        let caller = self.caller(&request);
+        let mut req = request.into_inner();
+        let value = Plaintext::new(std::mem::take(&mut req.value));
+        let result = self
+            .vault
+            .rotate(&caller, req.tenant, req.name, value)
+            .await;
+        respond("Rotate", result.map(|r| metadata(&r)))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let caller = self.caller(&request);
+        let req = request.into_inner();
+        let target = match req.target {
+            None => RevokeTarget::Missing,
+            Some(pb::revoke_request::Target::Secret(s)) => RevokeTarget::Secret {
+                tenant: s.tenant,
+                name: s.name,
+            },
+            Some(pb::revoke_request::Target::LeaseId(id)) => RevokeTarget::Lease(id),
+        };
+        let result = self.vault.revoke(&caller, target, req.reason).await;
+        respond(
+            "Revoke",
+            result.map(|r| pb::RevokeResponse {
+                already_revoked: r.already_revoked,
+                secret: r.secret.as_ref().map(metadata),
+            }),
+        )
+    }
+
+    async fn audit(
+        &self,
+        request: Request<pb::AuditRequest>,
+    ) -> Result<Response<pb::AuditResponse>, Status> {
+        let caller = self.caller(&request);
+        let req = request.into_inner();
+        let input = AuditInput {
+            tenant: req.tenant,
+            name: req.name,
+            principal: req.principal,
+            action: req.action,
+            since: req.since.map(|t| (t.seconds, t.nanos)),
+            until: req.until.map(|t| (t.seconds, t.nanos)),
+            page_size: req.page_size,
+            page_token: req.page_token,
+        };
+        let result = self.vault.audit(&caller, input).await;
+        respond(
+            "Audit",
+            result.map(|page| pb::AuditResponse {
+                entries: page.entries.iter().map(audit_entry).collect(),
+                next_page_token: page.next_page_token.unwrap_or_default(),
+            }),
+        )
+    }
+}
+
+/// Turns a domain result into a gRPC response: the single place errors become `Status`.
+fn respond<T>(method: &'static str, result: Result<T, VaultError>) -> Result<Response<T>, Status> {
+    match result {
+        Ok(message) => {
+            tracing::debug!(method, outcome = "OK", "request");
+            Ok(Response::new(message))
+        }
+        Err(error) => {
+            let outcome = error.outcome();
+            if error.is_internal() {
+                // The cause goes to the log only; the caller gets a generic message.
+                tracing::error!(method, outcome = outcome.as_str(), error = ?error, "request failed");
+            } else {
+                tracing::info!(method, outcome = outcome.as_str(), "request refused");
+            }
+            Err(Status::new(code(outcome), error.public_message()))
+        }
+    }
+}
+
+fn code(outcome: Outcome) -> Code {
+    match outcome {
+        Outcome::Ok => Code::Ok,
+        Outcome::InvalidArgument => Code::InvalidArgument,
+        Outcome::NotFound => Code::NotFound,
+        Outcome::AlreadyExists => Code::AlreadyExists,
+        Outcome::PermissionDenied => Code::PermissionDenied,
+        Outcome::FailedPrecondition => Code::FailedPrecondition,
+        Outcome::Aborted => Code::Aborted,
+        Outcome::Unauthenticated => Code::Unauthenticated,
+        Outcome::DataLoss => Code::DataLoss,
+        Outcome::Unavailable => Code::Unavailable,
+        Outcome::Internal => Code::Internal,
+    }
+}
+
+fn timestamp(t: Time) -> prost_types::Timestamp {
+    let (seconds, nanos) = t.seconds_nanos();
+    prost_types::Timestamp { seconds, nanos }
+}
+
+fn metadata(r: &SecretRecord) -> pb::SecretMetadata {
+    pb::SecretMetadata {
+        id: r.id.to_string(),
+        tenant: r.tenant.to_string(),
+        name: r.name.to_string(),
+        provider: r.provider.to_string(),
+        labels: r
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        version: r.version,
+        state: match r.state {
+            SecretState::Active => pb::SecretState::Active,
+            SecretState::Revoked => pb::SecretState::Revoked,
+        } as i32,
+        created_at: Some(timestamp(r.created_at)),
+        updated_at: Some(timestamp(r.updated_at)),
+        hint: r.hint.clone(),
+        revoked_at: r.revoked_at.map(timestamp),
+    }
+}
+
+fn audit_entry(r: &AuditRecord) -> pb::AuditEntry {
+    let e = &r.entry;
+    let text = |v: Option<String>| v.unwrap_or_default();
+    pb::AuditEntry {
+        seq: r.seq,
+        time: Some(timestamp(r.time)),
+        principal: text(e.principal.as_ref().map(ToString::to_string)),
+        peer: text(e.peer.clone()),
+        action: e.action.as_str().to_string(),
+        tenant: text(e.tenant.as_ref().map(ToString::to_string)),
+        name: text(e.name.as_ref().map(ToString::to_string)),
+        version: e.version.unwrap_or(0),
+        lease_id: text(e.lease_id.map(|l| l.to_string())),
+        outcome: e.outcome.as_str().to_string(),
+        reason: e.reason.clone(),
+        code: e.outcome.code(),
+        secret_id: text(e.secret_id.map(|s| s.to_string())),
+    }
+}

@@ -1,0 +1,186 @@
+//! Key layout and record encoding shared by the storage adapters.
+//!
+//! Every record is one format byte followed by its postcard encoding. Decoding re-runs the
+//! domain types' validation, so a corrupted value is an error, never a panic or a bad value.
+//! Keys start with one byte naming the keyspace; integers are big-endian so that byte order
+//! is numeric order.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{MetaKey, StoreError};
+use crate::model::{LeaseId, SecretId, SecretName, TenantId, Time, TokenHash};
+
+/// Format byte of every record written by this version.
+const FORMAT_V1: u8 = 1;
+
+/// `s` tenant 0x00 name -> SecretRecord
+pub const SECRET: u8 = b's';
+/// `e` secret_id version -> EnvelopeRecord
+pub const ENVELOPE: u8 = b'e';
+/// `l` token_hash -> LeaseRecord
+pub const LEASE: u8 = b'l';
+/// `i` lease_id -> token_hash
+pub const LEASE_ID: u8 = b'i';
+/// `x` expires_at token_hash -> ()
+pub const LEASE_EXPIRY: u8 = b'x';
+/// `a` seq -> AuditRecord
+pub const AUDIT: u8 = b'a';
+/// `m` name -> bytes
+pub const META: u8 = b'm';
+
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    let mut out = vec![FORMAT_V1];
+    postcard::to_io(value, &mut out).map_err(|e| StoreError::Engine(format!("encode: {e}")))?;
+    Ok(out)
+}
+
+pub fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        key: describe_key(key),
+        reason,
+    };
+    match bytes.split_first() {
+        Some((&FORMAT_V1, body)) => {
+            postcard::from_bytes(body).map_err(|e| corrupt(format!("undecodable: {e}")))
+        }
+        Some((other, _)) => Err(corrupt(format!("unknown format {other}"))),
+        None => Err(corrupt("empty".to_string())),
+    }
+}
+
+/// A loggable description of a key: its keyspace and length, never its contents (which
+/// include tenant and secret names, fine to log, but also token hashes).
+pub fn describe_key(key: &[u8]) -> String {
+    let space = match key.first() {
+        Some(&SECRET) => "secret",
+        Some(&ENVELOPE) => "envelope",
+        Some(&LEASE) => "lease",
+        Some(&LEASE_ID) => "lease-id",
+        Some(&LEASE_EXPIRY) => "lease-expiry",
+        Some(&AUDIT) => "audit",
+        Some(&META) => "meta",
+        _ => "unknown",
+    };
+    format!("{space} key ({} bytes)", key.len())
+}
+
+pub fn secret_prefix(tenant: &TenantId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + tenant.as_str().len());
+    k.push(SECRET);
+    k.extend_from_slice(tenant.as_str().as_bytes());
+    // Names and tenants never contain 0x00, so this separator keeps tenants apart.
+    k.push(0);
+    k
+}
+
+pub fn secret_key(tenant: &TenantId, name: &SecretName) -> Vec<u8> {
+    let mut k = secret_prefix(tenant);
+    k.extend_from_slice(name.as_str().as_bytes());
+    k
+}
+
+pub fn envelope_prefix(secret_id: SecretId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(21);
+    k.push(ENVELOPE);
+    k.extend_from_slice(secret_id.as_bytes());
+    k
+}
+
+pub fn envelope_key(secret_id: SecretId, version: u32) -> Vec<u8> {
+    let mut k = envelope_prefix(secret_id);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+/// Version number at the end of an envelope key.
+pub fn envelope_key_version(key: &[u8]) -> Option<u32> {
+    let tail: [u8; 4] = key.get(17..21)?.try_into().ok()?;
+    Some(u32::from_be_bytes(tail))
+}
+
+pub fn lease_key(hash: &TokenHash) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(LEASE);
+    k.extend_from_slice(&hash.0);
+    k
+}
+
+pub fn lease_id_key(id: LeaseId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(LEASE_ID);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Times as unsigned big-endian with the sign bit flipped, so byte order is time order.
+fn time_bytes(t: Time) -> [u8; 8] {
+    ((t.as_micros() as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+pub fn lease_expiry_key(expires_at: Time, hash: &TokenHash) -> Vec<u8> {
+    let mut k = Vec::with_capacity(41);
+    k.push(LEASE_EXPIRY);
+    k.extend_from_slice(&time_bytes(expires_at));
+    k.extend_from_slice(&hash.0);
+    k
+}
+
+/// The token hash at the end of a lease-expiry key.
+pub fn lease_expiry_hash(key: &[u8]) -> Option<TokenHash> {
+    Some(TokenHash(key.get(9..41)?.try_into().ok()?))
+}
+
+pub fn audit_key(seq: u64) -> [u8; 9] {
+    let mut k = [AUDIT; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub fn meta_key(key: MetaKey) -> Vec<u8> {
+    let mut k = vec![META];
+    k.extend_from_slice(key.name().as_bytes());
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_keys_sort_in_time_order() {
+        let times = [i64::MIN, -5, 0, 1, 1_700_000_000_000_000, i64::MAX];
+        let keys: Vec<_> = times
+            .iter()
+            .map(|&t| time_bytes(Time::from_micros(t)))
+            .collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn corrupt_records_are_errors_not_panics() {
+        let key = secret_key(
+            &TenantId::parse("t").unwrap(),
+            &SecretName::parse("n").unwrap(),
+        );
+        for bytes in [
+            &[][..],
+            &[9, 1, 2][..],
+            &[FORMAT_V1][..],
+            &[FORMAT_V1, 0xff, 0xff][..],
+        ] {
+            let err = decode::<crate::model::SecretRecord>(&key, bytes).unwrap_err();
+            assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn tenant_prefixes_do_not_overlap() {
+        let a = secret_prefix(&TenantId::parse("ab").unwrap());
+        let b = secret_key(
+            &TenantId::parse("a").unwrap(),
+            &SecretName::parse("b").unwrap(),
+        );
+        assert!(!b.starts_with(&a));
+    }
+}

@@ -1,0 +1,191 @@
+//! Persistence behind a narrow trait.
+//!
+//! The rest of byokd reads records through [`Store`] and changes them only by committing a
+//! [`Transaction`]: guards (what the caller's decision was based on), writes, and the audit
+//! entry that records the change. A backend applies each transaction atomically, serialized
+//! with every other one, and returns only once it is durable. This is what makes
+//! check-then-act safe: if a guard no longer holds, nothing is written and the caller gets
+//! [`StoreError::Conflict`] to re-read and decide again.
+//!
+//! `sled.rs` is the one adapter today; `tests` holds the suite every adapter must pass.
+
+mod codec;
+pub mod sled;
+
+use crate::model::{
+    AuditDraft, AuditRecord, EnvelopeRecord, LeaseId, LeaseRecord, SecretId, SecretName,
+    SecretRecord, TenantId, Time, TokenHash,
+};
+
+pub use self::sled::SledStore;
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A guard of the transaction no longer held; nothing was written.
+    #[error("transaction conflict: a guarded record changed")]
+    Conflict,
+    /// The storage engine failed.
+    #[error("storage engine: {0}")]
+    Engine(String),
+    /// A stored record could not be decoded.
+    #[error("corrupt stored record under {key}: {reason}")]
+    Corrupt {
+        /// Which record (key description, no values).
+        key: String,
+        /// Why it could not be decoded.
+        reason: String,
+    },
+    /// An earlier flush failed, so durability can no longer be promised: the store refuses
+    /// all further writes until restarted.
+    #[error("store is failed after an earlier flush error")]
+    Poisoned,
+    /// The store was closed.
+    #[error("store is closed")]
+    Closed,
+}
+
+/// Named values kept beside the records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaKey {
+    /// The master key's [`crate::keyring::KeyCheck`] record.
+    KeyCheck,
+    /// SHA-256 of the bootstrap admin token, when no principals are configured.
+    BootstrapAdmin,
+}
+
+impl MetaKey {
+    fn name(self) -> &'static str {
+        match self {
+            MetaKey::KeyCheck => "key-check",
+            MetaKey::BootstrapAdmin => "bootstrap-admin",
+        }
+    }
+}
+
+/// A condition a transaction's writes depend on: the record must still be exactly what the
+/// caller read (`None`: must still be absent).
+#[derive(Debug, Clone)]
+pub enum Guard {
+    /// The secret `tenant`/`name`.
+    Secret {
+        /// Tenant of the secret.
+        tenant: TenantId,
+        /// Name of the secret.
+        name: SecretName,
+        /// What the caller read.
+        expect: Option<SecretRecord>,
+    },
+    /// The lease with this token hash.
+    Lease {
+        /// Token hash of the lease.
+        token_hash: TokenHash,
+        /// What the caller read.
+        expect: Option<LeaseRecord>,
+    },
+}
+
+/// A change to apply.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Insert or replace a secret's metadata.
+    PutSecret(SecretRecord),
+    /// Insert or replace a version's envelope.
+    PutEnvelope(EnvelopeRecord),
+    /// Delete every envelope of the secret except version `keep` (crypto-shredding: the
+    /// wrapped data keys are gone).
+    DestroyEnvelopes {
+        /// The secret.
+        secret_id: SecretId,
+        /// The version to keep, if any.
+        keep: Option<u32>,
+    },
+    /// Insert or replace a lease (and its indexes).
+    PutLease(LeaseRecord),
+    /// Delete a lease (and its indexes).
+    DeleteLease(LeaseRecord),
+    /// Set a meta value.
+    PutMeta(MetaKey, Vec<u8>),
+}
+
+/// An atomic unit of change.
+#[derive(Debug, Clone, Default)]
+pub struct Transaction {
+    /// All must hold, or nothing is written.
+    pub guards: Vec<Guard>,
+    /// Applied together.
+    pub writes: Vec<Write>,
+    /// The audit entry recording the change, committed in the same atomic batch.
+    pub audit: Option<AuditDraft>,
+}
+
+impl Transaction {
+    /// A transaction that only appends an audit entry.
+    pub fn audit_only(entry: AuditDraft) -> Self {
+        Self {
+            guards: Vec::new(),
+            writes: Vec::new(),
+            audit: Some(entry),
+        }
+    }
+}
+
+/// What a commit produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// Sequence number of the transaction's audit entry, if it had one.
+    pub audit_seq: Option<u64>,
+}
+
+/// The storage backend.
+///
+/// Reads see every committed transaction. A commit returns only after its changes, and every
+/// change committed before it, are durable.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync {
+    /// The secret `tenant`/`name`.
+    fn secret(
+        &self,
+        tenant: &TenantId,
+        name: &SecretName,
+    ) -> Result<Option<SecretRecord>, StoreError>;
+
+    /// Up to `limit` secrets of `tenant` ordered by name, starting after `after`.
+    fn list_secrets(
+        &self,
+        tenant: &TenantId,
+        after: Option<&SecretName>,
+        limit: usize,
+    ) -> Result<Vec<SecretRecord>, StoreError>;
+
+    /// The envelope of one secret version.
+    fn envelope(
+        &self,
+        secret_id: SecretId,
+        version: u32,
+    ) -> Result<Option<EnvelopeRecord>, StoreError>;
+
+    /// The lease with this token hash.
+    fn lease_by_token(&self, token_hash: &TokenHash) -> Result<Option<LeaseRecord>, StoreError>;
+
+    /// The lease with this id.
+    fn lease_by_id(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError>;
+
+    /// Up to `limit` leases that expired before `now`, oldest expiry first.
+    fn expired_leases(&self, now: Time, limit: usize) -> Result<Vec<LeaseRecord>, StoreError>;
+
+    /// Up to `limit` audit entries with `seq >= from`, in order.
+    fn audit_entries(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// A meta value.
+    fn meta(&self, key: MetaKey) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Applies `tx` atomically if its guards hold, and returns once it is durable.
+    async fn commit(&self, tx: Transaction) -> Result<Committed, StoreError>;
+
+    /// Flushes and stops accepting commits.
+    async fn close(&self) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

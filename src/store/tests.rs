@@ -1,0 +1,397 @@
+//! The suite every storage adapter must pass. `check_adapter` runs it against one store;
+//! each adapter calls it with a fresh instance.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::keyring::WrappedKey;
+use crate::model::{Action, Labels, Outcome, PrincipalId, Provider, SecretState};
+
+fn tenant(s: &str) -> TenantId {
+    TenantId::parse(s).unwrap()
+}
+
+fn name(s: &str) -> SecretName {
+    SecretName::parse(s).unwrap()
+}
+
+fn secret(t: &str, n: &str) -> SecretRecord {
+    SecretRecord {
+        id: SecretId::generate(),
+        tenant: tenant(t),
+        name: name(n),
+        provider: Provider::parse("anthropic").unwrap(),
+        labels: Labels::default(),
+        version: 1,
+        state: SecretState::Active,
+        created_at: Time::from_micros(1),
+        updated_at: Time::from_micros(1),
+        hint: "…".into(),
+        revoked_at: None,
+    }
+}
+
+fn envelope(id: SecretId, version: u32) -> EnvelopeRecord {
+    EnvelopeRecord {
+        secret_id: id,
+        version,
+        wrapped_key: WrappedKey {
+            key_id: "k".into(),
+            blob: vec![version as u8; 8],
+        },
+        nonce: [0; 12],
+        ciphertext: vec![1, 2, 3],
+        created_at: Time::from_micros(1),
+    }
+}
+
+fn lease(s: &SecretRecord, hash: u8, expires_at: i64) -> LeaseRecord {
+    LeaseRecord {
+        id: LeaseId::generate(),
+        token_hash: TokenHash([hash; 32]),
+        secret_id: s.id,
+        tenant: s.tenant.clone(),
+        name: s.name.clone(),
+        version: s.version,
+        issued_to: PrincipalId::parse("p").unwrap(),
+        audience: None,
+        created_at: Time::from_micros(0),
+        expires_at: Time::from_micros(expires_at),
+        max_uses: 1,
+        uses: 0,
+        revoked: false,
+    }
+}
+
+fn draft(action: Action) -> AuditDraft {
+    AuditDraft::new(action, None, Some("127.0.0.1:1".into()))
+}
+
+fn put(writes: Vec<Write>, action: Action) -> Transaction {
+    Transaction {
+        guards: Vec::new(),
+        writes,
+        audit: Some(draft(action)),
+    }
+}
+
+/// Runs the whole suite against `store`, which must be empty.
+pub(crate) async fn check_adapter(store: Arc<dyn Store>) {
+    records_round_trip(&*store).await;
+    guards_reject_stale_reads(&*store).await;
+    envelopes_are_destroyed(&*store).await;
+    leases_are_indexed(&*store).await;
+    audit_sequence_has_no_gaps(store.clone()).await;
+}
+
+async fn records_round_trip(store: &dyn Store) {
+    let s = secret("t1", "a");
+    let c = store
+        .commit(put(
+            vec![
+                Write::PutSecret(s.clone()),
+                Write::PutEnvelope(envelope(s.id, 1)),
+            ],
+            Action::Store,
+        ))
+        .await
+        .unwrap();
+    assert!(c.audit_seq.is_some());
+    assert_eq!(store.secret(&s.tenant, &s.name).unwrap(), Some(s.clone()));
+    assert_eq!(store.envelope(s.id, 1).unwrap(), Some(envelope(s.id, 1)));
+    assert_eq!(store.secret(&tenant("t1x"), &s.name).unwrap(), None);
+
+    for n in ["b", "c", "d"] {
+        store
+            .commit(put(vec![Write::PutSecret(secret("t1", n))], Action::Store))
+            .await
+            .unwrap();
+    }
+    store
+        .commit(put(
+            vec![Write::PutSecret(secret("t1x", "a"))],
+            Action::Store,
+        ))
+        .await
+        .unwrap();
+    let names = |v: Vec<SecretRecord>| {
+        v.into_iter()
+            .map(|s| s.name.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(store.list_secrets(&tenant("t1"), None, 10).unwrap()),
+        ["a", "b", "c", "d"]
+    );
+    assert_eq!(
+        names(store.list_secrets(&tenant("t1"), None, 2).unwrap()),
+        ["a", "b"]
+    );
+    assert_eq!(
+        names(
+            store
+                .list_secrets(&tenant("t1"), Some(&name("b")), 10)
+                .unwrap()
+        ),
+        ["c", "d"]
+    );
+    assert!(
+        store
+            .list_secrets(&tenant("t"), None, 10)
+            .unwrap()
+            .is_empty()
+    );
+
+    store
+        .commit(Transaction {
+            writes: vec![Write::PutMeta(MetaKey::KeyCheck, b"check".to_vec())],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.meta(MetaKey::KeyCheck).unwrap().as_deref(),
+        Some(&b"check"[..])
+    );
+    assert_eq!(store.meta(MetaKey::BootstrapAdmin).unwrap(), None);
+}
+
+async fn guards_reject_stale_reads(store: &dyn Store) {
+    let s = secret("t2", "a");
+    let absent = Guard::Secret {
+        tenant: s.tenant.clone(),
+        name: s.name.clone(),
+        expect: None,
+    };
+    let create = Transaction {
+        guards: vec![absent.clone()],
+        writes: vec![Write::PutSecret(s.clone())],
+        audit: Some(draft(Action::Store)),
+    };
+    store.commit(create.clone()).await.unwrap();
+    let before = store.audit_entries(0, usize::MAX).unwrap().len();
+    // The same create again: the name is now taken, so nothing is written, not even the audit.
+    assert!(matches!(
+        store.commit(create).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(store.audit_entries(0, usize::MAX).unwrap().len(), before);
+
+    let mut rotated = s.clone();
+    rotated.version = 2;
+    let rotate = |expect: SecretRecord| Transaction {
+        guards: vec![Guard::Secret {
+            tenant: s.tenant.clone(),
+            name: s.name.clone(),
+            expect: Some(expect),
+        }],
+        writes: vec![Write::PutSecret(rotated.clone())],
+        audit: None,
+    };
+    store.commit(rotate(s.clone())).await.unwrap();
+    // A second writer that read version 1 loses.
+    assert!(matches!(
+        store.commit(rotate(s.clone())).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(
+        store.secret(&s.tenant, &s.name).unwrap().unwrap().version,
+        2
+    );
+}
+
+async fn envelopes_are_destroyed(store: &dyn Store) {
+    let s = secret("t3", "a");
+    let other = secret("t3", "b");
+    store
+        .commit(put(
+            vec![
+                Write::PutEnvelope(envelope(s.id, 1)),
+                Write::PutEnvelope(envelope(s.id, 2)),
+                Write::PutEnvelope(envelope(other.id, 1)),
+            ],
+            Action::Store,
+        ))
+        .await
+        .unwrap();
+    store
+        .commit(put(
+            vec![
+                Write::DestroyEnvelopes {
+                    secret_id: s.id,
+                    keep: Some(3),
+                },
+                Write::PutEnvelope(envelope(s.id, 3)),
+            ],
+            Action::Rotate,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(store.envelope(s.id, 1).unwrap(), None);
+    assert_eq!(store.envelope(s.id, 2).unwrap(), None);
+    assert!(store.envelope(s.id, 3).unwrap().is_some());
+    assert!(store.envelope(other.id, 1).unwrap().is_some());
+    store
+        .commit(put(
+            vec![Write::DestroyEnvelopes {
+                secret_id: s.id,
+                keep: None,
+            }],
+            Action::Revoke,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(store.envelope(s.id, 3).unwrap(), None);
+    assert!(store.envelope(other.id, 1).unwrap().is_some());
+}
+
+async fn leases_are_indexed(store: &dyn Store) {
+    let s = secret("t4", "a");
+    let early = lease(&s, 1, 100);
+    let late = lease(&s, 2, 300);
+    store
+        .commit(put(
+            vec![
+                Write::PutLease(late.clone()),
+                Write::PutLease(early.clone()),
+            ],
+            Action::Lease,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.lease_by_token(&early.token_hash).unwrap(),
+        Some(early.clone())
+    );
+    assert_eq!(store.lease_by_id(late.id).unwrap(), Some(late.clone()));
+    assert_eq!(store.lease_by_id(LeaseId::generate()).unwrap(), None);
+    assert!(
+        store
+            .expired_leases(Time::from_micros(100), 10)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.expired_leases(Time::from_micros(101), 10).unwrap(),
+        vec![early.clone()]
+    );
+    assert_eq!(
+        store.expired_leases(Time::from_micros(400), 1).unwrap(),
+        vec![early.clone()]
+    );
+    assert_eq!(
+        store
+            .expired_leases(Time::from_micros(400), 10)
+            .unwrap()
+            .len(),
+        2
+    );
+
+    let mut used = early.clone();
+    used.uses = 1;
+    let consume = |expect: LeaseRecord| Transaction {
+        guards: vec![Guard::Lease {
+            token_hash: early.token_hash,
+            expect: Some(expect),
+        }],
+        writes: vec![Write::PutLease(used.clone())],
+        audit: Some(draft(Action::Get)),
+    };
+    store.commit(consume(early.clone())).await.unwrap();
+    assert!(matches!(
+        store.commit(consume(early.clone())).await,
+        Err(StoreError::Conflict)
+    ));
+
+    store
+        .commit(Transaction {
+            writes: vec![Write::DeleteLease(used.clone())],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.lease_by_token(&early.token_hash).unwrap(), None);
+    assert_eq!(store.lease_by_id(early.id).unwrap(), None);
+    assert_eq!(
+        store.expired_leases(Time::from_micros(400), 10).unwrap(),
+        vec![late]
+    );
+}
+
+async fn audit_sequence_has_no_gaps(store: Arc<dyn Store>) {
+    let start = store.audit_entries(0, usize::MAX).unwrap();
+    let first_new = start.last().map_or(1, |e| e.seq + 1);
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut d = draft(Action::Describe);
+                d.reason = format!("task {i}");
+                d.outcome = Outcome::NotFound;
+                store
+                    .commit(Transaction::audit_only(d))
+                    .await
+                    .unwrap()
+                    .audit_seq
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.push(t.await.unwrap());
+    }
+    seqs.sort_unstable();
+    let expected: Vec<u64> = (first_new..first_new + 64).collect();
+    assert_eq!(seqs, expected);
+    let all = store.audit_entries(0, usize::MAX).unwrap();
+    assert!(
+        all.windows(2)
+            .all(|w| w[0].seq + 1 == w[1].seq && w[0].time <= w[1].time)
+    );
+    assert_eq!(all.first().unwrap().seq, 1);
+    let page = store.audit_entries(first_new, 10).unwrap();
+    assert_eq!(page.len(), 10);
+    assert_eq!(page[0].seq, first_new);
+    assert_eq!(page[0].entry.outcome, Outcome::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_adapter_passes_the_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    check_adapter(store.clone()).await;
+    store.close().await.unwrap();
+    assert!(matches!(
+        store.commit(Transaction::default()).await,
+        Err(StoreError::Closed)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_adapter_reopens_with_the_next_sequence_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = secret("t", "a");
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        for _ in 0..3 {
+            store
+                .commit(Transaction::audit_only(draft(Action::List)))
+                .await
+                .unwrap();
+        }
+        store
+            .commit(put(vec![Write::PutSecret(s.clone())], Action::Store))
+            .await
+            .unwrap();
+        store.close().await.unwrap();
+    }
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(store.secret(&s.tenant, &s.name).unwrap(), Some(s));
+    let c = store
+        .commit(Transaction::audit_only(draft(Action::List)))
+        .await
+        .unwrap();
+    assert_eq!(c.audit_seq, Some(5));
+    store.close().await.unwrap();
+}

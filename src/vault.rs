@@ -1,0 +1,958 @@
+//! The vault's operations: what each RPC means, independent of the wire protocol.
+//!
+//! Every operation authenticates and authorizes its caller, validates its input, decides
+//! against what it read from the store, and commits its change together with the audit entry
+//! that records it (see `store` for how a stale read is caught). A failed operation commits an
+//! audit entry of its own; if that cannot be written, the operation fails (fail closed).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use crate::audit::{self, AuditError, AuditFilter, AuditPage};
+use crate::auth::{AuthError, Operation, Principal, Principals};
+use crate::crypto::{self, CryptoError, Plaintext, Sealed, SymmetricKey};
+use crate::keyring::{KeyringError, MasterKey, WrapContext};
+use crate::lease::{self, LeaseError, LeasePolicy, LeaseToken, RequestedTtl};
+use crate::model::{
+    Action, AuditDraft, EnvelopeRecord, Labels, LeaseId, LeaseRecord, Outcome, PrincipalId,
+    Provider, Reason, SecretId, SecretName, SecretRecord, SecretState, TenantId, Time,
+    ValidationError, check_value_len, value_hint,
+};
+use crate::store::{Guard, Store, StoreError, Transaction, Write};
+
+/// Associated-data label of a sealed secret value.
+const VALUE_AAD_LABEL: &str = "byokd/v1/secret-value";
+/// Times an operation re-reads and retries after losing a race with another writer.
+const MAX_ATTEMPTS: usize = 8;
+/// Default page size of List.
+pub const DEFAULT_LIST_PAGE_SIZE: usize = 50;
+/// Largest page size of List.
+pub const MAX_LIST_PAGE_SIZE: usize = 1000;
+/// Expired leases removed per garbage-collection commit.
+const GC_BATCH: usize = 1000;
+
+/// Why an operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    /// Authentication or authorization failed.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// The request was malformed.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// No such secret.
+    #[error("secret not found")]
+    SecretNotFound,
+    /// No such lease (or one in a tenant the caller cannot see).
+    #[error("lease not found")]
+    LeaseNotFound,
+    /// The name is taken.
+    #[error("a secret with this name already exists")]
+    AlreadyExists,
+    /// The secret is revoked.
+    #[error("secret is revoked")]
+    SecretRevoked,
+    /// A lease could not be issued or redeemed.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    /// An audit query failed.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// Other writers kept changing the records this operation depends on.
+    #[error("too much contention on this secret; retry")]
+    Contention,
+    /// A stored value could not be decrypted. The cause is for logs only.
+    #[error("decryption failed")]
+    Decrypt(DecryptFailure),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The master key failed (other than a failed unwrap).
+    #[error(transparent)]
+    Keyring(KeyringError),
+    /// The crypto core failed (other than a failed open).
+    #[error(transparent)]
+    Crypto(CryptoError),
+}
+
+/// Why a stored value did not decrypt; logged, never returned to callers.
+#[derive(Debug)]
+pub enum DecryptFailure {
+    /// The version's envelope is missing although the secret is active.
+    MissingEnvelope,
+    /// The data key did not unwrap.
+    Unwrap(KeyringError),
+    /// The value did not open under its data key.
+    Open(CryptoError),
+}
+
+impl VaultError {
+    /// The outcome recorded in the audit trail and returned to the caller.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            VaultError::Auth(
+                AuthError::MissingToken | AuthError::MalformedHeader | AuthError::UnknownToken,
+            ) => Outcome::Unauthenticated,
+            VaultError::Auth(_) => Outcome::PermissionDenied,
+            VaultError::Invalid(_) | VaultError::Audit(AuditError::InvalidPageToken) => {
+                Outcome::InvalidArgument
+            }
+            VaultError::SecretNotFound | VaultError::LeaseNotFound => Outcome::NotFound,
+            VaultError::AlreadyExists => Outcome::AlreadyExists,
+            VaultError::SecretRevoked => Outcome::FailedPrecondition,
+            VaultError::Lease(
+                LeaseError::TtlNotPositive
+                | LeaseError::TtlTooLong { .. }
+                | LeaseError::TooManyUses { .. },
+            ) => Outcome::InvalidArgument,
+            VaultError::Lease(_) => Outcome::NotFound,
+            VaultError::Contention | VaultError::Store(StoreError::Conflict) => Outcome::Aborted,
+            VaultError::Decrypt(_) => Outcome::DataLoss,
+            VaultError::Store(StoreError::Closed | StoreError::Poisoned)
+            | VaultError::Audit(AuditError::Store(StoreError::Closed | StoreError::Poisoned)) => {
+                Outcome::Unavailable
+            }
+            VaultError::Store(_)
+            | VaultError::Audit(AuditError::Store(_))
+            | VaultError::Keyring(_)
+            | VaultError::Crypto(_) => Outcome::Internal,
+        }
+    }
+
+    /// The message returned to the caller: precise about the caller's own mistakes, silent
+    /// about internals, and the same for every failed lease redemption (no oracle telling
+    /// "no such lease" from "expired" from "used up").
+    pub fn public_message(&self) -> String {
+        match self.outcome() {
+            Outcome::Internal => "internal error".to_string(),
+            Outcome::Unavailable => "service unavailable; retry later".to_string(),
+            _ => match self {
+                VaultError::Lease(LeaseError::TtlNotPositive) => {
+                    "ttl: must be positive".to_string()
+                }
+                VaultError::Lease(
+                    e @ (LeaseError::TtlTooLong { .. } | LeaseError::TooManyUses { .. }),
+                ) => e.to_string(),
+                VaultError::Lease(_) => "lease not found or no longer valid".to_string(),
+                VaultError::Auth(AuthError::UnknownToken) => "invalid bearer token".to_string(),
+                VaultError::Auth(AuthError::MalformedHeader) => {
+                    "malformed authorization metadata: expected 'Bearer <token>'".to_string()
+                }
+                other => other.to_string(),
+            },
+        }
+    }
+
+    /// True if the failure is byokd's fault rather than the caller's: to be logged with its
+    /// cause.
+    pub fn is_internal(&self) -> bool {
+        matches!(
+            self.outcome(),
+            Outcome::Internal | Outcome::Unavailable | Outcome::DataLoss
+        )
+    }
+}
+
+/// Who is calling: the authentication result and where from. Authentication failures are
+/// kept, not raised, so that the operation can audit them.
+pub struct Caller {
+    principal: Result<Principal, AuthError>,
+    peer: Option<String>,
+}
+
+impl Caller {
+    fn authorize(&self, operation: Operation) -> Result<&Principal, VaultError> {
+        let principal = self.principal.as_ref().map_err(|e| e.clone())?;
+        principal.require(operation)?;
+        Ok(principal)
+    }
+
+    fn draft(&self, action: Action) -> AuditDraft {
+        AuditDraft::new(
+            action,
+            self.principal.as_ref().ok().map(|p| p.id.clone()),
+            self.peer.clone(),
+        )
+    }
+}
+
+/// Input of Store, as received.
+pub struct StoreInput {
+    /// Tenant.
+    pub tenant: String,
+    /// Name.
+    pub name: String,
+    /// Provider.
+    pub provider: String,
+    /// The value.
+    pub value: Plaintext,
+    /// Labels.
+    pub labels: HashMap<String, String>,
+}
+
+/// Input of Lease, as received.
+pub struct LeaseInput {
+    /// Tenant.
+    pub tenant: String,
+    /// Name.
+    pub name: String,
+    /// Requested lifetime.
+    pub ttl: RequestedTtl,
+    /// Requested uses (0: one).
+    pub max_uses: u32,
+    /// Principal allowed to redeem it (empty: any reader of the tenant).
+    pub audience: String,
+}
+
+/// What Revoke targets, as received.
+pub enum RevokeTarget {
+    /// None given.
+    Missing,
+    /// A whole secret.
+    Secret {
+        /// Tenant.
+        tenant: String,
+        /// Name.
+        name: String,
+    },
+    /// One lease, by id.
+    Lease(String),
+}
+
+/// Input of Audit, as received.
+#[derive(Default)]
+pub struct AuditInput {
+    /// Tenant filter (empty: any).
+    pub tenant: String,
+    /// Name filter.
+    pub name: String,
+    /// Principal filter.
+    pub principal: String,
+    /// Action filter.
+    pub action: String,
+    /// Lower time bound, seconds and nanoseconds.
+    pub since: Option<(i64, i32)>,
+    /// Upper time bound, seconds and nanoseconds.
+    pub until: Option<(i64, i32)>,
+    /// Page size (0: default).
+    pub page_size: u32,
+    /// Page token.
+    pub page_token: String,
+}
+
+/// A lease just issued, with the token to hand over once.
+pub struct IssuedLease {
+    /// The lease.
+    pub lease: LeaseRecord,
+    /// Its token.
+    pub token: LeaseToken,
+}
+
+/// A redeemed lease.
+pub struct Redeemed {
+    /// The secret value.
+    pub value: Plaintext,
+    /// The secret's metadata.
+    pub secret: SecretRecord,
+    /// The lease after this use.
+    pub lease: LeaseRecord,
+}
+
+/// Result of Revoke.
+pub struct Revoked {
+    /// The target was already revoked.
+    pub already_revoked: bool,
+    /// The secret's tombstone, when a secret was revoked.
+    pub secret: Option<SecretRecord>,
+}
+
+/// The vault.
+pub struct Vault {
+    store: Arc<dyn Store>,
+    master: Arc<dyn MasterKey>,
+    principals: Principals,
+    policy: LeasePolicy,
+}
+
+impl Vault {
+    /// A vault over `store`, wrapping data keys with `master`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        master: Arc<dyn MasterKey>,
+        principals: Principals,
+        policy: LeasePolicy,
+    ) -> Self {
+        Self {
+            store,
+            master,
+            principals,
+            policy,
+        }
+    }
+
+    /// Authenticates the `authorization` metadata of a request from `peer`.
+    pub fn caller(&self, authorization: Option<&str>, peer: Option<String>) -> Caller {
+        Caller {
+            principal: self.principals.authenticate(authorization).cloned(),
+            peer,
+        }
+    }
+
+    /// Stores a new secret at version 1.
+    pub async fn store(
+        &self,
+        caller: &Caller,
+        input: StoreInput,
+    ) -> Result<SecretRecord, VaultError> {
+        let mut audit = caller.draft(Action::Store);
+        let result = self.try_store(caller, input, &mut audit).await;
+        self.conclude(audit, result).await
+    }
+
+    async fn try_store(
+        &self,
+        caller: &Caller,
+        input: StoreInput,
+        audit: &mut AuditDraft,
+    ) -> Result<SecretRecord, VaultError> {
+        let principal = caller.authorize(Operation::Store)?;
+        let (tenant, name) = secret_ref(audit, input.tenant, input.name)?;
+        principal.require_tenant(&tenant)?;
+        let provider = Provider::parse(input.provider)?;
+        let labels = Labels::parse(input.labels)?;
+        check_value_len("value", input.value.len())?;
+        if self.store.secret(&tenant, &name)?.is_some() {
+            return Err(VaultError::AlreadyExists);
+        }
+        let now = Time::now();
+        let record = SecretRecord {
+            id: SecretId::generate(),
+            tenant,
+            name,
+            provider,
+            labels,
+            version: 1,
+            state: SecretState::Active,
+            created_at: now,
+            updated_at: now,
+            hint: value_hint(input.value.expose_secret()),
+            revoked_at: None,
+        };
+        let envelope = self.seal(&record, &input.value).await?;
+        audit.secret(&record);
+        let tx = Transaction {
+            guards: vec![guard_secret(&record.tenant, &record.name, None)],
+            writes: vec![
+                Write::PutSecret(record.clone()),
+                Write::PutEnvelope(envelope),
+            ],
+            audit: Some(audit.clone()),
+        };
+        match self.store.commit(tx).await {
+            Ok(_) => Ok(record),
+            // Another Store of the same name committed first.
+            Err(StoreError::Conflict) => Err(VaultError::AlreadyExists),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Metadata of one secret.
+    pub async fn describe(
+        &self,
+        caller: &Caller,
+        tenant: String,
+        name: String,
+    ) -> Result<SecretRecord, VaultError> {
+        let mut audit = caller.draft(Action::Describe);
+        let result = async {
+            let principal = caller.authorize(Operation::Describe)?;
+            let (tenant, name) = secret_ref(&mut audit, tenant, name)?;
+            principal.require_tenant(&tenant)?;
+            let record = self
+                .store
+                .secret(&tenant, &name)?
+                .ok_or(VaultError::SecretNotFound)?;
+            audit.secret(&record);
+            self.record(audit.clone()).await?;
+            Ok(record)
+        }
+        .await;
+        self.conclude(audit, result).await
+    }
+
+    /// A page of a tenant's secrets, and the token of the next page.
+    pub async fn list(
+        &self,
+        caller: &Caller,
+        tenant: String,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<(Vec<SecretRecord>, Option<String>), VaultError> {
+        let mut audit = caller.draft(Action::List);
+        let result = async {
+            let principal = caller.authorize(Operation::List)?;
+            let tenant = TenantId::parse(tenant)?;
+            audit.tenant = Some(tenant.clone());
+            principal.require_tenant(&tenant)?;
+            let size = page_size_or(page_size, DEFAULT_LIST_PAGE_SIZE, MAX_LIST_PAGE_SIZE)?;
+            let after = match page_token.as_str() {
+                "" => None,
+                token => Some(decode_list_token(token)?),
+            };
+            let mut page = self.store.list_secrets(&tenant, after.as_ref(), size + 1)?;
+            let next = if page.len() > size {
+                page.truncate(size);
+                page.last().map(|s| URL_SAFE_NO_PAD.encode(s.name.as_str()))
+            } else {
+                None
+            };
+            self.record(audit.clone()).await?;
+            Ok((page, next))
+        }
+        .await;
+        self.conclude(audit, result).await
+    }
+
+    /// Issues a lease on the current version of a secret.
+    pub async fn lease(
+        &self,
+        caller: &Caller,
+        input: LeaseInput,
+    ) -> Result<IssuedLease, VaultError> {
+        let mut audit = caller.draft(Action::Lease);
+        let result = self.try_lease(caller, input, &mut audit).await;
+        self.conclude(audit, result).await
+    }
+
+    async fn try_lease(
+        &self,
+        caller: &Caller,
+        input: LeaseInput,
+        audit: &mut AuditDraft,
+    ) -> Result<IssuedLease, VaultError> {
+        let principal = caller.authorize(Operation::Lease)?;
+        let (tenant, name) = secret_ref(audit, input.tenant, input.name)?;
+        principal.require_tenant(&tenant)?;
+        let audience = match input.audience.as_str() {
+            "" => None,
+            id => {
+                let id = PrincipalId::parse_field("audience", id)?;
+                if self.principals.get(&id).is_none() {
+                    return Err(ValidationError::new("audience", "no such principal").into());
+                }
+                Some(id)
+            }
+        };
+        let (ttl, max_uses) = self.policy.grant(input.ttl, input.max_uses)?;
+        for _ in 0..MAX_ATTEMPTS {
+            let secret = self.active_secret(&tenant, &name)?;
+            let token = LeaseToken::generate().map_err(VaultError::Crypto)?;
+            let now = Time::now();
+            let lease = LeaseRecord {
+                id: LeaseId::generate(),
+                token_hash: token.hash(),
+                secret_id: secret.id,
+                tenant: secret.tenant.clone(),
+                name: secret.name.clone(),
+                version: secret.version,
+                issued_to: principal.id.clone(),
+                audience: audience.clone(),
+                created_at: now,
+                expires_at: now.plus(ttl),
+                max_uses,
+                uses: 0,
+                revoked: false,
+            };
+            audit.lease(&lease);
+            let tx = Transaction {
+                // The lease is on the version current at commit, not merely at read.
+                guards: vec![guard_secret(&tenant, &name, Some(&secret))],
+                writes: vec![Write::PutLease(lease.clone())],
+                audit: Some(audit.clone()),
+            };
+            match self.store.commit(tx).await {
+                Ok(_) => return Ok(IssuedLease { lease, token }),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(VaultError::Contention)
+    }
+
+    /// Redeems a lease token: the plaintext, consuming one use.
+    pub async fn get(&self, caller: &Caller, token: &str) -> Result<Redeemed, VaultError> {
+        let mut audit = caller.draft(Action::Get);
+        let result = self.try_get(caller, token, &mut audit).await;
+        self.conclude(audit, result).await
+    }
+
+    async fn try_get(
+        &self,
+        caller: &Caller,
+        token: &str,
+        audit: &mut AuditDraft,
+    ) -> Result<Redeemed, VaultError> {
+        let principal = caller.authorize(Operation::Get)?;
+        let token_hash = lease::presented_token_hash(token)?;
+        for _ in 0..MAX_ATTEMPTS {
+            let lease = self
+                .store
+                .lease_by_token(&token_hash)?
+                .ok_or(LeaseError::NoSuchLease)?;
+            audit.lease(&lease);
+            if !principal.may_access(&lease.tenant) {
+                return Err(LeaseError::WrongTenant.into());
+            }
+            let secret = self.store.secret(&lease.tenant, &lease.name)?;
+            lease::check_redeemable(&lease, secret.as_ref(), &principal.id, Time::now())?;
+            let Some(secret) = secret else {
+                // check_redeemable fails when the secret is absent.
+                return Err(LeaseError::SecretRevoked.into());
+            };
+            let envelope = self
+                .store
+                .envelope(secret.id, secret.version)?
+                .ok_or(VaultError::Decrypt(DecryptFailure::MissingEnvelope))?;
+            let value = self.open(&secret, &envelope).await?;
+            let mut used = lease.clone();
+            used.uses += 1;
+            let tx = Transaction {
+                // The use counts only if nobody else consumed, revoked or rotated meanwhile.
+                guards: vec![
+                    Guard::Lease {
+                        token_hash,
+                        expect: Some(lease),
+                    },
+                    guard_secret(&secret.tenant, &secret.name, Some(&secret)),
+                ],
+                writes: vec![Write::PutLease(used.clone())],
+                audit: Some(audit.clone()),
+            };
+            match self.store.commit(tx).await {
+                Ok(_) => {
+                    return Ok(Redeemed {
+                        value,
+                        secret,
+                        lease: used,
+                    });
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(VaultError::Contention)
+    }
+
+    /// Replaces a secret's value with a new version and destroys the previous one.
+    pub async fn rotate(
+        &self,
+        caller: &Caller,
+        tenant: String,
+        name: String,
+        value: Plaintext,
+    ) -> Result<SecretRecord, VaultError> {
+        let mut audit = caller.draft(Action::Rotate);
+        let result = self
+            .try_rotate(caller, tenant, name, value, &mut audit)
+            .await;
+        self.conclude(audit, result).await
+    }
+
+    async fn try_rotate(
+        &self,
+        caller: &Caller,
+        tenant: String,
+        name: String,
+        value: Plaintext,
+        audit: &mut AuditDraft,
+    ) -> Result<SecretRecord, VaultError> {
+        let principal = caller.authorize(Operation::Rotate)?;
+        let (tenant, name) = secret_ref(audit, tenant, name)?;
+        principal.require_tenant(&tenant)?;
+        check_value_len("value", value.len())?;
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self.active_secret(&tenant, &name)?;
+            let mut next = current.clone();
+            next.version = current
+                .version
+                .checked_add(1)
+                .ok_or_else(|| ValidationError::new("name", "secret has no versions left"))?;
+            next.updated_at = Time::now();
+            next.hint = value_hint(value.expose_secret());
+            let envelope = self.seal(&next, &value).await?;
+            audit.secret(&next);
+            let tx = Transaction {
+                guards: vec![guard_secret(&tenant, &name, Some(&current))],
+                writes: vec![
+                    Write::PutSecret(next.clone()),
+                    Write::DestroyEnvelopes {
+                        secret_id: next.id,
+                        keep: Some(next.version),
+                    },
+                    Write::PutEnvelope(envelope),
+                ],
+                audit: Some(audit.clone()),
+            };
+            match self.store.commit(tx).await {
+                Ok(_) => return Ok(next),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(VaultError::Contention)
+    }
+
+    /// Revokes a secret (destroying every version) or one lease. Revoking twice succeeds.
+    pub async fn revoke(
+        &self,
+        caller: &Caller,
+        target: RevokeTarget,
+        reason: String,
+    ) -> Result<Revoked, VaultError> {
+        let mut audit = caller.draft(Action::Revoke);
+        let result = match target {
+            RevokeTarget::Missing => caller
+                .authorize(Operation::RevokeLease)
+                .and_then(|_| Err(ValidationError::new("target", "set secret or lease_id").into())),
+            RevokeTarget::Secret { tenant, name } => {
+                self.revoke_secret(caller, tenant, name, reason, &mut audit)
+                    .await
+            }
+            RevokeTarget::Lease(id) => self.revoke_lease(caller, &id, reason, &mut audit).await,
+        };
+        self.conclude(audit, result).await
+    }
+
+    async fn revoke_secret(
+        &self,
+        caller: &Caller,
+        tenant: String,
+        name: String,
+        reason: String,
+        audit: &mut AuditDraft,
+    ) -> Result<Revoked, VaultError> {
+        let principal = caller.authorize(Operation::RevokeSecret)?;
+        audit.reason = Reason::parse(reason)?.as_str().to_string();
+        let (tenant, name) = secret_ref(audit, tenant, name)?;
+        principal.require_tenant(&tenant)?;
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self
+                .store
+                .secret(&tenant, &name)?
+                .ok_or(VaultError::SecretNotFound)?;
+            audit.secret(&current);
+            if current.state == SecretState::Revoked {
+                self.record(audit.clone()).await?;
+                return Ok(Revoked {
+                    already_revoked: true,
+                    secret: Some(current),
+                });
+            }
+            let now = Time::now();
+            let mut tombstone = current.clone();
+            tombstone.state = SecretState::Revoked;
+            tombstone.revoked_at = Some(now);
+            tombstone.updated_at = now;
+            let tx = Transaction {
+                guards: vec![guard_secret(&tenant, &name, Some(&current))],
+                writes: vec![
+                    Write::PutSecret(tombstone.clone()),
+                    Write::DestroyEnvelopes {
+                        secret_id: current.id,
+                        keep: None,
+                    },
+                ],
+                audit: Some(audit.clone()),
+            };
+            match self.store.commit(tx).await {
+                Ok(_) => {
+                    return Ok(Revoked {
+                        already_revoked: false,
+                        secret: Some(tombstone),
+                    });
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(VaultError::Contention)
+    }
+
+    async fn revoke_lease(
+        &self,
+        caller: &Caller,
+        id: &str,
+        reason: String,
+        audit: &mut AuditDraft,
+    ) -> Result<Revoked, VaultError> {
+        let principal = caller.authorize(Operation::RevokeLease)?;
+        audit.reason = Reason::parse(reason)?.as_str().to_string();
+        let id = LeaseId::parse("lease_id", id)?;
+        audit.lease_id = Some(id);
+        for _ in 0..MAX_ATTEMPTS {
+            let lease = match self.store.lease_by_id(id)? {
+                // A lease in another tenant is reported as absent, not as forbidden.
+                Some(lease) if principal.may_access(&lease.tenant) => lease,
+                _ => return Err(VaultError::LeaseNotFound),
+            };
+            audit.lease(&lease);
+            if lease.revoked {
+                self.record(audit.clone()).await?;
+                return Ok(Revoked {
+                    already_revoked: true,
+                    secret: None,
+                });
+            }
+            let mut revoked = lease.clone();
+            revoked.revoked = true;
+            let tx = Transaction {
+                guards: vec![Guard::Lease {
+                    token_hash: lease.token_hash,
+                    expect: Some(lease),
+                }],
+                writes: vec![Write::PutLease(revoked)],
+                audit: Some(audit.clone()),
+            };
+            match self.store.commit(tx).await {
+                Ok(_) => {
+                    return Ok(Revoked {
+                        already_revoked: false,
+                        secret: None,
+                    });
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(VaultError::Contention)
+    }
+
+    /// A page of the audit trail.
+    pub async fn audit(&self, caller: &Caller, input: AuditInput) -> Result<AuditPage, VaultError> {
+        let mut audit = caller.draft(Action::Audit);
+        let result = async {
+            let principal = caller.authorize(Operation::Audit)?;
+            let filter = AuditFilter {
+                tenant: non_empty(input.tenant).map(TenantId::parse).transpose()?,
+                name: non_empty(input.name).map(SecretName::parse).transpose()?,
+                principal: non_empty(input.principal)
+                    .map(|p| PrincipalId::parse_field("principal", p))
+                    .transpose()?,
+                action: non_empty(input.action)
+                    .map(|a| Action::parse("action", &a))
+                    .transpose()?,
+                since: time_field("since", input.since)?,
+                until: time_field("until", input.until)?,
+            };
+            audit.tenant = filter.tenant.clone();
+            audit.name = filter.name.clone();
+            match &filter.tenant {
+                Some(tenant) => principal.require_tenant(tenant)?,
+                None if !principal.may_access_all() => {
+                    return Err(AuthError::TenantRequired {
+                        principal: principal.id.clone(),
+                    }
+                    .into());
+                }
+                None => {}
+            }
+            let size = page_size_or(
+                input.page_size,
+                audit::DEFAULT_PAGE_SIZE,
+                audit::MAX_PAGE_SIZE,
+            )?;
+            let from = audit::decode_page_token(&input.page_token)?;
+            let page = audit::query(&*self.store, &filter, from, size)?;
+            self.record(audit.clone()).await?;
+            Ok(page)
+        }
+        .await;
+        self.conclude(audit, result).await
+    }
+
+    /// Deletes leases that have expired. Returns how many.
+    pub async fn collect_expired_leases(&self) -> Result<usize, VaultError> {
+        let expired = self.store.expired_leases(Time::now(), GC_BATCH)?;
+        let count = expired.len();
+        if count > 0 {
+            let tx = Transaction {
+                writes: expired.into_iter().map(Write::DeleteLease).collect(),
+                ..Default::default()
+            };
+            self.store.commit(tx).await?;
+        }
+        Ok(count)
+    }
+
+    /// The secret `tenant`/`name`, if it exists and is active.
+    fn active_secret(
+        &self,
+        tenant: &TenantId,
+        name: &SecretName,
+    ) -> Result<SecretRecord, VaultError> {
+        let secret = self
+            .store
+            .secret(tenant, name)?
+            .ok_or(VaultError::SecretNotFound)?;
+        if secret.state == SecretState::Revoked {
+            return Err(VaultError::SecretRevoked);
+        }
+        Ok(secret)
+    }
+
+    /// Commits a successful read-only operation's audit entry.
+    async fn record(&self, audit: AuditDraft) -> Result<(), VaultError> {
+        self.store.commit(Transaction::audit_only(audit)).await?;
+        Ok(())
+    }
+
+    /// Passes a result through; a failure is first recorded in the audit trail. If the
+    /// failure cannot be recorded, the caller gets the store's error instead (fail closed).
+    async fn conclude<T>(
+        &self,
+        mut audit: AuditDraft,
+        result: Result<T, VaultError>,
+    ) -> Result<T, VaultError> {
+        let Err(error) = result else {
+            return result;
+        };
+        audit.outcome = error.outcome();
+        let reason = error.to_string();
+        audit.reason = if audit.reason.is_empty() {
+            reason
+        } else {
+            format!("{reason} (caller's reason: {})", audit.reason)
+        };
+        if let Err(store_error) = self.store.commit(Transaction::audit_only(audit)).await {
+            tracing::error!(error = %store_error, failed = %error, "could not audit a failed request");
+            return Err(store_error.into());
+        }
+        Err(error)
+    }
+
+    /// Seals `value` as the current version of `record` under a fresh data key.
+    async fn seal(
+        &self,
+        record: &SecretRecord,
+        value: &Plaintext,
+    ) -> Result<EnvelopeRecord, VaultError> {
+        let data_key = SymmetricKey::generate().map_err(VaultError::Crypto)?;
+        let aad = value_aad(&record.tenant, record.id, record.version);
+        let sealed =
+            crypto::seal(&data_key, value.expose_secret(), &aad).map_err(VaultError::Crypto)?;
+        let wrapped_key = self
+            .master
+            .wrap(&data_key, &wrap_context(record))
+            .await
+            .map_err(VaultError::Keyring)?;
+        Ok(EnvelopeRecord {
+            secret_id: record.id,
+            version: record.version,
+            wrapped_key,
+            nonce: sealed.nonce,
+            ciphertext: sealed.ciphertext,
+            created_at: Time::now(),
+        })
+    }
+
+    /// Opens the envelope of `record`'s current version. The envelope must belong to it: the
+    /// data key is bound to tenant, secret id and version, and so is the value.
+    async fn open(
+        &self,
+        record: &SecretRecord,
+        envelope: &EnvelopeRecord,
+    ) -> Result<Plaintext, VaultError> {
+        let data_key = self
+            .master
+            .unwrap(&envelope.wrapped_key, &wrap_context(record))
+            .await
+            .map_err(|e| match e {
+                KeyringError::Unwrap | KeyringError::ForeignKey { .. } => {
+                    VaultError::Decrypt(DecryptFailure::Unwrap(e))
+                }
+                other => VaultError::Keyring(other),
+            })?;
+        let sealed = Sealed {
+            nonce: envelope.nonce,
+            ciphertext: envelope.ciphertext.clone(),
+        };
+        crypto::open(
+            &data_key,
+            &sealed,
+            &value_aad(&record.tenant, record.id, record.version),
+        )
+        .map_err(|e| VaultError::Decrypt(DecryptFailure::Open(e)))
+    }
+}
+
+/// Associated data of a sealed value: binds it to its tenant, secret and version, so that a
+/// ciphertext moved to another record does not open.
+fn value_aad(tenant: &TenantId, id: SecretId, version: u32) -> Vec<u8> {
+    crypto::associated_data(
+        VALUE_AAD_LABEL,
+        &[
+            tenant.as_str().as_bytes(),
+            id.as_bytes(),
+            &version.to_be_bytes(),
+        ],
+    )
+}
+
+fn wrap_context(record: &SecretRecord) -> WrapContext {
+    WrapContext::SecretVersion {
+        tenant: record.tenant.clone(),
+        secret_id: record.id,
+        version: record.version,
+    }
+}
+
+fn guard_secret(tenant: &TenantId, name: &SecretName, expect: Option<&SecretRecord>) -> Guard {
+    Guard::Secret {
+        tenant: tenant.clone(),
+        name: name.clone(),
+        expect: expect.cloned(),
+    }
+}
+
+/// Parses a tenant and name, noting each in the audit draft as soon as it is valid.
+fn secret_ref(
+    audit: &mut AuditDraft,
+    tenant: String,
+    name: String,
+) -> Result<(TenantId, SecretName), VaultError> {
+    let tenant = TenantId::parse(tenant)?;
+    audit.tenant = Some(tenant.clone());
+    let name = SecretName::parse(name)?;
+    audit.name = Some(name.clone());
+    Ok((tenant, name))
+}
+
+fn page_size_or(requested: u32, default: usize, max: usize) -> Result<usize, ValidationError> {
+    match usize::try_from(requested) {
+        Ok(0) => Ok(default),
+        Ok(n) if n <= max => Ok(n),
+        _ => Err(ValidationError::new("page_size", format!("at most {max}"))),
+    }
+}
+
+fn decode_list_token(token: &str) -> Result<SecretName, ValidationError> {
+    let invalid = || ValidationError::new("page_token", "not a token returned by List");
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
+    let name = String::from_utf8(bytes).map_err(|_| invalid())?;
+    SecretName::parse(name).map_err(|_| invalid())
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn time_field(field: &'static str, t: Option<(i64, i32)>) -> Result<Option<Time>, ValidationError> {
+    t.map(|(s, n)| {
+        Time::from_seconds_nanos(s, n)
+            .ok_or_else(|| ValidationError::new(field, "not a valid timestamp"))
+    })
+    .transpose()
+}
