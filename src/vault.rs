@@ -635,9 +635,9 @@ impl Vault {
         audit: &mut AuditDraft,
     ) -> Result<Revoked, VaultError> {
         let principal = caller.authorize(Operation::RevokeSecret)?;
-        audit.reason = Reason::parse(reason)?.as_str().to_string();
         let (tenant, name) = secret_ref(audit, tenant, name)?;
         principal.require_tenant(&tenant)?;
+        audit.reason = Reason::parse(reason)?.as_str().to_string();
         for _ in 0..MAX_ATTEMPTS {
             let current = self
                 .store

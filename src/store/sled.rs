@@ -37,7 +37,7 @@ pub struct SledStore {
 }
 
 enum Message {
-    Commit(Transaction, oneshot::Sender<Result<Committed, StoreError>>),
+    Commit(Box<Transaction>, oneshot::Sender<Result<Committed, StoreError>>),
     Close(oneshot::Sender<Result<(), StoreError>>),
 }
 
@@ -184,7 +184,7 @@ impl Store for SledStore {
     async fn commit(&self, tx: Transaction) -> Result<Committed, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Message::Commit(tx, reply))
+            .send(Message::Commit(Box::new(tx), reply))
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
@@ -229,7 +229,7 @@ impl Writer {
             while let Some(message) = next.take() {
                 match message {
                     Message::Commit(tx, reply) => {
-                        let result = self.apply(tx);
+                        let result = self.apply(*tx);
                         group.push((reply, result));
                     }
                     Message::Close(reply) => {

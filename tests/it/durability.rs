@@ -1,0 +1,312 @@
+//! What survives: restarts, kill -9, the wrong master key, and tampering with the store.
+
+use byokd::api::v1::{self as pb};
+use byokd::model::{SecretId, SecretName, TenantId};
+use byokd::store::{SledStore, Store, Transaction, Write};
+use tonic::Code;
+
+use crate::harness::*;
+
+fn value(i: usize) -> Vec<u8> {
+    format!("sk-durable-{i:04}-0123456789abcdefghijklmnop").into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_writes_and_consumed_uses_survive_kill_9() {
+    let dir = TestDir::new();
+    let server = dir.start();
+    // Concurrent acknowledged writes, then no clean shutdown at all.
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let addr = server.addr;
+            tokio::spawn(async move {
+                let mut c = connect(addr, Some(ORCHESTRATOR)).await;
+                c.store(store_req("acme", &format!("k{i}"), &value(i)))
+                    .await
+                    .unwrap();
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    orch.rotate(pb::RotateRequest {
+        tenant: "acme".into(),
+        name: "k0".into(),
+        value: value(1000),
+    })
+    .await
+    .unwrap();
+    let grant = orch
+        .lease(lease_req("acme", "k1", 2))
+        .await
+        .unwrap()
+        .into_inner();
+    let single = orch
+        .lease(lease_req("acme", "k2", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut agent = server.as_(AGENT).await;
+    assert_eq!(
+        agent
+            .get(get_req(&grant.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .remaining_uses,
+        1
+    );
+    agent.get(get_req(&single.token)).await.unwrap();
+    server.kill9();
+
+    let server = dir.start();
+    for i in 1..40 {
+        assert_eq!(
+            lease_and_get(&server, "acme", &format!("k{i}"))
+                .await
+                .unwrap()
+                .value,
+            value(i),
+            "k{i}"
+        );
+    }
+    let rotated = lease_and_get(&server, "acme", "k0").await.unwrap();
+    assert_eq!((rotated.value, rotated.version), (value(1000), 2));
+    // One use was consumed before the crash: exactly one is left after it.
+    let mut agent = server.as_(AGENT).await;
+    assert_eq!(
+        agent
+            .get(get_req(&grant.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .remaining_uses,
+        0
+    );
+    assert_status(
+        agent.get(get_req(&grant.token)).await,
+        Code::NotFound,
+        "no longer valid",
+    );
+    assert_status(
+        agent.get(get_req(&single.token)).await,
+        Code::NotFound,
+        "no longer valid",
+    );
+    // The audit trail continues without a gap.
+    let entries = audit_all(&server, pb::AuditRequest::default()).await;
+    assert!(
+        entries
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.seq == i as u64 + 1)
+    );
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|e| e.action == "Store" && e.outcome == "OK")
+            .count(),
+        40
+    );
+}
+
+#[tokio::test]
+async fn a_clean_restart_keeps_everything() {
+    let dir = TestDir::new();
+    let server = dir.start();
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    let meta = store(&mut orch, "acme", "k", &value(1)).await;
+    let grant = orch
+        .lease(lease_req("acme", "k", 3))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(server.stop().await.success());
+
+    let server = dir.start();
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    assert_eq!(
+        orch.describe(secret_ref("acme", "k"))
+            .await
+            .unwrap()
+            .into_inner(),
+        meta
+    );
+    let v = server
+        .as_(AGENT)
+        .await
+        .get(get_req(&grant.token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((v.value, v.remaining_uses), (value(1), 2));
+}
+
+#[tokio::test]
+async fn the_server_refuses_to_start_on_the_wrong_or_a_missing_master_key() {
+    let dir = TestDir::new();
+    let server = dir.start();
+    store(&mut server.as_(ORCHESTRATOR).await, "acme", "k", &value(1)).await;
+    assert!(server.stop().await.success());
+    let key_path = dir.data().join("master.key");
+    let original = std::fs::read(&key_path).unwrap();
+    assert_eq!(original.len(), 32);
+
+    std::fs::write(&key_path, [7u8; 32]).unwrap();
+    let (status, log) = dir.start_failing();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("wrong master key"), "{log}");
+
+    std::fs::write(&key_path, [7u8; 31]).unwrap();
+    let (status, log) = dir.start_failing();
+    assert_eq!(status.code(), Some(1));
+    assert!(log.contains("must hold exactly 32 bytes"), "{log}");
+
+    std::fs::remove_file(&key_path).unwrap();
+    let (status, log) = dir.start_failing();
+    assert_eq!(status.code(), Some(1));
+    assert!(log.contains("is missing"), "{log}");
+    // The refusal did not create a fresh key.
+    assert!(!key_path.exists());
+
+    std::fs::write(&key_path, &original).unwrap();
+    let server = dir.start();
+    assert_eq!(
+        lease_and_get(&server, "acme", "k").await.unwrap().value,
+        value(1)
+    );
+}
+
+/// Stops the server, lets `f` edit the store directly, and starts it again.
+async fn with_store_offline<F>(dir: &TestDir, server: TestServer, f: F) -> TestServer
+where
+    F: AsyncFnOnce(&SledStore),
+{
+    assert!(server.stop().await.success());
+    let store = SledStore::open(&dir.data().join("db")).unwrap();
+    f(&store).await;
+    store.close().await.unwrap();
+    // sled releases its directory lock when the last handle is gone.
+    drop(store);
+    dir.start()
+}
+
+fn id_of(meta: &pb::SecretMetadata) -> SecretId {
+    SecretId::parse("id", &meta.id).unwrap()
+}
+
+#[tokio::test]
+async fn a_ciphertext_moved_to_another_record_or_altered_does_not_decrypt() {
+    let dir = TestDir::new();
+    let server = dir.start();
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    let a = store(&mut orch, "acme", "a", &value(1)).await;
+    let b = store(&mut orch, "acme", "b", &value(2)).await;
+    let c = store(&mut orch, "acme", "c", &value(3)).await;
+    let (a_id, b_id, c_id) = (id_of(&a), id_of(&b), id_of(&c));
+
+    let server = with_store_offline(&dir, server, async |store| {
+        let env_a = store.envelope(a_id, 1).unwrap().unwrap();
+        let env_b = store.envelope(b_id, 1).unwrap().unwrap();
+        // Swap the sealed values and wrapped keys of a and b, keeping each record's own
+        // secret id and version: exactly what an attacker with write access to the database
+        // could do.
+        let mut new_a = env_a.clone();
+        new_a.wrapped_key = env_b.wrapped_key.clone();
+        new_a.nonce = env_b.nonce;
+        new_a.ciphertext = env_b.ciphertext.clone();
+        let mut new_b = env_b;
+        new_b.wrapped_key = env_a.wrapped_key;
+        new_b.nonce = env_a.nonce;
+        new_b.ciphertext = env_a.ciphertext;
+        // And flip one bit of c's ciphertext.
+        let mut new_c = store.envelope(c_id, 1).unwrap().unwrap();
+        new_c.ciphertext[0] ^= 1;
+        store
+            .commit(Transaction {
+                writes: vec![
+                    Write::PutEnvelope(new_a),
+                    Write::PutEnvelope(new_b),
+                    Write::PutEnvelope(new_c),
+                ],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    })
+    .await;
+
+    for name in ["a", "b", "c"] {
+        let status = lease_and_get(&server, "acme", name).await.unwrap_err();
+        // Says that it failed, not why.
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::DataLoss, "decryption failed"),
+            "{name}"
+        );
+    }
+    // The failures are audited and the cause is in the server log, not in the response.
+    let gets = audit_all(
+        &server,
+        pb::AuditRequest {
+            action: "Get".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(gets.iter().filter(|e| e.outcome == "DATA_LOSS").count(), 3);
+    assert!(server.log().contains("Unwrap"), "cause logged");
+    // An untouched secret is unaffected.
+    store(&mut server.as_(ORCHESTRATOR).await, "acme", "d", &value(4)).await;
+    assert_eq!(
+        lease_and_get(&server, "acme", "d").await.unwrap().value,
+        value(4)
+    );
+}
+
+#[tokio::test]
+async fn rotate_and_revoke_destroy_the_old_data_keys() {
+    let dir = TestDir::new();
+    let server = dir.start();
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    let meta = store(&mut orch, "acme", "k", &value(1)).await;
+    let other = store(&mut orch, "acme", "other", &value(9)).await;
+    for i in 2..=3 {
+        orch.rotate(pb::RotateRequest {
+            tenant: "acme".into(),
+            name: "k".into(),
+            value: value(i),
+        })
+        .await
+        .unwrap();
+    }
+    let id = id_of(&meta);
+    let server = with_store_offline(&dir, server, async |store| {
+        assert!(store.envelope(id, 1).unwrap().is_none());
+        assert!(store.envelope(id, 2).unwrap().is_none());
+        assert!(store.envelope(id, 3).unwrap().is_some());
+    })
+    .await;
+    server
+        .as_(ORCHESTRATOR)
+        .await
+        .revoke(revoke_secret("acme", "k", "gone"))
+        .await
+        .unwrap();
+    let other_id = id_of(&other);
+    let _server = with_store_offline(&dir, server, async |store| {
+        assert!(store.envelope(id, 3).unwrap().is_none());
+        assert!(store.envelope(other_id, 1).unwrap().is_some());
+        let tomb = store
+            .secret(
+                &TenantId::parse("acme").unwrap(),
+                &SecretName::parse("k").unwrap(),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(tomb.version, 3);
+    })
+    .await;
+}

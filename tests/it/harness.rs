@@ -1,0 +1,383 @@
+//! Starts the real `byokd` binary on a loopback port and talks to it with the generated
+//! tonic client.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use byokd::api::v1::vault_client::VaultClient;
+use byokd::api::v1::{self as pb};
+use sha2::{Digest, Sha256};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+/// Principals every test server is configured with: (id, token, roles, tenants).
+pub const PRINCIPALS: &[(&str, &str, &[&str], &[&str])] = &[
+    ("admin", "tok-admin", &["admin"], &["*"]),
+    (
+        "orchestrator",
+        "tok-orchestrator",
+        &["writer", "leaser"],
+        &["acme", "globex"],
+    ),
+    ("agent", "tok-agent", &["reader"], &["acme", "globex"]),
+    ("agent2", "tok-agent2", &["reader"], &["acme"]),
+    ("auditor", "tok-auditor", &["auditor"], &["*"]),
+    ("acme-auditor", "tok-acme-auditor", &["auditor"], &["acme"]),
+    (
+        "globex-writer",
+        "tok-globex-writer",
+        &["writer", "leaser"],
+        &["globex"],
+    ),
+];
+
+pub const ORCHESTRATOR: &str = "tok-orchestrator";
+pub const AGENT: &str = "tok-agent";
+pub const AGENT2: &str = "tok-agent2";
+pub const AUDITOR: &str = "tok-auditor";
+pub const ACME_AUDITOR: &str = "tok-acme-auditor";
+pub const GLOBEX_WRITER: &str = "tok-globex-writer";
+
+/// A data directory with a config file naming the test principals.
+pub struct TestDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestDir {
+    pub fn new() -> Self {
+        Self::with_config("")
+    }
+
+    /// A directory whose config has `extra` appended (TOML for `[lease]` and the like).
+    pub fn with_config(extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = String::from("data_dir = \"data\"\n");
+        config.push_str(extra);
+        for (id, token, roles, tenants) in PRINCIPALS {
+            config.push_str(&format!(
+                "\n[[principal]]\nid = \"{id}\"\ntoken_sha256 = \"{}\"\nroles = {roles:?}\ntenants = {tenants:?}\n",
+                hex::encode(Sha256::digest(token.as_bytes()))
+            ));
+        }
+        std::fs::write(dir.path().join("byokd.toml"), config).expect("write config");
+        Self { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path().join("byokd.toml")
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.path().join("data")
+    }
+
+    /// Starts a server on this directory.
+    pub fn start(&self) -> TestServer {
+        TestServer::start(
+            self.path(),
+            &["serve", "--config", &self.config().to_string_lossy()],
+        )
+    }
+
+    /// Starts a server that is expected to refuse to start; returns its exit status and
+    /// everything it wrote to stderr.
+    pub fn start_failing(&self) -> (ExitStatus, String) {
+        let log = self.path().join(format!("failed-{}.log", unique()));
+        let status = byokd_command(
+            self.path(),
+            &[
+                "serve",
+                "--config",
+                &self.config().to_string_lossy(),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            &log,
+        )
+        .status()
+        .expect("run byokd");
+        (status, std::fs::read_to_string(&log).unwrap_or_default())
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The byokd binary with logs at trace level for byokd (debug for its dependencies) going
+/// to `log`.
+pub fn byokd_command(cwd: &Path, args: &[&str], log: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_byokd"));
+    cmd.current_dir(cwd)
+        .args(args)
+        .env("BYOKD_LOG", "debug,byokd=trace")
+        .env_remove("BYOKD_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(File::create(log).expect("create log file"));
+    cmd
+}
+
+/// A running server process.
+pub struct TestServer {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    /// Everything the server printed to stdout before it listened.
+    pub banner: Vec<String>,
+    pub log_path: PathBuf,
+}
+
+impl TestServer {
+    /// Runs `byokd ARGS --listen 127.0.0.1:0` in `cwd` and waits until it listens.
+    pub fn start(cwd: &Path, args: &[&str]) -> Self {
+        let log_path = cwd.join(format!("server-{}.log", unique()));
+        let mut args = args.to_vec();
+        args.extend(["--listen", "127.0.0.1:0"]);
+        let mut child = byokd_command(cwd, &args, &log_path)
+            .spawn()
+            .expect("spawn byokd");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut banner = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    if let Some(addr) = line.strip_prefix("byokd listening on ") {
+                        let addr = addr.parse().expect("listen address");
+                        return Self {
+                            child: Some(child),
+                            addr,
+                            banner,
+                            log_path,
+                        };
+                    }
+                    banner.push(line);
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let status = child.wait();
+                    panic!(
+                        "byokd did not start ({status:?}); log:\n{}",
+                        std::fs::read_to_string(&log_path).unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+
+    /// A client authenticating with `token` (None: no authorization metadata).
+    pub async fn client(&self, token: Option<&str>) -> Client {
+        connect(self.addr, token).await
+    }
+
+    /// A client authenticating as `token`.
+    pub async fn as_(&self, token: &str) -> Client {
+        self.client(Some(token)).await
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits for the exit while the test's runtime keeps running, so that
+    /// the test's idle client connections can answer the server's GOAWAY.
+    pub async fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL: no shutdown, no final flush.
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("kill -9");
+        let _ = child.wait();
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Auth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type Client = VaultClient<InterceptedService<Channel, Auth>>;
+
+/// A client of the server at `addr` authenticating with `token` (None: no credentials).
+pub async fn connect(addr: SocketAddr, token: Option<&str>) -> Client {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let auth = Auth(token.map(|t| format!("Bearer {t}").parse().expect("ascii token")));
+    VaultClient::with_interceptor(channel, auth)
+}
+
+pub fn store_req(tenant: &str, name: &str, value: &[u8]) -> pb::StoreRequest {
+    pb::StoreRequest {
+        tenant: tenant.into(),
+        name: name.into(),
+        provider: "anthropic".into(),
+        value: value.to_vec(),
+        labels: Default::default(),
+    }
+}
+
+pub fn secret_ref(tenant: &str, name: &str) -> pb::SecretRef {
+    pb::SecretRef {
+        tenant: tenant.into(),
+        name: name.into(),
+    }
+}
+
+pub fn lease_req(tenant: &str, name: &str, max_uses: u32) -> pb::LeaseRequest {
+    pb::LeaseRequest {
+        tenant: tenant.into(),
+        name: name.into(),
+        ttl: None,
+        max_uses,
+        audience: String::new(),
+    }
+}
+
+pub fn get_req(token: &str) -> pb::GetRequest {
+    pb::GetRequest {
+        token: token.into(),
+    }
+}
+
+pub fn revoke_secret(tenant: &str, name: &str, reason: &str) -> pb::RevokeRequest {
+    pb::RevokeRequest {
+        target: Some(pb::revoke_request::Target::Secret(secret_ref(tenant, name))),
+        reason: reason.into(),
+    }
+}
+
+pub fn revoke_lease(lease_id: &str) -> pb::RevokeRequest {
+    pb::RevokeRequest {
+        target: Some(pb::revoke_request::Target::LeaseId(lease_id.into())),
+        reason: String::new(),
+    }
+}
+
+/// Asserts that `result` failed with `code` and a message containing `message`.
+#[track_caller]
+pub fn assert_status<T: std::fmt::Debug>(
+    result: Result<T, Status>,
+    code: Code,
+    message: &str,
+) -> Status {
+    match result {
+        Ok(v) => panic!("expected {code:?} ({message}), got Ok({v:?})"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "{status:?}");
+            assert!(
+                status.message().contains(message),
+                "message {:?} lacks {message:?}",
+                status.message()
+            );
+            status
+        }
+    }
+}
+
+/// Stores `value` and returns its metadata.
+pub async fn store(
+    client: &mut Client,
+    tenant: &str,
+    name: &str,
+    value: &[u8],
+) -> pb::SecretMetadata {
+    client
+        .store(store_req(tenant, name, value))
+        .await
+        .expect("store")
+        .into_inner()
+}
+
+/// Leases and redeems `tenant`/`name` in one go: the agent path.
+pub async fn lease_and_get(
+    server: &TestServer,
+    tenant: &str,
+    name: &str,
+) -> Result<pb::SecretValue, Status> {
+    let grant = server
+        .as_(ORCHESTRATOR)
+        .await
+        .lease(lease_req(tenant, name, 1))
+        .await?
+        .into_inner();
+    server
+        .as_(AGENT)
+        .await
+        .get(get_req(&grant.token))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Every audit entry matching `req` (all pages), as seen by the global auditor.
+pub async fn audit_all(server: &TestServer, mut req: pb::AuditRequest) -> Vec<pb::AuditEntry> {
+    let mut client = server.as_(AUDITOR).await;
+    let mut out = Vec::new();
+    loop {
+        let page = client.audit(req.clone()).await.expect("audit").into_inner();
+        out.extend(page.entries);
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        req.page_token = page.next_page_token;
+    }
+}
+
+/// A protobuf timestamp in microseconds since the epoch, for comparisons.
+pub fn micros(t: &Option<prost_types::Timestamp>) -> i64 {
+    let t = t.as_ref().expect("timestamp set");
+    t.seconds * 1_000_000 + i64::from(t.nanos) / 1_000
+}

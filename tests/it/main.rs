@@ -1,0 +1,10 @@
+//! Integration tests: the real server on a loopback port, driven through the generated
+//! tonic client (and grpcurl, for the README walk-through).
+
+mod harness;
+
+mod api;
+mod cli;
+mod durability;
+mod leases;
+mod walkthrough;
