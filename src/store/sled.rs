@@ -37,7 +37,10 @@ pub struct SledStore {
 }
 
 enum Message {
-    Commit(Box<Transaction>, oneshot::Sender<Result<Committed, StoreError>>),
+    Commit(
+        Box<Transaction>,
+        oneshot::Sender<Result<Committed, StoreError>>,
+    ),
     Close(oneshot::Sender<Result<(), StoreError>>),
 }
 
