@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::crypto::{self, CryptoError, KEY_LEN, NONCE_LEN, Sealed, SymmetricKey};
-use crate::model::{SecretId, TenantId};
+use crate::model::{SecretId, TenantId, WrappedKey};
 
 /// HKDF label of the local master key's key-wrapping key.
 const WRAP_KEY_LABEL: &[u8] = b"byokd/v1/local-master-key/wrap";
@@ -101,15 +101,6 @@ impl WrapContext {
             .collect();
         crypto::associated_data(WRAP_AAD_LABEL, &fields)
     }
-}
-
-/// A data key wrapped by a master key, with the id of that master key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WrappedKey {
-    /// Id of the master key that wrapped it.
-    pub key_id: String,
-    /// Opaque wrapped bytes.
-    pub blob: Vec<u8>,
 }
 
 /// A master key: the root of the key hierarchy.

@@ -11,8 +11,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::keyring::WrappedKey;
-
 /// Longest tenant, secret name or principal id, in characters.
 pub const MAX_NAME_LEN: usize = 128;
 /// Longest provider name.
@@ -392,6 +390,15 @@ pub struct SecretRecord {
     pub hint: String,
     /// When it was revoked.
     pub revoked_at: Option<Time>,
+}
+
+/// A data key wrapped by a master key, with the id of that master key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrappedKey {
+    /// Id of the master key that wrapped it.
+    pub key_id: String,
+    /// Opaque wrapped bytes.
+    pub blob: Vec<u8>,
 }
 
 /// The sealed value of one secret version and its wrapped data key.

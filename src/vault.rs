@@ -773,18 +773,26 @@ impl Vault {
         self.conclude(audit, result).await
     }
 
-    /// Deletes leases that have expired. Returns how many.
+    /// Deletes every lease that has expired, a batch per commit. Returns how many.
     pub async fn collect_expired_leases(&self) -> Result<usize, VaultError> {
-        let expired = self.store.expired_leases(Time::now(), GC_BATCH)?;
-        let count = expired.len();
-        if count > 0 {
+        let now = Time::now();
+        let mut total = 0;
+        loop {
+            let expired = self.store.expired_leases(now, GC_BATCH)?;
+            let count = expired.len();
+            if count == 0 {
+                return Ok(total);
+            }
             let tx = Transaction {
                 writes: expired.into_iter().map(Write::DeleteLease).collect(),
                 ..Default::default()
             };
             self.store.commit(tx).await?;
+            total += count;
+            if count < GC_BATCH {
+                return Ok(total);
+            }
         }
-        Ok(count)
     }
 
     /// The secret `tenant`/`name`, if it exists and is active.

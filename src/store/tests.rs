@@ -4,8 +4,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::keyring::WrappedKey;
-use crate::model::{Action, Labels, Outcome, PrincipalId, Provider, SecretState};
+use crate::model::{Action, Labels, Outcome, PrincipalId, Provider, SecretState, WrappedKey};
 
 fn tenant(s: &str) -> TenantId {
     TenantId::parse(s).unwrap()

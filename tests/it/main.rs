@@ -7,4 +7,5 @@ mod api;
 mod cli;
 mod durability;
 mod leases;
+mod reflection;
 mod walkthrough;
