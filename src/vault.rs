@@ -473,10 +473,11 @@ impl Vault {
                 writes: vec![Write::PutLease(lease.clone())],
                 audit: Some(audit.clone()),
             };
-            match self.store.commit(tx).await {
-                Ok(_) => return Ok(IssuedLease { lease, token }),
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e.into()),
+            if let Some(done) = self
+                .commit_or_retry(tx, IssuedLease { lease, token })
+                .await?
+            {
+                return Ok(done);
             }
         }
         Err(VaultError::Contention)
@@ -531,16 +532,18 @@ impl Vault {
                 writes: vec![Write::PutLease(used.clone())],
                 audit: Some(audit.clone()),
             };
-            match self.store.commit(tx).await {
-                Ok(_) => {
-                    return Ok(Redeemed {
+            if let Some(done) = self
+                .commit_or_retry(
+                    tx,
+                    Redeemed {
                         value,
                         secret,
                         lease: used,
-                    });
-                }
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e.into()),
+                    },
+                )
+                .await?
+            {
+                return Ok(done);
             }
         }
         Err(VaultError::Contention)
@@ -596,10 +599,8 @@ impl Vault {
                 ],
                 audit: Some(audit.clone()),
             };
-            match self.store.commit(tx).await {
-                Ok(_) => return Ok(next),
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e.into()),
+            if let Some(done) = self.commit_or_retry(tx, next).await? {
+                return Ok(done);
             }
         }
         Err(VaultError::Contention)
@@ -667,15 +668,17 @@ impl Vault {
                 ],
                 audit: Some(audit.clone()),
             };
-            match self.store.commit(tx).await {
-                Ok(_) => {
-                    return Ok(Revoked {
+            if let Some(done) = self
+                .commit_or_retry(
+                    tx,
+                    Revoked {
                         already_revoked: false,
                         secret: Some(tombstone),
-                    });
-                }
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e.into()),
+                    },
+                )
+                .await?
+            {
+                return Ok(done);
             }
         }
         Err(VaultError::Contention)
@@ -716,15 +719,17 @@ impl Vault {
                 writes: vec![Write::PutLease(revoked)],
                 audit: Some(audit.clone()),
             };
-            match self.store.commit(tx).await {
-                Ok(_) => {
-                    return Ok(Revoked {
+            if let Some(done) = self
+                .commit_or_retry(
+                    tx,
+                    Revoked {
                         already_revoked: false,
                         secret: None,
-                    });
-                }
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e.into()),
+                    },
+                )
+                .await?
+            {
+                return Ok(done);
             }
         }
         Err(VaultError::Contention)
@@ -792,6 +797,16 @@ impl Vault {
             if count < GC_BATCH {
                 return Ok(total);
             }
+        }
+    }
+
+    /// Commits `tx` and returns `Some(value)` once it is durable, or `None` if a guard no
+    /// longer held: another writer changed what the caller read, so it must read again.
+    async fn commit_or_retry<T>(&self, tx: Transaction, value: T) -> Result<Option<T>, VaultError> {
+        match self.store.commit(tx).await {
+            Ok(_) => Ok(Some(value)),
+            Err(StoreError::Conflict) => Ok(None),
+            Err(e) => Err(e.into()),
         }
     }
 
