@@ -326,11 +326,7 @@ async fn rotate_makes_a_new_version_current_and_ends_old_leases() {
     let server = dir.start();
     let mut orch = server.as_(ORCHESTRATOR).await;
     let v1 = store(&mut orch, "acme", "k", b"first-value-0000000000000000-1111").await;
-    let old = orch
-        .lease(lease_req("acme", "k", 5))
-        .await
-        .unwrap()
-        .into_inner();
+    let old = lease_ok(&mut orch, lease_req("acme", "k", 5)).await;
     assert_eq!(old.version, 1);
     let mut agent = server.as_(AGENT).await;
     agent.get(get_req(&old.token)).await.unwrap();
@@ -391,16 +387,8 @@ async fn revoking_a_secret_leaves_a_tombstone_and_ends_every_lease() {
     let server = dir.start();
     let mut orch = server.as_(ORCHESTRATOR).await;
     store(&mut orch, "acme", "k", KEY).await;
-    let a = orch
-        .lease(lease_req("acme", "k", 3))
-        .await
-        .unwrap()
-        .into_inner();
-    let b = orch
-        .lease(lease_req("acme", "k", 1))
-        .await
-        .unwrap()
-        .into_inner();
+    let a = lease_ok(&mut orch, lease_req("acme", "k", 3)).await;
+    let b = lease_ok(&mut orch, lease_req("acme", "k", 1)).await;
 
     let revoked = orch
         .revoke(revoke_secret("acme", "k", "user deleted the key"))
@@ -496,16 +484,8 @@ async fn revoking_a_lease_ends_just_that_lease() {
     let server = dir.start();
     let mut orch = server.as_(ORCHESTRATOR).await;
     store(&mut orch, "acme", "k", KEY).await;
-    let a = orch
-        .lease(lease_req("acme", "k", 1))
-        .await
-        .unwrap()
-        .into_inner();
-    let b = orch
-        .lease(lease_req("acme", "k", 1))
-        .await
-        .unwrap()
-        .into_inner();
+    let a = lease_ok(&mut orch, lease_req("acme", "k", 1)).await;
+    let b = lease_ok(&mut orch, lease_req("acme", "k", 1)).await;
     let r = orch
         .revoke(revoke_lease(&a.lease_id))
         .await
@@ -547,11 +527,7 @@ async fn revoking_a_lease_ends_just_that_lease() {
         "lease not found",
     );
     // A principal of another tenant cannot see it, let alone revoke it.
-    let c = orch
-        .lease(lease_req("acme", "k", 1))
-        .await
-        .unwrap()
-        .into_inner();
+    let c = lease_ok(&mut orch, lease_req("acme", "k", 1)).await;
     let mut globex = server.as_(GLOBEX_WRITER).await;
     assert_status(
         globex.revoke(revoke_lease(&c.lease_id)).await,
@@ -582,11 +558,7 @@ async fn audit_records_every_rpc_without_values_or_tokens() {
     })
     .await
     .unwrap();
-    let grant = orch
-        .lease(lease_req("acme", "k", 1))
-        .await
-        .unwrap()
-        .into_inner();
+    let grant = lease_ok(&mut orch, lease_req("acme", "k", 1)).await;
     let mut agent = server.as_(AGENT).await;
     agent.get(get_req(&grant.token)).await.unwrap();
     assert_status(agent.get(get_req(&grant.token)).await, Code::NotFound, "");

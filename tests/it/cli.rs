@@ -99,11 +99,7 @@ async fn with_no_config_it_starts_on_the_embedded_default_with_a_bootstrap_admin
     assert_eq!(mode & 0o777, 0o600);
     let mut admin = server.as_(&token).await;
     store(&mut admin, "t", "k", b"bootstrap-stored-value-000000").await;
-    let grant = admin
-        .lease(lease_req("t", "k", 1))
-        .await
-        .unwrap()
-        .into_inner();
+    let grant = lease_ok(&mut admin, lease_req("t", "k", 1)).await;
     assert_eq!(
         admin
             .get(get_req(&grant.token))
@@ -199,11 +195,7 @@ async fn no_secret_value_or_token_ever_reaches_the_logs() {
     let rotated = b"sk-ant-api03-ROTATEDNEVERLOGGEDk2Lm-9876543210zyxw";
     let mut orch = server.as_(ORCHESTRATOR).await;
     store(&mut orch, "acme", "k", secret).await;
-    let grant = orch
-        .lease(lease_req("acme", "k", 2))
-        .await
-        .unwrap()
-        .into_inner();
+    let grant = lease_ok(&mut orch, lease_req("acme", "k", 2)).await;
     let mut agent = server.as_(AGENT).await;
     agent.get(get_req(&grant.token)).await.unwrap();
     // Failure paths log more: a bad token, a wrong principal token, bad input carrying the value.

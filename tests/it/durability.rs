@@ -38,16 +38,8 @@ async fn acknowledged_writes_and_consumed_uses_survive_kill_9() {
     })
     .await
     .unwrap();
-    let grant = orch
-        .lease(lease_req("acme", "k1", 2))
-        .await
-        .unwrap()
-        .into_inner();
-    let single = orch
-        .lease(lease_req("acme", "k2", 1))
-        .await
-        .unwrap()
-        .into_inner();
+    let grant = lease_ok(&mut orch, lease_req("acme", "k1", 2)).await;
+    let single = lease_ok(&mut orch, lease_req("acme", "k2", 1)).await;
     let mut agent = server.as_(AGENT).await;
     assert_eq!(
         agent
@@ -118,11 +110,7 @@ async fn a_clean_restart_keeps_everything() {
     let server = dir.start();
     let mut orch = server.as_(ORCHESTRATOR).await;
     let meta = store(&mut orch, "acme", "k", &value(1)).await;
-    let grant = orch
-        .lease(lease_req("acme", "k", 3))
-        .await
-        .unwrap()
-        .into_inner();
+    let grant = lease_ok(&mut orch, lease_req("acme", "k", 3)).await;
     assert!(server.stop().await.success());
 
     let server = dir.start();
@@ -134,13 +122,7 @@ async fn a_clean_restart_keeps_everything() {
             .into_inner(),
         meta
     );
-    let v = server
-        .as_(AGENT)
-        .await
-        .get(get_req(&grant.token))
-        .await
-        .unwrap()
-        .into_inner();
+    let v = redeem(&server, AGENT, &grant.token).await.unwrap();
     assert_eq!((v.value, v.remaining_uses), (value(1), 2));
 }
 

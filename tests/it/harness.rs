@@ -342,6 +342,25 @@ pub async fn store(
         .into_inner()
 }
 
+/// Issues a lease, which must succeed.
+pub async fn lease_ok(client: &mut Client, req: pb::LeaseRequest) -> pb::LeaseGrant {
+    client.lease(req).await.expect("lease").into_inner()
+}
+
+/// Redeems `token` as the principal with `principal_token`.
+pub async fn redeem(
+    server: &TestServer,
+    principal_token: &str,
+    token: &str,
+) -> Result<pb::SecretValue, Status> {
+    server
+        .as_(principal_token)
+        .await
+        .get(get_req(token))
+        .await
+        .map(|r| r.into_inner())
+}
+
 /// Leases and redeems `tenant`/`name` in one go: the agent path.
 pub async fn lease_and_get(
     server: &TestServer,

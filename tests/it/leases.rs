@@ -22,11 +22,7 @@ async fn a_lease_gives_the_value_for_each_of_its_uses_then_nothing() {
     let mut orch = server.as_(ORCHESTRATOR).await;
     let meta = store(&mut orch, "acme", "k", VALUE).await;
     let before = std::time::SystemTime::now();
-    let grant = orch
-        .lease(lease_req("acme", "k", 3))
-        .await
-        .unwrap()
-        .into_inner();
+    let grant = lease_ok(&mut orch, lease_req("acme", "k", 3)).await;
     assert_eq!((grant.max_uses, grant.version), (3, 1));
     assert!(grant.token.starts_with("byokd_lt_") && grant.token.len() > 40);
     let expires = grant.expires_at.unwrap();
@@ -79,11 +75,7 @@ async fn a_lease_gives_the_value_for_each_of_its_uses_then_nothing() {
         );
     }
     // The default is a single use.
-    let once = orch
-        .lease(lease_req("acme", "k", 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let once = lease_ok(&mut orch, lease_req("acme", "k", 0)).await;
     assert_eq!(once.max_uses, 1);
     agent.get(get_req(&once.token)).await.unwrap();
     assert_status(
@@ -203,17 +195,17 @@ async fn an_expired_lease_gives_nothing() {
     let server = dir.start();
     let mut orch = server.as_(ORCHESTRATOR).await;
     store(&mut orch, "acme", "k", VALUE).await;
-    let grant = orch
-        .lease(pb::LeaseRequest {
+    let grant = lease_ok(
+        &mut orch,
+        pb::LeaseRequest {
             ttl: ttl(0, 300_000_000),
             ..lease_req("acme", "k", 5)
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_status(
-        server.as_(AGENT).await.get(get_req(&grant.token)).await,
+        redeem(&server, AGENT, &grant.token).await,
         Code::NotFound,
         NO_LEASE,
     );
@@ -234,29 +226,22 @@ async fn an_audience_restricted_lease_serves_only_its_audience() {
     let server = dir.start();
     let mut orch = server.as_(ORCHESTRATOR).await;
     store(&mut orch, "acme", "k", VALUE).await;
-    let grant = orch
-        .lease(pb::LeaseRequest {
+    let grant = lease_ok(
+        &mut orch,
+        pb::LeaseRequest {
             audience: "agent".into(),
             ..lease_req("acme", "k", 1)
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     assert_status(
-        server.as_(AGENT2).await.get(get_req(&grant.token)).await,
+        redeem(&server, AGENT2, &grant.token).await,
         Code::NotFound,
         NO_LEASE,
     );
     // The refused attempt did not consume the single use.
     assert_eq!(
-        server
-            .as_(AGENT)
-            .await
-            .get(get_req(&grant.token))
-            .await
-            .unwrap()
-            .into_inner()
-            .value,
+        redeem(&server, AGENT, &grant.token).await.unwrap().value,
         VALUE
     );
     let gets = audit_all(
@@ -277,26 +262,15 @@ async fn a_reader_cannot_redeem_a_lease_of_a_tenant_it_lacks() {
     let server = dir.start();
     let mut orch = server.as_(ORCHESTRATOR).await;
     store(&mut orch, "globex", "k", VALUE).await;
-    let grant = orch
-        .lease(lease_req("globex", "k", 1))
-        .await
-        .unwrap()
-        .into_inner();
+    let grant = lease_ok(&mut orch, lease_req("globex", "k", 1)).await;
     // agent2 is a reader of acme only.
     assert_status(
-        server.as_(AGENT2).await.get(get_req(&grant.token)).await,
+        redeem(&server, AGENT2, &grant.token).await,
         Code::NotFound,
         NO_LEASE,
     );
     assert_eq!(
-        server
-            .as_(AGENT)
-            .await
-            .get(get_req(&grant.token))
-            .await
-            .unwrap()
-            .into_inner()
-            .value,
+        redeem(&server, AGENT, &grant.token).await.unwrap().value,
         VALUE
     );
 }
@@ -308,11 +282,7 @@ async fn concurrent_redemptions_of_a_single_use_lease_have_exactly_one_winner() 
     let mut orch = server.as_(ORCHESTRATOR).await;
     store(&mut orch, "acme", "k", VALUE).await;
     for round in 0..5 {
-        let grant = orch
-            .lease(lease_req("acme", "k", 1))
-            .await
-            .unwrap()
-            .into_inner();
+        let grant = lease_ok(&mut orch, lease_req("acme", "k", 1)).await;
         let mut clients = Vec::new();
         for _ in 0..32 {
             clients.push(connect(server.addr, Some(AGENT)).await);
@@ -364,11 +334,7 @@ async fn a_multi_use_lease_under_concurrency_serves_exactly_its_uses() {
     let server = dir.start();
     let mut orch = server.as_(ORCHESTRATOR).await;
     store(&mut orch, "acme", "k", VALUE).await;
-    let grant = orch
-        .lease(lease_req("acme", "k", 7))
-        .await
-        .unwrap()
-        .into_inner();
+    let grant = lease_ok(&mut orch, lease_req("acme", "k", 7)).await;
     let tasks: Vec<_> = (0..24)
         .map(|_| {
             let addr = server.addr;
@@ -392,19 +358,15 @@ async fn expired_leases_are_collected_in_the_background() {
     let server = dir.start();
     let mut orch = server.as_(ORCHESTRATOR).await;
     store(&mut orch, "acme", "k", VALUE).await;
-    let short = orch
-        .lease(pb::LeaseRequest {
+    let short = lease_ok(
+        &mut orch,
+        pb::LeaseRequest {
             ttl: ttl(0, 100_000_000),
             ..lease_req("acme", "k", 1)
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let long = orch
-        .lease(lease_req("acme", "k", 1))
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
+    let long = lease_ok(&mut orch, lease_req("acme", "k", 1)).await;
     // Revoking by id finds a lease until it has been collected.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
