@@ -83,6 +83,11 @@ impl SymmetricKey {
         Ok(Self(Zeroizing::new(array)))
     }
 
+    /// A key from bytes already held in a zeroizing buffer.
+    pub fn from_array(bytes: Zeroizing<[u8; KEY_LEN]>) -> Self {
+        Self(bytes)
+    }
+
     /// The key bytes, for wrapping under a master key.
     pub fn expose_secret(&self) -> &[u8; KEY_LEN] {
         &self.0

@@ -53,6 +53,9 @@ pub enum KeyringError {
     /// A wrapped key did not unwrap: wrong key, wrong context or altered bytes.
     #[error("data key unwrap failed")]
     Unwrap,
+    /// HKDF refused to derive a key (only possible for output lengths byokd never asks for).
+    #[error("key derivation failed")]
+    Derive,
     /// The crypto core failed (e.g. the random number generator).
     #[error(transparent)]
     Crypto(CryptoError),
@@ -151,7 +154,7 @@ impl LocalMasterKey {
                         path: path.to_path_buf(),
                         len: bytes.len(),
                     })?;
-                Ok((Self::from_key(&key), false))
+                Ok((Self::from_key(&key)?, false))
             }
             Err(e) if e.kind() == ErrorKind::NotFound && create => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -171,29 +174,24 @@ impl LocalMasterKey {
                         .and_then(|d| d.sync_all())
                         .map_err(io)?;
                 }
-                Ok((Self::from_key(&key), true))
+                Ok((Self::from_key(&key)?, true))
             }
             Err(e) => Err(io(e)),
         }
     }
 
     /// A master key from its 32 bytes.
-    pub fn from_key(key: &SymmetricKey) -> Self {
+    pub fn from_key(key: &SymmetricKey) -> Result<Self, KeyringError> {
         let hkdf = Hkdf::<Sha256>::new(None, key.expose_secret());
         let mut wrap = zeroize::Zeroizing::new([0u8; KEY_LEN]);
         let mut id = [0u8; 8];
-        // HKDF-SHA256 can expand up to 255 * 32 bytes; 32 and 8 are always accepted.
-        let (Ok(()), Ok(())) = (
-            hkdf.expand(WRAP_KEY_LABEL, wrap.as_mut()),
-            hkdf.expand(KEY_ID_LABEL, &mut id),
-        ) else {
-            unreachable!("HKDF output lengths are within bounds")
-        };
-        Self {
-            wrapping_key: SymmetricKey::from_slice(wrap.as_ref())
-                .unwrap_or_else(|_| unreachable!("wrap key has KEY_LEN bytes")),
+        hkdf.expand(WRAP_KEY_LABEL, wrap.as_mut())
+            .and_then(|()| hkdf.expand(KEY_ID_LABEL, &mut id))
+            .map_err(|_| KeyringError::Derive)?;
+        Ok(Self {
+            wrapping_key: SymmetricKey::from_array(wrap),
             key_id: format!("local:{}", hex::encode(id)),
-        }
+        })
     }
 }
 
@@ -287,7 +285,7 @@ mod tests {
     }
 
     fn master(byte: u8) -> LocalMasterKey {
-        LocalMasterKey::from_key(&SymmetricKey::from_slice(&[byte; 32]).unwrap())
+        LocalMasterKey::from_key(&SymmetricKey::from_slice(&[byte; 32]).unwrap()).unwrap()
     }
 
     #[tokio::test]

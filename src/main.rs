@@ -9,7 +9,7 @@ use tracing_subscriber::EnvFilter;
 
 use byokd::auth::{PRINCIPAL_TOKEN_PREFIX, token_digest};
 use byokd::config::{self, Config, LogFormat, Overrides};
-use byokd::server::{self, ServeOptions};
+use byokd::server::{self, Announcement, ServeOptions};
 
 /// Exit code for a configuration or usage error.
 const EXIT_CONFIG: u8 = 2;
@@ -86,7 +86,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_FAILURE);
                 }
             };
-            match runtime.block_on(server::run(config, options, shutdown_signal())) {
+            match runtime.block_on(server::run(config, options, &announce, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "byokd stopped");
@@ -109,6 +109,22 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_FAILURE)
             }
         },
+    }
+}
+
+/// Shows the server's announcements on stdout. Tests and scripts read the `listening` line.
+fn announce(announcement: Announcement<'_>) {
+    match announcement {
+        Announcement::BootstrapToken { principal, token } => {
+            println!(
+                "byokd: no principals configured; created the bootstrap admin principal {principal:?}."
+            );
+            println!(
+                "byokd: its token is shown only now (restart with --reset-bootstrap-token for a new one):"
+            );
+            println!("export BYOKD_TOKEN={token}");
+        }
+        Announcement::Listening(addr) => println!("byokd listening on {addr}"),
     }
 }
 

@@ -114,11 +114,28 @@ pub struct ServeOptions {
     pub reset_bootstrap_token: bool,
 }
 
+/// What the server tells the operator directly (on a terminal, never in the logs).
+pub enum Announcement<'a> {
+    /// A bootstrap admin principal got a new token. Shown this once.
+    BootstrapToken {
+        /// The principal's id.
+        principal: &'a str,
+        /// Its bearer token.
+        token: &'a str,
+    },
+    /// The server accepts connections at this address.
+    Listening(SocketAddr),
+}
+
+/// Something that shows announcements to the operator.
+pub type Announcer = dyn Fn(Announcement<'_>) + Send + Sync;
+
 /// Runs the server until `shutdown` completes, then drains in-flight requests and closes the
-/// store. Prints one line `byokd listening on ADDR` to stdout once it accepts connections.
+/// store.
 pub async fn run(
     config: Config,
     options: ServeOptions,
+    announce: &Announcer,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     create_private_dir(&config.data_dir)?;
@@ -128,7 +145,7 @@ pub async fn run(
         source,
     };
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&db_path).map_err(store_error)?);
-    let result = serve(config, options, store.clone(), shutdown).await;
+    let result = serve(config, options, store.clone(), announce, shutdown).await;
     let closed = store.close().await.map_err(store_error);
     tracing::info!("store closed");
     result.and(closed)
@@ -138,6 +155,7 @@ async fn serve(
     config: Config,
     options: ServeOptions,
     store: Arc<dyn Store>,
+    announce: &Announcer,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let db_path = config.data_dir.join("db");
@@ -154,7 +172,7 @@ async fn serve(
     tracing::info!(key_id = master.key_id(), "master key verified");
 
     let principals = if config.principals.is_empty() {
-        bootstrap_principals(&*store, options.reset_bootstrap_token)
+        bootstrap_principals(&*store, options.reset_bootstrap_token, announce)
             .await
             .map_err(|e| match e {
                 OpenKeyError::Serve(e) => e,
@@ -194,7 +212,7 @@ async fn serve(
         source,
     })?;
     tracing::info!(%addr, "listening");
-    println!("byokd listening on {addr}");
+    announce(Announcement::Listening(addr));
 
     let (draining_tx, draining) = tokio::sync::oneshot::channel::<()>();
     let reporter = health.clone();
@@ -312,7 +330,11 @@ async fn open_master_key(
 
 /// With no principals configured: an admin principal whose token was printed once, at the
 /// first start (or now, if asked to reset it).
-async fn bootstrap_principals(store: &dyn Store, reset: bool) -> Result<Principals, OpenKeyError> {
+async fn bootstrap_principals(
+    store: &dyn Store,
+    reset: bool,
+    announce: &Announcer,
+) -> Result<Principals, OpenKeyError> {
     let stored = store.meta(MetaKey::BootstrapAdmin)?;
     let digest: auth::TokenDigest = match stored {
         Some(bytes) if !reset => bytes.try_into().map_err(|_| {
@@ -330,14 +352,10 @@ async fn bootstrap_principals(store: &dyn Store, reset: bool) -> Result<Principa
                     ..Default::default()
                 })
                 .await?;
-            // Shown once, on the terminal, never in the logs.
-            println!(
-                "byokd: no principals configured; created the bootstrap admin principal {BOOTSTRAP_PRINCIPAL:?}."
-            );
-            println!(
-                "byokd: its token is shown only now (restart with --reset-bootstrap-token for a new one):"
-            );
-            println!("export BYOKD_TOKEN={}", &*token);
+            announce(Announcement::BootstrapToken {
+                principal: BOOTSTRAP_PRINCIPAL,
+                token: &token,
+            });
             digest
         }
     };
