@@ -84,12 +84,7 @@ fn new_token_prints_a_token_and_its_config_line() {
 async fn with_no_config_it_starts_on_the_embedded_default_with_a_bootstrap_admin() {
     let cwd = tempfile::tempdir().unwrap();
     let server = TestServer::start(cwd.path(), &["serve"]);
-    let token = server
-        .banner
-        .iter()
-        .find_map(|l| l.strip_prefix("export BYOKD_TOKEN="))
-        .expect("bootstrap token printed")
-        .to_string();
+    let token = server.bootstrap_token().expect("bootstrap token printed");
     assert!(cwd.path().join("byokd-data/master.key").exists());
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(cwd.path().join("byokd-data/master.key"))
@@ -114,7 +109,7 @@ async fn with_no_config_it_starts_on_the_embedded_default_with_a_bootstrap_admin
 
     // Restarting keeps the same token and prints none.
     let server = TestServer::start(cwd.path(), &["serve"]);
-    assert!(!server.banner.iter().any(|l| l.contains("BYOKD_TOKEN")));
+    assert_eq!(server.bootstrap_token(), None);
     server
         .as_(&token)
         .await
@@ -125,12 +120,7 @@ async fn with_no_config_it_starts_on_the_embedded_default_with_a_bootstrap_admin
 
     // Resetting prints a new token; the old one stops working.
     let server = TestServer::start(cwd.path(), &["serve", "--reset-bootstrap-token"]);
-    let new_token = server
-        .banner
-        .iter()
-        .find_map(|l| l.strip_prefix("export BYOKD_TOKEN="))
-        .expect("new token printed")
-        .to_string();
+    let new_token = server.bootstrap_token().expect("new token printed");
     assert_ne!(new_token, token);
     assert_status(
         server

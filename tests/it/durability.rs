@@ -42,11 +42,9 @@ async fn acknowledged_writes_and_consumed_uses_survive_kill_9() {
     let single = lease_ok(&mut orch, lease_req("acme", "k2", 1)).await;
     let mut agent = server.as_(AGENT).await;
     assert_eq!(
-        agent
-            .get(get_req(&grant.token))
+        redeem(&server, AGENT, &grant.token)
             .await
             .unwrap()
-            .into_inner()
             .remaining_uses,
         1
     );
@@ -69,11 +67,9 @@ async fn acknowledged_writes_and_consumed_uses_survive_kill_9() {
     // One use was consumed before the crash: exactly one is left after it.
     let mut agent = server.as_(AGENT).await;
     assert_eq!(
-        agent
-            .get(get_req(&grant.token))
+        redeem(&server, AGENT, &grant.token)
             .await
             .unwrap()
-            .into_inner()
             .remaining_uses,
         0
     );

@@ -187,6 +187,14 @@ impl TestServer {
         }
     }
 
+    /// The bootstrap admin token, if the server printed one when it started.
+    pub fn bootstrap_token(&self) -> Option<String> {
+        self.banner
+            .iter()
+            .find_map(|l| l.strip_prefix("export BYOKD_TOKEN="))
+            .map(str::to_string)
+    }
+
     /// A client authenticating with `token` (None: no authorization metadata).
     pub async fn client(&self, token: Option<&str>) -> Client {
         connect(self.addr, token).await

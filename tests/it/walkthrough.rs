@@ -30,16 +30,11 @@ fn readme_grpcurl_walkthrough_works_as_printed() {
     );
     let cwd = tempfile::tempdir().unwrap();
     let server = TestServer::start(cwd.path(), &["serve"]);
-    let export = server
-        .banner
-        .iter()
-        .find(|l| l.starts_with("export BYOKD_TOKEN="))
-        .expect("bootstrap token printed")
-        .clone();
+    let token = server.bootstrap_token().expect("bootstrap token printed");
     // The reader pastes the export line the server printed; the walk-through uses the
     // default address, which the test server replaces with its own port.
     let script = format!(
-        "set -euo pipefail\n{export}\n{}\n",
+        "set -euo pipefail\nexport BYOKD_TOKEN={token}\n{}\n",
         walkthrough().replace("localhost:50051", &server.addr.to_string())
     );
     let out = Command::new("bash")
