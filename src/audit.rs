@@ -1,25 +1,31 @@
-//! Reading the audit trail: filtered, paginated queries.
+//! Reading and checking the audit trail: filtered queries through indexes, hash-chain
+//! verification, and the retention policy's plan.
 //!
-//! Entries are written by the store, in the same atomic batch as the change they record
-//! (see `store`). This module only reads them back.
+//! Entries are written by the store, in the same atomic batch as the change they record, with
+//! their chain link and index entries (see `store` and `chain`). This module only reads.
+//! Times never decrease along the sequence, so a time range is a sequence range, found by
+//! binary search: seq order is the time index.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use crate::model::{Action, AuditRecord, PrincipalId, SecretName, TenantId, Time};
-use crate::store::{Store, StoreError};
+use crate::chain::{self, ChainKey};
+use crate::model::{
+    Action, AuditRecord, ChainHash, Outcome, PrincipalId, SecretName, TenantId, Time,
+};
+use crate::store::{AuditIndex, Store, StoreError, peer_host};
 
 /// Default number of entries in a page.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// Largest page a caller may ask for.
 pub const MAX_PAGE_SIZE: usize = 1000;
 /// Most entries one query examines before it returns what it has with a token to resume:
-/// filtered queries over a long trail cost bounded work per call.
+/// filtered queries that no index serves cost bounded work per call.
 const SCAN_BUDGET: usize = 20_000;
 /// Entries read from the store at a time.
 const SCAN_CHUNK: usize = 512;
 
-/// Errors of audit queries.
+/// Errors of audit queries and checks.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     /// The page token was not produced by this server.
@@ -41,6 +47,10 @@ pub struct AuditFilter {
     pub principal: Option<PrincipalId>,
     /// Entries of this RPC.
     pub action: Option<Action>,
+    /// Entries from this peer: a host (any port) or a full `host:port`.
+    pub peer: Option<String>,
+    /// Entries with this outcome.
+    pub outcome: Option<Outcome>,
     /// Entries at or after this time.
     pub since: Option<Time>,
     /// Entries before this time.
@@ -63,8 +73,25 @@ impl AuditFilter {
                 .as_ref()
                 .is_none_or(|p| e.principal.as_ref() == Some(p))
             && self.action.is_none_or(|a| e.action == a)
+            && self.outcome.is_none_or(|o| e.outcome == o)
+            && self.peer.as_ref().is_none_or(|want| {
+                e.peer
+                    .as_ref()
+                    .is_some_and(|peer| peer == want || peer_host(peer) == *want)
+            })
             && self.since.is_none_or(|t| record.time >= t)
             && self.until.is_none_or(|t| record.time < t)
+    }
+
+    /// The most selective index that serves this filter, if any.
+    fn index(&self) -> Option<AuditIndex> {
+        match (&self.tenant, &self.name, &self.principal, &self.peer) {
+            (Some(t), Some(n), _, _) => Some(AuditIndex::Secret(t.clone(), n.clone())),
+            (_, _, Some(p), _) => Some(AuditIndex::Principal(p.clone())),
+            (_, _, _, Some(peer)) => Some(AuditIndex::PeerHost(peer_host(peer))),
+            (Some(t), None, None, None) => Some(AuditIndex::Tenant(t.clone())),
+            (None, _, None, None) => None,
+        }
     }
 }
 
@@ -73,13 +100,18 @@ impl AuditFilter {
 pub struct AuditPage {
     /// Matching entries, oldest first.
     pub entries: Vec<AuditRecord>,
-    /// Where the next page starts, if the trail goes on.
-    pub next_page_token: Option<String>,
+    /// Where the next page starts.
+    pub resume_at: u64,
+    /// False when the query reached the end of the trail (as of this call).
+    pub more: bool,
 }
 
-/// Encodes the sequence number a page resumes at.
-fn encode_token(seq: u64) -> String {
-    URL_SAFE_NO_PAD.encode(seq.to_be_bytes())
+impl AuditPage {
+    /// The token that continues this query, if there is more to read.
+    pub fn next_page_token(&self) -> Option<String> {
+        self.more
+            .then(|| URL_SAFE_NO_PAD.encode(self.resume_at.to_be_bytes()))
+    }
 }
 
 /// Decodes a page token (empty: from the start).
@@ -94,20 +126,43 @@ pub fn decode_page_token(token: &str) -> Result<u64, AuditError> {
     Ok(u64::from_be_bytes(bytes))
 }
 
-/// Up to `page_size` entries matching `filter`, starting at sequence number `from`.
+/// Up to `page_size` entries matching `filter`, from sequence number `from` on, and no entry
+/// after `until_seq`.
 pub fn query(
     store: &dyn Store,
     filter: &AuditFilter,
     from: u64,
+    until_seq: u64,
     page_size: usize,
 ) -> Result<AuditPage, AuditError> {
+    let (lo, hi) = seq_range(store, filter.since, filter.until)?;
+    let hi = hi.min(until_seq.saturating_add(1));
+    let mut next = from.max(lo);
+    let index = filter.index();
     let mut entries = Vec::new();
-    let mut next = from;
     let mut scanned = 0;
-    loop {
-        let chunk = store.audit_entries(next, SCAN_CHUNK)?;
+    while next < hi {
+        let chunk: Vec<AuditRecord> = match &index {
+            Some(index) => {
+                let mut records = Vec::new();
+                for seq in store.audit_index(index, next, SCAN_CHUNK)? {
+                    if seq >= hi {
+                        break;
+                    }
+                    if let Some(record) = store.audit_entry(seq)? {
+                        records.push(record);
+                    }
+                }
+                records
+            }
+            None => store.audit_entries(next, SCAN_CHUNK)?,
+        };
         let exhausted = chunk.len() < SCAN_CHUNK;
         for record in chunk {
+            if record.seq >= hi {
+                next = hi;
+                break;
+            }
             next = record.seq + 1;
             scanned += 1;
             if filter.matches(&record) {
@@ -115,24 +170,241 @@ pub fn query(
                 if entries.len() == page_size {
                     return Ok(AuditPage {
                         entries,
-                        next_page_token: Some(encode_token(next)),
+                        resume_at: next,
+                        more: next < hi,
                     });
                 }
             }
         }
         if exhausted {
-            return Ok(AuditPage {
-                entries,
-                next_page_token: None,
-            });
-        }
-        if scanned >= SCAN_BUDGET {
-            return Ok(AuditPage {
-                entries,
-                next_page_token: Some(encode_token(next)),
-            });
+            next = hi;
+        } else if scanned >= SCAN_BUDGET {
+            break;
         }
     }
+    Ok(AuditPage {
+        entries,
+        resume_at: next,
+        more: next < hi,
+    })
+}
+
+/// The sequence numbers `[lo, hi)` of the entries with `since <= time < until`.
+fn seq_range(
+    store: &dyn Store,
+    since: Option<Time>,
+    until: Option<Time>,
+) -> Result<(u64, u64), AuditError> {
+    let Some(head) = store.audit_head()? else {
+        return Ok((1, 1));
+    };
+    let first = store
+        .audit_entries(0, 1)?
+        .first()
+        .map_or(head.seq, |r| r.seq);
+    let end = head.seq + 1;
+    let lo = match since {
+        Some(t) => first_at_or_after(store, t, first, end)?,
+        None => first,
+    };
+    let hi = match until {
+        Some(t) => first_at_or_after(store, t, first, end)?,
+        None => end,
+    };
+    Ok((lo, hi.max(lo)))
+}
+
+/// The smallest seq in `[lo, hi)` whose entry's time is at or after `t` (`hi` if none).
+fn first_at_or_after(
+    store: &dyn Store,
+    t: Time,
+    mut lo: u64,
+    mut hi: u64,
+) -> Result<u64, AuditError> {
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        // The first entry at or after `mid` (there are no gaps unless the trail was tampered with).
+        match store.audit_entries(mid, 1)?.first() {
+            Some(r) if r.time < t => lo = r.seq + 1,
+            _ => hi = mid,
+        }
+    }
+    Ok(lo)
+}
+
+/// Outcome of a chain verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    /// Entries checked.
+    pub checked: u64,
+    /// The first entry found broken (missing, out of place, altered, not following its
+    /// predecessor, or missing from the end), with why; `None` if the chain holds.
+    pub broken: Option<(u64, String)>,
+    /// The latest entry's seq and hash.
+    pub head: Option<(u64, ChainHash)>,
+    /// Where the chain starts: the last pruned seq (0 if nothing was pruned).
+    pub anchor_seq: u64,
+}
+
+/// A head recorded earlier (outside byokd): the trail must still reach it, with this hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordedHead {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its hash.
+    pub hash: ChainHash,
+}
+
+/// Checks the chain from `from` to `to` (0: to the head) under `key`, and, if given, that
+/// the trail still reaches `recorded` unchanged.
+pub fn verify(
+    store: &dyn Store,
+    key: &ChainKey,
+    from: u64,
+    to: u64,
+    recorded: Option<RecordedHead>,
+) -> Result<Verification, AuditError> {
+    let head = match store.audit_head() {
+        Ok(head) => head.map(|r| (r.seq, r.hash)),
+        Err(StoreError::Corrupt { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let anchor = store.audit_anchor()?;
+    let anchor_seq = anchor.as_ref().map_or(0, |a| a.seq);
+    let mut report = Verification {
+        checked: 0,
+        broken: None,
+        head,
+        anchor_seq,
+    };
+    let broken = |mut report: Verification, seq: u64, why: String| {
+        report.broken = Some((seq, why));
+        Ok(report)
+    };
+    let (mut expected, mut prev) = match &anchor {
+        Some(a) if !key.is_authentic(a) => {
+            return broken(
+                report,
+                a.seq + 1,
+                "the chain's anchor is not authentic".into(),
+            );
+        }
+        Some(a) => (a.seq + 1, a.hash),
+        None => (1, chain::GENESIS),
+    };
+    if from > expected {
+        let start = from - 1;
+        match read_entry(store, start)? {
+            Some(r) if r.seq == start && key.is_intact(&r) => {
+                prev = r.hash;
+                expected = from;
+            }
+            Some(_) | None => {
+                return broken(
+                    report,
+                    start,
+                    format!("entry {start} is missing or altered"),
+                );
+            }
+        }
+    }
+    let last = if to == 0 { u64::MAX } else { to };
+    let mut recorded_seen = false;
+    'chain: while expected <= last {
+        let chunk = match store.audit_entries(expected, SCAN_CHUNK) {
+            Ok(chunk) => chunk,
+            // Some entry in this chunk does not decode: find it one at a time.
+            Err(StoreError::Corrupt { .. }) => match read_entry(store, expected)? {
+                Some(r) => vec![r],
+                None => {
+                    return broken(
+                        report,
+                        expected,
+                        format!("entry {expected} does not decode"),
+                    );
+                }
+            },
+            Err(e) => return Err(e.into()),
+        };
+        if chunk.is_empty() {
+            break;
+        }
+        for r in chunk {
+            if r.seq != expected {
+                return broken(
+                    report,
+                    expected,
+                    format!("entry {expected} is missing or out of place"),
+                );
+            }
+            if r.prev_hash != prev {
+                return broken(
+                    report,
+                    r.seq,
+                    format!("entry {} does not follow entry {}", r.seq, r.seq - 1),
+                );
+            }
+            if !key.is_intact(&r) {
+                return broken(report, r.seq, format!("entry {} was altered", r.seq));
+            }
+            if let Some(h) = recorded.filter(|h| h.seq == r.seq) {
+                recorded_seen = true;
+                if h.hash != r.hash {
+                    return broken(
+                        report,
+                        r.seq,
+                        format!("entry {} differs from the recorded head", r.seq),
+                    );
+                }
+            }
+            prev = r.hash;
+            expected += 1;
+            report.checked += 1;
+            if r.seq >= last {
+                break 'chain;
+            }
+        }
+    }
+    if let Some(h) = recorded.filter(|h| h.seq <= last && h.seq > anchor_seq && !recorded_seen) {
+        let end = expected - 1;
+        return broken(
+            report,
+            expected,
+            format!(
+                "the trail ends at entry {end}, before the recorded head {}",
+                h.seq
+            ),
+        );
+    }
+    Ok(report)
+}
+
+/// One entry, with "does not decode" reported as absent-or-altered rather than as an error.
+fn read_entry(store: &dyn Store, seq: u64) -> Result<Option<AuditRecord>, AuditError> {
+    match store.audit_entry(seq) {
+        Ok(r) => Ok(r),
+        Err(StoreError::Corrupt { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The last seq to prune so that entries older than `cutoff` go, at most `max` at a time;
+/// `None` if nothing is that old.
+pub fn prune_through(
+    store: &dyn Store,
+    cutoff: Time,
+    max: u64,
+) -> Result<Option<(u64, u64)>, AuditError> {
+    let Some(first) = store.audit_entries(0, 1)?.into_iter().next() else {
+        return Ok(None);
+    };
+    if first.time >= cutoff {
+        return Ok(None);
+    }
+    let (_, end) = seq_range(store, None, None)?;
+    let keep_from = first_at_or_after(store, cutoff, first.seq, end)?;
+    let through = (keep_from - 1).min(first.seq + max - 1);
+    Ok(Some((first.seq, through)))
 }
 
 #[cfg(test)]
@@ -141,8 +413,24 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip_and_reject_junk() {
+        let page = AuditPage {
+            entries: Vec::new(),
+            resume_at: 42,
+            more: true,
+        };
         assert_eq!(decode_page_token("").unwrap(), 1);
-        assert_eq!(decode_page_token(&encode_token(42)).unwrap(), 42);
+        assert_eq!(
+            decode_page_token(&page.next_page_token().unwrap()).unwrap(),
+            42
+        );
+        assert_eq!(
+            AuditPage {
+                more: false,
+                ..page
+            }
+            .next_page_token(),
+            None
+        );
         for junk in ["%%%", "AAAA", "not a token"] {
             assert!(matches!(
                 decode_page_token(junk),

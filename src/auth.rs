@@ -38,6 +38,14 @@ pub enum AuthError {
         /// The principal.
         principal: PrincipalId,
     },
+    /// The operation spans every tenant; the principal is scoped to specific ones.
+    #[error(
+        "principal {principal} is scoped to specific tenants; this needs access to all tenants"
+    )]
+    GlobalScopeRequired {
+        /// The principal.
+        principal: PrincipalId,
+    },
     /// The principal may not act in the tenant.
     #[error("principal {principal} has no access to tenant {tenant}")]
     TenantDenied {

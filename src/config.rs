@@ -26,6 +26,8 @@ pub const DEFAULT_DATA_DIR: &str = "byokd-data";
 pub const DEFAULT_MASTER_KEY_FILE: &str = "master.key";
 /// How often expired leases are removed, by default.
 pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(30);
+/// How often the audit retention policy runs, by default.
+pub const DEFAULT_PRUNE_INTERVAL: Duration = Duration::from_secs(60 * 60);
 /// Longest time a request may run before it is cancelled, by default.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -74,6 +76,15 @@ pub enum MasterKeyConfig {
     },
 }
 
+/// How long audit entries are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditRetention {
+    /// Entries older than this are pruned (the chain's anchor moves past them).
+    pub keep: Duration,
+    /// How often the policy runs.
+    pub interval: Duration,
+}
+
 /// The resolved configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -91,6 +102,8 @@ pub struct Config {
     pub gc_interval: Duration,
     /// Per-request timeout.
     pub request_timeout: Duration,
+    /// Audit retention; `None` keeps every entry forever.
+    pub audit_retention: Option<AuditRetention>,
     /// Configured principals; empty means "use the bootstrap admin".
     pub principals: Vec<Principal>,
 }
@@ -120,6 +133,8 @@ struct FileConfig {
     #[serde(default)]
     lease: LeaseFile,
     #[serde(default)]
+    audit: AuditFile,
+    #[serde(default)]
     principal: Vec<PrincipalFile>,
 }
 
@@ -139,6 +154,15 @@ struct LeaseFile {
     max_uses: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     gc_interval: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditFile {
+    #[serde(default, with = "humantime_serde")]
+    retention: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    prune_interval: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -225,6 +249,23 @@ impl Config {
                 "lease: gc_interval must be positive".into(),
             ));
         }
+        let audit_retention = match (file.audit.retention, file.audit.prune_interval) {
+            (Some(keep), interval) => {
+                let interval = interval.unwrap_or(DEFAULT_PRUNE_INTERVAL);
+                if keep.is_zero() || interval.is_zero() {
+                    return Err(ConfigError::Invalid(
+                        "audit: retention and prune_interval must be positive".into(),
+                    ));
+                }
+                Some(AuditRetention { keep, interval })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "audit: prune_interval needs retention".into(),
+                ));
+            }
+            (None, None) => None,
+        };
         let request_timeout = file.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT);
         if request_timeout.is_zero() {
             return Err(ConfigError::Invalid(
@@ -239,6 +280,7 @@ impl Config {
             lease,
             gc_interval,
             request_timeout,
+            audit_retention,
             principals: principals(file.principal)?,
         })
     }
@@ -326,6 +368,7 @@ mod tests {
         );
         assert_eq!(c.lease, LeasePolicy::default());
         assert!(c.principals.is_empty());
+        assert_eq!(c.audit_retention, None);
     }
 
     #[test]
@@ -342,6 +385,8 @@ mod tests {
             default_ttl = "30s"
             max_ttl = "5m"
             max_uses = 10
+            [audit]
+            retention = "90d"
             [[principal]]
             id = "orchestrator"
             token_sha256 = "{HASH_A}"
@@ -367,6 +412,13 @@ mod tests {
         assert_eq!(c.lease.default_ttl, Duration::from_secs(30));
         assert_eq!(c.lease.max_ttl, Duration::from_secs(300));
         assert_eq!(c.lease.max_uses, 10);
+        assert_eq!(
+            c.audit_retention,
+            Some(AuditRetention {
+                keep: Duration::from_secs(90 * 86400),
+                interval: DEFAULT_PRUNE_INTERVAL
+            })
+        );
         assert_eq!(c.principals.len(), 2);
         assert_eq!(c.principals[0].tenants, TenantScope::All);
         assert!(matches!(&c.principals[1].tenants, TenantScope::Only(t) if t.len() == 2));
@@ -419,6 +471,11 @@ mod tests {
                 "default_ttl must not exceed max_ttl",
             ),
             ("[lease]\nmax_uses = 0".into(), "max_uses"),
+            (
+                "[audit]\nprune_interval = \"1h\"".into(),
+                "prune_interval needs retention",
+            ),
+            ("[audit]\nretention = \"0s\"".into(), "must be positive"),
             (principal("").replace(HASH_A, "abc"), "token_sha256"),
             (
                 principal("").replace("[\"admin\"]", "[\"root\"]"),

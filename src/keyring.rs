@@ -76,6 +76,8 @@ pub enum WrapContext {
     /// The key-check record that proves at startup that the configured master key is the one
     /// the data directory was created with.
     KeyCheck,
+    /// The seed of the audit chain's key.
+    AuditSeed,
 }
 
 impl WrapContext {
@@ -93,6 +95,7 @@ impl WrapContext {
                 ("byokd:version", version.to_string()),
             ],
             WrapContext::KeyCheck => vec![("byokd:purpose", "key-check".to_string())],
+            WrapContext::AuditSeed => vec![("byokd:purpose", "audit-seed".to_string())],
         }
     }
 
@@ -246,29 +249,33 @@ impl MasterKey for LocalMasterKey {
     }
 }
 
-/// Stored proof of which master key a data directory belongs to: a random key wrapped under
-/// [`WrapContext::KeyCheck`]. Unwrapping it at startup catches a wrong master key before any
-/// request does.
+/// A random key kept in the store, wrapped by the master key under a fixed context: the
+/// key-check record (proof at startup that the configured master key is the data directory's)
+/// and the audit seed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyCheck {
-    /// The wrapped check key; its `key_id` names the expected master key.
+pub struct StoredKey {
+    /// The wrapped key; its `key_id` names the master key that wrapped it.
     pub wrapped: WrappedKey,
 }
 
-impl KeyCheck {
-    /// A new key-check record for `master`.
-    pub async fn create(master: &dyn MasterKey) -> Result<Self, KeyringError> {
-        let check = SymmetricKey::generate().map_err(KeyringError::Crypto)?;
-        let wrapped = master.wrap(&check, &WrapContext::KeyCheck).await?;
-        Ok(Self { wrapped })
+impl StoredKey {
+    /// A fresh random key, and its record wrapped by `master` under `context`.
+    pub async fn generate(
+        master: &dyn MasterKey,
+        context: &WrapContext,
+    ) -> Result<(Self, SymmetricKey), KeyringError> {
+        let key = SymmetricKey::generate().map_err(KeyringError::Crypto)?;
+        let wrapped = master.wrap(&key, context).await?;
+        Ok((Self { wrapped }, key))
     }
 
-    /// Checks that `master` is the key this record was made with.
-    pub async fn verify(&self, master: &dyn MasterKey) -> Result<(), KeyringError> {
-        master
-            .unwrap(&self.wrapped, &WrapContext::KeyCheck)
-            .await
-            .map(drop)
+    /// The key, unwrapped by `master` under `context`.
+    pub async fn unwrap(
+        &self,
+        master: &dyn MasterKey,
+        context: &WrapContext,
+    ) -> Result<SymmetricKey, KeyringError> {
+        master.unwrap(&self.wrapped, context).await
     }
 }
 
@@ -351,9 +358,18 @@ mod tests {
         let (b, created) = LocalMasterKey::load_or_create(&path, true).unwrap();
         assert!(!created);
         assert_eq!(a.key_id(), b.key_id());
-        let check = KeyCheck::create(&a).await.unwrap();
-        check.verify(&b).await.unwrap();
-        assert!(check.verify(&master(9)).await.is_err());
+        let (check, key) = StoredKey::generate(&a, &WrapContext::KeyCheck)
+            .await
+            .unwrap();
+        let again = check.unwrap(&b, &WrapContext::KeyCheck).await.unwrap();
+        assert_eq!(again.expose_secret(), key.expose_secret());
+        assert!(
+            check
+                .unwrap(&master(9), &WrapContext::KeyCheck)
+                .await
+                .is_err()
+        );
+        assert!(check.unwrap(&b, &WrapContext::AuditSeed).await.is_err());
 
         std::fs::write(&path, [0u8; 31]).unwrap();
         assert!(matches!(

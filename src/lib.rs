@@ -8,6 +8,7 @@
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod chain;
 pub mod config;
 pub mod crypto;
 pub mod keyring;

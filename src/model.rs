@@ -349,6 +349,12 @@ impl Time {
             .map(Self)
     }
 
+    /// This time minus `d`, saturating.
+    pub fn minus(self, d: Duration) -> Self {
+        let us = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        Self(self.0.saturating_sub(us))
+    }
+
     /// This time plus `d`, saturating.
     pub fn plus(self, d: Duration) -> Self {
         let us = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
@@ -468,11 +474,17 @@ pub enum Action {
     Revoke,
     /// `Audit`
     Audit,
+    /// `VerifyAudit`
+    VerifyAudit,
+    /// `WatchAudit`
+    WatchAudit,
+    /// Audit entries pruned by the retention policy (not an RPC).
+    Prune,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 8] = [
+    pub const ALL: [Action; 11] = [
         Action::Store,
         Action::Describe,
         Action::List,
@@ -481,6 +493,9 @@ impl Action {
         Action::Rotate,
         Action::Revoke,
         Action::Audit,
+        Action::VerifyAudit,
+        Action::WatchAudit,
+        Action::Prune,
     ];
 
     /// The RPC's name, as recorded and as filtered on.
@@ -494,6 +509,9 @@ impl Action {
             Action::Rotate => "Rotate",
             Action::Revoke => "Revoke",
             Action::Audit => "Audit",
+            Action::VerifyAudit => "VerifyAudit",
+            Action::WatchAudit => "WatchAudit",
+            Action::Prune => "Prune",
         }
     }
 
@@ -505,7 +523,7 @@ impl Action {
             .ok_or_else(|| {
                 ValidationError::new(
                     field,
-                    "unknown action (Store, Describe, List, Lease, Get, Rotate, Revoke, Audit)",
+                    "unknown action (Store, Describe, List, Lease, Get, Rotate, Revoke, Audit, VerifyAudit, WatchAudit, Prune)",
                 )
             })
     }
@@ -540,6 +558,35 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome.
+    pub const ALL: [Outcome; 11] = [
+        Outcome::Ok,
+        Outcome::InvalidArgument,
+        Outcome::NotFound,
+        Outcome::AlreadyExists,
+        Outcome::PermissionDenied,
+        Outcome::FailedPrecondition,
+        Outcome::Aborted,
+        Outcome::Unauthenticated,
+        Outcome::DataLoss,
+        Outcome::Unavailable,
+        Outcome::Internal,
+    ];
+
+    /// Parses a gRPC code name such as `PERMISSION_DENIED` (case-insensitive); `field` names
+    /// the request field.
+    pub fn parse(field: &'static str, s: &str) -> Result<Self, ValidationError> {
+        Self::ALL
+            .into_iter()
+            .find(|o| o.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                ValidationError::new(
+                    field,
+                    "not a gRPC status code name such as PERMISSION_DENIED",
+                )
+            })
+    }
+
     /// Canonical gRPC name of the code, e.g. `PERMISSION_DENIED`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -636,15 +683,34 @@ impl AuditDraft {
     }
 }
 
+/// A link of the audit hash chain: HMAC-SHA256 output (see `chain`).
+pub type ChainHash = [u8; 32];
+
 /// A committed audit entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
     /// Position in the trail, from 1, without gaps.
     pub seq: u64,
-    /// When the store committed it.
+    /// When the store committed it; never decreases along the sequence.
     pub time: Time,
     /// What happened.
     pub entry: AuditDraft,
+    /// `hash` of the previous entry (of the anchor, for the first entry kept).
+    pub prev_hash: ChainHash,
+    /// HMAC of `prev_hash` and this entry's canonical encoding under the audit key.
+    pub hash: ChainHash,
+}
+
+/// Where the audit chain starts: the last pruned entry (`seq` 0 and a zero hash when
+/// nothing was pruned), authenticated with the audit key so that it cannot be moved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditAnchor {
+    /// Sequence number of the last pruned entry.
+    pub seq: u64,
+    /// Its hash: the `prev_hash` of the first entry kept.
+    pub hash: ChainHash,
+    /// HMAC of `seq` and `hash` under the audit key.
+    pub mac: ChainHash,
 }
 
 /// A non-secret fingerprint of a value, such as `sk-a…a1b2`: at most 8 characters of the

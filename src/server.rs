@@ -15,8 +15,9 @@ use tonic_health::ServingStatus;
 
 use crate::api;
 use crate::auth::{self, Principal, Principals, Role, TenantScope};
-use crate::config::{Config, MasterKeyConfig};
-use crate::keyring::{KeyCheck, KeyringError, LocalMasterKey, MasterKey};
+use crate::chain::ChainKey;
+use crate::config::{AuditRetention, Config, MasterKeyConfig};
+use crate::keyring::{KeyringError, LocalMasterKey, MasterKey, StoredKey, WrapContext};
 use crate::model::PrincipalId;
 use crate::service::VaultService;
 use crate::store::{MetaKey, SledStore, Store, StoreError, Transaction, Write};
@@ -40,14 +41,20 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
-    /// The store could not be opened or written.
-    #[error("store in {path}: {source}")]
-    Store {
+    /// The store could not be opened.
+    #[error("cannot open the store in {path}: {source}")]
+    OpenStore {
         /// The database directory.
         path: PathBuf,
         /// Why.
         source: StoreError,
     },
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The data directory has no key-check record: it was never initialised by `serve`.
+    #[error("{0} is not an initialised byokd data directory (no key-check record)")]
+    NotInitialised(PathBuf),
     /// The master key could not be loaded.
     #[error(transparent)]
     Keyring(#[from] KeyringError),
@@ -139,16 +146,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     create_private_dir(&config.data_dir)?;
-    let db_path = config.data_dir.join("db");
-    let store_error = |source| ServeError::Store {
-        path: db_path.clone(),
-        source,
-    };
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&db_path).map_err(store_error)?);
+    let store: Arc<dyn Store> = Arc::new(open_store(&config.data_dir)?);
     let result = serve(config, options, store.clone(), announce, shutdown).await;
-    let closed = store.close().await.map_err(store_error);
+    let closed = store.close().await.map_err(ServeError::from);
     tracing::info!("store closed");
     result.and(closed)
+}
+
+/// Opens the sled database of a data directory.
+pub fn open_store(data_dir: &Path) -> Result<SledStore, ServeError> {
+    let path = data_dir.join("db");
+    SledStore::open(&path).map_err(|source| ServeError::OpenStore { path, source })
 }
 
 async fn serve(
@@ -158,33 +166,42 @@ async fn serve(
     announce: &Announcer,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let db_path = config.data_dir.join("db");
-    let store_error = |source| ServeError::Store {
-        path: db_path.clone(),
-        source,
-    };
-    let master = open_master_key(&config.master_key, &*store)
-        .await
-        .map_err(|e| match e {
-            OpenKeyError::Serve(e) => e,
-            OpenKeyError::Store(e) => store_error(e),
-        })?;
-    tracing::info!(key_id = master.key_id(), "master key verified");
+    let keys = open_keys(
+        &config.master_key,
+        &*store,
+        Initialise::IfNew,
+        &config.data_dir,
+    )
+    .await?;
+    tracing::info!(key_id = keys.master.key_id(), "master key verified");
+    store.start_audit_chain(keys.chain.clone()).await?;
+    match store.audit_head()? {
+        Some(head) => tracing::info!(
+            seq = head.seq,
+            hash = %hex::encode(head.hash),
+            "audit head (record it elsewhere to detect truncation later)"
+        ),
+        None => tracing::info!("audit trail is empty"),
+    }
 
     let principals = if config.principals.is_empty() {
-        bootstrap_principals(&*store, options.reset_bootstrap_token, announce)
-            .await
-            .map_err(|e| match e {
-                OpenKeyError::Serve(e) => e,
-                OpenKeyError::Store(e) => store_error(e),
-            })?
+        bootstrap_principals(&*store, options.reset_bootstrap_token, announce).await?
     } else {
         tracing::info!(count = config.principals.len(), "principals configured");
         Principals::new(config.principals.clone())
     };
 
-    let vault = Arc::new(Vault::new(store, master, principals, config.lease));
+    let vault = Arc::new(Vault::new(
+        store,
+        keys.master,
+        keys.chain,
+        principals,
+        config.lease,
+    ));
     let gc = tokio::spawn(collect_leases(vault.clone(), config.gc_interval));
+    let retention = config
+        .audit_retention
+        .map(|policy| tokio::spawn(prune_audit(vault.clone(), policy)));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -216,9 +233,13 @@ async fn serve(
 
     let (draining_tx, draining) = tokio::sync::oneshot::channel::<()>();
     let reporter = health.clone();
+    let draining_vault = vault.clone();
     let signal = async move {
         shutdown.await;
         tracing::info!("shutdown requested; draining in-flight requests");
+        // Live audit streams end now (telling clients where to resume) instead of holding
+        // the drain open.
+        draining_vault.begin_shutdown();
         reporter
             .set_service_status("", ServingStatus::NotServing)
             .await;
@@ -252,80 +273,128 @@ async fn serve(
         }
     };
     gc.abort();
+    if let Some(task) = retention {
+        task.abort();
+    }
     result
 }
 
-/// Either a startup failure or a store failure (which the caller attributes to its path).
-enum OpenKeyError {
-    Serve(ServeError),
-    Store(StoreError),
+/// Whether `open_keys` may initialise a new data directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initialise {
+    /// Create the key-check record, the audit seed and (for a local key) the key file if
+    /// this is a new data directory.
+    IfNew,
+    /// Only open what exists (offline tools, backups).
+    Never,
 }
 
-impl From<StoreError> for OpenKeyError {
-    fn from(e: StoreError) -> Self {
-        OpenKeyError::Store(e)
-    }
-}
-
-impl From<KeyringError> for OpenKeyError {
-    fn from(e: KeyringError) -> Self {
-        OpenKeyError::Serve(e.into())
-    }
+/// The keys of a data directory, verified against it.
+pub struct Keys {
+    /// The master key.
+    pub master: Arc<dyn MasterKey>,
+    /// The audit chain's key.
+    pub chain: Arc<ChainKey>,
 }
 
 /// Loads the master key and proves it is the data directory's: a new data directory gets a
 /// key-check record for the configured key (and, for a local key, the key file if absent);
-/// an existing one must unwrap its record under the configured key.
-async fn open_master_key(
+/// an existing one must unwrap its record under the configured key. Then unwraps (or creates)
+/// the audit seed and derives the audit chain's key from it.
+pub async fn open_keys(
     config: &MasterKeyConfig,
     store: &dyn Store,
-) -> Result<Arc<dyn MasterKey>, OpenKeyError> {
+    initialise: Initialise,
+    data_dir: &Path,
+) -> Result<Keys, ServeError> {
     let MasterKeyConfig::Local { path } = config;
-    let existing = match store.meta(MetaKey::KeyCheck)? {
-        Some(bytes) => Some(
-            postcard::from_bytes::<KeyCheck>(&bytes)
-                .map_err(|_| OpenKeyError::Serve(ServeError::CorruptMeta { what: "key-check" }))?,
-        ),
-        None => None,
-    };
-    let Some(check) = existing else {
-        let (master, created) = LocalMasterKey::load_or_create(path, true)?;
-        if created {
-            tracing::info!(path = %path.display(), key_id = master.key_id(), "created local master key");
+    let master: Arc<dyn MasterKey> = match stored_key(store, MetaKey::KeyCheck)? {
+        None if initialise == Initialise::Never => {
+            return Err(ServeError::NotInitialised(data_dir.to_path_buf()));
         }
-        let check = KeyCheck::create(&master).await?;
-        let bytes = postcard::to_stdvec(&check)
-            .map_err(|_| OpenKeyError::Serve(ServeError::CorruptMeta { what: "key-check" }))?;
-        store
-            .commit(Transaction {
-                writes: vec![Write::PutMeta(MetaKey::KeyCheck, bytes)],
-                ..Default::default()
-            })
-            .await?;
-        return Ok(Arc::new(master));
-    };
-    let master = match LocalMasterKey::load_or_create(path, false) {
-        Ok((master, _)) => master,
-        Err(KeyringError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            return Err(OpenKeyError::Serve(ServeError::MasterKeyMissing {
-                path: path.clone(),
-                expected: check.wrapped.key_id,
-            }));
+        None => {
+            let (master, created) = LocalMasterKey::load_or_create(path, true)?;
+            if created {
+                tracing::info!(path = %path.display(), key_id = master.key_id(), "created local master key");
+            }
+            let (check, _) = StoredKey::generate(&master, &WrapContext::KeyCheck).await?;
+            put_stored_key(store, MetaKey::KeyCheck, &check).await?;
+            Arc::new(master)
         }
-        Err(e) => return Err(e.into()),
+        Some(check) => {
+            let master = match LocalMasterKey::load_or_create(path, false) {
+                Ok((master, _)) => master,
+                Err(KeyringError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    return Err(ServeError::MasterKeyMissing {
+                        path: path.clone(),
+                        expected: check.wrapped.key_id,
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if check.wrapped.key_id != master.key_id() {
+                return Err(ServeError::WrongMasterKey {
+                    expected: check.wrapped.key_id,
+                    found: master.key_id().to_string(),
+                });
+            }
+            check
+                .unwrap(&master, &WrapContext::KeyCheck)
+                .await
+                .map_err(|_| ServeError::KeyCheckFailed {
+                    key_id: master.key_id().to_string(),
+                })?;
+            Arc::new(master)
+        }
     };
-    if check.wrapped.key_id != master.key_id() {
-        return Err(OpenKeyError::Serve(ServeError::WrongMasterKey {
-            expected: check.wrapped.key_id,
-            found: master.key_id().to_string(),
-        }));
-    }
-    check.verify(&master).await.map_err(|_| {
-        OpenKeyError::Serve(ServeError::KeyCheckFailed {
-            key_id: master.key_id().to_string(),
+    let seed = match stored_key(store, MetaKey::AuditSeed)? {
+        Some(stored) => stored
+            .unwrap(&*master, &WrapContext::AuditSeed)
+            .await
+            .map_err(|_| ServeError::KeyCheckFailed {
+                key_id: master.key_id().to_string(),
+            })?,
+        None if initialise == Initialise::Never => {
+            return Err(ServeError::NotInitialised(data_dir.to_path_buf()));
+        }
+        None => {
+            let (stored, seed) = StoredKey::generate(&*master, &WrapContext::AuditSeed).await?;
+            put_stored_key(store, MetaKey::AuditSeed, &stored).await?;
+            seed
+        }
+    };
+    Ok(Keys {
+        master,
+        chain: Arc::new(ChainKey::derive(&seed)),
+    })
+}
+
+fn stored_key(store: &dyn Store, key: MetaKey) -> Result<Option<StoredKey>, ServeError> {
+    store
+        .meta(key)?
+        .map(|bytes| {
+            postcard::from_bytes::<StoredKey>(&bytes)
+                .map_err(|_| ServeError::CorruptMeta { what: "stored key" })
         })
-    })?;
-    Ok(Arc::new(master))
+        .transpose()
+}
+
+async fn put_stored_key(
+    store: &dyn Store,
+    key: MetaKey,
+    value: &StoredKey,
+) -> Result<(), ServeError> {
+    let bytes =
+        postcard::to_stdvec(value).map_err(|_| ServeError::CorruptMeta { what: "stored key" })?;
+    store
+        .commit(Transaction {
+            writes: vec![Write::PutMeta(key, bytes)],
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
 }
 
 /// With no principals configured: an admin principal whose token was printed once, at the
@@ -334,17 +403,15 @@ async fn bootstrap_principals(
     store: &dyn Store,
     reset: bool,
     announce: &Announcer,
-) -> Result<Principals, OpenKeyError> {
-    let stored = store.meta(MetaKey::BootstrapAdmin)?;
-    let digest: auth::TokenDigest = match stored {
-        Some(bytes) if !reset => bytes.try_into().map_err(|_| {
-            OpenKeyError::Serve(ServeError::CorruptMeta {
-                what: "bootstrap-admin",
-            })
-        })?,
+) -> Result<Principals, ServeError> {
+    let corrupt = || ServeError::CorruptMeta {
+        what: "bootstrap-admin",
+    };
+    let digest: auth::TokenDigest = match store.meta(MetaKey::BootstrapAdmin)? {
+        Some(bytes) if !reset => bytes.try_into().map_err(|_| corrupt())?,
         _ => {
             let token = crate::crypto::random_token(auth::PRINCIPAL_TOKEN_PREFIX)
-                .map_err(|e| OpenKeyError::Serve(ServeError::Rng(e)))?;
+                .map_err(ServeError::Rng)?;
             let digest = auth::token_digest(&token);
             store
                 .commit(Transaction {
@@ -363,17 +430,26 @@ async fn bootstrap_principals(
         principal = BOOTSTRAP_PRINCIPAL,
         "no principals configured: serving the bootstrap admin only; configure [[principal]] tables for production"
     );
-    let id = PrincipalId::parse(BOOTSTRAP_PRINCIPAL).map_err(|_| {
-        OpenKeyError::Serve(ServeError::CorruptMeta {
-            what: "bootstrap-admin",
-        })
-    })?;
+    let id = PrincipalId::parse(BOOTSTRAP_PRINCIPAL).map_err(|_| corrupt())?;
     Ok(Principals::new(vec![Principal {
         id,
         token_sha256: digest,
         roles: [Role::Admin].into_iter().collect(),
         tenants: TenantScope::All,
     }]))
+}
+
+async fn prune_audit(vault: Arc<Vault>, policy: AuditRetention) {
+    let mut tick = tokio::time::interval(policy.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match vault.prune_audit(policy.keep).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "audit entries past retention pruned"),
+            Err(e) => tracing::warn!(error = %e, "audit retention failed"),
+        }
+    }
 }
 
 async fn collect_leases(vault: Arc<Vault>, every: Duration) {

@@ -3,15 +3,22 @@
 //! This is the one place where errors become `tonic::Status`. Internal failures are logged
 //! here with their cause and returned as a generic message. Request bodies are never logged.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 
 use crate::api::v1::{self as pb, vault_server};
 use crate::crypto::Plaintext;
 use crate::lease::RequestedTtl;
 use crate::model::{AuditRecord, Outcome, SecretRecord, SecretState, Time};
-use crate::vault::{AuditInput, Caller, LeaseInput, RevokeTarget, StoreInput, Vault, VaultError};
+use crate::vault::{
+    AuditFilterInput, AuditInput, Caller, LeaseInput, RevokeTarget, StoreInput, Vault, VaultError,
+    VerifyInput, WatchEvent, WatchInput,
+};
 
 /// The `byokd.v1.Vault` service.
 pub struct VaultService {
@@ -188,12 +195,16 @@ impl vault_server::Vault for VaultService {
         let caller = self.caller(&request);
         let req = request.into_inner();
         let input = AuditInput {
-            tenant: req.tenant,
-            name: req.name,
-            principal: req.principal,
-            action: req.action,
-            since: req.since.map(|t| (t.seconds, t.nanos)),
-            until: req.until.map(|t| (t.seconds, t.nanos)),
+            filter: AuditFilterInput {
+                tenant: req.tenant,
+                name: req.name,
+                principal: req.principal,
+                action: req.action,
+                peer: req.peer,
+                outcome: req.outcome,
+                since: req.since.map(|t| (t.seconds, t.nanos)),
+                until: req.until.map(|t| (t.seconds, t.nanos)),
+            },
             page_size: req.page_size,
             page_token: req.page_token,
         };
@@ -202,11 +213,91 @@ impl vault_server::Vault for VaultService {
             "Audit",
             result.map(|page| pb::AuditResponse {
                 entries: page.entries.iter().map(audit_entry).collect(),
-                next_page_token: page.next_page_token.unwrap_or_default(),
+                next_page_token: page.next_page_token().unwrap_or_default(),
+            }),
+        )
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        let caller = self.caller(&request);
+        let req = request.into_inner();
+        let input = VerifyInput {
+            from_seq: req.from_seq,
+            to_seq: req.to_seq,
+            recorded_head_seq: req.expected_head_seq,
+            recorded_head_hash: req.expected_head_hash,
+        };
+        let result = self.vault.verify_audit(&caller, input).await;
+        respond(
+            "VerifyAudit",
+            result.map(|v| {
+                let (head_seq, head_hash) = v
+                    .head
+                    .map_or((0, String::new()), |(seq, hash)| (seq, hex::encode(hash)));
+                let (first_bad_seq, problem) = v.broken.unwrap_or_default();
+                pb::VerifyAuditResponse {
+                    ok: first_bad_seq == 0 && problem.is_empty(),
+                    entries_checked: v.checked,
+                    first_bad_seq,
+                    head_seq,
+                    head_hash,
+                    anchor_seq: v.anchor_seq,
+                    problem,
+                }
+            }),
+        )
+    }
+
+    type WatchAuditStream = Pin<Box<dyn Stream<Item = Result<pb::AuditEntry, Status>> + Send>>;
+
+    async fn watch_audit(
+        &self,
+        request: Request<pb::WatchAuditRequest>,
+    ) -> Result<Response<Self::WatchAuditStream>, Status> {
+        let caller = self.caller(&request);
+        let req = request.into_inner();
+        let input = WatchInput {
+            filter: AuditFilterInput {
+                tenant: req.tenant,
+                name: req.name,
+                principal: req.principal,
+                action: req.action,
+                peer: req.peer,
+                outcome: req.outcome,
+                since: None,
+                until: None,
+            },
+            from_seq: req.from_seq,
+        };
+        let result = self.vault.watch_audit(&caller, input).await;
+        respond(
+            "WatchAudit",
+            result.map(|events| {
+                let stream = ReceiverStream::new(events).map(|event| match event {
+                    WatchEvent::Entry(record) => Ok(audit_entry(&record)),
+                    WatchEvent::Ended { resume_at } => {
+                        let mut metadata = MetadataMap::new();
+                        metadata.insert(RESUME_METADATA, resume_at.into());
+                        Err(Status::with_metadata(
+                            Code::Unavailable,
+                            format!(
+                                "audit stream ended by the server; resume with from_seq={resume_at}"
+                            ),
+                            metadata,
+                        ))
+                    }
+                });
+                Box::pin(stream) as Self::WatchAuditStream
             }),
         )
     }
 }
+
+/// Trailing metadata of an ended WatchAudit stream: the seq to resume from.
+pub const RESUME_METADATA: &str = "byokd-resume-from-seq";
 
 /// Turns a domain result into a gRPC response: the single place errors become `Status`.
 fn respond<T>(method: &'static str, result: Result<T, VaultError>) -> Result<Response<T>, Status> {
@@ -289,5 +380,7 @@ fn audit_entry(r: &AuditRecord) -> pb::AuditEntry {
         reason: e.reason.clone(),
         code: e.outcome.code(),
         secret_id: text(e.secret_id.map(|s| s.to_string())),
+        prev_hash: hex::encode(r.prev_hash),
+        hash: hex::encode(r.hash),
     }
 }

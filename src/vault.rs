@@ -11,15 +11,20 @@ use std::sync::Arc;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use crate::audit::{self, AuditError, AuditFilter, AuditPage};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::audit::{self, AuditError, AuditFilter, AuditPage, RecordedHead, Verification};
 use crate::auth::{AuthError, Operation, Principal, Principals};
+use crate::chain::ChainKey;
 use crate::crypto::{self, CryptoError, Plaintext, Sealed, SymmetricKey};
 use crate::keyring::{KeyringError, MasterKey, WrapContext};
 use crate::lease::{self, LeaseError, LeasePolicy, LeaseToken, RequestedTtl};
 use crate::model::{
-    Action, AuditDraft, EnvelopeRecord, Labels, LeaseId, LeaseRecord, Outcome, PrincipalId,
-    Provider, Reason, SecretId, SecretName, SecretRecord, SecretState, TenantId, Time,
-    ValidationError, check_value_len, value_hint,
+    Action, AuditDraft, AuditRecord, ChainHash, EnvelopeRecord, Labels, LeaseId, LeaseRecord,
+    Outcome, PrincipalId, Provider, Reason, SecretId, SecretName, SecretRecord, SecretState,
+    TenantId, Time, ValidationError, check_value_len, value_hint,
 };
 use crate::store::{Guard, Store, StoreError, Transaction, Write};
 
@@ -33,6 +38,10 @@ pub const DEFAULT_LIST_PAGE_SIZE: usize = 50;
 pub const MAX_LIST_PAGE_SIZE: usize = 1000;
 /// Expired leases removed per garbage-collection commit.
 const GC_BATCH: usize = 1000;
+/// Audit entries pruned per commit.
+const PRUNE_BATCH: u64 = 10_000;
+/// Entries buffered for a live audit stream's consumer.
+const WATCH_BUFFER: usize = 256;
 
 /// Why an operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +85,9 @@ pub enum VaultError {
     /// The crypto core failed (other than a failed open).
     #[error(transparent)]
     Crypto(CryptoError),
+    /// A background task failed.
+    #[error("background task: {0}")]
+    Background(tokio::task::JoinError),
 }
 
 /// Why a stored value did not decrypt; logged, never returned to callers.
@@ -118,7 +130,8 @@ impl VaultError {
             VaultError::Store(_)
             | VaultError::Audit(AuditError::Store(_))
             | VaultError::Keyring(_)
-            | VaultError::Crypto(_) => Outcome::Internal,
+            | VaultError::Crypto(_)
+            | VaultError::Background(_) => Outcome::Internal,
         }
     }
 
@@ -222,10 +235,10 @@ pub enum RevokeTarget {
     Lease(String),
 }
 
-/// Input of Audit, as received.
+/// Audit filters, as received; empty means any.
 #[derive(Default)]
-pub struct AuditInput {
-    /// Tenant filter (empty: any).
+pub struct AuditFilterInput {
+    /// Tenant filter.
     pub tenant: String,
     /// Name filter.
     pub name: String,
@@ -233,14 +246,58 @@ pub struct AuditInput {
     pub principal: String,
     /// Action filter.
     pub action: String,
+    /// Peer filter: a host, or host:port.
+    pub peer: String,
+    /// Outcome filter: a gRPC code name.
+    pub outcome: String,
     /// Lower time bound, seconds and nanoseconds.
     pub since: Option<(i64, i32)>,
     /// Upper time bound, seconds and nanoseconds.
     pub until: Option<(i64, i32)>,
+}
+
+/// Input of Audit, as received.
+#[derive(Default)]
+pub struct AuditInput {
+    /// Filters.
+    pub filter: AuditFilterInput,
     /// Page size (0: default).
     pub page_size: u32,
     /// Page token.
     pub page_token: String,
+}
+
+/// Input of VerifyAudit, as received.
+#[derive(Default)]
+pub struct VerifyInput {
+    /// First seq to check (0: from the chain's start).
+    pub from_seq: u64,
+    /// Last seq to check (0: to the head).
+    pub to_seq: u64,
+    /// A head recorded earlier that the trail must still reach (0: none).
+    pub recorded_head_seq: u64,
+    /// Its hash, hex.
+    pub recorded_head_hash: String,
+}
+
+/// Input of WatchAudit, as received.
+#[derive(Default)]
+pub struct WatchInput {
+    /// Filters (time bounds are ignored).
+    pub filter: AuditFilterInput,
+    /// First seq to send (0: only entries from now on).
+    pub from_seq: u64,
+}
+
+/// What a live audit stream yields.
+pub enum WatchEvent {
+    /// A matching entry.
+    Entry(AuditRecord),
+    /// The stream ends; reconnecting with `from_seq = resume_at` continues without a gap.
+    Ended {
+        /// Where to resume.
+        resume_at: u64,
+    },
 }
 
 /// A lease just issued, with the token to hand over once.
@@ -273,8 +330,10 @@ pub struct Revoked {
 pub struct Vault {
     store: Arc<dyn Store>,
     master: Arc<dyn MasterKey>,
+    chain: Arc<ChainKey>,
     principals: Principals,
     policy: LeasePolicy,
+    shutdown: watch::Sender<bool>,
 }
 
 impl Vault {
@@ -282,14 +341,17 @@ impl Vault {
     pub fn new(
         store: Arc<dyn Store>,
         master: Arc<dyn MasterKey>,
+        chain: Arc<ChainKey>,
         principals: Principals,
         policy: LeasePolicy,
     ) -> Self {
         Self {
             store,
             master,
+            chain,
             principals,
             policy,
+            shutdown: watch::channel(false).0,
         }
     }
 
@@ -740,42 +802,136 @@ impl Vault {
         let mut audit = caller.draft(Action::Audit);
         let result = async {
             let principal = caller.authorize(Operation::Audit)?;
-            let filter = AuditFilter {
-                tenant: non_empty(input.tenant).map(TenantId::parse).transpose()?,
-                name: non_empty(input.name).map(SecretName::parse).transpose()?,
-                principal: non_empty(input.principal)
-                    .map(|p| PrincipalId::parse_field("principal", p))
-                    .transpose()?,
-                action: non_empty(input.action)
-                    .map(|a| Action::parse("action", &a))
-                    .transpose()?,
-                since: time_field("since", input.since)?,
-                until: time_field("until", input.until)?,
-            };
-            audit.tenant = filter.tenant.clone();
-            audit.name = filter.name.clone();
-            match &filter.tenant {
-                Some(tenant) => principal.require_tenant(tenant)?,
-                None if !principal.may_access_all() => {
-                    return Err(AuthError::TenantRequired {
-                        principal: principal.id.clone(),
-                    }
-                    .into());
-                }
-                None => {}
-            }
+            let filter = audit_filter(input.filter, principal, &mut audit)?;
             let size = page_size_or(
                 input.page_size,
                 audit::DEFAULT_PAGE_SIZE,
                 audit::MAX_PAGE_SIZE,
             )?;
             let from = audit::decode_page_token(&input.page_token)?;
-            let page = audit::query(&*self.store, &filter, from, size)?;
+            let page = audit::query(&*self.store, &filter, from, u64::MAX, size)?;
             self.record(audit.clone()).await?;
             Ok(page)
         }
         .await;
         self.conclude(audit, result).await
+    }
+
+    /// Verifies the audit hash chain (a range of it, or all of it).
+    pub async fn verify_audit(
+        &self,
+        caller: &Caller,
+        input: VerifyInput,
+    ) -> Result<Verification, VaultError> {
+        let mut audit = caller.draft(Action::VerifyAudit);
+        let result = async {
+            let principal = caller.authorize(Operation::Audit)?;
+            if !principal.may_access_all() {
+                return Err(AuthError::GlobalScopeRequired {
+                    principal: principal.id.clone(),
+                }
+                .into());
+            }
+            if input.to_seq != 0 && input.to_seq < input.from_seq {
+                return Err(ValidationError::new("to_seq", "before from_seq").into());
+            }
+            let recorded = match (input.recorded_head_seq, input.recorded_head_hash.as_str()) {
+                (0, "") => None,
+                (0, _) => {
+                    return Err(ValidationError::new(
+                        "expected_head_seq",
+                        "required with expected_head_hash",
+                    )
+                    .into());
+                }
+                (seq, hash) => Some(RecordedHead {
+                    seq,
+                    hash: parse_chain_hash(hash).ok_or_else(|| {
+                        ValidationError::new("expected_head_hash", "64 hex digits")
+                    })?,
+                }),
+            };
+            let (store, key) = (self.store.clone(), self.chain.clone());
+            let (from, to) = (input.from_seq, input.to_seq);
+            // Hashing the whole trail is CPU work: keep it off the async workers.
+            let report = tokio::task::spawn_blocking(move || {
+                audit::verify(&*store, &key, from, to, recorded)
+            })
+            .await
+            .map_err(VaultError::Background)??;
+            audit.reason = match &report.broken {
+                Some((seq, why)) => format!("chain broken at entry {seq}: {why}"),
+                None => format!("chain intact ({} entries checked)", report.checked),
+            };
+            self.record(audit.clone()).await?;
+            Ok(report)
+        }
+        .await;
+        self.conclude(audit, result).await
+    }
+
+    /// Streams matching audit entries: those from `from_seq` on, then new ones as they become
+    /// durable. A consumer that falls behind is caught up from the store; writers never wait
+    /// for it.
+    pub async fn watch_audit(
+        &self,
+        caller: &Caller,
+        input: WatchInput,
+    ) -> Result<mpsc::Receiver<WatchEvent>, VaultError> {
+        let mut audit = caller.draft(Action::WatchAudit);
+        let result = async {
+            let principal = caller.authorize(Operation::Audit)?;
+            let mut filter = audit_filter(input.filter, principal, &mut audit)?;
+            filter.since = None;
+            filter.until = None;
+            let from = match input.from_seq {
+                0 => self.store.durable_audit_seq() + 1,
+                seq => seq,
+            };
+            // Subscribe before recording this call, so that nothing falls in between.
+            let feed = self.store.subscribe_audit();
+            self.record(audit.clone()).await?;
+            let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+            let watcher = Watcher {
+                store: self.store.clone(),
+                filter,
+                next: from,
+                tx,
+                shutdown: self.shutdown.subscribe(),
+            };
+            tokio::spawn(watcher.run(feed));
+            Ok(rx)
+        }
+        .await;
+        self.conclude(audit, result).await
+    }
+
+    /// Ends every live audit stream (at shutdown), telling each where to resume.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Prunes audit entries older than `keep`, moving the chain's anchor past them, and
+    /// records each prune in the trail. Returns how many entries went.
+    pub async fn prune_audit(&self, keep: Duration) -> Result<u64, VaultError> {
+        let cutoff = Time::now().minus(keep);
+        let mut total = 0;
+        while let Some((first, through)) = audit::prune_through(&*self.store, cutoff, PRUNE_BATCH)?
+        {
+            let mut entry = AuditDraft::new(Action::Prune, None, None);
+            entry.reason = format!(
+                "retention: pruned entries {first}..={through}, older than {}",
+                humantime::format_duration(keep)
+            );
+            let tx = Transaction {
+                writes: vec![Write::PruneAudit { through }],
+                audit: Some(entry),
+                ..Default::default()
+            };
+            self.store.commit(tx).await?;
+            total += through - first + 1;
+        }
+        Ok(total)
     }
 
     /// Deletes every lease that has expired, a batch per commit. Returns how many.
@@ -966,6 +1122,158 @@ fn decode_list_token(token: &str) -> Result<SecretName, ValidationError> {
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
     let name = String::from_utf8(bytes).map_err(|_| invalid())?;
     SecretName::parse(name).map_err(|_| invalid())
+}
+
+/// Parses audit filters and checks the principal may see what they select: a principal
+/// scoped to specific tenants must name one of them.
+fn audit_filter(
+    input: AuditFilterInput,
+    principal: &Principal,
+    audit: &mut AuditDraft,
+) -> Result<AuditFilter, VaultError> {
+    let filter = AuditFilter {
+        tenant: non_empty(input.tenant).map(TenantId::parse).transpose()?,
+        name: non_empty(input.name).map(SecretName::parse).transpose()?,
+        principal: non_empty(input.principal)
+            .map(|p| PrincipalId::parse_field("principal", p))
+            .transpose()?,
+        action: non_empty(input.action)
+            .map(|a| Action::parse("action", &a))
+            .transpose()?,
+        peer: non_empty(input.peer).map(parse_peer).transpose()?,
+        outcome: non_empty(input.outcome)
+            .map(|o| Outcome::parse("outcome", &o))
+            .transpose()?,
+        since: time_field("since", input.since)?,
+        until: time_field("until", input.until)?,
+    };
+    audit.tenant = filter.tenant.clone();
+    audit.name = filter.name.clone();
+    match &filter.tenant {
+        Some(tenant) => principal.require_tenant(tenant)?,
+        None if !principal.may_access_all() => {
+            return Err(AuthError::TenantRequired {
+                principal: principal.id.clone(),
+            }
+            .into());
+        }
+        None => {}
+    }
+    Ok(filter)
+}
+
+fn parse_peer(peer: String) -> Result<String, ValidationError> {
+    let ok = peer.len() <= 64
+        && peer
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'));
+    if ok {
+        Ok(peer)
+    } else {
+        Err(ValidationError::new(
+            "peer",
+            "an IP address, optionally with :port",
+        ))
+    }
+}
+
+fn parse_chain_hash(hex_text: &str) -> Option<ChainHash> {
+    hex::decode(hex_text).ok()?.try_into().ok()
+}
+
+/// A live audit stream's task.
+struct Watcher {
+    store: Arc<dyn Store>,
+    filter: AuditFilter,
+    /// The next seq to consider.
+    next: u64,
+    tx: mpsc::Sender<WatchEvent>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Watcher {
+    async fn run(mut self, mut feed: broadcast::Receiver<Arc<AuditRecord>>) {
+        loop {
+            if !self.catch_up().await {
+                return;
+            }
+            // Follow the live feed until it skips ahead of us.
+            loop {
+                let received = tokio::select! {
+                    _ = self.shutdown.wait_for(|stopping| *stopping) => {
+                        let _ = self.tx.try_send(WatchEvent::Ended { resume_at: self.next });
+                        return;
+                    }
+                    () = self.tx.closed() => return,
+                    received = feed.recv() => received,
+                };
+                match received {
+                    Ok(record) if record.seq < self.next => continue,
+                    Ok(record) if record.seq == self.next => {
+                        self.next = record.seq + 1;
+                        if self.filter.matches(&record)
+                            && !self.send(WatchEvent::Entry((*record).clone())).await
+                        {
+                            return;
+                        }
+                    }
+                    // Entries were missed (lagged behind the feed, or raced the catch-up):
+                    // read them from the store.
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        let _ = self.tx.try_send(WatchEvent::Ended {
+                            resume_at: self.next,
+                        });
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends every matching durable entry from `next` on. False if the stream is over.
+    async fn catch_up(&mut self) -> bool {
+        loop {
+            let durable = self.store.durable_audit_seq();
+            if self.next > durable {
+                return true;
+            }
+            let page =
+                match audit::query(&*self.store, &self.filter, self.next, durable, WATCH_BUFFER) {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::error!(error = %e, "audit stream could not read the store");
+                        let _ = self.tx.try_send(WatchEvent::Ended {
+                            resume_at: self.next,
+                        });
+                        return false;
+                    }
+                };
+            for record in page.entries {
+                let seq = record.seq;
+                if !self.send(WatchEvent::Entry(record)).await {
+                    return false;
+                }
+                self.next = seq + 1;
+            }
+            self.next = self.next.max(page.resume_at);
+            if !page.more {
+                return true;
+            }
+        }
+    }
+
+    /// Sends `event`, waiting for a slow consumer but not past shutdown. False if the
+    /// stream is over.
+    async fn send(&mut self, event: WatchEvent) -> bool {
+        tokio::select! {
+            sent = self.tx.send(event) => sent.is_ok(),
+            _ = self.shutdown.wait_for(|stopping| *stopping) => {
+                let _ = self.tx.try_send(WatchEvent::Ended { resume_at: self.next });
+                false
+            }
+        }
+    }
 }
 
 fn non_empty(s: String) -> Option<String> {

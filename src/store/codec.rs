@@ -8,8 +8,8 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{MetaKey, StoreError};
-use crate::model::{LeaseId, SecretId, SecretName, TenantId, Time, TokenHash};
+use super::{AuditIndex, MetaKey, StoreError};
+use crate::model::{AuditRecord, LeaseId, SecretId, SecretName, TenantId, Time, TokenHash};
 
 /// Format byte of every record written by this version.
 const FORMAT_V1: u8 = 1;
@@ -28,6 +28,16 @@ pub const LEASE_EXPIRY: u8 = b'x';
 pub const AUDIT: u8 = b'a';
 /// `m` name -> bytes
 pub const META: u8 = b'm';
+/// `N` tenant 0x00 name 0x00 seq -> () (audit entries by secret)
+pub const AUDIT_BY_SECRET: u8 = b'N';
+/// `T` tenant 0x00 seq -> () (audit entries by tenant)
+pub const AUDIT_BY_TENANT: u8 = b'T';
+/// `P` principal 0x00 seq -> () (audit entries by principal)
+pub const AUDIT_BY_PRINCIPAL: u8 = b'P';
+/// `R` peer host 0x00 seq -> () (audit entries by peer host)
+pub const AUDIT_BY_PEER: u8 = b'R';
+/// The meta key of the audit chain's anchor.
+pub const AUDIT_ANCHOR_META: &[u8] = b"maudit-anchor";
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     let mut out = vec![FORMAT_V1];
@@ -60,6 +70,9 @@ pub fn describe_key(key: &[u8]) -> String {
         Some(&LEASE_EXPIRY) => "lease-expiry",
         Some(&AUDIT) => "audit",
         Some(&META) => "meta",
+        Some(&AUDIT_BY_SECRET | &AUDIT_BY_TENANT | &AUDIT_BY_PRINCIPAL | &AUDIT_BY_PEER) => {
+            "audit-index"
+        }
         _ => "unknown",
     };
     format!("{space} key ({} bytes)", key.len())
@@ -135,6 +148,55 @@ pub fn audit_key(seq: u64) -> [u8; 9] {
     let mut k = [AUDIT; 9];
     k[1..].copy_from_slice(&seq.to_be_bytes());
     k
+}
+
+/// The prefix of one index's keys; each key is this prefix and a big-endian seq.
+pub fn audit_index_prefix(index: &AuditIndex) -> Vec<u8> {
+    let (space, parts): (u8, Vec<&str>) = match index {
+        AuditIndex::Secret(t, n) => (AUDIT_BY_SECRET, vec![t.as_str(), n.as_str()]),
+        AuditIndex::Tenant(t) => (AUDIT_BY_TENANT, vec![t.as_str()]),
+        AuditIndex::Principal(p) => (AUDIT_BY_PRINCIPAL, vec![p.as_str()]),
+        AuditIndex::PeerHost(h) => (AUDIT_BY_PEER, vec![h.as_str()]),
+    };
+    let mut k = vec![space];
+    for part in parts {
+        // Names, ids and peer addresses never contain 0x00.
+        k.extend_from_slice(part.as_bytes());
+        k.push(0);
+    }
+    k
+}
+
+/// Every index key of an audit entry.
+pub fn audit_index_keys(record: &AuditRecord) -> Vec<Vec<u8>> {
+    let e = &record.entry;
+    let mut indexes = Vec::with_capacity(4);
+    if let Some(tenant) = &e.tenant {
+        if let Some(name) = &e.name {
+            indexes.push(AuditIndex::Secret(tenant.clone(), name.clone()));
+        }
+        indexes.push(AuditIndex::Tenant(tenant.clone()));
+    }
+    if let Some(p) = &e.principal {
+        indexes.push(AuditIndex::Principal(p.clone()));
+    }
+    if let Some(peer) = &e.peer {
+        indexes.push(AuditIndex::PeerHost(super::peer_host(peer)));
+    }
+    indexes
+        .iter()
+        .map(|index| {
+            let mut k = audit_index_prefix(index);
+            k.extend_from_slice(&record.seq.to_be_bytes());
+            k
+        })
+        .collect()
+}
+
+/// The sequence number at the end of an index key.
+pub fn audit_index_seq(key: &[u8]) -> Option<u64> {
+    let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail))
 }
 
 pub fn meta_key(key: MetaKey) -> Vec<u8> {

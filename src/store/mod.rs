@@ -12,9 +12,14 @@
 mod codec;
 pub mod sled;
 
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+
+use crate::chain::ChainKey;
 use crate::model::{
-    AuditDraft, AuditRecord, EnvelopeRecord, LeaseId, LeaseRecord, SecretId, SecretName,
-    SecretRecord, TenantId, Time, TokenHash,
+    AuditAnchor, AuditDraft, AuditRecord, EnvelopeRecord, LeaseId, LeaseRecord, PrincipalId,
+    SecretId, SecretName, SecretRecord, TenantId, Time, TokenHash,
 };
 
 pub use self::sled::SledStore;
@@ -43,13 +48,21 @@ pub enum StoreError {
     /// The store was closed.
     #[error("store is closed")]
     Closed,
+    /// An audit entry was committed before the audit chain's key was installed.
+    #[error("audit chain not started")]
+    ChainNotStarted,
+    /// A prune named entries that do not exist.
+    #[error("cannot prune the audit trail through seq {0}: no such entry")]
+    PruneOutOfRange(u64),
 }
 
 /// Named values kept beside the records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetaKey {
-    /// The master key's [`crate::keyring::KeyCheck`] record.
+    /// The master key's key-check record ([`crate::keyring::StoredKey`]).
     KeyCheck,
+    /// The audit chain key's seed ([`crate::keyring::StoredKey`]).
+    AuditSeed,
     /// SHA-256 of the bootstrap admin token, when no principals are configured.
     BootstrapAdmin,
 }
@@ -58,8 +71,31 @@ impl MetaKey {
     fn name(self) -> &'static str {
         match self {
             MetaKey::KeyCheck => "key-check",
+            MetaKey::AuditSeed => "audit-seed",
             MetaKey::BootstrapAdmin => "bootstrap-admin",
         }
+    }
+}
+
+/// An index of the audit trail: the sequence numbers of the entries with one value of one
+/// field, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditIndex {
+    /// Entries about one secret.
+    Secret(TenantId, SecretName),
+    /// Entries about one tenant.
+    Tenant(TenantId),
+    /// Entries by one principal.
+    Principal(PrincipalId),
+    /// Entries from one peer host (IP address, any port).
+    PeerHost(String),
+}
+
+/// The host part of a peer address (`10.0.0.1:5000` -> `10.0.0.1`), as the peer index keys it.
+pub fn peer_host(peer: &str) -> String {
+    match peer.parse::<std::net::SocketAddr>() {
+        Ok(addr) => addr.ip().to_string(),
+        Err(_) => peer.to_string(),
     }
 }
 
@@ -106,6 +142,12 @@ pub enum Write {
     DeleteLease(LeaseRecord),
     /// Set a meta value.
     PutMeta(MetaKey, Vec<u8>),
+    /// Delete every audit entry up to and including `through` (and their index entries), and
+    /// move the chain's anchor to entry `through`.
+    PruneAudit {
+        /// Last sequence number to delete.
+        through: u64,
+    },
 }
 
 /// An atomic unit of change.
@@ -176,6 +218,34 @@ pub trait Store: Send + Sync {
 
     /// Up to `limit` audit entries with `seq >= from`, in order.
     fn audit_entries(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// The audit entry `seq`.
+    fn audit_entry(&self, seq: u64) -> Result<Option<AuditRecord>, StoreError>;
+
+    /// The latest audit entry.
+    fn audit_head(&self) -> Result<Option<AuditRecord>, StoreError>;
+
+    /// The chain's anchor, if entries were ever pruned.
+    fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError>;
+
+    /// Up to `limit` sequence numbers `>= from` in `index`, ascending.
+    fn audit_index(
+        &self,
+        index: &AuditIndex,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<u64>, StoreError>;
+
+    /// The sequence number of the latest audit entry known to be durable.
+    fn durable_audit_seq(&self) -> u64;
+
+    /// Audit entries as they become durable, from now on. A receiver that falls behind the
+    /// channel's capacity is told how many it missed (and can read them from the store).
+    fn subscribe_audit(&self) -> broadcast::Receiver<Arc<AuditRecord>>;
+
+    /// Installs the audit chain's key. Until then, commits that carry an audit entry fail
+    /// with [`StoreError::ChainNotStarted`].
+    async fn start_audit_chain(&self, key: Arc<ChainKey>) -> Result<(), StoreError>;
 
     /// A meta value.
     fn meta(&self, key: MetaKey) -> Result<Option<Vec<u8>>, StoreError>;

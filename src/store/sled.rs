@@ -2,37 +2,44 @@
 //!
 //! Reads go straight to sled from the calling task. Every commit goes through a channel to a
 //! single writer thread, which checks the transaction's guards, applies its writes and audit
-//! entry as one atomic `sled::Batch`, and, once the channel is momentarily empty (or a group
-//! is full), flushes sled once for the whole group before answering any of its commits.
-//! One writer gives a total order (audit sequence numbers without gaps, guards checked
-//! against the latest state); the shared flush makes many concurrent writers cost one fsync.
+//! entry (with its hash-chain link and index entries) as one atomic `sled::Batch`, and, once
+//! the channel is momentarily empty (or a group is full), flushes sled once for the whole
+//! group before answering any of its commits. One writer gives a total order (audit sequence
+//! numbers without gaps, each entry chained to the one before, guards checked against the
+//! latest state); the shared flush makes many concurrent writers cost one fsync.
 //!
 //! The writer calls the blocking `Db::flush`, never `flush_async`: concurrent `flush_async`
 //! calls deadlock in sled 0.34 (sled issue #1308).
 
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::codec::{self, encode};
-use super::{Committed, Guard, MetaKey, Store, StoreError, Transaction, Write};
+use super::{AuditIndex, Committed, Guard, MetaKey, Store, StoreError, Transaction, Write};
+use crate::chain::{self, ChainKey};
 use crate::model::{
-    AuditRecord, EnvelopeRecord, LeaseId, LeaseRecord, SecretId, SecretName, SecretRecord,
-    TenantId, Time, TokenHash,
+    AuditAnchor, AuditRecord, ChainHash, EnvelopeRecord, LeaseId, LeaseRecord, SecretId,
+    SecretName, SecretRecord, TenantId, Time, TokenHash,
 };
 
 /// Most transactions applied before one shared flush.
 const MAX_GROUP: usize = 512;
 /// Commits that may wait for the writer before callers are slowed down.
 const QUEUE_DEPTH: usize = 4096;
+/// Durable audit entries buffered for each live subscriber.
+const FEED_CAPACITY: usize = 1024;
 
 /// A store in a sled database directory.
 pub struct SledStore {
     tree: sled::Tree,
     jobs: mpsc::Sender<Message>,
+    feed: broadcast::Sender<Arc<AuditRecord>>,
+    durable_seq: Arc<AtomicU64>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -41,6 +48,7 @@ enum Message {
         Box<Transaction>,
         oneshot::Sender<Result<Committed, StoreError>>,
     ),
+    StartChain(Arc<ChainKey>, oneshot::Sender<()>),
     Close(oneshot::Sender<Result<(), StoreError>>),
 }
 
@@ -54,34 +62,42 @@ impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir).open().map_err(engine)?;
         let tree = db.open_tree("byokd").map_err(engine)?;
-        let (next_seq, last_time) = match tree
-            .range(codec::audit_key(0)..=codec::audit_key(u64::MAX))
-            .next_back()
-        {
-            Some(entry) => {
-                let (key, value) = entry.map_err(engine)?;
-                let record: AuditRecord = codec::decode(&key, &value)?;
-                (record.seq + 1, record.time)
-            }
-            None => (1, Time::from_micros(i64::MIN)),
+        let (feed, _) = broadcast::channel(FEED_CAPACITY);
+        let mut store = Self {
+            tree: tree.clone(),
+            jobs: mpsc::channel(1).0,
+            feed: feed.clone(),
+            durable_seq: Arc::new(AtomicU64::new(0)),
+            writer: Mutex::new(None),
         };
+        let (next_seq, last_time, prev_hash) = match store.audit_head()? {
+            Some(head) => (head.seq + 1, head.time, head.hash),
+            None => match store.audit_anchor()? {
+                Some(anchor) => (anchor.seq + 1, Time::from_micros(i64::MIN), anchor.hash),
+                None => (1, Time::from_micros(i64::MIN), chain::GENESIS),
+            },
+        };
+        // What sled recovered at open is on disk.
+        store.durable_seq.store(next_seq - 1, Ordering::Release);
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer = Writer {
             db,
-            tree: tree.clone(),
+            tree,
+            feed,
+            durable_seq: store.durable_seq.clone(),
+            chain: None,
             next_seq,
             last_time,
+            prev_hash,
             poisoned: false,
         };
         let handle = std::thread::Builder::new()
             .name("byokd-store-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Engine(format!("spawn writer thread: {e}")))?;
-        Ok(Self {
-            tree,
-            jobs,
-            writer: Mutex::new(Some(handle)),
-        })
+        store.jobs = jobs;
+        store.writer = Mutex::new(Some(handle));
+        Ok(store)
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
@@ -89,6 +105,23 @@ impl SledStore {
             Some(bytes) => codec::decode(key, &bytes).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// Writes an audit entry directly, bypassing the writer, its chain and its indexes, or
+    /// deletes it (`None`). Only for tests that tamper with a stopped server's data: it breaks
+    /// the audit chain by design.
+    pub fn danger_overwrite_audit_entry(
+        &self,
+        seq: u64,
+        record: Option<&AuditRecord>,
+    ) -> Result<(), StoreError> {
+        let key = codec::audit_key(seq);
+        match record {
+            Some(r) => self.tree.insert(key, encode(r)?).map(drop),
+            None => self.tree.remove(key).map(drop),
+        }
+        .map_err(engine)?;
+        self.tree.flush().map(drop).map_err(engine)
     }
 }
 
@@ -176,12 +209,76 @@ impl Store for SledStore {
             .collect()
     }
 
+    fn audit_entry(&self, seq: u64) -> Result<Option<AuditRecord>, StoreError> {
+        self.get(&codec::audit_key(seq))
+    }
+
+    fn audit_head(&self) -> Result<Option<AuditRecord>, StoreError> {
+        match self
+            .tree
+            .range(codec::audit_key(0)..=codec::audit_key(u64::MAX))
+            .next_back()
+        {
+            Some(entry) => {
+                let (key, value) = entry.map_err(engine)?;
+                codec::decode(&key, &value).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError> {
+        self.get(codec::AUDIT_ANCHOR_META)
+    }
+
+    fn audit_index(
+        &self,
+        index: &AuditIndex,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<u64>, StoreError> {
+        let prefix = codec::audit_index_prefix(index);
+        let mut start = prefix.clone();
+        start.extend_from_slice(&from.to_be_bytes());
+        let mut out = Vec::new();
+        for entry in self.tree.range(start..) {
+            let (key, _) = entry.map_err(engine)?;
+            if !key.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            out.push(
+                codec::audit_index_seq(&key).ok_or_else(|| StoreError::Corrupt {
+                    key: codec::describe_key(&key),
+                    reason: "malformed audit index key".into(),
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn durable_audit_seq(&self) -> u64 {
+        self.durable_seq.load(Ordering::Acquire)
+    }
+
+    fn subscribe_audit(&self) -> broadcast::Receiver<Arc<AuditRecord>> {
+        self.feed.subscribe()
+    }
+
     fn meta(&self, key: MetaKey) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .tree
             .get(codec::meta_key(key))
             .map_err(engine)?
             .map(|v| v.to_vec()))
+    }
+
+    async fn start_audit_chain(&self, key: Arc<ChainKey>) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Message::StartChain(key, reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)
     }
 
     async fn commit(&self, tx: Transaction) -> Result<Committed, StoreError> {
@@ -216,24 +313,46 @@ impl Store for SledStore {
 struct Writer {
     db: sled::Db,
     tree: sled::Tree,
+    feed: broadcast::Sender<Arc<AuditRecord>>,
+    durable_seq: Arc<AtomicU64>,
+    chain: Option<Arc<ChainKey>>,
     next_seq: u64,
     last_time: Time,
+    prev_hash: ChainHash,
     poisoned: bool,
 }
 
 type Reply = oneshot::Sender<Result<Committed, StoreError>>;
 
+/// A transaction applied in this group, waiting for the group's flush.
+struct Applied {
+    reply: Reply,
+    result: Result<Committed, StoreError>,
+    audit: Option<AuditRecord>,
+}
+
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Message>) {
         while let Some(first) = rx.blocking_recv() {
-            let mut group: Vec<(Reply, Result<Committed, StoreError>)> = Vec::new();
+            let mut group: Vec<Applied> = Vec::new();
             let mut close = None;
             let mut next = Some(first);
             while let Some(message) = next.take() {
                 match message {
                     Message::Commit(tx, reply) => {
-                        let result = self.apply(*tx);
-                        group.push((reply, result));
+                        let (result, audit) = match self.apply(*tx) {
+                            Ok((committed, audit)) => (Ok(committed), audit),
+                            Err(e) => (Err(e), None),
+                        };
+                        group.push(Applied {
+                            reply,
+                            result,
+                            audit,
+                        });
+                    }
+                    Message::StartChain(key, reply) => {
+                        self.chain = Some(key);
+                        let _ = reply.send(());
                     }
                     Message::Close(reply) => {
                         close = Some(reply);
@@ -244,19 +363,31 @@ impl Writer {
                     next = rx.try_recv().ok();
                 }
             }
-            let wrote = group.iter().any(|(_, r)| r.is_ok());
+            let wrote = group.iter().any(|a| a.result.is_ok());
             if wrote && let Err(e) = self.db.flush() {
                 tracing::error!(error = %e, "store flush failed; refusing further writes");
                 self.poisoned = true;
-                for (_, result) in &mut group {
-                    if result.is_ok() {
-                        *result = Err(StoreError::Engine(format!("flush: {e}")));
+                for applied in &mut group {
+                    if applied.result.is_ok() {
+                        applied.result = Err(StoreError::Engine(format!("flush: {e}")));
+                        applied.audit = None;
                     }
                 }
             }
-            for (reply, result) in group {
+            if let Some(seq) = group
+                .iter()
+                .rev()
+                .find_map(|a| a.audit.as_ref().map(|r| r.seq))
+            {
+                self.durable_seq.store(seq, Ordering::Release);
+            }
+            for applied in group {
+                if let Some(record) = applied.audit {
+                    // No subscriber is fine; a lagging one is told so by the channel.
+                    let _ = self.feed.send(Arc::new(record));
+                }
                 // The caller may have gone away (cancelled RPC); the commit stands regardless.
-                let _ = reply.send(result);
+                let _ = applied.reply.send(applied.result);
             }
             if let Some(reply) = close {
                 let _ = reply.send(self.db.flush().map(drop).map_err(engine));
@@ -268,7 +399,7 @@ impl Writer {
         }
     }
 
-    fn apply(&mut self, tx: Transaction) -> Result<Committed, StoreError> {
+    fn apply(&mut self, tx: Transaction) -> Result<(Committed, Option<AuditRecord>), StoreError> {
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
@@ -281,24 +412,33 @@ impl Writer {
         }
         let mut audit = None;
         if let Some(entry) = tx.audit {
+            let chain = self.chain.as_ref().ok_or(StoreError::ChainNotStarted)?;
             // Entry times never go backwards along the sequence, even if the clock does.
             let time = Time::now().max(self.last_time);
+            let seq = self.next_seq;
             let record = AuditRecord {
-                seq: self.next_seq,
+                seq,
                 time,
+                hash: chain.link(&self.prev_hash, seq, time, &entry),
+                prev_hash: self.prev_hash,
                 entry,
             };
-            batch.insert(&codec::audit_key(record.seq), encode(&record)?);
-            audit = Some((record.seq, time));
+            batch.insert(&codec::audit_key(seq), encode(&record)?);
+            for key in codec::audit_index_keys(&record) {
+                batch.insert(key, &[][..]);
+            }
+            audit = Some(record);
         }
         self.tree.apply_batch(batch).map_err(engine)?;
-        if let Some((seq, time)) = audit {
-            self.next_seq = seq + 1;
-            self.last_time = time;
+        if let Some(record) = &audit {
+            self.next_seq = record.seq + 1;
+            self.last_time = record.time;
+            self.prev_hash = record.hash;
         }
-        Ok(Committed {
-            audit_seq: audit.map(|(seq, _)| seq),
-        })
+        let committed = Committed {
+            audit_seq: audit.as_ref().map(|r| r.seq),
+        };
+        Ok((committed, audit))
     }
 
     fn check(&self, guard: &Guard) -> Result<(), StoreError> {
@@ -324,6 +464,7 @@ impl Writer {
         }
     }
 
+    /// Adds `write` to `batch`.
     fn stage(&self, write: &Write, batch: &mut sled::Batch) -> Result<(), StoreError> {
         match write {
             Write::PutSecret(s) => batch.insert(codec::secret_key(&s.tenant, &s.name), encode(s)?),
@@ -353,7 +494,32 @@ impl Writer {
                 batch.remove(codec::lease_expiry_key(l.expires_at, &l.token_hash));
             }
             Write::PutMeta(key, value) => batch.insert(codec::meta_key(*key), value.as_slice()),
+            Write::PruneAudit { through } => self.stage_prune(*through, batch)?,
         }
+        Ok(())
+    }
+
+    /// Deletes entries up to `through` with their index entries, and anchors the chain at
+    /// `through` with a MAC, so that the anchor cannot be moved without the audit key.
+    fn stage_prune(&self, through: u64, batch: &mut sled::Batch) -> Result<(), StoreError> {
+        let chain = self.chain.as_ref().ok_or(StoreError::ChainNotStarted)?;
+        let last_key = codec::audit_key(through);
+        let last: AuditRecord = match self.tree.get(last_key).map_err(engine)? {
+            Some(bytes) => codec::decode(&last_key, &bytes)?,
+            None => return Err(StoreError::PruneOutOfRange(through)),
+        };
+        for entry in self.tree.range(codec::audit_key(0)..=last_key) {
+            let (key, value) = entry.map_err(engine)?;
+            let record: AuditRecord = codec::decode(&key, &value)?;
+            for index_key in codec::audit_index_keys(&record) {
+                batch.remove(index_key);
+            }
+            batch.remove(key);
+        }
+        batch.insert(
+            codec::AUDIT_ANCHOR_META,
+            encode(&chain.anchor(last.seq, last.hash))?,
+        );
         Ok(())
     }
 }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::chain::ChainKey;
 use crate::model::{Action, Labels, Outcome, PrincipalId, Provider, SecretState, WrappedKey};
 
 fn tenant(s: &str) -> TenantId {
@@ -74,13 +75,29 @@ fn put(writes: Vec<Write>, action: Action) -> Transaction {
     }
 }
 
+fn chain_key() -> Arc<ChainKey> {
+    Arc::new(ChainKey::derive(
+        &crate::crypto::SymmetricKey::from_slice(&[3; 32]).unwrap(),
+    ))
+}
+
 /// Runs the whole suite against `store`, which must be empty.
 pub(crate) async fn check_adapter(store: Arc<dyn Store>) {
+    assert!(matches!(
+        store
+            .commit(Transaction::audit_only(draft(Action::List)))
+            .await,
+        Err(StoreError::ChainNotStarted)
+    ));
+    store.start_audit_chain(chain_key()).await.unwrap();
     records_round_trip(&*store).await;
     guards_reject_stale_reads(&*store).await;
     envelopes_are_destroyed(&*store).await;
     leases_are_indexed(&*store).await;
     audit_sequence_has_no_gaps(store.clone()).await;
+    audit_entries_are_chained_and_indexed(&*store).await;
+    durable_entries_are_fed_to_subscribers(&*store).await;
+    pruning_moves_the_anchor(&*store).await;
 }
 
 async fn records_round_trip(store: &dyn Store) {
@@ -355,6 +372,115 @@ async fn audit_sequence_has_no_gaps(store: Arc<dyn Store>) {
     assert_eq!(page[0].entry.outcome, Outcome::NotFound);
 }
 
+async fn audit_entries_are_chained_and_indexed(store: &dyn Store) {
+    let key = chain_key();
+    let all = store.audit_entries(0, usize::MAX).unwrap();
+    assert_eq!(all[0].prev_hash, crate::chain::GENESIS);
+    for pair in all.windows(2) {
+        assert_eq!(pair[1].prev_hash, pair[0].hash);
+    }
+    assert!(all.iter().all(|r| key.is_intact(r)));
+    assert_eq!(store.audit_head().unwrap().as_ref(), all.last());
+    assert_eq!(store.audit_entry(2).unwrap().as_ref(), all.get(1));
+    assert_eq!(store.durable_audit_seq(), all.last().unwrap().seq);
+
+    let mut d = draft(Action::Get);
+    d.tenant = Some(tenant("idx"));
+    d.name = Some(name("k"));
+    d.principal = Some(PrincipalId::parse("agent-7").unwrap());
+    d.peer = Some("10.1.2.3:4567".into());
+    let mut seqs = Vec::new();
+    for _ in 0..3 {
+        seqs.push(
+            store
+                .commit(Transaction::audit_only(d.clone()))
+                .await
+                .unwrap()
+                .audit_seq
+                .unwrap(),
+        );
+    }
+    let indexes = [
+        AuditIndex::Secret(tenant("idx"), name("k")),
+        AuditIndex::Tenant(tenant("idx")),
+        AuditIndex::Principal(PrincipalId::parse("agent-7").unwrap()),
+        AuditIndex::PeerHost("10.1.2.3".into()),
+    ];
+    for index in &indexes {
+        assert_eq!(store.audit_index(index, 0, 10).unwrap(), seqs, "{index:?}");
+        assert_eq!(store.audit_index(index, seqs[1], 10).unwrap(), &seqs[1..]);
+        assert_eq!(store.audit_index(index, 0, 1).unwrap(), &seqs[..1]);
+    }
+    assert!(
+        store
+            .audit_index(&AuditIndex::Tenant(tenant("id")), 0, 10)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .audit_index(&AuditIndex::Secret(tenant("idx"), name("kk")), 0, 10)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn durable_entries_are_fed_to_subscribers(store: &dyn Store) {
+    let mut feed = store.subscribe_audit();
+    let seq = store
+        .commit(Transaction::audit_only(draft(Action::Audit)))
+        .await
+        .unwrap()
+        .audit_seq
+        .unwrap();
+    let fed = feed.recv().await.unwrap();
+    assert_eq!(fed.seq, seq);
+    assert!(store.durable_audit_seq() >= seq);
+    // Commits without an audit entry feed nothing.
+    store.commit(Transaction::default()).await.unwrap();
+    assert!(feed.try_recv().is_err());
+}
+
+async fn pruning_moves_the_anchor(store: &dyn Store) {
+    let key = chain_key();
+    let before = store.audit_entries(0, usize::MAX).unwrap();
+    let through = before[4].seq;
+    assert!(matches!(
+        store
+            .commit(Transaction {
+                writes: vec![Write::PruneAudit { through: 999_999 }],
+                ..Default::default()
+            })
+            .await,
+        Err(StoreError::PruneOutOfRange(999_999))
+    ));
+    store
+        .commit(Transaction {
+            writes: vec![Write::PruneAudit { through }],
+            audit: Some(draft(Action::Prune)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let after = store.audit_entries(0, usize::MAX).unwrap();
+    assert_eq!(after[0].seq, through + 1);
+    assert_eq!(after.len(), before.len() - 5 + 1);
+    let anchor = store.audit_anchor().unwrap().unwrap();
+    assert_eq!((anchor.seq, anchor.hash), (through, before[4].hash));
+    assert!(key.is_authentic(&anchor));
+    assert_eq!(after[0].prev_hash, anchor.hash);
+    // Pruned entries are gone from the indexes too.
+    for index in [AuditIndex::PeerHost("127.0.0.1".into())] {
+        assert!(
+            store
+                .audit_index(&index, 0, usize::MAX)
+                .unwrap()
+                .iter()
+                .all(|&s| s > through)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sled_adapter_passes_the_suite() {
     let dir = tempfile::tempdir().unwrap();
@@ -371,8 +497,10 @@ async fn sled_adapter_passes_the_suite() {
 async fn sled_adapter_reopens_with_the_next_sequence_number() {
     let dir = tempfile::tempdir().unwrap();
     let s = secret("t", "a");
+    let last_hash: crate::model::ChainHash;
     {
         let store = SledStore::open(dir.path()).unwrap();
+        store.start_audit_chain(chain_key()).await.unwrap();
         for _ in 0..3 {
             store
                 .commit(Transaction::audit_only(draft(Action::List)))
@@ -383,14 +511,18 @@ async fn sled_adapter_reopens_with_the_next_sequence_number() {
             .commit(put(vec![Write::PutSecret(s.clone())], Action::Store))
             .await
             .unwrap();
+        last_hash = store.audit_head().unwrap().unwrap().hash;
         store.close().await.unwrap();
     }
     let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(store.durable_audit_seq(), 4);
+    store.start_audit_chain(chain_key()).await.unwrap();
     assert_eq!(store.secret(&s.tenant, &s.name).unwrap(), Some(s));
     let c = store
         .commit(Transaction::audit_only(draft(Action::List)))
         .await
         .unwrap();
     assert_eq!(c.audit_seq, Some(5));
+    assert_eq!(store.audit_entry(5).unwrap().unwrap().prev_hash, last_hash);
     store.close().await.unwrap();
 }
