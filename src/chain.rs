@@ -167,7 +167,8 @@ mod tests {
         let r = record(&k, GENESIS, 1, entry());
         assert!(k.is_intact(&r));
         assert!(!key(2).is_intact(&r), "another key cannot vouch for it");
-        let edits: Vec<Box<dyn Fn(&mut AuditRecord)>> = vec![
+        type Edit = Box<dyn Fn(&mut AuditRecord)>;
+        let edits: Vec<Edit> = vec![
             Box::new(|r| r.seq += 1),
             Box::new(|r| r.time = Time::from_micros(99)),
             Box::new(|r| r.prev_hash[0] ^= 1),

@@ -292,7 +292,7 @@ pub struct WatchInput {
 /// What a live audit stream yields.
 pub enum WatchEvent {
     /// A matching entry.
-    Entry(AuditRecord),
+    Entry(Box<AuditRecord>),
     /// The stream ends; reconnecting with `from_seq = resume_at` continues without a gap.
     Ended {
         /// Where to resume.
@@ -1212,7 +1212,9 @@ impl Watcher {
                     Ok(record) if record.seq == self.next => {
                         self.next = record.seq + 1;
                         if self.filter.matches(&record)
-                            && !self.send(WatchEvent::Entry((*record).clone())).await
+                            && !self
+                                .send(WatchEvent::Entry(Box::new((*record).clone())))
+                                .await
                         {
                             return;
                         }
@@ -1251,7 +1253,7 @@ impl Watcher {
                 };
             for record in page.entries {
                 let seq = record.seq;
-                if !self.send(WatchEvent::Entry(record)).await {
+                if !self.send(WatchEvent::Entry(Box::new(record))).await {
                     return false;
                 }
                 self.next = seq + 1;

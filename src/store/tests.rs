@@ -470,15 +470,9 @@ async fn pruning_moves_the_anchor(store: &dyn Store) {
     assert!(key.is_authentic(&anchor));
     assert_eq!(after[0].prev_hash, anchor.hash);
     // Pruned entries are gone from the indexes too.
-    for index in [AuditIndex::PeerHost("127.0.0.1".into())] {
-        assert!(
-            store
-                .audit_index(&index, 0, usize::MAX)
-                .unwrap()
-                .iter()
-                .all(|&s| s > through)
-        );
-    }
+    let peer = AuditIndex::PeerHost("127.0.0.1".into());
+    let remaining = store.audit_index(&peer, 0, usize::MAX).unwrap();
+    assert!(!remaining.is_empty() && remaining.iter().all(|&s| s > through));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
