@@ -119,6 +119,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `--log-format`.
     pub log_format: Option<LogFormat>,
+    /// `--master-key`: a local master key file.
+    pub master_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -215,13 +217,9 @@ impl Config {
             .data_dir
             .or_else(|| file.data_dir.map(|d| base.join(d)))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-        let master_key = match file.master_key {
-            Some(MasterKeyFile::Local { path: Some(path) }) => MasterKeyConfig::Local {
-                path: base.join(path),
-            },
-            Some(MasterKeyFile::Local { path: None }) | None => MasterKeyConfig::Local {
-                path: data_dir.join(DEFAULT_MASTER_KEY_FILE),
-            },
+        let master_key = match (overrides.master_key, file.master_key) {
+            (Some(path), _) => MasterKeyConfig::Local { path },
+            (None, file) => Self::master_key_from_file(file, base, &data_dir),
         };
         let lease = LeasePolicy {
             default_ttl: file.lease.default_ttl.unwrap_or(DEFAULT_TTL),
@@ -283,6 +281,23 @@ impl Config {
             audit_retention,
             principals: principals(file.principal)?,
         })
+    }
+}
+
+impl Config {
+    fn master_key_from_file(
+        file: Option<MasterKeyFile>,
+        base: &Path,
+        data_dir: &Path,
+    ) -> MasterKeyConfig {
+        match file {
+            Some(MasterKeyFile::Local { path: Some(path) }) => MasterKeyConfig::Local {
+                path: base.join(path),
+            },
+            Some(MasterKeyFile::Local { path: None }) | None => MasterKeyConfig::Local {
+                path: data_dir.join(DEFAULT_MASTER_KEY_FILE),
+            },
+        }
     }
 }
 
@@ -439,6 +454,7 @@ mod tests {
                 data_dir: Some(PathBuf::from("/d")),
                 log_format: Some(LogFormat::Text),
                 config: None,
+                master_key: None,
             },
         )
         .unwrap();

@@ -14,6 +14,7 @@ pub mod crypto;
 pub mod keyring;
 pub mod lease;
 pub mod model;
+pub mod offline;
 pub mod server;
 pub mod service;
 pub mod store;

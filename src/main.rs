@@ -3,18 +3,23 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::SystemTime;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
+use byokd::audit::RecordedHead;
 use byokd::auth::{PRINCIPAL_TOKEN_PREFIX, token_digest};
 use byokd::config::{self, Config, LogFormat, Overrides};
+use byokd::model::Time;
 use byokd::server::{self, Announcement, ServeOptions};
 
+/// Exit code for a failure to start, run or complete.
+const EXIT_FAILURE: u8 = 1;
 /// Exit code for a configuration or usage error.
 const EXIT_CONFIG: u8 = 2;
-/// Exit code for a failure to start or to run.
-const EXIT_FAILURE: u8 = 1;
+/// Exit code of `audit verify` when the chain is broken.
+const EXIT_BROKEN_CHAIN: u8 = 3;
 
 #[derive(Parser)]
 #[command(
@@ -32,15 +37,11 @@ enum Command {
     /// Run the gRPC server (with no config: ./byokd-data, a generated local master key, a
     /// bootstrap admin token, 127.0.0.1:50051).
     Serve {
-        /// TOML config file.
-        #[arg(long, env = config::ENV_CONFIG)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        location: Location,
         /// Address to listen on (overrides the config file).
         #[arg(long)]
         listen: Option<SocketAddr>,
-        /// Data directory (overrides the config file).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
         /// Log format (overrides the config file).
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
@@ -48,53 +49,107 @@ enum Command {
         #[arg(long)]
         reset_bootstrap_token: bool,
     },
+    /// Work on the audit trail of a data directory while the server is stopped (or of a
+    /// copy, such as a backup).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Generate a principal token and the `token_sha256` line for the config file.
     NewToken,
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Serve {
-            config,
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain. Exit code 0: intact; 3: broken; 1: could not check.
+    Verify {
+        #[command(flatten)]
+        location: Location,
+        /// First entry to check (default: the start of the chain).
+        #[arg(long, default_value_t = 0)]
+        from_seq: u64,
+        /// Last entry to check (default: the head).
+        #[arg(long, default_value_t = 0)]
+        to_seq: u64,
+        /// A head recorded earlier, as SEQ:HEXHASH; the trail must still reach it.
+        #[arg(long, value_parser = parse_head)]
+        expect_head: Option<RecordedHead>,
+    },
+    /// Write audit entries as JSON lines (one object per line, RFC 3339 times) to stdout.
+    Export {
+        #[command(flatten)]
+        location: Location,
+        /// Only entries at or after this time: RFC 3339 (2026-11-01T00:00:00Z) or an age (24h).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<Time>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    /// JSON lines.
+    Jsonl,
+}
+
+/// Where the data directory and its key are.
+#[derive(Args)]
+struct Location {
+    /// TOML config file.
+    #[arg(long, env = config::ENV_CONFIG)]
+    config: Option<PathBuf>,
+    /// Data directory (overrides the config file).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Local master key file (overrides the config file; default <data-dir>/master.key).
+    #[arg(long)]
+    master_key: Option<PathBuf>,
+}
+
+impl Location {
+    fn load(
+        self,
+        listen: Option<SocketAddr>,
+        log_format: Option<LogFormat>,
+    ) -> Result<Config, ExitCode> {
+        Config::load(Overrides {
+            config: self.config,
             listen,
-            data_dir,
+            data_dir: self.data_dir,
+            log_format,
+            master_key: self.master_key,
+        })
+        .map_err(|e| {
+            eprintln!("byokd: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve {
+            location,
+            listen,
             log_format,
             reset_bootstrap_token,
         } => {
-            let overrides = Overrides {
-                config,
-                listen,
-                data_dir,
-                log_format,
-            };
-            let config = match Config::load(overrides) {
+            let config = match location.load(listen, log_format) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("byokd: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
+                Err(code) => return code,
             };
             init_logging(config.log_format);
             let options = ServeOptions {
                 reset_bootstrap_token,
             };
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("byokd: cannot start the async runtime: {e}");
-                    return ExitCode::from(EXIT_FAILURE);
-                }
-            };
-            match runtime.block_on(server::run(config, options, &announce, shutdown_signal())) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "byokd stopped");
-                    eprintln!("byokd: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
+            run_async(
+                server::run(config, options, &announce, shutdown_signal()),
+                |()| ExitCode::SUCCESS,
+            )
         }
+        Command::Audit { command } => audit(command),
         Command::NewToken => match byokd::crypto::random_token(PRINCIPAL_TOKEN_PREFIX) {
             Ok(token) => {
                 println!(
@@ -110,6 +165,103 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+fn audit(command: AuditCommand) -> ExitCode {
+    init_logging_quiet();
+    match command {
+        AuditCommand::Verify {
+            location,
+            from_seq,
+            to_seq,
+            expect_head,
+        } => {
+            let config = match location.load(None, None) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            run_async(
+                byokd::offline::verify_audit(&config, from_seq, to_seq, expect_head),
+                |report| {
+                    if let Some((seq, hash)) = report.head {
+                        println!("head: seq {seq} hash {}", hex::encode(hash));
+                    }
+                    match report.broken {
+                        None => {
+                            println!(
+                                "audit chain intact: {} entries checked after anchor {}",
+                                report.checked, report.anchor_seq
+                            );
+                            ExitCode::SUCCESS
+                        }
+                        Some((seq, why)) => {
+                            println!("audit chain BROKEN at entry {seq}: {why}");
+                            ExitCode::from(EXIT_BROKEN_CHAIN)
+                        }
+                    }
+                },
+            )
+        }
+        AuditCommand::Export {
+            location,
+            since,
+            format: ExportFormat::Jsonl,
+        } => {
+            let config = match location.load(None, None) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let mut out = std::io::stdout().lock();
+            run_async(
+                byokd::offline::export_audit(&config.data_dir, since, &mut out),
+                |count| {
+                    eprintln!("byokd: exported {count} audit entries");
+                    ExitCode::SUCCESS
+                },
+            )
+        }
+    }
+}
+
+/// Runs `future` on a new runtime; `ok` turns its result into the exit code.
+fn run_async<T, F>(future: F, ok: impl FnOnce(T) -> ExitCode) -> ExitCode
+where
+    F: std::future::Future<Output = Result<T, server::ServeError>>,
+{
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("byokd: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(future) {
+        Ok(value) => ok(value),
+        Err(e) => {
+            tracing::error!(error = %e, "byokd failed");
+            eprintln!("byokd: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn parse_head(text: &str) -> Result<RecordedHead, String> {
+    let (seq, hash) = text.split_once(':').ok_or("expected SEQ:HEXHASH")?;
+    let seq = seq.parse().map_err(|_| "SEQ must be a number")?;
+    let hash = hex::decode(hash)
+        .ok()
+        .and_then(|h| h.try_into().ok())
+        .ok_or("HEXHASH must be 64 hex digits")?;
+    Ok(RecordedHead { seq, hash })
+}
+
+fn parse_since(text: &str) -> Result<Time, String> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(text) {
+        return Ok(Time::from_system(t));
+    }
+    let age = humantime::parse_duration(text)
+        .map_err(|_| "expected an RFC 3339 time or an age such as 24h")?;
+    Ok(Time::from_system(SystemTime::now()).minus(age))
 }
 
 /// Shows the server's announcements on stdout. Tests and scripts read the `listening` line.
@@ -138,6 +290,16 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// Offline commands log warnings and errors only (to stderr), unless `BYOKD_LOG` says more.
+fn init_logging_quiet() {
+    let filter =
+        EnvFilter::try_from_env(config::ENV_LOG).unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// Completes on ctrl-c or SIGTERM.

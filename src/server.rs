@@ -108,6 +108,9 @@ pub enum ServeError {
     /// The gRPC transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// Writing an export failed.
+    #[error("export: {0}")]
+    Export(String),
     /// Randomness for the bootstrap token failed.
     #[error("random number generator: {0}")]
     Rng(crate::crypto::CryptoError),
