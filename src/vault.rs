@@ -1221,7 +1221,13 @@ impl Watcher {
                     }
                     // Entries were missed (lagged behind the feed, or raced the catch-up):
                     // read them from the store.
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        tracing::debug!(
+                            resume_at = self.next,
+                            "audit stream fell behind the live feed; catching up from the store"
+                        );
+                        break;
+                    }
                     Err(broadcast::error::RecvError::Closed) => {
                         let _ = self.tx.try_send(WatchEvent::Ended {
                             resume_at: self.next,

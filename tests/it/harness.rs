@@ -268,6 +268,13 @@ pub async fn connect(addr: SocketAddr, token: Option<&str>) -> Client {
     VaultClient::with_interceptor(channel, auth)
 }
 
+/// The interceptor that authenticates as `token`.
+pub fn auth(token: &str) -> Auth {
+    Auth(Some(
+        format!("Bearer {token}").parse().expect("ascii token"),
+    ))
+}
+
 pub fn store_req(tenant: &str, name: &str, value: &[u8]) -> pb::StoreRequest {
     pb::StoreRequest {
         tenant: tenant.into(),

@@ -4,6 +4,7 @@
 mod harness;
 
 mod api;
+mod audit_trail;
 mod cli;
 mod durability;
 mod leases;
