@@ -60,6 +60,8 @@ fn readme_grpcurl_walkthrough_works_as_printed() {
         "Code: NotFound",
         "SECRET_STATE_REVOKED",
         "\"action\": \"Revoke\"",
+        "\"ok\": true",
+        "\"headHash\"",
     ] {
         assert!(
             stdout.contains(expected) || stderr.contains(expected),
