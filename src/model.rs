@@ -547,6 +547,8 @@ pub enum Outcome {
     FailedPrecondition,
     /// Too much contention; retry.
     Aborted,
+    /// Past the valid range (e.g. audit entries pruned by retention).
+    OutOfRange,
     /// No valid credentials.
     Unauthenticated,
     /// Stored data could not be decrypted.
@@ -559,7 +561,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome.
-    pub const ALL: [Outcome; 11] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Ok,
         Outcome::InvalidArgument,
         Outcome::NotFound,
@@ -567,6 +569,7 @@ impl Outcome {
         Outcome::PermissionDenied,
         Outcome::FailedPrecondition,
         Outcome::Aborted,
+        Outcome::OutOfRange,
         Outcome::Unauthenticated,
         Outcome::DataLoss,
         Outcome::Unavailable,
@@ -597,6 +600,7 @@ impl Outcome {
             Outcome::PermissionDenied => "PERMISSION_DENIED",
             Outcome::FailedPrecondition => "FAILED_PRECONDITION",
             Outcome::Aborted => "ABORTED",
+            Outcome::OutOfRange => "OUT_OF_RANGE",
             Outcome::Unauthenticated => "UNAUTHENTICATED",
             Outcome::DataLoss => "DATA_LOSS",
             Outcome::Unavailable => "UNAVAILABLE",
@@ -614,6 +618,7 @@ impl Outcome {
             Outcome::PermissionDenied => 7,
             Outcome::FailedPrecondition => 9,
             Outcome::Aborted => 10,
+            Outcome::OutOfRange => 11,
             Outcome::Internal => 13,
             Outcome::Unavailable => 14,
             Outcome::DataLoss => 15,

@@ -278,17 +278,18 @@ impl vault_server::Vault for VaultService {
             result.map(|events| {
                 let stream = ReceiverStream::new(events).map(|event| match event {
                     WatchEvent::Entry(record) => Ok(audit_entry(&record)),
-                    WatchEvent::Ended { resume_at } => {
-                        let mut metadata = MetadataMap::new();
-                        metadata.insert(RESUME_METADATA, resume_at.into());
-                        Err(Status::with_metadata(
-                            Code::Unavailable,
-                            format!(
-                                "audit stream ended by the server; resume with from_seq={resume_at}"
-                            ),
-                            metadata,
-                        ))
-                    }
+                    WatchEvent::Ended { resume_at } => Err(stream_end(
+                        Code::Unavailable,
+                        format!("audit stream ended by the server; resume with from_seq={resume_at}"),
+                        resume_at,
+                    )),
+                    WatchEvent::Pruned { resume_at } => Err(stream_end(
+                        Code::OutOfRange,
+                        format!(
+                            "entries this stream had not sent yet were pruned by retention; the trail now starts at {resume_at}"
+                        ),
+                        resume_at,
+                    )),
                 });
                 Box::pin(stream) as Self::WatchAuditStream
             }),
@@ -298,6 +299,13 @@ impl vault_server::Vault for VaultService {
 
 /// Trailing metadata of an ended WatchAudit stream: the seq to resume from.
 pub const RESUME_METADATA: &str = "byokd-resume-from-seq";
+
+/// The status that ends a WatchAudit stream, with where to resume in its metadata.
+fn stream_end(code: Code, message: String, resume_at: u64) -> Status {
+    let mut metadata = MetadataMap::new();
+    metadata.insert(RESUME_METADATA, resume_at.into());
+    Status::with_metadata(code, message, metadata)
+}
 
 /// Turns a domain result into a gRPC response: the single place errors become `Status`.
 fn respond<T>(method: &'static str, result: Result<T, VaultError>) -> Result<Response<T>, Status> {
@@ -328,6 +336,7 @@ fn code(outcome: Outcome) -> Code {
         Outcome::PermissionDenied => Code::PermissionDenied,
         Outcome::FailedPrecondition => Code::FailedPrecondition,
         Outcome::Aborted => Code::Aborted,
+        Outcome::OutOfRange => Code::OutOfRange,
         Outcome::Unauthenticated => Code::Unauthenticated,
         Outcome::DataLoss => Code::DataLoss,
         Outcome::Unavailable => Code::Unavailable,

@@ -88,6 +88,12 @@ pub enum VaultError {
     /// A background task failed.
     #[error("background task: {0}")]
     Background(tokio::task::JoinError),
+    /// The requested audit entries were pruned by retention.
+    #[error("from_seq: entries before {first_kept} were pruned by retention")]
+    Pruned {
+        /// The first entry still kept.
+        first_kept: u64,
+    },
 }
 
 /// Why a stored value did not decrypt; logged, never returned to callers.
@@ -115,6 +121,7 @@ impl VaultError {
             VaultError::SecretNotFound | VaultError::LeaseNotFound => Outcome::NotFound,
             VaultError::AlreadyExists => Outcome::AlreadyExists,
             VaultError::SecretRevoked => Outcome::FailedPrecondition,
+            VaultError::Pruned { .. } => Outcome::OutOfRange,
             VaultError::Lease(
                 LeaseError::TtlNotPositive
                 | LeaseError::TtlTooLong { .. }
@@ -293,9 +300,16 @@ pub struct WatchInput {
 pub enum WatchEvent {
     /// A matching entry.
     Entry(Box<AuditRecord>),
-    /// The stream ends; reconnecting with `from_seq = resume_at` continues without a gap.
+    /// The server ends the stream; reconnecting with `from_seq = resume_at` continues
+    /// without a gap.
     Ended {
         /// Where to resume.
+        resume_at: u64,
+    },
+    /// Entries the stream had not sent yet were pruned by retention; the trail now starts
+    /// at `resume_at`.
+    Pruned {
+        /// The first entry still kept.
         resume_at: u64,
     },
 }
@@ -888,6 +902,13 @@ impl Vault {
                 0 => self.store.durable_audit_seq() + 1,
                 seq => seq,
             };
+            if let Some(anchor) = self.store.audit_anchor()?
+                && from <= anchor.seq
+            {
+                return Err(VaultError::Pruned {
+                    first_kept: anchor.seq + 1,
+                });
+            }
             // Subscribe before recording this call, so that nothing falls in between.
             let feed = self.store.subscribe_audit();
             self.record(audit.clone()).await?;
@@ -1245,6 +1266,22 @@ impl Watcher {
             let durable = self.store.durable_audit_seq();
             if self.next > durable {
                 return true;
+            }
+            match self.store.audit_anchor() {
+                Ok(Some(anchor)) if self.next <= anchor.seq => {
+                    let _ = self.tx.try_send(WatchEvent::Pruned {
+                        resume_at: anchor.seq + 1,
+                    });
+                    return false;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "audit stream could not read the store");
+                    let _ = self.tx.try_send(WatchEvent::Ended {
+                        resume_at: self.next,
+                    });
+                    return false;
+                }
             }
             let page =
                 match audit::query(&*self.store, &self.filter, self.next, durable, WATCH_BUFFER) {

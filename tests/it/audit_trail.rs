@@ -694,6 +694,19 @@ async fn retention_prunes_old_entries_and_the_chain_still_verifies() {
             .await
             .is_ok()
     );
+    // A stream cannot start inside the pruned range, and says where the trail starts.
+    assert_status(
+        server
+            .as_(AUDITOR)
+            .await
+            .watch_audit(pb::WatchAuditRequest {
+                from_seq: 1,
+                ..Default::default()
+            })
+            .await,
+        Code::OutOfRange,
+        "were pruned by retention",
+    );
     assert!(server.stop().await.success());
     let (code, text) = verify_offline(&dir, &[]);
     assert_eq!(code, Some(0), "{text}");
