@@ -93,6 +93,8 @@ pub enum Operation {
     Get,
     /// Read the audit trail.
     Audit,
+    /// Rotate the master key, or follow a rotation.
+    RotateMasterKey,
 }
 
 impl Operation {
@@ -108,6 +110,7 @@ impl Operation {
             Operation::Lease => &[Role::Leaser, Role::Admin],
             Operation::Get => &[Role::Reader, Role::Admin],
             Operation::Audit => &[Role::Auditor, Role::Admin],
+            Operation::RotateMasterKey => &[Role::Admin],
         }
     }
 }
@@ -124,6 +127,7 @@ impl fmt::Display for Operation {
             Operation::Lease => "lease secrets",
             Operation::Get => "redeem leases",
             Operation::Audit => "read the audit trail",
+            Operation::RotateMasterKey => "rotate the master key",
         })
     }
 }

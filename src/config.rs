@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::{Principal, Role, TenantScope, TokenDigest};
+use crate::keyring::{AwsSettings, CacheSettings, MasterKeySpec};
 use crate::lease::{DEFAULT_MAX_TTL, DEFAULT_MAX_USES, DEFAULT_TTL, LeasePolicy};
 use crate::model::{PrincipalId, TenantId};
 
@@ -66,15 +67,26 @@ pub enum LogFormat {
     Json,
 }
 
-/// Where the master key comes from.
+/// The master key and how byokd uses it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MasterKeyConfig {
-    /// A local file of 32 random bytes, created on first start.
-    Local {
-        /// The key file.
-        path: PathBuf,
-    },
+pub struct MasterKeyConfig {
+    /// The configured key: the key of a new data directory, and the target of the next
+    /// `RotateMasterKey`.
+    pub spec: MasterKeySpec,
+    /// How to reach AWS KMS (for KMS keys).
+    pub aws: AwsSettings,
+    /// The cache of unwrapped data keys.
+    pub cache: CacheSettings,
+    /// Envelopes rewrapped per commit during a rotation.
+    pub rewrap_batch: usize,
 }
+
+/// Data keys cached at most, by default.
+pub const DEFAULT_CACHE_SIZE: usize = 10_000;
+/// How long a data key stays cached, by default.
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Envelopes rewrapped per commit, by default.
+pub const DEFAULT_REWRAP_BATCH: usize = 128;
 
 /// How long audit entries are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,7 +143,8 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     #[serde(default, with = "humantime_serde")]
     request_timeout: Option<Duration>,
-    master_key: Option<MasterKeyFile>,
+    #[serde(default)]
+    master_key: MasterKeyFile,
     #[serde(default)]
     lease: LeaseFile,
     #[serde(default)]
@@ -140,10 +153,32 @@ struct FileConfig {
     principal: Vec<PrincipalFile>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
-enum MasterKeyFile {
-    Local { path: Option<PathBuf> },
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MasterKeyFile {
+    #[serde(default)]
+    kind: MasterKeyKind,
+    path: Option<PathBuf>,
+    key_id: Option<String>,
+    region: Option<String>,
+    endpoint_url: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    operation_timeout: Option<Duration>,
+    max_attempts: Option<u32>,
+    cache_size: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    cache_ttl: Option<Duration>,
+    rewrap_batch: Option<usize>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum MasterKeyKind {
+    #[default]
+    Local,
+    AwsKms,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -217,10 +252,7 @@ impl Config {
             .data_dir
             .or_else(|| file.data_dir.map(|d| base.join(d)))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-        let master_key = match (overrides.master_key, file.master_key) {
-            (Some(path), _) => MasterKeyConfig::Local { path },
-            (None, file) => Self::master_key_from_file(file, base, &data_dir),
-        };
+        let master_key = master_key(file.master_key, overrides.master_key, base, &data_dir)?;
         let lease = LeasePolicy {
             default_ttl: file.lease.default_ttl.unwrap_or(DEFAULT_TTL),
             max_ttl: file.lease.max_ttl.unwrap_or(DEFAULT_MAX_TTL),
@@ -284,21 +316,70 @@ impl Config {
     }
 }
 
-impl Config {
-    fn master_key_from_file(
-        file: Option<MasterKeyFile>,
-        base: &Path,
-        data_dir: &Path,
-    ) -> MasterKeyConfig {
-        match file {
-            Some(MasterKeyFile::Local { path: Some(path) }) => MasterKeyConfig::Local {
-                path: base.join(path),
-            },
-            Some(MasterKeyFile::Local { path: None }) | None => MasterKeyConfig::Local {
-                path: data_dir.join(DEFAULT_MASTER_KEY_FILE),
-            },
+fn master_key(
+    file: MasterKeyFile,
+    path_override: Option<PathBuf>,
+    base: &Path,
+    data_dir: &Path,
+) -> Result<MasterKeyConfig, ConfigError> {
+    let invalid = |msg: &str| Err(ConfigError::Invalid(format!("master_key: {msg}")));
+    let spec = match (file.kind, path_override) {
+        (_, Some(path)) => MasterKeySpec::Local {
+            path: absolute(&path)?,
+        },
+        (MasterKeyKind::Local, None) => {
+            if file.key_id.is_some() || file.region.is_some() || file.endpoint_url.is_some() {
+                return invalid("key_id, region and endpoint_url are for kind = \"aws-kms\"");
+            }
+            let path = match file.path {
+                Some(path) => base.join(path),
+                None => data_dir.join(DEFAULT_MASTER_KEY_FILE),
+            };
+            MasterKeySpec::Local {
+                path: absolute(&path)?,
+            }
         }
+        (MasterKeyKind::AwsKms, None) => {
+            if file.path.is_some() {
+                return invalid("path is for kind = \"local\"");
+            }
+            let Some(key_id) = file.key_id.filter(|k| !k.trim().is_empty()) else {
+                return invalid("kind = \"aws-kms\" needs key_id (a key id, ARN or alias/...)");
+            };
+            MasterKeySpec::AwsKms {
+                key_id,
+                region: file.region,
+                endpoint_url: file.endpoint_url,
+            }
+        }
+    };
+    let defaults = AwsSettings::default();
+    let aws = AwsSettings {
+        connect_timeout: file.connect_timeout.unwrap_or(defaults.connect_timeout),
+        operation_timeout: file.operation_timeout.unwrap_or(defaults.operation_timeout),
+        max_attempts: file.max_attempts.unwrap_or(defaults.max_attempts),
+    };
+    if aws.connect_timeout.is_zero() || aws.operation_timeout.is_zero() || aws.max_attempts == 0 {
+        return invalid("connect_timeout, operation_timeout and max_attempts must be positive");
     }
+    let rewrap_batch = file.rewrap_batch.unwrap_or(DEFAULT_REWRAP_BATCH);
+    if rewrap_batch == 0 {
+        return invalid("rewrap_batch must be at least 1");
+    }
+    Ok(MasterKeyConfig {
+        spec,
+        aws,
+        cache: CacheSettings {
+            capacity: file.cache_size.unwrap_or(DEFAULT_CACHE_SIZE),
+            ttl: file.cache_ttl.unwrap_or(DEFAULT_CACHE_TTL),
+        },
+        rewrap_batch,
+    })
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, ConfigError> {
+    std::path::absolute(path)
+        .map_err(|e| ConfigError::Invalid(format!("master_key: path {}: {e}", path.display())))
 }
 
 /// " (line N: <that line>)" for the byte offset of a parse error.
@@ -376,11 +457,15 @@ mod tests {
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(
-            c.master_key,
-            MasterKeyConfig::Local {
-                path: PathBuf::from("byokd-data/master.key")
+            c.master_key.spec,
+            MasterKeySpec::Local {
+                path: std::env::current_dir()
+                    .unwrap()
+                    .join("byokd-data/master.key")
             }
         );
+        assert_eq!(c.master_key.aws, AwsSettings::default());
+        assert_eq!(c.master_key.cache.capacity, DEFAULT_CACHE_SIZE);
         assert_eq!(c.lease, LeasePolicy::default());
         assert!(c.principals.is_empty());
         assert_eq!(c.audit_retention, None);
@@ -419,8 +504,8 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/etc/byokd/data"));
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(
-            c.master_key,
-            MasterKeyConfig::Local {
+            c.master_key.spec,
+            MasterKeySpec::Local {
                 path: PathBuf::from("/keys/master.key")
             }
         );
@@ -462,11 +547,41 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/d"));
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(
-            c.master_key,
-            MasterKeyConfig::Local {
+            c.master_key.spec,
+            MasterKeySpec::Local {
                 path: PathBuf::from("/d/master.key")
             }
         );
+    }
+
+    #[test]
+    fn aws_kms_master_keys_parse() {
+        let c = load(
+            r#"
+            [master_key]
+            kind = "aws-kms"
+            key_id = "alias/byokd"
+            region = "eu-west-1"
+            endpoint_url = "http://127.0.0.1:5000"
+            operation_timeout = "2s"
+            max_attempts = 5
+            cache_size = 0
+            rewrap_batch = 16
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.master_key.spec,
+            MasterKeySpec::AwsKms {
+                key_id: "alias/byokd".into(),
+                region: Some("eu-west-1".into()),
+                endpoint_url: Some("http://127.0.0.1:5000".into())
+            }
+        );
+        assert_eq!(c.master_key.aws.operation_timeout, Duration::from_secs(2));
+        assert_eq!(c.master_key.aws.max_attempts, 5);
+        assert_eq!(c.master_key.cache.capacity, 0);
+        assert_eq!(c.master_key.rewrap_batch, 16);
     }
 
     #[test]
@@ -481,6 +596,13 @@ mod tests {
             ("listne = \"x\"".into(), "unknown field"),
             ("listen = \"localhost\"".into(), "listen"),
             ("[master_key]\nkind = \"hsm\"".into(), "unknown variant"),
+            ("[master_key]\nkind = \"aws-kms\"".into(), "needs key_id"),
+            (
+                "[master_key]\nkind = \"aws-kms\"\nkey_id = \"k\"\npath = \"p\"".into(),
+                "path is for kind",
+            ),
+            ("[master_key]\nkey_id = \"k\"".into(), "are for kind"),
+            ("[master_key]\nrewrap_batch = 0".into(), "rewrap_batch"),
             ("[lease]\nmax_ttl = \"forever\"".into(), "max_ttl"),
             (
                 "[lease]\ndefault_ttl = \"20m\"".into(),

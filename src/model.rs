@@ -403,6 +403,8 @@ pub struct SecretRecord {
 pub struct WrappedKey {
     /// Id of the master key that wrapped it.
     pub key_id: String,
+    /// The data directory's master key version that wrapped it.
+    pub key_version: u32,
     /// Opaque wrapped bytes.
     pub blob: Vec<u8>,
 }
@@ -412,6 +414,8 @@ pub struct WrappedKey {
 pub struct EnvelopeRecord {
     /// The secret this version belongs to.
     pub secret_id: SecretId,
+    /// The secret's tenant (part of the data key's wrap context).
+    pub tenant: TenantId,
     /// The version number.
     pub version: u32,
     /// The data key, wrapped by the master key.
@@ -480,11 +484,17 @@ pub enum Action {
     WatchAudit,
     /// Audit entries pruned by the retention policy (not an RPC).
     Prune,
+    /// `RotateMasterKey`
+    RotateMasterKey,
+    /// `GetRotationStatus`
+    GetRotationStatus,
+    /// A master-key rotation's rewrap job finished (not an RPC).
+    Rewrap,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 11] = [
+    pub const ALL: [Action; 14] = [
         Action::Store,
         Action::Describe,
         Action::List,
@@ -496,6 +506,9 @@ impl Action {
         Action::VerifyAudit,
         Action::WatchAudit,
         Action::Prune,
+        Action::RotateMasterKey,
+        Action::GetRotationStatus,
+        Action::Rewrap,
     ];
 
     /// The RPC's name, as recorded and as filtered on.
@@ -512,6 +525,9 @@ impl Action {
             Action::VerifyAudit => "VerifyAudit",
             Action::WatchAudit => "WatchAudit",
             Action::Prune => "Prune",
+            Action::RotateMasterKey => "RotateMasterKey",
+            Action::GetRotationStatus => "GetRotationStatus",
+            Action::Rewrap => "Rewrap",
         }
     }
 
@@ -523,7 +539,7 @@ impl Action {
             .ok_or_else(|| {
                 ValidationError::new(
                     field,
-                    "unknown action (Store, Describe, List, Lease, Get, Rotate, Revoke, Audit, VerifyAudit, WatchAudit, Prune)",
+                    "unknown action (an RPC name such as Get, or Prune, Rewrap)",
                 )
             })
     }

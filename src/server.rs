@@ -1,6 +1,7 @@
 //! Startup and shutdown: wires the store, the master key and the principals into a vault,
 //! and serves it over gRPC with health checking and server reflection.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
@@ -17,8 +18,12 @@ use crate::api;
 use crate::auth::{self, Principal, Principals, Role, TenantScope};
 use crate::chain::ChainKey;
 use crate::config::{AuditRetention, Config, MasterKeyConfig};
-use crate::keyring::{KeyringError, LocalMasterKey, MasterKey, StoredKey, WrapContext};
+use crate::keyring::{
+    DataKeyCache, Keyring, KeyringError, MasterKeySpec, StoredKey, WrapContext, make_key_check,
+    verify_key_check,
+};
 use crate::model::PrincipalId;
+use crate::rotation::{KeyVersion, KeyringState, RotationSettings, Rotator};
 use crate::service::VaultService;
 use crate::store::{MetaKey, SledStore, Store, StoreError, Transaction, Write};
 use crate::vault::Vault;
@@ -82,11 +87,29 @@ pub enum ServeError {
     },
     /// The key-check record did not unwrap under the configured key.
     #[error(
-        "master key {key_id} failed the key check (key file or data directory altered); refusing to start"
+        "master key {key_id} failed the key check (wrong key, or key file or data directory altered); refusing to start"
     )]
     KeyCheckFailed {
         /// Id of the configured key.
         key_id: String,
+    },
+    /// The key service could not be reached.
+    #[error("cannot reach {key}: {detail}; refusing to start")]
+    KeyUnreachable {
+        /// The key.
+        key: String,
+        /// What the key service said.
+        detail: String,
+    },
+    /// The key exists but cannot be used (disabled, deleted, no permission).
+    #[error(
+        "{key} cannot be used (disabled, pending deletion, not found, or no permission): {detail}; refusing to start"
+    )]
+    KeyUnusable {
+        /// The key.
+        key: String,
+        /// What the key service said.
+        detail: String,
     },
     /// A stored meta value could not be decoded.
     #[error("corrupt {what} record in the data directory")]
@@ -176,7 +199,8 @@ async fn serve(
         &config.data_dir,
     )
     .await?;
-    tracing::info!(key_id = keys.master.key_id(), "master key verified");
+    let (version, key_id) = keys.keyring.current();
+    tracing::info!(version, key_id, "master key verified");
     store.start_audit_chain(keys.chain.clone()).await?;
     match store.audit_head()? {
         Some(head) => tracing::info!(
@@ -194,9 +218,21 @@ async fn serve(
         Principals::new(config.principals.clone())
     };
 
+    let rotator = Arc::new(Rotator::new(
+        store.clone(),
+        keys.keyring.clone(),
+        RotationSettings {
+            target: config.master_key.spec.clone(),
+            aws: config.master_key.aws,
+            batch: config.master_key.rewrap_batch,
+        },
+    ));
+    rotator.resume(&keys.state);
     let vault = Arc::new(Vault::new(
         store,
-        keys.master,
+        keys.keyring,
+        DataKeyCache::new(config.master_key.cache),
+        rotator,
         keys.chain,
         principals,
         config.lease,
@@ -294,84 +330,138 @@ pub enum Initialise {
 
 /// The keys of a data directory, verified against it.
 pub struct Keys {
-    /// The master key.
-    pub master: Arc<dyn MasterKey>,
+    /// The master key versions.
+    pub keyring: Arc<Keyring>,
     /// The audit chain's key.
     pub chain: Arc<ChainKey>,
+    /// The stored keyring state (versions, rotation job).
+    pub state: KeyringState,
 }
 
-/// Loads the master key and proves it is the data directory's: a new data directory gets a
-/// key-check record for the configured key (and, for a local key, the key file if absent);
-/// an existing one must unwrap its record under the configured key. Then unwraps (or creates)
-/// the audit seed and derives the audit chain's key from it.
+/// Opens the master key versions recorded in the data directory and proves each is the one
+/// recorded (by unwrapping its key-check record): a wrong, missing or unreachable key stops
+/// startup here rather than failing requests later. A new data directory is initialised with
+/// the configured key (creating a local key file if absent). Then unwraps (or creates) the
+/// audit seed and derives the audit chain's key from it.
 pub async fn open_keys(
     config: &MasterKeyConfig,
     store: &dyn Store,
     initialise: Initialise,
     data_dir: &Path,
 ) -> Result<Keys, ServeError> {
-    let MasterKeyConfig::Local { path } = config;
-    let master: Arc<dyn MasterKey> = match stored_key(store, MetaKey::KeyCheck)? {
+    let state = match KeyringState::load(store).map_err(rotation_error)? {
+        Some(state) => state,
         None if initialise == Initialise::Never => {
             return Err(ServeError::NotInitialised(data_dir.to_path_buf()));
         }
         None => {
-            let (master, created) = LocalMasterKey::load_or_create(path, true)?;
+            let (key, created) = config.spec.open(&config.aws, true).await?;
             if created {
-                tracing::info!(path = %path.display(), key_id = master.key_id(), "created local master key");
+                tracing::info!(key = %config.spec, key_id = key.key_id(), "created local master key");
             }
-            let (check, _) = StoredKey::generate(&master, &WrapContext::KeyCheck).await?;
-            put_stored_key(store, MetaKey::KeyCheck, &check).await?;
-            Arc::new(master)
-        }
-        Some(check) => {
-            let master = match LocalMasterKey::load_or_create(path, false) {
-                Ok((master, _)) => master,
-                Err(KeyringError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    return Err(ServeError::MasterKeyMissing {
-                        path: path.clone(),
-                        expected: check.wrapped.key_id,
-                    });
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if check.wrapped.key_id != master.key_id() {
-                return Err(ServeError::WrongMasterKey {
-                    expected: check.wrapped.key_id,
-                    found: master.key_id().to_string(),
-                });
-            }
-            check
-                .unwrap(&master, &WrapContext::KeyCheck)
+            let check = make_key_check(&*key)
                 .await
-                .map_err(|_| ServeError::KeyCheckFailed {
-                    key_id: master.key_id().to_string(),
-                })?;
-            Arc::new(master)
+                .map_err(|e| key_error(&config.spec, key.key_id(), e))?;
+            let state = KeyringState {
+                current: 1,
+                versions: vec![KeyVersion {
+                    version: 1,
+                    spec: config.spec.clone(),
+                    key_id: key.key_id().to_string(),
+                    check,
+                    retired_at: None,
+                }],
+                rotation: None,
+            };
+            store
+                .commit(Transaction {
+                    writes: vec![state.write().map_err(rotation_error)?],
+                    ..Default::default()
+                })
+                .await?;
+            state
         }
     };
+    let mut keys = BTreeMap::new();
+    for v in state.versions.iter().filter(|v| v.retired_at.is_none()) {
+        let key = match v.spec.open(&config.aws, false).await {
+            Ok((key, _)) => key,
+            Err(KeyringError::Io { path, source })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Err(ServeError::MasterKeyMissing {
+                    path,
+                    expected: v.key_id.clone(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if key.key_id() != v.key_id {
+            return Err(ServeError::WrongMasterKey {
+                expected: v.key_id.clone(),
+                found: key.key_id().to_string(),
+            });
+        }
+        verify_key_check(&*key, &v.check)
+            .await
+            .map_err(|e| key_error(&v.spec, &v.key_id, e))?;
+        keys.insert(v.version, key);
+    }
+    let keyring = Arc::new(Keyring::new(keys, state.current));
+    if state
+        .version(state.current)
+        .is_some_and(|v| v.spec != config.spec)
+    {
+        tracing::warn!(
+            configured = %config.spec,
+            "the configured master key is not the current one; call RotateMasterKey to move to it"
+        );
+    }
     let seed = match stored_key(store, MetaKey::AuditSeed)? {
         Some(stored) => stored
-            .unwrap(&*master, &WrapContext::AuditSeed)
+            .unwrap(&keyring, &WrapContext::AuditSeed)
             .await
-            .map_err(|_| ServeError::KeyCheckFailed {
-                key_id: master.key_id().to_string(),
-            })?,
+            .map_err(|e| key_error(&config.spec, &keyring.current().1, e))?,
         None if initialise == Initialise::Never => {
             return Err(ServeError::NotInitialised(data_dir.to_path_buf()));
         }
         None => {
-            let (stored, seed) = StoredKey::generate(&*master, &WrapContext::AuditSeed).await?;
+            let (stored, seed) = StoredKey::generate(&keyring, &WrapContext::AuditSeed).await?;
             put_stored_key(store, MetaKey::AuditSeed, &stored).await?;
             seed
         }
     };
     Ok(Keys {
-        master,
+        keyring,
         chain: Arc::new(ChainKey::derive(&seed)),
+        state,
     })
+}
+
+/// A key that failed its startup check, explained.
+fn key_error(spec: &MasterKeySpec, key_id: &str, e: KeyringError) -> ServeError {
+    match e {
+        KeyringError::Unwrap | KeyringError::ForeignKey { .. } => ServeError::KeyCheckFailed {
+            key_id: key_id.to_string(),
+        },
+        KeyringError::Unavailable(detail) => ServeError::KeyUnreachable {
+            key: spec.to_string(),
+            detail,
+        },
+        KeyringError::KeyUnusable(detail) => ServeError::KeyUnusable {
+            key: spec.to_string(),
+            detail,
+        },
+        other => other.into(),
+    }
+}
+
+fn rotation_error(e: crate::rotation::RotationError) -> ServeError {
+    match e {
+        crate::rotation::RotationError::Store(e) => ServeError::Store(e),
+        crate::rotation::RotationError::Keyring(e) => ServeError::Keyring(e),
+        _ => ServeError::CorruptMeta { what: "keyring" },
+    }
 }
 
 fn stored_key(store: &dyn Store, key: MetaKey) -> Result<Option<StoredKey>, ServeError> {

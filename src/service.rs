@@ -251,6 +251,42 @@ impl vault_server::Vault for VaultService {
         )
     }
 
+    async fn rotate_master_key(
+        &self,
+        request: Request<pb::RotateMasterKeyRequest>,
+    ) -> Result<Response<pb::RotateMasterKeyResponse>, Status> {
+        let caller = self.caller(&request);
+        let result = self.vault.rotate_master_key(&caller).await;
+        respond(
+            "RotateMasterKey",
+            result.map(|job| pb::RotateMasterKeyResponse {
+                job_id: job.id,
+                new_key_version: job.target,
+            }),
+        )
+    }
+
+    async fn get_rotation_status(
+        &self,
+        request: Request<pb::GetRotationStatusRequest>,
+    ) -> Result<Response<pb::RotationStatus>, Status> {
+        let caller = self.caller(&request);
+        let req = request.into_inner();
+        let result = self.vault.rotation_status(&caller, req.job_id).await;
+        respond(
+            "GetRotationStatus",
+            result.map(|job| pb::RotationStatus {
+                done: job.finished_at.is_some(),
+                started_at: Some(timestamp(job.started_at)),
+                finished_at: job.finished_at.map(timestamp),
+                job_id: job.id,
+                new_key_version: job.target,
+                rewrapped: job.rewrapped,
+                total: job.total,
+            }),
+        )
+    }
+
     type WatchAuditStream = Pin<Box<dyn Stream<Item = Result<pb::AuditEntry, Status>> + Send>>;
 
     async fn watch_audit(

@@ -19,13 +19,14 @@ use crate::audit::{self, AuditError, AuditFilter, AuditPage, RecordedHead, Verif
 use crate::auth::{AuthError, Operation, Principal, Principals};
 use crate::chain::ChainKey;
 use crate::crypto::{self, CryptoError, Plaintext, Sealed, SymmetricKey};
-use crate::keyring::{KeyringError, MasterKey, WrapContext};
+use crate::keyring::{DataKeyCache, Keyring, KeyringError, WrapContext};
 use crate::lease::{self, LeaseError, LeasePolicy, LeaseToken, RequestedTtl};
 use crate::model::{
     Action, AuditDraft, AuditRecord, ChainHash, EnvelopeRecord, Labels, LeaseId, LeaseRecord,
     Outcome, PrincipalId, Provider, Reason, SecretId, SecretName, SecretRecord, SecretState,
     TenantId, Time, ValidationError, check_value_len, value_hint,
 };
+use crate::rotation::{RotationError, RotationJob, Rotator};
 use crate::store::{Guard, Store, StoreError, Transaction, Write};
 
 /// Associated-data label of a sealed secret value.
@@ -88,6 +89,9 @@ pub enum VaultError {
     /// A background task failed.
     #[error("background task: {0}")]
     Background(tokio::task::JoinError),
+    /// A master-key rotation could not start or be found.
+    #[error(transparent)]
+    Rotation(RotationError),
     /// The requested audit entries were pruned by retention.
     #[error("from_seq: entries before {first_kept} were pruned by retention")]
     Pruned {
@@ -134,9 +138,21 @@ impl VaultError {
             | VaultError::Audit(AuditError::Store(StoreError::Closed | StoreError::Poisoned)) => {
                 Outcome::Unavailable
             }
+            VaultError::Keyring(KeyringError::Unavailable(_))
+            | VaultError::Rotation(RotationError::Keyring(KeyringError::Unavailable(_))) => {
+                Outcome::Unavailable
+            }
+            VaultError::Keyring(KeyringError::KeyUnusable(_))
+            | VaultError::Rotation(RotationError::Keyring(KeyringError::KeyUnusable(_)))
+            | VaultError::Rotation(RotationError::InProgress(_)) => Outcome::FailedPrecondition,
+            VaultError::Rotation(RotationError::NoSuchJob(_)) => Outcome::NotFound,
+            VaultError::Rotation(RotationError::Store(
+                StoreError::Closed | StoreError::Poisoned,
+            )) => Outcome::Unavailable,
             VaultError::Store(_)
             | VaultError::Audit(AuditError::Store(_))
             | VaultError::Keyring(_)
+            | VaultError::Rotation(_)
             | VaultError::Crypto(_)
             | VaultError::Background(_) => Outcome::Internal,
         }
@@ -158,6 +174,10 @@ impl VaultError {
                 ) => e.to_string(),
                 VaultError::Lease(_) => "lease not found or no longer valid".to_string(),
                 VaultError::Auth(AuthError::UnknownToken) => "invalid bearer token".to_string(),
+                // Key ids and the key service's words stay in the logs.
+                VaultError::Keyring(_) | VaultError::Rotation(RotationError::Keyring(_)) => {
+                    "master key unusable".to_string()
+                }
                 VaultError::Auth(AuthError::MalformedHeader) => {
                     "malformed authorization metadata: expected 'Bearer <token>'".to_string()
                 }
@@ -172,6 +192,9 @@ impl VaultError {
         matches!(
             self.outcome(),
             Outcome::Internal | Outcome::Unavailable | Outcome::DataLoss
+        ) || matches!(
+            self,
+            VaultError::Keyring(_) | VaultError::Rotation(RotationError::Keyring(_))
         )
     }
 }
@@ -343,7 +366,9 @@ pub struct Revoked {
 /// The vault.
 pub struct Vault {
     store: Arc<dyn Store>,
-    master: Arc<dyn MasterKey>,
+    keyring: Arc<Keyring>,
+    cache: DataKeyCache,
+    rotator: Arc<Rotator>,
     chain: Arc<ChainKey>,
     principals: Principals,
     policy: LeasePolicy,
@@ -351,22 +376,31 @@ pub struct Vault {
 }
 
 impl Vault {
-    /// A vault over `store`, wrapping data keys with `master`.
+    /// A vault over `store`, wrapping data keys with `keyring`.
     pub fn new(
         store: Arc<dyn Store>,
-        master: Arc<dyn MasterKey>,
+        keyring: Arc<Keyring>,
+        cache: DataKeyCache,
+        rotator: Arc<Rotator>,
         chain: Arc<ChainKey>,
         principals: Principals,
         policy: LeasePolicy,
     ) -> Self {
         Self {
             store,
-            master,
+            keyring,
+            cache,
+            rotator,
             chain,
             principals,
             policy,
             shutdown: watch::channel(false).0,
         }
+    }
+
+    /// (hits, misses) of the data key cache.
+    pub fn cache_stats(&self) -> (u64, u64) {
+        self.cache.stats()
     }
 
     /// Authenticates the `authorization` metadata of a request from `peer`.
@@ -676,6 +710,8 @@ impl Vault {
                 audit: Some(audit.clone()),
             };
             if let Some(done) = self.commit_or_retry(tx, next).await? {
+                // The previous version's data key is destroyed: drop it from memory too.
+                self.cache.evict_secret(done.id);
                 return Ok(done);
             }
         }
@@ -754,6 +790,8 @@ impl Vault {
                 )
                 .await?
             {
+                // Every data key of the secret is destroyed: none may be served from memory.
+                self.cache.evict_secret(current.id);
                 return Ok(done);
             }
         }
@@ -927,6 +965,47 @@ impl Vault {
         self.conclude(audit, result).await
     }
 
+    /// Starts a master-key rotation to the configured master key (admin).
+    pub async fn rotate_master_key(&self, caller: &Caller) -> Result<RotationJob, VaultError> {
+        let audit = caller.draft(Action::RotateMasterKey);
+        let result = async {
+            let principal = caller.authorize(Operation::RotateMasterKey)?;
+            if !principal.may_access_all() {
+                return Err(AuthError::GlobalScopeRequired {
+                    principal: principal.id.clone(),
+                }
+                .into());
+            }
+            self.rotator
+                .start(audit.clone())
+                .await
+                .map_err(VaultError::Rotation)
+        }
+        .await;
+        self.conclude(audit, result).await
+    }
+
+    /// The progress of a master-key rotation (the latest, if `job_id` is empty).
+    pub async fn rotation_status(
+        &self,
+        caller: &Caller,
+        job_id: String,
+    ) -> Result<RotationJob, VaultError> {
+        let mut audit = caller.draft(Action::GetRotationStatus);
+        let result = async {
+            caller.authorize(Operation::RotateMasterKey)?;
+            let job = self
+                .rotator
+                .status(non_empty(job_id).as_deref())
+                .map_err(VaultError::Rotation)?;
+            audit.version = Some(job.target);
+            self.record(audit.clone()).await?;
+            Ok(job)
+        }
+        .await;
+        self.conclude(audit, result).await
+    }
+
     /// Ends every live audit stream (at shutdown), telling each where to resume.
     pub fn begin_shutdown(&self) {
         self.shutdown.send_replace(true);
@@ -1044,12 +1123,13 @@ impl Vault {
         let sealed =
             crypto::seal(&data_key, value.expose_secret(), &aad).map_err(VaultError::Crypto)?;
         let wrapped_key = self
-            .master
+            .keyring
             .wrap(&data_key, &wrap_context(record))
             .await
             .map_err(VaultError::Keyring)?;
         Ok(EnvelopeRecord {
             secret_id: record.id,
+            tenant: record.tenant.clone(),
             version: record.version,
             wrapped_key,
             nonce: sealed.nonce,
@@ -1059,22 +1139,33 @@ impl Vault {
     }
 
     /// Opens the envelope of `record`'s current version. The envelope must belong to it: the
-    /// data key is bound to tenant, secret id and version, and so is the value.
+    /// data key is bound to tenant, secret id and version, and so is the value. The data key
+    /// comes from the cache when it can.
     async fn open(
         &self,
         record: &SecretRecord,
         envelope: &EnvelopeRecord,
     ) -> Result<Plaintext, VaultError> {
-        let data_key = self
-            .master
-            .unwrap(&envelope.wrapped_key, &wrap_context(record))
-            .await
-            .map_err(|e| match e {
-                KeyringError::Unwrap | KeyringError::ForeignKey { .. } => {
-                    VaultError::Decrypt(DecryptFailure::Unwrap(e))
-                }
-                other => VaultError::Keyring(other),
-            })?;
+        let data_key = match self.cache.get(record.id, record.version) {
+            Some(key) => key,
+            None => {
+                let generation = self.cache.generation();
+                let key = self
+                    .keyring
+                    .unwrap(&envelope.wrapped_key, &wrap_context(record))
+                    .await
+                    .map_err(|e| match e {
+                        KeyringError::Unwrap | KeyringError::ForeignKey { .. } => {
+                            VaultError::Decrypt(DecryptFailure::Unwrap(e))
+                        }
+                        other => VaultError::Keyring(other),
+                    })?;
+                let key = Arc::new(key);
+                self.cache
+                    .insert(record.id, record.version, key.clone(), generation);
+                key
+            }
+        };
         let sealed = Sealed {
             nonce: envelope.nonce,
             ciphertext: envelope.ciphertext.clone(),

@@ -59,8 +59,8 @@ pub enum StoreError {
 /// Named values kept beside the records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetaKey {
-    /// The master key's key-check record ([`crate::keyring::StoredKey`]).
-    KeyCheck,
+    /// The master key versions and the rotation job ([`crate::rotation::KeyringState`]).
+    Keyring,
     /// The audit chain key's seed ([`crate::keyring::StoredKey`]).
     AuditSeed,
     /// SHA-256 of the bootstrap admin token, when no principals are configured.
@@ -70,7 +70,7 @@ pub enum MetaKey {
 impl MetaKey {
     fn name(self) -> &'static str {
         match self {
-            MetaKey::KeyCheck => "key-check",
+            MetaKey::Keyring => "keyring",
             MetaKey::AuditSeed => "audit-seed",
             MetaKey::BootstrapAdmin => "bootstrap-admin",
         }
@@ -118,6 +118,15 @@ pub enum Guard {
         token_hash: TokenHash,
         /// What the caller read.
         expect: Option<LeaseRecord>,
+    },
+    /// The envelope of one secret version.
+    Envelope {
+        /// The secret.
+        secret_id: SecretId,
+        /// The version.
+        version: u32,
+        /// What the caller read.
+        expect: Option<EnvelopeRecord>,
     },
 }
 
@@ -206,6 +215,16 @@ pub trait Store: Send + Sync {
         secret_id: SecretId,
         version: u32,
     ) -> Result<Option<EnvelopeRecord>, StoreError>;
+
+    /// Up to `limit` envelopes after `after` (secret id, version), in storage order.
+    fn envelopes_after(
+        &self,
+        after: Option<(SecretId, u32)>,
+        limit: usize,
+    ) -> Result<Vec<EnvelopeRecord>, StoreError>;
+
+    /// How many envelopes exist.
+    fn envelope_count(&self) -> Result<u64, StoreError>;
 
     /// The lease with this token hash.
     fn lease_by_token(&self, token_hash: &TokenHash) -> Result<Option<LeaseRecord>, StoreError>;

@@ -165,6 +165,35 @@ impl Store for SledStore {
         self.get(&codec::envelope_key(secret_id, version))
     }
 
+    fn envelopes_after(
+        &self,
+        after: Option<(SecretId, u32)>,
+        limit: usize,
+    ) -> Result<Vec<EnvelopeRecord>, StoreError> {
+        let start = match after {
+            Some((id, version)) => Bound::Excluded(codec::envelope_key(id, version)),
+            None => Bound::Included(vec![codec::ENVELOPE]),
+        };
+        let mut out = Vec::new();
+        for entry in self.tree.range((start, Bound::Unbounded)) {
+            let (key, value) = entry.map_err(engine)?;
+            if key.first() != Some(&codec::ENVELOPE) || out.len() >= limit {
+                break;
+            }
+            out.push(codec::decode(&key, &value)?);
+        }
+        Ok(out)
+    }
+
+    fn envelope_count(&self) -> Result<u64, StoreError> {
+        let mut count = 0;
+        for entry in self.tree.scan_prefix([codec::ENVELOPE]) {
+            entry.map_err(engine)?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
     fn lease_by_token(&self, token_hash: &TokenHash) -> Result<Option<LeaseRecord>, StoreError> {
         self.get(&codec::lease_key(token_hash))
     }
@@ -453,6 +482,14 @@ impl Writer {
             ),
             Guard::Lease { token_hash, expect } => (
                 codec::lease_key(token_hash),
+                expect.as_ref().map(encode).transpose()?,
+            ),
+            Guard::Envelope {
+                secret_id,
+                version,
+                expect,
+            } => (
+                codec::envelope_key(*secret_id, *version),
                 expect.as_ref().map(encode).transpose()?,
             ),
         };

@@ -34,9 +34,11 @@ fn secret(t: &str, n: &str) -> SecretRecord {
 fn envelope(id: SecretId, version: u32) -> EnvelopeRecord {
     EnvelopeRecord {
         secret_id: id,
+        tenant: tenant("t"),
         version,
         wrapped_key: WrappedKey {
             key_id: "k".into(),
+            key_version: 1,
             blob: vec![version as u8; 8],
         },
         nonce: [0; 12],
@@ -160,13 +162,13 @@ async fn records_round_trip(store: &dyn Store) {
 
     store
         .commit(Transaction {
-            writes: vec![Write::PutMeta(MetaKey::KeyCheck, b"check".to_vec())],
+            writes: vec![Write::PutMeta(MetaKey::Keyring, b"check".to_vec())],
             ..Default::default()
         })
         .await
         .unwrap();
     assert_eq!(
-        store.meta(MetaKey::KeyCheck).unwrap().as_deref(),
+        store.meta(MetaKey::Keyring).unwrap().as_deref(),
         Some(&b"check"[..])
     );
     assert_eq!(store.meta(MetaKey::BootstrapAdmin).unwrap(), None);
@@ -259,6 +261,35 @@ async fn envelopes_are_destroyed(store: &dyn Store) {
         .unwrap();
     assert_eq!(store.envelope(s.id, 3).unwrap(), None);
     assert!(store.envelope(other.id, 1).unwrap().is_some());
+
+    // Walking all envelopes in order, and guarding one.
+    let all = store.envelopes_after(None, usize::MAX).unwrap();
+    assert_eq!(all.len() as u64, store.envelope_count().unwrap());
+    assert!(all.iter().any(|e| e.secret_id == other.id));
+    let first = (all[0].secret_id, all[0].version);
+    assert_eq!(
+        store.envelopes_after(Some(first), usize::MAX).unwrap(),
+        all[1..]
+    );
+    assert_eq!(store.envelopes_after(None, 1).unwrap(), all[..1]);
+    let current = store.envelope(other.id, 1).unwrap().unwrap();
+    let mut rewrapped = current.clone();
+    rewrapped.wrapped_key.key_version = 2;
+    let guarded = |expect: EnvelopeRecord| Transaction {
+        guards: vec![Guard::Envelope {
+            secret_id: other.id,
+            version: 1,
+            expect: Some(expect),
+        }],
+        writes: vec![Write::PutEnvelope(rewrapped.clone())],
+        audit: None,
+    };
+    store.commit(guarded(current.clone())).await.unwrap();
+    assert!(matches!(
+        store.commit(guarded(current)).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(store.envelope(other.id, 1).unwrap(), Some(rewrapped));
 }
 
 async fn leases_are_indexed(store: &dyn Store) {

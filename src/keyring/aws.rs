@@ -1,0 +1,171 @@
+//! The AWS KMS master key (`aws-sdk-kms`).
+//!
+//! Data keys are wrapped with KMS `Encrypt` under the configured key id, ARN or alias, always
+//! with an encryption context naming tenant, secret id and version; unwrap uses `Decrypt` with
+//! the same context and key id, so KMS itself refuses a data key moved to another record.
+//! Credentials come from the standard AWS chain (environment, profile, IMDS/ECS). Throttling
+//! and network failures are retried with backoff by the SDK, within `operation_timeout`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::primitives::Blob;
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use zeroize::Zeroizing;
+
+use super::{KeyringError, MasterKey, WrapContext};
+use crate::crypto::SymmetricKey;
+
+/// How byokd talks to KMS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AwsSettings {
+    /// TCP/TLS connect timeout.
+    pub connect_timeout: Duration,
+    /// Limit on one KMS operation, retries included.
+    pub operation_timeout: Duration,
+    /// Attempts per operation (1: no retries).
+    pub max_attempts: u32,
+}
+
+impl Default for AwsSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(3),
+            operation_timeout: Duration::from_secs(10),
+            max_attempts: 3,
+        }
+    }
+}
+
+/// A master key in AWS KMS.
+pub struct AwsKmsMasterKey {
+    client: aws_sdk_kms::Client,
+    /// The key as configured (id, ARN or alias), as sent to KMS.
+    kms_key: String,
+    /// `aws-kms:` and the configured key: byokd's id of this master key.
+    key_id: String,
+}
+
+impl AwsKmsMasterKey {
+    /// A client for `key_id` (id, ARN or alias). Nothing is sent until the first wrap or
+    /// unwrap; the startup key check is the first.
+    pub async fn connect(
+        key_id: &str,
+        region: Option<&str>,
+        endpoint_url: Option<&str>,
+        settings: &AwsSettings,
+    ) -> Self {
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+            .build_https();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http)
+            .retry_config(RetryConfig::standard().with_max_attempts(settings.max_attempts.max(1)))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(settings.connect_timeout)
+                    .operation_timeout(settings.operation_timeout)
+                    .build(),
+            );
+        if let Some(region) = region {
+            loader = loader.region(Region::new(region.to_string()));
+        }
+        if let Some(url) = endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        let config = loader.load().await;
+        Self {
+            client: aws_sdk_kms::Client::new(&config),
+            kms_key: key_id.to_string(),
+            key_id: format!("aws-kms:{key_id}"),
+        }
+    }
+}
+
+fn encryption_context(context: &WrapContext) -> HashMap<String, String> {
+    context
+        .pairs()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
+#[async_trait::async_trait]
+impl MasterKey for AwsKmsMasterKey {
+    fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    async fn wrap(
+        &self,
+        key: &SymmetricKey,
+        context: &WrapContext,
+    ) -> Result<Vec<u8>, KeyringError> {
+        let output = self
+            .client
+            .encrypt()
+            .key_id(&self.kms_key)
+            .plaintext(Blob::new(key.expose_secret().to_vec()))
+            .set_encryption_context(Some(encryption_context(context)))
+            .send()
+            .await
+            .map_err(classify)?;
+        output
+            .ciphertext_blob
+            .map(Blob::into_inner)
+            .ok_or_else(|| KeyringError::Unavailable("KMS Encrypt returned no ciphertext".into()))
+    }
+
+    async fn unwrap(
+        &self,
+        blob: &[u8],
+        context: &WrapContext,
+    ) -> Result<SymmetricKey, KeyringError> {
+        let output = self
+            .client
+            .decrypt()
+            .key_id(&self.kms_key)
+            .ciphertext_blob(Blob::new(blob.to_vec()))
+            .set_encryption_context(Some(encryption_context(context)))
+            .send()
+            .await
+            .map_err(classify)?;
+        let plaintext = Zeroizing::new(output.plaintext.map(Blob::into_inner).unwrap_or_default());
+        SymmetricKey::from_slice(&plaintext).map_err(|_| KeyringError::Unwrap)
+    }
+}
+
+/// Maps a KMS failure onto what the caller should make of it.
+fn classify<E, R>(err: SdkError<E, R>) -> KeyringError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    let detail = DisplayErrorContext(&err).to_string();
+    match &err {
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or("");
+            match code {
+                // The ciphertext or its context does not match: for byokd, a failed unwrap.
+                "InvalidCiphertextException" | "IncorrectKeyException" => KeyringError::Unwrap,
+                "DisabledException"
+                | "KMSInvalidStateException"
+                | "NotFoundException"
+                | "AccessDeniedException"
+                | "InvalidKeyUsageException"
+                | "UnrecognizedClientException"
+                | "InvalidSignatureException"
+                | "IncompleteSignature" => KeyringError::KeyUnusable(detail),
+                _ => KeyringError::Unavailable(detail),
+            }
+        }
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            KeyringError::Unavailable(detail)
+        }
+        _ => KeyringError::KeyUnusable(detail),
+    }
+}

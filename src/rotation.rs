@@ -1,0 +1,382 @@
+//! Master-key rotation: a new master key version becomes current at once, and a background
+//! job rewraps every data key (never a value: only data keys are unwrapped) from the older
+//! versions to it. The job's position is committed with each batch it rewraps, so it resumes
+//! after a crash where it stopped. Reads keep working throughout: every wrapped key names the
+//! version that wrapped it, and the keyring keeps older versions until the job is done.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::keyring::{
+    AwsSettings, Keyring, KeyringError, MasterKeySpec, StoredKey, WrapContext, make_key_check,
+};
+use crate::model::{Action, AuditDraft, EnvelopeRecord, SecretId, Time};
+use crate::store::{Guard, MetaKey, Store, StoreError, Transaction, Write};
+
+/// The data directory's master key versions and its rotation job, kept in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyringState {
+    /// The version that wraps new data keys.
+    pub current: u32,
+    /// Every version, retired ones included (their keys are no longer needed).
+    pub versions: Vec<KeyVersion>,
+    /// The latest rotation job, running or finished.
+    pub rotation: Option<RotationJob>,
+}
+
+/// One master key version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyVersion {
+    /// Version number, from 1.
+    pub version: u32,
+    /// Where the key is.
+    pub spec: MasterKeySpec,
+    /// The key's id, as recorded in the keys it wraps.
+    pub key_id: String,
+    /// A random key wrapped by this version: unwrapping it at startup proves the key is right.
+    pub check: Vec<u8>,
+    /// When the last data key it wrapped was rewrapped away from it.
+    pub retired_at: Option<Time>,
+}
+
+/// A rotation job's progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotationJob {
+    /// Job id.
+    pub id: String,
+    /// The version every data key is rewrapped to.
+    pub target: u32,
+    /// When it started.
+    pub started_at: Time,
+    /// When it finished.
+    pub finished_at: Option<Time>,
+    /// Envelopes when it started.
+    pub total: u64,
+    /// Data keys rewrapped so far.
+    pub rewrapped: u64,
+    /// Pass over the envelopes (a pass that rewraps nothing ends the job).
+    pub pass: u32,
+    /// Data keys rewrapped in this pass.
+    pub pass_rewrapped: u64,
+    /// Last envelope (secret id, version) handled in this pass.
+    pub cursor: Option<(SecretId, u32)>,
+}
+
+impl KeyringState {
+    /// The state stored in `store`, if any.
+    pub fn load(store: &dyn Store) -> Result<Option<Self>, RotationError> {
+        store
+            .meta(MetaKey::Keyring)?
+            .map(|bytes| postcard::from_bytes(&bytes).map_err(|_| RotationError::CorruptState))
+            .transpose()
+    }
+
+    /// The write that stores this state.
+    pub fn write(&self) -> Result<Write, RotationError> {
+        let bytes = postcard::to_stdvec(self).map_err(|_| RotationError::CorruptState)?;
+        Ok(Write::PutMeta(MetaKey::Keyring, bytes))
+    }
+
+    /// The record of `version`.
+    pub fn version(&self, version: u32) -> Option<&KeyVersion> {
+        self.versions.iter().find(|v| v.version == version)
+    }
+
+    /// True while a rotation job is unfinished.
+    pub fn rotating(&self) -> bool {
+        self.rotation
+            .as_ref()
+            .is_some_and(|job| job.finished_at.is_none())
+    }
+}
+
+/// Errors of rotation.
+#[derive(Debug, thiserror::Error)]
+pub enum RotationError {
+    /// A job is already running.
+    #[error("master key rotation {0} is still running")]
+    InProgress(String),
+    /// No such job.
+    #[error("no rotation job {0}")]
+    NoSuchJob(String),
+    /// The stored keyring state does not decode.
+    #[error("corrupt keyring state in the data directory")]
+    CorruptState,
+    /// A master key failed.
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Where a rotation gets its new key from, and how it works.
+#[derive(Debug, Clone)]
+pub struct RotationSettings {
+    /// The configured master key: the target of the next rotation. A local key gets a new
+    /// file next to the configured one (`<path>.v<N>`); a KMS key is used as it is (the same
+    /// key id again rewraps onto its newest backing key after a KMS-side rotation).
+    pub target: MasterKeySpec,
+    /// How to reach KMS.
+    pub aws: AwsSettings,
+    /// Envelopes rewrapped per commit.
+    pub batch: usize,
+}
+
+/// Starts, runs and reports rotation jobs.
+pub struct Rotator {
+    store: Arc<dyn Store>,
+    keyring: Arc<Keyring>,
+    settings: RotationSettings,
+    /// Serializes job starts (and a job's bookkeeping against a new start).
+    control: tokio::sync::Mutex<()>,
+}
+
+impl Rotator {
+    /// A rotator over `store` and `keyring`.
+    pub fn new(store: Arc<dyn Store>, keyring: Arc<Keyring>, settings: RotationSettings) -> Self {
+        Self {
+            store,
+            keyring,
+            settings,
+            control: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Creates the next master key version from the configured master key, makes it current,
+    /// and starts the rewrap job. `audit` is committed with the new state.
+    pub async fn start(
+        self: &Arc<Self>,
+        mut audit: AuditDraft,
+    ) -> Result<RotationJob, RotationError> {
+        let _guard = self.control.lock().await;
+        let mut state = KeyringState::load(&*self.store)?.ok_or(RotationError::CorruptState)?;
+        if let Some(job) = state.rotation.as_ref().filter(|_| state.rotating()) {
+            return Err(RotationError::InProgress(job.id.clone()));
+        }
+        let version = state.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+        let spec = match &self.settings.target {
+            MasterKeySpec::Local { path } => {
+                let mut file = path.clone().into_os_string();
+                file.push(format!(".v{version}"));
+                MasterKeySpec::Local { path: file.into() }
+            }
+            aws @ MasterKeySpec::AwsKms { .. } => aws.clone(),
+        };
+        let (key, _) = spec.open(&self.settings.aws, true).await?;
+        let check = make_key_check(&*key).await?;
+        let job = RotationJob {
+            id: uuid::Uuid::new_v4().to_string(),
+            target: version,
+            started_at: Time::now(),
+            finished_at: None,
+            total: self.store.envelope_count()?,
+            rewrapped: 0,
+            pass: 1,
+            pass_rewrapped: 0,
+            cursor: None,
+        };
+        state.versions.push(KeyVersion {
+            version,
+            spec: spec.clone(),
+            key_id: key.key_id().to_string(),
+            check,
+            retired_at: None,
+        });
+        state.current = version;
+        state.rotation = Some(job.clone());
+        audit.version = Some(version);
+        audit.reason = format!(
+            "new master key version {version}: {spec}; rewrap job {}",
+            job.id
+        );
+        // Unwrappable from now on; current only once the state that names it is durable.
+        self.keyring.add(version, key.clone(), false);
+        self.store
+            .commit(Transaction {
+                writes: vec![state.write()?],
+                audit: Some(audit),
+                ..Default::default()
+            })
+            .await?;
+        self.keyring.add(version, key, true);
+        tracing::info!(version, job = %job.id, "master key rotation started");
+        tokio::spawn(self.clone().run());
+        Ok(job)
+    }
+
+    /// The job `id`, or the latest one.
+    pub fn status(&self, id: Option<&str>) -> Result<RotationJob, RotationError> {
+        let state = KeyringState::load(&*self.store)?.ok_or(RotationError::CorruptState)?;
+        match (state.rotation, id) {
+            (Some(job), None) => Ok(job),
+            (Some(job), Some(id)) if job.id == id => Ok(job),
+            (_, id) => Err(RotationError::NoSuchJob(id.unwrap_or("").to_string())),
+        }
+    }
+
+    /// Continues an unfinished job (after a restart).
+    pub fn resume(self: &Arc<Self>, state: &KeyringState) {
+        if state.rotating() {
+            tracing::info!("resuming the unfinished master key rotation");
+            tokio::spawn(self.clone().run());
+        }
+    }
+
+    async fn run(self: Arc<Self>) {
+        loop {
+            match self.step().await {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => {
+                    // Transient (KMS unavailable, store busy): try again shortly.
+                    tracing::warn!(error = %e, "master key rewrap step failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Rewraps one batch, or finishes the pass or the job. False when there is nothing left.
+    async fn step(&self) -> Result<bool, RotationError> {
+        let _guard = self.control.lock().await;
+        let mut state = KeyringState::load(&*self.store)?.ok_or(RotationError::CorruptState)?;
+        let Some(mut job) = state.rotation.clone().filter(|_| state.rotating()) else {
+            return Ok(false);
+        };
+        let batch = self
+            .store
+            .envelopes_after(job.cursor, self.settings.batch.max(1))?;
+        let Some(last) = batch.last().map(|e| (e.secret_id, e.version)) else {
+            if job.pass_rewrapped > 0 {
+                // Something was still wrapped by an older version: go over everything again,
+                // until a pass finds nothing left to do.
+                job.pass += 1;
+                job.pass_rewrapped = 0;
+                job.cursor = None;
+                state.rotation = Some(job);
+                self.commit(vec![state.write()?], Vec::new(), None).await?;
+                return Ok(true);
+            }
+            self.finish(state, job).await?;
+            return Ok(false);
+        };
+        let mut guards = Vec::new();
+        let mut writes = Vec::new();
+        for envelope in batch {
+            if envelope.wrapped_key.key_version == job.target {
+                continue;
+            }
+            let rewrapped = self.rewrap(&envelope, job.target).await?;
+            guards.push(Guard::Envelope {
+                secret_id: envelope.secret_id,
+                version: envelope.version,
+                expect: Some(envelope),
+            });
+            writes.push(Write::PutEnvelope(rewrapped));
+        }
+        let count = writes.len() as u64;
+        job.cursor = Some(last);
+        job.rewrapped += count;
+        job.pass_rewrapped += count;
+        state.rotation = Some(job);
+        writes.push(state.write()?);
+        match self.commit(writes, guards, None).await {
+            // An envelope changed under us (rotated or revoked): read the batch again.
+            Err(RotationError::Store(StoreError::Conflict)) => Ok(true),
+            other => other.map(|()| true),
+        }
+    }
+
+    async fn rewrap(
+        &self,
+        envelope: &EnvelopeRecord,
+        target: u32,
+    ) -> Result<EnvelopeRecord, RotationError> {
+        let context = WrapContext::SecretVersion {
+            tenant: envelope.tenant.clone(),
+            secret_id: envelope.secret_id,
+            version: envelope.version,
+        };
+        let data_key = self.keyring.unwrap(&envelope.wrapped_key, &context).await?;
+        let mut out = envelope.clone();
+        out.wrapped_key = self.keyring.wrap_with(target, &data_key, &context).await?;
+        Ok(out)
+    }
+
+    /// Rewraps the audit seed, retires every older version and records the end of the job.
+    async fn finish(
+        &self,
+        mut state: KeyringState,
+        mut job: RotationJob,
+    ) -> Result<(), RotationError> {
+        let mut writes = Vec::new();
+        if let Some(bytes) = self.store.meta(MetaKey::AuditSeed)? {
+            let seed: StoredKey =
+                postcard::from_bytes(&bytes).map_err(|_| RotationError::CorruptState)?;
+            if seed.wrapped.key_version != job.target {
+                let key = seed.unwrap(&self.keyring, &WrapContext::AuditSeed).await?;
+                let wrapped = self
+                    .keyring
+                    .wrap_with(job.target, &key, &WrapContext::AuditSeed)
+                    .await?;
+                let bytes = postcard::to_stdvec(&StoredKey { wrapped })
+                    .map_err(|_| RotationError::CorruptState)?;
+                writes.push(Write::PutMeta(MetaKey::AuditSeed, bytes));
+            }
+        }
+        let now = Time::now();
+        let mut retired = Vec::new();
+        for v in &mut state.versions {
+            if v.version != job.target && v.retired_at.is_none() {
+                v.retired_at = Some(now);
+                retired.push(v.version);
+            }
+        }
+        job.finished_at = Some(now);
+        state.rotation = Some(job.clone());
+        writes.push(state.write()?);
+        let mut audit = AuditDraft::new(Action::Rewrap, None, None);
+        audit.version = Some(job.target);
+        audit.reason = format!(
+            "rotation {} done: {} data keys rewrapped to master key version {}; retired versions {retired:?}",
+            job.id, job.rewrapped, job.target
+        );
+        self.commit(writes, Vec::new(), Some(audit)).await?;
+        for version in &retired {
+            self.keyring.remove(*version);
+        }
+        let files: BTreeMap<u32, String> = state
+            .versions
+            .iter()
+            .filter(|v| retired.contains(&v.version))
+            .map(|v| (v.version, v.spec.to_string()))
+            .collect();
+        tracing::info!(
+            job = %job.id,
+            rewrapped = job.rewrapped,
+            no_longer_needed = ?files,
+            "master key rotation finished; the retired keys are no longer needed"
+        );
+        Ok(())
+    }
+
+    async fn commit(
+        &self,
+        writes: Vec<Write>,
+        guards: Vec<Guard>,
+        audit: Option<AuditDraft>,
+    ) -> Result<(), RotationError> {
+        self.store
+            .commit(Transaction {
+                guards,
+                writes,
+                audit,
+            })
+            .await
+            .map(drop)
+            .map_err(RotationError::from)
+    }
+}
