@@ -49,7 +49,7 @@ fn entry(i: u64) -> AuditDraft {
     d.tenant = Some(TenantId::parse(format!("tenant-{}", secret / NAMES_PER_TENANT)).unwrap());
     d.name = Some(SecretName::parse(format!("key-{}", secret % NAMES_PER_TENANT)).unwrap());
     d.version = Some(1);
-    d.outcome = if i % 97 == 0 {
+    d.outcome = if i.is_multiple_of(97) {
         Outcome::PermissionDenied
     } else {
         Outcome::Ok
