@@ -348,10 +348,11 @@ impl Rotator {
         for version in &retired {
             self.keyring.remove(*version);
         }
+        let target_spec = state.version(job.target).map(|v| v.spec.clone());
         let files: BTreeMap<u32, String> = state
             .versions
             .iter()
-            .filter(|v| retired.contains(&v.version))
+            .filter(|v| retired.contains(&v.version) && Some(&v.spec) != target_spec.as_ref())
             .map(|v| (v.version, v.spec.to_string()))
             .collect();
         tracing::info!(

@@ -1147,8 +1147,12 @@ impl Vault {
         envelope: &EnvelopeRecord,
     ) -> Result<Plaintext, VaultError> {
         let data_key = match self.cache.get(record.id, record.version) {
-            Some(key) => key,
+            Some(key) => {
+                tracing::trace!(secret_id = %record.id, version = record.version, "data key from the cache");
+                key
+            }
             None => {
+                tracing::trace!(secret_id = %record.id, version = record.version, "data key unwrapped by the master key");
                 let generation = self.cache.generation();
                 let key = self
                     .keyring

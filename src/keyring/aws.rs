@@ -78,8 +78,14 @@ impl AwsKmsMasterKey {
             loader = loader.endpoint_url(url);
         }
         let config = loader.load().await;
+        Self::from_client(aws_sdk_kms::Client::new(&config), key_id)
+    }
+
+    /// A master key for `key_id` using an already configured client (e.g. with its own
+    /// credentials provider).
+    pub fn from_client(client: aws_sdk_kms::Client, key_id: &str) -> Self {
         Self {
-            client: aws_sdk_kms::Client::new(&config),
+            client,
             kms_key: key_id.to_string(),
             key_id: format!("aws-kms:{key_id}"),
         }
