@@ -39,6 +39,7 @@ pub const PRINCIPALS: &[(&str, &str, &[&str], &[&str])] = &[
     ),
 ];
 
+pub const ADMIN: &str = "tok-admin";
 pub const ORCHESTRATOR: &str = "tok-orchestrator";
 pub const AGENT: &str = "tok-agent";
 pub const AGENT2: &str = "tok-agent2";

@@ -10,4 +10,5 @@ mod durability;
 mod kms;
 mod leases;
 mod reflection;
+mod rotation;
 mod walkthrough;
