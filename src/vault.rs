@@ -1427,3 +1427,42 @@ fn time_field(field: &'static str, t: Option<(i64, i32)>) -> Result<Option<Time>
     })
     .transpose()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_service_failures_map_to_statuses_without_details() {
+        let cases = [
+            (
+                KeyringError::Unavailable("arn:aws:kms:eu-west-1:1:key/abc throttled".into()),
+                Outcome::Unavailable,
+            ),
+            (
+                KeyringError::KeyUnusable(
+                    "DisabledException: arn:aws:kms:eu-west-1:1:key/abc".into(),
+                ),
+                Outcome::FailedPrecondition,
+            ),
+            (KeyringError::Derive, Outcome::Internal),
+        ];
+        for (error, outcome) in cases {
+            let error = VaultError::Keyring(error);
+            assert_eq!(error.outcome(), outcome, "{error:?}");
+            assert!(error.is_internal(), "{error:?} is logged with its cause");
+            assert!(
+                !error.public_message().contains("arn:"),
+                "{}",
+                error.public_message()
+            );
+        }
+        let unwrap = VaultError::Decrypt(DecryptFailure::Unwrap(KeyringError::Unwrap));
+        assert_eq!(
+            (unwrap.outcome(), unwrap.public_message().as_str()),
+            (Outcome::DataLoss, "decryption failed")
+        );
+        let busy = VaultError::Rotation(RotationError::InProgress("job".into()));
+        assert_eq!(busy.outcome(), Outcome::FailedPrecondition);
+    }
+}

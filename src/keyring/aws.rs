@@ -175,3 +175,59 @@ where
         _ => KeyringError::KeyUnusable(detail),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_kms::config::http::HttpResponse;
+    use aws_sdk_kms::error::ErrorMetadata;
+    use aws_sdk_kms::operation::encrypt::EncryptError;
+    use aws_smithy_runtime_api::http::StatusCode;
+    use aws_smithy_types::body::SdkBody;
+
+    use super::*;
+
+    fn service_error(code: &str) -> SdkError<EncryptError, HttpResponse> {
+        let err = EncryptError::generic(
+            ErrorMetadata::builder()
+                .code(code)
+                .message("from KMS")
+                .build(),
+        );
+        let status = StatusCode::try_from(400).unwrap();
+        SdkError::service_error(err, HttpResponse::new(status, SdkBody::empty()))
+    }
+
+    #[test]
+    fn kms_errors_map_to_what_the_caller_can_do() {
+        for code in [
+            "DisabledException",
+            "KMSInvalidStateException",
+            "NotFoundException",
+            "AccessDeniedException",
+        ] {
+            assert!(
+                matches!(classify(service_error(code)), KeyringError::KeyUnusable(_)),
+                "{code}"
+            );
+        }
+        for code in [
+            "ThrottlingException",
+            "KMSInternalException",
+            "DependencyTimeoutException",
+            "SomethingNew",
+        ] {
+            assert!(
+                matches!(classify(service_error(code)), KeyringError::Unavailable(_)),
+                "{code}"
+            );
+        }
+        for code in ["InvalidCiphertextException", "IncorrectKeyException"] {
+            assert!(
+                matches!(classify(service_error(code)), KeyringError::Unwrap),
+                "{code}"
+            );
+        }
+        let timeout: SdkError<EncryptError, HttpResponse> = SdkError::timeout_error("deadline");
+        assert!(matches!(classify(timeout), KeyringError::Unavailable(_)));
+    }
+}
