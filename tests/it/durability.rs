@@ -16,20 +16,7 @@ async fn acknowledged_writes_and_consumed_uses_survive_kill_9() {
     let dir = TestDir::new();
     let server = dir.start();
     // Concurrent acknowledged writes, then no clean shutdown at all.
-    let tasks: Vec<_> = (0..40)
-        .map(|i| {
-            let addr = server.addr;
-            tokio::spawn(async move {
-                let mut c = connect(addr, Some(ORCHESTRATOR)).await;
-                c.store(store_req("acme", &format!("k{i}"), &value(i)))
-                    .await
-                    .unwrap();
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
+    store_many(&server, 40, value).await;
     let mut orch = server.as_(ORCHESTRATOR).await;
     orch.rotate(pb::RotateRequest {
         tenant: "acme".into(),

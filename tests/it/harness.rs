@@ -601,3 +601,23 @@ pub async fn lifecycle(server: &TestServer) {
         );
     }
 }
+
+/// Stores `acme/k0` .. `acme/k{n-1}` with `value(i)`, from 8 concurrent clients.
+pub async fn store_many(server: &TestServer, n: usize, value: fn(usize) -> Vec<u8>) {
+    let tasks: Vec<_> = (0..8)
+        .map(|w| {
+            let addr = server.addr;
+            tokio::spawn(async move {
+                let mut c = connect(addr, Some(ORCHESTRATOR)).await;
+                for i in (w..n).step_by(8) {
+                    c.store(store_req("acme", &format!("k{i}"), &value(i)))
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}

@@ -14,25 +14,6 @@ fn value(i: usize) -> Vec<u8> {
     format!("sk-rotation-{i:04}-0123456789abcdefghijkl").into_bytes()
 }
 
-async fn store_many(server: &TestServer, n: usize) {
-    let tasks: Vec<_> = (0..8)
-        .map(|w| {
-            let addr = server.addr;
-            tokio::spawn(async move {
-                let mut c = connect(addr, Some(ORCHESTRATOR)).await;
-                for i in (w..n).step_by(8) {
-                    c.store(store_req("acme", &format!("k{i}"), &value(i)))
-                        .await
-                        .unwrap();
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-}
-
 async fn assert_all_readable(server: &TestServer, n: usize) {
     for i in 0..n {
         assert_eq!(
@@ -87,7 +68,7 @@ async fn wait_done(server: &TestServer, job_id: &str) -> pb::RotationStatus {
 async fn a_rotation_under_load_keeps_reads_working_and_retires_the_old_key() {
     let dir = TestDir::with_config("[master_key]\nrewrap_batch = 4\n");
     let server = dir.start();
-    store_many(&server, 60).await;
+    store_many(&server, 60, value).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (reads, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -196,7 +177,7 @@ async fn a_rotation_under_load_keeps_reads_working_and_retires_the_old_key() {
 async fn a_rotation_interrupted_by_kill_9_resumes_where_it_stopped() {
     let dir = TestDir::with_config("[master_key]\nrewrap_batch = 1\n");
     let server = dir.start();
-    store_many(&server, 400).await;
+    store_many(&server, 400, value).await;
     let started = rotate(&server).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let progress = loop {
@@ -234,7 +215,7 @@ async fn switching_from_a_local_key_to_kms_and_back_is_a_rotation() {
     let kms_key = moto.create_key().await;
     let dir = TestDir::new();
     let server = dir.start();
-    store_many(&server, 20).await;
+    store_many(&server, 20, value).await;
     assert!(server.stop().await.success());
 
     // To KMS: configure the KMS key, restart, rotate.
@@ -298,7 +279,7 @@ async fn rotation_is_for_admins_and_one_at_a_time() {
         Code::NotFound,
         "no rotation job",
     );
-    store_many(&server, 300).await;
+    store_many(&server, 300, value).await;
     let first = rotate(&server).await;
     // 300 rewraps, each its own durable commit, take far longer than one more request.
     let second = server
