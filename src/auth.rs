@@ -24,6 +24,18 @@ pub enum AuthError {
     /// A token no principal has.
     #[error("unknown bearer token")]
     UnknownToken,
+    /// A client certificate (verified against the client CA) that no principal claims.
+    #[error("client certificate identity is not mapped to a principal")]
+    UnknownCertificate,
+    /// The principal sent more requests than its rate limit allows.
+    #[error("principal {principal} is over its request rate; retry later")]
+    RateLimited {
+        /// The principal.
+        principal: PrincipalId,
+    },
+    /// The bearer token and the client certificate name different principals.
+    #[error("bearer token and client certificate belong to different principals")]
+    CredentialsDisagree,
     /// The principal lacks every role that grants the operation.
     #[error("principal {principal} may not {operation}")]
     RoleDenied {
@@ -155,17 +167,70 @@ pub fn token_digest(token: &str) -> TokenDigest {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// An identity carried by a client certificate, as the config names it: a URI SAN such as a
+/// SPIFFE ID (`spiffe://trust-domain/workload`), a DNS SAN (`dns:agent.internal`) or the
+/// subject common name (`cn:agent`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CertIdentity {
+    /// A URI SAN, e.g. a SPIFFE ID.
+    Uri(String),
+    /// A DNS SAN (compared case-insensitively).
+    Dns(String),
+    /// The subject's common name.
+    CommonName(String),
+}
+
+impl CertIdentity {
+    /// Parses the config form: `spiffe://...` or `uri:...`, `dns:...`, `cn:...`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        if text.starts_with("spiffe://") {
+            return Some(CertIdentity::Uri(text.to_string()));
+        }
+        let (kind, value) = text.split_once(':')?;
+        match kind {
+            "uri" => non_empty(value).map(CertIdentity::Uri),
+            "dns" => non_empty(value).map(|v| CertIdentity::Dns(v.to_ascii_lowercase())),
+            "cn" => non_empty(value).map(CertIdentity::CommonName),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for CertIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CertIdentity::Uri(u) => f.write_str(u),
+            CertIdentity::Dns(d) => write!(f, "dns:{d}"),
+            CertIdentity::CommonName(c) => write!(f, "cn:{c}"),
+        }
+    }
+}
+
+/// A token bucket: `per_second` requests on average, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Sustained requests per second.
+    pub per_second: u32,
+    /// Requests allowed at once.
+    pub burst: u32,
+}
+
 /// A configured caller.
 #[derive(Debug, Clone)]
 pub struct Principal {
     /// Its id, as recorded in the audit trail.
     pub id: PrincipalId,
-    /// SHA-256 of its bearer token.
-    pub token_sha256: TokenDigest,
+    /// SHA-256 of its bearer token, if it authenticates with one.
+    pub token_sha256: Option<TokenDigest>,
+    /// Client certificate identities that authenticate it (with mTLS).
+    pub cert_ids: BTreeSet<CertIdentity>,
     /// Its roles.
     pub roles: BTreeSet<Role>,
     /// Its tenants.
     pub tenants: TenantScope,
+    /// Its own request rate limit, instead of the default.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl Principal {
@@ -231,9 +296,30 @@ impl Principals {
         self.0.is_empty()
     }
 
-    /// Authenticates the value of an `authorization` header.
-    pub fn authenticate(&self, header: Option<&str>) -> Result<&Principal, AuthError> {
-        let header = header.ok_or(AuthError::MissingToken)?;
+    /// Every configured principal.
+    pub fn iter(&self) -> impl Iterator<Item = &Principal> {
+        self.0.iter()
+    }
+
+    /// Authenticates a request by its `authorization` header and the identities of its
+    /// (CA-verified) client certificate. Either may identify the principal; if both do, they
+    /// must agree.
+    pub fn authenticate(
+        &self,
+        header: Option<&str>,
+        cert: &[CertIdentity],
+    ) -> Result<&Principal, AuthError> {
+        let by_cert = self
+            .0
+            .iter()
+            .find(|p| cert.iter().any(|id| p.cert_ids.contains(id)));
+        let Some(header) = header else {
+            return match (by_cert, cert.is_empty()) {
+                (Some(p), _) => Ok(p),
+                (None, false) => Err(AuthError::UnknownCertificate),
+                (None, true) => Err(AuthError::MissingToken),
+            };
+        };
         let token = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
@@ -244,11 +330,17 @@ impl Principals {
         // Look at every principal, whatever matches, so timing does not depend on the token.
         let mut found = None;
         for p in &self.0 {
-            if bool::from(p.token_sha256.ct_eq(&digest)) {
+            if let Some(known) = &p.token_sha256
+                && bool::from(known.ct_eq(&digest))
+            {
                 found = Some(p);
             }
         }
-        found.ok_or(AuthError::UnknownToken)
+        let by_token = found.ok_or(AuthError::UnknownToken)?;
+        match by_cert {
+            Some(p) if p.id != by_token.id => Err(AuthError::CredentialsDisagree),
+            _ => Ok(by_token),
+        }
     }
 }
 
@@ -259,7 +351,9 @@ mod tests {
     fn principal(id: &str, token: &str, roles: &[Role], tenants: Option<&[&str]>) -> Principal {
         Principal {
             id: PrincipalId::parse(id).unwrap(),
-            token_sha256: token_digest(token),
+            token_sha256: Some(token_digest(token)),
+            cert_ids: BTreeSet::new(),
+            rate_limit: None,
             roles: roles.iter().copied().collect(),
             tenants: match tenants {
                 None => TenantScope::All,
@@ -277,26 +371,93 @@ mod tests {
             principal("agent", "tok-b", &[Role::Reader], Some(&["acme"])),
         ]);
         assert_eq!(
-            ps.authenticate(Some("Bearer tok-b")).unwrap().id.as_str(),
+            ps.authenticate(Some("Bearer tok-b"), &[])
+                .unwrap()
+                .id
+                .as_str(),
             "agent"
         );
-        assert_eq!(ps.authenticate(None).unwrap_err(), AuthError::MissingToken);
         assert_eq!(
-            ps.authenticate(Some("tok-b")).unwrap_err(),
+            ps.authenticate(None, &[]).unwrap_err(),
+            AuthError::MissingToken
+        );
+        assert_eq!(
+            ps.authenticate(Some("tok-b"), &[]).unwrap_err(),
             AuthError::MalformedHeader
         );
         assert_eq!(
-            ps.authenticate(Some("Bearer ")).unwrap_err(),
+            ps.authenticate(Some("Bearer "), &[]).unwrap_err(),
             AuthError::MalformedHeader
         );
         assert_eq!(
-            ps.authenticate(Some("Bearer tok-c")).unwrap_err(),
+            ps.authenticate(Some("Bearer tok-c"), &[]).unwrap_err(),
             AuthError::UnknownToken
         );
         assert_eq!(
-            ps.authenticate(Some("Bearer tok-")).unwrap_err(),
+            ps.authenticate(Some("Bearer tok-"), &[]).unwrap_err(),
             AuthError::UnknownToken
         );
+    }
+
+    #[test]
+    fn client_certificates_identify_principals() {
+        let spiffe = CertIdentity::parse("spiffe://prod/agent").unwrap();
+        let mut agent = principal("agent", "tok-b", &[Role::Reader], None);
+        agent.cert_ids.insert(spiffe.clone());
+        let mut cert_only = principal("sidecar", "unused", &[Role::Reader], None);
+        cert_only.token_sha256 = None;
+        cert_only
+            .cert_ids
+            .insert(CertIdentity::parse("dns:Sidecar.Internal").unwrap());
+        let ps = Principals::new(vec![
+            principal("orch", "tok-a", &[Role::Writer], None),
+            agent,
+            cert_only,
+        ]);
+        assert_eq!(
+            ps.authenticate(None, &[spiffe.clone()])
+                .unwrap()
+                .id
+                .as_str(),
+            "agent"
+        );
+        let dns = CertIdentity::Dns("sidecar.internal".into());
+        assert_eq!(
+            ps.authenticate(None, &[dns]).unwrap().id.as_str(),
+            "sidecar"
+        );
+        assert_eq!(
+            ps.authenticate(Some("Bearer tok-b"), &[spiffe.clone()])
+                .unwrap()
+                .id
+                .as_str(),
+            "agent"
+        );
+        assert_eq!(
+            ps.authenticate(Some("Bearer tok-a"), &[spiffe])
+                .unwrap_err(),
+            AuthError::CredentialsDisagree
+        );
+        let stranger = CertIdentity::parse("cn:stranger").unwrap();
+        assert_eq!(
+            ps.authenticate(None, &[stranger.clone()]).unwrap_err(),
+            AuthError::UnknownCertificate
+        );
+        // A token still works alongside an unmapped certificate.
+        assert_eq!(
+            ps.authenticate(Some("Bearer tok-a"), &[stranger])
+                .unwrap()
+                .id
+                .as_str(),
+            "orch"
+        );
+        assert_eq!(
+            ps.authenticate(Some("Bearer unused"), &[]).unwrap_err(),
+            AuthError::UnknownToken
+        );
+        for bad in ["", "dns:", "ftp:x", "agent"] {
+            assert_eq!(CertIdentity::parse(bad), None, "{bad}");
+        }
     }
 
     #[test]

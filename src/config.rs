@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::auth::{Principal, Role, TenantScope, TokenDigest};
+use crate::auth::{CertIdentity, Principal, RateLimit, Role, TenantScope, TokenDigest};
 use crate::keyring::{AwsSettings, CacheSettings, MasterKeySpec};
 use crate::lease::{DEFAULT_MAX_TTL, DEFAULT_MAX_USES, DEFAULT_TTL, LeasePolicy};
 use crate::model::{PrincipalId, TenantId};
@@ -118,7 +118,62 @@ pub struct Config {
     pub audit_retention: Option<AuditRetention>,
     /// Configured principals; empty means "use the bootstrap admin".
     pub principals: Vec<Principal>,
+    /// TLS (and with a client CA, mutual TLS); `None` serves plaintext.
+    pub tls: Option<TlsConfig>,
+    /// Transport and abuse limits.
+    pub limits: Limits,
 }
+
+/// TLS settings: PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Server certificate chain.
+    pub cert: PathBuf,
+    /// Server private key.
+    pub key: PathBuf,
+    /// CA that client certificates must chain to (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+    /// With a client CA: refuse connections without a client certificate.
+    pub client_cert_required: bool,
+}
+
+/// Limits of the transport and against abuse, applied in one place (`server.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests served at once across all connections; beyond, RESOURCE_EXHAUSTED at once
+    /// rather than a queue.
+    pub max_concurrent_requests: usize,
+    /// Largest request message decoded.
+    pub max_message_bytes: usize,
+    /// HTTP/2 keepalive ping interval.
+    pub http2_keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    pub http2_keepalive_timeout: Duration,
+    /// Requests per principal, unless its own `rate_limit` says otherwise.
+    pub principal_rate_limit: RateLimit,
+    /// Failed lease redemptions allowed per peer host and per principal.
+    pub failed_get_rate_limit: RateLimit,
+}
+
+/// Requests served at once, by default.
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 512;
+/// Largest request message, by default (a 64 KiB value and generous room for the rest).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// HTTP/2 keepalive interval, by default.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// HTTP/2 keepalive timeout, by default.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests per principal, by default.
+pub const DEFAULT_PRINCIPAL_RATE: RateLimit = RateLimit {
+    per_second: 1000,
+    burst: 2000,
+};
+/// Failed lease redemptions per peer host and per principal, by default: a burst of 20, then
+/// one every two seconds.
+pub const DEFAULT_FAILED_GET_RATE: RateLimit = RateLimit {
+    per_second: 1,
+    burst: 20,
+};
 
 /// Command-line values that override the file.
 #[derive(Debug, Clone, Default)]
@@ -151,6 +206,11 @@ struct FileConfig {
     audit: AuditFile,
     #[serde(default)]
     principal: Vec<PrincipalFile>,
+    tls: Option<TlsFile>,
+    #[serde(default)]
+    limits: LimitsFile,
+    #[serde(default)]
+    danger_allow_plaintext_non_loopback: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -206,9 +266,55 @@ struct AuditFile {
 #[serde(deny_unknown_fields)]
 struct PrincipalFile {
     id: String,
-    token_sha256: String,
+    token_sha256: Option<String>,
+    #[serde(default)]
+    client_cert_ids: Vec<String>,
     roles: Vec<Role>,
     tenants: Vec<String>,
+    rate_limit: Option<RateLimitFile>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitFile {
+    per_second: u32,
+    burst: u32,
+}
+
+impl RateLimitFile {
+    fn check(self, what: &str) -> Result<RateLimit, ConfigError> {
+        if self.per_second == 0 || self.burst == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "{what}: per_second and burst must be at least 1"
+            )));
+        }
+        Ok(RateLimit {
+            per_second: self.per_second,
+            burst: self.burst,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+    client_cert_required: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    max_concurrent_requests: Option<usize>,
+    max_message_bytes: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    http2_keepalive_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    http2_keepalive_timeout: Option<Duration>,
+    principal_rate_limit: Option<RateLimitFile>,
+    failed_get_rate_limit: Option<RateLimitFile>,
 }
 
 impl Config {
@@ -225,7 +331,13 @@ impl Config {
             }
             None => (FileConfig::default(), PathBuf::new()),
         };
-        Self::resolve(file, &base, overrides)
+        let config = Self::resolve(file, &base, overrides.clone())?;
+        if let Some(path) = &overrides.config
+            && !config.principals.is_empty()
+        {
+            check_private(path, "config file holding principal token hashes")?;
+        }
+        Ok(config)
     }
 
     fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
@@ -302,7 +414,31 @@ impl Config {
                 "request_timeout must be positive".into(),
             ));
         }
+        let tls = file.tls.map(|t| TlsConfig {
+            client_cert_required: t.client_cert_required.unwrap_or(t.client_ca.is_some()),
+            cert: base.join(t.cert),
+            key: base.join(t.key),
+            client_ca: t.client_ca.map(|c| base.join(c)),
+        });
+        if tls
+            .as_ref()
+            .is_some_and(|t| t.client_cert_required && t.client_ca.is_none())
+        {
+            return Err(ConfigError::Invalid(
+                "tls: client_cert_required needs client_ca".into(),
+            ));
+        }
+        if tls.is_none() && !listen.ip().is_loopback() && !file.danger_allow_plaintext_non_loopback
+        {
+            return Err(ConfigError::Invalid(format!(
+                "refusing to serve plaintext on {listen}, which is not a loopback address: configure [tls], \
+                 or set danger_allow_plaintext_non_loopback = true if something else encrypts the traffic"
+            )));
+        }
+        let limits = limits(file.limits)?;
         Ok(Self {
+            tls,
+            limits,
             listen,
             data_dir,
             log_format: overrides.log_format.or(file.log_format).unwrap_or_default(),
@@ -389,9 +525,69 @@ fn at_line(text: &str, offset: usize) -> String {
     format!(" (line {}: {line})", number + 1)
 }
 
+fn limits(file: LimitsFile) -> Result<Limits, ConfigError> {
+    let limits = Limits {
+        max_concurrent_requests: file
+            .max_concurrent_requests
+            .unwrap_or(DEFAULT_MAX_CONCURRENT_REQUESTS),
+        max_message_bytes: file.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
+        http2_keepalive_interval: file
+            .http2_keepalive_interval
+            .unwrap_or(DEFAULT_KEEPALIVE_INTERVAL),
+        http2_keepalive_timeout: file
+            .http2_keepalive_timeout
+            .unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT),
+        principal_rate_limit: match file.principal_rate_limit {
+            Some(r) => r.check("limits.principal_rate_limit")?,
+            None => DEFAULT_PRINCIPAL_RATE,
+        },
+        failed_get_rate_limit: match file.failed_get_rate_limit {
+            Some(r) => r.check("limits.failed_get_rate_limit")?,
+            None => DEFAULT_FAILED_GET_RATE,
+        },
+    };
+    if limits.max_concurrent_requests == 0 {
+        return Err(ConfigError::Invalid(
+            "limits: max_concurrent_requests must be at least 1".into(),
+        ));
+    }
+    if limits.max_message_bytes < 80 * 1024 {
+        return Err(ConfigError::Invalid(
+            "limits: max_message_bytes must leave room for a 64 KiB value (at least 81920)".into(),
+        ));
+    }
+    if limits.http2_keepalive_interval.is_zero() || limits.http2_keepalive_timeout.is_zero() {
+        return Err(ConfigError::Invalid(
+            "limits: keepalive durations must be positive".into(),
+        ));
+    }
+    Ok(limits)
+}
+
+/// Refuses a file that the group or others may read.
+pub fn check_private(path: &Path, what: &str) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::Invalid(format!(
+            "{what} {} is readable by group or others (mode {:o}); chmod 600 it",
+            path.display(),
+            mode & 0o777
+        )));
+    }
+    Ok(())
+}
+
 fn principals(entries: Vec<PrincipalFile>) -> Result<Vec<Principal>, ConfigError> {
     let mut ids = HashSet::new();
     let mut digests = HashSet::new();
+    let mut certs = HashSet::new();
     let mut out = Vec::with_capacity(entries.len());
     for (i, p) in entries.into_iter().enumerate() {
         let at = |msg: String| ConfigError::Invalid(format!("principal #{}: {msg}", i + 1));
@@ -400,12 +596,39 @@ fn principals(entries: Vec<PrincipalFile>) -> Result<Vec<Principal>, ConfigError
         if !ids.insert(id.clone()) {
             return Err(at("duplicate id".into()));
         }
-        let token_sha256 = parse_digest(&p.token_sha256).ok_or_else(|| {
-            at("token_sha256 must be 64 hex digits (sha256sum of the token)".into())
-        })?;
-        if !digests.insert(token_sha256) {
-            return Err(at("token_sha256 is shared with another principal".into()));
+        let token_sha256 = match &p.token_sha256 {
+            Some(text) => {
+                let digest = parse_digest(text).ok_or_else(|| {
+                    at("token_sha256 must be 64 hex digits (sha256sum of the token)".into())
+                })?;
+                if !digests.insert(digest) {
+                    return Err(at("token_sha256 is shared with another principal".into()));
+                }
+                Some(digest)
+            }
+            None => None,
+        };
+        let mut cert_ids = BTreeSet::new();
+        for text in &p.client_cert_ids {
+            let cert_id = CertIdentity::parse(text).ok_or_else(|| {
+                at(format!(
+                    "client_cert_ids: {text:?} is not spiffe://..., uri:..., dns:... or cn:..."
+                ))
+            })?;
+            if !certs.insert(cert_id.clone()) {
+                return Err(at(format!(
+                    "client_cert_ids: {text:?} is claimed by another principal"
+                )));
+            }
+            cert_ids.insert(cert_id);
         }
+        if token_sha256.is_none() && cert_ids.is_empty() {
+            return Err(at("needs token_sha256, client_cert_ids, or both".into()));
+        }
+        let rate_limit = p
+            .rate_limit
+            .map(|r| r.check(&format!("principal {id}: rate_limit")))
+            .transpose()?;
         if p.roles.is_empty() {
             return Err(at("roles must not be empty".into()));
         }
@@ -427,8 +650,10 @@ fn principals(entries: Vec<PrincipalFile>) -> Result<Vec<Principal>, ConfigError
         out.push(Principal {
             id: id.clone(),
             token_sha256,
+            cert_ids,
             roles: p.roles.into_iter().collect(),
             tenants,
+            rate_limit,
         });
     }
     Ok(out)
@@ -495,12 +720,51 @@ mod tests {
             [[principal]]
             id = "agent"
             token_sha256 = "{HASH_B}"
+            client_cert_ids = ["spiffe://prod/agent", "dns:agent.internal"]
             roles = ["reader"]
             tenants = ["acme", "globex"]
+            rate_limit = {{ per_second = 5, burst = 10 }}
+            [[principal]]
+            id = "sidecar"
+            client_cert_ids = ["cn:sidecar"]
+            roles = ["reader"]
+            tenants = ["acme"]
+            [tls]
+            cert = "tls/server.pem"
+            key = "tls/server.key"
+            client_ca = "/pki/ca.pem"
+            [limits]
+            max_concurrent_requests = 64
+            failed_get_rate_limit = {{ per_second = 1, burst = 3 }}
             "#
         ))
         .unwrap();
         assert_eq!(c.listen.to_string(), "0.0.0.0:6000");
+        let tls = c.tls.as_ref().unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/etc/byokd/tls/server.pem"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("/pki/ca.pem")));
+        assert!(
+            tls.client_cert_required,
+            "a client CA requires client certificates by default"
+        );
+        assert_eq!(c.limits.max_concurrent_requests, 64);
+        assert_eq!(
+            c.limits.failed_get_rate_limit,
+            RateLimit {
+                per_second: 1,
+                burst: 3
+            }
+        );
+        assert_eq!(c.limits.principal_rate_limit, DEFAULT_PRINCIPAL_RATE);
+        assert_eq!(c.principals[1].cert_ids.len(), 2);
+        assert_eq!(
+            c.principals[1].rate_limit,
+            Some(RateLimit {
+                per_second: 5,
+                burst: 10
+            })
+        );
+        assert_eq!(c.principals[2].token_sha256, None);
         assert_eq!(c.data_dir, PathBuf::from("/etc/byokd/data"));
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(
@@ -519,9 +783,19 @@ mod tests {
                 interval: DEFAULT_PRUNE_INTERVAL
             })
         );
-        assert_eq!(c.principals.len(), 2);
+        assert_eq!(c.principals.len(), 3);
         assert_eq!(c.principals[0].tenants, TenantScope::All);
         assert!(matches!(&c.principals[1].tenants, TenantScope::Only(t) if t.len() == 2));
+    }
+
+    #[test]
+    fn plaintext_off_loopback_needs_the_danger_opt_in() {
+        let c =
+            load("listen = \"0.0.0.0:7000\"\ndanger_allow_plaintext_non_loopback = true").unwrap();
+        assert_eq!(c.listen.port(), 7000);
+        assert!(c.tls.is_none());
+        let c = load("listen = \"[::1]:7000\"").unwrap();
+        assert!(c.listen.ip().is_loopback());
     }
 
     #[test]
@@ -609,6 +883,42 @@ mod tests {
                 "default_ttl must not exceed max_ttl",
             ),
             ("[lease]\nmax_uses = 0".into(), "max_uses"),
+            (
+                "listen = \"0.0.0.0:1\"".into(),
+                "refusing to serve plaintext on 0.0.0.0:1",
+            ),
+            ("listen = \"10.0.0.1:1\"".into(), "not a loopback address"),
+            (
+                "[tls]\ncert = \"c\"\nkey = \"k\"\nclient_cert_required = true".into(),
+                "needs client_ca",
+            ),
+            (
+                "[limits]\nmax_concurrent_requests = 0".into(),
+                "max_concurrent_requests",
+            ),
+            (
+                "[limits]\nmax_message_bytes = 1000".into(),
+                "max_message_bytes",
+            ),
+            (
+                "[limits]\nprincipal_rate_limit = { per_second = 0, burst = 1 }".into(),
+                "per_second and burst",
+            ),
+            (
+                principal("").replace(&format!("token_sha256 = \"{HASH_A}\"\n"), ""),
+                "needs token_sha256, client_cert_ids, or both",
+            ),
+            (
+                principal("client_cert_ids = [\"agent\"]"),
+                "client_cert_ids",
+            ),
+            (
+                principal("client_cert_ids = [\"cn:x\"]\n")
+                    + &principal("client_cert_ids = [\"cn:x\"]\n")
+                        .replace("\"p\"", "\"q\"")
+                        .replace(HASH_A, HASH_B),
+                "claimed by another principal",
+            ),
             (
                 "[audit]\nprune_interval = \"1h\"".into(),
                 "prune_interval needs retention",

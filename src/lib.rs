@@ -15,6 +15,7 @@ pub mod keyring;
 pub mod lease;
 pub mod model;
 pub mod offline;
+pub mod ratelimit;
 pub mod rotation;
 pub mod server;
 pub mod service;

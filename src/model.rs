@@ -563,6 +563,8 @@ pub enum Outcome {
     FailedPrecondition,
     /// Too much contention; retry.
     Aborted,
+    /// Over a rate or concurrency limit; retry later.
+    ResourceExhausted,
     /// Past the valid range (e.g. audit entries pruned by retention).
     OutOfRange,
     /// No valid credentials.
@@ -577,7 +579,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome.
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 13] = [
         Outcome::Ok,
         Outcome::InvalidArgument,
         Outcome::NotFound,
@@ -585,6 +587,7 @@ impl Outcome {
         Outcome::PermissionDenied,
         Outcome::FailedPrecondition,
         Outcome::Aborted,
+        Outcome::ResourceExhausted,
         Outcome::OutOfRange,
         Outcome::Unauthenticated,
         Outcome::DataLoss,
@@ -616,6 +619,7 @@ impl Outcome {
             Outcome::PermissionDenied => "PERMISSION_DENIED",
             Outcome::FailedPrecondition => "FAILED_PRECONDITION",
             Outcome::Aborted => "ABORTED",
+            Outcome::ResourceExhausted => "RESOURCE_EXHAUSTED",
             Outcome::OutOfRange => "OUT_OF_RANGE",
             Outcome::Unauthenticated => "UNAUTHENTICATED",
             Outcome::DataLoss => "DATA_LOSS",
@@ -634,6 +638,7 @@ impl Outcome {
             Outcome::PermissionDenied => 7,
             Outcome::FailedPrecondition => 9,
             Outcome::Aborted => 10,
+            Outcome::ResourceExhausted => 8,
             Outcome::OutOfRange => 11,
             Outcome::Internal => 13,
             Outcome::Unavailable => 14,

@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::api;
 use crate::auth::{self, Principal, Principals, Role, TenantScope};
 use crate::chain::ChainKey;
-use crate::config::{AuditRetention, Config, MasterKeyConfig};
+use crate::config::{AuditRetention, Config, MasterKeyConfig, TlsConfig};
 use crate::keyring::{
     DataKeyCache, Keyring, KeyringError, MasterKeySpec, StoredKey, WrapContext, make_key_check,
     verify_key_check,
@@ -30,8 +30,6 @@ use crate::vault::Vault;
 
 /// Id of the admin principal created when no principals are configured.
 pub const BOOTSTRAP_PRINCIPAL: &str = "bootstrap-admin";
-/// Largest request message accepted (a 64 KiB value plus generous room for the rest).
-pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
 /// How long in-flight requests may run after a shutdown signal before they are cut off.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -125,6 +123,14 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+    /// A TLS file could not be used.
+    #[error("TLS: {path}: {detail}")]
+    Tls {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
     /// Server reflection could not be built from the descriptor sets.
     #[error("server reflection: {0}")]
     Reflection(String),
@@ -171,6 +177,7 @@ pub async fn run(
     announce: &Announcer,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    harden_process();
     create_private_dir(&config.data_dir)?;
     let store: Arc<dyn Store> = Arc::new(open_store(&config.data_dir)?);
     let result = serve(config, options, store.clone(), announce, shutdown).await;
@@ -236,6 +243,7 @@ async fn serve(
         keys.chain,
         principals,
         config.lease,
+        config.limits,
     ));
     let gc = tokio::spawn(collect_leases(vault.clone(), config.gc_interval));
     let retention = config
@@ -287,15 +295,32 @@ async fn serve(
             .await;
         let _ = draining_tx.send(());
     };
-    let server = Server::builder()
+    // The one place transport limits are set: per-request timeout, a global cap on requests
+    // in flight that sheds load (RESOURCE_EXHAUSTED) instead of queueing, HTTP/2 keepalive,
+    // TLS; and below, the largest message decoded.
+    let mut builder = Server::builder()
         .timeout(config.request_timeout)
+        .http2_keepalive_interval(Some(config.limits.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(config.limits.http2_keepalive_timeout));
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(tls_config(tls)?)?;
+    } else if !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            addr = %addr,
+            "serving PLAINTEXT on a non-loopback address (danger_allow_plaintext_non_loopback): tokens and values cross the network unencrypted"
+        );
+    }
+    let server = builder
+        .layer(tower::ServiceBuilder::new().load_shed().layer(
+            tower::limit::GlobalConcurrencyLimitLayer::new(config.limits.max_concurrent_requests),
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
             VaultService::new(vault)
                 .into_server()
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
+                .max_decoding_message_size(config.limits.max_message_bytes),
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
     let result = tokio::select! {
@@ -526,9 +551,11 @@ async fn bootstrap_principals(
     let id = PrincipalId::parse(BOOTSTRAP_PRINCIPAL).map_err(|_| corrupt())?;
     Ok(Principals::new(vec![Principal {
         id,
-        token_sha256: digest,
+        token_sha256: Some(digest),
+        cert_ids: Default::default(),
         roles: [Role::Admin].into_iter().collect(),
         tenants: TenantScope::All,
+        rate_limit: None,
     }]))
 }
 
@@ -555,6 +582,44 @@ async fn collect_leases(vault: Arc<Vault>, every: Duration) {
             Ok(n) => tracing::debug!(removed = n, "expired leases collected"),
             Err(e) => tracing::warn!(error = %e, "expired lease collection failed"),
         }
+    }
+}
+
+/// The rustls configuration of `[tls]`: the server identity, and with a client CA, mutual TLS.
+fn tls_config(tls: &TlsConfig) -> Result<ServerTlsConfig, ServeError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| ServeError::Tls {
+            path: path.to_path_buf(),
+            detail: source.to_string(),
+        })
+    };
+    crate::config::check_private(&tls.key, "TLS private key").map_err(|e| ServeError::Tls {
+        path: tls.key.clone(),
+        detail: e.to_string(),
+    })?;
+    let mut config =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+    if let Some(ca) = &tls.client_ca {
+        config = config
+            .client_ca_root(Certificate::from_pem(read(ca)?))
+            .client_auth_optional(!tls.client_cert_required);
+    }
+    Ok(config)
+}
+
+/// Keeps secrets out of core dumps: no core files, and not dumpable (which also keeps other
+/// processes of the same user from ptrace-attaching).
+fn harden_process() {
+    use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
+    let no_core = Rlimit {
+        current: Some(0),
+        maximum: Some(0),
+    };
+    if let Err(e) = setrlimit(Resource::Core, no_core) {
+        tracing::warn!(error = %e, "could not disable core dumps (RLIMIT_CORE)");
+    }
+    if let Err(e) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
+        tracing::warn!(error = %e, "could not mark the process non-dumpable (PR_SET_DUMPABLE)");
     }
 }
 

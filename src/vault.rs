@@ -16,8 +16,9 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::audit::{self, AuditError, AuditFilter, AuditPage, RecordedHead, Verification};
-use crate::auth::{AuthError, Operation, Principal, Principals};
+use crate::auth::{AuthError, CertIdentity, Operation, Principal, Principals};
 use crate::chain::ChainKey;
+use crate::config::Limits;
 use crate::crypto::{self, CryptoError, Plaintext, Sealed, SymmetricKey};
 use crate::keyring::{DataKeyCache, Keyring, KeyringError, WrapContext};
 use crate::lease::{self, LeaseError, LeasePolicy, LeaseToken, RequestedTtl};
@@ -26,6 +27,7 @@ use crate::model::{
     Outcome, PrincipalId, Provider, Reason, SecretId, SecretName, SecretRecord, SecretState,
     TenantId, Time, ValidationError, check_value_len, value_hint,
 };
+use crate::ratelimit::Buckets;
 use crate::rotation::{RotationError, RotationJob, Rotator};
 use crate::store::{Guard, Store, StoreError, Transaction, Write};
 
@@ -92,6 +94,9 @@ pub enum VaultError {
     /// A master-key rotation could not start or be found.
     #[error(transparent)]
     Rotation(RotationError),
+    /// Too many failed lease redemptions from this peer or principal.
+    #[error("too many failed lease redemptions; retry later")]
+    TooManyFailures,
     /// The requested audit entries were pruned by retention.
     #[error("from_seq: entries before {first_kept} were pruned by retention")]
     Pruned {
@@ -116,8 +121,15 @@ impl VaultError {
     pub fn outcome(&self) -> Outcome {
         match self {
             VaultError::Auth(
-                AuthError::MissingToken | AuthError::MalformedHeader | AuthError::UnknownToken,
+                AuthError::MissingToken
+                | AuthError::MalformedHeader
+                | AuthError::UnknownToken
+                | AuthError::UnknownCertificate
+                | AuthError::CredentialsDisagree,
             ) => Outcome::Unauthenticated,
+            VaultError::Auth(AuthError::RateLimited { .. }) | VaultError::TooManyFailures => {
+                Outcome::ResourceExhausted
+            }
             VaultError::Auth(_) => Outcome::PermissionDenied,
             VaultError::Invalid(_) | VaultError::Audit(AuditError::InvalidPageToken) => {
                 Outcome::InvalidArgument
@@ -204,13 +216,33 @@ impl VaultError {
 pub struct Caller {
     principal: Result<Principal, AuthError>,
     peer: Option<String>,
+    /// The principal has used up its request rate.
+    rate_limited: bool,
 }
 
 impl Caller {
     fn authorize(&self, operation: Operation) -> Result<&Principal, VaultError> {
         let principal = self.principal.as_ref().map_err(|e| e.clone())?;
+        if self.rate_limited {
+            return Err(AuthError::RateLimited {
+                principal: principal.id.clone(),
+            }
+            .into());
+        }
         principal.require(operation)?;
         Ok(principal)
+    }
+
+    /// The keys of the caller's failed-redemption buckets: its peer host and its principal.
+    fn failure_keys(&self) -> Vec<String> {
+        let mut keys = Vec::with_capacity(2);
+        if let Some(peer) = &self.peer {
+            keys.push(format!("peer:{}", crate::store::peer_host(peer)));
+        }
+        if let Ok(p) = &self.principal {
+            keys.push(format!("principal:{}", p.id));
+        }
+        keys
     }
 
     fn draft(&self, action: Action) -> AuditDraft {
@@ -365,6 +397,10 @@ pub struct Revoked {
 
 /// The vault.
 pub struct Vault {
+    limits: Limits,
+    request_rate: Buckets<PrincipalId>,
+    failure_buckets: Buckets<String>,
+    failed_gets: std::sync::atomic::AtomicU64,
     store: Arc<dyn Store>,
     keyring: Arc<Keyring>,
     cache: DataKeyCache,
@@ -385,8 +421,13 @@ impl Vault {
         chain: Arc<ChainKey>,
         principals: Principals,
         policy: LeasePolicy,
+        limits: Limits,
     ) -> Self {
         Self {
+            limits,
+            request_rate: Buckets::default(),
+            failure_buckets: Buckets::default(),
+            failed_gets: std::sync::atomic::AtomicU64::new(0),
             store,
             keyring,
             cache,
@@ -404,11 +445,32 @@ impl Vault {
     }
 
     /// Authenticates the `authorization` metadata of a request from `peer`.
-    pub fn caller(&self, authorization: Option<&str>, peer: Option<String>) -> Caller {
+    /// Authenticates a request from `peer` by its `authorization` metadata and its client
+    /// certificate's identities, and charges it to the principal's request rate.
+    pub fn caller(
+        &self,
+        authorization: Option<&str>,
+        cert: &[CertIdentity],
+        peer: Option<String>,
+    ) -> Caller {
+        let principal = self.principals.authenticate(authorization, cert).cloned();
+        let rate_limited = match &principal {
+            Ok(p) => !self.request_rate.take(
+                &p.id,
+                p.rate_limit.unwrap_or(self.limits.principal_rate_limit),
+            ),
+            Err(_) => false,
+        };
         Caller {
-            principal: self.principals.authenticate(authorization).cloned(),
+            principal,
             peer,
+            rate_limited,
         }
+    }
+
+    /// Failed lease redemptions so far (each one also audited).
+    pub fn failed_redemptions(&self) -> u64 {
+        self.failed_gets.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stores a new secret at version 1.
@@ -596,7 +658,26 @@ impl Vault {
     /// Redeems a lease token: the plaintext, consuming one use.
     pub async fn get(&self, caller: &Caller, token: &str) -> Result<Redeemed, VaultError> {
         let mut audit = caller.draft(Action::Get);
-        let result = self.try_get(caller, token, &mut audit).await;
+        let limit = self.limits.failed_get_rate_limit;
+        let keys = caller.failure_keys();
+        // A peer or principal that keeps presenting bad tokens is refused before its next
+        // guess is looked at.
+        let result = if keys
+            .iter()
+            .all(|k| self.failure_buckets.has_token(k, limit))
+        {
+            let result = self.try_get(caller, token, &mut audit).await;
+            if let Err(VaultError::Lease(_)) = &result {
+                self.failed_gets
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                for key in &keys {
+                    self.failure_buckets.take(key, limit);
+                }
+            }
+            result
+        } else {
+            Err(VaultError::TooManyFailures)
+        };
         self.conclude(audit, result).await
     }
 

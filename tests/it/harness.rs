@@ -68,7 +68,11 @@ impl TestDir {
                 hex::encode(Sha256::digest(token.as_bytes()))
             ));
         }
-        std::fs::write(dir.path().join("byokd.toml"), config).expect("write config");
+        let path = dir.path().join("byokd.toml");
+        std::fs::write(&path, config).expect("write config");
+        // It holds token hashes: byokd refuses a config file others may read.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         Self { dir }
     }
 

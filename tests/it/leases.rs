@@ -277,7 +277,10 @@ async fn a_reader_cannot_redeem_a_lease_of_a_tenant_it_lacks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_redemptions_of_a_single_use_lease_have_exactly_one_winner() {
-    let dir = TestDir::new();
+    // 155 losing redemptions from one peer: more than the brute-force limit lets through.
+    let dir = TestDir::with_config(
+        "[limits]\nfailed_get_rate_limit = { per_second = 1000, burst = 1000 }\n",
+    );
     let server = dir.start();
     let mut orch = server.as_(ORCHESTRATOR).await;
     store(&mut orch, "acme", "k", VALUE).await;
