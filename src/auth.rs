@@ -415,7 +415,7 @@ mod tests {
             cert_only,
         ]);
         assert_eq!(
-            ps.authenticate(None, &[spiffe.clone()])
+            ps.authenticate(None, std::slice::from_ref(&spiffe))
                 .unwrap()
                 .id
                 .as_str(),
@@ -427,7 +427,7 @@ mod tests {
             "sidecar"
         );
         assert_eq!(
-            ps.authenticate(Some("Bearer tok-b"), &[spiffe.clone()])
+            ps.authenticate(Some("Bearer tok-b"), std::slice::from_ref(&spiffe))
                 .unwrap()
                 .id
                 .as_str(),
@@ -440,7 +440,8 @@ mod tests {
         );
         let stranger = CertIdentity::parse("cn:stranger").unwrap();
         assert_eq!(
-            ps.authenticate(None, &[stranger.clone()]).unwrap_err(),
+            ps.authenticate(None, std::slice::from_ref(&stranger))
+                .unwrap_err(),
             AuthError::UnknownCertificate
         );
         // A token still works alongside an unmapped certificate.

@@ -26,7 +26,7 @@ use crate::model::PrincipalId;
 use crate::rotation::{KeyVersion, KeyringState, RotationSettings, Rotator};
 use crate::service::VaultService;
 use crate::store::{MetaKey, SledStore, Store, StoreError, Transaction, Write};
-use crate::vault::Vault;
+use crate::vault::{Vault, VaultParts};
 
 /// Id of the admin principal created when no principals are configured.
 pub const BOOTSTRAP_PRINCIPAL: &str = "bootstrap-admin";
@@ -235,16 +235,16 @@ async fn serve(
         },
     ));
     rotator.resume(&keys.state);
-    let vault = Arc::new(Vault::new(
+    let vault = Arc::new(Vault::new(VaultParts {
         store,
-        keys.keyring,
-        DataKeyCache::new(config.master_key.cache),
+        keyring: keys.keyring,
+        cache: DataKeyCache::new(config.master_key.cache),
         rotator,
-        keys.chain,
+        chain: keys.chain,
         principals,
-        config.lease,
-        config.limits,
-    ));
+        policy: config.lease,
+        limits: config.limits,
+    }));
     let gc = tokio::spawn(collect_leases(vault.clone(), config.gc_interval));
     let retention = config
         .audit_retention

@@ -395,6 +395,26 @@ pub struct Revoked {
     pub secret: Option<SecretRecord>,
 }
 
+/// What a vault is made of.
+pub struct VaultParts {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The master key versions.
+    pub keyring: Arc<Keyring>,
+    /// The unwrapped data key cache.
+    pub cache: DataKeyCache,
+    /// Master-key rotation.
+    pub rotator: Arc<Rotator>,
+    /// The audit chain's key.
+    pub chain: Arc<ChainKey>,
+    /// The configured principals.
+    pub principals: Principals,
+    /// Lease limits.
+    pub policy: LeasePolicy,
+    /// Rate limits.
+    pub limits: Limits,
+}
+
 /// The vault.
 pub struct Vault {
     limits: Limits,
@@ -412,17 +432,18 @@ pub struct Vault {
 }
 
 impl Vault {
-    /// A vault over `store`, wrapping data keys with `keyring`.
-    pub fn new(
-        store: Arc<dyn Store>,
-        keyring: Arc<Keyring>,
-        cache: DataKeyCache,
-        rotator: Arc<Rotator>,
-        chain: Arc<ChainKey>,
-        principals: Principals,
-        policy: LeasePolicy,
-        limits: Limits,
-    ) -> Self {
+    /// A vault made of `parts`.
+    pub fn new(parts: VaultParts) -> Self {
+        let VaultParts {
+            store,
+            keyring,
+            cache,
+            rotator,
+            chain,
+            principals,
+            policy,
+            limits,
+        } = parts;
         Self {
             limits,
             request_rate: Buckets::default(),
