@@ -265,6 +265,9 @@ async fn serve(
         .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
+    // TLS files are read before listening, so that a bad one stops startup before the
+    // server announces itself.
+    let tls = config.tls.as_ref().map(tls_config).transpose()?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -276,6 +279,12 @@ async fn serve(
         source,
     })?;
     tracing::info!(%addr, "listening");
+    if config.tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            addr = %addr,
+            "serving PLAINTEXT on a non-loopback address (danger_allow_plaintext_non_loopback): tokens and values cross the network unencrypted"
+        );
+    }
     announce(Announcement::Listening(addr));
 
     let (draining_tx, draining) = tokio::sync::oneshot::channel::<()>();
@@ -302,13 +311,8 @@ async fn serve(
         .timeout(config.request_timeout)
         .http2_keepalive_interval(Some(config.limits.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(config.limits.http2_keepalive_timeout));
-    if let Some(tls) = &config.tls {
-        builder = builder.tls_config(tls_config(tls)?)?;
-    } else if !config.listen.ip().is_loopback() {
-        tracing::warn!(
-            addr = %addr,
-            "serving PLAINTEXT on a non-loopback address (danger_allow_plaintext_non_loopback): tokens and values cross the network unencrypted"
-        );
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
     }
     let server = builder
         .layer(tower::ServiceBuilder::new().load_shed().layer(

@@ -387,7 +387,7 @@ fn respond<T>(method: &'static str, result: Result<T, VaultError>) -> Result<Res
             let outcome = error.outcome();
             if error.is_internal() {
                 // The cause goes to the log only; the caller gets a generic message.
-                tracing::error!(method, outcome = outcome.as_str(), error = ?error, "request failed");
+                tracing::error!(method, outcome = outcome.as_str(), error = %error, detail = ?error, "request failed");
             } else {
                 tracing::info!(method, outcome = outcome.as_str(), "request refused");
             }

@@ -37,6 +37,14 @@ impl LocalMasterKey {
         };
         match OpenOptions::new().read(true).open(path) {
             Ok(mut file) => {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = file.metadata().map_err(io)?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    return Err(KeyringError::InsecureKeyFile {
+                        path: path.to_path_buf(),
+                        mode: mode & 0o777,
+                    });
+                }
                 let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(KEY_LEN));
                 file.read_to_end(&mut bytes).map_err(io)?;
                 let key =
@@ -213,6 +221,12 @@ mod tests {
         let w = a.wrap(&dk, &WrapContext::KeyCheck).await.unwrap();
         b.unwrap(&w, &WrapContext::KeyCheck).await.unwrap();
 
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            LocalMasterKey::load_or_create(&path, true),
+            Err(KeyringError::InsecureKeyFile { mode: 0o640, .. })
+        ));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&path, [0u8; 31]).unwrap();
         assert!(matches!(
             LocalMasterKey::load_or_create(&path, true),

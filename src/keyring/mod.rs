@@ -37,6 +37,14 @@ pub enum KeyringError {
         /// The failure.
         source: std::io::Error,
     },
+    /// The group or others may read the key file.
+    #[error("master key file {path} is readable by group or others (mode {mode:o}); chmod 600 it")]
+    InsecureKeyFile {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The key file does not hold exactly 32 bytes.
     #[error("master key file {path} must hold exactly 32 bytes, found {len}")]
     BadKeyFile {

@@ -107,6 +107,20 @@ impl SledStore {
         }
     }
 
+    /// Overwrites a secret's stored record with arbitrary bytes, bypassing the writer. Only for
+    /// tests of how byokd handles a corrupted record on a stopped server's data.
+    pub fn danger_overwrite_secret_bytes(
+        &self,
+        tenant: &TenantId,
+        name: &SecretName,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        self.tree
+            .insert(codec::secret_key(tenant, name), bytes)
+            .map_err(engine)?;
+        self.tree.flush().map(drop).map_err(engine)
+    }
+
     /// Writes an audit entry directly, bypassing the writer, its chain and its indexes, or
     /// deletes it (`None`). Only for tests that tamper with a stopped server's data: it breaks
     /// the audit chain by design.

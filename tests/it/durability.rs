@@ -137,6 +137,8 @@ async fn the_server_refuses_to_start_on_the_wrong_or_a_missing_master_key() {
     assert!(!key_path.exists());
 
     std::fs::write(&key_path, &original).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let server = dir.start();
     assert_eq!(
         lease_and_get(&server, "acme", "k").await.unwrap().value,

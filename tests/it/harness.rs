@@ -259,6 +259,13 @@ impl Drop for TestServer {
 #[derive(Clone)]
 pub struct Auth(Option<MetadataValue<Ascii>>);
 
+impl Auth {
+    /// No credentials.
+    pub fn none() -> Self {
+        Auth(None)
+    }
+}
+
 impl Interceptor for Auth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(value) = &self.0 {

@@ -7,6 +7,7 @@ mod api;
 mod audit_trail;
 mod cli;
 mod durability;
+mod hardening;
 mod kms;
 mod leases;
 mod reflection;
