@@ -59,6 +59,9 @@ impl TestDir {
 
     /// A directory whose config has `extra` appended (TOML for `[lease]` and the like).
     pub fn with_config(extra: &str) -> Self {
+        for (_, token, _, _) in PRINCIPALS {
+            remember_secret(token.as_bytes());
+        }
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = String::from("data_dir = \"data\"\n");
         config.push_str(extra);
@@ -253,6 +256,33 @@ impl Drop for TestServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Every server of the whole run logs at trace level: none of its logs may contain a
+        // secret value or token that any test used so far.
+        if !std::thread::panicking() {
+            let log = self.log();
+            for secret in SECRETS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                assert!(
+                    !log.contains(secret.as_str()),
+                    "a secret reached the log {}: {secret:?}",
+                    self.log_path.display()
+                );
+            }
+        }
+    }
+}
+
+/// Secret values and tokens the tests have used (see `TestServer`'s drop).
+static SECRETS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Remembers a secret value or token, to check that no log ever shows it.
+pub fn remember_secret(secret: &[u8]) {
+    // Short strings could occur in a log by chance; every secret the tests use is longer.
+    if secret.len() >= 12 {
+        let text = String::from_utf8_lossy(secret).into_owned();
+        let mut secrets = SECRETS.lock().unwrap_or_else(|p| p.into_inner());
+        if !secrets.contains(&text) {
+            secrets.push(text);
+        }
     }
 }
 
@@ -298,6 +328,7 @@ pub fn auth(token: &str) -> Auth {
 }
 
 pub fn store_req(tenant: &str, name: &str, value: &[u8]) -> pb::StoreRequest {
+    remember_secret(value);
     pb::StoreRequest {
         tenant: tenant.into(),
         name: name.into(),
@@ -381,7 +412,9 @@ pub async fn store(
 
 /// Issues a lease, which must succeed.
 pub async fn lease_ok(client: &mut Client, req: pb::LeaseRequest) -> pb::LeaseGrant {
-    client.lease(req).await.expect("lease").into_inner()
+    let grant = client.lease(req).await.expect("lease").into_inner();
+    remember_secret(grant.token.as_bytes());
+    grant
 }
 
 /// Redeems `token` as the principal with `principal_token`.
@@ -410,6 +443,7 @@ pub async fn lease_and_get(
         .lease(lease_req(tenant, name, 1))
         .await?
         .into_inner();
+    remember_secret(grant.token.as_bytes());
     server
         .as_(AGENT)
         .await
