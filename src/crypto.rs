@@ -241,6 +241,42 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        /// Any value under any key opens again with the same associated data, and with no
+        /// other.
+        #[test]
+        fn seal_open_round_trips_and_binds_aad(
+            key in proptest::array::uniform32(proptest::num::u8::ANY),
+            value in proptest::collection::vec(proptest::num::u8::ANY, 0..4096),
+            aad in proptest::collection::vec(proptest::num::u8::ANY, 0..128),
+            other in proptest::collection::vec(proptest::num::u8::ANY, 0..128),
+            flip in proptest::num::usize::ANY,
+        ) {
+            let k = SymmetricKey::from_slice(&key).unwrap();
+            let sealed = seal(&k, &value, &aad).unwrap();
+            let opened = open(&k, &sealed, &aad).unwrap();
+            proptest::prop_assert_eq!(opened.expose_secret(), &value[..]);
+            if other != aad {
+                proptest::prop_assert!(open(&k, &sealed, &other).is_err());
+            }
+            let mut tampered = sealed.clone();
+            let i = flip % tampered.ciphertext.len();
+            tampered.ciphertext[i] ^= 1;
+            proptest::prop_assert!(open(&k, &tampered, &aad).is_err());
+        }
+
+        /// Distinct field lists never share associated data.
+        #[test]
+        fn associated_data_is_injective(
+            a in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..8), 0..4),
+            b in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..8), 0..4),
+        ) {
+            let fa: Vec<&[u8]> = a.iter().map(Vec::as_slice).collect();
+            let fb: Vec<&[u8]> = b.iter().map(Vec::as_slice).collect();
+            proptest::prop_assert_eq!(a == b, associated_data("l", &fa) == associated_data("l", &fb));
+        }
+    }
+
     /// Project Wycheproof AES-GCM vectors (tests/data/wycheproof, origin in tests/data/README.md),
     /// restricted to byokd's parameters: 256-bit keys, 96-bit nonces, 128-bit tags.
     #[test]

@@ -11,6 +11,8 @@ pub mod auth;
 pub mod chain;
 pub mod config;
 pub mod crypto;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keyring;
 pub mod lease;
 pub mod model;

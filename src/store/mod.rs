@@ -276,5 +276,18 @@ pub trait Store: Send + Sync {
     async fn close(&self) -> Result<(), StoreError>;
 }
 
+/// Decodes `bytes` as each kind of stored record (for the fuzz targets): an error is fine, a
+/// panic is a bug.
+pub(crate) fn decode_any_record(bytes: &[u8]) {
+    let key = [codec::SECRET];
+    let _ = codec::decode::<SecretRecord>(&key, bytes);
+    let _ = codec::decode::<EnvelopeRecord>(&key, bytes);
+    let _ = codec::decode::<LeaseRecord>(&key, bytes);
+    let _ = codec::decode::<AuditRecord>(&key, bytes);
+    let _ = codec::decode::<AuditAnchor>(&key, bytes);
+    let _ = postcard::from_bytes::<crate::rotation::KeyringState>(bytes);
+    let _ = postcard::from_bytes::<crate::keyring::StoredKey>(bytes);
+}
+
 #[cfg(test)]
 pub(crate) mod tests;
