@@ -6,7 +6,8 @@ use prost::Message;
 
 use crate::api::v1 as pb;
 use crate::model::{
-    Action, Labels, LeaseId, Outcome, PrincipalId, Provider, Reason, SecretName, TenantId, check_value_len,
+    Action, Labels, LeaseId, Outcome, PrincipalId, Provider, Reason, SecretName, TenantId,
+    check_value_len,
 };
 
 /// Decodes `bytes` as every kind of stored record, as the store would read them.
