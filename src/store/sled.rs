@@ -52,6 +52,26 @@ enum Message {
     Close(oneshot::Sender<Result<(), StoreError>>),
 }
 
+/// How long `open` waits for a directory lock that is being released: sled's I/O threads
+/// can outlive the handle that was just dropped by a moment (reopening in one process).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::Config::new().path(dir).open() {
+            // sled reports a held lock as an `Other` error with this message.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other.map_err(engine),
+        }
+    }
+}
+
 fn engine(e: sled::Error) -> StoreError {
     StoreError::Engine(e.to_string())
 }
@@ -60,7 +80,7 @@ impl SledStore {
     /// Opens (or creates) the database in `dir`. sled locks the directory: a second process
     /// cannot open it.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).open().map_err(engine)?;
+        let db = open_db(dir)?;
         let tree = db.open_tree("byokd").map_err(engine)?;
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         let mut store = Self {
