@@ -23,5 +23,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .skip_debug(SENSITIVE_MESSAGES)
         .compile_fds(fds)?;
+    // byokd-bench's no-op baseline service; reuses the byokd.v1 messages, and is not part of
+    // the descriptor set byokd serves.
+    let mut bench = protox::compile(["byokd/bench/v1/baseline.proto"], ["proto"])?;
+    // Generate only the bench package; byokd.v1 is already generated above.
+    bench.file.retain(|f| f.package() == "byokd.bench.v1");
+    tonic_prost_build::configure()
+        .extern_path(".byokd.v1", "crate::api::v1")
+        .compile_fds(bench)?;
     Ok(())
 }

@@ -12,6 +12,15 @@ pub mod v1 {
     tonic::include_proto!("byokd.v1");
 }
 
+/// Package `byokd.bench.v1`: byokd-bench's no-op baseline service (not served by byokd).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod bench {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("byokd.bench.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of `byokd.v1` and its imports.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/byokd_descriptor.bin"));

@@ -741,7 +741,7 @@ impl Vault {
                     },
                     guard_secret(&secret.tenant, &secret.name, Some(&secret)),
                 ],
-                writes: vec![Write::PutLease(used.clone())],
+                writes: vec![Write::UpdateLease(used.clone())],
                 audit: Some(audit.clone()),
             };
             if let Some(done) = self
@@ -932,7 +932,7 @@ impl Vault {
                     token_hash: lease.token_hash,
                     expect: Some(lease),
                 }],
-                writes: vec![Write::PutLease(revoked)],
+                writes: vec![Write::UpdateLease(revoked)],
                 audit: Some(audit.clone()),
             };
             if let Some(done) = self

@@ -147,6 +147,9 @@ pub enum Write {
     },
     /// Insert or replace a lease (and its indexes).
     PutLease(LeaseRecord),
+    /// Replace an existing lease whose id, token hash and expiry are unchanged (uses,
+    /// revocation): its indexes stay as they are.
+    UpdateLease(LeaseRecord),
     /// Delete a lease (and its indexes).
     DeleteLease(LeaseRecord),
     /// Set a meta value.

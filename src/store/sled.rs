@@ -1,16 +1,21 @@
 //! The sled adapter: one sled tree, one writer thread, group commit.
 //!
-//! Reads go straight to sled from the calling task. Every commit goes through a channel to a
-//! single writer thread, which checks the transaction's guards, applies its writes and audit
-//! entry (with its hash-chain link and index entries) as one atomic `sled::Batch`, and, once
-//! the channel is momentarily empty (or a group is full), flushes sled once for the whole
-//! group before answering any of its commits. One writer gives a total order (audit sequence
-//! numbers without gaps, each entry chained to the one before, guards checked against the
-//! latest state); the shared flush makes many concurrent writers cost one fsync.
+//! Reads go straight to sled from the calling task. Every commit goes through a channel to the
+//! single writer thread, which checks the transaction's guards (against the tree and the
+//! changes of earlier transactions in the same group) and stages its writes and audit entry
+//! (with its hash-chain link and index entries). When the channel is momentarily empty (or a
+//! group is full), the writer applies the whole group to the tree as one atomic `sled::Batch`,
+//! flushes sled once, and only then answers the group's commits. One writer gives a total
+//! order (audit sequence numbers without gaps, each entry chained to the one before, guards
+//! checked against the latest state); one batch and one flush per group make many concurrent
+//! writers cost one fsync. (A separate flusher thread, overlapping a group's flush with the
+//! next group's staging, was measured with `byokd-bench` and gained nothing here: sled's
+//! flush and apply contend on the same log.)
 //!
 //! The writer calls the blocking `Db::flush`, never `flush_async`: concurrent `flush_async`
 //! calls deadlock in sled 0.34 (sled issue #1308).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -394,16 +399,23 @@ struct Applied {
     audit: Option<AuditRecord>,
 }
 
+/// The group's changes not yet in the tree: key to new value (`None`: deleted). Later
+/// transactions of the group read through it, so their guards see earlier ones' writes; the
+/// whole group then goes to sled as one batch.
+#[derive(Default)]
+struct Pending(BTreeMap<Vec<u8>, Option<Vec<u8>>>);
+
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Message>) {
         while let Some(first) = rx.blocking_recv() {
             let mut group: Vec<Applied> = Vec::new();
+            let mut pending = Pending::default();
             let mut close = None;
             let mut next = Some(first);
             while let Some(message) = next.take() {
                 match message {
                     Message::Commit(tx, reply) => {
-                        let (result, audit) = match self.apply(*tx) {
+                        let (result, audit) = match self.apply(*tx, &mut pending) {
                             Ok((committed, audit)) => (Ok(committed), audit),
                             Err(e) => (Err(e), None),
                         };
@@ -427,12 +439,19 @@ impl Writer {
                 }
             }
             let wrote = group.iter().any(|a| a.result.is_ok());
-            if wrote && let Err(e) = self.db.flush() {
-                tracing::error!(error = %e, "store flush failed; refusing further writes");
+            let durable = self.write_pending(&mut pending).and_then(|()| {
+                if wrote {
+                    self.db.flush().map(drop).map_err(engine)
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = durable {
+                tracing::error!(error = %e, "store write or flush failed; refusing further writes");
                 self.poisoned = true;
                 for applied in &mut group {
                     if applied.result.is_ok() {
-                        applied.result = Err(StoreError::Engine(format!("flush: {e}")));
+                        applied.result = Err(StoreError::Engine(format!("write: {e}")));
                         applied.audit = None;
                     }
                 }
@@ -462,16 +481,66 @@ impl Writer {
         }
     }
 
-    fn apply(&mut self, tx: Transaction) -> Result<(Committed, Option<AuditRecord>), StoreError> {
+    /// Applies the group's pending changes to the tree as one atomic batch.
+    /// On failure the store is poisoned: transactions already answered Ok in this group
+    /// must not be acknowledged.
+    fn write_pending(&mut self, pending: &mut Pending) -> Result<(), StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        if pending.0.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (key, value) in std::mem::take(&mut pending.0) {
+            match value {
+                Some(v) => batch.insert(key, v),
+                None => batch.remove(key),
+            }
+        }
+        let result = self.tree.apply_batch(batch).map_err(engine);
+        self.poisoned = result.is_err();
+        result
+    }
+
+    /// True if the current value of `key`, counting the group's pending changes, is
+    /// `expected` (`None`: absent).
+    fn holds(
+        &self,
+        pending: &Pending,
+        key: &[u8],
+        expected: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        match pending.0.get(key) {
+            Some(value) => Ok(value.as_deref() == expected),
+            None => Ok(self.tree.get(key).map_err(engine)?.as_deref() == expected),
+        }
+    }
+
+    /// Checks `tx`'s guards and stages its writes and audit entry into `pending`. Nothing of
+    /// a transaction that fails is staged.
+    fn apply(
+        &mut self,
+        tx: Transaction,
+        pending: &mut Pending,
+    ) -> Result<(Committed, Option<AuditRecord>), StoreError> {
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
         for guard in &tx.guards {
-            self.check(guard)?;
+            self.check(guard, pending)?;
         }
-        let mut batch = sled::Batch::default();
+        if tx
+            .writes
+            .iter()
+            .any(|w| matches!(w, Write::PruneAudit { .. }))
+        {
+            // A prune reads the tree's range of entries: let it see everything before it.
+            self.write_pending(pending)?;
+        }
+        let mut staged = Vec::new();
         for write in &tx.writes {
-            self.stage(write, &mut batch)?;
+            self.stage(write, pending, &mut staged)?;
         }
         let mut audit = None;
         if let Some(entry) = tx.audit {
@@ -486,13 +555,13 @@ impl Writer {
                 prev_hash: self.prev_hash,
                 entry,
             };
-            batch.insert(&codec::audit_key(seq), encode(&record)?);
+            staged.push((codec::audit_key(seq).to_vec(), Some(encode(&record)?)));
             for key in codec::audit_index_keys(&record) {
-                batch.insert(key, &[][..]);
+                staged.push((key, Some(Vec::new())));
             }
             audit = Some(record);
         }
-        self.tree.apply_batch(batch).map_err(engine)?;
+        pending.0.extend(staged);
         if let Some(record) = &audit {
             self.next_seq = record.seq + 1;
             self.last_time = record.time;
@@ -504,7 +573,7 @@ impl Writer {
         Ok((committed, audit))
     }
 
-    fn check(&self, guard: &Guard) -> Result<(), StoreError> {
+    fn check(&self, guard: &Guard, pending: &Pending) -> Result<(), StoreError> {
         let (key, expected) = match guard {
             Guard::Secret {
                 tenant,
@@ -527,52 +596,82 @@ impl Writer {
                 expect.as_ref().map(encode).transpose()?,
             ),
         };
-        let current = self.tree.get(&key).map_err(engine)?;
-        if current.as_deref() == expected.as_deref() {
+        if self.holds(pending, &key, expected.as_deref())? {
             Ok(())
         } else {
             Err(StoreError::Conflict)
         }
     }
 
-    /// Adds `write` to `batch`.
-    fn stage(&self, write: &Write, batch: &mut sled::Batch) -> Result<(), StoreError> {
+    /// Stages `write` into `staged`.
+    fn stage(
+        &self,
+        write: &Write,
+        pending: &Pending,
+        staged: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<(), StoreError> {
         match write {
-            Write::PutSecret(s) => batch.insert(codec::secret_key(&s.tenant, &s.name), encode(s)?),
+            Write::PutSecret(s) => {
+                staged.push((codec::secret_key(&s.tenant, &s.name), Some(encode(s)?)))
+            }
             Write::PutEnvelope(e) => {
-                batch.insert(codec::envelope_key(e.secret_id, e.version), encode(e)?)
+                staged.push((
+                    codec::envelope_key(e.secret_id, e.version),
+                    Some(encode(e)?),
+                ));
             }
             Write::DestroyEnvelopes { secret_id, keep } => {
-                for entry in self.tree.scan_prefix(codec::envelope_prefix(*secret_id)) {
-                    let (key, _) = entry.map_err(engine)?;
+                let prefix = codec::envelope_prefix(*secret_id);
+                let mut keys = BTreeSet::new();
+                for entry in self.tree.scan_prefix(&prefix) {
+                    keys.insert(entry.map_err(engine)?.0.to_vec());
+                }
+                for (key, value) in pending.0.range(prefix.clone()..) {
+                    if !key.starts_with(&prefix) {
+                        break;
+                    }
+                    match value {
+                        Some(_) => keys.insert(key.clone()),
+                        None => keys.remove(key),
+                    };
+                }
+                for key in keys {
                     if keep.is_none_or(|k| codec::envelope_key_version(&key) != Some(k)) {
-                        batch.remove(key);
+                        staged.push((key, None));
                     }
                 }
             }
             Write::PutLease(l) => {
                 // A lease's expiry never changes, so its expiry index key is stable.
-                batch.insert(codec::lease_key(&l.token_hash), encode(l)?);
-                batch.insert(codec::lease_id_key(l.id), &l.token_hash.0[..]);
-                batch.insert(
+                staged.push((codec::lease_key(&l.token_hash), Some(encode(l)?)));
+                staged.push((codec::lease_id_key(l.id), Some(l.token_hash.0.to_vec())));
+                staged.push((
                     codec::lease_expiry_key(l.expires_at, &l.token_hash),
-                    &[][..],
-                );
+                    Some(Vec::new()),
+                ));
+            }
+            Write::UpdateLease(l) => {
+                staged.push((codec::lease_key(&l.token_hash), Some(encode(l)?)));
             }
             Write::DeleteLease(l) => {
-                batch.remove(codec::lease_key(&l.token_hash));
-                batch.remove(codec::lease_id_key(l.id));
-                batch.remove(codec::lease_expiry_key(l.expires_at, &l.token_hash));
+                staged.push((codec::lease_key(&l.token_hash), None));
+                staged.push((codec::lease_id_key(l.id), None));
+                staged.push((codec::lease_expiry_key(l.expires_at, &l.token_hash), None));
             }
-            Write::PutMeta(key, value) => batch.insert(codec::meta_key(*key), value.as_slice()),
-            Write::PruneAudit { through } => self.stage_prune(*through, batch)?,
+            Write::PutMeta(key, value) => staged.push((codec::meta_key(*key), Some(value.clone()))),
+            Write::PruneAudit { through } => self.stage_prune(*through, staged)?,
         }
         Ok(())
     }
 
     /// Deletes entries up to `through` with their index entries, and anchors the chain at
     /// `through` with a MAC, so that the anchor cannot be moved without the audit key.
-    fn stage_prune(&self, through: u64, batch: &mut sled::Batch) -> Result<(), StoreError> {
+    /// Reads the tree only: `apply` writes the group's pending changes first.
+    fn stage_prune(
+        &self,
+        through: u64,
+        staged: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<(), StoreError> {
         let chain = self.chain.as_ref().ok_or(StoreError::ChainNotStarted)?;
         let last_key = codec::audit_key(through);
         let last: AuditRecord = match self.tree.get(last_key).map_err(engine)? {
@@ -583,14 +682,14 @@ impl Writer {
             let (key, value) = entry.map_err(engine)?;
             let record: AuditRecord = codec::decode(&key, &value)?;
             for index_key in codec::audit_index_keys(&record) {
-                batch.remove(index_key);
+                staged.push((index_key, None));
             }
-            batch.remove(key);
+            staged.push((key.to_vec(), None));
         }
-        batch.insert(
-            codec::AUDIT_ANCHOR_META,
-            encode(&chain.anchor(last.seq, last.hash))?,
-        );
+        staged.push((
+            codec::AUDIT_ANCHOR_META.to_vec(),
+            Some(encode(&chain.anchor(last.seq, last.hash))?),
+        ));
         Ok(())
     }
 }
