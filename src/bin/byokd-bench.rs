@@ -354,6 +354,7 @@ where
     let interval = (args.rate > 0)
         .then(|| Duration::from_secs_f64(args.concurrency as f64 / args.rate as f64));
     let limit = args.requests;
+    let concurrency = args.concurrency.max(1);
     let workers: Vec<_> = (0..args.concurrency)
         .map(|i| {
             let call = make(i);
@@ -361,7 +362,8 @@ where
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 let mut n = 0u64;
-                let mut next = Instant::now();
+                // Paced streams start spread over one interval, not all at once.
+                let mut next = Instant::now() + interval.map_or(Duration::ZERO, |every| every.mul_f64(i as f64 / concurrency as f64));
                 while !stop.load(Ordering::Relaxed) {
                     if let Some(every) = interval {
                         tokio::time::sleep_until(next.into()).await;
@@ -370,8 +372,10 @@ where
                     let t = Instant::now();
                     match call(n).await {
                         Ok(()) => latencies.push(t.elapsed()),
-                        Err(_) => {
-                            errors.fetch_add(1, Ordering::Relaxed);
+                        Err(status) => {
+                            if errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                                eprintln!("\nfirst error: {:?}: {}", status.code(), status.message());
+                            }
                         }
                     }
                     n += 1;

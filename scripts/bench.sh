@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs byokd-bench against a fresh release byokd on this machine and writes the results to
+# bench-results/ (JSON per run). Usage: scripts/bench.sh [duration, default 10s]
+#
+#   1. every workload at concurrency 64 (4 connections), with the no-op baseline in the same run;
+#   2. store at concurrency 1: one flush per write, the reference for group commit;
+#   3. get paced at half the rate reached in step 1: p99 at half of peak.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+duration="${1:-10s}"
+cargo build --release --locked --bin byokd --bin byokd-bench
+out="bench-results"
+mkdir -p "$out"
+work="$(mktemp -d)"
+trap 'kill "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
+token="bench-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+digest="$(printf %s "$token" | sha256sum | cut -d' ' -f1)"
+cat > "$work/byokd.toml" <<TOML
+data_dir = "data"
+[limits]
+# The benchmark measures throughput, not the abuse limits.
+principal_rate_limit = { per_second = 1000000, burst = 1000000 }
+failed_get_rate_limit = { per_second = 1000000, burst = 1000000 }
+[[principal]]
+id = "bench"
+token_sha256 = "$digest"
+roles = ["admin"]
+tenants = ["*"]
+TOML
+chmod 600 "$work/byokd.toml"
+BYOKD_LOG=warn target/release/byokd serve --config "$work/byokd.toml" --listen 127.0.0.1:0 > "$work/out" 2> "$work/log" &
+server=$!
+for _ in $(seq 100); do grep -q "listening on" "$work/out" 2>/dev/null && break; sleep 0.1; done
+target="http://$(sed -n 's/^byokd listening on //p' "$work/out")"
+bench() { target/release/byokd-bench --target "$target" --token "$token" "$@"; }
+
+echo "== all workloads, concurrency 64"
+bench --workload all --concurrency 64 --connections 4 --duration "$duration" --json "$out/all.json"
+echo "== store, concurrency 1 (one flush per write)"
+bench --workload baseline,store --concurrency 1 --connections 1 --duration "$duration" --json "$out/store-sequential.json"
+peak="$(python3 -c "import json; print(int(next(r['rps'] for r in json.load(open('$out/all.json')) if r['workload']=='get')))")"
+half=$((peak / 2))
+echo "== get paced at half its peak ($half/s)"
+bench --workload get --concurrency 64 --connections 4 --duration "$duration" --rate "$half" --json "$out/get-half-peak.json"
+python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+runs = {r["workload"]: r for r in json.load(open(f"{out}/all.json"))}
+seq = {r["workload"]: r for r in json.load(open(f"{out}/store-sequential.json"))}
+half = json.load(open(f"{out}/get-half-peak.json"))[0]
+print()
+print(f"get        / baseline: {runs['get']['ratio_to_baseline']:.2f}  (target >= 0.50)")
+print(f"lease+get  / baseline: {runs['lease+get']['ratio_to_baseline']:.2f}  (target >= 0.25)")
+print(f"store c=64 / store c=1: {runs['store']['rps'] / seq['store']['rps']:.1f}x  (target >= 3x)")
+print(f"get p99 at half peak ({half['rps']:.0f}/s): {half['p99_ms']:.2f} ms  (target <= 5 ms)")
+PY
