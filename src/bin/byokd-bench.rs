@@ -363,7 +363,10 @@ where
                 let mut latencies = Vec::new();
                 let mut n = 0u64;
                 // Paced streams start spread over one interval, not all at once.
-                let mut next = Instant::now() + interval.map_or(Duration::ZERO, |every| every.mul_f64(i as f64 / concurrency as f64));
+                let mut next = Instant::now()
+                    + interval.map_or(Duration::ZERO, |every| {
+                        every.mul_f64(i as f64 / concurrency as f64)
+                    });
                 while !stop.load(Ordering::Relaxed) {
                     if let Some(every) = interval {
                         tokio::time::sleep_until(next.into()).await;
@@ -374,7 +377,11 @@ where
                         Ok(()) => latencies.push(t.elapsed()),
                         Err(status) => {
                             if errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                                eprintln!("\nfirst error: {:?}: {}", status.code(), status.message());
+                                eprintln!(
+                                    "\nfirst error: {:?}: {}",
+                                    status.code(),
+                                    status.message()
+                                );
                             }
                         }
                     }
