@@ -6,6 +6,7 @@ mod harness;
 mod api;
 mod audit_trail;
 mod cli;
+mod crash;
 mod durability;
 mod hardening;
 mod kms;
