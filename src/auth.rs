@@ -107,6 +107,8 @@ pub enum Operation {
     Audit,
     /// Rotate the master key, or follow a rotation.
     RotateMasterKey,
+    /// Take a backup of the whole store.
+    Backup,
 }
 
 impl Operation {
@@ -122,7 +124,7 @@ impl Operation {
             Operation::Lease => &[Role::Leaser, Role::Admin],
             Operation::Get => &[Role::Reader, Role::Admin],
             Operation::Audit => &[Role::Auditor, Role::Admin],
-            Operation::RotateMasterKey => &[Role::Admin],
+            Operation::RotateMasterKey | Operation::Backup => &[Role::Admin],
         }
     }
 }
@@ -140,6 +142,7 @@ impl fmt::Display for Operation {
             Operation::Get => "redeem leases",
             Operation::Audit => "read the audit trail",
             Operation::RotateMasterKey => "rotate the master key",
+            Operation::Backup => "take a backup",
         })
     }
 }

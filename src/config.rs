@@ -122,7 +122,22 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Transport and abuse limits.
     pub limits: Limits,
+    /// The ops listener (Prometheus metrics and gRPC health); `None`: not served.
+    pub metrics: Option<MetricsConfig>,
 }
+
+/// The ops listener: plaintext HTTP `GET /metrics` and `grpc.health.v1` (h2c), for
+/// Prometheus and for probes that cannot speak TLS (kubelet). Neither carries secrets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// How often the store and the master key are probed for health.
+    pub health_interval: Duration,
+}
+
+/// How often health is probed, by default.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// TLS settings: PEM files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,6 +203,8 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
     /// `--master-key`: a local master key file.
     pub master_key: Option<PathBuf>,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -211,6 +228,16 @@ struct FileConfig {
     limits: LimitsFile,
     #[serde(default)]
     danger_allow_plaintext_non_loopback: bool,
+    #[serde(default)]
+    metrics: MetricsFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsFile {
+    listen: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    health_interval: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -436,7 +463,30 @@ impl Config {
             )));
         }
         let limits = limits(file.limits)?;
+        let metrics_listen = match (overrides.metrics_listen, &file.metrics.listen) {
+            (Some(addr), _) => Some(addr),
+            (None, Some(text)) => Some(text.parse().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "metrics.listen: {text:?} is not an address like 127.0.0.1:9464"
+                ))
+            })?),
+            (None, None) => None,
+        };
+        let health_interval = file
+            .metrics
+            .health_interval
+            .unwrap_or(DEFAULT_HEALTH_INTERVAL);
+        if health_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "metrics.health_interval: must be positive".into(),
+            ));
+        }
+        let metrics = metrics_listen.map(|listen| MetricsConfig {
+            listen,
+            health_interval,
+        });
         Ok(Self {
+            metrics,
             tls,
             limits,
             listen,
@@ -814,6 +864,7 @@ mod tests {
                 log_format: Some(LogFormat::Text),
                 config: None,
                 master_key: None,
+                metrics_listen: None,
             },
         )
         .unwrap();

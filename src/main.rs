@@ -45,6 +45,10 @@ enum Command {
         /// Log format (overrides the config file).
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
+        /// Address of the ops listener: Prometheus metrics and gRPC health (overrides the
+        /// config file's [metrics] listen).
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
         /// Without configured principals: replace the bootstrap admin token and print it.
         #[arg(long)]
         reset_bootstrap_token: bool,
@@ -57,6 +61,52 @@ enum Command {
     },
     /// Generate a principal token and the `token_sha256` line for the config file.
     NewToken,
+    /// Take an online backup from the running server (admin token) into a file: every record
+    /// but leases, still encrypted, with the audit chain. Useless without the master key.
+    Backup {
+        #[command(flatten)]
+        location: Location,
+        /// The backup file to write (refuses to overwrite one).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Load a backup into the configured data directory, which must hold no data yet, and
+    /// verify it (audit chain, every value decrypts under the configured master key) before
+    /// the data directory becomes usable.
+    Restore {
+        #[command(flatten)]
+        location: Location,
+        /// The backup file.
+        #[arg(long = "in")]
+        input: PathBuf,
+    },
+}
+
+/// How a client command reaches the running server.
+#[derive(Args)]
+struct ClientArgs {
+    /// Bearer token of an admin principal.
+    #[arg(long, env = "BYOKD_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Server URL (default: from the config's listen address and [tls], e.g.
+    /// https://127.0.0.1:50051).
+    #[arg(long)]
+    target: Option<String>,
+    /// CA certificate (PEM) to trust for the server (default with [tls]: the server's own
+    /// certificate file).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Name to expect in the server's certificate (default: localhost).
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Client certificate (PEM), for mutual TLS.
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Client key (PEM), for mutual TLS.
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -113,6 +163,7 @@ impl Location {
         self,
         listen: Option<SocketAddr>,
         log_format: Option<LogFormat>,
+        metrics_listen: Option<SocketAddr>,
     ) -> Result<Config, ExitCode> {
         Config::load(Overrides {
             config: self.config,
@@ -120,6 +171,7 @@ impl Location {
             data_dir: self.data_dir,
             log_format,
             master_key: self.master_key,
+            metrics_listen,
         })
         .map_err(|e| {
             eprintln!("byokd: {e}");
@@ -134,9 +186,10 @@ fn main() -> ExitCode {
             location,
             listen,
             log_format,
+            metrics_listen,
             reset_bootstrap_token,
         } => {
-            let config = match location.load(listen, log_format) {
+            let config = match location.load(listen, log_format, metrics_listen) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -150,6 +203,57 @@ fn main() -> ExitCode {
             )
         }
         Command::Audit { command } => audit(command),
+        Command::Backup {
+            location,
+            out,
+            client,
+        } => {
+            init_logging_quiet();
+            let config = match location.load(None, None, None) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let target = byokd::offline::Target {
+                url: client.target,
+                token: client.token,
+                ca: client.ca,
+                server_name: client.server_name,
+                client_identity: client.client_cert.zip(client.client_key),
+            };
+            run_async(byokd::offline::backup(&config, &target, &out), |summary| {
+                println!(
+                    "backup written to {}: {} records, {} bytes, audit head seq {} hash {}",
+                    out.display(),
+                    summary.records,
+                    summary.bytes,
+                    summary.header.audit_head_seq,
+                    summary.header.audit_head_hash
+                );
+                println!(
+                    "it is encrypted under master key(s) {}: keep that key, or this backup is useless",
+                    summary.header.master_key_ids.join(", ")
+                );
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Restore { location, input } => {
+            init_logging_quiet();
+            let config = match location.load(None, None, None) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            run_async(byokd::offline::restore(&config, &input), |summary| {
+                println!(
+                    "restored {} records into {}: audit chain verified ({} entries, head seq {}), {} secret versions decrypted",
+                    summary.records,
+                    config.data_dir.display(),
+                    summary.audit_entries,
+                    summary.header.audit_head_seq,
+                    summary.versions_checked
+                );
+                ExitCode::SUCCESS
+            })
+        }
         Command::NewToken => match byokd::crypto::random_token(PRINCIPAL_TOKEN_PREFIX) {
             Ok(token) => {
                 println!(
@@ -176,7 +280,7 @@ fn audit(command: AuditCommand) -> ExitCode {
             to_seq,
             expect_head,
         } => {
-            let config = match location.load(None, None) {
+            let config = match location.load(None, None, None) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -207,7 +311,7 @@ fn audit(command: AuditCommand) -> ExitCode {
             since,
             format: ExportFormat::Jsonl,
         } => {
-            let config = match location.load(None, None) {
+            let config = match location.load(None, None, None) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -277,6 +381,7 @@ fn announce(announcement: Announcement<'_>) {
             println!("export BYOKD_TOKEN={token}");
         }
         Announcement::Listening(addr) => println!("byokd listening on {addr}"),
+        Announcement::Ops(addr) => println!("byokd metrics and health on {addr}"),
     }
 }
 

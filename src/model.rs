@@ -307,6 +307,20 @@ impl fmt::Debug for TokenHash {
 pub struct Time(i64);
 
 impl Time {
+    /// As RFC 3339 in UTC with microseconds, e.g. `2026-11-25T01:02:03.456789Z`.
+    pub fn to_rfc3339(self) -> String {
+        let (secs, nanos) = self.seconds_nanos();
+        let system = if secs >= 0 {
+            std::time::SystemTime::UNIX_EPOCH
+                + std::time::Duration::new(secs.unsigned_abs(), nanos.unsigned_abs())
+        } else {
+            std::time::SystemTime::UNIX_EPOCH
+        };
+        humantime::format_rfc3339_micros(system).to_string()
+    }
+}
+
+impl Time {
     /// The current wall-clock time.
     pub fn now() -> Self {
         Self::from_system(SystemTime::now())
@@ -490,11 +504,13 @@ pub enum Action {
     GetRotationStatus,
     /// A master-key rotation's rewrap job finished (not an RPC).
     Rewrap,
+    /// `Backup`
+    Backup,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 14] = [
+    pub const ALL: [Action; 15] = [
         Action::Store,
         Action::Describe,
         Action::List,
@@ -509,6 +525,7 @@ impl Action {
         Action::RotateMasterKey,
         Action::GetRotationStatus,
         Action::Rewrap,
+        Action::Backup,
     ];
 
     /// The RPC's name, as recorded and as filtered on.
@@ -528,6 +545,7 @@ impl Action {
             Action::RotateMasterKey => "RotateMasterKey",
             Action::GetRotationStatus => "GetRotationStatus",
             Action::Rewrap => "Rewrap",
+            Action::Backup => "Backup",
         }
     }
 

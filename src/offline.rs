@@ -1,17 +1,20 @@
 //! Commands that work on a data directory without a running server: audit verification and
-//! export. They open the sled database directly, so they need the server stopped (sled locks
-//! its directory) or a copy of the directory, e.g. a backup.
+//! export, and restoring a backup. They open the sled database directly, so they need the
+//! server stopped (sled locks its directory) or a copy of the directory. Also `backup`, the
+//! client side of the online backup, which talks to the running server.
 
-use std::path::Path;
-use std::time::SystemTime;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::api::v1::{self as pb, vault_client::VaultClient};
 use crate::audit::{self, RecordedHead, Verification};
+use crate::backup::{BackupHeader, BackupReader};
 use crate::config::Config;
 use crate::model::{AuditRecord, Time};
 use crate::server::{Initialise, ServeError, open_keys, open_store};
-use crate::store::Store;
+use crate::store::{SledStore, Store};
 
 /// Verifies the audit chain of the configured data directory (needs its master key).
 pub async fn verify_audit(
@@ -131,7 +134,7 @@ impl From<&AuditRecord> for ExportedEntry {
         let e = &r.entry;
         Self {
             seq: r.seq,
-            time: rfc3339(r.time),
+            time: r.time.to_rfc3339(),
             principal: e.principal.as_ref().map(ToString::to_string),
             peer: e.peer.clone(),
             action: e.action.as_str(),
@@ -149,13 +152,252 @@ impl From<&AuditRecord> for ExportedEntry {
     }
 }
 
-/// A time as RFC 3339 in UTC with microseconds, e.g. `2026-11-25T01:02:03.456789Z`.
-pub fn rfc3339(t: Time) -> String {
-    let (secs, nanos) = t.seconds_nanos();
-    let system = if secs >= 0 {
-        SystemTime::UNIX_EPOCH + std::time::Duration::new(secs.unsigned_abs(), nanos.unsigned_abs())
-    } else {
-        SystemTime::UNIX_EPOCH
+/// How a client command reaches the running server.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Server URL; `None`: from the config's listen address and TLS settings.
+    pub url: Option<String>,
+    /// Bearer token of an admin principal.
+    pub token: String,
+    /// CA certificate to trust; `None`: the config's server certificate.
+    pub ca: Option<PathBuf>,
+    /// Name expected in the server's certificate.
+    pub server_name: String,
+    /// Client certificate and key, for mutual TLS.
+    pub client_identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// What `backup` wrote.
+#[derive(Debug, Clone)]
+pub struct BackupSummary {
+    /// Records in the file.
+    pub records: u64,
+    /// Its size.
+    pub bytes: u64,
+    /// Its header.
+    pub header: BackupHeader,
+}
+
+fn backup_error(e: impl std::fmt::Display) -> ServeError {
+    ServeError::Backup(e.to_string())
+}
+
+async fn connect(
+    config: &Config,
+    target: &Target,
+) -> Result<tonic::transport::Channel, ServeError> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let url = match &target.url {
+        Some(url) => url.clone(),
+        None => {
+            let mut addr = config.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(if addr.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                });
+            }
+            let scheme = if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{addr}")
+        }
     };
-    humantime::format_rfc3339_micros(system).to_string()
+    let mut endpoint = Endpoint::from_shared(url.clone()).map_err(backup_error)?;
+    if url.starts_with("https://") {
+        let ca = match (&target.ca, &config.tls) {
+            (Some(ca), _) => ca.clone(),
+            (None, Some(tls)) => tls.cert.clone(),
+            (None, None) => return Err(ServeError::Backup("https needs --ca".into())),
+        };
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|e| ServeError::Backup(format!("{}: {e}", p.display())))
+        };
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&ca)?))
+            .domain_name(target.server_name.clone());
+        if let Some((cert, key)) = &target.client_identity {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint = endpoint.tls_config(tls).map_err(backup_error)?;
+    }
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| ServeError::Backup(format!("cannot connect to {url}: {e}")))
+}
+
+/// Takes an online backup from the running server into `out` (which must not exist): the
+/// stream goes to `out.partial`, is read back and checked end to end (format, record count,
+/// SHA-256), made durable, and only then renamed to `out`.
+pub async fn backup(
+    config: &Config,
+    target: &Target,
+    out: &Path,
+) -> Result<BackupSummary, ServeError> {
+    if out.exists() {
+        return Err(ServeError::Backup(format!(
+            "{} exists; refusing to overwrite it",
+            out.display()
+        )));
+    }
+    let channel = connect(config, target).await?;
+    let mut request = tonic::Request::new(pb::BackupRequest {});
+    let auth = format!("Bearer {}", target.token)
+        .parse()
+        .map_err(|_| ServeError::Backup("the token is not valid metadata".into()))?;
+    request.metadata_mut().insert("authorization", auth);
+    let mut stream = VaultClient::new(channel)
+        .max_decoding_message_size(4 * 1024 * 1024)
+        .backup(request)
+        .await
+        .map_err(|s| ServeError::Backup(format!("{:?}: {}", s.code(), s.message())))?
+        .into_inner();
+    let mut partial = out.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let result = async {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+            .map_err(|e| ServeError::Backup(format!("{}: {e}", partial.display())))?;
+        let mut bytes = 0u64;
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|s| ServeError::Backup(format!("{:?}: {}", s.code(), s.message())))?
+        {
+            file.write_all(&chunk.data).map_err(backup_error)?;
+            bytes += chunk.data.len() as u64;
+        }
+        file.sync_all().map_err(backup_error)?;
+        let reader = BackupReader::new(std::io::BufReader::new(
+            std::fs::File::open(&partial).map_err(backup_error)?,
+        ))
+        .map_err(backup_error)?;
+        let header = reader.header().clone();
+        let records = reader.verify().map_err(backup_error)?;
+        std::fs::rename(&partial, out).map_err(backup_error)?;
+        sync_parent(out).map_err(backup_error)?;
+        Ok(BackupSummary {
+            records,
+            bytes,
+            header,
+        })
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    result
+}
+
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(parent)?.sync_all()
+}
+
+/// What `restore` loaded and checked.
+#[derive(Debug, Clone)]
+pub struct RestoreSummary {
+    /// Records loaded.
+    pub records: u64,
+    /// Audit entries whose chain links were verified.
+    pub audit_entries: u64,
+    /// Secret versions unwrapped and decrypted.
+    pub versions_checked: u64,
+    /// The backup's header.
+    pub header: BackupHeader,
+}
+
+/// Loads the backup `input` into the configured data directory, which must hold no data.
+/// The records go to a staging database first; it becomes the data directory's database only
+/// after the backup's checksum, the master key's key check, the whole audit chain (up to the
+/// head the backup names) and the decryption of every stored value succeed.
+pub async fn restore(config: &Config, input: &Path) -> Result<RestoreSummary, ServeError> {
+    let restore_error = |e: &dyn std::fmt::Display| ServeError::Restore(e.to_string());
+    let db = config.data_dir.join("db");
+    if db.exists() {
+        return Err(ServeError::Restore(format!(
+            "{} already holds a database; restore only into an empty data directory",
+            db.display()
+        )));
+    }
+    crate::server::create_private_dir(&config.data_dir)?;
+    let staging = config.data_dir.join("db.restoring");
+    if staging.exists() {
+        // Left by an interrupted restore: never served, safe to discard.
+        std::fs::remove_dir_all(&staging).map_err(|e| restore_error(&e))?;
+    }
+    let file = std::fs::File::open(input)
+        .map_err(|e| ServeError::Restore(format!("{}: {e}", input.display())))?;
+    let mut reader =
+        BackupReader::new(std::io::BufReader::new(file)).map_err(|e| restore_error(&e))?;
+    let header = reader.header().clone();
+    let recorded = if header.audit_head_seq == 0 {
+        None
+    } else {
+        let hash = hex::decode(&header.audit_head_hash)
+            .ok()
+            .and_then(|h| <[u8; 32]>::try_from(h).ok())
+            .ok_or_else(|| ServeError::Restore("malformed audit head in the header".into()))?;
+        Some(RecordedHead {
+            seq: header.audit_head_seq,
+            hash,
+        })
+    };
+    let result = async {
+        let records = tokio::task::block_in_place(|| {
+            SledStore::import(&staging, || reader.next_record().map_err(|e| e.to_string()))
+        })
+        .map_err(|e| restore_error(&e))?;
+        let store = SledStore::open(&staging)?;
+        let checked = async {
+            let keys = open_keys(
+                &config.master_key,
+                &store,
+                Initialise::Never,
+                &config.data_dir,
+            )
+            .await?;
+            let report = audit::verify(&store, &keys.chain, 0, 0, recorded).map_err(audit_error)?;
+            if let Some((seq, why)) = report.broken {
+                return Err(ServeError::Restore(format!(
+                    "audit chain broken at entry {seq}: {why}"
+                )));
+            }
+            let versions = crate::vault::check_envelopes(&store, &keys.keyring)
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = ?e, "decrypt check failed");
+                    ServeError::Restore(
+                        "a stored value did not decrypt under the configured master key".into(),
+                    )
+                })?;
+            Ok((report.checked, versions))
+        }
+        .await;
+        store.close().await?;
+        let (audit_entries, versions_checked) = checked?;
+        std::fs::rename(&staging, &db).map_err(|e| restore_error(&e))?;
+        sync_parent(&db).map_err(|e| restore_error(&e))?;
+        Ok(RestoreSummary {
+            records,
+            audit_entries,
+            versions_checked,
+            header: header.clone(),
+        })
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    result
 }

@@ -140,6 +140,12 @@ pub enum ServeError {
     /// Writing an export failed.
     #[error("export: {0}")]
     Export(String),
+    /// A backup could not be taken or written.
+    #[error("backup: {0}")]
+    Backup(String),
+    /// A backup could not be restored; the data directory was left without data.
+    #[error("restore: {0}")]
+    Restore(String),
     /// Randomness for the bootstrap token failed.
     #[error("random number generator: {0}")]
     Rng(crate::crypto::CryptoError),
@@ -164,6 +170,8 @@ pub enum Announcement<'a> {
     },
     /// The server accepts connections at this address.
     Listening(SocketAddr),
+    /// The ops listener (metrics, health) accepts connections at this address.
+    Ops(SocketAddr),
 }
 
 /// Something that shows announcements to the operator.
@@ -244,6 +252,7 @@ async fn serve(
         principals,
         policy: config.lease,
         limits: config.limits,
+        scratch_dir: config.data_dir.clone(),
     }));
     let gc = tokio::spawn(collect_leases(vault.clone(), config.gc_interval));
     let retention = config
@@ -251,9 +260,40 @@ async fn serve(
         .map(|policy| tokio::spawn(prune_audit(vault.clone(), policy)));
 
     let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, true).await;
     health
-        .set_serving::<crate::api::v1::vault_server::VaultServer<VaultService>>()
+        .set_service_status(LIVENESS, ServingStatus::Serving)
         .await;
+    let (stop_ops_tx, stop_ops) = tokio::sync::watch::channel(false);
+    let mut ops_task = None;
+    let mut monitor = None;
+    if let Some(metrics) = config.metrics {
+        let listener =
+            TcpListener::bind(metrics.listen)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    addr: metrics.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+            addr: metrics.listen,
+            source,
+        })?;
+        tracing::info!(%addr, "metrics and health listening");
+        ops_task = Some(tokio::spawn(serve_ops(
+            listener,
+            vault.clone(),
+            health_service.clone(),
+            stop_ops.clone(),
+        )));
+        announce(Announcement::Ops(addr));
+        monitor = Some(tokio::spawn(monitor_health(
+            vault.clone(),
+            health.clone(),
+            metrics.health_interval,
+            stop_ops.clone(),
+        )));
+    }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -296,11 +336,10 @@ async fn serve(
         // Live audit streams end now (telling clients where to resume) instead of holding
         // the drain open.
         draining_vault.begin_shutdown();
+        let _ = stop_ops_tx.send(true);
+        set_health(&reporter, false).await;
         reporter
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        reporter
-            .set_not_serving::<crate::api::v1::vault_server::VaultServer<VaultService>>()
+            .set_service_status(LIVENESS, ServingStatus::NotServing)
             .await;
         let _ = draining_tx.send(());
     };
@@ -315,9 +354,15 @@ async fn serve(
         builder = builder.tls_config(tls)?;
     }
     let server = builder
-        .layer(tower::ServiceBuilder::new().load_shed().layer(
-            tower::limit::GlobalConcurrencyLimitLayer::new(config.limits.max_concurrent_requests),
-        ))
+        .layer(
+            tower::ServiceBuilder::new()
+                // Outermost, so that shed and refused requests are counted too.
+                .layer(crate::rpcmetrics::RpcMetricsLayer)
+                .load_shed()
+                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                    config.limits.max_concurrent_requests,
+                )),
+        )
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -344,7 +389,112 @@ async fn serve(
     if let Some(task) = retention {
         task.abort();
     }
+    for task in [ops_task, monitor].into_iter().flatten() {
+        task.abort();
+    }
     result
+}
+
+/// The health service name that only says the process runs and is not shutting down (for
+/// liveness probes: a KMS outage must not get the process restarted).
+pub const LIVENESS: &str = "liveness";
+
+/// Sets the readiness statuses: the overall one ("") and the vault's.
+async fn set_health(reporter: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status(
+            <crate::api::v1::vault_server::VaultServer<VaultService> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+}
+
+/// Probes the store and the master key every `interval` and reports the result as the
+/// readiness health, until shutdown.
+async fn monitor_health(
+    vault: Arc<Vault>,
+    reporter: tonic_health::server::HealthReporter,
+    interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+        let probe = vault.probe().await;
+        if *stop.borrow() {
+            return;
+        }
+        match (&probe, serving) {
+            (Err(why), true) => tracing::error!(reason = %why, "health: NOT_SERVING"),
+            (Ok(()), false) => tracing::info!("health: SERVING again"),
+            _ => {}
+        }
+        serving = probe.is_ok();
+        set_health(&reporter, serving).await;
+    }
+}
+
+/// The ops listener: `GET /metrics` (Prometheus text, HTTP/1.1) and `grpc.health.v1`
+/// (plaintext HTTP/2) on one port, until shutdown. Carries no secrets and needs no token.
+async fn serve_ops(
+    listener: TcpListener,
+    vault: Arc<Vault>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let metrics = axum::routing::get(move || {
+        let vault = vault.clone();
+        async move { render_metrics(vault).await }
+    });
+    let router = tonic::service::Routes::new(health)
+        .prepare()
+        .into_axum_router()
+        .route("/metrics", metrics)
+        .fallback(|| async { (http::StatusCode::NOT_FOUND, "not found\n") });
+    let shutdown = async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    };
+    if let Err(e) = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(error = %e, "ops listener failed");
+    }
+}
+
+async fn render_metrics(vault: Arc<Vault>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let text = tokio::task::spawn_blocking(move || {
+        let snapshot = vault.metrics_snapshot().map_err(|e| e.to_string())?;
+        crate::metrics::render(&snapshot).map_err(|e| e.to_string())
+    })
+    .await;
+    match text {
+        Ok(Ok(text)) => (
+            [(http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+            text,
+        )
+            .into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "metrics: cannot read the vault's state");
+            (http::StatusCode::INTERNAL_SERVER_ERROR, "internal error\n").into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "metrics task failed");
+            (http::StatusCode::INTERNAL_SERVER_ERROR, "internal error\n").into_response()
+        }
+    }
 }
 
 /// Whether `open_keys` may initialise a new data directory.
@@ -627,7 +777,7 @@ fn harden_process() {
     }
 }
 
-fn create_private_dir(path: &Path) -> Result<(), ServeError> {
+pub(crate) fn create_private_dir(path: &Path) -> Result<(), ServeError> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

@@ -21,6 +21,9 @@ use crate::vault::{
     VerifyInput, WatchEvent, WatchInput,
 };
 
+/// Bytes per message of a backup stream.
+const BACKUP_CHUNK: usize = 64 * 1024;
+
 /// The `byokd.v1.Vault` service.
 pub struct VaultService {
     vault: Arc<Vault>,
@@ -289,6 +292,56 @@ impl vault_server::Vault for VaultService {
         )
     }
 
+    type BackupStream = Pin<Box<dyn Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
+
+    async fn backup(
+        &self,
+        request: Request<pb::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let caller = self.caller(&request);
+        let backup = respond("Backup", self.vault.backup(&caller).await)?.into_inner();
+        tracing::info!(
+            records = backup.records,
+            audit_head_seq = backup.header.audit_head_seq,
+            "backup taken; streaming it"
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        // The temporary file is read off the async workers and deleted when the stream ends,
+        // however it ends.
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut file = match backup.file.reopen() {
+                Ok(file) => file,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the backup file");
+                    let _ = tx.blocking_send(Err(Status::internal("internal error")));
+                    return;
+                }
+            };
+            let mut buf = vec![0; BACKUP_CHUNK];
+            loop {
+                match file.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        let chunk = pb::BackupChunk {
+                            data: buf[..n].to_vec(),
+                        };
+                        if tx.blocking_send(Ok(chunk)).is_err() {
+                            tracing::warn!("backup stream cancelled by the client");
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading the backup file failed");
+                        let _ = tx.blocking_send(Err(Status::internal("internal error")));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     type WatchAuditStream = Pin<Box<dyn Stream<Item = Result<pb::AuditEntry, Status>> + Send>>;
 
     async fn watch_audit(
@@ -378,6 +431,13 @@ fn cert_identities<T>(request: &Request<T>) -> Vec<CertIdentity> {
 
 /// Turns a domain result into a gRPC response: the single place errors become `Status`.
 fn respond<T>(method: &'static str, result: Result<T, VaultError>) -> Result<Response<T>, Status> {
+    match method {
+        "Lease" if result.is_ok() => {
+            crate::metrics::global().leases_issued.inc();
+        }
+        "Get" => crate::metrics::global().redeemed(result.is_ok()),
+        _ => {}
+    }
     match result {
         Ok(message) => {
             tracing::debug!(method, outcome = "OK", "request");

@@ -6,6 +6,7 @@
 //! audit entry of its own; if that cannot be written, the operation fails (fail closed).
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -17,6 +18,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::audit::{self, AuditError, AuditFilter, AuditPage, RecordedHead, Verification};
 use crate::auth::{AuthError, CertIdentity, Operation, Principal, Principals};
+use crate::backup::{BackupError, BackupHeader, BackupWriter};
 use crate::chain::ChainKey;
 use crate::config::Limits;
 use crate::crypto::{self, CryptoError, Plaintext, Sealed, SymmetricKey};
@@ -28,7 +30,7 @@ use crate::model::{
     TenantId, Time, ValidationError, check_value_len, value_hint,
 };
 use crate::ratelimit::Buckets;
-use crate::rotation::{RotationError, RotationJob, Rotator};
+use crate::rotation::{KeyringState, RotationError, RotationJob, Rotator};
 use crate::store::{Guard, Store, StoreError, Transaction, Write};
 
 /// Associated-data label of a sealed secret value.
@@ -97,6 +99,9 @@ pub enum VaultError {
     /// Too many failed lease redemptions from this peer or principal.
     #[error("too many failed lease redemptions; retry later")]
     TooManyFailures,
+    /// A backup could not be written.
+    #[error("backup: {0}")]
+    Backup(BackupError),
     /// The requested audit entries were pruned by retention.
     #[error("from_seq: entries before {first_kept} were pruned by retention")]
     Pruned {
@@ -166,6 +171,7 @@ impl VaultError {
             | VaultError::Keyring(_)
             | VaultError::Rotation(_)
             | VaultError::Crypto(_)
+            | VaultError::Backup(_)
             | VaultError::Background(_) => Outcome::Internal,
         }
     }
@@ -395,6 +401,52 @@ pub struct Revoked {
     pub secret: Option<SecretRecord>,
 }
 
+/// A backup taken by [`Vault::backup`].
+pub struct BackupFile {
+    /// The file; deleted when dropped.
+    pub file: tempfile::NamedTempFile,
+    /// Records it holds.
+    pub records: u64,
+    /// Its header.
+    pub header: BackupHeader,
+}
+
+/// Unwraps every stored data key and opens every stored value (a restored data directory's
+/// decrypt check). Returns how many versions opened; the first failure stops the check.
+pub async fn check_envelopes(store: &dyn Store, keyring: &Keyring) -> Result<u64, VaultError> {
+    let mut after = None;
+    let mut checked = 0;
+    loop {
+        let page = store.envelopes_after(after, 256)?;
+        let Some(last) = page.last() else {
+            return Ok(checked);
+        };
+        after = Some((last.secret_id, last.version));
+        for envelope in &page {
+            let context = WrapContext::SecretVersion {
+                tenant: envelope.tenant.clone(),
+                secret_id: envelope.secret_id,
+                version: envelope.version,
+            };
+            let key = keyring
+                .unwrap(&envelope.wrapped_key, &context)
+                .await
+                .map_err(|e| VaultError::Decrypt(DecryptFailure::Unwrap(e)))?;
+            let sealed = Sealed {
+                nonce: envelope.nonce,
+                ciphertext: envelope.ciphertext.clone(),
+            };
+            crypto::open(
+                &key,
+                &sealed,
+                &value_aad(&envelope.tenant, envelope.secret_id, envelope.version),
+            )
+            .map_err(|e| VaultError::Decrypt(DecryptFailure::Open(e)))?;
+            checked += 1;
+        }
+    }
+}
+
 /// What a vault is made of.
 pub struct VaultParts {
     /// The store.
@@ -413,6 +465,8 @@ pub struct VaultParts {
     pub policy: LeasePolicy,
     /// Rate limits.
     pub limits: Limits,
+    /// Where backups are written before they are streamed (the data directory).
+    pub scratch_dir: PathBuf,
 }
 
 /// The vault.
@@ -429,6 +483,9 @@ pub struct Vault {
     principals: Principals,
     policy: LeasePolicy,
     shutdown: watch::Sender<bool>,
+    scratch_dir: PathBuf,
+    /// The result of the latest [`Vault::probe`].
+    serving: std::sync::atomic::AtomicBool,
 }
 
 impl Vault {
@@ -443,6 +500,7 @@ impl Vault {
             principals,
             policy,
             limits,
+            scratch_dir,
         } = parts;
         Self {
             limits,
@@ -457,6 +515,8 @@ impl Vault {
             principals,
             policy,
             shutdown: watch::channel(false).0,
+            scratch_dir,
+            serving: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -487,6 +547,128 @@ impl Vault {
             peer,
             rate_limited,
         }
+    }
+
+    /// Whether the vault can serve: the store still accepts writes and the current master
+    /// key unwraps its key-check record (for AWS KMS, one Decrypt call). The error says why
+    /// not, for the logs.
+    pub async fn probe(&self) -> Result<(), String> {
+        let result = self.try_probe().await;
+        self.serving
+            .store(result.is_ok(), std::sync::atomic::Ordering::Relaxed);
+        result
+    }
+
+    async fn try_probe(&self) -> Result<(), String> {
+        if !self.store.writable() {
+            return Err("the store refuses writes after a failed flush".into());
+        }
+        let state = KeyringState::load(&*self.store)
+            .map_err(|e| format!("keyring state: {e}"))?
+            .ok_or("no keyring state")?;
+        let (current, key_id) = self.keyring.current();
+        let check = state
+            .versions
+            .iter()
+            .find(|v| v.version == current)
+            .map(|v| v.check.clone())
+            .ok_or("no key-check record for the current master key")?;
+        let key = self.keyring.current_key().ok_or("no current master key")?;
+        crate::keyring::verify_key_check(&*key, &check)
+            .await
+            .map_err(|e| format!("master key {key_id}: {e}"))
+    }
+
+    /// Values for the metrics endpoint, read now.
+    pub fn metrics_snapshot(&self) -> Result<crate::metrics::Snapshot, VaultError> {
+        let (cache_hits, cache_misses) = self.cache.stats();
+        Ok(crate::metrics::Snapshot {
+            active_leases: self.store.active_leases(Time::now())?,
+            store_bytes: self.store.size_on_disk()?,
+            audit_head_seq: self.store.durable_audit_seq(),
+            cache_hits,
+            cache_misses,
+            serving: self.store.writable()
+                && self.serving.load(std::sync::atomic::Ordering::Relaxed),
+        })
+    }
+
+    /// Takes a backup: every record but leases, from one consistent state, into a
+    /// temporary file in the data directory (deleted when the returned file is dropped).
+    /// Writes wait while the records are copied. Admin only.
+    pub async fn backup(&self, caller: &Caller) -> Result<BackupFile, VaultError> {
+        let mut audit = caller.draft(Action::Backup);
+        let result = async {
+            let principal = caller.authorize(Operation::Backup)?;
+            if !principal.may_access_all() {
+                return Err(AuthError::GlobalScopeRequired {
+                    principal: principal.id.clone(),
+                }
+                .into());
+            }
+            // Recorded first, so that the backup holds the entry of its own taking.
+            audit.reason = "backup started".into();
+            self.record(audit.clone()).await?;
+            let state = KeyringState::load(&*self.store)
+                .map_err(VaultError::Rotation)?
+                .ok_or(VaultError::Rotation(RotationError::CorruptState))?;
+            let file = tempfile::Builder::new()
+                .prefix(".backup-")
+                .tempfile_in(&self.scratch_dir)
+                .map_err(|e| VaultError::Backup(BackupError::Io(e)))?;
+            let out = file
+                .as_file()
+                .try_clone()
+                .map_err(|e| VaultError::Backup(BackupError::Io(e)))?;
+            let head = self.store.audit_head()?;
+            let header = BackupHeader {
+                created_at: Time::now().to_rfc3339(),
+                byokd_version: env!("CARGO_PKG_VERSION").to_string(),
+                audit_head_seq: head.as_ref().map_or(0, |h| h.seq),
+                audit_head_hash: head
+                    .as_ref()
+                    .map(|h| hex::encode(h.hash))
+                    .unwrap_or_default(),
+                master_key_ids: state
+                    .versions
+                    .iter()
+                    .filter(|v| v.retired_at.is_none())
+                    .map(|v| v.key_id.clone())
+                    .collect(),
+            };
+            let writer = BackupWriter::new(std::io::BufWriter::new(out), &header)
+                .map_err(VaultError::Backup)?;
+            let writer = Arc::new(std::sync::Mutex::new(Some(writer)));
+            let sink_writer = writer.clone();
+            self.store
+                .export(Box::new(move |key, value| {
+                    let mut guard = sink_writer.lock().map_err(|_| "poisoned".to_string())?;
+                    let w = guard.as_mut().ok_or("finished")?;
+                    w.record(key, value).map_err(|e| e.to_string())
+                }))
+                .await?;
+            let writer =
+                writer
+                    .lock()
+                    .ok()
+                    .and_then(|mut w| w.take())
+                    .ok_or(VaultError::Backup(BackupError::Format(
+                        "writer lost".into(),
+                    )))?;
+            let (out, records) = writer.finish().map_err(VaultError::Backup)?;
+            let out = out
+                .into_inner()
+                .map_err(|e| VaultError::Backup(BackupError::Io(e.into_error())))?;
+            out.sync_all()
+                .map_err(|e| VaultError::Backup(BackupError::Io(e)))?;
+            Ok(BackupFile {
+                file,
+                records,
+                header,
+            })
+        }
+        .await;
+        self.conclude(audit, result).await
     }
 
     /// Failed lease redemptions so far (each one also audited).

@@ -111,7 +111,8 @@ impl MasterKey for AwsKmsMasterKey {
         key: &SymmetricKey,
         context: &WrapContext,
     ) -> Result<Vec<u8>, KeyringError> {
-        let output = self
+        let started = std::time::Instant::now();
+        let result = self
             .client
             .encrypt()
             .key_id(&self.kms_key)
@@ -119,7 +120,9 @@ impl MasterKey for AwsKmsMasterKey {
             .set_encryption_context(Some(encryption_context(context)))
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(classify);
+        observe("Encrypt", &result, started);
+        let output = result?;
         output
             .ciphertext_blob
             .map(Blob::into_inner)
@@ -131,7 +134,8 @@ impl MasterKey for AwsKmsMasterKey {
         blob: &[u8],
         context: &WrapContext,
     ) -> Result<SymmetricKey, KeyringError> {
-        let output = self
+        let started = std::time::Instant::now();
+        let result = self
             .client
             .decrypt()
             .key_id(&self.kms_key)
@@ -139,10 +143,27 @@ impl MasterKey for AwsKmsMasterKey {
             .set_encryption_context(Some(encryption_context(context)))
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(classify);
+        observe("Decrypt", &result, started);
+        let output = result?;
         let plaintext = Zeroizing::new(output.plaintext.map(Blob::into_inner).unwrap_or_default());
         SymmetricKey::from_slice(&plaintext).map_err(|_| KeyringError::Unwrap)
     }
+}
+
+/// Counts and times a KMS call by its result class.
+fn observe<T>(
+    operation: &'static str,
+    result: &Result<T, KeyringError>,
+    started: std::time::Instant,
+) {
+    let class = match result {
+        Ok(_) => "ok",
+        Err(KeyringError::Unwrap) => "unwrap_failed",
+        Err(KeyringError::Unavailable(_)) => "unavailable",
+        Err(_) => "unusable",
+    };
+    crate::metrics::global().kms(operation, class, started.elapsed());
 }
 
 /// Maps a KMS failure onto what the caller should make of it.

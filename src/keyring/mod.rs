@@ -239,6 +239,12 @@ impl Keyring {
         (v.current, id)
     }
 
+    /// The key of the current version.
+    pub fn current_key(&self) -> Option<Arc<dyn MasterKey>> {
+        let v = self.read();
+        v.keys.get(&v.current).cloned()
+    }
+
     /// Adds `key` as `version`; with `make_current`, new data keys are wrapped by it from now on.
     pub fn add(&self, version: u32, key: Arc<dyn MasterKey>, make_current: bool) {
         let mut v = self.write();

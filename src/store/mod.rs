@@ -45,6 +45,9 @@ pub enum StoreError {
     /// all further writes until restarted.
     #[error("store is failed after an earlier flush error")]
     Poisoned,
+    /// An export's sink failed, or an import's source.
+    #[error("export: {0}")]
+    Export(String),
     /// The store was closed.
     #[error("store is closed")]
     Closed,
@@ -277,7 +280,25 @@ pub trait Store: Send + Sync {
 
     /// Flushes and stops accepting commits.
     async fn close(&self) -> Result<(), StoreError>;
+
+    /// Leases not yet expired or used up at `now`. Reads the expiry index from `now` on:
+    /// proportional to the leases still stored.
+    fn active_leases(&self, now: Time) -> Result<u64, StoreError>;
+
+    /// Bytes the store occupies on disk.
+    fn size_on_disk(&self) -> Result<u64, StoreError>;
+
+    /// False once a write or flush has failed: the store refuses writes from then on.
+    fn writable(&self) -> bool;
+
+    /// Passes every record except leases (which a restore must not bring back) to `sink`,
+    /// as raw key and value, in key order, from one consistent state: writes wait meanwhile.
+    /// Returns how many records were passed.
+    async fn export(&self, sink: ExportSink) -> Result<u64, StoreError>;
 }
+
+/// Receives the records of an export; an error stops it.
+pub type ExportSink = Box<dyn FnMut(&[u8], &[u8]) -> Result<(), String> + Send>;
 
 /// Decodes `bytes` as each kind of stored record (for the fuzz targets): an error is fine, a
 /// panic is a bug.

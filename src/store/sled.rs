@@ -18,14 +18,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::codec::{self, encode};
-use super::{AuditIndex, Committed, Guard, MetaKey, Store, StoreError, Transaction, Write};
+use super::{
+    AuditIndex, Committed, ExportSink, Guard, MetaKey, Store, StoreError, Transaction, Write,
+};
 use crate::chain::{self, ChainKey};
 use crate::model::{
     AuditAnchor, AuditRecord, ChainHash, EnvelopeRecord, LeaseId, LeaseRecord, SecretId,
@@ -45,7 +47,9 @@ pub struct SledStore {
     jobs: mpsc::Sender<Message>,
     feed: broadcast::Sender<Arc<AuditRecord>>,
     durable_seq: Arc<AtomicU64>,
+    writable: Arc<AtomicBool>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    db: sled::Db,
 }
 
 enum Message {
@@ -55,6 +59,7 @@ enum Message {
     ),
     StartChain(Arc<ChainKey>, oneshot::Sender<()>),
     Close(oneshot::Sender<Result<(), StoreError>>),
+    Export(ExportSink, oneshot::Sender<Result<u64, StoreError>>),
 }
 
 /// How long `open` waits for a directory lock that is being released: sled's I/O threads
@@ -93,7 +98,9 @@ impl SledStore {
             jobs: mpsc::channel(1).0,
             feed: feed.clone(),
             durable_seq: Arc::new(AtomicU64::new(0)),
+            writable: Arc::new(AtomicBool::new(true)),
             writer: Mutex::new(None),
+            db: db.clone(),
         };
         let (next_seq, last_time, prev_hash) = match store.audit_head()? {
             Some(head) => (head.seq + 1, head.time, head.hash),
@@ -115,6 +122,7 @@ impl SledStore {
             last_time,
             prev_hash,
             poisoned: false,
+            writable: store.writable.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("byokd-store-writer".into())
@@ -123,6 +131,36 @@ impl SledStore {
         store.jobs = jobs;
         store.writer = Mutex::new(Some(handle));
         Ok(store)
+    }
+
+    /// Loads exported records (see [`Store::export`]) into a new database in `dir`, which
+    /// must hold none yet, and flushes them. `next` yields records until `None`. Returns how
+    /// many were loaded.
+    pub fn import(
+        dir: &Path,
+        mut next: impl FnMut() -> Result<Option<crate::backup::Record>, String>,
+    ) -> Result<u64, StoreError> {
+        let db = open_db(dir)?;
+        let tree = db.open_tree("byokd").map_err(engine)?;
+        if !tree.is_empty() {
+            return Err(StoreError::Export(format!(
+                "{} already holds data",
+                dir.display()
+            )));
+        }
+        let mut count = 0u64;
+        let mut batch = sled::Batch::default();
+        while let Some((key, value)) = next().map_err(StoreError::Export)? {
+            batch.insert(key, value);
+            count += 1;
+            if count.is_multiple_of(10_000) {
+                tree.apply_batch(std::mem::take(&mut batch))
+                    .map_err(engine)?;
+            }
+        }
+        tree.apply_batch(batch).map_err(engine)?;
+        db.flush().map_err(engine)?;
+        Ok(count)
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
@@ -358,6 +396,42 @@ impl Store for SledStore {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
+    fn active_leases(&self, now: Time) -> Result<u64, StoreError> {
+        let start = codec::lease_expiry_key(now, &TokenHash([0; 32]));
+        let mut count = 0;
+        for entry in self.tree.range(start..vec![codec::LEASE_EXPIRY + 1]) {
+            let (key, _) = entry.map_err(engine)?;
+            let Some(hash) = codec::lease_expiry_hash(&key) else {
+                continue;
+            };
+            // Used-up leases stay until collected; they are not active.
+            if self
+                .lease_by_token(&hash)?
+                .is_some_and(|l| l.uses < l.max_uses)
+            {
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.db.size_on_disk().map_err(engine)
+    }
+
+    fn writable(&self) -> bool {
+        self.writable.load(Ordering::Acquire)
+    }
+
+    async fn export(&self, sink: ExportSink) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Message::Export(sink, reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
     async fn close(&self) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
         let sent = self.jobs.send(Message::Close(reply)).await.is_ok();
@@ -388,6 +462,7 @@ struct Writer {
     last_time: Time,
     prev_hash: ChainHash,
     poisoned: bool,
+    writable: Arc<AtomicBool>,
 }
 
 type Reply = oneshot::Sender<Result<Committed, StoreError>>;
@@ -411,6 +486,7 @@ impl Writer {
             let mut group: Vec<Applied> = Vec::new();
             let mut pending = Pending::default();
             let mut close = None;
+            let mut export = None;
             let mut next = Some(first);
             while let Some(message) = next.take() {
                 match message {
@@ -433,6 +509,11 @@ impl Writer {
                         close = Some(reply);
                         break;
                     }
+                    // A barrier: the group before it is durable before it runs.
+                    Message::Export(sink, reply) => {
+                        export = Some((sink, reply));
+                        break;
+                    }
                 }
                 if group.len() < MAX_GROUP {
                     next = rx.try_recv().ok();
@@ -441,7 +522,12 @@ impl Writer {
             let wrote = group.iter().any(|a| a.result.is_ok());
             let durable = self.write_pending(&mut pending).and_then(|()| {
                 if wrote {
-                    self.db.flush().map(drop).map_err(engine)
+                    let started = std::time::Instant::now();
+                    let flushed = self.db.flush().map(drop).map_err(engine);
+                    crate::metrics::global()
+                        .flush_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    flushed
                 } else {
                     Ok(())
                 }
@@ -449,6 +535,7 @@ impl Writer {
             if let Err(e) = durable {
                 tracing::error!(error = %e, "store write or flush failed; refusing further writes");
                 self.poisoned = true;
+                self.writable.store(false, Ordering::Release);
                 for applied in &mut group {
                     if applied.result.is_ok() {
                         applied.result = Err(StoreError::Engine(format!("write: {e}")));
@@ -471,6 +558,9 @@ impl Writer {
                 // The caller may have gone away (cancelled RPC); the commit stands regardless.
                 let _ = applied.reply.send(applied.result);
             }
+            if let Some((sink, reply)) = export {
+                let _ = reply.send(self.export(sink));
+            }
             if let Some(reply) = close {
                 let _ = reply.send(self.db.flush().map(drop).map_err(engine));
                 return;
@@ -479,6 +569,23 @@ impl Writer {
         if let Err(e) = self.db.flush() {
             tracing::error!(error = %e, "final store flush failed");
         }
+    }
+
+    /// Runs an export between groups: nothing is written meanwhile.
+    fn export(&self, mut sink: ExportSink) -> Result<u64, StoreError> {
+        let mut count = 0;
+        for entry in self.tree.iter() {
+            let (key, value) = entry.map_err(engine)?;
+            if matches!(
+                key.first(),
+                Some(&codec::LEASE | &codec::LEASE_ID | &codec::LEASE_EXPIRY)
+            ) {
+                continue;
+            }
+            sink(&key, &value).map_err(StoreError::Export)?;
+            count += 1;
+        }
+        Ok(count)
     }
 
     /// Applies the group's pending changes to the tree as one atomic batch.
@@ -500,6 +607,9 @@ impl Writer {
         }
         let result = self.tree.apply_batch(batch).map_err(engine);
         self.poisoned = result.is_err();
+        if self.poisoned {
+            self.writable.store(false, Ordering::Release);
+        }
         result
     }
 

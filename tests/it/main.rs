@@ -11,6 +11,7 @@ mod durability;
 mod hardening;
 mod kms;
 mod leases;
+mod ops;
 mod reflection;
 mod rotation;
 mod walkthrough;

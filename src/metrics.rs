@@ -1,0 +1,314 @@
+//! Prometheus metrics: process-wide families that any layer records into, and the text
+//! exposition served on the ops address (see `server::serve_ops`).
+//!
+//! Counters and histograms live in one process-wide [`Metrics`] (a process serves one vault).
+//! Values that already exist elsewhere (active leases, store size, audit head, data key cache)
+//! are read at scrape time into a [`Snapshot`] and never duplicated. No label carries request
+//! data: methods are the fixed RPC names, codes the fixed gRPC code names.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Metric, Registry, Unit};
+
+/// The content type of the exposition (OpenMetrics text, which Prometheus reads).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Labels of an RPC: its full method name and the gRPC status code it ended with.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    /// `/package.Service/Method`, or `other` for paths byokd does not serve.
+    pub method: String,
+    /// The gRPC code name, e.g. `OK`, `NOT_FOUND`.
+    pub code: String,
+}
+
+/// Labels of a call to the master key service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KmsLabels {
+    /// `Encrypt` or `Decrypt`.
+    pub operation: &'static str,
+    /// `ok`, or the error class: `unwrap_failed`, `unusable`, `unavailable`.
+    pub result: &'static str,
+}
+
+/// Labels of a lease redemption.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RedeemLabels {
+    /// `ok` or `failed` (any failure: unknown, expired, used up, wrong tenant, ...).
+    pub result: &'static str,
+}
+
+/// Builds latency histograms with the same buckets: 0.25 ms to about 8 s, doubling.
+#[derive(Clone, Debug)]
+pub struct LatencyBuckets;
+
+impl MetricConstructor<Histogram> for LatencyBuckets {
+    fn new_metric(&self) -> Histogram {
+        latency_histogram()
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+/// The process-wide counters and histograms.
+#[derive(Debug)]
+pub struct Metrics {
+    /// RPCs answered, by method and code.
+    pub rpc_requests: Family<RpcLabels, Counter>,
+    /// Time to the response headers, by method and code.
+    pub rpc_duration: Family<RpcLabels, Histogram, LatencyBuckets>,
+    /// Leases issued.
+    pub leases_issued: Counter,
+    /// Lease redemptions (Get), by result.
+    pub lease_redemptions: Family<RedeemLabels, Counter>,
+    /// Store flushes (one per group commit) and how long each took.
+    pub flush_duration: Histogram,
+    /// Calls to AWS KMS, by operation and result.
+    pub kms_calls: Family<KmsLabels, Counter>,
+    /// Their latency, by operation and result.
+    pub kms_duration: Family<KmsLabels, Histogram, LatencyBuckets>,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+    rpc_requests: Family::default(),
+    rpc_duration: Family::new_with_constructor(LatencyBuckets),
+    leases_issued: Counter::default(),
+    lease_redemptions: Family::default(),
+    flush_duration: latency_histogram(),
+    kms_calls: Family::default(),
+    kms_duration: Family::new_with_constructor(LatencyBuckets),
+});
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    &METRICS
+}
+
+impl Metrics {
+    /// Records one RPC.
+    pub fn rpc(&self, method: &str, code: tonic::Code, took: Duration) {
+        let labels = RpcLabels {
+            method: method.to_string(),
+            code: code_name(code).to_string(),
+        };
+        self.rpc_requests.get_or_create(&labels).inc();
+        self.rpc_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records one KMS call.
+    pub fn kms(&self, operation: &'static str, result: &'static str, took: Duration) {
+        let labels = KmsLabels { operation, result };
+        self.kms_calls.get_or_create(&labels).inc();
+        self.kms_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records one lease redemption.
+    pub fn redeemed(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.lease_redemptions
+            .get_or_create(&RedeemLabels { result })
+            .inc();
+    }
+}
+
+/// Values read from the vault at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Leases not yet expired, used up or revoked.
+    pub active_leases: u64,
+    /// Bytes the store occupies on disk.
+    pub store_bytes: u64,
+    /// Sequence number of the newest durable audit entry (0: none).
+    pub audit_head_seq: u64,
+    /// Data key cache lookups that found the key.
+    pub cache_hits: u64,
+    /// Data key cache lookups that did not.
+    pub cache_misses: u64,
+    /// Whether the vault currently serves (store and master key available).
+    pub serving: bool,
+}
+
+/// The exposition: every family of [`global`] and the values of `snapshot`.
+pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
+    let m = global();
+    let mut registry = Registry::with_prefix("byokd");
+    registry.register(
+        "rpc_requests",
+        "gRPC requests answered, by method and status code",
+        m.rpc_requests.clone(),
+    );
+    registry.register_with_unit(
+        "rpc_duration",
+        "Time from request to response headers, by method and status code",
+        Unit::Seconds,
+        m.rpc_duration.clone(),
+    );
+    registry.register("leases_issued", "Leases issued", m.leases_issued.clone());
+    registry.register(
+        "lease_redemptions",
+        "Lease redemptions (Get), by result",
+        m.lease_redemptions.clone(),
+    );
+    registry.register_with_unit(
+        "store_flush_duration",
+        "Store flushes (each makes one group of writes durable) and their duration",
+        Unit::Seconds,
+        m.flush_duration.clone(),
+    );
+    registry.register(
+        "kms_calls",
+        "Calls to AWS KMS, by operation and result",
+        m.kms_calls.clone(),
+    );
+    registry.register_with_unit(
+        "kms_call_duration",
+        "Latency of calls to AWS KMS, by operation and result",
+        Unit::Seconds,
+        m.kms_duration.clone(),
+    );
+    let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+    register_const(
+        &mut registry,
+        "active_leases",
+        "Leases not yet expired, used up or revoked",
+        None,
+        gauge(snapshot.active_leases),
+    );
+    register_const(
+        &mut registry,
+        "store_size",
+        "Bytes the store occupies on disk",
+        Some(Unit::Bytes),
+        gauge(snapshot.store_bytes),
+    );
+    register_const(
+        &mut registry,
+        "audit_head_seq",
+        "Sequence number of the newest durable audit entry",
+        None,
+        gauge(snapshot.audit_head_seq),
+    );
+    register_const(
+        &mut registry,
+        "data_key_cache_hits",
+        "Data key cache lookups that found the unwrapped key",
+        None,
+        ConstCounter::new(snapshot.cache_hits),
+    );
+    register_const(
+        &mut registry,
+        "data_key_cache_misses",
+        "Data key cache lookups that had to unwrap the key",
+        None,
+        ConstCounter::new(snapshot.cache_misses),
+    );
+    let lookups = snapshot.cache_hits + snapshot.cache_misses;
+    let ratio = if lookups == 0 {
+        0.0
+    } else {
+        snapshot.cache_hits as f64 / lookups as f64
+    };
+    register_const(
+        &mut registry,
+        "data_key_cache_hit_ratio",
+        "Share of data key cache lookups that hit, since start",
+        None,
+        ConstGauge::new(ratio),
+    );
+    register_const(
+        &mut registry,
+        "serving",
+        "1 while the vault serves (store writable, master key reachable at the latest health probe), else 0",
+        None,
+        gauge(u64::from(snapshot.serving)),
+    );
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+fn register_const<M: Metric + EncodeMetric>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    metric: M,
+) {
+    match unit {
+        Some(unit) => registry.register_with_unit(name, help, unit, metric),
+        None => registry.register(name, help, metric),
+    }
+}
+
+/// The canonical name of a gRPC code, as in the gRPC spec (`NOT_FOUND`).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_every_family_with_recorded_values() {
+        global().rpc(
+            "/byokd.v1.Vault/Get",
+            tonic::Code::NotFound,
+            Duration::from_millis(2),
+        );
+        global().redeemed(false);
+        let text = render(&Snapshot {
+            active_leases: 3,
+            store_bytes: 4096,
+            audit_head_seq: 42,
+            cache_hits: 3,
+            cache_misses: 1,
+            serving: true,
+        })
+        .unwrap();
+        for line in [
+            "byokd_rpc_requests_total{method=\"/byokd.v1.Vault/Get\",code=\"NOT_FOUND\"}",
+            "byokd_rpc_duration_seconds_bucket{le=\"0.004\",method=\"/byokd.v1.Vault/Get\",code=\"NOT_FOUND\"}",
+            "byokd_lease_redemptions_total{result=\"failed\"}",
+            "byokd_active_leases 3",
+            "byokd_store_size_bytes 4096",
+            "byokd_audit_head_seq 42",
+            "byokd_data_key_cache_hit_ratio 0.75",
+            "byokd_serving 1",
+            "# EOF",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,549 @@
+//! Operations: online backup and restore, the metrics endpoint, and health as probes see it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use byokd::api::v1::{self as pb};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::harness::*;
+
+/// Runs a `byokd` subcommand to completion with `BYOKD_TOKEN` set; returns its exit code and
+/// stdout + stderr.
+fn byokd(cwd: &Path, args: &[&str], token: &str) -> (i32, String) {
+    let log = cwd.join(format!("cli-{}.log", unique()));
+    let out = byokd_command(cwd, args, &log)
+        .env("BYOKD_TOKEN", token)
+        .output()
+        .expect("run byokd");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Keeps the data directory's local master key aside, deletes the data directory, and puts
+/// the key back: what an operator holding the key separately from the data would do.
+fn wipe_data_keeping_key(dir: &TestDir) {
+    let key = std::fs::read(dir.data().join("master.key")).expect("master key");
+    std::fs::remove_dir_all(dir.data()).expect("wipe");
+    std::fs::create_dir(dir.data()).expect("data dir");
+    let path = dir.data().join("master.key");
+    std::fs::write(&path, key).expect("key back");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
+fn value(i: usize) -> Vec<u8> {
+    format!("sk-backup-{i:04}-0123456789abcdefghijklmnop").into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_wipe_restore_every_secret_is_readable_and_the_chain_verifies() {
+    let dir = TestDir::new();
+    let server = dir.start();
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    let mut expected = BTreeMap::new();
+    for i in 0..40 {
+        let tenant = if i % 2 == 0 { "acme" } else { "globex" };
+        let name = format!("key-{i}");
+        store(&mut orch, tenant, &name, &value(i)).await;
+        expected.insert((tenant, name), value(i));
+    }
+    // Rotated and revoked secrets come back as they were.
+    let rotated = b"sk-backup-rotated-0123456789abcdefghij".to_vec();
+    remember_secret(&rotated);
+    orch.rotate(pb::RotateRequest {
+        tenant: "acme".into(),
+        name: "key-0".into(),
+        value: rotated.clone(),
+    })
+    .await
+    .unwrap();
+    expected.insert(("acme", "key-0".into()), rotated);
+    orch.revoke(revoke_secret("globex", "key-1", "user deleted it"))
+        .await
+        .unwrap();
+    expected.remove(&("globex", "key-1".into()));
+    // A lease taken before the backup must not be redeemable after the restore.
+    let old_lease = lease_ok(&mut orch, lease_req("acme", "key-2", 10)).await;
+
+    // Writes keep going while the backup runs; they must not break it.
+    let writer = {
+        let mut orch = server.as_(ORCHESTRATOR).await;
+        tokio::spawn(async move {
+            for i in 0..30 {
+                let v = format!("sk-during-backup-{i:03}-0123456789abcdef").into_bytes();
+                remember_secret(&v);
+                orch.store(store_req("acme", &format!("during-{i}"), &v))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let backup = dir.path().join("vault.bak");
+    let config = dir.config().to_string_lossy().to_string();
+    let target = format!("http://{}", server.addr);
+    let (code, out) = tokio::task::spawn_blocking({
+        let (cwd, backup) = (dir.path().to_path_buf(), backup.clone());
+        move || {
+            byokd(
+                &cwd,
+                &[
+                    "backup",
+                    "--config",
+                    &config,
+                    "--target",
+                    &target,
+                    "--out",
+                    &backup.to_string_lossy(),
+                ],
+                ADMIN,
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("backup written to"), "{out}");
+    assert!(out.contains("keep that key"), "{out}");
+    writer.await.unwrap();
+    // No plaintext value is in the backup file.
+    let bytes = std::fs::read(&backup).unwrap();
+    for v in expected.values() {
+        assert!(
+            !bytes.windows(v.len()).any(|w| w == v.as_slice()),
+            "plaintext in the backup"
+        );
+    }
+    // The backup refuses to overwrite a file.
+    let (code, out) = byokd(
+        dir.path(),
+        &[
+            "backup",
+            "--config",
+            &dir.config().to_string_lossy(),
+            "--target",
+            &format!("http://{}", server.addr),
+            "--out",
+            &backup.to_string_lossy(),
+        ],
+        ADMIN,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("refusing to overwrite"), "{out}");
+    assert!(server.stop().await.success());
+
+    // Restore into a non-empty data directory is refused.
+    let (code, out) = byokd(
+        dir.path(),
+        &[
+            "restore",
+            "--config",
+            &dir.config().to_string_lossy(),
+            "--in",
+            &backup.to_string_lossy(),
+        ],
+        ADMIN,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("already holds a database"), "{out}");
+
+    wipe_data_keeping_key(&dir);
+    let (code, out) = byokd(
+        dir.path(),
+        &[
+            "restore",
+            "--config",
+            &dir.config().to_string_lossy(),
+            "--in",
+            &backup.to_string_lossy(),
+        ],
+        ADMIN,
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("audit chain verified"), "{out}");
+    // 40 stored, one revoked (its value destroyed): 39 versions, plus what was written
+    // during the backup and made it in.
+    assert!(out.contains("secret versions decrypted"), "{out}");
+
+    let server = dir.start();
+    for ((tenant, name), v) in &expected {
+        let got = lease_and_get(&server, tenant, name)
+            .await
+            .unwrap_or_else(|e| panic!("{tenant}/{name}: {e:?}"));
+        assert_eq!(&got.value, v, "{tenant}/{name}");
+    }
+    let revoked = server
+        .as_(ORCHESTRATOR)
+        .await
+        .describe(secret_ref("globex", "key-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.state, pb::SecretState::Revoked as i32);
+    assert_status(
+        server.as_(AGENT).await.get(get_req(&old_lease.token)).await,
+        Code::NotFound,
+        "no longer valid",
+    );
+    let report = server
+        .as_(AUDITOR)
+        .await
+        .verify_audit(pb::VerifyAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.ok, "{report:?}");
+    let backups = audit_all(
+        &server,
+        pb::AuditRequest {
+            action: "Backup".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(backups.len(), 1, "the backup's own entry is in it");
+    assert_eq!(backups[0].principal, "admin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_refuses_a_tampered_backup_a_wrong_master_key_and_non_admins() {
+    let dir = TestDir::new();
+    let server = dir.start();
+    store(
+        &mut server.as_(ORCHESTRATOR).await,
+        "acme",
+        "k",
+        b"sk-restore-refusals-0123456789abcd",
+    )
+    .await;
+    let backup = dir.path().join("vault.bak");
+    let args = |out: &Path| {
+        vec![
+            "backup".to_string(),
+            "--config".into(),
+            dir.config().to_string_lossy().to_string(),
+            "--target".into(),
+            format!("http://{}", server.addr),
+            "--out".into(),
+            out.to_string_lossy().to_string(),
+        ]
+    };
+    let a = args(&backup);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let (code, out) = byokd(dir.path(), &a, ORCHESTRATOR);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("PermissionDenied"), "{out}");
+    assert!(!backup.exists());
+    let (code, out) = byokd(dir.path(), &a, ADMIN);
+    assert_eq!(code, 0, "{out}");
+    assert!(server.stop().await.success());
+    let restore = |file: &Path| {
+        byokd(
+            dir.path(),
+            &[
+                "restore",
+                "--config",
+                &dir.config().to_string_lossy(),
+                "--in",
+                &file.to_string_lossy(),
+            ],
+            ADMIN,
+        )
+    };
+
+    // One flipped byte anywhere in the middle: refused, nothing left behind.
+    wipe_data_keeping_key(&dir);
+    let mut bytes = std::fs::read(&backup).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    let tampered = dir.path().join("tampered.bak");
+    std::fs::write(&tampered, &bytes).unwrap();
+    let (code, out) = restore(&tampered);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("corrupt") || out.contains("restore"), "{out}");
+    assert!(!dir.data().join("db").exists());
+    assert!(!dir.data().join("db.restoring").exists());
+
+    // Truncated.
+    let cut = dir.path().join("cut.bak");
+    std::fs::write(&cut, &std::fs::read(&backup).unwrap()[..middle]).unwrap();
+    let (code, out) = restore(&cut);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("truncated"), "{out}");
+    assert!(!dir.data().join("db").exists());
+
+    // A different master key: the key check refuses, nothing is served.
+    let key = dir.data().join("master.key");
+    let right = std::fs::read(&key).unwrap();
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    let (code, out) = restore(&backup);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("master key"), "{out}");
+    assert!(!dir.data().join("db").exists());
+
+    // With the right key it restores.
+    std::fs::write(&key, right).unwrap();
+    let (code, out) = restore(&backup);
+    assert_eq!(code, 0, "{out}");
+    let server = dir.start();
+    assert_eq!(
+        lease_and_get(&server, "acme", "k").await.unwrap().value,
+        b"sk-restore-refusals-0123456789abcd"
+    );
+}
+
+/// `GET /metrics` on the ops address, as Prometheus would.
+async fn scrape(addr: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: byokd\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.contains("application/openmetrics-text"),
+        "{response}"
+    );
+    response
+}
+
+/// The value of the sample whose name and labels start with `series`.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
+}
+
+fn ops_addr(server: &TestServer) -> String {
+    server
+        .banner
+        .iter()
+        .find_map(|l| l.strip_prefix("byokd metrics and health on "))
+        .expect("ops address announced")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_scraped_with_plausible_values() {
+    let dir = TestDir::with_config("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let server = dir.start();
+    let ops = ops_addr(&server);
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    for i in 0..5 {
+        store(&mut orch, "acme", &format!("m{i}"), &value(i)).await;
+    }
+    for i in 0..3 {
+        lease_and_get(&server, "acme", &format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    let open = lease_ok(&mut orch, lease_req("acme", "m4", 5)).await;
+    let mut agent = server.as_(AGENT).await;
+    assert_status(
+        agent.get(get_req("byokd_lease_not-a-real-token")).await,
+        Code::NotFound,
+        "",
+    );
+    agent.get(get_req(&open.token)).await.unwrap();
+    assert_status(
+        orch.describe(secret_ref("acme", "missing")).await,
+        Code::NotFound,
+        "",
+    );
+
+    let text = scrape(&ops).await;
+    let store_ok = "byokd_rpc_requests_total{method=\"/byokd.v1.Vault/Store\",code=\"OK\"}";
+    assert_eq!(sample(&text, store_ok), 5.0);
+    assert_eq!(
+        sample(
+            &text,
+            "byokd_rpc_requests_total{method=\"/byokd.v1.Vault/Describe\",code=\"NOT_FOUND\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "byokd_rpc_requests_total{method=\"/byokd.v1.Vault/Get\",code=\"NOT_FOUND\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "byokd_rpc_duration_seconds_count{method=\"/byokd.v1.Vault/Store\",code=\"OK\"}"
+        ),
+        5.0
+    );
+    let store_secs = sample(
+        &text,
+        "byokd_rpc_duration_seconds_sum{method=\"/byokd.v1.Vault/Store\",code=\"OK\"}",
+    );
+    assert!(store_secs > 0.0 && store_secs < 60.0, "{store_secs}");
+    assert_eq!(sample(&text, "byokd_leases_issued_total"), 4.0);
+    assert_eq!(
+        sample(&text, "byokd_lease_redemptions_total{result=\"ok\"}"),
+        4.0
+    );
+    assert_eq!(
+        sample(&text, "byokd_lease_redemptions_total{result=\"failed\"}"),
+        1.0
+    );
+    // The single-use leases are used up; the five-use one is still open.
+    assert_eq!(sample(&text, "byokd_active_leases"), 1.0);
+    assert!(sample(&text, "byokd_store_size_bytes") > 0.0);
+    // Every RPC above was audited.
+    assert!(sample(&text, "byokd_audit_head_seq") >= 14.0);
+    assert!(sample(&text, "byokd_store_flush_duration_seconds_count") >= 5.0);
+    let hits = sample(&text, "byokd_data_key_cache_hits_total");
+    let misses = sample(&text, "byokd_data_key_cache_misses_total");
+    assert_eq!(hits + misses, 4.0, "one lookup per successful Get");
+    let ratio = sample(&text, "byokd_data_key_cache_hit_ratio");
+    assert!((0.0..=1.0).contains(&ratio));
+    assert_eq!(sample(&text, "byokd_serving"), 1.0);
+    // No label carries request data.
+    assert!(
+        !text.contains("missing") && !text.contains("acme"),
+        "{text}"
+    );
+
+    // Unknown paths are one label, not one per path.
+    let mut stream = tokio::net::TcpStream::connect(&ops).await.unwrap();
+    stream
+        .write_all(b"GET /nope HTTP/1.1\r\nHost: byokd\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+}
+
+async fn health(addr: &str, service: &str) -> Result<ServingStatus, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await?;
+    Ok(response.into_inner().status())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_on_the_ops_address_and_not_serving_at_shutdown() {
+    let dir = TestDir::with_config("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let server = dir.start();
+    let ops = ops_addr(&server);
+    for service in ["", "byokd.v1.Vault", "liveness"] {
+        assert_eq!(
+            health(&ops, service).await.unwrap(),
+            ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
+    assert_eq!(
+        health(&ops, "no.such.Service").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // A watcher on the main port sees NOT_SERVING as soon as shutdown begins.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: "byokd.v1.Vault".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    let stopping = tokio::spawn(server.stop());
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("a status change")
+        .expect("stream")
+        .expect("message");
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    assert!(stopping.await.unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_turns_not_serving_while_the_kms_master_key_is_unreachable() {
+    let mut moto = Moto::start();
+    let key = moto.create_key().await;
+    let dir = TestDir::with_config(&format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:0\"\nhealth_interval = \"200ms\"\n",
+        moto.master_key_config(&key, "operation_timeout = \"2s\"\n")
+    ));
+    let server = dir.start();
+    let ops = ops_addr(&server);
+    store(
+        &mut server.as_(ORCHESTRATOR).await,
+        "acme",
+        "k",
+        b"sk-health-kms-0123456789abcdefgh",
+    )
+    .await;
+    assert_eq!(health(&ops, "").await.unwrap(), ServingStatus::Serving);
+    let text = scrape(&ops).await;
+    assert!(
+        sample(
+            &text,
+            "byokd_kms_calls_total{operation=\"Encrypt\",result=\"ok\"}"
+        ) >= 1.0
+    );
+    assert!(
+        sample(
+            &text,
+            "byokd_kms_calls_total{operation=\"Decrypt\",result=\"ok\"}"
+        ) >= 1.0
+    );
+
+    moto.stop();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if health(&ops, "").await.unwrap() == ServingStatus::NotServing {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still SERVING with KMS down"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        health(&ops, "byokd.v1.Vault").await.unwrap(),
+        ServingStatus::NotServing
+    );
+    // Alive all the same: a KMS outage is no reason to restart the process.
+    assert_eq!(
+        health(&ops, "liveness").await.unwrap(),
+        ServingStatus::Serving
+    );
+    let text = scrape(&ops).await;
+    assert_eq!(sample(&text, "byokd_serving"), 0.0);
+    assert!(
+        sample(
+            &text,
+            "byokd_kms_calls_total{operation=\"Decrypt\",result=\"unavailable\"}"
+        ) >= 1.0
+    );
+}
