@@ -8,6 +8,7 @@ mod audit_trail;
 mod cli;
 mod crash;
 mod durability;
+mod examples;
 mod hardening;
 mod kms;
 mod leases;
