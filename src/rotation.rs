@@ -213,7 +213,9 @@ impl Rotator {
         match (state.rotation, id) {
             (Some(job), None) => Ok(job),
             (Some(job), Some(id)) if job.id == id => Ok(job),
-            (_, id) => Err(RotationError::NoSuchJob(id.unwrap_or("").to_string())),
+            (_, id) => Err(RotationError::NoSuchJob(
+                id.map_or_else(|| "has run yet".to_string(), str::to_string),
+            )),
         }
     }
 

@@ -497,6 +497,23 @@ async fn render_metrics(vault: Arc<Vault>) -> axum::response::Response {
     }
 }
 
+/// True if `current` is the configured master key, or (for a local key) a version that a
+/// rotation created from it: `<path>.v<N>`, written next to the configured file.
+fn rotated_from(current: &MasterKeySpec, configured: &MasterKeySpec) -> bool {
+    match (current, configured) {
+        (MasterKeySpec::Local { path: current }, MasterKeySpec::Local { path: configured }) => {
+            let (current, configured) = (current.as_os_str(), configured.as_os_str());
+            current == configured
+                || current
+                    .to_str()
+                    .zip(configured.to_str())
+                    .and_then(|(c, base)| c.strip_prefix(base)?.strip_prefix(".v"))
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        }
+        _ => current == configured,
+    }
+}
+
 /// Whether `open_keys` may initialise a new data directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Initialise {
@@ -589,7 +606,7 @@ pub async fn open_keys(
     let keyring = Arc::new(Keyring::new(keys, state.current));
     if state
         .version(state.current)
-        .is_some_and(|v| v.spec != config.spec)
+        .is_some_and(|v| !rotated_from(&v.spec, &config.spec))
     {
         tracing::warn!(
             configured = %config.spec,
@@ -786,4 +803,38 @@ pub(crate) fn create_private_dir(path: &Path) -> Result<(), ServeError> {
             path: path.to_path_buf(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rotated_local_key_counts_as_the_configured_one() {
+        let local = |p: &str| MasterKeySpec::Local { path: p.into() };
+        assert!(rotated_from(
+            &local("/k/master.key"),
+            &local("/k/master.key")
+        ));
+        assert!(rotated_from(
+            &local("/k/master.key.v2"),
+            &local("/k/master.key")
+        ));
+        assert!(rotated_from(
+            &local("/k/master.key.v13"),
+            &local("/k/master.key")
+        ));
+        assert!(!rotated_from(
+            &local("/k/master.key.v"),
+            &local("/k/master.key")
+        ));
+        assert!(!rotated_from(
+            &local("/k/master.key.vx"),
+            &local("/k/master.key")
+        ));
+        assert!(!rotated_from(
+            &local("/k/other.key"),
+            &local("/k/master.key")
+        ));
+    }
 }
