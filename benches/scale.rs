@@ -5,7 +5,9 @@
 //! - `BYOKD_SCALE_SECRETS` (default 1,000,000) and `BYOKD_SCALE_AUDIT` (default 10,000,000):
 //!   the large vault. The small one has 1,000 secrets and their audit entries.
 //! - `BYOKD_SCALE_DIR`: keep the large vault's data there and reuse it on the next run
-//!   (populating 1M secrets and 10M audit entries takes about 20 minutes on 2 cores).
+//!   (populating 1M secrets and 10M audit entries takes about 25 minutes on 2 cores).
+//! - `BYOKD_SCALE_CONFIG`: TOML appended to both servers' config, e.g.
+//!   `$'[store]\ncache_size_mb = 1024'`.
 //!
 //! Each vault is populated through the real server over gRPC (Store at concurrency 64, then
 //! Describe calls until the audit trail has the asked-for number of entries), then the server
@@ -135,10 +137,15 @@ fn reference(i: u64) -> (String, String) {
 }
 
 fn write_config(dir: &Path) {
-    let config = format!(
+    let mut config = format!(
         "data_dir = \"data\"\n[lease]\nmax_uses = 1000000\n[limits]\nprincipal_rate_limit = {{ per_second = 1000000, burst = 1000000 }}\nfailed_get_rate_limit = {{ per_second = 1000000, burst = 1000000 }}\n[[principal]]\nid = \"bench\"\ntoken_sha256 = \"{}\"\nroles = [\"admin\"]\ntenants = [\"*\"]\n",
         hex::encode(Sha256::digest(TOKEN.as_bytes()))
     );
+    // E.g. "[store]\ncache_size_mb = 1024" to compare cache sizes on the same data.
+    if let Ok(extra) = std::env::var("BYOKD_SCALE_CONFIG") {
+        config.push_str(&extra.replace("\\n", "\n"));
+        config.push('\n');
+    }
     let path = dir.join("byokd.toml");
     std::fs::write(&path, config).expect("config");
     use std::os::unix::fs::PermissionsExt;
@@ -354,6 +361,7 @@ async fn measure(dir: &Path, secrets: u64, audit: u64) -> Measured {
         server.stop();
         std::fs::write(&marker, &wanted).expect("marker");
     }
+    write_config(dir);
     // After a clean stop.
     let server = Server::start(dir);
     let startup_clean = server.startup;

@@ -124,6 +124,8 @@ pub struct Config {
     pub limits: Limits,
     /// The ops listener (Prometheus metrics and gRPC health); `None`: not served.
     pub metrics: Option<MetricsConfig>,
+    /// The store's page cache, in bytes.
+    pub store_cache_bytes: u64,
 }
 
 /// The ops listener: plaintext HTTP `GET /metrics` and `grpc.health.v1` (h2c), for
@@ -230,6 +232,14 @@ struct FileConfig {
     danger_allow_plaintext_non_loopback: bool,
     #[serde(default)]
     metrics: MetricsFile,
+    #[serde(default)]
+    store: StoreFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreFile {
+    cache_size_mb: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -485,7 +495,17 @@ impl Config {
             listen,
             health_interval,
         });
+        let store_cache_bytes = match file.store.cache_size_mb {
+            None => crate::store::DEFAULT_CACHE_BYTES,
+            Some(mb @ 16..=1_048_576) => mb * 1024 * 1024,
+            Some(_) => {
+                return Err(ConfigError::Invalid(
+                    "store.cache_size_mb: between 16 and 1048576".into(),
+                ));
+            }
+        };
         Ok(Self {
+            store_cache_bytes,
             metrics,
             tls,
             limits,

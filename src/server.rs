@@ -187,7 +187,11 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     harden_process();
     create_private_dir(&config.data_dir)?;
-    let store: Arc<dyn Store> = Arc::new(open_store(&config.data_dir)?);
+    let path = config.data_dir.join("db");
+    let store: Arc<dyn Store> = Arc::new(
+        SledStore::open_with_cache(&path, config.store_cache_bytes)
+            .map_err(|source| ServeError::OpenStore { path, source })?,
+    );
     let result = serve(config, options, store.clone(), announce, shutdown).await;
     let closed = store.close().await.map_err(ServeError::from);
     tracing::info!("store closed");

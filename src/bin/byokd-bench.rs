@@ -29,6 +29,9 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
+/// Secrets stored by this process so far (for unique names).
+static STORED: AtomicU64 = AtomicU64::new(0);
+
 #[derive(Parser, Clone)]
 #[command(
     name = "byokd-bench",
@@ -317,7 +320,9 @@ async fn one_request(
                 .map(drop)
         }
         Workload::Store => {
-            let name = format!("w{worker}-{n}-{}", std::process::id());
+            // Unique across workloads of one run (store, then mixed) and across runs.
+            let unique = STORED.fetch_add(1, Ordering::Relaxed);
+            let name = format!("w{worker}-{n}-{unique}-{}", std::process::id());
             client
                 .store(store_request(tenant, &name, value_bytes))
                 .await

@@ -22,7 +22,7 @@ use crate::model::{
     SecretId, SecretName, SecretRecord, TenantId, Time, TokenHash,
 };
 
-pub use self::sled::SledStore;
+pub use self::sled::{DEFAULT_CACHE_BYTES, SledStore};
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]

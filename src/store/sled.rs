@@ -66,10 +66,17 @@ enum Message {
 /// can outlive the handle that was just dropped by a moment (reopening in one process).
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
-fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+/// sled's page cache by default, in bytes (sled's own default is 1 GiB).
+pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+
+fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
-        match sled::Config::new().path(dir).open() {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()
+        {
             // sled reports a held lock as an `Other` error with this message.
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock")
@@ -90,7 +97,12 @@ impl SledStore {
     /// Opens (or creates) the database in `dir`. sled locks the directory: a second process
     /// cannot open it.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = open_db(dir)?;
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the database in `dir` with a page cache of `cache_bytes`.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let db = open_db(dir, cache_bytes)?;
         let tree = db.open_tree("byokd").map_err(engine)?;
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         let mut store = Self {
@@ -140,7 +152,7 @@ impl SledStore {
         dir: &Path,
         mut next: impl FnMut() -> Result<Option<crate::backup::Record>, String>,
     ) -> Result<u64, StoreError> {
-        let db = open_db(dir)?;
+        let db = open_db(dir, DEFAULT_CACHE_BYTES)?;
         let tree = db.open_tree("byokd").map_err(engine)?;
         if !tree.is_empty() {
             return Err(StoreError::Export(format!(
