@@ -547,3 +547,87 @@ async fn health_turns_not_serving_while_the_kms_master_key_is_unreachable() {
         ) >= 1.0
     );
 }
+
+/// A tmpfs of `mib` MiB mounted on a new directory; unmounted on drop. `None` where this
+/// environment cannot mount (not root, or no CAP_SYS_ADMIN).
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(mib: u32) -> Option<Self> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Self(dir))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_turns_not_serving_when_the_store_can_no_longer_write() {
+    let Some(disk) = SmallDisk::mount(24) else {
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs here (needs root); the disk-full path is untested"
+        );
+        return;
+    };
+    let dir = TestDir::with_config(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\nhealth_interval = \"200ms\"\n[limits]\nprincipal_rate_limit = { per_second = 1000000, burst = 1000000 }\n",
+    );
+    std::fs::create_dir(disk.0.path().join("data")).unwrap();
+    std::os::unix::fs::symlink(disk.0.path().join("data"), dir.data()).unwrap();
+    let server = dir.start();
+    let ops = ops_addr(&server);
+    assert_eq!(health(&ops, "").await.unwrap(), ServingStatus::Serving);
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    // Fill the disk until a write fails.
+    let big = vec![b'x'; 4096];
+    let mut failed = None;
+    for i in 0..20_000 {
+        if let Err(status) = orch
+            .store(store_req("acme", &format!("fill-{i}"), &big))
+            .await
+        {
+            failed = Some(status);
+            break;
+        }
+    }
+    let failed = failed.expect("a 24 MiB disk fills up");
+    assert!(
+        matches!(failed.code(), Code::Unavailable | Code::Internal),
+        "{failed:?}"
+    );
+    assert!(
+        !failed.message().contains("No space"),
+        "no detail to callers"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while health(&ops, "").await.unwrap() != ServingStatus::NotServing {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still SERVING with a failed store"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        health(&ops, "liveness").await.unwrap(),
+        ServingStatus::Serving
+    );
+    assert_eq!(sample(&scrape(&ops).await, "byokd_serving"), 0.0);
+    drop(server);
+}
