@@ -74,47 +74,10 @@ fn the_python_example_runs_against_the_real_server() {
     assert_example_ok(out, "the Python example");
 }
 
-/// The shell lines of the ```sh blocks between the runbook markers.
-fn runbook() -> String {
-    let start = RUNBOOK
-        .find("<!-- runbook:start -->")
-        .expect("start marker");
-    let end = RUNBOOK.find("<!-- runbook:end -->").expect("end marker");
-    let mut script = Vec::new();
-    let mut inside = false;
-    for line in RUNBOOK[start..end].lines() {
-        if line.starts_with("```sh") {
-            inside = true;
-        } else if line.starts_with("```") {
-            inside = false;
-        } else if inside {
-            script.push(line);
-        }
-    }
-    script.join("\n")
-}
-
 #[test]
 fn every_runbook_command_runs_as_printed() {
-    let cwd = tempfile::tempdir().unwrap();
-    let server = TestServer::start(cwd.path(), &["serve"]);
-    let token = server.bootstrap_token().expect("bootstrap token printed");
-    let script = format!(
-        "set -euo pipefail\nexport BYOKD_TOKEN={token}\n{}\n",
-        runbook().replace("localhost:50051", &server.addr.to_string())
-    );
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(&script)
-        .current_dir(cwd.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "runbook failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let script = sh_blocks(RUNBOOK, "runbook");
+    run_documented_script(&script);
     // Every RPC of the service appears in a command that ran.
     for rpc in [
         "Store",

