@@ -85,12 +85,12 @@ where
             match inner.call(request).await {
                 Ok(response) => {
                     let code = response_code(response.headers());
-                    crate::metrics::global().rpc(&method, code, started.elapsed());
+                    crate::metrics::global().rpc(method, code, started.elapsed());
                     Ok(response)
                 }
                 Err(e) => {
                     let status = tonic::Status::from_error(e.into());
-                    crate::metrics::global().rpc(&method, status.code(), started.elapsed());
+                    crate::metrics::global().rpc(method, status.code(), started.elapsed());
                     Err(Box::new(status) as Box<dyn std::error::Error + Send + Sync>)
                 }
             }

@@ -239,6 +239,19 @@ impl Caller {
         Ok(principal)
     }
 
+    /// [`Caller::authorize`] for an operation on the whole vault: the principal must also
+    /// have every tenant in scope.
+    fn authorize_global(&self, operation: Operation) -> Result<&Principal, VaultError> {
+        let principal = self.authorize(operation)?;
+        if !principal.may_access_all() {
+            return Err(AuthError::GlobalScopeRequired {
+                principal: principal.id.clone(),
+            }
+            .into());
+        }
+        Ok(principal)
+    }
+
     /// The keys of the caller's failed-redemption buckets: its peer host and its principal.
     fn failure_keys(&self) -> Vec<String> {
         let mut keys = Vec::with_capacity(2);
@@ -599,13 +612,7 @@ impl Vault {
     pub async fn backup(&self, caller: &Caller) -> Result<BackupFile, VaultError> {
         let mut audit = caller.draft(Action::Backup);
         let result = async {
-            let principal = caller.authorize(Operation::Backup)?;
-            if !principal.may_access_all() {
-                return Err(AuthError::GlobalScopeRequired {
-                    principal: principal.id.clone(),
-                }
-                .into());
-            }
+            caller.authorize_global(Operation::Backup)?;
             // Recorded first, so that the backup holds the entry of its own taking.
             audit.reason = "backup started".into();
             self.record(audit.clone()).await?;
@@ -1161,13 +1168,7 @@ impl Vault {
     ) -> Result<Verification, VaultError> {
         let mut audit = caller.draft(Action::VerifyAudit);
         let result = async {
-            let principal = caller.authorize(Operation::Audit)?;
-            if !principal.may_access_all() {
-                return Err(AuthError::GlobalScopeRequired {
-                    principal: principal.id.clone(),
-                }
-                .into());
-            }
+            caller.authorize_global(Operation::Audit)?;
             if input.to_seq != 0 && input.to_seq < input.from_seq {
                 return Err(ValidationError::new("to_seq", "before from_seq").into());
             }
@@ -1253,13 +1254,7 @@ impl Vault {
     pub async fn rotate_master_key(&self, caller: &Caller) -> Result<RotationJob, VaultError> {
         let audit = caller.draft(Action::RotateMasterKey);
         let result = async {
-            let principal = caller.authorize(Operation::RotateMasterKey)?;
-            if !principal.may_access_all() {
-                return Err(AuthError::GlobalScopeRequired {
-                    principal: principal.id.clone(),
-                }
-                .into());
-            }
+            caller.authorize_global(Operation::RotateMasterKey)?;
             self.rotator
                 .start(audit.clone())
                 .await
