@@ -36,6 +36,10 @@ pub const AUDIT_BY_TENANT: u8 = b'T';
 pub const AUDIT_BY_PRINCIPAL: u8 = b'P';
 /// `R` peer host 0x00 seq -> () (audit entries by peer host)
 pub const AUDIT_BY_PEER: u8 = b'R';
+/// Audit index postings: one key per index value and block of [`BLOCK_LEN`] sequence numbers.
+pub const AUDIT_POSTINGS: u8 = b'Q';
+/// Sequence numbers per posting block: a posting lists a block's entries as one byte each.
+pub const BLOCK_LEN: u64 = 256;
 /// The meta key of the audit chain's anchor.
 pub const AUDIT_ANCHOR_META: &[u8] = b"maudit-anchor";
 
@@ -73,6 +77,7 @@ pub fn describe_key(key: &[u8]) -> String {
         Some(&AUDIT_BY_SECRET | &AUDIT_BY_TENANT | &AUDIT_BY_PRINCIPAL | &AUDIT_BY_PEER) => {
             "audit-index"
         }
+        Some(&AUDIT_POSTINGS) => "audit-postings",
         _ => "unknown",
     };
     format!("{space} key ({} bytes)", key.len())
@@ -168,7 +173,8 @@ pub fn audit_index_prefix(index: &AuditIndex) -> Vec<u8> {
 }
 
 /// Every index key of an audit entry.
-pub fn audit_index_keys(record: &AuditRecord) -> Vec<Vec<u8>> {
+/// The index prefixes (see [`audit_index_prefix`]) an audit record belongs to.
+pub fn audit_index_prefixes(record: &AuditRecord) -> Vec<Vec<u8>> {
     let e = &record.entry;
     let mut indexes = Vec::with_capacity(4);
     if let Some(tenant) = &e.tenant {
@@ -183,17 +189,62 @@ pub fn audit_index_keys(record: &AuditRecord) -> Vec<Vec<u8>> {
     if let Some(peer) = &e.peer {
         indexes.push(AuditIndex::PeerHost(super::peer_host(peer)));
     }
-    indexes
-        .iter()
-        .map(|index| {
-            let mut k = audit_index_prefix(index);
+    indexes.iter().map(audit_index_prefix).collect()
+}
+
+/// The per-entry index keys (index prefix + seq) that stores written before posting blocks
+/// keep: still read, and deleted when their entries are pruned.
+pub fn legacy_audit_index_keys(record: &AuditRecord) -> Vec<Vec<u8>> {
+    audit_index_prefixes(record)
+        .into_iter()
+        .map(|mut k| {
             k.extend_from_slice(&record.seq.to_be_bytes());
             k
         })
         .collect()
 }
 
-/// The sequence number at the end of an index key.
+/// The block a sequence number falls in.
+pub fn block_of(seq: u64) -> u64 {
+    seq / BLOCK_LEN
+}
+
+/// The key of the posting that lists the entries of block `block` in the index `prefix`.
+pub fn postings_key(prefix: &[u8], block: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + prefix.len() + 8);
+    k.push(AUDIT_POSTINGS);
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(&block.to_be_bytes());
+    k
+}
+
+/// A posting's value: the format byte, then each entry's offset in the block, ascending.
+pub fn encode_postings(offsets: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + offsets.len());
+    v.push(FORMAT_V1);
+    v.extend_from_slice(offsets);
+    v
+}
+
+/// The sequence numbers a posting lists.
+pub fn decode_postings(key: &[u8], value: &[u8]) -> Result<Vec<u64>, StoreError> {
+    let corrupt = |reason: &str| StoreError::Corrupt {
+        key: describe_key(key),
+        reason: reason.into(),
+    };
+    let block = audit_index_seq(key).ok_or_else(|| corrupt("malformed posting key"))?;
+    let base = block
+        .checked_mul(BLOCK_LEN)
+        .ok_or_else(|| corrupt("block out of range"))?;
+    match value.split_first() {
+        Some((&FORMAT_V1, offsets)) if offsets.windows(2).all(|w| w[0] < w[1]) => {
+            Ok(offsets.iter().map(|&o| base + u64::from(o)).collect())
+        }
+        Some((&FORMAT_V1, _)) => Err(corrupt("offsets out of order")),
+        _ => Err(corrupt("unknown posting format")),
+    }
+}
+
 pub fn audit_index_seq(key: &[u8]) -> Option<u64> {
     let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
     Some(u64::from_be_bytes(tail))

@@ -3,7 +3,12 @@
 //! Reads go straight to sled from the calling task. Every commit goes through a channel to the
 //! single writer thread, which checks the transaction's guards (against the tree and the
 //! changes of earlier transactions in the same group) and stages its writes and audit entry
-//! (with its hash-chain link and index entries). When the channel is momentarily empty (or a
+//! (with its hash-chain link). The audit indexes are kept in blocks of 256 entries: the writer
+//! collects the open block's index values in memory (rebuilt from at most 255 entries at open)
+//! and writes one posting per index value when the block's last entry is written, in the same
+//! batch; readers take the postings and scan the open block's entries. That is one sled key
+//! per index value and block instead of four per entry, which cut `get`'s cost in the writer
+//! and the database's key count (see BENCHMARKS.md). When the channel is momentarily empty (or a
 //! group is full), the writer applies the whole group to the tree as one atomic `sled::Batch`,
 //! flushes sled once, and only then answers the group's commits. One writer gives a total
 //! order (audit sequence numbers without gaps, each entry chained to the one before, guards
@@ -123,6 +128,17 @@ impl SledStore {
         };
         // What sled recovered at open is on disk.
         store.durable_seq.store(next_seq - 1, Ordering::Release);
+        // The open block's postings are not stored yet: rebuild them from its entries.
+        let mut open_block = OpenBlock {
+            block: codec::block_of(next_seq),
+            postings: BTreeMap::new(),
+        };
+        let block_start = open_block.block * codec::BLOCK_LEN;
+        for record in store.audit_entries(block_start, codec::BLOCK_LEN as usize)? {
+            if record.seq < next_seq {
+                open_block.add(&record);
+            }
+        }
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer = Writer {
             db,
@@ -135,6 +151,7 @@ impl SledStore {
             prev_hash,
             poisoned: false,
             writable: store.writable.clone(),
+            open_block,
         };
         let handle = std::thread::Builder::new()
             .name("byokd-store-writer".into())
@@ -173,6 +190,32 @@ impl SledStore {
         tree.apply_batch(batch).map_err(engine)?;
         db.flush().map_err(engine)?;
         Ok(count)
+    }
+
+    /// Up to `limit` sequence numbers `>= from` from the per-entry index keys that stores
+    /// kept before posting blocks (see [`codec::legacy_audit_index_keys`]).
+    fn legacy_audit_index(
+        &self,
+        prefix: &[u8],
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut start = prefix.to_vec();
+        start.extend_from_slice(&from.to_be_bytes());
+        let mut out = Vec::new();
+        for entry in self.tree.range(start..) {
+            let (key, _) = entry.map_err(engine)?;
+            if !key.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push(
+                codec::audit_index_seq(&key).ok_or_else(|| StoreError::Corrupt {
+                    key: codec::describe_key(&key),
+                    reason: "malformed audit index key".into(),
+                })?,
+            );
+        }
+        Ok(out)
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
@@ -356,21 +399,48 @@ impl Store for SledStore {
         limit: usize,
     ) -> Result<Vec<u64>, StoreError> {
         let prefix = codec::audit_index_prefix(index);
-        let mut start = prefix.clone();
-        start.extend_from_slice(&from.to_be_bytes());
-        let mut out = Vec::new();
-        for entry in self.tree.range(start..) {
-            let (key, _) = entry.map_err(engine)?;
-            if !key.starts_with(&prefix) || out.len() >= limit {
+        // Postings of a partly pruned block still list its pruned entries.
+        let from = match self.audit_anchor()? {
+            Some(anchor) => from.max(anchor.seq.saturating_add(1)),
+            None => from,
+        };
+        // Read the head first: every block completed by an entry up to it has its postings.
+        let head = self.audit_head()?.map(|r| r.seq);
+        let mut out = self.legacy_audit_index(&prefix, from, limit)?;
+        let mut postings_prefix = vec![codec::AUDIT_POSTINGS];
+        postings_prefix.extend_from_slice(&prefix);
+        let mut found = 0;
+        for entry in self
+            .tree
+            .range(codec::postings_key(&prefix, codec::block_of(from))..)
+        {
+            let (key, value) = entry.map_err(engine)?;
+            if !key.starts_with(&postings_prefix) || found >= limit {
                 break;
             }
-            out.push(
-                codec::audit_index_seq(&key).ok_or_else(|| StoreError::Corrupt {
-                    key: codec::describe_key(&key),
-                    reason: "malformed audit index key".into(),
-                })?,
-            );
+            for seq in codec::decode_postings(&key, &value)? {
+                if seq >= from {
+                    out.push(seq);
+                    found += 1;
+                }
+            }
         }
+        // The open block's entries have no posting yet: at most a block's worth to read.
+        if let Some(head) = head {
+            let open_start = (codec::block_of(head.saturating_add(1)) * codec::BLOCK_LEN).max(from);
+            if open_start <= head {
+                let count = usize::try_from(head - open_start + 1).unwrap_or(usize::MAX);
+                for record in self.audit_entries(open_start, count)? {
+                    if record.seq <= head && codec::audit_index_prefixes(&record).contains(&prefix)
+                    {
+                        out.push(record.seq);
+                    }
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out.truncate(limit);
         Ok(out)
     }
 
@@ -475,6 +545,47 @@ struct Writer {
     prev_hash: ChainHash,
     poisoned: bool,
     writable: Arc<AtomicBool>,
+    /// The block `next_seq` falls in, and its entries so far by index prefix (offsets in the
+    /// block): written as postings when the block's last entry is.
+    open_block: OpenBlock,
+}
+
+/// The audit index postings of the block being filled.
+#[derive(Default)]
+struct OpenBlock {
+    block: u64,
+    postings: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl OpenBlock {
+    /// Adds `record` (the next entry in sequence), and returns the block's postings once
+    /// `record` completes it.
+    fn add(&mut self, record: &AuditRecord) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let block = codec::block_of(record.seq);
+        if block != self.block {
+            // Only after a restore or prune leaves the sequence elsewhere: nothing is pending
+            // for a block that no entry will complete.
+            self.postings.clear();
+            self.block = block;
+        }
+        let offset = (record.seq % codec::BLOCK_LEN) as u8;
+        for prefix in codec::audit_index_prefixes(record) {
+            self.postings.entry(prefix).or_default().push(offset);
+        }
+        if record.seq % codec::BLOCK_LEN != codec::BLOCK_LEN - 1 {
+            return Vec::new();
+        }
+        self.block = block + 1;
+        std::mem::take(&mut self.postings)
+            .into_iter()
+            .map(|(prefix, offsets)| {
+                (
+                    codec::postings_key(&prefix, block),
+                    Some(codec::encode_postings(&offsets)),
+                )
+            })
+            .collect()
+    }
 }
 
 type Reply = oneshot::Sender<Result<Committed, StoreError>>;
@@ -678,9 +789,7 @@ impl Writer {
                 entry,
             };
             staged.push((codec::audit_key(seq).to_vec(), Some(encode(&record)?)));
-            for key in codec::audit_index_keys(&record) {
-                staged.push((key, Some(Vec::new())));
-            }
+            staged.extend(self.open_block.add(&record));
             audit = Some(record);
         }
         pending.0.extend(staged);
@@ -803,8 +912,16 @@ impl Writer {
         for entry in self.tree.range(codec::audit_key(0)..=last_key) {
             let (key, value) = entry.map_err(engine)?;
             let record: AuditRecord = codec::decode(&key, &value)?;
-            for index_key in codec::audit_index_keys(&record) {
+            for index_key in codec::legacy_audit_index_keys(&record) {
                 staged.push((index_key, None));
+            }
+            // A block's postings go with its last entry; a partly pruned block keeps them
+            // (readers skip entries at or before the anchor).
+            let block = codec::block_of(record.seq);
+            if (block + 1) * codec::BLOCK_LEN - 1 <= through {
+                for prefix in codec::audit_index_prefixes(&record) {
+                    staged.push((codec::postings_key(&prefix, block), None));
+                }
             }
             staged.push((key.to_vec(), None));
         }
@@ -813,5 +930,39 @@ impl Writer {
             Some(encode(&chain.anchor(last.seq, last.hash))?),
         ));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::{chain_key, check_indexes_against_entries, varied_draft};
+
+    /// A store written before posting blocks has one index key per entry: queries still find
+    /// those entries, also where both kinds cover one entry (an upgrade in mid-block).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn per_entry_index_keys_are_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.start_audit_chain(chain_key()).await.unwrap();
+        for i in 0..300 {
+            store
+                .commit(Transaction::audit_only(varied_draft(i)))
+                .await
+                .unwrap();
+        }
+        let mut removed = 0;
+        for entry in store.tree.scan_prefix([codec::AUDIT_POSTINGS]) {
+            store.tree.remove(entry.unwrap().0).unwrap();
+            removed += 1;
+        }
+        assert!(removed > 0, "block 0 was complete: it has postings");
+        for record in store.audit_entries(0, 280).unwrap() {
+            for key in codec::legacy_audit_index_keys(&record) {
+                store.tree.insert(key, Vec::new()).unwrap();
+            }
+        }
+        check_indexes_against_entries(&store);
+        store.close().await.unwrap();
     }
 }

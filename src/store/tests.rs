@@ -77,7 +77,7 @@ fn put(writes: Vec<Write>, action: Action) -> Transaction {
     }
 }
 
-fn chain_key() -> Arc<ChainKey> {
+pub(crate) fn chain_key() -> Arc<ChainKey> {
     Arc::new(ChainKey::derive(
         &crate::crypto::SymmetricKey::from_slice(&[3; 32]).unwrap(),
     ))
@@ -99,7 +99,106 @@ pub(crate) async fn check_adapter(store: Arc<dyn Store>) {
     audit_sequence_has_no_gaps(store.clone()).await;
     audit_entries_are_chained_and_indexed(&*store).await;
     durable_entries_are_fed_to_subscribers(&*store).await;
+    audit_indexes_span_blocks(&*store).await;
     pruning_moves_the_anchor(&*store).await;
+    audit_indexes_span_blocks(&*store).await;
+}
+
+/// Whether `record` belongs in `index`, decided from its fields (not the store's keys).
+fn in_index(index: &AuditIndex, record: &AuditRecord) -> bool {
+    let e = &record.entry;
+    match index {
+        AuditIndex::Secret(t, n) => e.tenant.as_ref() == Some(t) && e.name.as_ref() == Some(n),
+        AuditIndex::Tenant(t) => e.tenant.as_ref() == Some(t),
+        AuditIndex::Principal(p) => e.principal.as_ref() == Some(p),
+        AuditIndex::PeerHost(h) => e.peer.as_deref().map(super::peer_host).as_ref() == Some(h),
+    }
+}
+
+/// Entries that vary over a few tenants, secrets, principals and peers.
+pub(crate) fn varied_draft(i: u64) -> AuditDraft {
+    let mut d = draft(Action::Get);
+    d.tenant = Some(tenant(&format!("blk{}", i % 3)));
+    if !i.is_multiple_of(5) {
+        d.name = Some(name(&format!("s{}", i % 7)));
+    }
+    if !i.is_multiple_of(4) {
+        d.principal = Some(PrincipalId::parse(format!("p{}", i % 2)).unwrap());
+    }
+    d.peer = Some(format!("10.0.0.{}:{}", i % 2, 1000 + i));
+    d
+}
+
+/// Checks every index a varied entry can be in against the entries themselves, from several
+/// starting points and page sizes, across block boundaries (the open block included).
+pub(crate) fn check_indexes_against_entries(store: &dyn Store) {
+    let all = store.audit_entries(0, usize::MAX).unwrap();
+    let mut indexes = vec![AuditIndex::Tenant(tenant("nope"))];
+    for e in all.iter().map(|r| &r.entry) {
+        let mut of_entry = Vec::new();
+        if let Some(t) = &e.tenant {
+            if let Some(n) = &e.name {
+                of_entry.push(AuditIndex::Secret(t.clone(), n.clone()));
+            }
+            of_entry.push(AuditIndex::Tenant(t.clone()));
+        }
+        if let Some(p) = &e.principal {
+            of_entry.push(AuditIndex::Principal(p.clone()));
+        }
+        if let Some(peer) = &e.peer {
+            of_entry.push(AuditIndex::PeerHost(super::peer_host(peer)));
+        }
+        for index in of_entry {
+            if !indexes.contains(&index) {
+                indexes.push(index);
+            }
+        }
+    }
+    let first = all[0].seq;
+    let last = all.last().unwrap().seq;
+    for index in &indexes {
+        let expected: Vec<u64> = all
+            .iter()
+            .filter(|r| in_index(index, r))
+            .map(|r| r.seq)
+            .collect();
+        for from in [
+            0,
+            first,
+            first + 255,
+            256,
+            511,
+            512,
+            last - 3,
+            last,
+            last + 1,
+        ] {
+            for limit in [1, 7, 300, usize::MAX] {
+                let want: Vec<u64> = expected
+                    .iter()
+                    .copied()
+                    .filter(|&s| s >= from)
+                    .take(limit)
+                    .collect();
+                assert_eq!(
+                    store.audit_index(index, from, limit).unwrap(),
+                    want,
+                    "{index:?} from {from} limit {limit}"
+                );
+            }
+        }
+    }
+}
+
+async fn audit_indexes_span_blocks(store: &dyn Store) {
+    // Enough entries to complete at least two blocks and leave one open.
+    for i in 0..600 {
+        store
+            .commit(Transaction::audit_only(varied_draft(i)))
+            .await
+            .unwrap();
+    }
+    check_indexes_against_entries(store);
 }
 
 async fn records_round_trip(store: &dyn Store) {
@@ -504,6 +603,7 @@ async fn pruning_moves_the_anchor(store: &dyn Store) {
     let peer = AuditIndex::PeerHost("127.0.0.1".into());
     let remaining = store.audit_index(&peer, 0, usize::MAX).unwrap();
     assert!(!remaining.is_empty() && remaining.iter().all(|&s| s > through));
+    check_indexes_against_entries(store);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -516,6 +616,27 @@ async fn sled_adapter_passes_the_suite() {
         store.commit(Transaction::default()).await,
         Err(StoreError::Closed)
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_adapter_rebuilds_the_open_block_on_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut i = 0;
+    // Stop in the middle of a block, reopen, and complete it: its postings must hold the
+    // entries from before the restart too.
+    for stop in [300, 400, 511, 512, 700] {
+        let store = SledStore::open(dir.path()).unwrap();
+        store.start_audit_chain(chain_key()).await.unwrap();
+        while i < stop {
+            store
+                .commit(Transaction::audit_only(varied_draft(i)))
+                .await
+                .unwrap();
+            i += 1;
+        }
+        check_indexes_against_entries(&store);
+        store.close().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
