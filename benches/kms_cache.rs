@@ -6,21 +6,19 @@
 //! 16 concurrent clients for a fixed time. Reports requests/s for both and their ratio, which
 //! is the figure to compare (both runs share the machine's noise).
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use byokd::api::v1::vault_client::VaultClient;
 use byokd::api::v1::{self as pb};
-use sha2::{Digest, Sha256};
-use tonic::transport::Channel;
+use common::Server;
 
 const SECRETS: usize = 100;
 const CLIENTS: usize = 16;
 const RUN: Duration = Duration::from_secs(5);
-const TOKEN: &str = "bench-admin-token";
 
 struct Killed(Child);
 
@@ -100,40 +98,19 @@ async fn create_key(endpoint: &str) -> String {
 async fn run(endpoint: &str, key_id: &str, cache: &str) -> f64 {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = format!(
-        "data_dir = \"data\"\n[master_key]\nkind = \"aws-kms\"\nkey_id = \"{key_id}\"\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n{cache}\n[[principal]]\nid = \"bench\"\ntoken_sha256 = \"{}\"\nroles = [\"admin\"]\ntenants = [\"*\"]\n",
-        hex::encode(Sha256::digest(TOKEN.as_bytes()))
+        "data_dir = \"data\"\n[master_key]\nkind = \"aws-kms\"\nkey_id = \"{key_id}\"\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n{cache}\n{}",
+        common::principal_toml()
     );
-    std::fs::write(dir.path().join("byokd.toml"), config).expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_byokd"))
-        .args(["serve", "--config", "byokd.toml", "--listen", "127.0.0.1:0"])
-        .current_dir(dir.path())
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("BYOKD_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("byokd");
-    let stdout = child.stdout.take().expect("stdout");
-    let _server = Killed(child);
-    let addr = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("byokd listening on ").map(str::to_string))
-        .expect("listening");
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let auth = format!("Bearer {TOKEN}");
-    let mut client =
-        VaultClient::with_interceptor(channel.clone(), move |mut r: tonic::Request<()>| {
-            r.metadata_mut()
-                .insert("authorization", auth.parse().expect("ascii"));
-            Ok(r)
-        });
+    common::write_config(dir.path(), &config);
+    let server = Server::start(
+        dir.path(),
+        &[
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ],
+    );
+    let mut client = server.clients(1).await.remove(0);
     let mut tokens = Vec::new();
     for i in 0..SECRETS {
         let name = format!("k{i}");

@@ -16,18 +16,15 @@
 //! size, and Get latency at a fixed rate (multi-use leases on 1,000 secrets spread over the
 //! whole keyspace, redeemed at 2,000/s from 16 streams for 10 s).
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use byokd::api::v1::vault_client::VaultClient;
 use byokd::api::v1::{self as pb};
-use sha2::{Digest, Sha256};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use common::{Client, Server};
 
 const SMALL_SECRETS: u64 = 1_000;
 const TENANTS: u64 = 1_000;
@@ -37,100 +34,6 @@ const LEASED: u64 = 1_000;
 const GET_STREAMS: u64 = 16;
 const GET_RATE: f64 = 2_000.0;
 const GET_RUN: Duration = Duration::from_secs(10);
-const TOKEN: &str = "bench-admin-token";
-
-type Client = VaultClient<InterceptedService<Channel, Bearer>>;
-
-/// Adds the bench principal's bearer token to each request.
-#[derive(Clone)]
-struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        r.metadata_mut().insert("authorization", self.0.clone());
-        Ok(r)
-    }
-}
-
-struct Server {
-    child: Child,
-    addr: String,
-    startup: Duration,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn start(dir: &Path) -> Server {
-        let started = Instant::now();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_byokd"))
-            .args(["serve", "--config", "byokd.toml", "--listen", "127.0.0.1:0"])
-            .current_dir(dir)
-            .env("BYOKD_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("byokd");
-        let stdout = child.stdout.take().expect("stdout");
-        let addr = BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .find_map(|l| l.strip_prefix("byokd listening on ").map(str::to_string))
-            .expect("listening");
-        Server {
-            child,
-            addr,
-            startup: started.elapsed(),
-        }
-    }
-
-    /// A clean stop: SIGTERM, then wait.
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-
-    /// `kill -9`.
-    fn crash(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// (VmRSS, VmHWM) in MiB.
-    fn memory(&self) -> (f64, f64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-                .map_or(f64::NAN, |kib| kib / 1024.0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-
-    async fn clients(&self) -> Vec<Client> {
-        let mut out = Vec::new();
-        for _ in 0..CONNECTIONS {
-            let channel = Channel::from_shared(format!("http://{}", self.addr))
-                .expect("uri")
-                .connect()
-                .await
-                .expect("connect");
-            let auth = Bearer(format!("Bearer {TOKEN}").parse().expect("ascii"));
-            out.push(VaultClient::with_interceptor(channel, auth));
-        }
-        out
-    }
-}
 
 fn reference(i: u64) -> (String, String) {
     (format!("tenant-{:04}", i % TENANTS), format!("key-{i:08}"))
@@ -138,18 +41,15 @@ fn reference(i: u64) -> (String, String) {
 
 fn write_config(dir: &Path) {
     let mut config = format!(
-        "data_dir = \"data\"\n[lease]\nmax_uses = 1000000\n[limits]\nprincipal_rate_limit = {{ per_second = 1000000, burst = 1000000 }}\nfailed_get_rate_limit = {{ per_second = 1000000, burst = 1000000 }}\n[[principal]]\nid = \"bench\"\ntoken_sha256 = \"{}\"\nroles = [\"admin\"]\ntenants = [\"*\"]\n",
-        hex::encode(Sha256::digest(TOKEN.as_bytes()))
+        "data_dir = \"data\"\n[lease]\nmax_uses = 1000000\n[limits]\nprincipal_rate_limit = {{ per_second = 1000000, burst = 1000000 }}\nfailed_get_rate_limit = {{ per_second = 1000000, burst = 1000000 }}\n{}",
+        common::principal_toml()
     );
     // E.g. "[store]\ncache_size_mb = 1024" to compare cache sizes on the same data.
     if let Ok(extra) = std::env::var("BYOKD_SCALE_CONFIG") {
         config.push_str(&extra.replace("\\n", "\n"));
         config.push('\n');
     }
-    let path = dir.join("byokd.toml");
-    std::fs::write(&path, config).expect("config");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    common::write_config(dir, &config);
 }
 
 /// Runs `op(i)` for i in 0..n from WRITERS tasks over the server's connections, with progress.
@@ -211,7 +111,7 @@ where
 
 /// Stores `secrets` secrets, then Describes until `audit` audit entries exist.
 async fn populate(server: &Server, secrets: u64, audit: u64) {
-    let clients = server.clients().await;
+    let clients = server.clients(CONNECTIONS).await;
     drive("store", &clients, secrets, |mut client, i| async move {
         let (tenant, name) = reference(i);
         client
@@ -275,7 +175,7 @@ fn disk_mib(dir: &Path) -> f64 {
 
 /// Get latencies at a fixed rate, from multi-use leases on LEASED secrets across the keyspace.
 async fn get_run(server: &Server, secrets: u64) -> (f64, Vec<Duration>, u64) {
-    let clients = server.clients().await;
+    let clients = server.clients(CONNECTIONS).await;
     let mut tokens = Vec::new();
     let mut lease_client = clients[0].clone();
     for k in 0..LEASED.min(secrets) {
@@ -356,18 +256,18 @@ async fn measure(dir: &Path, secrets: u64, audit: u64) -> Measured {
             "populating {secrets} secrets, {audit} audit entries in {}",
             dir.display()
         );
-        let server = Server::start(dir);
+        let server = Server::start(dir, &[]);
         populate(&server, secrets, audit).await;
         server.stop();
         std::fs::write(&marker, &wanted).expect("marker");
     }
     write_config(dir);
     // After a clean stop.
-    let server = Server::start(dir);
+    let server = Server::start(dir, &[]);
     let startup_clean = server.startup;
     server.crash();
     // After kill -9; this instance is measured.
-    let server = Server::start(dir);
+    let server = Server::start(dir, &[]);
     let startup_crash = server.startup;
     let (rss_start, _) = server.memory();
     let (get_rps, latencies, errors) = get_run(&server, secrets).await;

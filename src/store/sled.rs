@@ -916,7 +916,9 @@ impl Writer {
                 staged.push((index_key, None));
             }
             // A block's postings go with its last entry; a partly pruned block keeps them
-            // (readers skip entries at or before the anchor).
+            // (readers skip entries at or before the anchor). When an earlier prune cut this
+            // block, postings of values only its already-pruned entries had stay behind:
+            // at most one block's worth per prune, never read.
             let block = codec::block_of(record.seq);
             if (block + 1) * codec::BLOCK_LEN - 1 <= through {
                 for prefix in codec::audit_index_prefixes(&record) {
