@@ -111,6 +111,11 @@ impl Workload {
     }
 }
 
+/// mimalloc instead of glibc's malloc: the server allocates per request on many threads,
+/// where glibc's arenas cost a measurable share of a `Get` (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let runtime = match tokio::runtime::Runtime::new() {

@@ -24,7 +24,7 @@ pub const LEASE: u8 = b'l';
 pub const LEASE_ID: u8 = b'i';
 /// `x` expires_at token_hash -> ()
 pub const LEASE_EXPIRY: u8 = b'x';
-/// `a` seq -> AuditRecord
+/// `a` seq -> AuditRecord: stores before the trail had its own files, and backups
 pub const AUDIT: u8 = b'a';
 /// `m` name -> bytes
 pub const META: u8 = b'm';
@@ -42,6 +42,9 @@ pub const AUDIT_POSTINGS: u8 = b'Q';
 pub const BLOCK_LEN: u64 = 256;
 /// The meta key of the audit chain's anchor.
 pub const AUDIT_ANCHOR_META: &[u8] = b"maudit-anchor";
+/// The meta key of the last audit position whose transaction's records the tree holds
+/// (u64 big-endian), written in every batch that goes with audit entries.
+pub const AUDIT_APPLIED_META: &[u8] = b"maudit-applied";
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     let mut out = vec![FORMAT_V1];

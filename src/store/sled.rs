@@ -1,21 +1,34 @@
-//! The sled adapter: one sled tree, one writer thread, group commit.
+//! The sled adapter: records in one sled tree, the audit trail in segment files beside it
+//! (`auditlog.rs`), one writer thread, group commit.
 //!
-//! Reads go straight to sled from the calling task. Every commit goes through a channel to the
-//! single writer thread, which checks the transaction's guards (against the tree and the
-//! changes of earlier transactions in the same group) and stages its writes and audit entry
-//! (with its hash-chain link). The audit indexes are kept in blocks of 256 entries: the writer
-//! collects the open block's index values in memory (rebuilt from at most 255 entries at open)
-//! and writes one posting per index value when the block's last entry is written, in the same
-//! batch; readers take the postings and scan the open block's entries. That is one sled key
-//! per index value and block instead of four per entry, which cut `get`'s cost in the writer
-//! and the database's key count (see BENCHMARKS.md). When the channel is momentarily empty (or a
-//! group is full), the writer applies the whole group to the tree as one atomic `sled::Batch`,
-//! flushes sled once, and only then answers the group's commits. One writer gives a total
-//! order (audit sequence numbers without gaps, each entry chained to the one before, guards
-//! checked against the latest state); one batch and one flush per group make many concurrent
-//! writers cost one fsync. (A separate flusher thread, overlapping a group's flush with the
-//! next group's staging, was measured with `byokd-bench` and gained nothing here: sled's
-//! flush and apply contend on the same log.)
+//! Reads go straight to sled or the segment files from the calling task. Every commit goes
+//! through a channel to the single writer thread, which checks the transaction's guards
+//! (against the tree and the changes of earlier transactions in the same group) and stages
+//! its writes and audit entry (with its hash-chain link). When the channel is momentarily
+//! empty (or a group is full), the writer commits the whole group:
+//!
+//! 1. appends the group's audit entries to the trail and `fdatasync`s it;
+//! 2. applies the group's record changes to the tree as one atomic `sled::Batch`, which also
+//!    records the last audit position the tree reflects (`maudit-applied`);
+//! 3. flushes sled, if any transaction of the group changed records (a group of audit-only
+//!    transactions, such as failed requests and reads, is durable with step 1);
+//!
+//! and only then answers the group's commits and lets readers see its entries. One writer
+//! gives a total order (audit sequence numbers without gaps, each entry chained to the one
+//! before, guards checked against the latest state); one append, one batch and one flush per
+//! group make many concurrent writers cost one fsync of each.
+//!
+//! After a crash, the trail may hold entries of a group whose records sled lost (step 1 done,
+//! step 2 or 3 not): none of them was answered. `open` keeps the audit-only entries after the
+//! position sled recorded and cuts the trail at the first entry whose transaction changed
+//! records (flagged in its frame), since everything from there on belongs to unanswered
+//! groups.
+//!
+//! The audit indexes are kept in blocks of 256 entries: the writer collects the open block's
+//! index values in memory (rebuilt from at most 255 entries at open) and writes one posting
+//! per index value when the block's last entry is written, in the same batch; readers take
+//! the postings and scan the open block's entries. Postings of blocks completed after the
+//! position sled recorded are rebuilt from the trail at open.
 //!
 //! The writer calls the blocking `Db::flush`, never `flush_async`: concurrent `flush_async`
 //! calls deadlock in sled 0.34 (sled issue #1308).
@@ -29,6 +42,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use super::auditlog::{self, AuditLog, Frame};
 use super::codec::{self, encode};
 use super::{
     AuditIndex, Committed, ExportSink, Guard, MetaKey, Store, StoreError, Transaction, Write,
@@ -55,6 +69,7 @@ pub struct SledStore {
     writable: Arc<AtomicBool>,
     writer: Mutex<Option<JoinHandle<()>>>,
     db: sled::Db,
+    log: Arc<AuditLog>,
 }
 
 enum Message {
@@ -98,6 +113,157 @@ fn engine(e: sled::Error) -> StoreError {
     StoreError::Engine(e.to_string())
 }
 
+/// The audit trail's directory inside the store's.
+const AUDIT_DIR: &str = "audit";
+
+/// The seq of an audit entry's key in exports (`a` + seq): audit entries travel in backups
+/// as they were once stored in the tree.
+fn audit_key_seq(key: &[u8]) -> Option<u64> {
+    match key {
+        [codec::AUDIT, seq @ ..] => Some(u64::from_be_bytes(seq.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+/// The last audit position whose transaction's records the tree holds (0: none recorded).
+fn applied_position(tree: &sled::Tree) -> Result<u64, StoreError> {
+    match tree.get(codec::AUDIT_APPLIED_META).map_err(engine)? {
+        Some(bytes) => {
+            let bytes: [u8; 8] = bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                key: codec::describe_key(codec::AUDIT_APPLIED_META),
+                reason: "not a position".into(),
+            })?;
+            Ok(u64::from_be_bytes(bytes))
+        }
+        None => Ok(0),
+    }
+}
+
+/// Cuts the trail after a crash: entries after `applied` whose transactions changed records
+/// sled does not hold were never answered, nor was anything after them (see the module
+/// documentation). Audit-only entries before the first of them stay.
+fn recover_trail(log: &AuditLog, applied: u64) -> Result<(), StoreError> {
+    let Some(last) = log.last_position()? else {
+        return Ok(());
+    };
+    if last < applied {
+        tracing::error!(
+            trail_ends_at = last,
+            records_reflect = applied,
+            "the audit trail ends before entries the records reflect: entries are missing; \
+             verify the trail against a recorded head"
+        );
+        return Ok(());
+    }
+    let mut from = applied + 1;
+    loop {
+        let frames = log.read(from, 4096, true)?;
+        let Some(end) = frames.last().map(|f| f.position) else {
+            return Ok(());
+        };
+        if let Some(lost) = frames
+            .iter()
+            .find(|f| f.flags & auditlog::STATE_BEARING != 0)
+        {
+            tracing::warn!(
+                from = lost.position,
+                through = last,
+                "dropping audit entries of transactions that were not committed before a crash"
+            );
+            return log.truncate_after(lost.position - 1);
+        }
+        from = end + 1;
+    }
+}
+
+/// Writes the postings of blocks completed by entries after `applied` (their batch may have
+/// been lost with sled's unflushed changes), through `head`.
+fn rebuild_postings(
+    db: &sled::Db,
+    tree: &sled::Tree,
+    store: &SledStore,
+    applied: u64,
+    head: u64,
+) -> Result<(), StoreError> {
+    if head <= applied {
+        return Ok(());
+    }
+    let mut batch = sled::Batch::default();
+    for block in codec::block_of(applied + 1)..codec::block_of(head + 1) {
+        let mut open = OpenBlock {
+            block,
+            postings: BTreeMap::new(),
+        };
+        let start = block * codec::BLOCK_LEN;
+        for record in store.audit_entries(start, codec::BLOCK_LEN as usize)? {
+            if codec::block_of(record.seq) == block {
+                for (key, value) in open.add(&record) {
+                    if let Some(value) = value {
+                        batch.insert(key, value);
+                    }
+                }
+            }
+        }
+    }
+    batch.insert(codec::AUDIT_APPLIED_META, &head.to_be_bytes());
+    tree.apply_batch(batch).map_err(engine)?;
+    db.flush().map_err(engine)?;
+    Ok(())
+}
+
+/// Moves the audit entries of a store written before the trail had its own files from the
+/// tree into the trail, then deletes them from the tree. Resumes where a crash stopped it.
+fn migrate_legacy_entries(
+    db: &sled::Db,
+    tree: &sled::Tree,
+    log: &AuditLog,
+) -> Result<(), StoreError> {
+    let first = tree.scan_prefix([codec::AUDIT]).next();
+    if first.is_none() {
+        return Ok(());
+    }
+    let mut moved = 0u64;
+    let mut chunk: Vec<(u64, sled::IVec)> = Vec::new();
+    let flush_chunk = |chunk: &mut Vec<(u64, sled::IVec)>| -> Result<(), StoreError> {
+        let next = log.next_position()?;
+        let frames: Vec<(u64, u8, &[u8])> = chunk
+            .iter()
+            .filter(|(seq, _)| *seq >= next)
+            .map(|(seq, value)| (*seq, 0, value.as_ref()))
+            .collect();
+        log.append(&frames)?;
+        chunk.clear();
+        Ok(())
+    };
+    for entry in tree.scan_prefix([codec::AUDIT]) {
+        let (key, value) = entry.map_err(engine)?;
+        let Some(seq) = audit_key_seq(&key) else {
+            continue;
+        };
+        chunk.push((seq, value));
+        moved += 1;
+        if chunk.len() >= 4096 {
+            flush_chunk(&mut chunk)?;
+        }
+    }
+    flush_chunk(&mut chunk)?;
+    log.sync()?;
+    let mut batch = sled::Batch::default();
+    for entry in tree.scan_prefix([codec::AUDIT]) {
+        batch.remove(entry.map_err(engine)?.0);
+    }
+    if let Some(last) = log.last_position()? {
+        batch.insert(codec::AUDIT_APPLIED_META, &last.to_be_bytes());
+    }
+    tree.apply_batch(batch).map_err(engine)?;
+    db.flush().map_err(engine)?;
+    tracing::info!(
+        entries = moved,
+        "moved the audit trail out of the tree into its segment files"
+    );
+    Ok(())
+}
+
 impl SledStore {
     /// Opens (or creates) the database in `dir`. sled locks the directory: a second process
     /// cannot open it.
@@ -107,8 +273,32 @@ impl SledStore {
 
     /// Opens (or creates) the database in `dir` with a page cache of `cache_bytes`.
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        Self::open_with(dir, cache_bytes, auditlog::DEFAULT_SEGMENT_BYTES)
+    }
+
+    /// Opens (or creates) the database in `dir` with a page cache of `cache_bytes` and audit
+    /// segments of `segment_bytes` (small ones let tests cross segments).
+    pub fn open_with(dir: &Path, cache_bytes: u64, segment_bytes: u64) -> Result<Self, StoreError> {
         let db = open_db(dir, cache_bytes)?;
         let tree = db.open_tree("byokd").map_err(engine)?;
+        let log = Arc::new(AuditLog::open(&dir.join(AUDIT_DIR), segment_bytes)?);
+        migrate_legacy_entries(&db, &tree, &log)?;
+        let applied = applied_position(&tree)?;
+        recover_trail(&log, applied)?;
+        // What the trail holds after recovery is on disk: readers may see all of it.
+        if let Some(last) = log.last_position()? {
+            log.publish(last);
+        }
+        let anchor: Option<AuditAnchor> =
+            match tree.get(codec::AUDIT_ANCHOR_META).map_err(engine)? {
+                Some(bytes) => Some(codec::decode(codec::AUDIT_ANCHOR_META, &bytes)?),
+                None => None,
+            };
+        if let Some(anchor) = &anchor {
+            // A prune whose segments were not deleted before a crash.
+            log.set_start(anchor.seq.saturating_add(1));
+            log.delete_through(anchor.seq)?;
+        }
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         let mut store = Self {
             tree: tree.clone(),
@@ -118,16 +308,22 @@ impl SledStore {
             writable: Arc::new(AtomicBool::new(true)),
             writer: Mutex::new(None),
             db: db.clone(),
+            log: log.clone(),
         };
         let (next_seq, last_time, prev_hash) = match store.audit_head()? {
             Some(head) => (head.seq + 1, head.time, head.hash),
-            None => match store.audit_anchor()? {
+            None => match &anchor {
                 Some(anchor) => (anchor.seq + 1, Time::from_micros(i64::MIN), anchor.hash),
                 None => (1, Time::from_micros(i64::MIN), chain::GENESIS),
             },
         };
-        // What sled recovered at open is on disk.
+        // The trail could end before what a tampered or damaged store's records reflect; the
+        // sequence goes on after its last entry (and verification against a recorded head
+        // tells the difference).
+        let next_seq = next_seq.max(log.next_position()?);
+        // What the trail holds after recovery is on disk.
         store.durable_seq.store(next_seq - 1, Ordering::Release);
+        rebuild_postings(&db, &tree, &store, applied, next_seq - 1)?;
         // The open block's postings are not stored yet: rebuild them from its entries.
         let mut open_block = OpenBlock {
             block: codec::block_of(next_seq),
@@ -143,6 +339,7 @@ impl SledStore {
         let writer = Writer {
             db,
             tree,
+            log,
             feed,
             durable_seq: store.durable_seq.clone(),
             chain: None,
@@ -152,6 +349,7 @@ impl SledStore {
             poisoned: false,
             writable: store.writable.clone(),
             open_block,
+            pruned: None,
         };
         let handle = std::thread::Builder::new()
             .name("byokd-store-writer".into())
@@ -171,7 +369,8 @@ impl SledStore {
     ) -> Result<u64, StoreError> {
         let db = open_db(dir, DEFAULT_CACHE_BYTES)?;
         let tree = db.open_tree("byokd").map_err(engine)?;
-        if !tree.is_empty() {
+        let log = AuditLog::open(&dir.join(AUDIT_DIR), auditlog::DEFAULT_SEGMENT_BYTES)?;
+        if !tree.is_empty() || log.next_position()? != 1 {
             return Err(StoreError::Export(format!(
                 "{} already holds data",
                 dir.display()
@@ -179,13 +378,35 @@ impl SledStore {
         }
         let mut count = 0u64;
         let mut batch = sled::Batch::default();
+        let mut entries: Vec<(u64, Vec<u8>)> = Vec::new();
+        let append = |entries: &mut Vec<(u64, Vec<u8>)>| {
+            let frames: Vec<(u64, u8, &[u8])> =
+                entries.iter().map(|(p, v)| (*p, 0, v.as_slice())).collect();
+            let result = log.append(&frames);
+            entries.clear();
+            result
+        };
         while let Some((key, value)) = next().map_err(StoreError::Export)? {
-            batch.insert(key, value);
             count += 1;
+            if let Some(seq) = audit_key_seq(&key) {
+                // Audit entries come in order; they go to the trail.
+                entries.push((seq, value));
+                if entries.len() >= 4096 {
+                    append(&mut entries)?;
+                }
+                continue;
+            }
+            batch.insert(key, value);
             if count.is_multiple_of(10_000) {
                 tree.apply_batch(std::mem::take(&mut batch))
                     .map_err(engine)?;
             }
+        }
+        append(&mut entries)?;
+        log.sync()?;
+        // Every imported entry's records are in the tree.
+        if let Some(last) = log.last_position()? {
+            batch.insert(codec::AUDIT_APPLIED_META, &last.to_be_bytes());
         }
         tree.apply_batch(batch).map_err(engine)?;
         db.flush().map_err(engine)?;
@@ -247,14 +468,15 @@ impl SledStore {
         seq: u64,
         record: Option<&AuditRecord>,
     ) -> Result<(), StoreError> {
-        let key = codec::audit_key(seq);
         match record {
-            Some(r) => self.tree.insert(key, encode(r)?).map(drop),
-            None => self.tree.remove(key).map(drop),
+            Some(r) => self.log.rewrite(seq, Some(&encode(r)?)),
+            None => self.log.rewrite(seq, None),
         }
-        .map_err(engine)?;
-        self.tree.flush().map(drop).map_err(engine)
     }
+}
+
+fn decode_frame(frame: &Frame) -> Result<AuditRecord, StoreError> {
+    codec::decode(&codec::audit_key(frame.position), &frame.payload)
 }
 
 #[async_trait::async_trait]
@@ -360,32 +582,22 @@ impl Store for SledStore {
     }
 
     fn audit_entries(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
-        self.tree
-            .range(codec::audit_key(from)..=codec::audit_key(u64::MAX))
-            .take(limit)
-            .map(|entry| {
-                let (key, value) = entry.map_err(engine)?;
-                codec::decode(&key, &value)
-            })
+        self.log
+            .read(from, limit, false)?
+            .iter()
+            .map(decode_frame)
             .collect()
     }
 
     fn audit_entry(&self, seq: u64) -> Result<Option<AuditRecord>, StoreError> {
-        self.get(&codec::audit_key(seq))
+        match self.log.read(seq, 1, false)?.first() {
+            Some(frame) if frame.position == seq => decode_frame(frame).map(Some),
+            _ => Ok(None),
+        }
     }
 
     fn audit_head(&self) -> Result<Option<AuditRecord>, StoreError> {
-        match self
-            .tree
-            .range(codec::audit_key(0)..=codec::audit_key(u64::MAX))
-            .next_back()
-        {
-            Some(entry) => {
-                let (key, value) = entry.map_err(engine)?;
-                codec::decode(&key, &value).map(Some)
-            }
-            None => Ok(None),
-        }
+        self.log.head()?.as_ref().map(decode_frame).transpose()
     }
 
     fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError> {
@@ -498,7 +710,7 @@ impl Store for SledStore {
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
-        self.db.size_on_disk().map_err(engine)
+        Ok(self.db.size_on_disk().map_err(engine)? + self.log.size_on_disk()?)
     }
 
     fn writable(&self) -> bool {
@@ -537,6 +749,7 @@ impl Store for SledStore {
 struct Writer {
     db: sled::Db,
     tree: sled::Tree,
+    log: Arc<AuditLog>,
     feed: broadcast::Sender<Arc<AuditRecord>>,
     durable_seq: Arc<AtomicU64>,
     chain: Option<Arc<ChainKey>>,
@@ -548,6 +761,8 @@ struct Writer {
     /// The block `next_seq` falls in, and its entries so far by index prefix (offsets in the
     /// block): written as postings when the block's last entry is.
     open_block: OpenBlock,
+    /// The position a prune staged in the current group anchors the trail at.
+    pruned: Option<u64>,
 }
 
 /// The audit index postings of the block being filled.
@@ -590,11 +805,16 @@ impl OpenBlock {
 
 type Reply = oneshot::Sender<Result<Committed, StoreError>>;
 
+/// An audit entry and its stored bytes.
+type Logged = (AuditRecord, Vec<u8>);
+
 /// A transaction applied in this group, waiting for the group's flush.
 struct Applied {
     reply: Reply,
     result: Result<Committed, StoreError>,
-    audit: Option<AuditRecord>,
+    audit: Option<Logged>,
+    /// Whether it changed records (not only the audit trail).
+    changes_records: bool,
 }
 
 /// The group's changes not yet in the tree: key to new value (`None`: deleted). Later
@@ -614,6 +834,7 @@ impl Writer {
             while let Some(message) = next.take() {
                 match message {
                     Message::Commit(tx, reply) => {
+                        let changes_records = !tx.writes.is_empty();
                         let (result, audit) = match self.apply(*tx, &mut pending) {
                             Ok((committed, audit)) => (Ok(committed), audit),
                             Err(e) => (Err(e), None),
@@ -622,6 +843,7 @@ impl Writer {
                             reply,
                             result,
                             audit,
+                            changes_records,
                         });
                     }
                     Message::StartChain(key, reply) => {
@@ -642,19 +864,7 @@ impl Writer {
                     next = rx.try_recv().ok();
                 }
             }
-            let wrote = group.iter().any(|a| a.result.is_ok());
-            let durable = self.write_pending(&mut pending).and_then(|()| {
-                if wrote {
-                    let started = std::time::Instant::now();
-                    let flushed = self.db.flush().map(drop).map_err(engine);
-                    crate::metrics::global()
-                        .flush_duration
-                        .observe(started.elapsed().as_secs_f64());
-                    flushed
-                } else {
-                    Ok(())
-                }
-            });
+            let durable = self.commit_group(&group, &mut pending);
             if let Err(e) = durable {
                 tracing::error!(error = %e, "store write or flush failed; refusing further writes");
                 self.poisoned = true;
@@ -669,12 +879,13 @@ impl Writer {
             if let Some(seq) = group
                 .iter()
                 .rev()
-                .find_map(|a| a.audit.as_ref().map(|r| r.seq))
+                .find_map(|a| a.audit.as_ref().map(|(r, _)| r.seq))
             {
+                self.log.publish(seq);
                 self.durable_seq.store(seq, Ordering::Release);
             }
             for applied in group {
-                if let Some(record) = applied.audit {
+                if let Some((record, _)) = applied.audit {
                     // No subscriber is fine; a lagging one is told so by the channel.
                     let _ = self.feed.send(Arc::new(record));
                 }
@@ -694,15 +905,84 @@ impl Writer {
         }
     }
 
-    /// Runs an export between groups: nothing is written meanwhile.
+    /// Makes a group durable, in the order the module documentation gives: its audit entries,
+    /// then its records (with the audit position they reflect), then sled's flush if records
+    /// changed.
+    fn commit_group(&mut self, group: &[Applied], pending: &mut Pending) -> Result<(), StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        let frames: Vec<(u64, u8, &[u8])> = group
+            .iter()
+            .filter_map(|a| {
+                let (record, bytes) = a.audit.as_ref()?;
+                let flags = if a.changes_records {
+                    auditlog::STATE_BEARING
+                } else {
+                    0
+                };
+                Some((record.seq, flags, bytes.as_slice()))
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        if let Some(&(last, _, _)) = frames.last() {
+            let logged = self.log.append(&frames).and_then(|()| self.log.sync());
+            if logged.is_err() {
+                self.poisoned = true;
+                self.writable.store(false, Ordering::Release);
+            }
+            logged?;
+            pending.0.insert(
+                codec::AUDIT_APPLIED_META.to_vec(),
+                Some(last.to_be_bytes().to_vec()),
+            );
+        }
+        self.write_pending(pending)?;
+        if let Some(through) = self.pruned {
+            self.log.set_start(through.saturating_add(1));
+        }
+        if group.iter().any(|a| a.result.is_ok() && a.changes_records) {
+            let flushed = self.db.flush().map(drop).map_err(engine);
+            if flushed.is_err() {
+                self.poisoned = true;
+                self.writable.store(false, Ordering::Release);
+            }
+            flushed?;
+        }
+        crate::metrics::global()
+            .flush_duration
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(through) = self.pruned.take() {
+            // The anchor is durable: the segments it covers whole can go.
+            self.log.delete_through(through)?;
+        }
+        Ok(())
+    }
+
+    /// Runs an export between groups: nothing is written meanwhile. The audit entries come
+    /// first, under the keys they had in the tree before the trail had its own files.
     fn export(&self, mut sink: ExportSink) -> Result<u64, StoreError> {
         let mut count = 0;
+        let mut from = 0;
+        loop {
+            let frames = self.log.read(from, 4096, true)?;
+            let Some(last) = frames.last().map(|f| f.position) else {
+                break;
+            };
+            for frame in frames {
+                sink(&codec::audit_key(frame.position), &frame.payload)
+                    .map_err(StoreError::Export)?;
+                count += 1;
+            }
+            from = last + 1;
+        }
         for entry in self.tree.iter() {
             let (key, value) = entry.map_err(engine)?;
             if matches!(
                 key.first(),
                 Some(&codec::LEASE | &codec::LEASE_ID | &codec::LEASE_EXPIRY)
-            ) {
+            ) || key == codec::AUDIT_APPLIED_META
+            {
                 continue;
             }
             sink(&key, &value).map_err(StoreError::Export)?;
@@ -756,20 +1036,12 @@ impl Writer {
         &mut self,
         tx: Transaction,
         pending: &mut Pending,
-    ) -> Result<(Committed, Option<AuditRecord>), StoreError> {
+    ) -> Result<(Committed, Option<Logged>), StoreError> {
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
         for guard in &tx.guards {
             self.check(guard, pending)?;
-        }
-        if tx
-            .writes
-            .iter()
-            .any(|w| matches!(w, Write::PruneAudit { .. }))
-        {
-            // A prune reads the tree's range of entries: let it see everything before it.
-            self.write_pending(pending)?;
         }
         let mut staged = Vec::new();
         for write in &tx.writes {
@@ -788,18 +1060,23 @@ impl Writer {
                 prev_hash: self.prev_hash,
                 entry,
             };
-            staged.push((codec::audit_key(seq).to_vec(), Some(encode(&record)?)));
+            let bytes = encode(&record)?;
             staged.extend(self.open_block.add(&record));
-            audit = Some(record);
+            audit = Some((record, bytes));
         }
         pending.0.extend(staged);
-        if let Some(record) = &audit {
+        for write in &tx.writes {
+            if let Write::PruneAudit { through } = write {
+                self.pruned = Some(*through);
+            }
+        }
+        if let Some((record, _)) = &audit {
             self.next_seq = record.seq + 1;
             self.last_time = record.time;
             self.prev_hash = record.hash;
         }
         let committed = Committed {
-            audit_seq: audit.as_ref().map(|r| r.seq),
+            audit_seq: audit.as_ref().map(|(r, _)| r.seq),
         };
         Ok((committed, audit))
     }
@@ -904,29 +1181,41 @@ impl Writer {
         staged: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
     ) -> Result<(), StoreError> {
         let chain = self.chain.as_ref().ok_or(StoreError::ChainNotStarted)?;
-        let last_key = codec::audit_key(through);
-        let last: AuditRecord = match self.tree.get(last_key).map_err(engine)? {
-            Some(bytes) => codec::decode(&last_key, &bytes)?,
-            None => return Err(StoreError::PruneOutOfRange(through)),
+        // Entries of earlier groups only: `through` names an entry already in the trail.
+        let last = match self.log.read(through, 1, true)?.first() {
+            Some(frame) if frame.position == through => decode_frame(frame)?,
+            _ => return Err(StoreError::PruneOutOfRange(through)),
         };
-        for entry in self.tree.range(codec::audit_key(0)..=last_key) {
-            let (key, value) = entry.map_err(engine)?;
-            let record: AuditRecord = codec::decode(&key, &value)?;
-            for index_key in codec::legacy_audit_index_keys(&record) {
-                staged.push((index_key, None));
-            }
-            // A block's postings go with its last entry; a partly pruned block keeps them
-            // (readers skip entries at or before the anchor). When an earlier prune cut this
-            // block, postings of values only its already-pruned entries had stay behind:
-            // at most one block's worth per prune, never read.
-            let block = codec::block_of(record.seq);
-            if (block + 1) * codec::BLOCK_LEN - 1 <= through {
-                for prefix in codec::audit_index_prefixes(&record) {
-                    staged.push((codec::postings_key(&prefix, block), None));
+        let mut from = 0;
+        'entries: loop {
+            let frames = self.log.read(from, 4096, true)?;
+            let Some(end) = frames.last().map(|f| f.position) else {
+                break;
+            };
+            for frame in &frames {
+                if frame.position > through {
+                    break 'entries;
+                }
+                let record = decode_frame(frame)?;
+                for index_key in codec::legacy_audit_index_keys(&record) {
+                    staged.push((index_key, None));
+                }
+                // A block's postings go with its last entry; a partly pruned block keeps them
+                // (readers skip entries at or before the anchor). When an earlier prune cut
+                // this block, postings of values only its already-pruned entries had stay
+                // behind: at most one block's worth per prune, never read.
+                let block = codec::block_of(record.seq);
+                if (block + 1) * codec::BLOCK_LEN - 1 <= through {
+                    for prefix in codec::audit_index_prefixes(&record) {
+                        staged.push((codec::postings_key(&prefix, block), None));
+                    }
                 }
             }
-            staged.push((key.to_vec(), None));
+            from = end + 1;
         }
+        // The entries themselves are hidden once the anchor is written and their segments
+        // deleted once it is durable (see `commit_group`); a segment the anchor covers in part
+        // keeps its older entries on disk until the next prune covers it whole.
         staged.push((
             codec::AUDIT_ANCHOR_META.to_vec(),
             Some(encode(&chain.anchor(last.seq, last.hash))?),
@@ -964,6 +1253,177 @@ mod tests {
                 store.tree.insert(key, Vec::new()).unwrap();
             }
         }
+        check_indexes_against_entries(&store);
+        store.close().await.unwrap();
+    }
+
+    fn get_draft(n: u64) -> crate::model::AuditDraft {
+        let mut d = varied_draft(n);
+        d.reason = format!("entry {n}");
+        d
+    }
+
+    /// A frame as the writer stores it, for `seq`, chained after `prev`.
+    fn frame_bytes(prev: &AuditRecord, n: u64) -> (AuditRecord, Vec<u8>) {
+        let entry = get_draft(n);
+        let seq = prev.seq + 1;
+        let time = prev.time;
+        let record = AuditRecord {
+            seq,
+            time,
+            hash: chain_key().link(&prev.hash, seq, time, &entry),
+            prev_hash: prev.hash,
+            entry,
+        };
+        let bytes = encode(&record).unwrap();
+        (record, bytes)
+    }
+
+    /// After a crash between a group's append to the trail and its records reaching sled,
+    /// reopening keeps the audit-only entries after what sled reflects and cuts the trail
+    /// at the first entry whose records sled does not hold: nothing from there on was answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn entries_whose_records_were_lost_are_cut_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.start_audit_chain(chain_key()).await.unwrap();
+        for i in 0..5 {
+            store
+                .commit(Transaction::audit_only(get_draft(i)))
+                .await
+                .unwrap();
+        }
+        let head = store.audit_head().unwrap().unwrap();
+        assert_eq!(applied_position(&store.tree).unwrap(), head.seq);
+        // What a crash can leave: an answered audit-only entry, then a group whose records
+        // sled lost (a state-bearing entry and an audit-only one after it).
+        let (a, a_bytes) = frame_bytes(&head, 100);
+        let (b, b_bytes) = frame_bytes(&a, 101);
+        let (c, c_bytes) = frame_bytes(&b, 102);
+        store
+            .log
+            .append(&[
+                (a.seq, 0, &a_bytes),
+                (b.seq, auditlog::STATE_BEARING, &b_bytes),
+                (c.seq, 0, &c_bytes),
+            ])
+            .unwrap();
+        store.log.sync().unwrap();
+        store.close().await.unwrap();
+        drop(store);
+
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.audit_head().unwrap(), Some(a.clone()));
+        assert_eq!(store.durable_audit_seq(), a.seq);
+        store.start_audit_chain(chain_key()).await.unwrap();
+        let next = store
+            .commit(Transaction::audit_only(get_draft(7)))
+            .await
+            .unwrap();
+        assert_eq!(next.audit_seq, Some(b.seq));
+        let all = store.audit_entries(0, usize::MAX).unwrap();
+        assert!(all.windows(2).all(|w| w[1].prev_hash == w[0].hash));
+        assert_eq!(all.len(), 7);
+        store.close().await.unwrap();
+    }
+
+    /// Postings of blocks completed by entries whose batch sled lost are rebuilt at open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postings_lost_with_a_batch_are_rebuilt_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.start_audit_chain(chain_key()).await.unwrap();
+        for i in 0..600 {
+            store
+                .commit(Transaction::audit_only(varied_draft(i)))
+                .await
+                .unwrap();
+        }
+        // As if sled had kept nothing after the first block's postings.
+        let mut removed = 0;
+        for entry in store.tree.scan_prefix([codec::AUDIT_POSTINGS]) {
+            let key = entry.unwrap().0;
+            if codec::audit_index_seq(&key) == Some(1) {
+                store.tree.remove(key).unwrap();
+                removed += 1;
+            }
+        }
+        assert!(removed > 0);
+        store
+            .tree
+            .insert(codec::AUDIT_APPLIED_META, &255u64.to_be_bytes())
+            .unwrap();
+        store.close().await.unwrap();
+        drop(store);
+        let store = SledStore::open(dir.path()).unwrap();
+        check_indexes_against_entries(&store);
+        assert_eq!(applied_position(&store.tree).unwrap(), 600);
+        store.close().await.unwrap();
+    }
+
+    /// A store that kept its audit entries in the tree (before the trail had its own files)
+    /// has them moved into the trail at open, chain intact, and keeps going after them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn entries_kept_in_the_tree_move_into_the_trail() {
+        let source = tempfile::tempdir().unwrap();
+        let store = SledStore::open(source.path()).unwrap();
+        store.start_audit_chain(chain_key()).await.unwrap();
+        for i in 0..300 {
+            store
+                .commit(Transaction::audit_only(varied_draft(i)))
+                .await
+                .unwrap();
+        }
+        let entries = store.audit_entries(0, usize::MAX).unwrap();
+        store.close().await.unwrap();
+        drop(store);
+
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = open_db(dir.path(), DEFAULT_CACHE_BYTES).unwrap();
+            let tree = db.open_tree("byokd").unwrap();
+            for record in &entries {
+                tree.insert(codec::audit_key(record.seq), encode(record).unwrap())
+                    .unwrap();
+                for key in codec::legacy_audit_index_keys(record) {
+                    tree.insert(key, Vec::new()).unwrap();
+                }
+            }
+            db.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.audit_entries(0, usize::MAX).unwrap(), entries);
+        assert!(store.tree.scan_prefix([codec::AUDIT]).next().is_none());
+        check_indexes_against_entries(&store);
+        store.start_audit_chain(chain_key()).await.unwrap();
+        let next = store
+            .commit(Transaction::audit_only(varied_draft(300)))
+            .await
+            .unwrap();
+        assert_eq!(next.audit_seq, Some(301));
+        assert_eq!(
+            store.audit_entry(301).unwrap().unwrap().prev_hash,
+            entries.last().unwrap().hash
+        );
+        store.close().await.unwrap();
+    }
+
+    /// The whole suite with segments of a few entries each: reads, prunes and reopens cross
+    /// and delete segment files.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_segments_pass_the_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open_with(dir.path(), DEFAULT_CACHE_BYTES, 2048).unwrap());
+        crate::store::tests::check_adapter(store.clone()).await;
+        let segments = std::fs::read_dir(dir.path().join(AUDIT_DIR))
+            .unwrap()
+            .count();
+        assert!(segments > 4, "{segments} files");
+        let entries = store.audit_entries(0, usize::MAX).unwrap();
+        store.close().await.unwrap();
+        drop(store);
+        let store = SledStore::open_with(dir.path(), DEFAULT_CACHE_BYTES, 2048).unwrap();
+        assert_eq!(store.audit_entries(0, usize::MAX).unwrap(), entries);
         check_indexes_against_entries(&store);
         store.close().await.unwrap();
     }
