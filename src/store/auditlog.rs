@@ -9,11 +9,13 @@
 //! its first entry: `00000000000000000001.log`. A segment is a run of frames:
 //!
 //! ```text
-//! len: u32 LE | crc32: u32 LE | position: u64 LE | flags: u8 | payload: len bytes
+//! len: u32 LE | crc32: u32 LE | position: u64 LE | flags: u8 | payload_len: u32 LE
+//!     | payload: payload_len bytes | redo: the rest of len
 //! ```
 //!
-//! where the CRC covers position, flags and payload, and the payload is the stored record
-//! (see `codec::encode`). Positions increase along the trail; a gap is an entry that is
+//! where `len` counts the bytes after the CRC and the CRC covers them, the payload is the
+//! stored audit record (see `codec::encode`) and `redo`, where the flags say so, the record
+//! changes of the entry's transaction (see `SledStore`'s recovery). Positions increase along the trail; a gap is an entry that is
 //! missing (only ever made by the tamper tests). The writer appends to the last segment (the
 //! active one) and starts a new one once it holds [`DEFAULT_SEGMENT_BYTES`]; the segment it
 //! leaves is sealed: fsynced, with an index file (`.idx`: one u64 LE offset per position,
@@ -37,8 +39,11 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Flag of an entry whose transaction also changed records in sled: recovery keeps such an
 /// entry only if sled holds its changes (see `SledStore::open`).
 pub const STATE_BEARING: u8 = 1;
-/// Frame header: length, CRC, position, flags.
-const HEADER: usize = 4 + 4 + 8 + 1;
+/// Flag of an entry whose frame carries its transaction's record changes (`redo`), so that
+/// recovery can apply them again if sled lost them.
+pub const REPLAYABLE: u8 = 2;
+/// Frame header: length, CRC, then position, flags and payload length (covered by the CRC).
+const HEADER: usize = 4 + 4 + 8 + 1 + 4;
 /// No entry at this position.
 const NONE: u64 = u64::MAX;
 /// A frame claiming a longer payload is torn or corrupt (audit records are a few hundred bytes).
@@ -46,12 +51,22 @@ const MAX_PAYLOAD: usize = 1 << 20;
 /// Bytes read at a time when reading frames.
 const READ_CHUNK: usize = 256 * 1024;
 
-/// One stored entry: its position in the trail, flags, and the record's bytes.
+/// One stored entry: its position in the trail, flags, the record's bytes and its redo part.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     pub position: u64,
     pub flags: u8,
     pub payload: Vec<u8>,
+    pub redo: Vec<u8>,
+}
+
+/// An entry to append.
+#[derive(Debug, Clone, Copy)]
+pub struct NewFrame<'a> {
+    pub position: u64,
+    pub flags: u8,
+    pub payload: &'a [u8],
+    pub redo: &'a [u8],
 }
 
 /// Where a segment's offsets are: on disk once sealed, in memory while active.
@@ -154,16 +169,19 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 /// Appends one frame to `out`.
-pub fn encode_frame(out: &mut Vec<u8>, position: u64, flags: u8, payload: &[u8]) {
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&position.to_le_bytes());
-    crc.update(&[flags]);
-    crc.update(payload);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc.finalize().to_le_bytes());
-    out.extend_from_slice(&position.to_le_bytes());
-    out.push(flags);
-    out.extend_from_slice(payload);
+fn encode_frame(out: &mut Vec<u8>, frame: NewFrame<'_>) {
+    let len = HEADER - 8 + frame.payload.len() + frame.redo.len();
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    let crc_at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let body = out.len();
+    out.extend_from_slice(&frame.position.to_le_bytes());
+    out.push(frame.flags);
+    out.extend_from_slice(&(frame.payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(frame.payload);
+    out.extend_from_slice(frame.redo);
+    let crc = crc32fast::hash(&out[body..]);
+    out[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// The frame at the start of `buf`: `Ok(None)` if `buf` is too short to hold it, `Err` if
@@ -172,28 +190,31 @@ fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, String> {
     let Some(header) = buf.get(..HEADER) else {
         return Ok(None);
     };
-    let word = |at: usize| {
-        u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
-    };
-    let len = word(0) as usize;
-    if len > MAX_PAYLOAD {
+    let word = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let len = word(header, 0) as usize;
+    if !(HEADER - 8..=MAX_PAYLOAD).contains(&len) {
         return Err(format!("frame length {len} out of range"));
     }
-    let Some(body) = buf.get(8..HEADER + len) else {
+    let Some(body) = buf.get(8..8 + len) else {
         return Ok(None);
     };
-    if crc32fast::hash(body) != word(4) {
+    if crc32fast::hash(body) != word(header, 4) {
         return Err("checksum mismatch".into());
     }
     let mut position = [0u8; 8];
     position.copy_from_slice(&body[..8]);
+    let payload_len = word(body, 9) as usize;
+    let Some((payload, redo)) = body[13..].split_at_checked(payload_len) else {
+        return Err(format!("payload length {payload_len} out of range"));
+    };
     Ok(Some((
         Frame {
             position: u64::from_le_bytes(position),
             flags: body[8],
-            payload: body[9..].to_vec(),
+            payload: payload.to_vec(),
+            redo: redo.to_vec(),
         },
-        HEADER + len,
+        8 + len,
     )))
 }
 
@@ -228,7 +249,7 @@ impl<'a> FrameReader<'a> {
                 }
                 if held.len() >= HEADER {
                     let len = u32::from_le_bytes([held[0], held[1], held[2], held[3]]) as usize;
-                    need = HEADER + len;
+                    need = 8 + len;
                 }
             }
             let want = need.max(self.chunk);
@@ -410,8 +431,8 @@ impl AuditLog {
 
     /// Appends frames (positions increasing, after every position written) without syncing;
     /// readers see them only once published.
-    pub fn append(&self, frames: &[(u64, u8, &[u8])]) -> Result<(), StoreError> {
-        let Some(&(first_position, _, _)) = frames.first() else {
+    pub fn append(&self, frames: &[NewFrame<'_>]) -> Result<(), StoreError> {
+        let Some(first_position) = frames.first().map(|f| f.position) else {
             return Ok(());
         };
         let mut tail = self.tail.lock().map_err(poisoned)?;
@@ -441,11 +462,18 @@ impl AuditLog {
                 segment
             }
         };
-        let mut buf = Vec::with_capacity(frames.iter().map(|f| HEADER + f.2.len()).sum());
+        let mut buf = Vec::with_capacity(
+            frames
+                .iter()
+                .map(|f| HEADER + f.payload.len() + f.redo.len())
+                .sum(),
+        );
         let mut offsets = Vec::with_capacity(frames.len());
         let mut expected = active.first + active.count();
-        for &(position, flags, payload) in frames {
-            if position < expected || payload.len() > MAX_PAYLOAD {
+        for &frame in frames {
+            let position = frame.position;
+            if position < expected || HEADER + frame.payload.len() + frame.redo.len() > MAX_PAYLOAD
+            {
                 return Err(StoreError::Engine(format!(
                     "audit log: cannot append position {position}"
                 )));
@@ -456,7 +484,7 @@ impl AuditLog {
             }
             offsets.push(tail.len + buf.len() as u64);
             expected += 1;
-            encode_frame(&mut buf, position, flags, payload);
+            encode_frame(&mut buf, frame);
         }
         active.file.write_all_at(&buf, tail.len).map_err(io)?;
         tail.len += buf.len() as u64;
@@ -731,6 +759,7 @@ impl AuditLog {
                 position,
                 flags: 0,
                 payload: payload.to_vec(),
+                redo: Vec::new(),
             });
             frames.sort_by_key(|f| f.position);
         }
@@ -741,7 +770,15 @@ impl AuditLog {
                 offsets.push(NONE);
             }
             offsets.push(buf.len() as u64);
-            encode_frame(&mut buf, frame.position, frame.flags, &frame.payload);
+            encode_frame(
+                &mut buf,
+                NewFrame {
+                    position: frame.position,
+                    flags: frame.flags,
+                    payload: &frame.payload,
+                    redo: &frame.redo,
+                },
+            );
         }
         if !active {
             // A sealed segment keeps its positions.
@@ -775,12 +812,28 @@ mod tests {
         format!("entry {position} {}", "x".repeat((position % 50) as usize)).into_bytes()
     }
 
+    /// Even positions carry a redo part.
+    fn redo(position: u64) -> Vec<u8> {
+        if position % 2 == 0 {
+            position.to_be_bytes().to_vec()
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn frame<'a>(position: u64, payload: &'a [u8], redo: &'a [u8]) -> NewFrame<'a> {
+        NewFrame {
+            position,
+            flags: (position % 2) as u8,
+            payload,
+            redo,
+        }
+    }
+
     fn append(log: &AuditLog, positions: std::ops::Range<u64>) {
-        let payloads: Vec<(u64, Vec<u8>)> = positions.map(|p| (p, payload(p))).collect();
-        let frames: Vec<(u64, u8, &[u8])> = payloads
-            .iter()
-            .map(|(p, b)| (*p, (*p % 2) as u8, b.as_slice()))
-            .collect();
+        let payloads: Vec<(u64, Vec<u8>, Vec<u8>)> =
+            positions.map(|p| (p, payload(p), redo(p))).collect();
+        let frames: Vec<NewFrame<'_>> = payloads.iter().map(|(p, b, r)| frame(*p, b, r)).collect();
         log.append(&frames).unwrap();
         log.sync().unwrap();
         log.publish(payloads.last().unwrap().0);
@@ -792,6 +845,7 @@ mod tests {
             .into_iter()
             .map(|f| {
                 assert_eq!(f.payload, payload(f.position));
+                assert_eq!(f.redo, redo(f.position));
                 assert_eq!(f.flags, (f.position % 2) as u8);
                 f.position
             })
@@ -816,7 +870,7 @@ mod tests {
         assert_eq!(positions(&log, 137), (137..=200).collect::<Vec<_>>());
         assert_eq!(log.read(50, 3, false).unwrap().len(), 3);
         // Unpublished entries are the writer's only.
-        log.append(&[(201, 1, &payload(201))]).unwrap();
+        log.append(&[frame(201, &payload(201), &[])]).unwrap();
         assert_eq!(log.head().unwrap().unwrap().position, 200);
         assert_eq!(log.read(201, 1, true).unwrap()[0].position, 201);
         drop(log);
@@ -836,10 +890,11 @@ mod tests {
         let path = segment_path(dir.path(), 1, "log");
         let full = std::fs::metadata(&path).unwrap().len();
         // Half a frame, as a kill in the middle of a write leaves it.
-        let mut frame = Vec::new();
-        encode_frame(&mut frame, 6, 0, &payload(6));
+        let mut torn = Vec::new();
+        let (body, extra) = (payload(6), redo(6));
+        encode_frame(&mut torn, frame(6, &body, &extra));
         let file = open_file(&path, false).unwrap();
-        file.write_all_at(&frame[..frame.len() / 2], full).unwrap();
+        file.write_all_at(&torn[..torn.len() / 2], full).unwrap();
         let log = AuditLog::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(positions(&log, 0), (1..6).collect::<Vec<_>>());
         assert_eq!(std::fs::metadata(&path).unwrap().len(), full);

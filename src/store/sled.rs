@@ -42,7 +42,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::auditlog::{self, AuditLog, Frame};
+use super::auditlog::{self, AuditLog, Frame, NewFrame};
 use super::codec::{self, encode};
 use super::{
     AuditIndex, Committed, ExportSink, Guard, MetaKey, Store, StoreError, Transaction, Write,
@@ -125,6 +125,91 @@ fn audit_key_seq(key: &[u8]) -> Option<u64> {
     }
 }
 
+/// A frame for an entry whose transaction changed no records.
+fn plain_frame(position: u64, payload: &[u8]) -> NewFrame<'_> {
+    NewFrame {
+        position,
+        flags: 0,
+        payload,
+        redo: &[],
+    }
+}
+
+/// A lease change as the redo part of an entry's frame carries it (see `lease_redo`).
+#[derive(serde::Serialize)]
+enum LeaseRedoRef<'a> {
+    Put(&'a LeaseRecord),
+    Update(&'a LeaseRecord),
+    Delete(&'a LeaseRecord),
+}
+
+/// [`LeaseRedoRef`] read back (the same encoding).
+#[derive(serde::Deserialize)]
+enum LeaseRedo {
+    Put(LeaseRecord),
+    Update(LeaseRecord),
+    Delete(LeaseRecord),
+}
+
+impl LeaseRedo {
+    fn into_write(self) -> Write {
+        match self {
+            LeaseRedo::Put(l) => Write::PutLease(l),
+            LeaseRedo::Update(l) => Write::UpdateLease(l),
+            LeaseRedo::Delete(l) => Write::DeleteLease(l),
+        }
+    }
+}
+
+/// The redo part for a transaction that changes leases only (issuing a lease, a `Get`'s use,
+/// revoking a lease): its entry's frame then holds everything recovery needs to apply the
+/// change again, so the group needs no sled flush. Leases are short-lived and never secret
+/// material (a lease holds its token's SHA-256 digest, not the token); other records are not
+/// copied into the trail, which is kept for years.
+fn lease_redo(writes: &[Write]) -> Option<Vec<u8>> {
+    let mut redo = Vec::with_capacity(writes.len());
+    for write in writes {
+        redo.push(match write {
+            Write::PutLease(l) => LeaseRedoRef::Put(l),
+            Write::UpdateLease(l) => LeaseRedoRef::Update(l),
+            Write::DeleteLease(l) => LeaseRedoRef::Delete(l),
+            _ => return None,
+        });
+    }
+    if redo.is_empty() {
+        return None;
+    }
+    encode(&redo).ok()
+}
+
+/// Stages a lease write (see `Writer::stage`).
+fn stage_lease(
+    write: &Write,
+    staged: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
+) -> Result<(), StoreError> {
+    match write {
+        Write::PutLease(l) => {
+            // A lease's expiry never changes, so its expiry index key is stable.
+            staged.push((codec::lease_key(&l.token_hash), Some(encode(l)?)));
+            staged.push((codec::lease_id_key(l.id), Some(l.token_hash.0.to_vec())));
+            staged.push((
+                codec::lease_expiry_key(l.expires_at, &l.token_hash),
+                Some(Vec::new()),
+            ));
+        }
+        Write::UpdateLease(l) => {
+            staged.push((codec::lease_key(&l.token_hash), Some(encode(l)?)));
+        }
+        Write::DeleteLease(l) => {
+            staged.push((codec::lease_key(&l.token_hash), None));
+            staged.push((codec::lease_id_key(l.id), None));
+            staged.push((codec::lease_expiry_key(l.expires_at, &l.token_hash), None));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// The last audit position whose transaction's records the tree holds (0: none recorded).
 fn applied_position(tree: &sled::Tree) -> Result<u64, StoreError> {
     match tree.get(codec::AUDIT_APPLIED_META).map_err(engine)? {
@@ -139,10 +224,16 @@ fn applied_position(tree: &sled::Tree) -> Result<u64, StoreError> {
     }
 }
 
-/// Cuts the trail after a crash: entries after `applied` whose transactions changed records
-/// sled does not hold were never answered, nor was anything after them (see the module
-/// documentation). Audit-only entries before the first of them stay.
-fn recover_trail(log: &AuditLog, applied: u64) -> Result<(), StoreError> {
+/// Recovers after a crash: entries after `applied` are from groups whose batch sled lost.
+/// Lease changes carried in their frames are applied again; at the first entry whose
+/// transaction changed other records, the trail is cut: that group was never answered, nor
+/// was anything after it (see the module documentation). Audit-only entries before it stay.
+fn recover_trail(
+    db: &sled::Db,
+    tree: &sled::Tree,
+    log: &AuditLog,
+    applied: u64,
+) -> Result<(), StoreError> {
     let Some(last) = log.last_position()? else {
         return Ok(());
     };
@@ -156,24 +247,56 @@ fn recover_trail(log: &AuditLog, applied: u64) -> Result<(), StoreError> {
         return Ok(());
     }
     let mut from = applied + 1;
-    loop {
+    let mut staged = Vec::new();
+    let mut replayed = 0u64;
+    let mut kept = applied;
+    'frames: loop {
         let frames = log.read(from, 4096, true)?;
         let Some(end) = frames.last().map(|f| f.position) else {
-            return Ok(());
+            break;
         };
-        if let Some(lost) = frames
-            .iter()
-            .find(|f| f.flags & auditlog::STATE_BEARING != 0)
-        {
-            tracing::warn!(
-                from = lost.position,
-                through = last,
-                "dropping audit entries of transactions that were not committed before a crash"
-            );
-            return log.truncate_after(lost.position - 1);
+        for frame in &frames {
+            if frame.flags & auditlog::STATE_BEARING != 0 {
+                if frame.flags & auditlog::REPLAYABLE == 0 {
+                    tracing::warn!(
+                        from = frame.position,
+                        through = last,
+                        "dropping audit entries of transactions that were not committed \
+                         before a crash"
+                    );
+                    log.truncate_after(frame.position - 1)?;
+                    break 'frames;
+                }
+                let key = codec::audit_key(frame.position);
+                let redo: Vec<LeaseRedo> = codec::decode(&key, &frame.redo)?;
+                for write in redo {
+                    stage_lease(&write.into_write(), &mut staged)?;
+                }
+                replayed += 1;
+            }
+            kept = frame.position;
         }
         from = end + 1;
     }
+    if kept > applied {
+        let mut batch = sled::Batch::default();
+        for (key, value) in staged {
+            match value {
+                Some(v) => batch.insert(key, v),
+                None => batch.remove(key),
+            }
+        }
+        batch.insert(codec::AUDIT_APPLIED_META, &kept.to_be_bytes());
+        tree.apply_batch(batch).map_err(engine)?;
+        db.flush().map_err(engine)?;
+        if replayed > 0 {
+            tracing::info!(
+                entries = replayed,
+                "applied lease changes again from the audit trail"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Writes the postings of blocks completed by entries after `applied` (their batch may have
@@ -226,10 +349,10 @@ fn migrate_legacy_entries(
     let mut chunk: Vec<(u64, sled::IVec)> = Vec::new();
     let flush_chunk = |chunk: &mut Vec<(u64, sled::IVec)>| -> Result<(), StoreError> {
         let next = log.next_position()?;
-        let frames: Vec<(u64, u8, &[u8])> = chunk
+        let frames: Vec<NewFrame<'_>> = chunk
             .iter()
             .filter(|(seq, _)| *seq >= next)
-            .map(|(seq, value)| (*seq, 0, value.as_ref()))
+            .map(|(seq, value)| plain_frame(*seq, value))
             .collect();
         log.append(&frames)?;
         chunk.clear();
@@ -284,7 +407,7 @@ impl SledStore {
         let log = Arc::new(AuditLog::open(&dir.join(AUDIT_DIR), segment_bytes)?);
         migrate_legacy_entries(&db, &tree, &log)?;
         let applied = applied_position(&tree)?;
-        recover_trail(&log, applied)?;
+        recover_trail(&db, &tree, &log, applied)?;
         // What the trail holds after recovery is on disk: readers may see all of it.
         if let Some(last) = log.last_position()? {
             log.publish(last);
@@ -380,8 +503,8 @@ impl SledStore {
         let mut batch = sled::Batch::default();
         let mut entries: Vec<(u64, Vec<u8>)> = Vec::new();
         let append = |entries: &mut Vec<(u64, Vec<u8>)>| {
-            let frames: Vec<(u64, u8, &[u8])> =
-                entries.iter().map(|(p, v)| (*p, 0, v.as_slice())).collect();
+            let frames: Vec<NewFrame<'_>> =
+                entries.iter().map(|(p, v)| plain_frame(*p, v)).collect();
             let result = log.append(&frames);
             entries.clear();
             result
@@ -815,6 +938,8 @@ struct Applied {
     audit: Option<Logged>,
     /// Whether it changed records (not only the audit trail).
     changes_records: bool,
+    /// Its record changes as its entry's frame carries them (lease changes only).
+    redo: Option<Vec<u8>>,
 }
 
 /// The group's changes not yet in the tree: key to new value (`None`: deleted). Later
@@ -835,6 +960,7 @@ impl Writer {
                 match message {
                     Message::Commit(tx, reply) => {
                         let changes_records = !tx.writes.is_empty();
+                        let redo = tx.audit.as_ref().and_then(|_| lease_redo(&tx.writes));
                         let (result, audit) = match self.apply(*tx, &mut pending) {
                             Ok((committed, audit)) => (Ok(committed), audit),
                             Err(e) => (Err(e), None),
@@ -844,6 +970,7 @@ impl Writer {
                             result,
                             audit,
                             changes_records,
+                            redo,
                         });
                     }
                     Message::StartChain(key, reply) => {
@@ -912,36 +1039,54 @@ impl Writer {
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
-        let frames: Vec<(u64, u8, &[u8])> = group
+        let frames: Vec<NewFrame<'_>> = group
             .iter()
             .filter_map(|a| {
                 let (record, bytes) = a.audit.as_ref()?;
-                let flags = if a.changes_records {
-                    auditlog::STATE_BEARING
-                } else {
-                    0
-                };
-                Some((record.seq, flags, bytes.as_slice()))
+                let mut flags = 0;
+                if a.changes_records {
+                    flags |= auditlog::STATE_BEARING;
+                }
+                if a.redo.is_some() {
+                    flags |= auditlog::REPLAYABLE;
+                }
+                Some(NewFrame {
+                    position: record.seq,
+                    flags,
+                    payload: bytes,
+                    redo: a.redo.as_deref().unwrap_or_default(),
+                })
             })
             .collect();
+        // Changes the trail cannot replay must reach sled atomically and be in sled's log
+        // before they are answered.
+        let needs_flush = group
+            .iter()
+            .any(|a| a.result.is_ok() && a.changes_records && a.redo.is_none());
         let started = std::time::Instant::now();
-        if let Some(&(last, _, _)) = frames.last() {
+        let mut applied = None;
+        if let Some(last) = frames.last().map(|f| f.position) {
             let logged = self.log.append(&frames).and_then(|()| self.log.sync());
             if logged.is_err() {
                 self.poisoned = true;
                 self.writable.store(false, Ordering::Release);
             }
             logged?;
-            pending.0.insert(
+            applied = Some((
                 codec::AUDIT_APPLIED_META.to_vec(),
                 Some(last.to_be_bytes().to_vec()),
-            );
+            ));
         }
-        self.write_pending(pending)?;
+        if needs_flush {
+            pending.0.extend(applied);
+            self.write_pending(pending)?;
+        } else {
+            self.write_pending_in_order(pending, applied)?;
+        }
         if let Some(through) = self.pruned {
             self.log.set_start(through.saturating_add(1));
         }
-        if group.iter().any(|a| a.result.is_ok() && a.changes_records) {
+        if needs_flush {
             let flushed = self.db.flush().map(drop).map_err(engine);
             if flushed.is_err() {
                 self.poisoned = true;
@@ -1009,6 +1154,37 @@ impl Writer {
             }
         }
         let result = self.tree.apply_batch(batch).map_err(engine);
+        self.poisoned = result.is_err();
+        if self.poisoned {
+            self.writable.store(false, Ordering::Release);
+        }
+        result
+    }
+
+    /// Applies the group's pending changes one key at a time, then `last` (the position the
+    /// tree reflects), for a group whose record changes the trail can replay: a sled batch
+    /// costs two writes of sled's log buffer, which such a group does not need. sled recovers a
+    /// prefix of its writes, so if `last` survives a crash every change before it does; if not,
+    /// recovery applies the group again from the trail.
+    fn write_pending_in_order(
+        &mut self,
+        pending: &mut Pending,
+        last: Option<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<(), StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        let mut result = Ok(());
+        for (key, value) in std::mem::take(&mut pending.0).into_iter().chain(last) {
+            result = match value {
+                Some(v) => self.tree.insert(key, v).map(drop),
+                None => self.tree.remove(key).map(drop),
+            }
+            .map_err(engine);
+            if result.is_err() {
+                break;
+            }
+        }
         self.poisoned = result.is_err();
         if self.poisoned {
             self.writable.store(false, Ordering::Release);
@@ -1149,22 +1325,8 @@ impl Writer {
                     }
                 }
             }
-            Write::PutLease(l) => {
-                // A lease's expiry never changes, so its expiry index key is stable.
-                staged.push((codec::lease_key(&l.token_hash), Some(encode(l)?)));
-                staged.push((codec::lease_id_key(l.id), Some(l.token_hash.0.to_vec())));
-                staged.push((
-                    codec::lease_expiry_key(l.expires_at, &l.token_hash),
-                    Some(Vec::new()),
-                ));
-            }
-            Write::UpdateLease(l) => {
-                staged.push((codec::lease_key(&l.token_hash), Some(encode(l)?)));
-            }
-            Write::DeleteLease(l) => {
-                staged.push((codec::lease_key(&l.token_hash), None));
-                staged.push((codec::lease_id_key(l.id), None));
-                staged.push((codec::lease_expiry_key(l.expires_at, &l.token_hash), None));
+            Write::PutLease(_) | Write::UpdateLease(_) | Write::DeleteLease(_) => {
+                stage_lease(write, staged)?
             }
             Write::PutMeta(key, value) => staged.push((codec::meta_key(*key), Some(value.clone()))),
             Write::PruneAudit { through } => self.stage_prune(*through, staged)?,
@@ -1303,9 +1465,12 @@ mod tests {
         store
             .log
             .append(&[
-                (a.seq, 0, &a_bytes),
-                (b.seq, auditlog::STATE_BEARING, &b_bytes),
-                (c.seq, 0, &c_bytes),
+                plain_frame(a.seq, &a_bytes),
+                NewFrame {
+                    flags: auditlog::STATE_BEARING,
+                    ..plain_frame(b.seq, &b_bytes)
+                },
+                plain_frame(c.seq, &c_bytes),
             ])
             .unwrap();
         store.log.sync().unwrap();
@@ -1324,6 +1489,87 @@ mod tests {
         let all = store.audit_entries(0, usize::MAX).unwrap();
         assert!(all.windows(2).all(|w| w[1].prev_hash == w[0].hash));
         assert_eq!(all.len(), 7);
+        store.close().await.unwrap();
+    }
+
+    fn lease_record(hash: u8, uses: u32) -> LeaseRecord {
+        LeaseRecord {
+            id: crate::model::LeaseId::generate(),
+            token_hash: TokenHash([hash; 32]),
+            secret_id: crate::model::SecretId::generate(),
+            tenant: TenantId::parse("t").unwrap(),
+            name: SecretName::parse("n").unwrap(),
+            version: 1,
+            issued_to: crate::model::PrincipalId::parse("p").unwrap(),
+            audience: None,
+            created_at: Time::from_micros(0),
+            expires_at: Time::from_micros(i64::MAX),
+            max_uses: 3,
+            uses,
+            revoked: false,
+        }
+    }
+
+    /// Lease changes travel in their entries' frames: when sled lost their batch (no flush is
+    /// waited for them), open applies them again from the trail, up to the first entry whose
+    /// other record changes sled lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lease_changes_lost_with_a_batch_are_applied_again_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.start_audit_chain(chain_key()).await.unwrap();
+        let issued = lease_record(7, 0);
+        store
+            .commit(Transaction {
+                writes: vec![Write::PutLease(issued.clone())],
+                audit: Some(get_draft(0)),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let head = store.audit_head().unwrap().unwrap();
+        // What sled may lose: a use of that lease, a new lease, then a group with a change
+        // the trail cannot replay.
+        let mut used = issued.clone();
+        used.uses = 1;
+        let new = lease_record(8, 0);
+        let (a, a_bytes) = frame_bytes(&head, 1);
+        let (b, b_bytes) = frame_bytes(&a, 2);
+        let (c, c_bytes) = frame_bytes(&b, 3);
+        let use_redo = lease_redo(&[Write::UpdateLease(used.clone())]).unwrap();
+        let new_redo = lease_redo(&[Write::PutLease(new.clone())]).unwrap();
+        let replayable = auditlog::STATE_BEARING | auditlog::REPLAYABLE;
+        store
+            .log
+            .append(&[
+                NewFrame {
+                    flags: replayable,
+                    redo: &use_redo,
+                    ..plain_frame(a.seq, &a_bytes)
+                },
+                NewFrame {
+                    flags: replayable,
+                    redo: &new_redo,
+                    ..plain_frame(b.seq, &b_bytes)
+                },
+                NewFrame {
+                    flags: auditlog::STATE_BEARING,
+                    ..plain_frame(c.seq, &c_bytes)
+                },
+            ])
+            .unwrap();
+        store.log.sync().unwrap();
+        store.close().await.unwrap();
+        drop(store);
+
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.lease_by_token(&issued.token_hash).unwrap(),
+            Some(used)
+        );
+        assert_eq!(store.lease_by_id(new.id).unwrap(), Some(new.clone()));
+        assert_eq!(store.audit_head().unwrap(), Some(b));
+        assert_eq!(applied_position(&store.tree).unwrap(), a.seq + 1);
         store.close().await.unwrap();
     }
 
