@@ -195,7 +195,11 @@ async fn verify(server: &TestServer, state: &Arc<Mutex<State>>) {
 /// entries a scan of the whole trail finds: the index postings written before the kill and the
 /// open block rebuilt at restart agree with the entries that survived.
 async fn assert_indexes_match_trail(server: &TestServer, name: Option<&String>) {
-    let trail = audit_all(server, pb::AuditRequest::default()).await;
+    let page = |req: pb::AuditRequest| pb::AuditRequest {
+        page_size: 1000,
+        ..req
+    };
+    let trail = audit_all(server, page(pb::AuditRequest::default())).await;
     // Each page of a query is itself audited (an `Audit` entry naming the secret it asked
     // about): compare only the entries that existed when the trail was read.
     let head = trail.last().map_or(0, |e| e.seq);
@@ -209,11 +213,11 @@ async fn assert_indexes_match_trail(server: &TestServer, name: Option<&String>) 
     if let Some(name) = name {
         let by_secret = audit_all(
             server,
-            pb::AuditRequest {
+            page(pb::AuditRequest {
                 tenant: "acme".into(),
                 name: name.clone(),
                 ..Default::default()
-            },
+            }),
         )
         .await;
         let expected: Vec<u64> = trail
@@ -226,10 +230,10 @@ async fn assert_indexes_match_trail(server: &TestServer, name: Option<&String>) 
     }
     let by_agent = audit_all(
         server,
-        pb::AuditRequest {
+        page(pb::AuditRequest {
             principal: "agent".into(),
             ..Default::default()
-        },
+        }),
     )
     .await;
     let expected: Vec<u64> = trail

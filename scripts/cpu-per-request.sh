@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Server CPU time per request, per workload: a fresh release byokd on this machine, each
+# workload warmed up for 2 s and then run for the given duration at concurrency 64, with the
+# server's user+system CPU time (from /proc) divided by the requests served. Unlike requests/s,
+# this hardly depends on what else the machine is doing, so it compares builds across runs.
+# Usage: scripts/cpu-per-request.sh [duration, default 8s] [workloads, default "get lease+get store"]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+duration="${1:-8s}"
+workloads="${2:-get lease+get store}"
+cargo build --release --locked --bin byokd --bin byokd-bench
+work="$(mktemp -d)"
+trap 'kill "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
+token="bench-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+digest="$(printf %s "$token" | sha256sum | cut -d' ' -f1)"
+cat > "$work/byokd.toml" <<TOML
+data_dir = "data"
+[limits]
+principal_rate_limit = { per_second = 1000000, burst = 1000000 }
+failed_get_rate_limit = { per_second = 1000000, burst = 1000000 }
+[[principal]]
+id = "bench"
+token_sha256 = "$digest"
+roles = ["admin"]
+tenants = ["*"]
+TOML
+chmod 600 "$work/byokd.toml"
+BYOKD_LOG=warn target/release/byokd serve --config "$work/byokd.toml" --listen 127.0.0.1:0 > "$work/out" 2> "$work/log" &
+server=$!
+for _ in $(seq 100); do grep -q "listening on" "$work/out" 2>/dev/null && break; sleep 0.1; done
+target="http://$(sed -n 's/^byokd listening on //p' "$work/out")"
+ticks="$(getconf CLK_TCK)"
+cpu() { awk '{print $14 + $15}' "/proc/$server/stat"; }
+for w in $workloads; do
+  target/release/byokd-bench --target "$target" --token "$token" --workload "$w" \
+    --concurrency 64 --connections 4 --duration 2s > /dev/null 2>&1
+  before="$(cpu)"
+  target/release/byokd-bench --target "$target" --token "$token" --workload "$w" \
+    --concurrency 64 --connections 4 --duration "$duration" --json "$work/run.json" > /dev/null 2>&1
+  after="$(cpu)"
+  python3 - "$work/run.json" "$before" "$after" "$ticks" <<'PY'
+import json, sys
+run = json.load(open(sys.argv[1]))[0]
+cpu_s = (float(sys.argv[3]) - float(sys.argv[2])) / float(sys.argv[4])
+print(f"{run['workload']:10} {run['rps']:9.0f} req/s   server CPU {cpu_s * 1e6 / run['requests']:6.1f} us/request")
+PY
+done
