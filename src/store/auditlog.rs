@@ -33,9 +33,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::StoreError;
+use super::auditindex::{self, Indexer, SegmentIndex};
 
 /// A segment is sealed once it holds this many bytes.
-pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_SEGMENT_BYTES: u64 = 32 * 1024 * 1024;
 /// Flag of an entry whose transaction also changed records in sled: recovery keeps such an
 /// entry only if sled holds its changes (see `SledStore::open`).
 pub const STATE_BEARING: u8 = 1;
@@ -67,6 +68,8 @@ pub struct NewFrame<'a> {
     pub flags: u8,
     pub payload: &'a [u8],
     pub redo: &'a [u8],
+    /// Its index keys, if the caller has them (otherwise the log's indexer reads the payload).
+    pub keys: Option<&'a [Vec<u8>]>,
 }
 
 /// Where a segment's offsets are: on disk once sealed, in memory while active.
@@ -108,6 +111,7 @@ struct Segment {
     path: PathBuf,
     file: File,
     offsets: RwLock<Offsets>,
+    index: RwLock<SegmentIndex>,
 }
 
 impl Segment {
@@ -127,6 +131,7 @@ struct Tail {
 /// The audit trail's segment files (see the module documentation).
 pub struct AuditLog {
     dir: PathBuf,
+    indexer: Indexer,
     segment_bytes: u64,
     segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
     tail: Mutex<Tail>,
@@ -147,6 +152,10 @@ fn corrupt(segment: &Segment, reason: String) -> StoreError {
     }
 }
 
+fn index_error(why: String) -> StoreError {
+    StoreError::Engine(format!("audit index: {why}"))
+}
+
 fn poisoned<T>(_: T) -> StoreError {
     StoreError::Engine("audit log lock poisoned".into())
 }
@@ -155,7 +164,7 @@ fn segment_path(dir: &Path, first: u64, ext: &str) -> PathBuf {
     dir.join(format!("{first:020}.{ext}"))
 }
 
-fn open_file(path: &Path, create: bool) -> std::io::Result<File> {
+pub(super) fn open_file(path: &Path, create: bool) -> std::io::Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -289,9 +298,11 @@ impl<'a> FrameReader<'a> {
 
 /// Reads every valid frame of a segment from its start: the offsets by position (from
 /// `first`), and the length of the valid prefix (a torn or corrupt tail is not part of it).
-fn scan(file: &File, first: u64) -> (Vec<u64>, u64) {
+/// With `indexer`, also the segment's index.
+fn scan(file: &File, first: u64, indexer: Option<&Indexer>) -> (Vec<u64>, u64, SegmentIndex) {
     let mut reader = FrameReader::new(file);
     let mut offsets = Vec::new();
+    let mut index = SegmentIndex::new();
     let mut at = 0u64;
     while let Ok(Some((frame, len))) = reader.frame_at(at) {
         let expected = first + offsets.len() as u64;
@@ -301,10 +312,13 @@ fn scan(file: &File, first: u64) -> (Vec<u64>, u64) {
         while first + (offsets.len() as u64) < frame.position {
             offsets.push(NONE);
         }
+        if let Some(indexer) = indexer {
+            index.add(offsets.len() as u32, &indexer(&frame.payload));
+        }
         offsets.push(at);
         at += len as u64;
     }
-    (offsets, at)
+    (offsets, at, index)
 }
 
 fn write_index(dir: &Path, first: u64, offsets: &[u64]) -> Result<File, StoreError> {
@@ -320,8 +334,9 @@ fn write_index(dir: &Path, first: u64, offsets: &[u64]) -> Result<File, StoreErr
 }
 
 impl AuditLog {
-    /// Opens (or creates) the trail in `dir`, cutting off a torn tail.
-    pub fn open(dir: &Path, segment_bytes: u64) -> Result<Self, StoreError> {
+    /// Opens (or creates) the trail in `dir`, cutting off a torn tail; `indexer` gives the
+    /// index keys of a stored record.
+    pub fn open(dir: &Path, segment_bytes: u64, indexer: Indexer) -> Result<Self, StoreError> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -336,7 +351,7 @@ impl AuditLog {
                 .and_then(|f| f.parse::<u64>().ok())
             {
                 firsts.push(first);
-            } else if name.ends_with(".idx.tmp") {
+            } else if name.ends_with(".tmp") {
                 // Left by a seal that did not finish: the seal is redone below.
                 std::fs::remove_file(dir.join(&*name)).map_err(io)?;
             }
@@ -349,31 +364,53 @@ impl AuditLog {
             let file = open_file(&path, false).map_err(io)?;
             let last = i + 1 == firsts.len();
             let idx_path = segment_path(dir, first, "idx");
-            let offsets = if last {
-                // The active segment: its index was never written; a crash may have torn
-                // its last frame.
+            let ndx_path = segment_path(dir, first, "ndx");
+            let (offsets, index) = if last {
+                // The active segment: its index files were never written; a crash may have
+                // torn its last frame.
                 let _ = std::fs::remove_file(&idx_path);
-                let (offsets, valid) = scan(&file, first);
+                let _ = std::fs::remove_file(&ndx_path);
+                let (offsets, valid, index) = scan(&file, first, Some(&indexer));
                 if file.metadata().map_err(io)?.len() > valid {
                     file.set_len(valid).map_err(io)?;
                     file.sync_all().map_err(io)?;
                 }
                 tail_len = valid;
-                Offsets::Active(offsets)
+                (Offsets::Active(offsets), index)
             } else {
-                match open_file(&idx_path, false) {
+                let offsets = match open_file(&idx_path, false) {
                     Ok(idx) => {
                         let count = idx.metadata().map_err(io)?.len() / 8;
                         Offsets::Sealed { file: idx, count }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        let (offsets, _) = scan(&file, first);
+                        let (offsets, _, _) = scan(&file, first, None);
                         let count = offsets.len() as u64;
                         let idx = write_index(dir, first, &offsets)?;
                         Offsets::Sealed { file: idx, count }
                     }
                     Err(e) => return Err(io(e)),
-                }
+                };
+                let index = match auditindex::load(&ndx_path) {
+                    Ok(index) => index,
+                    Err(why) => {
+                        // Derived from the segment: rebuild it.
+                        if ndx_path.exists() {
+                            tracing::warn!(
+                                segment = first,
+                                why,
+                                "rebuilding a damaged audit index"
+                            );
+                        }
+                        let (_, _, index) = scan(&file, first, Some(&indexer));
+                        let sealed = index
+                            .seal(&ndx_path)
+                            .map_err(|e| io(std::io::Error::other(e)))?;
+                        sync_dir(dir)?;
+                        sealed
+                    }
+                };
+                (offsets, index)
             };
             segments.insert(
                 first,
@@ -382,11 +419,13 @@ impl AuditLog {
                     path,
                     file,
                     offsets: RwLock::new(offsets),
+                    index: RwLock::new(index),
                 }),
             );
         }
         let log = Self {
             dir: dir.to_path_buf(),
+            indexer,
             segment_bytes: segment_bytes.max(1),
             segments: RwLock::new(segments),
             tail: Mutex::new(Tail {
@@ -488,6 +527,16 @@ impl AuditLog {
         }
         active.file.write_all_at(&buf, tail.len).map_err(io)?;
         tail.len += buf.len() as u64;
+        {
+            let mut index = active.index.write().map_err(poisoned)?;
+            for frame in frames {
+                let relative = (frame.position - active.first) as u32;
+                match frame.keys {
+                    Some(keys) => index.add(relative, keys),
+                    None => index.add(relative, &(self.indexer)(frame.payload)),
+                }
+            }
+        }
         match &mut *active.offsets.write().map_err(poisoned)? {
             Offsets::Active(v) => v.extend_from_slice(&offsets),
             Offsets::Sealed { .. } => {
@@ -531,6 +580,7 @@ impl AuditLog {
             path,
             file,
             offsets: RwLock::new(Offsets::Active(Vec::new())),
+            index: RwLock::new(SegmentIndex::new()),
         });
         self.segments
             .write()
@@ -548,7 +598,46 @@ impl AuditLog {
             let file = write_index(&self.dir, segment.first, v)?;
             *offsets = Offsets::Sealed { file, count };
         }
+        let mut index = segment.index.write().map_err(poisoned)?;
+        if let SegmentIndex::Active(_) = &*index {
+            let path = segment_path(&self.dir, segment.first, "ndx");
+            *index = index.seal(&path).map_err(index_error)?;
+            sync_dir(&self.dir)?;
+        }
         Ok(())
+    }
+
+    /// Up to `limit` positions `>= from` of the entries readers may see that carry the index
+    /// key `key`, in order.
+    pub fn lookup(&self, key: &[u8], from: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+        let from = from.max(self.start.load(Ordering::Acquire)).max(1);
+        let last = self.visible.load(Ordering::Acquire);
+        let segments: Vec<Arc<Segment>> = {
+            let map = self.segments.read().map_err(poisoned)?;
+            let begin = map.range(..=from).next_back().map_or(from, |(&k, _)| k);
+            map.range(begin..).map(|(_, s)| s.clone()).collect()
+        };
+        let mut out = Vec::new();
+        for segment in segments {
+            if out.len() >= limit || segment.first > last {
+                break;
+            }
+            let relative = u32::try_from(from.saturating_sub(segment.first)).unwrap_or(u32::MAX);
+            let found = segment
+                .index
+                .read()
+                .map_err(poisoned)?
+                .lookup(key, relative)
+                .map_err(|why| corrupt(&segment, format!("index: {why}")))?;
+            for relative in found {
+                let position = segment.first + u64::from(relative);
+                if position > last || out.len() >= limit {
+                    break;
+                }
+                out.push(position);
+            }
+        }
+        Ok(out)
     }
 
     /// Up to `limit` frames at positions `>= from`, in order, among those readers may see
@@ -663,10 +752,11 @@ impl AuditLog {
             if let Some(segment) = segments.remove(&first) {
                 std::fs::remove_file(&segment.path).map_err(io)?;
                 let _ = std::fs::remove_file(segment_path(&self.dir, first, "idx"));
+                let _ = std::fs::remove_file(segment_path(&self.dir, first, "ndx"));
             }
         }
         if let Some(segment) = segments.values().next_back() {
-            let (mut offsets, _) = scan(&segment.file, segment.first);
+            let (mut offsets, _, _) = scan(&segment.file, segment.first, None);
             let keep = (position + 1).saturating_sub(segment.first) as usize;
             let cut = offsets
                 .get(keep..)
@@ -683,7 +773,10 @@ impl AuditLog {
             segment.file.set_len(len).map_err(io)?;
             segment.file.sync_all().map_err(io)?;
             let _ = std::fs::remove_file(segment_path(&self.dir, segment.first, "idx"));
+            let _ = std::fs::remove_file(segment_path(&self.dir, segment.first, "ndx"));
+            let (_, _, index) = scan(&segment.file, segment.first, Some(&self.indexer));
             *segment.offsets.write().map_err(poisoned)? = Offsets::Active(offsets);
+            *segment.index.write().map_err(poisoned)? = index;
             tail.len = len;
         }
         sync_dir(&self.dir)?;
@@ -708,6 +801,7 @@ impl AuditLog {
             if let Some(segment) = segments.remove(&first) {
                 std::fs::remove_file(&segment.path).map_err(io)?;
                 let _ = std::fs::remove_file(segment_path(&self.dir, first, "idx"));
+                let _ = std::fs::remove_file(segment_path(&self.dir, first, "ndx"));
                 deleted = true;
             }
         }
@@ -783,7 +877,15 @@ impl AuditLog {
                     flags: frame.flags,
                     payload: &frame.payload,
                     redo: &frame.redo,
+                    keys: None,
                 },
+            );
+        }
+        let mut index = SegmentIndex::new();
+        for frame in &frames {
+            index.add(
+                (frame.position - segment.first) as u32,
+                &(self.indexer)(&frame.payload),
             );
         }
         if !active {
@@ -801,8 +903,11 @@ impl AuditLog {
             let count = offsets.len() as u64;
             let file = write_index(&self.dir, segment.first, &offsets)?;
             *held = Offsets::Sealed { file, count };
+            let path = segment_path(&self.dir, segment.first, "ndx");
+            index = index.seal(&path).map_err(index_error)?;
         }
         drop(held);
+        *segment.index.write().map_err(poisoned)? = index;
         drop(segments);
         self.visible
             .store(self.last_position()?.unwrap_or(0), Ordering::Release);
@@ -820,7 +925,7 @@ mod tests {
 
     /// Even positions carry a redo part.
     fn redo(position: u64) -> Vec<u8> {
-        if position % 2 == 0 {
+        if position.is_multiple_of(2) {
             position.to_be_bytes().to_vec()
         } else {
             Vec::new()
@@ -833,6 +938,47 @@ mod tests {
             flags: (position % 2) as u8,
             payload,
             redo,
+            keys: None,
+        }
+    }
+
+    /// Index keys from a test payload: its position modulo 3 and modulo 7.
+    fn keys_of(position: u64) -> Vec<Vec<u8>> {
+        vec![
+            format!("m3-{}", position % 3).into_bytes(),
+            format!("m7-{}", position % 7).into_bytes(),
+        ]
+    }
+
+    fn test_indexer() -> Indexer {
+        Arc::new(|payload: &[u8]| {
+            let text = String::from_utf8_lossy(payload);
+            match text.split(' ').nth(1).and_then(|p| p.parse::<u64>().ok()) {
+                Some(position) => keys_of(position),
+                None => Vec::new(),
+            }
+        })
+    }
+
+    /// Every index key of the test payloads, looked up from `from`, against the entries read.
+    fn check_lookups(log: &AuditLog, from: u64) {
+        let read = positions(log, from);
+        for key in (0..3)
+            .map(|i| format!("m3-{i}"))
+            .chain((0..7).map(|i| format!("m7-{i}")))
+        {
+            let expected: Vec<u64> = read
+                .iter()
+                .copied()
+                .filter(|&p| keys_of(p).contains(&key.clone().into_bytes()))
+                .collect();
+            assert_eq!(
+                log.lookup(key.as_bytes(), from, usize::MAX).unwrap(),
+                expected,
+                "{key} from {from}"
+            );
+            let two = log.lookup(key.as_bytes(), from, 2).unwrap();
+            assert_eq!(two, expected[..expected.len().min(2)], "{key} from {from}");
         }
     }
 
@@ -861,7 +1007,7 @@ mod tests {
     #[test]
     fn entries_read_back_across_segments_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(dir.path(), 1000).unwrap();
+        let log = AuditLog::open(dir.path(), 1000, test_indexer()).unwrap();
         assert_eq!(log.next_position().unwrap(), 1);
         assert_eq!(log.head().unwrap(), None);
         for chunk in 0..20 {
@@ -874,14 +1020,18 @@ mod tests {
         assert!(segments > 3, "{segments} segments");
         assert_eq!(positions(&log, 0), (1..=200).collect::<Vec<_>>());
         assert_eq!(positions(&log, 137), (137..=200).collect::<Vec<_>>());
+        for from in [0, 1, 55, 137, 200, 201] {
+            check_lookups(&log, from);
+        }
         assert_eq!(log.read(50, 3, false).unwrap().len(), 3);
         // Unpublished entries are the writer's only.
         log.append(&[frame(201, &payload(201), &[])]).unwrap();
         assert_eq!(log.head().unwrap().unwrap().position, 200);
         assert_eq!(log.read(201, 1, true).unwrap()[0].position, 201);
         drop(log);
-        let log = AuditLog::open(dir.path(), 1000).unwrap();
+        let log = AuditLog::open(dir.path(), 1000, test_indexer()).unwrap();
         assert_eq!(log.next_position().unwrap(), 202);
+        check_lookups(&log, 0);
         assert_eq!(positions(&log, 190), (190..=201).collect::<Vec<_>>());
         append(&log, 202..205);
         assert_eq!(log.head().unwrap().unwrap().position, 204);
@@ -890,7 +1040,7 @@ mod tests {
     #[test]
     fn a_torn_tail_is_cut_off_at_open() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(dir.path(), 1 << 20).unwrap();
+        let log = AuditLog::open(dir.path(), 1 << 20, test_indexer()).unwrap();
         append(&log, 1..6);
         drop(log);
         let path = segment_path(dir.path(), 1, "log");
@@ -901,7 +1051,7 @@ mod tests {
         encode_frame(&mut torn, frame(6, &body, &extra));
         let file = open_file(&path, false).unwrap();
         file.write_all_at(&torn[..torn.len() / 2], full).unwrap();
-        let log = AuditLog::open(dir.path(), 1 << 20).unwrap();
+        let log = AuditLog::open(dir.path(), 1 << 20, test_indexer()).unwrap();
         assert_eq!(positions(&log, 0), (1..6).collect::<Vec<_>>());
         assert_eq!(std::fs::metadata(&path).unwrap().len(), full);
         append(&log, 6..8);
@@ -912,14 +1062,14 @@ mod tests {
         let mut byte = [0u8];
         file.read_exact_at(&mut byte, len - 2).unwrap();
         file.write_all_at(&[byte[0] ^ 1], len - 2).unwrap();
-        let log = AuditLog::open(dir.path(), 1 << 20).unwrap();
+        let log = AuditLog::open(dir.path(), 1 << 20, test_indexer()).unwrap();
         assert_eq!(positions(&log, 0), (1..7).collect::<Vec<_>>());
     }
 
     #[test]
     fn truncation_and_deletion_keep_the_rest_readable() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(dir.path(), 500).unwrap();
+        let log = AuditLog::open(dir.path(), 500, test_indexer()).unwrap();
         // A segment is full only between appends: groups of five make several.
         for first in (1..60).step_by(5) {
             append(&log, first..(first + 5).min(60));
@@ -927,10 +1077,12 @@ mod tests {
         log.truncate_after(45).unwrap();
         assert_eq!(log.next_position().unwrap(), 46);
         assert_eq!(positions(&log, 0), (1..46).collect::<Vec<_>>());
+        check_lookups(&log, 0);
         append(&log, 46..50);
         log.delete_through(30).unwrap();
         log.set_start(31);
         assert_eq!(positions(&log, 0), (31..50).collect::<Vec<_>>());
+        check_lookups(&log, 0);
         let first_kept = std::fs::read_dir(dir.path())
             .unwrap()
             .filter_map(|e| {
@@ -941,16 +1093,46 @@ mod tests {
             .unwrap();
         assert!(first_kept > 1 && first_kept <= 31, "{first_kept}");
         drop(log);
-        let log = AuditLog::open(dir.path(), 500).unwrap();
+        let log = AuditLog::open(dir.path(), 500, test_indexer()).unwrap();
         log.set_start(31);
         assert_eq!(positions(&log, 0), (31..50).collect::<Vec<_>>());
+        check_lookups(&log, 40);
+    }
+
+    #[test]
+    fn missing_or_damaged_index_files_are_rebuilt_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), 300, test_indexer()).unwrap();
+        for first in (1..80).step_by(4) {
+            append(&log, first..(first + 4).min(80));
+        }
+        drop(log);
+        let mut ndx: Vec<PathBuf> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension() == Some("ndx".as_ref()))
+            .collect();
+        ndx.sort();
+        assert!(ndx.len() >= 3, "{ndx:?}");
+        std::fs::remove_file(&ndx[0]).unwrap();
+        let mut bytes = std::fs::read(&ndx[1]).unwrap();
+        let at = bytes.len() - 20;
+        bytes[at] ^= 0xff;
+        std::fs::write(&ndx[1], &bytes).unwrap();
+        let log = AuditLog::open(dir.path(), 300, test_indexer()).unwrap();
+        assert!(ndx[0].exists());
+        check_lookups(&log, 0);
+        check_lookups(&log, 33);
     }
 
     #[test]
     fn rewritten_and_removed_entries() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(dir.path(), 400).unwrap();
-        append(&log, 1..40);
+        let log = AuditLog::open(dir.path(), 400, test_indexer()).unwrap();
+        // Sealed segments (3 and 5) and the active one (39).
+        for first in (1..40).step_by(5) {
+            append(&log, first..(first + 5).min(40));
+        }
         log.rewrite(3, None).unwrap();
         log.rewrite(39, None).unwrap();
         log.rewrite(5, Some(b"other")).unwrap();
@@ -962,8 +1144,12 @@ mod tests {
             b"other"
         );
         assert_eq!(log.head().unwrap().unwrap().position, 38);
+        let lookup = |key: &str| log.lookup(key.as_bytes(), 0, usize::MAX).unwrap();
+        assert!(!lookup("m3-0").contains(&3) && lookup("m3-0").contains(&6));
+        assert!(!lookup("m3-2").contains(&5) && lookup("m3-2").contains(&8));
+        assert!(!lookup("m7-4").contains(&39) && lookup("m7-4").contains(&32));
         drop(log);
-        let log = AuditLog::open(dir.path(), 400).unwrap();
+        let log = AuditLog::open(dir.path(), 400, test_indexer()).unwrap();
         let again: Vec<u64> = log
             .read(0, usize::MAX, false)
             .unwrap()

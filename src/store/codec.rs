@@ -28,18 +28,26 @@ pub const LEASE_EXPIRY: u8 = b'x';
 pub const AUDIT: u8 = b'a';
 /// `m` name -> bytes
 pub const META: u8 = b'm';
-/// `N` tenant 0x00 name 0x00 seq -> () (audit entries by secret)
+/// Index keys (the trail's indexes, see `auditindex.rs`; older stores kept them in the
+/// tree, each with a seq appended):
+/// `N` tenant 0x00 name 0x00 (audit entries by secret)
 pub const AUDIT_BY_SECRET: u8 = b'N';
-/// `T` tenant 0x00 seq -> () (audit entries by tenant)
+/// `T` tenant 0x00 (audit entries by tenant)
 pub const AUDIT_BY_TENANT: u8 = b'T';
-/// `P` principal 0x00 seq -> () (audit entries by principal)
+/// `P` principal 0x00 (audit entries by principal)
 pub const AUDIT_BY_PRINCIPAL: u8 = b'P';
-/// `R` peer host 0x00 seq -> () (audit entries by peer host)
+/// `R` peer host 0x00 (audit entries by peer host)
 pub const AUDIT_BY_PEER: u8 = b'R';
-/// Audit index postings: one key per index value and block of [`BLOCK_LEN`] sequence numbers.
+/// Audit index postings of stores before the trail had its own indexes (removed at open).
 pub const AUDIT_POSTINGS: u8 = b'Q';
-/// Sequence numbers per posting block: a posting lists a block's entries as one byte each.
-pub const BLOCK_LEN: u64 = 256;
+/// The keyspaces of audit index keys that older stores kept in the tree (removed at open).
+pub const LEGACY_INDEX_SPACES: [u8; 5] = [
+    AUDIT_BY_SECRET,
+    AUDIT_BY_TENANT,
+    AUDIT_BY_PRINCIPAL,
+    AUDIT_BY_PEER,
+    AUDIT_POSTINGS,
+];
 /// The meta key of the audit chain's anchor.
 pub const AUDIT_ANCHOR_META: &[u8] = b"maudit-anchor";
 /// The meta key of the last audit position whose transaction's records the tree holds
@@ -158,7 +166,7 @@ pub fn audit_key(seq: u64) -> [u8; 9] {
     k
 }
 
-/// The prefix of one index's keys; each key is this prefix and a big-endian seq.
+/// The key of one index value in the trail's indexes.
 pub fn audit_index_prefix(index: &AuditIndex) -> Vec<u8> {
     let (space, parts): (u8, Vec<&str>) = match index {
         AuditIndex::Secret(t, n) => (AUDIT_BY_SECRET, vec![t.as_str(), n.as_str()]),
@@ -175,7 +183,6 @@ pub fn audit_index_prefix(index: &AuditIndex) -> Vec<u8> {
     k
 }
 
-/// Every index key of an audit entry.
 /// The index prefixes (see [`audit_index_prefix`]) an audit record belongs to.
 pub fn audit_index_prefixes(record: &AuditRecord) -> Vec<Vec<u8>> {
     let e = &record.entry;
@@ -193,64 +200,6 @@ pub fn audit_index_prefixes(record: &AuditRecord) -> Vec<Vec<u8>> {
         indexes.push(AuditIndex::PeerHost(super::peer_host(peer)));
     }
     indexes.iter().map(audit_index_prefix).collect()
-}
-
-/// The per-entry index keys (index prefix + seq) that stores written before posting blocks
-/// keep: still read, and deleted when their entries are pruned.
-pub fn legacy_audit_index_keys(record: &AuditRecord) -> Vec<Vec<u8>> {
-    audit_index_prefixes(record)
-        .into_iter()
-        .map(|mut k| {
-            k.extend_from_slice(&record.seq.to_be_bytes());
-            k
-        })
-        .collect()
-}
-
-/// The block a sequence number falls in.
-pub fn block_of(seq: u64) -> u64 {
-    seq / BLOCK_LEN
-}
-
-/// The key of the posting that lists the entries of block `block` in the index `prefix`.
-pub fn postings_key(prefix: &[u8], block: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + prefix.len() + 8);
-    k.push(AUDIT_POSTINGS);
-    k.extend_from_slice(prefix);
-    k.extend_from_slice(&block.to_be_bytes());
-    k
-}
-
-/// A posting's value: the format byte, then each entry's offset in the block, ascending.
-pub fn encode_postings(offsets: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + offsets.len());
-    v.push(FORMAT_V1);
-    v.extend_from_slice(offsets);
-    v
-}
-
-/// The sequence numbers a posting lists.
-pub fn decode_postings(key: &[u8], value: &[u8]) -> Result<Vec<u64>, StoreError> {
-    let corrupt = |reason: &str| StoreError::Corrupt {
-        key: describe_key(key),
-        reason: reason.into(),
-    };
-    let block = audit_index_seq(key).ok_or_else(|| corrupt("malformed posting key"))?;
-    let base = block
-        .checked_mul(BLOCK_LEN)
-        .ok_or_else(|| corrupt("block out of range"))?;
-    match value.split_first() {
-        Some((&FORMAT_V1, offsets)) if offsets.windows(2).all(|w| w[0] < w[1]) => {
-            Ok(offsets.iter().map(|&o| base + u64::from(o)).collect())
-        }
-        Some((&FORMAT_V1, _)) => Err(corrupt("offsets out of order")),
-        _ => Err(corrupt("unknown posting format")),
-    }
-}
-
-pub fn audit_index_seq(key: &[u8]) -> Option<u64> {
-    let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
-    Some(u64::from_be_bytes(tail))
 }
 
 pub fn meta_key(key: MetaKey) -> Vec<u8> {

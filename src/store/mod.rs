@@ -9,6 +9,7 @@
 //!
 //! `sled.rs` is the one adapter today; `tests` holds the suite every adapter must pass.
 
+mod auditindex;
 mod auditlog;
 mod codec;
 pub mod sled;

@@ -619,7 +619,7 @@ async fn sled_adapter_passes_the_suite() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sled_adapter_rebuilds_the_open_block_on_reopen() {
+async fn sled_adapter_indexes_survive_reopening_mid_block() {
     let dir = tempfile::tempdir().unwrap();
     let mut i = 0;
     // Stop in the middle of a block, reopen, and complete it: its postings must hold the
