@@ -64,13 +64,17 @@ impl SegmentIndex {
         }
     }
 
-    /// The relative positions `>= from` of the entries carrying `key`, ascending.
-    pub fn lookup(&self, key: &[u8], from: u32) -> Result<Vec<u32>, String> {
+    /// Up to `limit` relative positions `>= from` of the entries carrying `key`, ascending.
+    pub fn lookup(&self, key: &[u8], from: u32, limit: usize) -> Result<Vec<u32>, String> {
+        let pick = |all: &[u32]| {
+            let start = all.partition_point(|&p| p < from);
+            let end = start.saturating_add(limit).min(all.len());
+            all[start..end].to_vec()
+        };
         let all = match self {
-            SegmentIndex::Active(map) => match map.get(key) {
-                Some(positions) => positions.clone(),
-                None => return Ok(Vec::new()),
-            },
+            SegmentIndex::Active(map) => {
+                return Ok(map.get(key).map(|all| pick(all)).unwrap_or_default());
+            }
             SegmentIndex::Sealed { file, blocks } => {
                 let at = blocks.partition_point(|b| b.first_key.as_slice() <= key);
                 let Some(block) = at.checked_sub(1).and_then(|i| blocks.get(i)) else {
@@ -86,8 +90,7 @@ impl SegmentIndex {
                 find_in_block(body, key)?.unwrap_or_default()
             }
         };
-        let start = all.partition_point(|&p| p < from);
-        Ok(all[start..].to_vec())
+        Ok(pick(&all))
     }
 
     /// The index written to `path` (through a temporary file, synced, renamed) and held as
@@ -301,22 +304,28 @@ mod tests {
             "zzz",
         ] {
             for from in [0, 1, 9_999, 19_999, 25_000] {
-                let expected = active.lookup(key.as_bytes(), from).unwrap();
+                let expected = active.lookup(key.as_bytes(), from, usize::MAX).unwrap();
+                let three = active.lookup(key.as_bytes(), from, 3).unwrap();
+                assert_eq!(three, expected[..expected.len().min(3)]);
+                assert_eq!(reloaded.lookup(key.as_bytes(), from, 3).unwrap(), three);
                 assert_eq!(
-                    sealed.lookup(key.as_bytes(), from).unwrap(),
+                    sealed.lookup(key.as_bytes(), from, usize::MAX).unwrap(),
                     expected,
                     "{key} {from}"
                 );
                 assert_eq!(
-                    reloaded.lookup(key.as_bytes(), from).unwrap(),
+                    reloaded.lookup(key.as_bytes(), from, usize::MAX).unwrap(),
                     expected,
                     "{key} {from}"
                 );
             }
         }
-        assert_eq!(active.lookup(b"principal", 0).unwrap().len(), 20_000);
         assert_eq!(
-            active.lookup(b"name-00001", 0).unwrap(),
+            active.lookup(b"principal", 0, usize::MAX).unwrap().len(),
+            20_000
+        );
+        assert_eq!(
+            active.lookup(b"name-00001", 0, usize::MAX).unwrap(),
             vec![1, 7_001, 14_001]
         );
     }
@@ -344,6 +353,6 @@ mod tests {
         bad[10] ^= 1;
         std::fs::write(&path, &bad).unwrap();
         let index = load(&path).unwrap();
-        assert!(index.lookup(b"k0", 0).is_err());
+        assert!(index.lookup(b"k0", 0, 10).is_err());
     }
 }

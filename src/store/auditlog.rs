@@ -627,7 +627,7 @@ impl AuditLog {
                 .index
                 .read()
                 .map_err(poisoned)?
-                .lookup(key, relative)
+                .lookup(key, relative, limit - out.len())
                 .map_err(|why| corrupt(&segment, format!("index: {why}")))?;
             for relative in found {
                 let position = segment.first + u64::from(relative);
