@@ -15,7 +15,7 @@
 //! a sealed segment; a lookup reads the one block that can hold its key. Indexes are derived
 //! from the trail: a missing or damaged index file is rebuilt from its segment at open.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write as _;
 use std::os::unix::fs::FileExt;
@@ -39,7 +39,7 @@ pub struct BlockRef {
 /// One segment's index.
 pub enum SegmentIndex {
     /// Key to positions relative to the segment's first, ascending.
-    Active(BTreeMap<Vec<u8>, Vec<u32>>),
+    Active(HashMap<Vec<u8>, Vec<u32>>),
     Sealed {
         file: File,
         blocks: Vec<BlockRef>,
@@ -48,7 +48,7 @@ pub enum SegmentIndex {
 
 impl SegmentIndex {
     pub fn new() -> Self {
-        SegmentIndex::Active(BTreeMap::new())
+        SegmentIndex::Active(HashMap::new())
     }
 
     /// Records that the entry at `relative` carries `keys` (active segments only; entries come
@@ -56,9 +56,15 @@ impl SegmentIndex {
     pub fn add(&mut self, relative: u32, keys: &[Vec<u8>]) {
         if let SegmentIndex::Active(map) = self {
             for key in keys {
-                let positions = map.entry(key.clone()).or_default();
-                if positions.last().is_none_or(|&last| last < relative) {
-                    positions.push(relative);
+                match map.get_mut(key.as_slice()) {
+                    Some(positions) => {
+                        if positions.last().is_none_or(|&last| last < relative) {
+                            positions.push(relative);
+                        }
+                    }
+                    None => {
+                        map.insert(key.clone(), vec![relative]);
+                    }
                 }
             }
         }
@@ -162,7 +168,9 @@ fn find_in_block(body: &[u8], key: &[u8]) -> Result<Option<Vec<u32>>, String> {
     Ok(None)
 }
 
-fn write(path: &Path, map: &BTreeMap<Vec<u8>, Vec<u32>>) -> Result<SegmentIndex, String> {
+fn write(path: &Path, map: &HashMap<Vec<u8>, Vec<u32>>) -> Result<SegmentIndex, String> {
+    let mut sorted: Vec<(&Vec<u8>, &Vec<u32>)> = map.iter().collect();
+    sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
     let mut out = Vec::new();
     let mut blocks = Vec::new();
     let mut block_start = 0;
@@ -177,7 +185,7 @@ fn write(path: &Path, map: &BTreeMap<Vec<u8>, Vec<u32>>) -> Result<SegmentIndex,
             });
             out.extend_from_slice(&crc.to_le_bytes());
         };
-    for (key, positions) in map {
+    for (key, positions) in sorted {
         if key.len() > u16::MAX as usize {
             continue;
         }

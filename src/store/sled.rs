@@ -407,13 +407,16 @@ impl SledStore {
     /// Opens (or creates) the database in `dir` with a page cache of `cache_bytes` and audit
     /// segments of `segment_bytes` (small ones let tests cross segments).
     pub fn open_with(dir: &Path, cache_bytes: u64, segment_bytes: u64) -> Result<Self, StoreError> {
+        let started = std::time::Instant::now();
         let db = open_db(dir, cache_bytes)?;
         let tree = db.open_tree("byokd").map_err(engine)?;
+        let sled_opened = started.elapsed();
         let log = Arc::new(AuditLog::open(
             &dir.join(AUDIT_DIR),
             segment_bytes,
             indexer(),
         )?);
+        let trail_opened = started.elapsed();
         migrate_legacy_entries(&db, &tree, &log)?;
         remove_index_keys(&db, &tree)?;
         let applied = applied_position(&tree)?;
@@ -432,6 +435,12 @@ impl SledStore {
             log.set_start(anchor.seq.saturating_add(1));
             log.delete_through(anchor.seq)?;
         }
+        tracing::info!(
+            sled_ms = sled_opened.as_millis() as u64,
+            trail_ms = (trail_opened - sled_opened).as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "store opened"
+        );
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         let mut store = Self {
             tree: tree.clone(),
