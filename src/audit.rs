@@ -142,40 +142,51 @@ pub fn query(
     let mut entries = Vec::new();
     let mut scanned = 0;
     while next < hi {
-        let chunk: Vec<AuditRecord> = match &index {
+        // Index hits are read one by one, only as far as the page needs them.
+        let exhausted = match &index {
             Some(index) => {
-                let mut records = Vec::new();
-                for seq in store.audit_index(index, next, SCAN_CHUNK)? {
+                let seqs = store.audit_index(index, next, SCAN_CHUNK)?;
+                let exhausted = seqs.len() < SCAN_CHUNK;
+                for seq in seqs {
                     if seq >= hi {
+                        next = hi;
                         break;
                     }
-                    if let Some(record) = store.audit_entry(seq)? {
-                        records.push(record);
+                    next = seq + 1;
+                    scanned += 1;
+                    if let Some(record) = store.audit_entry(seq)?
+                        && collect(filter, record, &mut entries, page_size)
+                    {
+                        return Ok(AuditPage {
+                            entries,
+                            resume_at: next,
+                            more: next < hi,
+                        });
                     }
                 }
-                records
+                exhausted
             }
-            None => store.audit_entries(next, SCAN_CHUNK)?,
-        };
-        let exhausted = chunk.len() < SCAN_CHUNK;
-        for record in chunk {
-            if record.seq >= hi {
-                next = hi;
-                break;
-            }
-            next = record.seq + 1;
-            scanned += 1;
-            if filter.matches(&record) {
-                entries.push(record);
-                if entries.len() == page_size {
-                    return Ok(AuditPage {
-                        entries,
-                        resume_at: next,
-                        more: next < hi,
-                    });
+            None => {
+                let chunk = store.audit_entries(next, SCAN_CHUNK)?;
+                let exhausted = chunk.len() < SCAN_CHUNK;
+                for record in chunk {
+                    if record.seq >= hi {
+                        next = hi;
+                        break;
+                    }
+                    next = record.seq + 1;
+                    scanned += 1;
+                    if collect(filter, record, &mut entries, page_size) {
+                        return Ok(AuditPage {
+                            entries,
+                            resume_at: next,
+                            more: next < hi,
+                        });
+                    }
                 }
+                exhausted
             }
-        }
+        };
         if exhausted {
             next = hi;
         } else if scanned >= SCAN_BUDGET {
@@ -187,6 +198,20 @@ pub fn query(
         resume_at: next,
         more: next < hi,
     })
+}
+
+/// Adds `record` to `entries` if it matches; true when the page is full.
+fn collect(
+    filter: &AuditFilter,
+    record: AuditRecord,
+    entries: &mut Vec<AuditRecord>,
+    page_size: usize,
+) -> bool {
+    if !filter.matches(&record) {
+        return false;
+    }
+    entries.push(record);
+    entries.len() == page_size
 }
 
 /// The sequence numbers `[lo, hi)` of the entries with `since <= time < until`.

@@ -192,8 +192,8 @@ async fn verify(server: &TestServer, state: &Arc<Mutex<State>>) {
 }
 
 /// Queries answered through the audit indexes (one secret, one principal) list exactly the
-/// entries a scan of the whole trail finds: the index postings written before the kill and the
-/// open block rebuilt at restart agree with the entries that survived.
+/// entries a scan of the whole trail finds: the sealed segments' index files written before the
+/// kill and the active segment's index rebuilt at restart agree with the entries that survived.
 async fn assert_indexes_match_trail(server: &TestServer, name: Option<&String>) {
     let page = |req: pb::AuditRequest| pb::AuditRequest {
         page_size: 1000,
