@@ -796,6 +796,37 @@ fn harden_process() {
     if let Err(e) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
         tracing::warn!(error = %e, "could not mark the process non-dumpable (PR_SET_DUMPABLE)");
     }
+    raise_open_files_limit();
+}
+
+/// Most the soft limit on open files is raised to (Linux's default `fs.nr_open`).
+const OPEN_FILES_CEILING: u64 = 1 << 20;
+
+/// Raises the soft limit on open files to the hard one: every sealed audit segment keeps three
+/// files open (entries, offsets, index: about a hundred per GB of trail), which outgrows the
+/// usual soft limit of 1024 long before the hard limit.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let wanted = limit
+        .maximum
+        .unwrap_or(OPEN_FILES_CEILING)
+        .min(OPEN_FILES_CEILING);
+    if limit.current.is_some_and(|current| current >= wanted) {
+        return;
+    }
+    let raised = Rlimit {
+        current: Some(wanted),
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::debug!(soft = wanted, "raised the open files limit"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            soft = ?limit.current,
+            "could not raise the open files limit (RLIMIT_NOFILE)"
+        ),
+    }
 }
 
 pub(crate) fn create_private_dir(path: &Path) -> Result<(), ServeError> {

@@ -543,3 +543,54 @@ fn readable_key_and_config_files_are_refused() {
         String::from_utf8_lossy(&out.stderr).contains("config file holding principal token hashes")
     );
 }
+
+/// The limits of a running process, from /proc: (soft, hard) of the line starting `name`.
+fn process_limit(pid: u32, name: &str) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("no {name} in {limits}"));
+    let fields: Vec<&str> = line[name.len()..].split_whitespace().collect();
+    (fields[0].to_string(), fields[1].to_string())
+}
+
+#[test]
+fn the_server_raises_its_open_files_limit_and_allows_no_core_dumps() {
+    use std::io::{BufRead, BufReader};
+    let dir = TestDir::new();
+    // Started with a low soft limit on open files, as many service managers give.
+    let mut child = Command::new("sh")
+        .args(["-c", "ulimit -S -n 256 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_byokd"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(dir.config())
+        .current_dir(dir.path())
+        .env("BYOKD_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let listening = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.starts_with("byokd listening on "));
+    let files = process_limit(child.id(), "Max open files");
+    let core = process_limit(child.id(), "Max core file size");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(listening);
+    let (soft, hard) = files;
+    let expected = match hard.as_str() {
+        "unlimited" => 1 << 20,
+        hard => hard.parse::<u64>().unwrap().min(1 << 20),
+    };
+    assert_eq!(
+        soft.parse::<u64>().unwrap(),
+        expected,
+        "soft {soft}, hard {hard}"
+    );
+    assert!(expected > 256);
+    assert_eq!(core, ("0".to_string(), "0".to_string()));
+}
