@@ -353,6 +353,7 @@ pub async fn restore(config: &Config, input: &Path) -> Result<RestoreSummary, Se
             hash,
         })
     };
+    crate::server::raise_open_files_limit();
     let result = async {
         let records = tokio::task::block_in_place(|| {
             SledStore::import(&staging, || reader.next_record().map_err(|e| e.to_string()))

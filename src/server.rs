@@ -200,6 +200,7 @@ pub async fn run(
 
 /// Opens the sled database of a data directory.
 pub fn open_store(data_dir: &Path) -> Result<SledStore, ServeError> {
+    raise_open_files_limit();
     let path = data_dir.join("db");
     SledStore::open(&path).map_err(|source| ServeError::OpenStore { path, source })
 }
@@ -805,7 +806,7 @@ const OPEN_FILES_CEILING: u64 = 1 << 20;
 /// Raises the soft limit on open files to the hard one: every sealed audit segment keeps three
 /// files open (entries, offsets, index: about a hundred per GB of trail), which outgrows the
 /// usual soft limit of 1024 long before the hard limit.
-fn raise_open_files_limit() {
+pub(crate) fn raise_open_files_limit() {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     let wanted = limit
