@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Runs byokd-bench against a fresh release byokd on this machine and writes the results to
-# bench-results/ (JSON per run). Usage: scripts/bench.sh [duration, default 10s]
+# bench-results/ (JSON per run). Usage: scripts/bench.sh [duration per workload and round,
+# default 10s] [rounds, default 3]
 #
-#   1. every workload at concurrency 64 (4 connections), with the no-op baseline in the same run;
+#   1. every workload at concurrency 64 (4 connections), with the no-op baseline, in rounds:
+#      each workload's ratio is the median of its ratios to the same round's baseline;
 #   2. store at concurrency 1: one flush per write, the reference for group commit;
 #   3. get paced at half the rate reached in step 1: p99 at half of peak.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration="${1:-10s}"
+rounds="${2:-3}"
 cargo build --release --locked --bin byokd --bin byokd-bench
 out="bench-results"
 mkdir -p "$out"
@@ -35,9 +38,9 @@ target="http://$(sed -n 's/^byokd listening on //p' "$work/out")"
 bench() { target/release/byokd-bench --target "$target" --token "$token" "$@"; }
 
 echo "== all workloads, concurrency 64"
-bench --workload all --concurrency 64 --connections 4 --duration "$duration" --json "$out/all.json"
+bench --workload all --concurrency 64 --connections 4 --duration "$duration" --rounds "$rounds" --json "$out/all.json"
 echo "== store, concurrency 1 (one flush per write)"
-bench --workload baseline,store --concurrency 1 --connections 1 --duration "$duration" --json "$out/store-sequential.json"
+bench --workload baseline,store --concurrency 1 --connections 1 --duration "$duration" --rounds "$rounds" --json "$out/store-sequential.json"
 peak="$(python3 -c "import json; print(int(next(r['rps'] for r in json.load(open('$out/all.json')) if r['workload']=='get')))")"
 half=$((peak / 2))
 echo "== get paced at half its peak ($half/s)"

@@ -5,8 +5,11 @@
 //!
 //! ```text
 //! byokd-bench --target http://127.0.0.1:50051 --token TOKEN --workload baseline,get,lease+get \
-//!     --concurrency 64 --duration 10s [--connections 4] [--rate 2000] [--json out.json]
+//!     --concurrency 64 --duration 10s [--connections 4] [--rate 2000] [--rounds 3] [--json out.json]
 //! ```
+//!
+//! With `--rounds N` the workloads run N times in turn (each for `--duration`) and each one's
+//! ratio is the median of its ratios to the baseline of the same round.
 //!
 //! The token's principal needs the roles of the workloads (an admin has them all). The
 //! baseline is a no-op tonic service (`byokd.bench.v1.Baseline/Echo`, Get-sized messages)
@@ -53,9 +56,14 @@ struct Args {
     /// HTTP/2 connections the streams share.
     #[arg(long, default_value_t = 4)]
     connections: usize,
-    /// How long each workload runs.
+    /// How long each workload runs (per round).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Run the list of workloads this many times in turn and report each workload's ratio to
+    /// the baseline as the median of the rounds' ratios: the machine's load drifts over a run,
+    /// and interleaving exposes the workloads and the baseline to the same drift.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// Stop each workload after this many requests instead (0: by duration only).
     #[arg(long, default_value_t = 0)]
     requests: u64,
@@ -148,6 +156,8 @@ struct Report {
     elapsed: Duration,
     /// Latencies of successful requests, sorted.
     latencies: Vec<Duration>,
+    /// Requests/s relative to the baseline in each round (empty without a baseline).
+    ratios: Vec<f64>,
 }
 
 impl Report {
@@ -181,75 +191,91 @@ async fn run(args: Args) -> Result<(), BoxError> {
             .map(|w| Workload::parse(w.trim()).ok_or_else(|| format!("unknown workload {w:?}")))
             .collect::<Result<_, _>>()?
     };
-    let mut baseline_child = None;
-    let mut reports = Vec::new();
+    let mut baseline_child: Option<(Killed, String)> = None;
+    let mut rounds: Vec<Vec<Report>> = Vec::new();
     let tenant = format!("bench-{}", std::process::id());
     let mut prepared: Option<Vec<String>> = None;
-    for workload in workloads {
-        let report = if workload == Workload::Baseline {
-            let (child, addr) = start_baseline(args.value_bytes)?;
-            baseline_child = Some(Killed(child));
-            let channels = channels(&format!("http://{addr}"), args.connections).await?;
-            drive(&args, workload, move |i| {
-                let client = BaselineClient::new(channels[i % channels.len()].clone());
-                move |_: u64| {
-                    let mut client = client.clone();
-                    async move {
-                        client
-                            .echo(pb::GetRequest {
-                                token: "x".repeat(52),
-                            })
+    for round in 0..args.rounds {
+        if args.rounds > 1 {
+            eprintln!("== round {} of {}", round + 1, args.rounds);
+        }
+        let mut reports = Vec::new();
+        for &workload in &workloads {
+            let report = if workload == Workload::Baseline {
+                let addr = match &baseline_child {
+                    Some((_, addr)) => addr.clone(),
+                    None => {
+                        let (child, addr) = start_baseline(args.value_bytes)?;
+                        baseline_child = Some((Killed(child), addr.clone()));
+                        addr
+                    }
+                };
+                let channels = channels(&format!("http://{addr}"), args.connections).await?;
+                drive(&args, workload, move |i| {
+                    let client = BaselineClient::new(channels[i % channels.len()].clone());
+                    move |_: u64| {
+                        let mut client = client.clone();
+                        async move {
+                            client
+                                .echo(pb::GetRequest {
+                                    token: "x".repeat(52),
+                                })
+                                .await
+                                .map(drop)
+                        }
+                    }
+                })
+                .await
+            } else {
+                let channels = channels(&args.target, args.connections).await?;
+                let auth = Auth(format!("Bearer {}", args.token).parse()?);
+                let vault = |i: usize| {
+                    VaultClient::with_interceptor(
+                        channels[i % channels.len()].clone(),
+                        auth.clone(),
+                    )
+                };
+                let names = match &prepared {
+                    Some(names) => names.clone(),
+                    None => {
+                        let names =
+                            prepare(&mut vault(0), &tenant, args.secrets, args.value_bytes).await?;
+                        prepared = Some(names.clone());
+                        names
+                    }
+                };
+                let names = Arc::new(names);
+                let (tenant, value_bytes) = (tenant.clone(), args.value_bytes);
+                drive(&args, workload, move |i| {
+                    let client = vault(i);
+                    let (names, tenant) = (names.clone(), tenant.clone());
+                    let lease = Arc::new(tokio::sync::Mutex::new(None::<(String, u32)>));
+                    move |n: u64| {
+                        let (mut client, names, tenant, lease) =
+                            (client.clone(), names.clone(), tenant.clone(), lease.clone());
+                        async move {
+                            one_request(
+                                workload,
+                                &mut client,
+                                &tenant,
+                                &names,
+                                i,
+                                n,
+                                value_bytes,
+                                &lease,
+                            )
                             .await
-                            .map(drop)
+                        }
                     }
-                }
-            })
-            .await
-        } else {
-            let channels = channels(&args.target, args.connections).await?;
-            let auth = Auth(format!("Bearer {}", args.token).parse()?);
-            let vault = |i: usize| {
-                VaultClient::with_interceptor(channels[i % channels.len()].clone(), auth.clone())
+                })
+                .await
             };
-            let names = match &prepared {
-                Some(names) => names.clone(),
-                None => {
-                    let names =
-                        prepare(&mut vault(0), &tenant, args.secrets, args.value_bytes).await?;
-                    prepared = Some(names.clone());
-                    names
-                }
-            };
-            let names = Arc::new(names);
-            let (tenant, value_bytes) = (tenant.clone(), args.value_bytes);
-            drive(&args, workload, move |i| {
-                let client = vault(i);
-                let (names, tenant) = (names.clone(), tenant.clone());
-                let lease = Arc::new(tokio::sync::Mutex::new(None::<(String, u32)>));
-                move |n: u64| {
-                    let (mut client, names, tenant, lease) =
-                        (client.clone(), names.clone(), tenant.clone(), lease.clone());
-                    async move {
-                        one_request(
-                            workload,
-                            &mut client,
-                            &tenant,
-                            &names,
-                            i,
-                            n,
-                            value_bytes,
-                            &lease,
-                        )
-                        .await
-                    }
-                }
-            })
-            .await
-        };
-        reports.push(report);
+            reports.push(report);
+        }
+        rounds.push(reports);
     }
     drop(baseline_child);
-    print_reports(&reports, &args)
+    print_reports(&merge(rounds), &args)
 }
 
 /// One request (or, for lease+get, the pair) of `workload`.
@@ -445,28 +471,77 @@ where
         errors: errors.load(Ordering::Relaxed),
         elapsed,
         latencies,
+        ratios: Vec::new(),
+    }
+}
+
+/// One report per workload from the rounds' reports: requests, errors, time and latencies
+/// added up, and each round's ratio to that round's baseline.
+fn merge(rounds: Vec<Vec<Report>>) -> Vec<Report> {
+    let mut merged: Vec<Report> = Vec::new();
+    for round in rounds {
+        let baseline = round
+            .iter()
+            .find(|r| r.workload == Workload::Baseline)
+            .map(Report::rps);
+        for r in round {
+            let ratio = baseline.map(|b| r.rps() / b);
+            match merged.iter_mut().find(|m| m.workload == r.workload) {
+                Some(m) => {
+                    m.requests += r.requests;
+                    m.errors += r.errors;
+                    m.elapsed += r.elapsed;
+                    m.latencies.extend(r.latencies);
+                    m.ratios.extend(ratio);
+                }
+                None => merged.push(Report {
+                    ratios: ratio.into_iter().collect(),
+                    ..r
+                }),
+            }
+        }
+    }
+    for m in &mut merged {
+        m.latencies.sort_unstable();
+    }
+    merged
+}
+
+/// The median of `values` (None if empty).
+fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
     }
 }
 
 fn print_reports(reports: &[Report], args: &Args) -> Result<(), BoxError> {
-    let baseline = reports
-        .iter()
-        .find(|r| r.workload == Workload::Baseline)
-        .map(Report::rps);
     println!(
         "| workload | requests | errors | req/s | ratio to baseline | p50 ms | p90 ms | p99 ms | max ms |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut json = Vec::new();
     for r in reports {
-        let ratio = baseline.map(|b| r.rps() / b);
+        let ratio = median(&r.ratios);
         println!(
             "| {} | {} | {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
             r.workload.name(),
             r.requests,
             r.errors,
             r.rps(),
-            ratio.map_or("-".to_string(), |x| format!("{x:.2}")),
+            match (ratio, r.ratios.len()) {
+                (None, _) => "-".to_string(),
+                (Some(x), 1) => format!("{x:.2}"),
+                (Some(x), _) => {
+                    let lo = r.ratios.iter().copied().fold(f64::INFINITY, f64::min);
+                    let hi = r.ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    format!("{x:.2} ({lo:.2}-{hi:.2})")
+                }
+            },
             r.percentile_ms(0.5),
             r.percentile_ms(0.9),
             r.percentile_ms(0.99),
@@ -482,6 +557,8 @@ fn print_reports(reports: &[Report], args: &Args) -> Result<(), BoxError> {
             "p99_ms": r.percentile_ms(0.99),
             "max_ms": r.percentile_ms(1.0),
             "ratio_to_baseline": ratio,
+            "ratios_per_round": r.ratios,
+            "rounds": args.rounds,
             "concurrency": args.concurrency,
             "connections": args.connections,
             "rate": args.rate,

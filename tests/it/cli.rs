@@ -254,6 +254,8 @@ fn byokd_bench_runs_every_workload_and_reports_json() {
             "2",
             "--duration",
             "1s",
+            "--rounds",
+            "2",
             "--json",
             &json.to_string_lossy(),
         ])
@@ -281,6 +283,15 @@ fn byokd_bench_runs_every_workload_and_reports_json() {
         assert!(0.0 < p50 && p50 <= p99, "{run}");
         let ratio = run["ratio_to_baseline"].as_f64().unwrap();
         assert!(ratio > 0.0, "{run}");
+        // The median of the two rounds' ratios, each to its own round's baseline.
+        let rounds: Vec<f64> = run["ratios_per_round"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_f64().unwrap())
+            .collect();
+        assert_eq!(rounds.len(), 2, "{run}");
+        assert!((ratio - (rounds[0] + rounds[1]) / 2.0).abs() < 1e-9, "{run}");
         if name == "baseline" {
             assert_eq!(ratio, 1.0);
         }
