@@ -291,7 +291,10 @@ fn byokd_bench_runs_every_workload_and_reports_json() {
             .map(|r| r.as_f64().unwrap())
             .collect();
         assert_eq!(rounds.len(), 2, "{run}");
-        assert!((ratio - (rounds[0] + rounds[1]) / 2.0).abs() < 1e-9, "{run}");
+        assert!(
+            (ratio - (rounds[0] + rounds[1]) / 2.0).abs() < 1e-9,
+            "{run}"
+        );
         if name == "baseline" {
             assert_eq!(ratio, 1.0);
         }
