@@ -17,7 +17,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write as _;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -222,13 +221,7 @@ fn write(path: &Path, map: &HashMap<Vec<u8>, Vec<u32>>) -> Result<SegmentIndex, 
     out.extend_from_slice(&crc32fast::hash(&directory).to_le_bytes());
     out.extend_from_slice(MAGIC);
 
-    let tmp = path.with_extension("ndx.tmp");
-    let io = |e: std::io::Error| e.to_string();
-    let mut file = super::auditlog::open_file(&tmp, true).map_err(io)?;
-    file.set_len(0).map_err(io)?;
-    file.write_all(&out).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
+    let file = super::auditlog::write_file_synced(path, &out).map_err(|e| e.to_string())?;
     Ok(SegmentIndex::Sealed { file, blocks })
 }
 

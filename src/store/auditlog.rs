@@ -321,14 +321,22 @@ fn scan(file: &File, first: u64, indexer: Option<&Indexer>) -> (Vec<u64>, u64, S
     (offsets, at, index)
 }
 
+/// Writes `bytes` to `path` through `<path>.tmp` (synced, then renamed over `path`; a leftover
+/// `.tmp` is removed at open). The caller syncs the directory.
+pub(super) fn write_file_synced(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let mut file = open_file(Path::new(&tmp), true)?;
+    file.set_len(0)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(file)
+}
+
 fn write_index(dir: &Path, first: u64, offsets: &[u64]) -> Result<File, StoreError> {
-    let tmp = segment_path(dir, first, "idx.tmp");
-    let mut file = open_file(&tmp, true).map_err(io)?;
-    file.set_len(0).map_err(io)?;
     let bytes: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
-    file.write_all(&bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, segment_path(dir, first, "idx")).map_err(io)?;
+    let file = write_file_synced(&segment_path(dir, first, "idx"), &bytes).map_err(io)?;
     sync_dir(dir)?;
     Ok(file)
 }
@@ -403,9 +411,7 @@ impl AuditLog {
                             );
                         }
                         let (_, _, index) = scan(&file, first, Some(&indexer));
-                        let sealed = index
-                            .seal(&ndx_path)
-                            .map_err(|e| io(std::io::Error::other(e)))?;
+                        let sealed = index.seal(&ndx_path).map_err(index_error)?;
                         sync_dir(dir)?;
                         sealed
                     }
