@@ -126,6 +126,9 @@ pub fn decode_page_token(token: &str) -> Result<u64, AuditError> {
     Ok(u64::from_be_bytes(bytes))
 }
 
+/// Sequence numbers a query considers, in order, each with its entry (`None`: not readable).
+type Candidates<'a> = Box<dyn Iterator<Item = Result<(u64, Option<AuditRecord>), StoreError>> + 'a>;
+
 /// Up to `page_size` entries matching `filter`, from sequence number `from` on, and no entry
 /// after `until_seq`.
 pub fn query(
@@ -142,51 +145,47 @@ pub fn query(
     let mut entries = Vec::new();
     let mut scanned = 0;
     while next < hi {
-        // Index hits are read one by one, only as far as the page needs them.
-        let exhausted = match &index {
+        // Candidates in sequence order with their entries: index hits are read one by one,
+        // only as far as the page needs them; a scan reads a chunk at once.
+        let (exhausted, candidates): (bool, Candidates<'_>) = match &index {
             Some(index) => {
                 let seqs = store.audit_index(index, next, SCAN_CHUNK)?;
                 let exhausted = seqs.len() < SCAN_CHUNK;
-                for seq in seqs {
-                    if seq >= hi {
-                        next = hi;
-                        break;
-                    }
-                    next = seq + 1;
-                    scanned += 1;
-                    if let Some(record) = store.audit_entry(seq)?
-                        && collect(filter, record, &mut entries, page_size)
-                    {
-                        return Ok(AuditPage {
-                            entries,
-                            resume_at: next,
-                            more: next < hi,
-                        });
-                    }
-                }
-                exhausted
+                let read = seqs
+                    .into_iter()
+                    .map(|seq| Ok((seq, store.audit_entry(seq)?)));
+                (exhausted, Box::new(read))
             }
             None => {
                 let chunk = store.audit_entries(next, SCAN_CHUNK)?;
                 let exhausted = chunk.len() < SCAN_CHUNK;
-                for record in chunk {
-                    if record.seq >= hi {
-                        next = hi;
-                        break;
-                    }
-                    next = record.seq + 1;
-                    scanned += 1;
-                    if collect(filter, record, &mut entries, page_size) {
-                        return Ok(AuditPage {
-                            entries,
-                            resume_at: next,
-                            more: next < hi,
-                        });
-                    }
-                }
-                exhausted
+                (
+                    exhausted,
+                    Box::new(chunk.into_iter().map(|r| Ok((r.seq, Some(r))))),
+                )
             }
         };
+        for candidate in candidates {
+            let (seq, record) = candidate?;
+            if seq >= hi {
+                next = hi;
+                break;
+            }
+            next = seq + 1;
+            scanned += 1;
+            if let Some(record) = record
+                && filter.matches(&record)
+            {
+                entries.push(record);
+                if entries.len() == page_size {
+                    return Ok(AuditPage {
+                        entries,
+                        resume_at: next,
+                        more: next < hi,
+                    });
+                }
+            }
+        }
         if exhausted {
             next = hi;
         } else if scanned >= SCAN_BUDGET {
@@ -198,20 +197,6 @@ pub fn query(
         resume_at: next,
         more: next < hi,
     })
-}
-
-/// Adds `record` to `entries` if it matches; true when the page is full.
-fn collect(
-    filter: &AuditFilter,
-    record: AuditRecord,
-    entries: &mut Vec<AuditRecord>,
-    page_size: usize,
-) -> bool {
-    if !filter.matches(&record) {
-        return false;
-    }
-    entries.push(record);
-    entries.len() == page_size
 }
 
 /// The sequence numbers `[lo, hi)` of the entries with `since <= time < until`.
