@@ -997,6 +997,15 @@ mod tests {
         log.publish(payloads.last().unwrap().0);
     }
 
+    /// Appends `positions` in groups of `group` (a segment is full only between appends, so
+    /// groups let small segments fill and seal).
+    fn append_in_groups(log: &AuditLog, positions: std::ops::Range<u64>, group: u64) {
+        let end = positions.end;
+        for first in positions.step_by(group as usize) {
+            append(log, first..(first + group).min(end));
+        }
+    }
+
     fn positions(log: &AuditLog, from: u64) -> Vec<u64> {
         log.read(from, usize::MAX, false)
             .unwrap()
@@ -1076,10 +1085,7 @@ mod tests {
     fn truncation_and_deletion_keep_the_rest_readable() {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open(dir.path(), 500, test_indexer()).unwrap();
-        // A segment is full only between appends: groups of five make several.
-        for first in (1..60).step_by(5) {
-            append(&log, first..(first + 5).min(60));
-        }
+        append_in_groups(&log, 1..60, 5);
         log.truncate_after(45).unwrap();
         assert_eq!(log.next_position().unwrap(), 46);
         assert_eq!(positions(&log, 0), (1..46).collect::<Vec<_>>());
@@ -1109,9 +1115,7 @@ mod tests {
     fn missing_or_damaged_index_files_are_rebuilt_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open(dir.path(), 300, test_indexer()).unwrap();
-        for first in (1..80).step_by(4) {
-            append(&log, first..(first + 4).min(80));
-        }
+        append_in_groups(&log, 1..80, 4);
         drop(log);
         let mut ndx: Vec<PathBuf> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -1136,9 +1140,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open(dir.path(), 400, test_indexer()).unwrap();
         // Sealed segments (3 and 5) and the active one (39).
-        for first in (1..40).step_by(5) {
-            append(&log, first..(first + 5).min(40));
-        }
+        append_in_groups(&log, 1..40, 5);
         log.rewrite(3, None).unwrap();
         log.rewrite(39, None).unwrap();
         log.rewrite(5, Some(b"other")).unwrap();

@@ -1266,6 +1266,18 @@ mod tests {
     use super::*;
     use crate::store::tests::{chain_key, check_indexes_against_entries, varied_draft};
 
+    /// The index keys stores kept in the tree per entry before posting blocks: index prefix
+    /// and the entry's seq.
+    fn per_entry_index_keys(record: &AuditRecord) -> Vec<Vec<u8>> {
+        codec::audit_index_prefixes(record)
+            .into_iter()
+            .map(|mut key| {
+                key.extend_from_slice(&record.seq.to_be_bytes());
+                key
+            })
+            .collect()
+    }
+
     /// Index keys that older stores kept in the tree (per entry, or posting blocks) are
     /// removed at open; queries answer from the trail's own indexes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1280,8 +1292,7 @@ mod tests {
                 .unwrap();
         }
         for record in store.audit_entries(0, usize::MAX).unwrap() {
-            for mut key in codec::audit_index_prefixes(&record) {
-                key.extend_from_slice(&record.seq.to_be_bytes());
+            for key in per_entry_index_keys(&record) {
                 store.tree.insert(key, Vec::new()).unwrap();
             }
         }
@@ -1477,8 +1488,7 @@ mod tests {
             for record in &entries {
                 tree.insert(codec::audit_key(record.seq), encode(record).unwrap())
                     .unwrap();
-                for mut key in codec::audit_index_prefixes(record) {
-                    key.extend_from_slice(&record.seq.to_be_bytes());
+                for key in per_entry_index_keys(record) {
                     tree.insert(key, Vec::new()).unwrap();
                 }
             }
