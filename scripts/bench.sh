@@ -11,30 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 duration="${1:-10s}"
 rounds="${2:-3}"
-cargo build --release --locked --bin byokd --bin byokd-bench
+# shellcheck source=scripts/bench-server.sh
+. scripts/bench-server.sh
 out="bench-results"
 mkdir -p "$out"
-work="$(mktemp -d)"
-trap 'kill "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
-token="bench-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-digest="$(printf %s "$token" | sha256sum | cut -d' ' -f1)"
-cat > "$work/byokd.toml" <<TOML
-data_dir = "data"
-[limits]
-# The benchmark measures throughput, not the abuse limits.
-principal_rate_limit = { per_second = 1000000, burst = 1000000 }
-failed_get_rate_limit = { per_second = 1000000, burst = 1000000 }
-[[principal]]
-id = "bench"
-token_sha256 = "$digest"
-roles = ["admin"]
-tenants = ["*"]
-TOML
-chmod 600 "$work/byokd.toml"
-BYOKD_LOG=warn target/release/byokd serve --config "$work/byokd.toml" --listen 127.0.0.1:0 > "$work/out" 2> "$work/log" &
-server=$!
-for _ in $(seq 100); do grep -q "listening on" "$work/out" 2>/dev/null && break; sleep 0.1; done
-target="http://$(sed -n 's/^byokd listening on //p' "$work/out")"
 bench() { target/release/byokd-bench --target "$target" --token "$token" "$@"; }
 
 echo "== all workloads, concurrency 64"
