@@ -191,91 +191,105 @@ async fn run(args: Args) -> Result<(), BoxError> {
             .map(|w| Workload::parse(w.trim()).ok_or_else(|| format!("unknown workload {w:?}")))
             .collect::<Result<_, _>>()?
     };
-    let mut baseline_child: Option<(Killed, String)> = None;
+    let mut runner = Runner {
+        tenant: format!("bench-{}", std::process::id()),
+        baseline: None,
+        prepared: None,
+    };
     let mut rounds: Vec<Vec<Report>> = Vec::new();
-    let tenant = format!("bench-{}", std::process::id());
-    let mut prepared: Option<Vec<String>> = None;
     for round in 0..args.rounds {
         if args.rounds > 1 {
             eprintln!("== round {} of {}", round + 1, args.rounds);
         }
         let mut reports = Vec::new();
         for &workload in &workloads {
-            let report = if workload == Workload::Baseline {
-                let addr = match &baseline_child {
-                    Some((_, addr)) => addr.clone(),
-                    None => {
-                        let (child, addr) = start_baseline(args.value_bytes)?;
-                        baseline_child = Some((Killed(child), addr.clone()));
-                        addr
-                    }
-                };
-                let channels = channels(&format!("http://{addr}"), args.connections).await?;
-                drive(&args, workload, move |i| {
-                    let client = BaselineClient::new(channels[i % channels.len()].clone());
-                    move |_: u64| {
-                        let mut client = client.clone();
-                        async move {
-                            client
-                                .echo(pb::GetRequest {
-                                    token: "x".repeat(52),
-                                })
-                                .await
-                                .map(drop)
-                        }
-                    }
-                })
-                .await
-            } else {
-                let channels = channels(&args.target, args.connections).await?;
-                let auth = Auth(format!("Bearer {}", args.token).parse()?);
-                let vault = |i: usize| {
-                    VaultClient::with_interceptor(
-                        channels[i % channels.len()].clone(),
-                        auth.clone(),
-                    )
-                };
-                let names = match &prepared {
-                    Some(names) => names.clone(),
-                    None => {
-                        let names =
-                            prepare(&mut vault(0), &tenant, args.secrets, args.value_bytes).await?;
-                        prepared = Some(names.clone());
-                        names
-                    }
-                };
-                let names = Arc::new(names);
-                let (tenant, value_bytes) = (tenant.clone(), args.value_bytes);
-                drive(&args, workload, move |i| {
-                    let client = vault(i);
-                    let (names, tenant) = (names.clone(), tenant.clone());
-                    let lease = Arc::new(tokio::sync::Mutex::new(None::<(String, u32)>));
-                    move |n: u64| {
-                        let (mut client, names, tenant, lease) =
-                            (client.clone(), names.clone(), tenant.clone(), lease.clone());
-                        async move {
-                            one_request(
-                                workload,
-                                &mut client,
-                                &tenant,
-                                &names,
-                                i,
-                                n,
-                                value_bytes,
-                                &lease,
-                            )
-                            .await
-                        }
-                    }
-                })
-                .await
-            };
-            reports.push(report);
+            reports.push(runner.run(&args, workload).await?);
         }
         rounds.push(reports);
     }
-    drop(baseline_child);
+    drop(runner);
     print_reports(&merge(rounds), &args)
+}
+
+/// What stays between the workloads of a run: the baseline server (started at its first run)
+/// and the secrets prepared for the read workloads.
+struct Runner {
+    tenant: String,
+    baseline: Option<(Killed, String)>,
+    prepared: Option<Vec<String>>,
+}
+
+impl Runner {
+    /// Runs `workload` once for `args.duration`.
+    async fn run(&mut self, args: &Args, workload: Workload) -> Result<Report, BoxError> {
+        Ok(if workload == Workload::Baseline {
+            let addr = match &self.baseline {
+                Some((_, addr)) => addr.clone(),
+                None => {
+                    let (child, addr) = start_baseline(args.value_bytes)?;
+                    self.baseline = Some((Killed(child), addr.clone()));
+                    addr
+                }
+            };
+            let channels = channels(&format!("http://{addr}"), args.connections).await?;
+            drive(args, workload, move |i| {
+                let client = BaselineClient::new(channels[i % channels.len()].clone());
+                move |_: u64| {
+                    let mut client = client.clone();
+                    async move {
+                        client
+                            .echo(pb::GetRequest {
+                                token: "x".repeat(52),
+                            })
+                            .await
+                            .map(drop)
+                    }
+                }
+            })
+            .await
+        } else {
+            let channels = channels(&args.target, args.connections).await?;
+            let auth = Auth(format!("Bearer {}", args.token).parse()?);
+            let vault = |i: usize| {
+                VaultClient::with_interceptor(channels[i % channels.len()].clone(), auth.clone())
+            };
+            let names = match &self.prepared {
+                Some(names) => names.clone(),
+                None => {
+                    let names =
+                        prepare(&mut vault(0), &self.tenant, args.secrets, args.value_bytes)
+                            .await?;
+                    self.prepared = Some(names.clone());
+                    names
+                }
+            };
+            let names = Arc::new(names);
+            let (tenant, value_bytes) = (self.tenant.clone(), args.value_bytes);
+            drive(args, workload, move |i| {
+                let client = vault(i);
+                let (names, tenant) = (names.clone(), tenant.clone());
+                let lease = Arc::new(tokio::sync::Mutex::new(None::<(String, u32)>));
+                move |n: u64| {
+                    let (mut client, names, tenant, lease) =
+                        (client.clone(), names.clone(), tenant.clone(), lease.clone());
+                    async move {
+                        one_request(
+                            workload,
+                            &mut client,
+                            &tenant,
+                            &names,
+                            i,
+                            n,
+                            value_bytes,
+                            &lease,
+                        )
+                        .await
+                    }
+                }
+            })
+            .await
+        })
+    }
 }
 
 /// One request (or, for lease+get, the pair) of `workload`.
