@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
@@ -376,7 +376,9 @@ async fn serve(
                 .into_server()
                 .max_decoding_message_size(config.limits.max_message_bytes),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        // TCP_NODELAY on every accepted connection: a response is a few small frames, and
+        // Nagle's algorithm would hold them back until the peer acknowledges earlier ones.
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
     let result = tokio::select! {
         result = server => result.map_err(ServeError::from),
         () = async {

@@ -29,6 +29,7 @@ use clap::Parser;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
@@ -222,6 +223,9 @@ struct Runner {
 impl Runner {
     /// Runs `workload` once for `args.duration`.
     async fn run(&mut self, args: &Args, workload: Workload) -> Result<Report, BoxError> {
+        // The baseline's requests carry the same bearer token as byokd's: the client encodes
+        // it and the no-op server receives it, like every real call.
+        let auth = Auth(format!("Bearer {}", args.token).parse()?);
         Ok(if workload == Workload::Baseline {
             let addr = match &self.baseline {
                 Some((_, addr)) => addr.clone(),
@@ -233,7 +237,10 @@ impl Runner {
             };
             let channels = channels(&format!("http://{addr}"), args.connections).await?;
             drive(args, workload, move |i| {
-                let client = BaselineClient::new(channels[i % channels.len()].clone());
+                let client = BaselineClient::with_interceptor(
+                    channels[i % channels.len()].clone(),
+                    auth.clone(),
+                );
                 move |_: u64| {
                     let mut client = client.clone();
                     async move {
@@ -249,7 +256,6 @@ impl Runner {
             .await
         } else {
             let channels = channels(&args.target, args.connections).await?;
-            let auth = Auth(format!("Bearer {}", args.token).parse()?);
             let vault = |i: usize| {
                 VaultClient::with_interceptor(channels[i % channels.len()].clone(), auth.clone())
             };
@@ -718,7 +724,7 @@ async fn serve_baseline(addr: String, value_bytes: usize) -> Result<(), BoxError
     println!("baseline listening on {}", listener.local_addr()?);
     tonic::transport::Server::builder()
         .add_service(BaselineServer::new(NoOp { value_bytes }))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
         .await?;
     Ok(())
 }
