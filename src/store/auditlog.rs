@@ -18,8 +18,11 @@
 //! changes of the entry's transaction (see `SledStore`'s recovery). Positions increase along the trail; a gap is an entry that is
 //! missing (only ever made by the tamper tests). The writer appends to the last segment (the
 //! active one) and starts a new one once it holds [`DEFAULT_SEGMENT_BYTES`]; the segment it
-//! leaves is sealed: fsynced, with an index file (`.idx`: one u64 LE offset per position,
-//! `u64::MAX` where there is no entry) written beside it and renamed into place. The active
+//! leaves is sealed on a thread of its own (`seal_in_background`: tens of milliseconds that
+//! the commits waiting for the next append need not wait for): fsynced, with an index file
+//! (`.idx`: one u64 LE offset per position, `u64::MAX` where there is no entry) and its
+//! audit index (`.ndx`) written beside it and renamed into place. Until then readers use
+//! the in-memory forms; a seal cut short by a crash is redone at open. The active
 //! segment's index is kept in memory and rebuilt at open by reading the segment, which also
 //! cuts off a frame torn by a crash. Readers never see past the position the writer last
 //! published, nor before the first position kept after a prune.
@@ -135,6 +138,8 @@ pub struct AuditLog {
     segment_bytes: u64,
     segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
     tail: Mutex<Tail>,
+    /// Seals running on their own threads (see `seal_in_background`); joined on drop.
+    sealers: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Highest position readers may see (0: none).
     visible: AtomicU64,
     /// Lowest position readers may see: after the prune anchor.
@@ -341,6 +346,32 @@ fn write_index(dir: &Path, first: u64, offsets: &[u64]) -> Result<File, StoreErr
     Ok(file)
 }
 
+/// Syncs a segment that takes no more entries and writes its index files. The files are
+/// written under read locks (the segment no longer changes) and swapped in after, so that
+/// readers are not held up meanwhile.
+fn seal(dir: &Path, segment: &Segment) -> Result<(), StoreError> {
+    segment.file.sync_all().map_err(io)?;
+    let offsets = match &*segment.offsets.read().map_err(poisoned)? {
+        Offsets::Active(v) => Some((write_index(dir, segment.first, v)?, v.len() as u64)),
+        Offsets::Sealed { .. } => None,
+    };
+    if let Some((file, count)) = offsets {
+        *segment.offsets.write().map_err(poisoned)? = Offsets::Sealed { file, count };
+    }
+    let index = match &*segment.index.read().map_err(poisoned)? {
+        index @ SegmentIndex::Active(_) => {
+            let path = segment_path(dir, segment.first, "ndx");
+            Some(index.seal(&path).map_err(index_error)?)
+        }
+        SegmentIndex::Sealed { .. } => None,
+    };
+    if let Some(index) = index {
+        sync_dir(dir)?;
+        *segment.index.write().map_err(poisoned)? = index;
+    }
+    Ok(())
+}
+
 impl AuditLog {
     /// Opens (or creates) the trail in `dir`, cutting off a torn tail; `indexer` gives the
     /// index keys of a stored record.
@@ -438,6 +469,7 @@ impl AuditLog {
                 len: tail_len,
                 unsynced: Vec::new(),
             }),
+            sealers: Mutex::new(Vec::new()),
             visible: AtomicU64::new(0),
             start: AtomicU64::new(0),
         };
@@ -499,8 +531,9 @@ impl AuditLog {
             Some(segment) if tail.len < self.segment_bytes => segment,
             previous => {
                 if let Some(previous) = previous {
-                    self.seal(&previous)?;
-                    tail.unsynced.retain(|s| !Arc::ptr_eq(s, &previous));
+                    // If frames of it are not synced yet it stays in `unsynced`: the next
+                    // `sync` covers them, whether or not the seal has got that far.
+                    self.seal_in_background(previous)?;
                 }
                 let segment = self.create_segment(first_position)?;
                 tail.len = 0;
@@ -595,22 +628,48 @@ impl AuditLog {
         Ok(segment)
     }
 
-    /// Syncs a segment and writes its index file: it takes no more entries.
-    fn seal(&self, segment: &Segment) -> Result<(), StoreError> {
-        segment.file.sync_all().map_err(io)?;
-        let mut offsets = segment.offsets.write().map_err(poisoned)?;
-        if let Offsets::Active(v) = &*offsets {
-            let count = v.len() as u64;
-            let file = write_index(&self.dir, segment.first, v)?;
-            *offsets = Offsets::Sealed { file, count };
-        }
-        let mut index = segment.index.write().map_err(poisoned)?;
-        if let SegmentIndex::Active(_) = &*index {
-            let path = segment_path(&self.dir, segment.first, "ndx");
-            *index = index.seal(&path).map_err(index_error)?;
-            sync_dir(&self.dir)?;
-        }
+    /// Seals `segment`, which takes no more entries, on a thread of its own: writing its
+    /// index files takes tens of milliseconds that appends (and the commits waiting for them)
+    /// need not wait for. Until it is done, readers use the in-memory offsets and index; if
+    /// it fails or the process dies first, the next open writes them again.
+    fn seal_in_background(&self, segment: Arc<Segment>) -> Result<(), StoreError> {
+        let dir = self.dir.clone();
+        let mut sealers = self.sealers.lock().map_err(poisoned)?;
+        sealers.retain(|h| !h.is_finished());
+        let spawned = std::thread::Builder::new()
+            .name("byokd-audit-seal".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                match seal(&dir, &segment) {
+                    Ok(()) => tracing::info!(
+                        segment = segment.first,
+                        entries = segment.count(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "sealed audit segment"
+                    ),
+                    Err(e) => tracing::error!(
+                        segment = segment.first,
+                        error = %e,
+                        "could not seal an audit segment; its index stays in memory until the next open rebuilds it"
+                    ),
+                }
+            })
+            .map_err(io)?;
+        sealers.push(spawned);
         Ok(())
+    }
+
+    /// Returns once every seal started so far is done.
+    pub fn wait_for_seals(&self) {
+        let sealers = match self.sealers.lock() {
+            Ok(mut sealers) => std::mem::take(&mut *sealers),
+            Err(_) => return,
+        };
+        for sealer in sealers {
+            if sealer.join().is_err() {
+                tracing::error!("an audit segment's seal panicked");
+            }
+        }
     }
 
     /// Up to `limit` positions `>= from` of the entries readers may see that carry the index
@@ -748,6 +807,7 @@ impl AuditLog {
 
     /// Removes every entry after `position` (recovery only: nothing after it was acknowledged).
     pub fn truncate_after(&self, position: u64) -> Result<(), StoreError> {
+        self.wait_for_seals();
         let mut tail = self.tail.lock().map_err(poisoned)?;
         let mut segments = self.segments.write().map_err(poisoned)?;
         let later: Vec<u64> = segments
@@ -796,6 +856,8 @@ impl AuditLog {
     /// Deletes the segments whose every position is at or before `position` (pruned); the
     /// active segment stays.
     pub fn delete_through(&self, position: u64) -> Result<(), StoreError> {
+        // A seal in progress would write index files for a segment deleted under it.
+        self.wait_for_seals();
         let mut segments = self.segments.write().map_err(poisoned)?;
         let firsts: Vec<u64> = segments.keys().copied().collect();
         let mut deleted = false;
@@ -829,6 +891,7 @@ impl AuditLog {
     /// Replaces the entry at `position` with `payload`, or removes it (`None`), rewriting its
     /// segment. Only for tests that tamper with a stopped server's trail.
     pub fn rewrite(&self, position: u64, payload: Option<&[u8]>) -> Result<(), StoreError> {
+        self.wait_for_seals();
         let mut tail = self.tail.lock().map_err(poisoned)?;
         let segments = self.segments.read().map_err(poisoned)?;
         let Some((_, segment)) = segments.range(..=position).next_back() else {
@@ -918,6 +981,14 @@ impl AuditLog {
         self.visible
             .store(self.last_position()?.unwrap_or(0), Ordering::Release);
         Ok(())
+    }
+}
+
+impl Drop for AuditLog {
+    /// A seal in progress finishes before the trail is closed: a store reopened in the same
+    /// process must not find its files half written.
+    fn drop(&mut self) {
+        self.wait_for_seals();
     }
 }
 
@@ -1109,6 +1180,67 @@ mod tests {
         log.set_start(31);
         assert_eq!(positions(&log, 0), (31..50).collect::<Vec<_>>());
         check_lookups(&log, 40);
+    }
+
+    #[test]
+    fn segments_seal_in_the_background_and_unsynced_frames_stay_for_the_next_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), 300, test_indexer()).unwrap();
+        append_in_groups(&log, 1..60, 4);
+        // Readable and indexed at once, whether or not the seals are done.
+        assert_eq!(positions(&log, 0), (1..60).collect::<Vec<_>>());
+        check_lookups(&log, 0);
+        log.wait_for_seals();
+        let segments: Vec<Arc<Segment>> = log.segments.read().unwrap().values().cloned().collect();
+        assert!(segments.len() >= 3, "{}", segments.len());
+        let (active, sealed) = segments.split_last().unwrap();
+        for segment in sealed {
+            assert!(matches!(
+                *segment.offsets.read().unwrap(),
+                Offsets::Sealed { .. }
+            ));
+            assert!(matches!(
+                *segment.index.read().unwrap(),
+                SegmentIndex::Sealed { .. }
+            ));
+            assert!(segment_path(dir.path(), segment.first, "idx").exists());
+            assert!(segment_path(dir.path(), segment.first, "ndx").exists());
+        }
+        assert!(matches!(
+            *active.offsets.read().unwrap(),
+            Offsets::Active(_)
+        ));
+        check_lookups(&log, 0);
+
+        // Frames appended without a sync before the segment fills: the segment is handed to
+        // its seal, and the next sync still covers it.
+        let (p, r) = (payload(60), redo(60));
+        log.append(&[frame(60, &p, &r)]).unwrap();
+        let mut next = 61;
+        while log.segments.read().unwrap().len() == segments.len() {
+            let (p, r) = (payload(next), redo(next));
+            log.append(&[frame(next, &p, &r)]).unwrap();
+            next += 1;
+        }
+        let unsynced: Vec<u64> = log
+            .tail
+            .lock()
+            .unwrap()
+            .unsynced
+            .iter()
+            .map(|s| s.first)
+            .collect();
+        assert_eq!(unsynced.len(), 2, "{unsynced:?}");
+        assert!(unsynced.contains(&active.first), "{unsynced:?}");
+        log.sync().unwrap();
+        assert!(log.tail.lock().unwrap().unsynced.is_empty());
+        log.publish(next - 1);
+        assert_eq!(positions(&log, 0), (1..next).collect::<Vec<_>>());
+        drop(log);
+        let log = AuditLog::open(dir.path(), 300, test_indexer()).unwrap();
+        log.publish(next - 1);
+        assert_eq!(positions(&log, 0), (1..next).collect::<Vec<_>>());
+        check_lookups(&log, 0);
     }
 
     #[test]
