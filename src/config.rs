@@ -126,6 +126,8 @@ pub struct Config {
     pub metrics: Option<MetricsConfig>,
     /// The store's page cache, in bytes.
     pub store_cache_bytes: u64,
+    /// Size at which the audit trail starts a new segment, in bytes.
+    pub audit_segment_bytes: u64,
 }
 
 /// The ops listener: plaintext HTTP `GET /metrics` and `grpc.health.v1` (h2c), for
@@ -240,6 +242,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct StoreFile {
     cache_size_mb: Option<u64>,
+    audit_segment_kb: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -504,8 +507,18 @@ impl Config {
                 ));
             }
         };
+        let audit_segment_bytes = match file.store.audit_segment_kb {
+            None => crate::store::DEFAULT_AUDIT_SEGMENT_BYTES,
+            Some(kb @ 64..=1_048_576) => kb * 1024,
+            Some(_) => {
+                return Err(ConfigError::Invalid(
+                    "store.audit_segment_kb: between 64 and 1048576".into(),
+                ));
+            }
+        };
         Ok(Self {
             store_cache_bytes,
+            audit_segment_bytes,
             metrics,
             tls,
             limits,
@@ -764,6 +777,26 @@ mod tests {
         assert_eq!(c.lease, LeasePolicy::default());
         assert!(c.principals.is_empty());
         assert_eq!(c.audit_retention, None);
+    }
+
+    #[test]
+    fn store_sizes_have_defaults_and_bounds() {
+        let c = load("").unwrap();
+        assert_eq!(c.store_cache_bytes, crate::store::DEFAULT_CACHE_BYTES);
+        assert_eq!(
+            c.audit_segment_bytes,
+            crate::store::DEFAULT_AUDIT_SEGMENT_BYTES
+        );
+        let c = load("[store]\ncache_size_mb = 64\naudit_segment_kb = 256\n").unwrap();
+        assert_eq!(c.store_cache_bytes, 64 << 20);
+        assert_eq!(c.audit_segment_bytes, 256 << 10);
+        for bad in [
+            "[store]\ncache_size_mb = 8\n",
+            "[store]\naudit_segment_kb = 63\n",
+            "[store]\naudit_segment_kb = 1048577\n",
+        ] {
+            assert!(matches!(load(bad), Err(ConfigError::Invalid(_))), "{bad}");
+        }
     }
 
     #[test]

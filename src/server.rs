@@ -189,7 +189,7 @@ pub async fn run(
     create_private_dir(&config.data_dir)?;
     let path = config.data_dir.join("db");
     let store: Arc<dyn Store> = Arc::new(
-        SledStore::open_with_cache(&path, config.store_cache_bytes)
+        SledStore::open_with(&path, config.store_cache_bytes, config.audit_segment_bytes)
             .map_err(|source| ServeError::OpenStore { path, source })?,
     );
     let result = serve(config, options, store.clone(), announce, shutdown).await;

@@ -24,6 +24,7 @@ use crate::model::{
     SecretId, SecretName, SecretRecord, TenantId, Time, TokenHash,
 };
 
+pub use self::auditlog::DEFAULT_SEGMENT_BYTES as DEFAULT_AUDIT_SEGMENT_BYTES;
 pub use self::sled::{DEFAULT_CACHE_BYTES, SledStore};
 
 /// Errors of the storage layer.

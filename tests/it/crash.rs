@@ -44,8 +44,10 @@ async fn acknowledged_writes_and_uses_survive_repeated_kill_9() {
                 .as_nanos() as u64
         });
     eprintln!("crash test: {kills} kills, BYOKD_CRASH_SEED={seed}");
+    // 256 KiB audit segments: kills land while segments fill, seal and start anew.
     let dir = TestDir::with_config(
-        "[limits]\nfailed_get_rate_limit = { per_second = 100000, burst = 100000 }\n",
+        "[store]\naudit_segment_kb = 256\n\
+         [limits]\nfailed_get_rate_limit = { per_second = 100000, burst = 100000 }\n",
     );
     let state = Arc::new(Mutex::new(State::default()));
     for round in 0..kills {
@@ -143,13 +145,20 @@ async fn acknowledged_writes_and_uses_survive_repeated_kill_9() {
     let server = dir.start();
     verify(&server, &state).await;
     let s = state.lock().unwrap();
+    // The kills landed on a trail that kept starting new segments (and sealing full ones).
+    let segments = std::fs::read_dir(dir.path().join("data/db/audit"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension() == Some("log".as_ref()))
+        .count();
     eprintln!(
-        "crash test: {} acknowledged writes, {} secrets, {} consumed leases survived {kills} kills",
+        "crash test: {} acknowledged writes, {} secrets, {} consumed leases survived {kills} kills \
+         ({segments} audit segments)",
         s.acked,
         s.values.len(),
         s.consumed.len()
     );
     assert!(s.acked > 0 && !s.consumed.is_empty());
+    assert!(segments >= 2, "{segments} audit segments");
 }
 
 /// Everything acknowledged is there after a restart, no consumed use is back, and the audit
