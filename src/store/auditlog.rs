@@ -659,13 +659,13 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Returns once every seal started so far is done.
+    /// Returns once every seal started so far is done (holding the list meanwhile, so that
+    /// a concurrent caller waits for the same seals).
     pub fn wait_for_seals(&self) {
-        let sealers = match self.sealers.lock() {
-            Ok(mut sealers) => std::mem::take(&mut *sealers),
-            Err(_) => return,
+        let Ok(mut sealers) = self.sealers.lock() else {
+            return;
         };
-        for sealer in sealers {
+        for sealer in sealers.drain(..) {
             if sealer.join().is_err() {
                 tracing::error!("an audit segment's seal panicked");
             }
