@@ -396,16 +396,12 @@ impl SledStore {
     /// Opens (or creates) the database in `dir`. sled locks the directory: a second process
     /// cannot open it.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
-    }
-
-    /// Opens (or creates) the database in `dir` with a page cache of `cache_bytes`.
-    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        Self::open_with(dir, cache_bytes, auditlog::DEFAULT_SEGMENT_BYTES)
+        Self::open_with(dir, DEFAULT_CACHE_BYTES, auditlog::DEFAULT_SEGMENT_BYTES)
     }
 
     /// Opens (or creates) the database in `dir` with a page cache of `cache_bytes` and audit
-    /// segments of `segment_bytes` (small ones let tests cross segments).
+    /// segments of `segment_bytes` (`[store]` in the config; small ones let tests cross
+    /// segments).
     pub fn open_with(dir: &Path, cache_bytes: u64, segment_bytes: u64) -> Result<Self, StoreError> {
         let started = std::time::Instant::now();
         let db = open_db(dir, cache_bytes)?;
