@@ -1214,9 +1214,7 @@ mod tests {
 
         // Frames appended without a sync before the segment fills: the segment is handed to
         // its seal, and the next sync still covers it.
-        let (p, r) = (payload(60), redo(60));
-        log.append(&[frame(60, &p, &r)]).unwrap();
-        let mut next = 61;
+        let mut next = 60;
         while log.segments.read().unwrap().len() == segments.len() {
             let (p, r) = (payload(next), redo(next));
             log.append(&[frame(next, &p, &r)]).unwrap();
