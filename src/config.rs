@@ -124,6 +124,9 @@ pub struct Config {
     pub limits: Limits,
     /// The ops listener (Prometheus metrics and gRPC health); `None`: not served.
     pub metrics: Option<MetricsConfig>,
+    /// How often the store and the master key are probed for health (`[metrics]
+    /// health_interval`; health is served on the main port too).
+    pub health_interval: Duration,
     /// The store's page cache, in bytes.
     pub store_cache_bytes: u64,
     /// Size at which the audit trail starts a new segment, in bytes.
@@ -136,8 +139,6 @@ pub struct Config {
 pub struct MetricsConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// How often the store and the master key are probed for health.
-    pub health_interval: Duration,
 }
 
 /// How often health is probed, by default.
@@ -494,10 +495,7 @@ impl Config {
                 "metrics.health_interval: must be positive".into(),
             ));
         }
-        let metrics = metrics_listen.map(|listen| MetricsConfig {
-            listen,
-            health_interval,
-        });
+        let metrics = metrics_listen.map(|listen| MetricsConfig { listen });
         let store_cache_bytes = match file.store.cache_size_mb {
             None => crate::store::DEFAULT_CACHE_BYTES,
             Some(mb @ 16..=1_048_576) => mb * 1024 * 1024,
@@ -520,6 +518,7 @@ impl Config {
             store_cache_bytes,
             audit_segment_bytes,
             metrics,
+            health_interval,
             tls,
             limits,
             listen,

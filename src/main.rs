@@ -12,6 +12,7 @@ use byokd::audit::RecordedHead;
 use byokd::auth::{PRINCIPAL_TOKEN_PREFIX, token_digest};
 use byokd::config::{self, Config, LogFormat, Overrides};
 use byokd::model::Time;
+use byokd::offline::Repair;
 use byokd::server::{self, Announcement, ServeOptions};
 
 /// Exit code for a failure to start, run or complete.
@@ -124,6 +125,17 @@ enum AuditCommand {
         /// A head recorded earlier, as SEQ:HEXHASH; the trail must still reach it.
         #[arg(long, value_parser = parse_head)]
         expect_head: Option<RecordedHead>,
+    },
+    /// Find where a damaged audit trail breaks (a stopped server's data directory) and, with
+    /// --apply, cut it there and record what was lost in a `Repair` entry. Exit code 0:
+    /// intact, or repaired; 3: damaged, nothing changed (without --apply); 1: failed.
+    Repair {
+        #[command(flatten)]
+        location: Location,
+        /// Cut the trail (copies of the damaged files are kept), end every outstanding
+        /// lease, and record the repair in the trail.
+        #[arg(long)]
+        apply: bool,
     },
     /// Write audit entries as JSON lines (one object per line, RFC 3339 times) to stdout.
     Export {
@@ -307,6 +319,35 @@ fn audit(command: AuditCommand) -> ExitCode {
                             println!("audit chain BROKEN at entry {seq}: {why}");
                             ExitCode::from(EXIT_BROKEN_CHAIN)
                         }
+                    }
+                },
+            )
+        }
+        AuditCommand::Repair { location, apply } => {
+            let config = match location.load(None, None, None) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            run_async(
+                byokd::offline::repair_audit(&config, apply),
+                |outcome| match outcome {
+                    Repair::NothingToDo => {
+                        println!("the audit trail is intact; nothing to repair");
+                        ExitCode::SUCCESS
+                    }
+                    Repair::Planned(plan) => {
+                        println!("audit trail DAMAGED: {}", plan.damage);
+                        println!(
+                            "a repair cuts the trail before entry {}, keeps copies of the damaged files, \
+                             ends {} outstanding leases and records this in the trail; \
+                             run again with --apply to do it (or restore a backup instead)",
+                            plan.damage.first_lost, plan.leases
+                        );
+                        ExitCode::from(EXIT_BROKEN_CHAIN)
+                    }
+                    Repair::Done { seq, note } => {
+                        println!("repaired: recorded as audit entry {seq}: {note}");
+                        ExitCode::SUCCESS
                     }
                 },
             )

@@ -506,11 +506,17 @@ pub enum Action {
     Rewrap,
     /// `Backup`
     Backup,
+    /// `byokd audit repair` cut a damaged audit trail (not an RPC); the reason says what was
+    /// lost.
+    Repair,
+    /// Requests refused before they reached the vault (too many unauthenticated requests
+    /// from one host), counted: one entry per host and interval (not an RPC).
+    Throttled,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 15] = [
+    pub const ALL: [Action; 17] = [
         Action::Store,
         Action::Describe,
         Action::List,
@@ -526,6 +532,8 @@ impl Action {
         Action::GetRotationStatus,
         Action::Rewrap,
         Action::Backup,
+        Action::Repair,
+        Action::Throttled,
     ];
 
     /// The RPC's name, as recorded and as filtered on.
@@ -546,6 +554,8 @@ impl Action {
             Action::GetRotationStatus => "GetRotationStatus",
             Action::Rewrap => "Rewrap",
             Action::Backup => "Backup",
+            Action::Repair => "Repair",
+            Action::Throttled => "Throttled",
         }
     }
 
@@ -557,7 +567,7 @@ impl Action {
             .ok_or_else(|| {
                 ValidationError::new(
                     field,
-                    "unknown action (an RPC name such as Get, or Prune, Rewrap)",
+                    "unknown action (an RPC name such as Get, or Prune, Rewrap, Repair, Throttled)",
                 )
             })
     }

@@ -12,9 +12,9 @@ use crate::api::v1::{self as pb, vault_client::VaultClient};
 use crate::audit::{self, RecordedHead, Verification};
 use crate::backup::{BackupHeader, BackupReader};
 use crate::config::Config;
-use crate::model::{AuditRecord, Time};
+use crate::model::{Action, AuditDraft, AuditRecord, Time};
 use crate::server::{Initialise, ServeError, open_keys, open_store};
-use crate::store::{SledStore, Store};
+use crate::store::{MetaKey, RepairPlan, SledStore, Store, StoreError, Transaction, Write};
 
 /// Verifies the audit chain of the configured data directory (needs its master key).
 pub async fn verify_audit(
@@ -23,7 +23,22 @@ pub async fn verify_audit(
     to: u64,
     recorded: Option<RecordedHead>,
 ) -> Result<Verification, ServeError> {
-    let store = open_store(&config.data_dir)?;
+    let store = match open_store(&config.data_dir) {
+        Ok(store) => store,
+        // A trail too damaged to open is a broken chain, not a failure to check it.
+        Err(ServeError::OpenStore {
+            source: StoreError::TrailDamaged(damage),
+            ..
+        }) => {
+            return Ok(Verification {
+                checked: 0,
+                broken: Some((damage.first_lost, format!("the trail is damaged: {damage}"))),
+                head: None,
+                anchor_seq: 0,
+            });
+        }
+        Err(e) => return Err(e),
+    };
     let result = async {
         let keys = open_keys(
             &config.master_key,
@@ -33,6 +48,89 @@ pub async fn verify_audit(
         )
         .await?;
         audit::verify(&store, &keys.chain, from, to, recorded).map_err(audit_error)
+    }
+    .await;
+    store.close().await?;
+    result
+}
+
+/// What `byokd audit repair` found or did.
+#[derive(Debug)]
+pub enum Repair {
+    /// The trail is intact and no repair is pending.
+    NothingToDo,
+    /// The trail is damaged; nothing was changed (run again with `apply`).
+    Planned(RepairPlan),
+    /// The trail was cut and the cut recorded in a `Repair` entry: its seq and reason.
+    Done {
+        /// Seq of the `Repair` entry.
+        seq: u64,
+        /// What it says.
+        note: String,
+    },
+}
+
+/// Finds where the audit trail of the configured (stopped) data directory is damaged, and
+/// with `apply` cuts it there: the damaged files are copied into
+/// `<data_dir>/audit-quarantine/<time>/` first, every outstanding lease ends, and a `Repair`
+/// entry chained after the last entry kept records what was lost. Needs the master key.
+pub async fn repair_audit(config: &Config, apply: bool) -> Result<Repair, ServeError> {
+    crate::server::raise_open_files_limit();
+    let db = config.data_dir.join("db");
+    let open_error = |source| ServeError::OpenStore {
+        path: db.clone(),
+        source,
+    };
+    let plan = SledStore::plan_repair(&db).map_err(open_error)?;
+    if !apply {
+        return Ok(match plan {
+            Some(plan) => Repair::Planned(plan),
+            None => Repair::NothingToDo,
+        });
+    }
+    if let Some(plan) = &plan {
+        let stamp = Time::now().to_rfc3339().replace(':', "");
+        let quarantine = config.data_dir.join("audit-quarantine").join(stamp);
+        let note = format!(
+            "byokd audit repair: the trail was cut before entry {first}, where it was damaged \
+             ({damage}); entries from {first} on are lost (copies of the damaged segment files: \
+             {quarantine}); {leases} outstanding leases were ended, so that no use recorded \
+             only in a lost entry can be redeemed again",
+            first = plan.damage.first_lost,
+            damage = plan.damage,
+            quarantine = quarantine.display(),
+            leases = plan.leases,
+        );
+        SledStore::apply_repair(&db, plan, &quarantine, &note).map_err(open_error)?;
+        tracing::warn!(%note, "audit trail cut");
+    }
+    let store = open_store(&config.data_dir)?;
+    let result = async {
+        let note = match store.meta(MetaKey::RepairPending)? {
+            Some(note) if !note.is_empty() => String::from_utf8_lossy(&note).into_owned(),
+            _ => return Ok(Repair::NothingToDo),
+        };
+        let keys = open_keys(
+            &config.master_key,
+            &store,
+            Initialise::Never,
+            &config.data_dir,
+        )
+        .await?;
+        store.start_audit_chain(keys.chain).await?;
+        let mut entry = AuditDraft::new(Action::Repair, None, None);
+        entry.reason = note.clone();
+        let committed = store
+            .commit(Transaction {
+                writes: vec![Write::PutMeta(MetaKey::RepairPending, Vec::new())],
+                audit: Some(entry),
+                ..Default::default()
+            })
+            .await?;
+        Ok(Repair::Done {
+            seq: committed.audit_seq.unwrap_or(0),
+            note,
+        })
     }
     .await;
     store.close().await?;

@@ -146,6 +146,11 @@ pub enum ServeError {
     /// A backup could not be restored; the data directory was left without data.
     #[error("restore: {0}")]
     Restore(String),
+    /// `byokd audit repair --apply` cut the trail but did not get to record it.
+    #[error(
+        "an audit repair cut the trail but its Repair entry is not recorded yet; run `byokd audit repair --apply` again"
+    )]
+    RepairPending,
     /// Randomness for the bootstrap token failed.
     #[error("random number generator: {0}")]
     Rng(crate::crypto::CryptoError),
@@ -219,6 +224,12 @@ async fn serve(
         &config.data_dir,
     )
     .await?;
+    if store
+        .meta(MetaKey::RepairPending)?
+        .is_some_and(|note| !note.is_empty())
+    {
+        return Err(ServeError::RepairPending);
+    }
     let (version, key_id) = keys.keyring.current();
     tracing::info!(version, key_id, "master key verified");
     store.start_audit_chain(keys.chain.clone()).await?;
@@ -271,7 +282,6 @@ async fn serve(
         .await;
     let (stop_ops_tx, stop_ops) = tokio::sync::watch::channel(false);
     let mut ops_task = None;
-    let mut monitor = None;
     if let Some(metrics) = config.metrics {
         let listener =
             TcpListener::bind(metrics.listen)
@@ -292,13 +302,13 @@ async fn serve(
             stop_ops.clone(),
         )));
         announce(Announcement::Ops(addr));
-        monitor = Some(tokio::spawn(monitor_health(
-            vault.clone(),
-            health.clone(),
-            metrics.health_interval,
-            stop_ops.clone(),
-        )));
     }
+    let monitor = tokio::spawn(monitor_health(
+        vault.clone(),
+        health.clone(),
+        config.health_interval,
+        stop_ops.clone(),
+    ));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -396,7 +406,8 @@ async fn serve(
     if let Some(task) = retention {
         task.abort();
     }
-    for task in [ops_task, monitor].into_iter().flatten() {
+    monitor.abort();
+    if let Some(task) = ops_task {
         task.abort();
     }
     result
@@ -423,7 +434,7 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, serving: bo
 }
 
 /// Probes the store and the master key every `interval` and reports the result as the
-/// readiness health, until shutdown.
+/// readiness health, and liveness NOT_SERVING once the store failed for good, until shutdown.
 async fn monitor_health(
     vault: Arc<Vault>,
     reporter: tonic_health::server::HealthReporter,
@@ -431,6 +442,7 @@ async fn monitor_health(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut serving = true;
+    let mut alive = true;
     loop {
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
@@ -447,6 +459,16 @@ async fn monitor_health(
         }
         serving = probe.is_ok();
         set_health(&reporter, serving).await;
+        // Only a restart clears a store whose durability is unknown: say so to liveness.
+        if alive && vault.needs_restart() {
+            alive = false;
+            tracing::error!(
+                "liveness: NOT_SERVING (the store failed for good; restart the process)"
+            );
+            reporter
+                .set_service_status(LIVENESS, ServingStatus::NotServing)
+                .await;
+        }
     }
 }
 

@@ -151,8 +151,11 @@ impl VaultError {
             VaultError::Lease(_) => Outcome::NotFound,
             VaultError::Contention | VaultError::Store(StoreError::Conflict) => Outcome::Aborted,
             VaultError::Decrypt(_) => Outcome::DataLoss,
-            VaultError::Store(StoreError::Closed | StoreError::Poisoned)
-            | VaultError::Audit(AuditError::Store(StoreError::Closed | StoreError::Poisoned)) => {
+            VaultError::Store(e)
+            | VaultError::Audit(AuditError::Store(e))
+            | VaultError::Rotation(RotationError::Store(e))
+                if e.is_unavailable() =>
+            {
                 Outcome::Unavailable
             }
             VaultError::Keyring(KeyringError::Unavailable(_))
@@ -163,9 +166,6 @@ impl VaultError {
             | VaultError::Rotation(RotationError::Keyring(KeyringError::KeyUnusable(_)))
             | VaultError::Rotation(RotationError::InProgress(_)) => Outcome::FailedPrecondition,
             VaultError::Rotation(RotationError::NoSuchJob(_)) => Outcome::NotFound,
-            VaultError::Rotation(RotationError::Store(
-                StoreError::Closed | StoreError::Poisoned,
-            )) => Outcome::Unavailable,
             VaultError::Store(_)
             | VaultError::Audit(AuditError::Store(_))
             | VaultError::Keyring(_)
@@ -572,9 +572,17 @@ impl Vault {
         result
     }
 
+    /// True once the store failed in a way only a restart clears.
+    pub fn needs_restart(&self) -> bool {
+        self.store.failed_for_good()
+    }
+
     async fn try_probe(&self) -> Result<(), String> {
         if !self.store.writable() {
-            return Err("the store refuses writes after a failed flush".into());
+            return Err(
+                "the store refuses writes (after a failed write or flush, or while the audit trail is damaged)"
+                    .into(),
+            );
         }
         let state = KeyringState::load(&*self.store)
             .map_err(|e| format!("keyring state: {e}"))?

@@ -32,11 +32,11 @@ use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use super::StoreError;
 use super::auditindex::{self, Indexer, SegmentIndex};
+use super::{StoreError, TrailDamage};
 
 /// A segment is sealed once it holds this many bytes.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 32 * 1024 * 1024;
@@ -123,6 +123,16 @@ impl Segment {
     }
 }
 
+/// What a reader could not read: a frame (at `position`) or an index block of `segment`.
+struct Unreadable {
+    segment: Arc<Segment>,
+    position: u64,
+    why: String,
+}
+
+/// A read's result, or what it could not read.
+type Attempt<T> = Result<T, Unreadable>;
+
 /// The writer's end of the trail.
 struct Tail {
     /// Bytes in the active segment.
@@ -144,6 +154,8 @@ pub struct AuditLog {
     visible: AtomicU64,
     /// Lowest position readers may see: after the prune anchor.
     start: AtomicU64,
+    /// Damage found since open (by a reader or the scrub): appends are refused.
+    damage: Mutex<Option<TrailDamage>>,
 }
 
 fn io(e: std::io::Error) -> StoreError {
@@ -301,29 +313,137 @@ impl<'a> FrameReader<'a> {
     }
 }
 
-/// Reads every valid frame of a segment from its start: the offsets by position (from
-/// `first`), and the length of the valid prefix (a torn or corrupt tail is not part of it).
-/// With `indexer`, also the segment's index.
-fn scan(file: &File, first: u64, indexer: Option<&Indexer>) -> (Vec<u64>, u64, SegmentIndex) {
+/// What reading a segment from its start found.
+struct Scan {
+    /// Offsets by position (from the segment's first), [`NONE`] where there is no entry.
+    offsets: Vec<u64>,
+    /// Length of the valid prefix.
+    valid: u64,
+    /// The segment's index (when asked for).
+    index: SegmentIndex,
+    /// Where the valid prefix ends short of the end of the file, and why.
+    bad: Option<BadFrame>,
+}
+
+/// Bytes that are not the next frame.
+struct BadFrame {
+    offset: u64,
+    reason: String,
+    /// A valid frame, but out of order: never the result of a torn write.
+    out_of_order: bool,
+}
+
+/// Reads every valid frame of a segment from its start, up to the end of the file or the
+/// first bytes that are not the next frame. With `indexer`, also builds the segment's index.
+fn scan(file: &File, first: u64, indexer: Option<&Indexer>) -> Scan {
     let mut reader = FrameReader::new(file);
     let mut offsets = Vec::new();
     let mut index = SegmentIndex::new();
     let mut at = 0u64;
-    while let Ok(Some((frame, len))) = reader.frame_at(at) {
-        let expected = first + offsets.len() as u64;
-        if frame.position < expected {
-            break;
+    let bad = loop {
+        match reader.frame_at(at) {
+            Ok(None) => break None,
+            Err(reason) => {
+                break Some(BadFrame {
+                    offset: at,
+                    reason,
+                    out_of_order: false,
+                });
+            }
+            Ok(Some((frame, len))) => {
+                let expected = first + offsets.len() as u64;
+                if frame.position < expected {
+                    break Some(BadFrame {
+                        offset: at,
+                        reason: format!(
+                            "entry {} where entry {expected} or later belongs",
+                            frame.position
+                        ),
+                        out_of_order: true,
+                    });
+                }
+                while first + (offsets.len() as u64) < frame.position {
+                    offsets.push(NONE);
+                }
+                if let Some(indexer) = indexer {
+                    index.add(offsets.len() as u32, &indexer(&frame.payload));
+                }
+                offsets.push(at);
+                at += len as u64;
+            }
         }
-        while first + (offsets.len() as u64) < frame.position {
-            offsets.push(NONE);
-        }
-        if let Some(indexer) = indexer {
-            index.add(offsets.len() as u32, &indexer(&frame.payload));
-        }
-        offsets.push(at);
-        at += len as u64;
+    };
+    Scan {
+        offsets,
+        valid: at,
+        index,
+        bad,
     }
-    (offsets, at, index)
+}
+
+/// The offset of a valid frame of position `expected` or later that starts after `offset`,
+/// if any. A bad frame with valid frames after it is damage; without, it is the last write,
+/// torn by a crash.
+fn frame_after(file: &File, offset: u64, expected: u64) -> Result<Option<u64>, StoreError> {
+    const CHUNK: usize = 1 << 20;
+    let end = file.metadata().map_err(io)?.len();
+    let mut reader = FrameReader::new(file);
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = offset + 1;
+    while at + HEADER as u64 <= end {
+        let want = ((end - at) as usize).min(CHUNK);
+        file.read_exact_at(&mut buf[..want], at).map_err(io)?;
+        let candidates = want + 1 - HEADER;
+        for i in 0..candidates {
+            let header = &buf[i..i + HEADER];
+            let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+            if !(HEADER - 8..=MAX_PAYLOAD).contains(&len) {
+                continue;
+            }
+            let mut position = [0u8; 8];
+            position.copy_from_slice(&header[8..16]);
+            let position = u64::from_le_bytes(position);
+            // Positions of one write are consecutive: anything far off is not a frame.
+            if position < expected || position - expected > 1 << 32 {
+                continue;
+            }
+            let candidate = at + i as u64;
+            if let Ok(Some((frame, _))) = reader.frame_at(candidate)
+                && frame.position == position
+            {
+                return Ok(Some(candidate));
+            }
+        }
+        at += candidates as u64;
+    }
+    Ok(None)
+}
+
+/// The damage at `offset` of segment `first`.
+fn damage(dir: &Path, first: u64, offset: u64, reason: String, first_lost: u64) -> StoreError {
+    StoreError::TrailDamaged(Box::new(TrailDamage {
+        location: format!(
+            "{} at offset {offset}",
+            segment_path(dir, first, "log").display()
+        ),
+        reason,
+        first_lost,
+    }))
+}
+
+/// The damage of a segment whose valid frames end at `offset` after its entry `last`
+/// while the next segment starts at `next`.
+fn gap(dir: &Path, first: u64, offset: u64, last: u64, next: u64) -> StoreError {
+    let reason = if next > last + 1 {
+        format!(
+            "the segment ends with entry {last} but the next one starts at entry {next}: entries {}..={} are missing",
+            last + 1,
+            next - 1
+        )
+    } else {
+        format!("the segment holds entries up to {last} but the next one starts at entry {next}")
+    };
+    damage(dir, first, offset, reason, (last + 1).min(next))
 }
 
 /// Writes `bytes` to `path` through `<path>.tmp` (synced, then renamed over `path`; a leftover
@@ -372,82 +492,247 @@ fn seal(dir: &Path, segment: &Segment) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The first positions of the segments in `dir`, in order. Removes the `.tmp` files a seal
+/// that did not finish left (the seal is redone).
+fn list_segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
+    let mut firsts = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let name = entry.map_err(io)?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(first) = name
+            .strip_suffix(".log")
+            .and_then(|f| f.parse::<u64>().ok())
+        {
+            firsts.push(first);
+        } else if name.ends_with(".tmp") {
+            std::fs::remove_file(dir.join(&*name)).map_err(io)?;
+        }
+    }
+    firsts.sort_unstable();
+    Ok(firsts)
+}
+
+/// Reads the active segment at open (its index files were never written). A bad frame with
+/// nothing valid after it, past every acknowledged entry, is the last write torn by a crash:
+/// it is cut off. Anything else is damage.
+fn open_active(
+    dir: &Path,
+    file: &File,
+    first: u64,
+    indexer: &Indexer,
+    acknowledged: u64,
+) -> Result<Scan, StoreError> {
+    let _ = std::fs::remove_file(segment_path(dir, first, "idx"));
+    let _ = std::fs::remove_file(segment_path(dir, first, "ndx"));
+    let scan = scan(file, first, Some(indexer));
+    let Some(bad) = &scan.bad else {
+        return Ok(scan);
+    };
+    if let Some(damage) = active_damage(dir, file, first, &scan, acknowledged)? {
+        return Err(damage);
+    }
+    let len = file.metadata().map_err(io)?.len();
+    tracing::warn!(
+        segment = first,
+        offset = bad.offset,
+        bytes = len - bad.offset,
+        reason = %bad.reason,
+        "cut off the audit trail's last write, torn by a crash (it was never acknowledged)"
+    );
+    file.set_len(scan.valid).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    Ok(scan)
+}
+
+/// The damage of the active segment `first` whose scan ended at a bad frame, or `None` if
+/// that is the last write, torn by a crash: nothing valid after it, past every acknowledged
+/// entry.
+fn active_damage(
+    dir: &Path,
+    file: &File,
+    first: u64,
+    scan: &Scan,
+    acknowledged: u64,
+) -> Result<Option<StoreError>, StoreError> {
+    let Some(bad) = &scan.bad else {
+        return Ok(None);
+    };
+    let expected = first + scan.offsets.len() as u64;
+    let why = if bad.out_of_order {
+        Some(String::new())
+    } else if expected <= acknowledged {
+        Some(format!(
+            "; entry {expected} was acknowledged (the records reflect entries through {acknowledged})"
+        ))
+    } else {
+        frame_after(file, bad.offset, expected)?.map(|at| {
+            format!(", and a valid entry follows at offset {at} (not a write torn by a crash)")
+        })
+    };
+    Ok(why.map(|why| {
+        damage(
+            dir,
+            first,
+            bad.offset,
+            format!("{}{why}", bad.reason),
+            expected,
+        )
+    }))
+}
+
+/// The offsets of a sealed segment whose successor starts at `next`. The offset file is
+/// derived from the segment: if it is missing or does not fit the segment, it is written
+/// again from a scan. The segment itself must be complete: valid frames from its first
+/// entry to the one before `next`, up to the end of the file.
+fn sealed_offsets(dir: &Path, file: &File, first: u64, next: u64) -> Result<Offsets, StoreError> {
+    let expected = next.saturating_sub(first);
+    match open_file(&segment_path(dir, first, "idx"), false) {
+        Ok(idx) => {
+            if offsets_fit(&idx, file, first, expected)? {
+                return Ok(Offsets::Sealed {
+                    file: idx,
+                    count: expected,
+                });
+            }
+            tracing::warn!(
+                segment = first,
+                "the audit offset file does not fit its segment; checking the segment and rewriting it"
+            );
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let offsets = complete_offsets(dir, file, first, next)?;
+    let idx = write_index(dir, first, &offsets)?;
+    Ok(Offsets::Sealed {
+        file: idx,
+        count: expected,
+    })
+}
+
+/// Scans a sealed segment that its successor follows at `next`: its offsets (padded with
+/// [`NONE`] up to `next`), or the damage that makes it incomplete.
+fn complete_offsets(
+    dir: &Path,
+    file: &File,
+    first: u64,
+    next: u64,
+) -> Result<Vec<u64>, StoreError> {
+    let Scan {
+        mut offsets,
+        valid,
+        bad,
+        ..
+    } = scan(file, first, None);
+    if let Some(bad) = bad {
+        return Err(damage(
+            dir,
+            first,
+            bad.offset,
+            bad.reason,
+            first + offsets.len() as u64,
+        ));
+    }
+    let end = first + offsets.len() as u64;
+    if offsets.is_empty() || end != next {
+        return Err(gap(dir, first, valid, end - 1, next));
+    }
+    offsets.resize(next.saturating_sub(first) as usize, NONE);
+    Ok(offsets)
+}
+
+/// Whether an offset file fits its segment: one offset per position up to the next
+/// segment, and the last entry ends where the segment file ends. (Cheap: a damaged middle
+/// is found when it is read, or by the scrub.)
+fn offsets_fit(idx: &File, file: &File, first: u64, expected: u64) -> Result<bool, StoreError> {
+    let len = idx.metadata().map_err(io)?.len();
+    if len % 8 != 0 || len / 8 != expected {
+        return Ok(false);
+    }
+    let offsets = Offsets::Sealed {
+        file: idx.try_clone().map_err(io)?,
+        count: expected,
+    };
+    let mut i = expected;
+    while i > 0 {
+        let from = i.saturating_sub(1024);
+        let chunk = offsets.read(from, i - from)?;
+        if let Some(k) = chunk.iter().rposition(|&o| o != NONE) {
+            let position = first + from + k as u64;
+            let end = file.metadata().map_err(io)?.len();
+            return Ok(match FrameReader::new(file).frame_at(chunk[k]) {
+                Ok(Some((frame, len))) => {
+                    frame.position == position && chunk[k] + len as u64 == end
+                }
+                _ => false,
+            });
+        }
+        i = from;
+    }
+    Ok(false)
+}
+
+/// A sealed segment's audit index: its file, or rebuilt from the segment if missing or
+/// damaged (it is derived from the segment).
+fn sealed_index(
+    dir: &Path,
+    file: &File,
+    first: u64,
+    indexer: &Indexer,
+) -> Result<SegmentIndex, StoreError> {
+    let ndx_path = segment_path(dir, first, "ndx");
+    match auditindex::load(&ndx_path) {
+        Ok(index) => Ok(index),
+        Err(why) => {
+            if ndx_path.exists() {
+                tracing::warn!(segment = first, why, "rebuilding a damaged audit index");
+            }
+            let scan = scan(file, first, Some(indexer));
+            let sealed = scan.index.seal(&ndx_path).map_err(index_error)?;
+            sync_dir(dir)?;
+            Ok(sealed)
+        }
+    }
+}
+
 impl AuditLog {
     /// Opens (or creates) the trail in `dir`, cutting off a torn tail; `indexer` gives the
     /// index keys of a stored record.
     pub fn open(dir: &Path, segment_bytes: u64, indexer: Indexer) -> Result<Self, StoreError> {
+        Self::open_acknowledged(dir, segment_bytes, indexer, 0)
+    }
+
+    /// [`AuditLog::open`] for a trail whose entries up to `acknowledged` are known to have
+    /// been made durable (the records reflect them): a bad frame among those is damage, never
+    /// a torn write. Fails with [`StoreError::TrailDamaged`] where the trail is not a valid,
+    /// complete, contiguous run of frames; only the last write, torn by a crash, is cut off.
+    pub fn open_acknowledged(
+        dir: &Path,
+        segment_bytes: u64,
+        indexer: Indexer,
+        acknowledged: u64,
+    ) -> Result<Self, StoreError> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(io)?;
-        let mut firsts = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(io)? {
-            let name = entry.map_err(io)?.file_name();
-            let name = name.to_string_lossy();
-            if let Some(first) = name
-                .strip_suffix(".log")
-                .and_then(|f| f.parse::<u64>().ok())
-            {
-                firsts.push(first);
-            } else if name.ends_with(".tmp") {
-                // Left by a seal that did not finish: the seal is redone below.
-                std::fs::remove_file(dir.join(&*name)).map_err(io)?;
-            }
-        }
-        firsts.sort_unstable();
+        let firsts = list_segments(dir)?;
         let mut segments = BTreeMap::new();
         let mut tail_len = 0;
         for (i, &first) in firsts.iter().enumerate() {
             let path = segment_path(dir, first, "log");
             let file = open_file(&path, false).map_err(io)?;
-            let last = i + 1 == firsts.len();
-            let idx_path = segment_path(dir, first, "idx");
-            let ndx_path = segment_path(dir, first, "ndx");
-            let (offsets, index) = if last {
-                // The active segment: its index files were never written; a crash may have
-                // torn its last frame.
-                let _ = std::fs::remove_file(&idx_path);
-                let _ = std::fs::remove_file(&ndx_path);
-                let (offsets, valid, index) = scan(&file, first, Some(&indexer));
-                if file.metadata().map_err(io)?.len() > valid {
-                    file.set_len(valid).map_err(io)?;
-                    file.sync_all().map_err(io)?;
+            let (offsets, index) = match firsts.get(i + 1) {
+                None => {
+                    let scan = open_active(dir, &file, first, &indexer, acknowledged)?;
+                    tail_len = scan.valid;
+                    (Offsets::Active(scan.offsets), scan.index)
                 }
-                tail_len = valid;
-                (Offsets::Active(offsets), index)
-            } else {
-                let offsets = match open_file(&idx_path, false) {
-                    Ok(idx) => {
-                        let count = idx.metadata().map_err(io)?.len() / 8;
-                        Offsets::Sealed { file: idx, count }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        let (offsets, _, _) = scan(&file, first, None);
-                        let count = offsets.len() as u64;
-                        let idx = write_index(dir, first, &offsets)?;
-                        Offsets::Sealed { file: idx, count }
-                    }
-                    Err(e) => return Err(io(e)),
-                };
-                let index = match auditindex::load(&ndx_path) {
-                    Ok(index) => index,
-                    Err(why) => {
-                        // Derived from the segment: rebuild it.
-                        if ndx_path.exists() {
-                            tracing::warn!(
-                                segment = first,
-                                why,
-                                "rebuilding a damaged audit index"
-                            );
-                        }
-                        let (_, _, index) = scan(&file, first, Some(&indexer));
-                        let sealed = index.seal(&ndx_path).map_err(index_error)?;
-                        sync_dir(dir)?;
-                        sealed
-                    }
-                };
-                (offsets, index)
+                Some(&next) => (
+                    sealed_offsets(dir, &file, first, next)?,
+                    sealed_index(dir, &file, first, &indexer)?,
+                ),
             };
             segments.insert(
                 first,
@@ -472,10 +757,274 @@ impl AuditLog {
             sealers: Mutex::new(Vec::new()),
             visible: AtomicU64::new(0),
             start: AtomicU64::new(0),
+            damage: Mutex::new(None),
         };
         log.visible
             .store(log.last_position()?.unwrap_or(0), Ordering::Release);
         Ok(log)
+    }
+
+    /// The trail's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The first position of the first segment, if there is one.
+    pub fn first_position(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .segments
+            .read()
+            .map_err(poisoned)?
+            .keys()
+            .next()
+            .copied())
+    }
+
+    /// The damage found since open, if any: appends are refused while there is some.
+    pub fn damage(&self) -> Option<TrailDamage> {
+        self.damage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records damage found while the store runs: from now on appends are refused.
+    fn mark_damaged(&self, found: TrailDamage) {
+        let mut damage = self.damage.lock().unwrap_or_else(|p| p.into_inner());
+        if damage.is_none() {
+            tracing::error!(
+                damage = %found,
+                "the audit trail is damaged; refusing every write until an operator restores \
+                 the data directory from a backup or runs `byokd audit repair`"
+            );
+            *damage = Some(found);
+        }
+    }
+
+    /// Reads a segment whole and checks it against its offsets: damage is an error; offsets
+    /// that do not fit a sound sealed segment are written again (they are derived from it):
+    /// `Ok(true)` then.
+    fn examine(&self, segment: &Arc<Segment>) -> Result<bool, StoreError> {
+        let next = self
+            .segments
+            .read()
+            .map_err(poisoned)?
+            .range(segment.first + 1..)
+            .next()
+            .map(|(&first, _)| first);
+        let Some(next) = next else {
+            // The active segment: its offsets come from a scan at open and the appends since;
+            // the file must still say the same.
+            let _tail = self.tail.lock().map_err(poisoned)?;
+            let found = scan(&segment.file, segment.first, None);
+            let held = segment
+                .offsets
+                .read()
+                .map_err(poisoned)?
+                .read(0, u64::MAX)?;
+            if let Some(bad) = found.bad {
+                return Err(damage(
+                    &self.dir,
+                    segment.first,
+                    bad.offset,
+                    bad.reason,
+                    segment.first + found.offsets.len() as u64,
+                ));
+            }
+            if found.offsets != held {
+                let at = found.offsets.iter().zip(&held).position(|(a, b)| a != b);
+                let k = at.unwrap_or(found.offsets.len().min(held.len()));
+                return Err(damage(
+                    &self.dir,
+                    segment.first,
+                    found.valid,
+                    "the segment changed under the running server".into(),
+                    segment.first + k as u64,
+                ));
+            }
+            return Ok(false);
+        };
+        let offsets = complete_offsets(&self.dir, &segment.file, segment.first, next)?;
+        let mut held = segment.offsets.write().map_err(poisoned)?;
+        if held.read(0, u64::MAX)? == offsets {
+            return Ok(false);
+        }
+        tracing::warn!(
+            segment = segment.first,
+            "the audit offset file does not fit its segment; writing it again"
+        );
+        let file = write_index(&self.dir, segment.first, &offsets)?;
+        *held = Offsets::Sealed {
+            file,
+            count: offsets.len() as u64,
+        };
+        Ok(true)
+    }
+
+    /// Builds a segment's audit index again from the segment (after a damaged index block).
+    fn reindex(&self, segment: &Arc<Segment>) -> Result<(), StoreError> {
+        let sealed = self
+            .segments
+            .read()
+            .map_err(poisoned)?
+            .range(segment.first + 1..)
+            .next()
+            .is_some();
+        let found = scan(&segment.file, segment.first, Some(&self.indexer));
+        let index = if sealed {
+            let path = segment_path(&self.dir, segment.first, "ndx");
+            let index = found.index.seal(&path).map_err(index_error)?;
+            sync_dir(&self.dir)?;
+            index
+        } else {
+            found.index
+        };
+        *segment.index.write().map_err(poisoned)? = index;
+        Ok(())
+    }
+
+    /// Reads every sealed segment whole (open only checks their ends): damage found makes
+    /// the trail refuse appends; offset files that do not fit are written again. Returns the
+    /// damage found, if any.
+    pub fn scrub(&self, stop: &AtomicBool) -> Result<Option<TrailDamage>, StoreError> {
+        let segments: Vec<Arc<Segment>> = self
+            .segments
+            .read()
+            .map_err(poisoned)?
+            .values()
+            .cloned()
+            .collect();
+        let Some((_, sealed)) = segments.split_last() else {
+            return Ok(None);
+        };
+        for segment in sealed {
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            match self.examine(segment) {
+                Ok(_) => {}
+                Err(StoreError::TrailDamaged(found)) => {
+                    self.mark_damaged((*found).clone());
+                    return Ok(Some(*found));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// For `byokd audit repair`, on a trail nobody has open: reads every segment whole and
+    /// returns the first damage. `expected_first`: the entry the trail must start with (after
+    /// the prune anchor); `acknowledged`: the last entry the records reflect.
+    pub fn find_damage(
+        dir: &Path,
+        expected_first: u64,
+        acknowledged: u64,
+    ) -> Result<Option<TrailDamage>, StoreError> {
+        let damaged = |e: StoreError| match e {
+            StoreError::TrailDamaged(found) => Ok(Some(*found)),
+            other => Err(other),
+        };
+        if !dir.exists() {
+            return Ok((acknowledged >= expected_first).then(|| TrailDamage {
+                location: dir.display().to_string(),
+                reason: format!(
+                    "the trail is gone, but the records reflect entries through {acknowledged}"
+                ),
+                first_lost: expected_first,
+            }));
+        }
+        let firsts = list_segments(dir)?;
+        if let Some(&first) = firsts.first()
+            && first > expected_first
+        {
+            return Ok(Some(TrailDamage {
+                location: segment_path(dir, first, "log").display().to_string(),
+                reason: format!(
+                    "the trail starts at entry {first}, but entries from {expected_first} on were never pruned (a segment is missing)"
+                ),
+                first_lost: expected_first,
+            }));
+        }
+        let mut end = expected_first;
+        for (i, &first) in firsts.iter().enumerate() {
+            let file = open_file(&segment_path(dir, first, "log"), false).map_err(io)?;
+            match firsts.get(i + 1) {
+                Some(&next) => {
+                    if let Err(e) = complete_offsets(dir, &file, first, next) {
+                        return damaged(e);
+                    }
+                }
+                None => {
+                    let found = scan(&file, first, None);
+                    if let Some(e) = active_damage(dir, &file, first, &found, acknowledged)? {
+                        return damaged(e);
+                    }
+                    end = first + found.offsets.len() as u64;
+                }
+            }
+        }
+        if end <= acknowledged {
+            return Ok(Some(TrailDamage {
+                location: format!("{} (its end)", dir.display()),
+                reason: format!(
+                    "the trail ends before entry {end}, but the records reflect entries through {acknowledged}"
+                ),
+                first_lost: end,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// For `byokd audit repair`, on a trail nobody has open: copies every segment holding
+    /// entries from `first_lost` on into `quarantine`, then cuts the trail before
+    /// `first_lost` (those segments' files go; the one it falls in keeps its entries before
+    /// it and becomes the active segment). Returns the files copied.
+    pub fn cut_before(
+        dir: &Path,
+        first_lost: u64,
+        quarantine: &Path,
+    ) -> Result<Vec<PathBuf>, StoreError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(quarantine)
+            .map_err(io)?;
+        let firsts = list_segments(dir)?;
+        let mut copied = Vec::new();
+        for (i, &first) in firsts.iter().enumerate() {
+            if firsts.get(i + 1).is_some_and(|&next| next <= first_lost) {
+                continue;
+            }
+            for ext in ["log", "idx", "ndx"] {
+                let from = segment_path(dir, first, ext);
+                if from.exists() {
+                    let to = quarantine.join(from.file_name().unwrap_or_default());
+                    std::fs::copy(&from, &to).map_err(io)?;
+                    copied.push(to);
+                }
+            }
+            let path = segment_path(dir, first, "log");
+            if first >= first_lost {
+                std::fs::remove_file(&path).map_err(io)?;
+            } else {
+                let file = open_file(&path, false).map_err(io)?;
+                let found = scan(&file, first, None);
+                let keep = (first_lost - first) as usize;
+                let cut = found
+                    .offsets
+                    .get(keep..)
+                    .and_then(|rest| rest.iter().find(|&&o| o != NONE))
+                    .copied()
+                    .unwrap_or(found.valid);
+                file.set_len(cut).map_err(io)?;
+                file.sync_all().map_err(io)?;
+            }
+            let _ = std::fs::remove_file(segment_path(dir, first, "idx"));
+            let _ = std::fs::remove_file(segment_path(dir, first, "ndx"));
+        }
+        sync_dir(dir)?;
+        Ok(copied)
     }
 
     /// The position after the last one written (1 for an empty trail).
@@ -512,6 +1061,9 @@ impl AuditLog {
         let Some(first_position) = frames.first().map(|f| f.position) else {
             return Ok(());
         };
+        if let Some(damage) = self.damage() {
+            return Err(StoreError::TrailDamaged(Box::new(damage)));
+        }
         let mut tail = self.tail.lock().map_err(poisoned)?;
         let next = self.next_position()?;
         if first_position < next {
@@ -530,13 +1082,15 @@ impl AuditLog {
         let active = match active {
             Some(segment) if tail.len < self.segment_bytes => segment,
             previous => {
+                // The new segment first: if it cannot be created (no file descriptor left,
+                // say), nothing changed and the next append tries again.
+                let segment = self.create_segment(first_position)?;
+                tail.len = 0;
                 if let Some(previous) = previous {
                     // If frames of it are not synced yet it stays in `unsynced`: the next
                     // `sync` covers them, whether or not the seal has got that far.
-                    self.seal_in_background(previous)?;
+                    self.seal_in_background(previous);
                 }
-                let segment = self.create_segment(first_position)?;
-                tail.len = 0;
                 segment
             }
         };
@@ -564,7 +1118,14 @@ impl AuditLog {
             expected += 1;
             encode_frame(&mut buf, frame);
         }
-        active.file.write_all_at(&buf, tail.len).map_err(io)?;
+        if let Err(e) = active.file.write_all_at(&buf, tail.len) {
+            // None of it counts: offsets and index are untouched, and whatever reached the
+            // file goes, so that the next append starts at the same place.
+            return match active.file.set_len(tail.len) {
+                Ok(()) => Err(StoreError::Transient(format!("audit log: {e}"))),
+                Err(_) => Err(io(e)),
+            };
+        }
         tail.len += buf.len() as u64;
         {
             let mut index = active.index.write().map_err(poisoned)?;
@@ -609,11 +1170,18 @@ impl AuditLog {
         self.start.fetch_max(position, Ordering::AcqRel);
     }
 
+    /// Starts the segment `first`. Fails with [`StoreError::Transient`] if the file cannot
+    /// be made: the trail is as it was.
     fn create_segment(&self, first: u64) -> Result<Arc<Segment>, StoreError> {
+        let transient = |e: std::io::Error| {
+            StoreError::Transient(format!("audit log: cannot start segment {first}: {e}"))
+        };
         let path = segment_path(&self.dir, first, "log");
-        let file = open_file(&path, true).map_err(io)?;
-        file.set_len(0).map_err(io)?;
-        sync_dir(&self.dir)?;
+        let file = open_file(&path, true).map_err(transient)?;
+        file.set_len(0).map_err(transient)?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(transient)?;
         let segment = Arc::new(Segment {
             first,
             path,
@@ -632,9 +1200,9 @@ impl AuditLog {
     /// index files takes tens of milliseconds that appends (and the commits waiting for them)
     /// need not wait for. Until it is done, readers use the in-memory offsets and index; if
     /// it fails or the process dies first, the next open writes them again.
-    fn seal_in_background(&self, segment: Arc<Segment>) -> Result<(), StoreError> {
+    fn seal_in_background(&self, segment: Arc<Segment>) {
         let dir = self.dir.clone();
-        let mut sealers = self.sealers.lock().map_err(poisoned)?;
+        let mut sealers = self.sealers.lock().unwrap_or_else(|p| p.into_inner());
         sealers.retain(|h| !h.is_finished());
         let spawned = std::thread::Builder::new()
             .name("byokd-audit-seal".into())
@@ -653,10 +1221,12 @@ impl AuditLog {
                         "could not seal an audit segment; its index stays in memory until the next open rebuilds it"
                     ),
                 }
-            })
-            .map_err(io)?;
-        sealers.push(spawned);
-        Ok(())
+            });
+        match spawned {
+            Ok(handle) => sealers.push(handle),
+            // Readers keep the in-memory forms; the next open seals it.
+            Err(e) => tracing::error!(error = %e, "could not start an audit segment's seal"),
+        }
     }
 
     /// Returns once every seal started so far is done (holding the list meanwhile, so that
@@ -675,6 +1245,33 @@ impl AuditLog {
     /// Up to `limit` positions `>= from` of the entries readers may see that carry the index
     /// key `key`, in order.
     pub fn lookup(&self, key: &[u8], from: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+        match self.lookup_once(key, from, limit)? {
+            Ok(found) => Ok(found),
+            Err(Unreadable { segment, why, .. }) => {
+                // The index is derived from the segment: build it again and look once more.
+                tracing::warn!(
+                    segment = segment.first,
+                    why,
+                    "rebuilding a damaged audit index"
+                );
+                self.reindex(&segment)?;
+                match self.lookup_once(key, from, limit)? {
+                    Ok(found) => Ok(found),
+                    Err(Unreadable { segment, why, .. }) => {
+                        Err(corrupt(&segment, format!("index: {why}")))
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`AuditLog::lookup`], or the segment whose index could not be read and why.
+    fn lookup_once(
+        &self,
+        key: &[u8],
+        from: u64,
+        limit: usize,
+    ) -> Result<Attempt<Vec<u64>>, StoreError> {
         let from = from.max(self.start.load(Ordering::Acquire)).max(1);
         let last = self.visible.load(Ordering::Acquire);
         let segments: Vec<Arc<Segment>> = {
@@ -688,12 +1285,20 @@ impl AuditLog {
                 break;
             }
             let relative = u32::try_from(from.saturating_sub(segment.first)).unwrap_or(u32::MAX);
-            let found = segment
-                .index
-                .read()
-                .map_err(poisoned)?
-                .lookup(key, relative, limit - out.len())
-                .map_err(|why| corrupt(&segment, format!("index: {why}")))?;
+            let found = match segment.index.read().map_err(poisoned)?.lookup(
+                key,
+                relative,
+                limit - out.len(),
+            ) {
+                Ok(found) => found,
+                Err(why) => {
+                    return Ok(Err(Unreadable {
+                        segment: segment.clone(),
+                        position: 0,
+                        why,
+                    }));
+                }
+            };
             for relative in found {
                 let position = segment.first + u64::from(relative);
                 if position > last || out.len() >= limit {
@@ -702,17 +1307,52 @@ impl AuditLog {
                 out.push(position);
             }
         }
-        Ok(out)
+        Ok(Ok(out))
     }
 
     /// Up to `limit` frames at positions `>= from`, in order, among those readers may see
     /// (`unpublished`: the writer's view, everything appended).
+    /// A frame that does not read back makes the trail damaged (appends stop), unless it was
+    /// the offset file that was wrong: that is derived, so it is written again.
     pub fn read(
         &self,
         from: u64,
         limit: usize,
         unpublished: bool,
     ) -> Result<Vec<Frame>, StoreError> {
+        let mut rewritten = false;
+        loop {
+            match self.read_once(from, limit, unpublished)? {
+                Ok(frames) => return Ok(frames),
+                Err(Unreadable {
+                    segment,
+                    position,
+                    why,
+                }) => {
+                    if !rewritten {
+                        match self.examine(&segment) {
+                            Ok(true) => {
+                                rewritten = true;
+                                continue;
+                            }
+                            Ok(false) => {}
+                            Err(StoreError::TrailDamaged(damage)) => self.mark_damaged(*damage),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    return Err(corrupt(&segment, format!("entry {position}: {why}")));
+                }
+            }
+        }
+    }
+
+    /// [`AuditLog::read`], or the segment, position and reason of a frame that did not read.
+    fn read_once(
+        &self,
+        from: u64,
+        limit: usize,
+        unpublished: bool,
+    ) -> Result<Attempt<Vec<Frame>>, StoreError> {
         let from = from.max(self.start.load(Ordering::Acquire)).max(1);
         let last = if unpublished {
             u64::MAX
@@ -733,7 +1373,7 @@ impl AuditLog {
             let mut reader = FrameReader::new(&segment.file);
             loop {
                 if out.len() >= limit || position > last {
-                    return Ok(out);
+                    return Ok(Ok(out));
                 }
                 let want = (limit - out.len()).min(4096) as u64;
                 let offsets = segment
@@ -746,34 +1386,32 @@ impl AuditLog {
                 }
                 for offset in offsets {
                     if out.len() >= limit || position > last {
-                        return Ok(out);
+                        return Ok(Ok(out));
                     }
                     if offset != NONE {
-                        let frame = match reader.frame_at(offset) {
-                            Ok(Some((frame, _))) => frame,
-                            Ok(None) => {
-                                return Err(corrupt(
-                                    &segment,
-                                    format!("entry {position} is missing"),
-                                ));
+                        let why = match reader.frame_at(offset) {
+                            Ok(Some((frame, _))) if frame.position == position => {
+                                out.push(frame);
+                                position += 1;
+                                continue;
                             }
-                            Err(why) => {
-                                return Err(corrupt(&segment, format!("entry {position}: {why}")));
+                            Ok(Some((frame, _))) => {
+                                format!("stored as entry {} at offset {offset}", frame.position)
                             }
+                            Ok(None) => format!("missing at offset {offset}"),
+                            Err(why) => format!("{why} at offset {offset}"),
                         };
-                        if frame.position != position {
-                            return Err(corrupt(
-                                &segment,
-                                format!("entry {position} is stored as {}", frame.position),
-                            ));
-                        }
-                        out.push(frame);
+                        return Ok(Err(Unreadable {
+                            segment: segment.clone(),
+                            position,
+                            why,
+                        }));
                     }
                     position += 1;
                 }
             }
         }
-        Ok(out)
+        Ok(Ok(out))
     }
 
     /// The last entry readers may see.
@@ -822,7 +1460,7 @@ impl AuditLog {
             }
         }
         if let Some(segment) = segments.values().next_back() {
-            let (mut offsets, _, _) = scan(&segment.file, segment.first, None);
+            let mut offsets = scan(&segment.file, segment.first, None).offsets;
             let keep = (position + 1).saturating_sub(segment.first) as usize;
             let cut = offsets
                 .get(keep..)
@@ -840,7 +1478,7 @@ impl AuditLog {
             segment.file.sync_all().map_err(io)?;
             let _ = std::fs::remove_file(segment_path(&self.dir, segment.first, "idx"));
             let _ = std::fs::remove_file(segment_path(&self.dir, segment.first, "ndx"));
-            let (_, _, index) = scan(&segment.file, segment.first, Some(&self.indexer));
+            let index = scan(&segment.file, segment.first, Some(&self.indexer)).index;
             *segment.offsets.write().map_err(poisoned)? = Offsets::Active(offsets);
             *segment.index.write().map_err(poisoned)? = index;
             tail.len = len;
@@ -1152,6 +1790,232 @@ mod tests {
         assert_eq!(positions(&log, 0), (1..7).collect::<Vec<_>>());
     }
 
+    /// The files of the segments in `dir`, in order.
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension() == Some("log".as_ref()))
+            .collect();
+        logs.sort();
+        logs
+    }
+
+    fn flip(path: &Path, at: u64) {
+        let file = open_file(path, false).unwrap();
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, at).unwrap();
+        file.write_all_at(&[byte[0] ^ 0x40], at).unwrap();
+    }
+
+    fn damage_of(result: Result<AuditLog, StoreError>) -> TrailDamage {
+        match result {
+            Err(StoreError::TrailDamaged(damage)) => *damage,
+            Err(e) => panic!("expected damage, got {e}"),
+            Ok(_) => panic!("expected damage, the trail opened"),
+        }
+    }
+
+    #[test]
+    fn a_bad_frame_with_valid_frames_after_it_is_damage_not_a_torn_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), 1 << 20, test_indexer()).unwrap();
+        append_in_groups(&log, 1..31, 3);
+        drop(log);
+        let path = segment_path(dir.path(), 1, "log");
+        let len = std::fs::metadata(&path).unwrap().len();
+        flip(&path, len / 3);
+        let damage = damage_of(AuditLog::open(dir.path(), 1 << 20, test_indexer()));
+        assert!(
+            damage
+                .location
+                .contains("00000000000000000001.log at offset"),
+            "{damage}"
+        );
+        assert!(damage.reason.contains("a valid entry follows"), "{damage}");
+        assert!((5..15).contains(&damage.first_lost), "{damage}");
+        // Nothing was cut: the evidence stays for the operator.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        assert_eq!(
+            AuditLog::find_damage(dir.path(), 1, 0).unwrap(),
+            Some(damage.clone())
+        );
+
+        // A repair keeps the entries before the damage and copies the files aside.
+        let quarantine = dir.path().join("q");
+        let copied = AuditLog::cut_before(dir.path(), damage.first_lost, &quarantine).unwrap();
+        assert_eq!(copied, vec![quarantine.join("00000000000000000001.log")]);
+        assert_eq!(std::fs::metadata(&copied[0]).unwrap().len(), len);
+        let log = AuditLog::open(dir.path(), 1 << 20, test_indexer()).unwrap();
+        assert_eq!(
+            positions(&log, 0),
+            (1..damage.first_lost).collect::<Vec<_>>()
+        );
+        assert_eq!(AuditLog::find_damage(dir.path(), 1, 0).unwrap(), None);
+    }
+
+    #[test]
+    fn a_bad_last_frame_the_records_reflect_is_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), 1 << 20, test_indexer()).unwrap();
+        append(&log, 1..6);
+        drop(log);
+        let path = segment_path(dir.path(), 1, "log");
+        let len = std::fs::metadata(&path).unwrap().len();
+        flip(&path, len - 2);
+        let damage = damage_of(AuditLog::open_acknowledged(
+            dir.path(),
+            1 << 20,
+            test_indexer(),
+            5,
+        ));
+        assert_eq!(damage.first_lost, 5, "{damage}");
+        assert!(damage.reason.contains("acknowledged"), "{damage}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        // Not acknowledged: a torn write, cut.
+        let log = AuditLog::open_acknowledged(dir.path(), 1 << 20, test_indexer(), 4).unwrap();
+        assert_eq!(positions(&log, 0), (1..5).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_truncated_or_missing_sealed_segment_is_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), 300, test_indexer()).unwrap();
+        append_in_groups(&log, 1..80, 4);
+        drop(log);
+        let logs = segment_files(dir.path());
+        assert!(logs.len() >= 4, "{logs:?}");
+        let copy = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, copy.path().join(path.file_name().unwrap())).unwrap();
+        }
+
+        // Cut short by a few bytes (inside its last frame).
+        let len = std::fs::metadata(&logs[1]).unwrap().len();
+        open_file(&logs[1], false)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+        let damage = damage_of(AuditLog::open(dir.path(), 300, test_indexer()));
+        assert!(
+            damage.location.starts_with(&*logs[1].to_string_lossy()),
+            "{damage}"
+        );
+
+        // A middle segment deleted.
+        let dir = copy;
+        let logs = segment_files(dir.path());
+        std::fs::remove_file(&logs[2]).unwrap();
+        let damage = damage_of(AuditLog::open(dir.path(), 300, test_indexer()));
+        assert!(damage.reason.contains("are missing"), "{damage}");
+        let second: u64 = logs[2]
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .parse()
+            .unwrap();
+        assert_eq!(damage.first_lost, second);
+        assert_eq!(
+            AuditLog::find_damage(dir.path(), 1, 0)
+                .unwrap()
+                .map(|d| d.first_lost),
+            Some(second)
+        );
+        // The first segment gone: the trail starts late.
+        std::fs::remove_file(&logs[0]).unwrap();
+        let found = AuditLog::find_damage(dir.path(), 1, 0).unwrap().unwrap();
+        assert_eq!(found.first_lost, 1, "{found}");
+    }
+
+    #[test]
+    fn damage_inside_a_sealed_segment_stops_appends_once_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), 300, test_indexer()).unwrap();
+        append_in_groups(&log, 1..60, 4);
+        drop(log);
+        let logs = segment_files(dir.path());
+        let len = std::fs::metadata(&logs[1]).unwrap().len();
+        flip(&logs[1], len / 2);
+        // Open checks only the ends of sealed segments.
+        let log = AuditLog::open(dir.path(), 300, test_indexer()).unwrap();
+        log.publish(59);
+        assert_eq!(log.damage(), None);
+        // A reader finds it...
+        assert!(matches!(
+            log.read(0, usize::MAX, false),
+            Err(StoreError::Corrupt { .. })
+        ));
+        let found = log.damage().expect("marked damaged");
+        assert!(
+            found.location.starts_with(&*logs[1].to_string_lossy()),
+            "{found}"
+        );
+        // ... and appends stop.
+        let (p, r) = (payload(60), redo(60));
+        assert!(matches!(
+            log.append(&[frame(60, &p, &r)]),
+            Err(StoreError::TrailDamaged(_))
+        ));
+        // So does the scrub, without a reader.
+        drop(log);
+        let log = AuditLog::open(dir.path(), 300, test_indexer()).unwrap();
+        let scrubbed = log.scrub(&AtomicBool::new(false)).unwrap();
+        assert_eq!(scrubbed, Some(found));
+        assert!(log.damage().is_some());
+    }
+
+    #[test]
+    fn a_damaged_offset_file_is_written_again_from_its_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), 300, test_indexer()).unwrap();
+        append_in_groups(&log, 1..60, 4);
+        drop(log);
+        let idx = segment_path(dir.path(), 1, "idx");
+        // An offset in the middle: open does not see it, a reader does.
+        flip(&idx, 8 * 3);
+        let log = AuditLog::open(dir.path(), 300, test_indexer()).unwrap();
+        log.publish(59);
+        assert_eq!(positions(&log, 0), (1..60).collect::<Vec<_>>());
+        assert_eq!(log.damage(), None);
+        // Its length: open sees it.
+        drop(log);
+        open_file(&idx, false).unwrap().set_len(8).unwrap();
+        let log = AuditLog::open(dir.path(), 300, test_indexer()).unwrap();
+        log.publish(59);
+        assert_eq!(positions(&log, 0), (1..60).collect::<Vec<_>>());
+        assert_eq!(log.scrub(&AtomicBool::new(false)).unwrap(), None);
+    }
+
+    #[test]
+    fn a_segment_that_cannot_be_started_fails_the_append_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), 300, test_indexer()).unwrap();
+        append_in_groups(&log, 1..20, 4);
+        let next = log.next_position().unwrap();
+        let mut p = next;
+        // Fill the active segment, then make its successor's file impossible to create.
+        while log.tail.lock().unwrap().len < 300 {
+            append(&log, p..p + 1);
+            p += 1;
+        }
+        let blocker = segment_path(dir.path(), p, "log");
+        std::fs::create_dir(&blocker).unwrap();
+        let (body, extra) = (payload(p), redo(p));
+        assert!(matches!(
+            log.append(&[frame(p, &body, &extra)]),
+            Err(StoreError::Transient(_))
+        ));
+        assert_eq!(log.next_position().unwrap(), p);
+        std::fs::remove_dir(&blocker).unwrap();
+        append(&log, p..p + 3);
+        assert_eq!(positions(&log, 0), (1..p + 3).collect::<Vec<_>>());
+        drop(log);
+        let log = AuditLog::open(dir.path(), 300, test_indexer()).unwrap();
+        log.publish(p + 2);
+        assert_eq!(positions(&log, 0), (1..p + 3).collect::<Vec<_>>());
+    }
+
     #[test]
     fn truncation_and_deletion_keep_the_rest_readable() {
         let dir = tempfile::tempdir().unwrap();
@@ -1263,6 +2127,15 @@ mod tests {
         assert!(ndx[0].exists());
         check_lookups(&log, 0);
         check_lookups(&log, 33);
+        // A block in the middle: open does not read it; the lookup that does rebuilds it.
+        drop(log);
+        let mut bytes = std::fs::read(&ndx[2]).unwrap();
+        bytes[10] ^= 0xff;
+        std::fs::write(&ndx[2], &bytes).unwrap();
+        let log = AuditLog::open(dir.path(), 300, test_indexer()).unwrap();
+        log.publish(79);
+        check_lookups(&log, 0);
+        assert_eq!(log.damage(), None);
     }
 
     #[test]

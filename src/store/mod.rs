@@ -25,7 +25,7 @@ use crate::model::{
 };
 
 pub use self::auditlog::DEFAULT_SEGMENT_BYTES as DEFAULT_AUDIT_SEGMENT_BYTES;
-pub use self::sled::{DEFAULT_CACHE_BYTES, SledStore};
+pub use self::sled::{DEFAULT_CACHE_BYTES, RepairPlan, SledStore};
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +60,54 @@ pub enum StoreError {
     /// A prune named entries that do not exist.
     #[error("cannot prune the audit trail through seq {0}: no such entry")]
     PruneOutOfRange(u64),
+    /// The audit trail is damaged (not merely torn by a crash): nothing is written until an
+    /// operator restores the data directory or repairs the trail.
+    #[error(
+        "the audit trail is damaged: {0}; byokd writes nothing until an operator restores the \
+         data directory from a backup or runs `byokd audit repair` (which records what was lost)"
+    )]
+    TrailDamaged(Box<TrailDamage>),
+    /// A write failed before anything of it reached the disk (for example, no file descriptor
+    /// was left to start a new audit segment); nothing changed, and the next write tries again.
+    #[error("write failed, nothing was written: {0}")]
+    Transient(String),
+}
+
+impl StoreError {
+    /// True if the store cannot take writes now (closed, failed, damaged trail, or a write
+    /// that failed before anything was written): callers get UNAVAILABLE, not INTERNAL.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Closed
+                | StoreError::Poisoned
+                | StoreError::TrailDamaged(_)
+                | StoreError::Transient(_)
+        )
+    }
+}
+
+/// Where and how the audit trail is damaged. A torn last write, which a crash leaves, is not
+/// damage: it is cut off at open. Anything else that is not a valid, complete, contiguous
+/// run of frames is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrailDamage {
+    /// The file and offset, e.g. `audit/00000000000000000001.log at offset 4096`.
+    pub location: String,
+    /// What is wrong there.
+    pub reason: String,
+    /// The first entry the trail no longer holds intact; a repair keeps the entries before it.
+    pub first_lost: u64,
+}
+
+impl std::fmt::Display for TrailDamage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} (entries from {} on are lost or in doubt)",
+            self.location, self.reason, self.first_lost
+        )
+    }
 }
 
 /// Named values kept beside the records.
@@ -71,6 +119,9 @@ pub enum MetaKey {
     AuditSeed,
     /// SHA-256 of the bootstrap admin token, when no principals are configured.
     BootstrapAdmin,
+    /// What `byokd audit repair` cut, until its `Repair` entry is in the trail (empty: none
+    /// pending). The server refuses to start while one is pending.
+    RepairPending,
 }
 
 impl MetaKey {
@@ -79,6 +130,7 @@ impl MetaKey {
             MetaKey::Keyring => "keyring",
             MetaKey::AuditSeed => "audit-seed",
             MetaKey::BootstrapAdmin => "bootstrap-admin",
+            MetaKey::RepairPending => "audit-repair",
         }
     }
 }
@@ -291,8 +343,13 @@ pub trait Store: Send + Sync {
     /// Bytes the store occupies on disk.
     fn size_on_disk(&self) -> Result<u64, StoreError>;
 
-    /// False once a write or flush has failed: the store refuses writes from then on.
+    /// False while the store refuses writes: after a failed write or flush, or while the
+    /// audit trail is damaged.
     fn writable(&self) -> bool;
+
+    /// True once a write or flush failed in a way only a restart can clear (durability
+    /// unknown): liveness turns NOT_SERVING so that an orchestrator restarts the process.
+    fn failed_for_good(&self) -> bool;
 
     /// Passes every record except leases (which a restore must not bring back) to `sink`,
     /// as raw key and value, in key order, from one consistent state: writes wait meanwhile.

@@ -43,7 +43,8 @@ use super::auditindex;
 use super::auditlog::{self, AuditLog, Frame, NewFrame};
 use super::codec::{self, encode};
 use super::{
-    AuditIndex, Committed, ExportSink, Guard, MetaKey, Store, StoreError, Transaction, Write,
+    AuditIndex, Committed, ExportSink, Guard, MetaKey, Store, StoreError, TrailDamage, Transaction,
+    Write,
 };
 use crate::chain::{self, ChainKey};
 use crate::model::{
@@ -68,6 +69,10 @@ pub struct SledStore {
     writer: Mutex<Option<JoinHandle<()>>>,
     db: sled::Db,
     log: Arc<AuditLog>,
+    /// Tells the scrub of the sealed segments (a thread started at open) to stop.
+    stop_scrub: Arc<AtomicBool>,
+    /// The last group failed before it wrote anything (cleared by the next that succeeds).
+    failing: Arc<AtomicBool>,
 }
 
 enum Message {
@@ -264,6 +269,51 @@ fn applied_position(tree: &sled::Tree) -> Result<u64, StoreError> {
     }
 }
 
+/// Where a stopped server's audit trail is damaged, and what a repair would end.
+#[derive(Debug, Clone)]
+pub struct RepairPlan {
+    /// The first damage.
+    pub damage: TrailDamage,
+    /// Leases outstanding: a repair ends them all.
+    pub leases: u64,
+}
+
+/// A copy of an error that wrote nothing, for each commit of the group it failed.
+fn clone_unavailable(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::TrailDamaged(damage) => StoreError::TrailDamaged(damage.clone()),
+        other => StoreError::Transient(other.to_string()),
+    }
+}
+
+/// The chain's anchor, if entries were ever pruned.
+fn anchor(tree: &sled::Tree) -> Result<Option<AuditAnchor>, StoreError> {
+    match tree.get(codec::AUDIT_ANCHOR_META).map_err(engine)? {
+        Some(bytes) => Ok(Some(codec::decode(codec::AUDIT_ANCHOR_META, &bytes)?)),
+        None => Ok(None),
+    }
+}
+
+/// The first entry the trail must hold: the one after the prune anchor.
+fn expected_first(anchor: Option<&AuditAnchor>) -> u64 {
+    anchor.map_or(1, |a| a.seq + 1)
+}
+
+/// The trail starts where the anchor says: a first segment that starts later is missing.
+fn check_trail_start(log: &AuditLog, anchor: Option<&AuditAnchor>) -> Result<(), StoreError> {
+    let expected = expected_first(anchor);
+    match log.first_position()? {
+        Some(first) if first > expected => Err(StoreError::TrailDamaged(Box::new(TrailDamage {
+            location: format!("{} (its start)", log.dir().display()),
+            reason: format!(
+                "the trail starts at entry {first}, but entries from {expected} on were never pruned (a segment is missing)"
+            ),
+            first_lost: expected,
+        }))),
+        _ => Ok(()),
+    }
+}
+
 /// Recovers after a crash: entries after `applied` are from groups whose batch sled lost.
 /// Lease changes carried in their frames are applied again; at the first entry whose
 /// transaction changed other records, the trail is cut: that group was never answered, nor
@@ -274,18 +324,20 @@ fn recover_trail(
     log: &AuditLog,
     applied: u64,
 ) -> Result<(), StoreError> {
-    let Some(last) = log.last_position()? else {
+    let last = log.last_position()?;
+    if last.unwrap_or(0) < applied {
+        let end = last.map_or(1, |l| l + 1);
+        return Err(StoreError::TrailDamaged(Box::new(TrailDamage {
+            location: format!("{} (its end)", log.dir().display()),
+            reason: format!(
+                "the trail ends before entry {end}, but the records reflect entries through {applied}"
+            ),
+            first_lost: end,
+        })));
+    }
+    let Some(last) = last else {
         return Ok(());
     };
-    if last < applied {
-        tracing::error!(
-            trail_ends_at = last,
-            records_reflect = applied,
-            "the audit trail ends before entries the records reflect: entries are missing; \
-             verify the trail against a recorded head"
-        );
-        return Ok(());
-    }
     let mut from = applied + 1;
     let mut staged = Vec::new();
     let mut replayed = 0u64;
@@ -407,25 +459,25 @@ impl SledStore {
         let db = open_db(dir, cache_bytes)?;
         let tree = db.open_tree("byokd").map_err(engine)?;
         let sled_opened = started.elapsed();
-        let log = Arc::new(AuditLog::open(
+        // Entries the records reflect were acknowledged: a bad frame among them is damage,
+        // not a write a crash tore.
+        let log = Arc::new(AuditLog::open_acknowledged(
             &dir.join(AUDIT_DIR),
             segment_bytes,
             indexer(),
+            applied_position(&tree)?,
         )?);
         let trail_opened = started.elapsed();
         migrate_legacy_entries(&db, &tree, &log)?;
         remove_index_keys(&db, &tree)?;
+        let anchor = anchor(&tree)?;
+        check_trail_start(&log, anchor.as_ref())?;
         let applied = applied_position(&tree)?;
         recover_trail(&db, &tree, &log, applied)?;
         // What the trail holds after recovery is on disk: readers may see all of it.
         if let Some(last) = log.last_position()? {
             log.publish(last);
         }
-        let anchor: Option<AuditAnchor> =
-            match tree.get(codec::AUDIT_ANCHOR_META).map_err(engine)? {
-                Some(bytes) => Some(codec::decode(codec::AUDIT_ANCHOR_META, &bytes)?),
-                None => None,
-            };
         if let Some(anchor) = &anchor {
             // A prune whose segments were not deleted before a crash.
             log.set_start(anchor.seq.saturating_add(1));
@@ -447,6 +499,8 @@ impl SledStore {
             writer: Mutex::new(None),
             db: db.clone(),
             log: log.clone(),
+            stop_scrub: Arc::new(AtomicBool::new(false)),
+            failing: Arc::new(AtomicBool::new(false)),
         };
         let (next_seq, last_time, prev_hash) = match store.audit_head()? {
             Some(head) => (head.seq + 1, head.time, head.hash),
@@ -474,6 +528,7 @@ impl SledStore {
             prev_hash,
             poisoned: false,
             writable: store.writable.clone(),
+            failing: store.failing.clone(),
             pruned: None,
         };
         let handle = std::thread::Builder::new()
@@ -482,6 +537,7 @@ impl SledStore {
             .map_err(|e| StoreError::Engine(format!("spawn writer thread: {e}")))?;
         store.jobs = jobs;
         store.writer = Mutex::new(Some(handle));
+        store.start_scrub();
         Ok(store)
     }
 
@@ -542,6 +598,79 @@ impl SledStore {
         Ok(count)
     }
 
+    /// Reads the sealed segments whole on a thread of their own (open only checks their
+    /// ends): damage found there stops writes, as damage found by any reader does.
+    fn start_scrub(&self) {
+        let (log, stop) = (self.log.clone(), self.stop_scrub.clone());
+        let spawned = std::thread::Builder::new()
+            .name("byokd-audit-scrub".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                match log.scrub(&stop) {
+                    Ok(None) => tracing::debug!(
+                        ms = started.elapsed().as_millis() as u64,
+                        "audit trail scrubbed"
+                    ),
+                    // Logged where it was marked.
+                    Ok(Some(_)) => {}
+                    Err(e) => tracing::error!(error = %e, "could not scrub the audit trail"),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "could not start the audit trail's scrub");
+        }
+    }
+
+    /// For `byokd audit repair`, on a stopped server's store: reads the whole audit trail and
+    /// says where it is damaged, if it is, and how many leases a repair would end.
+    pub fn plan_repair(dir: &Path) -> Result<Option<RepairPlan>, StoreError> {
+        let db = open_db(dir, DEFAULT_CACHE_BYTES)?;
+        let tree = db.open_tree("byokd").map_err(engine)?;
+        let anchor = anchor(&tree)?;
+        let applied = applied_position(&tree)?;
+        let damage = AuditLog::find_damage(
+            &dir.join(AUDIT_DIR),
+            expected_first(anchor.as_ref()),
+            applied,
+        )?;
+        Ok(damage.map(|damage| RepairPlan {
+            damage,
+            leases: tree.scan_prefix([codec::LEASE]).count() as u64,
+        }))
+    }
+
+    /// For `byokd audit repair`, on a stopped server's store: cuts the audit trail before
+    /// the damage `plan` names, keeping copies of the files it changes in `quarantine`.
+    /// First, in one flushed batch: every lease ends (a use recorded only in a lost entry
+    /// must not be redeemable again), the records stop claiming the lost entries, and `note`
+    /// is kept as the pending repair (the server refuses to start until the `Repair` entry
+    /// that records it is in the trail). Safe to run again after a crash.
+    pub fn apply_repair(
+        dir: &Path,
+        plan: &RepairPlan,
+        quarantine: &Path,
+        note: &str,
+    ) -> Result<Vec<std::path::PathBuf>, StoreError> {
+        {
+            let db = open_db(dir, DEFAULT_CACHE_BYTES)?;
+            let tree = db.open_tree("byokd").map_err(engine)?;
+            let mut batch = sled::Batch::default();
+            for prefix in [codec::LEASE, codec::LEASE_ID, codec::LEASE_EXPIRY] {
+                for entry in tree.scan_prefix([prefix]) {
+                    batch.remove(entry.map_err(engine)?.0);
+                }
+            }
+            let kept = plan.damage.first_lost.saturating_sub(1);
+            if applied_position(&tree)? > kept {
+                batch.insert(codec::AUDIT_APPLIED_META, &kept.to_be_bytes());
+            }
+            batch.insert(codec::meta_key(MetaKey::RepairPending), note.as_bytes());
+            tree.apply_batch(batch).map_err(engine)?;
+            db.flush().map_err(engine)?;
+        }
+        AuditLog::cut_before(&dir.join(AUDIT_DIR), plan.damage.first_lost, quarantine)
+    }
+
     fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
         match self.tree.get(key).map_err(engine)? {
             Some(bytes) => codec::decode(key, &bytes).map(Some),
@@ -561,6 +690,16 @@ impl SledStore {
             .insert(codec::secret_key(tenant, name), bytes)
             .map_err(engine)?;
         self.tree.flush().map(drop).map_err(engine)
+    }
+
+    /// Sets the last audit position the records claim to reflect, in a stopped server's store.
+    /// Only for tests of what an attacker who edits the records too can hide.
+    pub fn danger_set_applied_position(dir: &Path, position: u64) -> Result<(), StoreError> {
+        let db = open_db(dir, DEFAULT_CACHE_BYTES)?;
+        let tree = db.open_tree("byokd").map_err(engine)?;
+        tree.insert(codec::AUDIT_APPLIED_META, &position.to_be_bytes())
+            .map_err(engine)?;
+        db.flush().map(drop).map_err(engine)
     }
 
     /// Writes an audit entry directly, bypassing the writer, its chain and its indexes, or
@@ -776,6 +915,12 @@ impl Store for SledStore {
 
     fn writable(&self) -> bool {
         self.writable.load(Ordering::Acquire)
+            && !self.failing.load(Ordering::Acquire)
+            && self.log.damage().is_none()
+    }
+
+    fn failed_for_good(&self) -> bool {
+        !self.writable.load(Ordering::Acquire)
     }
 
     async fn export(&self, sink: ExportSink) -> Result<u64, StoreError> {
@@ -788,6 +933,7 @@ impl Store for SledStore {
     }
 
     async fn close(&self) -> Result<(), StoreError> {
+        self.stop_scrub.store(true, Ordering::Release);
         let (reply, answer) = oneshot::channel();
         let sent = self.jobs.send(Message::Close(reply)).await.is_ok();
         let result = if sent {
@@ -819,6 +965,7 @@ struct Writer {
     prev_hash: ChainHash,
     poisoned: bool,
     writable: Arc<AtomicBool>,
+    failing: Arc<AtomicBool>,
     /// The position a prune staged in the current group anchors the trail at.
     pruned: Option<u64>,
 }
@@ -848,6 +995,8 @@ struct Pending(BTreeMap<Vec<u8>, Option<Vec<u8>>>);
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Message>) {
         while let Some(first) = rx.blocking_recv() {
+            // Where the chain stood before the group, should the group write nothing.
+            let before = (self.next_seq, self.last_time, self.prev_hash);
             let mut group: Vec<Applied> = Vec::new();
             let mut pending = Pending::default();
             let mut close = None;
@@ -889,13 +1038,31 @@ impl Writer {
                 }
             }
             let durable = self.commit_group(&group, &mut pending);
+            self.failing.store(
+                matches!(durable, Err(StoreError::Transient(_))),
+                Ordering::Release,
+            );
             if let Err(e) = durable {
-                tracing::error!(error = %e, "store write or flush failed; refusing further writes");
-                self.poisoned = true;
-                self.writable.store(false, Ordering::Release);
+                let nothing_written =
+                    matches!(e, StoreError::Transient(_) | StoreError::TrailDamaged(_));
+                if nothing_written {
+                    // The group failed as a whole and left no trace: the chain goes on from
+                    // where it stood, and the next group tries again.
+                    tracing::warn!(error = %e, "store write failed before anything was written");
+                    (self.next_seq, self.last_time, self.prev_hash) = before;
+                    self.pruned = None;
+                } else {
+                    tracing::error!(error = %e, "store write or flush failed; refusing further writes");
+                    self.poisoned = true;
+                    self.writable.store(false, Ordering::Release);
+                }
                 for applied in &mut group {
                     if applied.result.is_ok() {
-                        applied.result = Err(StoreError::Engine(format!("write: {e}")));
+                        applied.result = Err(if nothing_written {
+                            clone_unavailable(&e)
+                        } else {
+                            StoreError::Engine(format!("write: {e}"))
+                        });
                         applied.audit = None;
                     }
                 }
@@ -965,7 +1132,11 @@ impl Writer {
         let mut applied = None;
         if let Some(last) = frames.last().map(|f| f.position) {
             let logged = self.log.append(&frames).and_then(|()| self.log.sync());
-            if logged.is_err() {
+            // An append that wrote nothing leaves the store as it was; anything else (a
+            // failed sync above all) leaves durability unknown.
+            if logged.as_ref().is_err_and(|e| {
+                !matches!(e, StoreError::Transient(_) | StoreError::TrailDamaged(_))
+            }) {
                 self.poisoned = true;
                 self.writable.store(false, Ordering::Release);
             }
@@ -1113,6 +1284,9 @@ impl Writer {
     ) -> Result<(Committed, Option<Logged>), StoreError> {
         if self.poisoned {
             return Err(StoreError::Poisoned);
+        }
+        if let Some(damage) = self.log.damage() {
+            return Err(StoreError::TrailDamaged(Box::new(damage)));
         }
         for guard in &tx.guards {
             self.check(guard, pending)?;
@@ -1377,6 +1551,119 @@ mod tests {
         assert!(all.windows(2).all(|w| w[1].prev_hash == w[0].hash));
         assert_eq!(all.len(), 7);
         store.close().await.unwrap();
+    }
+
+    /// A store whose audit trail starts a new segment every few entries.
+    async fn small_segment_store(dir: &Path) -> SledStore {
+        let store = SledStore::open_with(dir, DEFAULT_CACHE_BYTES, 2048).unwrap();
+        store.start_audit_chain(chain_key()).await.unwrap();
+        store
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_fails_before_it_wrote_anything_is_retried_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = small_segment_store(dir.path()).await;
+        let mut n = 0;
+        while n < 20 {
+            store
+                .commit(Transaction::audit_only(get_draft(n)))
+                .await
+                .unwrap();
+            n += 1;
+        }
+        let next = store.log.next_position().unwrap();
+        let mut blocked = false;
+        for _ in 0..100 {
+            // The segment file for whichever append comes next cannot be created (as when
+            // no file descriptor is left).
+            let blocker = dir
+                .path()
+                .join(AUDIT_DIR)
+                .join(format!("{:020}.log", store.log.next_position().unwrap()));
+            std::fs::create_dir(&blocker).unwrap();
+            let result = store.commit(Transaction::audit_only(get_draft(n))).await;
+            std::fs::remove_dir(&blocker).unwrap();
+            n += 1;
+            match result {
+                Ok(_) => continue,
+                Err(e) => {
+                    assert!(matches!(e, StoreError::Transient(_)), "{e}");
+                    assert!(e.is_unavailable());
+                    blocked = true;
+                    break;
+                }
+            }
+        }
+        assert!(blocked, "no append started a segment");
+        assert!(!store.writable(), "refusing while the cause lasts");
+        assert!(!store.failed_for_good());
+        // The cause is gone: the next commit goes through and the chain has no gap.
+        let committed = store
+            .commit(Transaction::audit_only(get_draft(n)))
+            .await
+            .unwrap();
+        assert!(store.writable());
+        let all = store.audit_entries(0, usize::MAX).unwrap();
+        assert_eq!(all.last().map(|r| r.seq), committed.audit_seq);
+        assert!(all.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+        assert!(all.windows(2).all(|w| w[1].prev_hash == w[0].hash));
+        assert!(all.len() as u64 >= next);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_trail_shorter_than_the_records_reflect_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = small_segment_store(dir.path()).await;
+        for i in 0..40 {
+            store
+                .commit(Transaction::audit_only(get_draft(i)))
+                .await
+                .unwrap();
+        }
+        store.close().await.unwrap();
+        drop(store);
+        // The last segment deleted: the trail ends before what the records reflect.
+        let audit = dir.path().join(AUDIT_DIR);
+        let last = list_last_segment(&audit);
+        std::fs::remove_file(&last).unwrap();
+        let error = SledStore::open_with(dir.path(), DEFAULT_CACHE_BYTES, 2048)
+            .err()
+            .expect("refused");
+        let StoreError::TrailDamaged(damage) = &error else {
+            panic!("{error}");
+        };
+        assert!(
+            damage
+                .reason
+                .contains("the records reflect entries through 40"),
+            "{damage}"
+        );
+        // The repair finds the same and cuts nothing more than the missing tail.
+        let plan = SledStore::plan_repair(dir.path()).unwrap().expect("damage");
+        assert_eq!(plan.damage.first_lost, damage.first_lost);
+        SledStore::apply_repair(dir.path(), &plan, &dir.path().join("q"), "test repair").unwrap();
+        let store = SledStore::open_with(dir.path(), DEFAULT_CACHE_BYTES, 2048).unwrap();
+        assert_eq!(
+            store.meta(MetaKey::RepairPending).unwrap().as_deref(),
+            Some(&b"test repair"[..])
+        );
+        assert_eq!(
+            store.audit_head().unwrap().map(|h| h.seq + 1),
+            Some(damage.first_lost)
+        );
+        store.close().await.unwrap();
+    }
+
+    fn list_last_segment(dir: &Path) -> std::path::PathBuf {
+        let mut logs: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension() == Some("log".as_ref()))
+            .collect();
+        logs.sort();
+        logs.pop().unwrap()
     }
 
     fn lease_record(hash: u8, uses: u32) -> LeaseRecord {

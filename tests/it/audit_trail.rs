@@ -281,7 +281,24 @@ async fn truncating_the_tail_is_detected_against_a_recorded_head() {
         store.danger_overwrite_audit_entry(11, None).unwrap();
     })
     .await;
-    // Without a recorded head, a shorter trail is a consistent trail.
+    // The records still reflect the entries cut off: verification says so without a head,
+    // and the server refuses to start (rather than append after the shortened trail).
+    let (code, text) = verify_offline(&dir, &[]);
+    assert_eq!(code, Some(3), "{text}");
+    assert!(
+        text.contains("the records reflect entries through 12"),
+        "{text}"
+    );
+    let (status, log) = dir.start_failing();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("the trail ends before entry 11, but the records reflect entries through 12"),
+        "{log}"
+    );
+
+    // An attacker who edits the records' applied position too leaves a consistent, shorter
+    // trail: only a recorded head tells.
+    SledStore::danger_set_applied_position(&dir.data().join("db"), 10).unwrap();
     assert_eq!(verify_offline(&dir, &[]).0, Some(0));
     let (code, text) = verify_offline(&dir, &["--expect-head", &head]);
     assert_eq!(code, Some(3), "{text}");
@@ -291,7 +308,6 @@ async fn truncating_the_tail_is_detected_against_a_recorded_head() {
         ),
         "{text}"
     );
-
     // Online: after a restart the server appends again, so the recorded head's seq exists
     // with other contents; verification still fails.
     let server = dir.start();

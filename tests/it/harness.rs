@@ -150,6 +150,22 @@ pub fn byokd_command(cwd: &Path, args: &[&str], log: &Path) -> Command {
     cmd
 }
 
+/// Runs a `byokd` subcommand to completion with `BYOKD_TOKEN` set; returns its exit code and
+/// stdout + stderr.
+pub fn byokd(cwd: &Path, args: &[&str], token: &str) -> (i32, String) {
+    let log = cwd.join(format!("cli-{}.log", unique()));
+    let out = byokd_command(cwd, args, &log)
+        .env("BYOKD_TOKEN", token)
+        .output()
+        .expect("run byokd");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
 /// A running server process.
 pub struct TestServer {
     child: Option<Child>,
@@ -755,4 +771,23 @@ pub fn run_documented_script(script: &str) -> (String, String) {
         "script failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
     (stdout, stderr)
+}
+
+/// The health status of `service` on the server at `addr` (host:port).
+pub async fn health(
+    addr: &str,
+    service: &str,
+) -> Result<tonic_health::pb::health_check_response::ServingStatus, Status> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await?;
+    Ok(response.into_inner().status())
 }

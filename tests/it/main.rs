@@ -15,4 +15,5 @@ mod leases;
 mod ops;
 mod reflection;
 mod rotation;
+mod trail_damage;
 mod walkthrough;

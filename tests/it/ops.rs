@@ -12,22 +12,6 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::harness::*;
 
-/// Runs a `byokd` subcommand to completion with `BYOKD_TOKEN` set; returns its exit code and
-/// stdout + stderr.
-fn byokd(cwd: &Path, args: &[&str], token: &str) -> (i32, String) {
-    let log = cwd.join(format!("cli-{}.log", unique()));
-    let out = byokd_command(cwd, args, &log)
-        .env("BYOKD_TOKEN", token)
-        .output()
-        .expect("run byokd");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
 /// `byokd restore` of `backup` into `dir`'s data directory.
 fn restore(dir: &TestDir, backup: &Path) -> (i32, String) {
     byokd(
@@ -406,20 +390,6 @@ async fn metrics_are_scraped_with_plausible_values() {
     assert!(response.starts_with("HTTP/1.1 404"), "{response}");
 }
 
-async fn health(addr: &str, service: &str) -> Result<ServingStatus, tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let response = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await?;
-    Ok(response.into_inner().status())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_on_the_ops_address_and_not_serving_at_shutdown() {
     let dir = TestDir::with_config("[metrics]\nlisten = \"127.0.0.1:0\"\n");
@@ -567,6 +537,9 @@ async fn health_turns_not_serving_when_the_store_can_no_longer_write() {
     );
     std::fs::create_dir(disk.0.path().join("data")).unwrap();
     std::os::unix::fs::symlink(disk.0.path().join("data"), dir.data()).unwrap();
+    // Room to give back once the disk is full.
+    let ballast = disk.0.path().join("ballast");
+    std::fs::write(&ballast, vec![0u8; 1 << 20]).unwrap();
     let server = dir.start();
     let ops = ops_addr(&server);
     assert_eq!(health(&ops, "").await.unwrap(), ServingStatus::Serving);
@@ -600,10 +573,45 @@ async fn health_turns_not_serving_when_the_store_can_no_longer_write() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        health(&ops, "liveness").await.unwrap(),
-        ServingStatus::Serving
-    );
     assert_eq!(sample(&scrape(&ops).await, "byokd_serving"), 0.0);
+    // A write that failed after part of it was durable (sled's flush) leaves durability
+    // unknown: only a restart clears it, and liveness says so. One that failed before it
+    // wrote anything (the trail's append) is refused only while the disk is full.
+    let failed_for_good = server.log().contains("refusing further writes");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let live = health(&ops, "liveness").await.unwrap();
+        if failed_for_good && live == ServingStatus::NotServing {
+            break;
+        }
+        if !failed_for_good {
+            assert_eq!(live, ServingStatus::Serving);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "liveness still SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !failed_for_good {
+        std::fs::remove_file(&ballast).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while orch
+            .store(store_req("acme", "after-room", b"sk-after-room-0123456789"))
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still refusing writes"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        while health(&ops, "").await.unwrap() != ServingStatus::Serving {
+            assert!(std::time::Instant::now() < deadline, "still NOT_SERVING");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     drop(server);
 }
