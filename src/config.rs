@@ -173,7 +173,53 @@ pub struct Limits {
     pub principal_rate_limit: RateLimit,
     /// Failed lease redemptions allowed per peer host and per principal.
     pub failed_get_rate_limit: RateLimit,
+    /// Connections open at once (lowered at start to what the open-files limit allows after
+    /// a reserve for the store); beyond, new connections are closed at once.
+    pub max_connections: usize,
+    /// Streams (requests) one HTTP/2 connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
+    /// How long a new connection may take to deliver its first request (TLS handshake,
+    /// HTTP/2 preface, the request's headers) before it is closed.
+    pub handshake_timeout: Duration,
+    /// How long a request's body may take to arrive, before it takes a concurrency slot.
+    pub request_body_timeout: Duration,
+    /// Requests without valid credentials served at once (apart from the authenticated
+    /// ones' `max_concurrent_requests`, which they cannot take).
+    pub max_concurrent_unauthenticated: usize,
+    /// Requests without valid credentials (or with an unknown token) per peer host; beyond,
+    /// refused before they reach the vault, and counted in one audit entry per host and
+    /// `refused_audit_interval`.
+    pub unauthenticated_rate_limit: RateLimit,
+    /// How often the requests refused by `unauthenticated_rate_limit` are recorded (one
+    /// `Throttled` audit entry per host).
+    pub refused_audit_interval: Duration,
+    /// Live `WatchAudit` streams per principal.
+    pub max_watch_streams_per_principal: usize,
+    /// Live `WatchAudit` streams in all.
+    pub max_watch_streams: usize,
 }
+
+/// Connections open at once, by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Streams per HTTP/2 connection, by default.
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// Time for a new connection's first request, by default.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for a request's body, by default.
+pub const DEFAULT_REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Unauthenticated requests served at once, by default.
+pub const DEFAULT_MAX_CONCURRENT_UNAUTHENTICATED: usize = 32;
+/// Unauthenticated requests per peer host, by default: a burst of 50, then 10 a second.
+pub const DEFAULT_UNAUTHENTICATED_RATE: RateLimit = RateLimit {
+    per_second: 10,
+    burst: 50,
+};
+/// How often refused unauthenticated requests are recorded, by default.
+pub const DEFAULT_REFUSED_AUDIT_INTERVAL: Duration = Duration::from_secs(60);
+/// Live WatchAudit streams per principal, by default.
+pub const DEFAULT_MAX_WATCH_STREAMS_PER_PRINCIPAL: usize = 16;
+/// Live WatchAudit streams in all, by default.
+pub const DEFAULT_MAX_WATCH_STREAMS: usize = 128;
 
 /// Requests served at once, by default.
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 512;
@@ -356,6 +402,18 @@ struct LimitsFile {
     http2_keepalive_timeout: Option<Duration>,
     principal_rate_limit: Option<RateLimitFile>,
     failed_get_rate_limit: Option<RateLimitFile>,
+    max_connections: Option<usize>,
+    http2_max_concurrent_streams: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    handshake_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    request_body_timeout: Option<Duration>,
+    max_concurrent_unauthenticated: Option<usize>,
+    unauthenticated_rate_limit: Option<RateLimitFile>,
+    #[serde(default, with = "humantime_serde")]
+    refused_audit_interval: Option<Duration>,
+    max_watch_streams_per_principal: Option<usize>,
+    max_watch_streams: Option<usize>,
 }
 
 impl Config {
@@ -627,11 +685,62 @@ fn limits(file: LimitsFile) -> Result<Limits, ConfigError> {
             Some(r) => r.check("limits.failed_get_rate_limit")?,
             None => DEFAULT_FAILED_GET_RATE,
         },
+        max_connections: file.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        http2_max_concurrent_streams: file
+            .http2_max_concurrent_streams
+            .unwrap_or(DEFAULT_MAX_STREAMS_PER_CONNECTION),
+        handshake_timeout: file.handshake_timeout.unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT),
+        request_body_timeout: file
+            .request_body_timeout
+            .unwrap_or(DEFAULT_REQUEST_BODY_TIMEOUT),
+        max_concurrent_unauthenticated: file
+            .max_concurrent_unauthenticated
+            .unwrap_or(DEFAULT_MAX_CONCURRENT_UNAUTHENTICATED),
+        unauthenticated_rate_limit: match file.unauthenticated_rate_limit {
+            Some(r) => r.check("limits.unauthenticated_rate_limit")?,
+            None => DEFAULT_UNAUTHENTICATED_RATE,
+        },
+        refused_audit_interval: file
+            .refused_audit_interval
+            .unwrap_or(DEFAULT_REFUSED_AUDIT_INTERVAL),
+        max_watch_streams_per_principal: file
+            .max_watch_streams_per_principal
+            .unwrap_or(DEFAULT_MAX_WATCH_STREAMS_PER_PRINCIPAL),
+        max_watch_streams: file.max_watch_streams.unwrap_or(DEFAULT_MAX_WATCH_STREAMS),
     };
-    if limits.max_concurrent_requests == 0 {
-        return Err(ConfigError::Invalid(
-            "limits: max_concurrent_requests must be at least 1".into(),
-        ));
+    for (name, value) in [
+        ("max_concurrent_requests", limits.max_concurrent_requests),
+        ("max_connections", limits.max_connections),
+        (
+            "http2_max_concurrent_streams",
+            limits.http2_max_concurrent_streams as usize,
+        ),
+        (
+            "max_concurrent_unauthenticated",
+            limits.max_concurrent_unauthenticated,
+        ),
+        (
+            "max_watch_streams_per_principal",
+            limits.max_watch_streams_per_principal,
+        ),
+        ("max_watch_streams", limits.max_watch_streams),
+    ] {
+        if value == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "limits: {name} must be at least 1"
+            )));
+        }
+    }
+    for (name, value) in [
+        ("handshake_timeout", limits.handshake_timeout),
+        ("request_body_timeout", limits.request_body_timeout),
+        ("refused_audit_interval", limits.refused_audit_interval),
+    ] {
+        if value.is_zero() {
+            return Err(ConfigError::Invalid(format!(
+                "limits: {name} must be positive"
+            )));
+        }
     }
     if limits.max_message_bytes < 80 * 1024 {
         return Err(ConfigError::Invalid(

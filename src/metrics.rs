@@ -12,7 +12,7 @@ use std::time::Duration;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::{Family, MetricConstructor};
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Metric, Registry, Unit};
 
@@ -42,6 +42,13 @@ pub struct KmsLabels {
 pub struct RedeemLabels {
     /// `ok` or `failed` (any failure: unknown, expired, used up, wrong tenant, ...).
     pub result: &'static str,
+}
+
+/// Labels of a refusal: why (a fixed name).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// e.g. `busy`, `unauthenticated_rate`, `max_connections`.
+    pub reason: &'static str,
 }
 
 /// Builds latency histograms with the same buckets: 0.25 ms to about 8 s, doubling.
@@ -75,6 +82,12 @@ pub struct Metrics {
     pub kms_calls: Family<KmsLabels, Counter>,
     /// Their latency, by operation and result.
     pub kms_duration: Family<KmsLabels, Histogram, LatencyBuckets>,
+    /// Requests admission turned away, by reason.
+    pub admission_refused: Family<ReasonLabels, Counter>,
+    /// Connections closed by admission, by reason.
+    pub connections_dropped: Family<ReasonLabels, Counter>,
+    /// Connections open now.
+    pub connections_open: Gauge,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -85,6 +98,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     flush_duration: latency_histogram(),
     kms_calls: Family::default(),
     kms_duration: Family::new_with_constructor(LatencyBuckets),
+    admission_refused: Family::default(),
+    connections_dropped: Family::default(),
+    connections_open: Gauge::default(),
 });
 
 /// The process-wide metrics.
@@ -112,6 +128,20 @@ impl Metrics {
         self.kms_duration
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
+    }
+
+    /// Records a request admission turned away.
+    pub fn admission_refused(&self, reason: &'static str) {
+        self.admission_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Records a connection admission closed.
+    pub fn connection_dropped(&self, reason: &'static str) {
+        self.connections_dropped
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// Records one lease redemption.
@@ -177,6 +207,21 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
         "Latency of calls to AWS KMS, by operation and result",
         Unit::Seconds,
         m.kms_duration.clone(),
+    );
+    registry.register(
+        "admission_refused",
+        "Requests turned away before they reached the vault, by reason (busy, unauthenticated_busy, unauthenticated_rate, body_timeout, body_too_large, body_broken)",
+        m.admission_refused.clone(),
+    );
+    registry.register(
+        "connections_dropped",
+        "Connections closed by admission, by reason (max_connections, handshake_timeout)",
+        m.connections_dropped.clone(),
+    );
+    registry.register(
+        "connections_open",
+        "Connections open on the main port",
+        m.connections_open.clone(),
     );
     let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
     register_const(

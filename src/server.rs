@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
+use crate::admission::{Admission, AdmissionLayer, Incoming};
 use crate::api;
 use crate::auth::{self, Principal, Principals, Role, TenantScope};
 use crate::chain::ChainKey;
@@ -242,12 +242,13 @@ async fn serve(
         None => tracing::info!("audit trail is empty"),
     }
 
-    let principals = if config.principals.is_empty() {
+    let principals = Arc::new(if config.principals.is_empty() {
         bootstrap_principals(&*store, options.reset_bootstrap_token, announce).await?
     } else {
         tracing::info!(count = config.principals.len(), "principals configured");
         Principals::new(config.principals.clone())
-    };
+    });
+    let admission = Admission::new(principals.clone(), config.limits);
 
     let rotator = Arc::new(Rotator::new(
         store.clone(),
@@ -274,6 +275,11 @@ async fn serve(
     let retention = config
         .audit_retention
         .map(|policy| tokio::spawn(prune_audit(vault.clone(), policy)));
+    let refusals = tokio::spawn(record_refused(
+        vault.clone(),
+        admission.clone(),
+        config.limits.refused_audit_interval,
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, true).await;
@@ -358,11 +364,14 @@ async fn serve(
             .await;
         let _ = draining_tx.send(());
     };
-    // The one place transport limits are set: per-request timeout, a global cap on requests
-    // in flight that sheds load (RESOURCE_EXHAUSTED) instead of queueing, HTTP/2 keepalive,
-    // TLS; and below, the largest message decoded.
+    // The one place transport limits are set: per-request timeout, streams per connection,
+    // HTTP/2 keepalive, TLS; admission (connections, authentication before a slot, body
+    // deadline, slots that shed load instead of queueing); and below, the largest message
+    // decoded.
+    let max_connections = connection_cap(config.limits.max_connections);
     let mut builder = Server::builder()
         .timeout(config.request_timeout)
+        .max_concurrent_streams(config.limits.http2_max_concurrent_streams)
         .http2_keepalive_interval(Some(config.limits.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(config.limits.http2_keepalive_timeout));
     if let Some(tls) = tls {
@@ -373,10 +382,7 @@ async fn serve(
             tower::ServiceBuilder::new()
                 // Outermost, so that shed and refused requests are counted too.
                 .layer(crate::rpcmetrics::RpcMetricsLayer)
-                .load_shed()
-                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-                    config.limits.max_concurrent_requests,
-                )),
+                .layer(AdmissionLayer(admission)),
         )
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -386,9 +392,10 @@ async fn serve(
                 .into_server()
                 .max_decoding_message_size(config.limits.max_message_bytes),
         )
-        // TCP_NODELAY on every accepted connection: a response is a few small frames, and
-        // Nagle's algorithm would hold them back until the peer acknowledges earlier ones.
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
+        .serve_with_incoming_shutdown(
+            Incoming::new(listener, max_connections, config.limits.handshake_timeout),
+            signal,
+        );
     let result = tokio::select! {
         result = server => result.map_err(ServeError::from),
         () = async {
@@ -403,6 +410,7 @@ async fn serve(
         }
     };
     gc.abort();
+    refusals.abort();
     if let Some(task) = retention {
         task.abort();
     }
@@ -768,6 +776,44 @@ async fn prune_audit(vault: Arc<Vault>, policy: AuditRetention) {
             Ok(0) => {}
             Ok(n) => tracing::info!(pruned = n, "audit entries past retention pruned"),
             Err(e) => tracing::warn!(error = %e, "audit retention failed"),
+        }
+    }
+}
+
+/// File descriptors kept for the store (segment files, sled, the seals' temporary files)
+/// when the open-files limit is small: connections may use the rest.
+const STORE_FD_RESERVE: u64 = 256;
+
+/// `max_connections`, lowered to what the open-files limit allows after the store's reserve.
+fn connection_cap(configured: usize) -> usize {
+    match crate::admission::connection_budget(STORE_FD_RESERVE) {
+        Some(budget) if (budget as usize) < configured => {
+            let cap = (budget as usize).max(1);
+            tracing::warn!(
+                configured,
+                cap,
+                reserve = STORE_FD_RESERVE,
+                "the open-files limit leaves room for fewer connections than max_connections; \
+                 capping them so that the store keeps its file descriptors"
+            );
+            cap
+        }
+        _ => configured,
+    }
+}
+
+/// Records the requests admission refused for the unauthenticated rate: one audit entry per
+/// host (the 100 hosts most refused; the rest in one entry) every `every`.
+async fn record_refused(vault: Arc<Vault>, admission: Arc<Admission>, every: Duration) {
+    const HOSTS_PER_REPORT: usize = 100;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let report = admission.take_refused(HOSTS_PER_REPORT);
+        if let Err(e) = vault.record_refused(&report, every).await {
+            tracing::warn!(error = %e, "could not record refused requests");
         }
     }
 }

@@ -11,8 +11,8 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 
+use crate::admission::Admitted;
 use crate::api::v1::{self as pb, vault_server};
-use crate::auth::CertIdentity;
 use crate::crypto::Plaintext;
 use crate::lease::RequestedTtl;
 use crate::model::{AuditRecord, Outcome, SecretRecord, SecretState, Time};
@@ -40,15 +40,22 @@ impl VaultService {
         vault_server::VaultServer::new(self)
     }
 
+    /// The caller admission authenticated (see `admission`). A request that did not come
+    /// through admission (a service used on its own) is authenticated by its metadata.
     fn caller<T>(&self, request: &Request<T>) -> Caller {
+        if let Some(admitted) = request.extensions().get::<Admitted>() {
+            return self.vault.caller_authenticated(
+                admitted.principal.clone(),
+                admitted.peer.map(|a| a.to_string()),
+            );
+        }
         let authorization = request
             .metadata()
             .get("authorization")
             // Present but not text: pass something that fails as malformed, not as missing.
             .map(|v| v.to_str().unwrap_or(""));
         let peer = request.remote_addr().map(|a| a.to_string());
-        self.vault
-            .caller(authorization, &cert_identities(request), peer)
+        self.vault.caller(authorization, &[], peer)
     }
 }
 
@@ -396,37 +403,6 @@ fn stream_end(code: Code, message: String, resume_at: u64) -> Status {
     let mut metadata = MetadataMap::new();
     metadata.insert(RESUME_METADATA, resume_at.into());
     Status::with_metadata(code, message, metadata)
-}
-
-/// The identities in the client certificate of a mutual-TLS connection (already verified
-/// against the client CA by rustls): URI SANs (SPIFFE IDs), DNS SANs and the subject CN.
-fn cert_identities<T>(request: &Request<T>) -> Vec<CertIdentity> {
-    use x509_parser::extensions::GeneralName;
-    let Some(certs) = request.peer_certs() else {
-        return Vec::new();
-    };
-    let Some(Ok((_, cert))) = certs
-        .first()
-        .map(|leaf| x509_parser::parse_x509_certificate(leaf.as_ref()))
-    else {
-        return Vec::new();
-    };
-    let mut ids = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            match name {
-                GeneralName::URI(uri) => ids.push(CertIdentity::Uri((*uri).to_string())),
-                GeneralName::DNSName(dns) => ids.push(CertIdentity::Dns(dns.to_ascii_lowercase())),
-                _ => {}
-            }
-        }
-    }
-    for cn in cert.subject().iter_common_name() {
-        if let Ok(cn) = cn.as_str() {
-            ids.push(CertIdentity::CommonName(cn.to_string()));
-        }
-    }
-    ids
 }
 
 /// Turns a domain result into a gRPC response: the single place errors become `Status`.

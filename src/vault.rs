@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, watch};
 
+use crate::admission::RefusedReport;
 use crate::audit::{self, AuditError, AuditFilter, AuditPage, RecordedHead, Verification};
 use crate::auth::{AuthError, CertIdentity, Operation, Principal, Principals};
 use crate::backup::{BackupError, BackupHeader, BackupWriter};
@@ -473,7 +474,7 @@ pub struct VaultParts {
     /// The audit chain's key.
     pub chain: Arc<ChainKey>,
     /// The configured principals.
-    pub principals: Principals,
+    pub principals: Arc<Principals>,
     /// Lease limits.
     pub policy: LeasePolicy,
     /// Rate limits.
@@ -493,7 +494,7 @@ pub struct Vault {
     cache: DataKeyCache,
     rotator: Arc<Rotator>,
     chain: Arc<ChainKey>,
-    principals: Principals,
+    principals: Arc<Principals>,
     policy: LeasePolicy,
     shutdown: watch::Sender<bool>,
     scratch_dir: PathBuf,
@@ -538,7 +539,6 @@ impl Vault {
         self.cache.stats()
     }
 
-    /// Authenticates the `authorization` metadata of a request from `peer`.
     /// Authenticates a request from `peer` by its `authorization` metadata and its client
     /// certificate's identities, and charges it to the principal's request rate.
     pub fn caller(
@@ -548,6 +548,16 @@ impl Vault {
         peer: Option<String>,
     ) -> Caller {
         let principal = self.principals.authenticate(authorization, cert).cloned();
+        self.caller_authenticated(principal, peer)
+    }
+
+    /// A caller already authenticated (by admission, before the request took a slot),
+    /// charged to the principal's request rate.
+    pub fn caller_authenticated(
+        &self,
+        principal: Result<Principal, AuthError>,
+        peer: Option<String>,
+    ) -> Caller {
         let rate_limited = match &principal {
             Ok(p) => !self.request_rate.take(
                 &p.id,
@@ -1291,6 +1301,37 @@ impl Vault {
         }
         .await;
         self.conclude(audit, result).await
+    }
+
+    /// Records requests that admission refused for the unauthenticated rate over the last
+    /// `interval`: one `Throttled` entry per host, and one for the rest.
+    pub async fn record_refused(
+        &self,
+        report: &RefusedReport,
+        interval: Duration,
+    ) -> Result<(), VaultError> {
+        let period = humantime::format_duration(interval);
+        let mut entries = Vec::new();
+        for (host, count) in &report.hosts {
+            let mut entry = AuditDraft::new(Action::Throttled, None, Some(host.to_string()));
+            entry.reason = format!(
+                "refused {count} requests without valid credentials from this host in the last {period} (over [limits] unauthenticated_rate_limit)"
+            );
+            entries.push(entry);
+        }
+        let (count, hosts) = report.others;
+        if count > 0 {
+            let mut entry = AuditDraft::new(Action::Throttled, None, None);
+            entry.reason = format!(
+                "refused {count} requests without valid credentials from {hosts} other hosts in the last {period} (over [limits] unauthenticated_rate_limit)"
+            );
+            entries.push(entry);
+        }
+        for mut entry in entries {
+            entry.outcome = Outcome::ResourceExhausted;
+            self.record(entry).await?;
+        }
+        Ok(())
     }
 
     /// Ends every live audit stream (at shutdown), telling each where to resume.
