@@ -22,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out_dir.join("byokd_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
         .skip_debug(SENSITIVE_MESSAGES)
+        // A malformed request message is the caller's mistake: INVALID_ARGUMENT (src/api.rs).
+        .codec_path("crate::api::Codec")
         .compile_fds(fds)?;
     // byokd-bench's no-op baseline service; reuses the byokd.v1 messages, and is not part of
     // the descriptor set byokd serves.

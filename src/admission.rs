@@ -226,31 +226,34 @@ impl Admission {
             }
             _ => Err(AuthError::MissingToken),
         };
-        let authenticated = principal.is_ok();
-        let pool = if authenticated {
-            None
+        let pool = if principal.is_ok() {
+            Ok(None)
         } else {
             let host = connection.peer.map(|p| p.ip());
             let limit: RateLimit = self.limits.unauthenticated_rate_limit;
             // Requests without a peer address (never over TCP) share one bucket.
             let key = host.unwrap_or(IpAddr::from([0, 0, 0, 0]));
-            if !self.unauthenticated_rate.take(&key, limit) {
-                self.count_refused(host);
-                return Err(Refusal::UnauthenticatedRate);
-            }
-            Some(
+            if self.unauthenticated_rate.take(&key, limit) {
                 self.unauthenticated_slots
                     .clone()
                     .try_acquire_owned()
-                    .map_err(|_| Refusal::UnauthenticatedBusy)?,
-            )
+                    .map(Some)
+                    .map_err(|_| Refusal::UnauthenticatedBusy)
+            } else {
+                self.count_refused(host);
+                Err(Refusal::UnauthenticatedRate)
+            }
         };
-        // Vault requests are unary: the whole body, in time. Other routes may stream their
-        // requests (reflection does): they pass as they are, in their own pool.
+        // Vault requests are unary: the whole body, in time, also before a refusal (a
+        // response that leaves the body unread ends in a stream reset, and many resets end
+        // the whole connection, other callers' streams included). Other routes may stream
+        // their requests (reflection does): they pass as they are, in their own pool.
         let body = match route {
-            Route::Vault => self.read_body(body).await?,
-            _ => body,
+            Route::Vault => self.read_body(body).await,
+            _ => Ok(body),
         };
+        let pool = pool?;
+        let body = body?;
         let permit = match pool {
             Some(permit) => permit,
             None => self

@@ -21,6 +21,58 @@ pub mod bench {
     }
 }
 
+/// The protobuf codec of the generated services: prost's, except that a request message
+/// that does not decode is `INVALID_ARGUMENT` (the caller's mistake), not `INTERNAL`.
+#[derive(Debug, Clone)]
+pub struct Codec<T, U>(tonic_prost::ProstCodec<T, U>);
+
+impl<T, U> Default for Codec<T, U> {
+    fn default() -> Self {
+        Self(tonic_prost::ProstCodec::default())
+    }
+}
+
+impl<T, U> tonic::codec::Codec for Codec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = Decoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic::codec::Codec::encoder(&mut self.0)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        Decoder(tonic::codec::Codec::decoder(&mut self.0))
+    }
+}
+
+/// [`Codec`]'s decoder.
+#[derive(Debug)]
+pub struct Decoder<U>(tonic_prost::ProstDecoder<U>);
+
+impl<U: prost::Message + Default> tonic::codec::Decoder for Decoder<U> {
+    type Item = U;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<U>, tonic::Status> {
+        self.0
+            .decode(buf)
+            .map_err(|_| tonic::Status::invalid_argument("malformed request message"))
+    }
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        self.0.buffer_settings()
+    }
+}
+
 /// Encoded `FileDescriptorSet` of `byokd.v1` and its imports.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/byokd_descriptor.bin"));

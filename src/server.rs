@@ -192,6 +192,7 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     harden_process();
     create_private_dir(&config.data_dir)?;
+    make_private(&config.data_dir)?;
     let path = config.data_dir.join("db");
     let store: Arc<dyn Store> = Arc::new(
         SledStore::open_with(&path, config.store_cache_bytes, config.audit_segment_bytes)
@@ -346,6 +347,7 @@ async fn serve(
             "serving PLAINTEXT on a non-loopback address (danger_allow_plaintext_non_loopback): tokens and values cross the network unencrypted"
         );
     }
+    let max_connections = connection_cap(config.limits.max_connections);
     announce(Announcement::Listening(addr));
 
     let (draining_tx, draining) = tokio::sync::oneshot::channel::<()>();
@@ -368,7 +370,6 @@ async fn serve(
     // HTTP/2 keepalive, TLS; admission (connections, authentication before a slot, body
     // deadline, slots that shed load instead of queueing); and below, the largest message
     // decoded.
-    let max_connections = connection_cap(config.limits.max_connections);
     let mut builder = Server::builder()
         .timeout(config.request_timeout)
         .max_concurrent_streams(config.limits.http2_max_concurrent_streams)
@@ -857,6 +858,8 @@ fn tls_config(tls: &TlsConfig) -> Result<ServerTlsConfig, ServeError> {
 /// processes of the same user from ptrace-attaching).
 fn harden_process() {
     use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
+    // Everything byokd creates (sled's files too) is its user's alone.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let no_core = Rlimit {
         current: Some(0),
         maximum: Some(0),
@@ -898,6 +901,55 @@ pub(crate) fn raise_open_files_limit() {
             "could not raise the open files limit (RLIMIT_NOFILE)"
         ),
     }
+}
+
+/// Takes group and other permissions off the data directory and the store in it (a
+/// directory created by hand, or files an older byokd or sled left 0644): 0700 directories,
+/// files readable by byokd's user only. Other files there (a master key file) keep their
+/// mode: their own checks refuse them if others may read them, because by then others may
+/// have. Symbolic links inside are left alone.
+fn make_private(data_dir: &Path) -> Result<(), ServeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let error = |path: &Path, source| ServeError::DataDir {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut tightened = 0u64;
+    let mut pending = vec![data_dir.to_path_buf()];
+    let store = data_dir.join("db");
+    while let Some(path) = pending.pop() {
+        if path != data_dir && !path.starts_with(&store) {
+            continue;
+        }
+        let meta = if path == data_dir {
+            std::fs::metadata(&path)
+        } else {
+            std::fs::symlink_metadata(&path)
+        }
+        .map_err(|e| error(&path, e))?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o700))
+                .map_err(|e| error(&path, e))?;
+            tightened += 1;
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).map_err(|e| error(&path, e))? {
+                pending.push(entry.map_err(|e| error(&path, e))?.path());
+            }
+        }
+    }
+    if tightened > 0 {
+        tracing::warn!(
+            paths = tightened,
+            dir = %data_dir.display(),
+            "the data directory was readable by others: took group and other permissions off"
+        );
+    }
+    Ok(())
 }
 
 pub(crate) fn create_private_dir(path: &Path) -> Result<(), ServeError> {

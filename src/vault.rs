@@ -28,7 +28,7 @@ use crate::lease::{self, LeaseError, LeasePolicy, LeaseToken, RequestedTtl};
 use crate::model::{
     Action, AuditDraft, AuditRecord, ChainHash, EnvelopeRecord, Labels, LeaseId, LeaseRecord,
     Outcome, PrincipalId, Provider, Reason, SecretId, SecretName, SecretRecord, SecretState,
-    TenantId, Time, ValidationError, check_value_len, value_hint,
+    TenantId, Time, TokenHash, ValidationError, check_value_len, value_hint,
 };
 use crate::ratelimit::Buckets;
 use crate::rotation::{KeyringState, RotationError, RotationJob, Rotator};
@@ -109,6 +109,22 @@ pub enum VaultError {
         /// The first entry still kept.
         first_kept: u64,
     },
+    /// A sequence number past the audit trail's head.
+    #[error("{field}: past the audit trail's head (entry {head})")]
+    PastHead {
+        /// The request field.
+        field: &'static str,
+        /// The head's seq.
+        head: u64,
+    },
+    /// Too many live audit streams.
+    #[error("too many audit streams open {scope} (at most {max}); close one or retry later")]
+    TooManyStreams {
+        /// "for this principal" or "in all".
+        scope: &'static str,
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// Why a stored value did not decrypt; logged, never returned to callers.
@@ -133,9 +149,9 @@ impl VaultError {
                 | AuthError::UnknownCertificate
                 | AuthError::CredentialsDisagree,
             ) => Outcome::Unauthenticated,
-            VaultError::Auth(AuthError::RateLimited { .. }) | VaultError::TooManyFailures => {
-                Outcome::ResourceExhausted
-            }
+            VaultError::Auth(AuthError::RateLimited { .. })
+            | VaultError::TooManyFailures
+            | VaultError::TooManyStreams { .. } => Outcome::ResourceExhausted,
             VaultError::Auth(_) => Outcome::PermissionDenied,
             VaultError::Invalid(_) | VaultError::Audit(AuditError::InvalidPageToken) => {
                 Outcome::InvalidArgument
@@ -143,7 +159,7 @@ impl VaultError {
             VaultError::SecretNotFound | VaultError::LeaseNotFound => Outcome::NotFound,
             VaultError::AlreadyExists => Outcome::AlreadyExists,
             VaultError::SecretRevoked => Outcome::FailedPrecondition,
-            VaultError::Pruned { .. } => Outcome::OutOfRange,
+            VaultError::Pruned { .. } | VaultError::PastHead { .. } => Outcome::OutOfRange,
             VaultError::Lease(
                 LeaseError::TtlNotPositive
                 | LeaseError::TtlTooLong { .. }
@@ -225,6 +241,9 @@ pub struct Caller {
     peer: Option<String>,
     /// The principal has used up its request rate.
     rate_limited: bool,
+    /// Parts of the request's target that were not valid: a failure's audit entry says so
+    /// (the value itself is never recorded).
+    invalid: std::sync::Mutex<Vec<&'static str>>,
 }
 
 impl Caller {
@@ -253,16 +272,31 @@ impl Caller {
         Ok(principal)
     }
 
-    /// The keys of the caller's failed-redemption buckets: its peer host and its principal.
+    /// The keys of the caller's failed-redemption buckets: its peer host together with its
+    /// principal (so that one principal's bad guesses do not lock out another's valid Gets
+    /// from the same host), and its principal from any host.
     fn failure_keys(&self) -> Vec<String> {
+        let principal = self.principal.as_ref().ok().map(|p| p.id.as_str());
         let mut keys = Vec::with_capacity(2);
         if let Some(peer) = &self.peer {
-            keys.push(format!("peer:{}", crate::store::peer_host(peer)));
+            keys.push(format!(
+                "peer:{}|{}",
+                crate::store::peer_host(peer),
+                principal.unwrap_or("")
+            ));
         }
-        if let Ok(p) = &self.principal {
-            keys.push(format!("principal:{}", p.id));
+        if let Some(principal) = principal {
+            keys.push(format!("principal:{principal}"));
         }
         keys
+    }
+
+    /// Notes that the request named an invalid `field` (tenant, name, lease id, ...).
+    fn note_invalid(&self, field: &'static str) {
+        let mut invalid = self.invalid.lock().unwrap_or_else(|p| p.into_inner());
+        if !invalid.contains(&field) {
+            invalid.push(field);
+        }
     }
 
     fn draft(&self, action: Action) -> AuditDraft {
@@ -497,6 +531,7 @@ pub struct Vault {
     principals: Arc<Principals>,
     policy: LeasePolicy,
     shutdown: watch::Sender<bool>,
+    watchers: Arc<Watchers>,
     scratch_dir: PathBuf,
     /// The result of the latest [`Vault::probe`].
     serving: std::sync::atomic::AtomicBool,
@@ -529,6 +564,10 @@ impl Vault {
             principals,
             policy,
             shutdown: watch::channel(false).0,
+            watchers: Watchers::new(
+                limits.max_watch_streams,
+                limits.max_watch_streams_per_principal,
+            ),
             scratch_dir,
             serving: std::sync::atomic::AtomicBool::new(true),
         }
@@ -569,6 +608,7 @@ impl Vault {
             principal,
             peer,
             rate_limited,
+            invalid: Default::default(),
         }
     }
 
@@ -693,7 +733,7 @@ impl Vault {
             })
         }
         .await;
-        self.conclude(audit, result).await
+        self.conclude(caller, audit, result).await
     }
 
     /// Failed lease redemptions so far (each one also audited).
@@ -709,7 +749,7 @@ impl Vault {
     ) -> Result<SecretRecord, VaultError> {
         let mut audit = caller.draft(Action::Store);
         let result = self.try_store(caller, input, &mut audit).await;
-        self.conclude(audit, result).await
+        self.conclude(caller, audit, result).await
     }
 
     async fn try_store(
@@ -718,8 +758,9 @@ impl Vault {
         input: StoreInput,
         audit: &mut AuditDraft,
     ) -> Result<SecretRecord, VaultError> {
+        let target = secret_ref(caller, audit, input.tenant, input.name);
         let principal = caller.authorize(Operation::Store)?;
-        let (tenant, name) = secret_ref(audit, input.tenant, input.name)?;
+        let (tenant, name) = target?;
         principal.require_tenant(&tenant)?;
         let provider = Provider::parse(input.provider)?;
         let labels = Labels::parse(input.labels)?;
@@ -768,8 +809,9 @@ impl Vault {
     ) -> Result<SecretRecord, VaultError> {
         let mut audit = caller.draft(Action::Describe);
         let result = async {
+            let target = secret_ref(caller, &mut audit, tenant, name);
             let principal = caller.authorize(Operation::Describe)?;
-            let (tenant, name) = secret_ref(&mut audit, tenant, name)?;
+            let (tenant, name) = target?;
             principal.require_tenant(&tenant)?;
             let record = self
                 .store
@@ -780,7 +822,7 @@ impl Vault {
             Ok(record)
         }
         .await;
-        self.conclude(audit, result).await
+        self.conclude(caller, audit, result).await
     }
 
     /// A page of a tenant's secrets, and the token of the next page.
@@ -793,9 +835,13 @@ impl Vault {
     ) -> Result<(Vec<SecretRecord>, Option<String>), VaultError> {
         let mut audit = caller.draft(Action::List);
         let result = async {
+            let tenant = TenantId::parse(tenant);
+            match &tenant {
+                Ok(t) => audit.tenant = Some(t.clone()),
+                Err(_) => caller.note_invalid("tenant"),
+            }
             let principal = caller.authorize(Operation::List)?;
-            let tenant = TenantId::parse(tenant)?;
-            audit.tenant = Some(tenant.clone());
+            let tenant = tenant?;
             principal.require_tenant(&tenant)?;
             let size = page_size_or(page_size, DEFAULT_LIST_PAGE_SIZE, MAX_LIST_PAGE_SIZE)?;
             let after = match page_token.as_str() {
@@ -813,7 +859,7 @@ impl Vault {
             Ok((page, next))
         }
         .await;
-        self.conclude(audit, result).await
+        self.conclude(caller, audit, result).await
     }
 
     /// Issues a lease on the current version of a secret.
@@ -824,7 +870,7 @@ impl Vault {
     ) -> Result<IssuedLease, VaultError> {
         let mut audit = caller.draft(Action::Lease);
         let result = self.try_lease(caller, input, &mut audit).await;
-        self.conclude(audit, result).await
+        self.conclude(caller, audit, result).await
     }
 
     async fn try_lease(
@@ -833,8 +879,9 @@ impl Vault {
         input: LeaseInput,
         audit: &mut AuditDraft,
     ) -> Result<IssuedLease, VaultError> {
+        let target = secret_ref(caller, audit, input.tenant, input.name);
         let principal = caller.authorize(Operation::Lease)?;
-        let (tenant, name) = secret_ref(audit, input.tenant, input.name)?;
+        let (tenant, name) = target?;
         principal.require_tenant(&tenant)?;
         let audience = match input.audience.as_str() {
             "" => None,
@@ -886,6 +933,19 @@ impl Vault {
     /// Redeems a lease token: the plaintext, consuming one use.
     pub async fn get(&self, caller: &Caller, token: &str) -> Result<Redeemed, VaultError> {
         let mut audit = caller.draft(Action::Get);
+        // The lease the token names, read before anything decides, so that a refused request
+        // is audited with its target (and a redemption reads it once).
+        let token_hash = lease::presented_token_hash(token);
+        let first = match &token_hash {
+            Ok(hash) => match self.store.lease_by_token(hash) {
+                Ok(found) => found,
+                Err(e) => return self.conclude(caller, audit, Err(e.into())).await,
+            },
+            Err(_) => None,
+        };
+        if let Some(lease) = &first {
+            audit.lease(lease);
+        }
         let limit = self.limits.failed_get_rate_limit;
         let keys = caller.failure_keys();
         // A peer or principal that keeps presenting bad tokens is refused before its next
@@ -894,7 +954,7 @@ impl Vault {
             .iter()
             .all(|k| self.failure_buckets.has_token(k, limit))
         {
-            let result = self.try_get(caller, token, &mut audit).await;
+            let result = self.try_get(caller, token_hash, first, &mut audit).await;
             if let Err(VaultError::Lease(_)) = &result {
                 self.failed_gets
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -906,22 +966,25 @@ impl Vault {
         } else {
             Err(VaultError::TooManyFailures)
         };
-        self.conclude(audit, result).await
+        self.conclude(caller, audit, result).await
     }
 
     async fn try_get(
         &self,
         caller: &Caller,
-        token: &str,
+        token_hash: Result<TokenHash, LeaseError>,
+        first: Option<LeaseRecord>,
         audit: &mut AuditDraft,
     ) -> Result<Redeemed, VaultError> {
         let principal = caller.authorize(Operation::Get)?;
-        let token_hash = lease::presented_token_hash(token)?;
+        let token_hash = token_hash?;
+        let mut first = Some(first);
         for _ in 0..MAX_ATTEMPTS {
-            let lease = self
-                .store
-                .lease_by_token(&token_hash)?
-                .ok_or(LeaseError::NoSuchLease)?;
+            let lease = match first.take() {
+                Some(read) => read,
+                None => self.store.lease_by_token(&token_hash)?,
+            }
+            .ok_or(LeaseError::NoSuchLease)?;
             audit.lease(&lease);
             if !principal.may_access(&lease.tenant) {
                 return Err(LeaseError::WrongTenant.into());
@@ -980,7 +1043,7 @@ impl Vault {
         let result = self
             .try_rotate(caller, tenant, name, value, &mut audit)
             .await;
-        self.conclude(audit, result).await
+        self.conclude(caller, audit, result).await
     }
 
     async fn try_rotate(
@@ -991,8 +1054,9 @@ impl Vault {
         value: Plaintext,
         audit: &mut AuditDraft,
     ) -> Result<SecretRecord, VaultError> {
+        let target = secret_ref(caller, audit, tenant, name);
         let principal = caller.authorize(Operation::Rotate)?;
-        let (tenant, name) = secret_ref(audit, tenant, name)?;
+        let (tenant, name) = target?;
         principal.require_tenant(&tenant)?;
         check_value_len("value", value.len())?;
         for _ in 0..MAX_ATTEMPTS {
@@ -1045,7 +1109,7 @@ impl Vault {
             }
             RevokeTarget::Lease(id) => self.revoke_lease(caller, &id, reason, &mut audit).await,
         };
-        self.conclude(audit, result).await
+        self.conclude(caller, audit, result).await
     }
 
     async fn revoke_secret(
@@ -1056,8 +1120,9 @@ impl Vault {
         reason: String,
         audit: &mut AuditDraft,
     ) -> Result<Revoked, VaultError> {
+        let target = secret_ref(caller, audit, tenant, name);
         let principal = caller.authorize(Operation::RevokeSecret)?;
-        let (tenant, name) = secret_ref(audit, tenant, name)?;
+        let (tenant, name) = target?;
         principal.require_tenant(&tenant)?;
         audit.reason = Reason::parse(reason)?.as_str().to_string();
         for _ in 0..MAX_ATTEMPTS {
@@ -1114,12 +1179,33 @@ impl Vault {
         reason: String,
         audit: &mut AuditDraft,
     ) -> Result<Revoked, VaultError> {
+        // The lease it names, before authorization decides, so that a denied request is
+        // audited with its target.
+        let id = LeaseId::parse("lease_id", id);
+        let mut found = match &id {
+            Ok(id) => {
+                audit.lease_id = Some(*id);
+                let found = self.store.lease_by_id(*id)?;
+                if let Some(lease) = &found {
+                    audit.lease(lease);
+                }
+                found
+            }
+            Err(_) => {
+                caller.note_invalid("lease id");
+                None
+            }
+        };
         let principal = caller.authorize(Operation::RevokeLease)?;
         audit.reason = Reason::parse(reason)?.as_str().to_string();
-        let id = LeaseId::parse("lease_id", id)?;
-        audit.lease_id = Some(id);
-        for _ in 0..MAX_ATTEMPTS {
-            let lease = match self.store.lease_by_id(id)? {
+        let id = id?;
+        for attempt in 0..MAX_ATTEMPTS {
+            let lease = if attempt == 0 {
+                found.take()
+            } else {
+                self.store.lease_by_id(id)?
+            };
+            let lease = match lease {
                 // A lease in another tenant is reported as absent, not as forbidden.
                 Some(lease) if principal.may_access(&lease.tenant) => lease,
                 _ => return Err(VaultError::LeaseNotFound),
@@ -1162,6 +1248,7 @@ impl Vault {
     pub async fn audit(&self, caller: &Caller, input: AuditInput) -> Result<AuditPage, VaultError> {
         let mut audit = caller.draft(Action::Audit);
         let result = async {
+            note_filter_target(caller, &mut audit, &input.filter);
             let principal = caller.authorize(Operation::Audit)?;
             let filter = audit_filter(input.filter, principal, &mut audit)?;
             let size = page_size_or(
@@ -1175,7 +1262,7 @@ impl Vault {
             Ok(page)
         }
         .await;
-        self.conclude(audit, result).await
+        self.conclude(caller, audit, result).await
     }
 
     /// Verifies the audit hash chain (a range of it, or all of it).
@@ -1189,6 +1276,14 @@ impl Vault {
             caller.authorize_global(Operation::Audit)?;
             if input.to_seq != 0 && input.to_seq < input.from_seq {
                 return Err(ValidationError::new("to_seq", "before from_seq").into());
+            }
+            // Nothing past the head can be checked: that is no broken chain.
+            let head = self.store.durable_audit_seq();
+            if input.from_seq > head + 1 {
+                return Err(VaultError::PastHead {
+                    field: "from_seq",
+                    head,
+                });
             }
             let recorded = match (input.recorded_head_seq, input.recorded_head_hash.as_str()) {
                 (0, "") => None,
@@ -1222,7 +1317,7 @@ impl Vault {
             Ok(report)
         }
         .await;
-        self.conclude(audit, result).await
+        self.conclude(caller, audit, result).await
     }
 
     /// Streams matching audit entries: those from `from_seq` on, then new ones as they become
@@ -1235,12 +1330,21 @@ impl Vault {
     ) -> Result<mpsc::Receiver<WatchEvent>, VaultError> {
         let mut audit = caller.draft(Action::WatchAudit);
         let result = async {
+            note_filter_target(caller, &mut audit, &input.filter);
             let principal = caller.authorize(Operation::Audit)?;
             let mut filter = audit_filter(input.filter, principal, &mut audit)?;
             filter.since = None;
             filter.until = None;
+            let permit = self.watchers.open(&principal.id)?;
+            let head = self.store.durable_audit_seq();
             let from = match input.from_seq {
-                0 => self.store.durable_audit_seq() + 1,
+                0 => head + 1,
+                seq if seq > head + 1 => {
+                    return Err(VaultError::PastHead {
+                        field: "from_seq",
+                        head,
+                    });
+                }
                 seq => seq,
             };
             if let Some(anchor) = self.store.audit_anchor()?
@@ -1260,12 +1364,13 @@ impl Vault {
                 next: from,
                 tx,
                 shutdown: self.shutdown.subscribe(),
+                _permit: permit,
             };
             tokio::spawn(watcher.run(feed));
             Ok(rx)
         }
         .await;
-        self.conclude(audit, result).await
+        self.conclude(caller, audit, result).await
     }
 
     /// Starts a master-key rotation to the configured master key (admin).
@@ -1279,7 +1384,7 @@ impl Vault {
                 .map_err(VaultError::Rotation)
         }
         .await;
-        self.conclude(audit, result).await
+        self.conclude(caller, audit, result).await
     }
 
     /// The progress of a master-key rotation (the latest, if `job_id` is empty).
@@ -1290,17 +1395,28 @@ impl Vault {
     ) -> Result<RotationJob, VaultError> {
         let mut audit = caller.draft(Action::GetRotationStatus);
         let result = async {
-            caller.authorize(Operation::RotateMasterKey)?;
+            // Master-key rotation concerns the whole vault, as RotateMasterKey does.
+            caller.authorize_global(Operation::RotateMasterKey)?;
+            let job_id = match job_id.as_str() {
+                "" => None,
+                id => Some(
+                    uuid::Uuid::parse_str(id)
+                        .map_err(|_| {
+                            ValidationError::new("job_id", "not a rotation job id (a UUID)")
+                        })?
+                        .to_string(),
+                ),
+            };
             let job = self
                 .rotator
-                .status(non_empty(job_id).as_deref())
+                .status(job_id.as_deref())
                 .map_err(VaultError::Rotation)?;
             audit.version = Some(job.target);
             self.record(audit.clone()).await?;
             Ok(job)
         }
         .await;
-        self.conclude(audit, result).await
+        self.conclude(caller, audit, result).await
     }
 
     /// Records requests that admission refused for the unauthenticated rate over the last
@@ -1420,6 +1536,7 @@ impl Vault {
     /// failure cannot be recorded, the caller gets the store's error instead (fail closed).
     async fn conclude<T>(
         &self,
+        caller: &Caller,
         mut audit: AuditDraft,
         result: Result<T, VaultError>,
     ) -> Result<T, VaultError> {
@@ -1427,7 +1544,15 @@ impl Vault {
             return result;
         };
         audit.outcome = error.outcome();
-        let reason = error.to_string();
+        let mut reason = error.to_string();
+        let invalid = caller
+            .invalid
+            .lock()
+            .map(|i| i.join(", "))
+            .unwrap_or_default();
+        if !invalid.is_empty() {
+            reason = format!("{reason}; the request named an invalid {invalid}");
+        }
         audit.reason = if audit.reason.is_empty() {
             reason
         } else {
@@ -1541,16 +1666,27 @@ fn guard_secret(tenant: &TenantId, name: &SecretName, expect: Option<&SecretReco
 }
 
 /// Parses a tenant and name, noting each in the audit draft as soon as it is valid.
+/// Parses the secret a request names into its audit entry, as far as it is valid (an invalid
+/// part is noted as invalid, never copied). Called before authorization, so that a denied
+/// request is audited with the target it named; the caller raises the validation error after
+/// authorization, which keeps the errors' order.
 fn secret_ref(
+    caller: &Caller,
     audit: &mut AuditDraft,
     tenant: String,
     name: String,
 ) -> Result<(TenantId, SecretName), VaultError> {
-    let tenant = TenantId::parse(tenant)?;
-    audit.tenant = Some(tenant.clone());
-    let name = SecretName::parse(name)?;
-    audit.name = Some(name.clone());
-    Ok((tenant, name))
+    let tenant = TenantId::parse(tenant);
+    let name = SecretName::parse(name);
+    match &tenant {
+        Ok(t) => audit.tenant = Some(t.clone()),
+        Err(_) => caller.note_invalid("tenant"),
+    }
+    match &name {
+        Ok(n) => audit.name = Some(n.clone()),
+        Err(_) => caller.note_invalid("name"),
+    }
+    Ok((tenant?, name?))
 }
 
 fn page_size_or(requested: u32, default: usize, max: usize) -> Result<usize, ValidationError> {
@@ -1570,6 +1706,23 @@ fn decode_list_token(token: &str) -> Result<SecretName, ValidationError> {
 
 /// Parses audit filters and checks the principal may see what they select: a principal
 /// scoped to specific tenants must name one of them.
+/// The tenant and name an audit query filters on, into its audit entry as far as they are
+/// valid, before authorization decides (see [`secret_ref`]).
+fn note_filter_target(caller: &Caller, audit: &mut AuditDraft, filter: &AuditFilterInput) {
+    if !filter.tenant.is_empty() {
+        match TenantId::parse(filter.tenant.as_str()) {
+            Ok(t) => audit.tenant = Some(t),
+            Err(_) => caller.note_invalid("tenant"),
+        }
+    }
+    if !filter.name.is_empty() {
+        match SecretName::parse(filter.name.as_str()) {
+            Ok(n) => audit.name = Some(n),
+            Err(_) => caller.note_invalid("name"),
+        }
+    }
+}
+
 fn audit_filter(
     input: AuditFilterInput,
     principal: &Principal,
@@ -1633,6 +1786,70 @@ struct Watcher {
     next: u64,
     tx: mpsc::Sender<WatchEvent>,
     shutdown: watch::Receiver<bool>,
+    /// Its place among the live streams, given back when it ends.
+    _permit: WatchPermit,
+}
+
+/// The live audit streams: at most `max` in all, and `per_principal` per principal.
+struct Watchers {
+    max: usize,
+    per_principal: usize,
+    open: std::sync::Mutex<(usize, HashMap<PrincipalId, usize>)>,
+}
+
+impl Watchers {
+    fn new(max: usize, per_principal: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            per_principal,
+            open: Default::default(),
+        })
+    }
+
+    /// A place for one more stream of `principal`, if the limits allow.
+    fn open(self: &Arc<Self>, principal: &PrincipalId) -> Result<WatchPermit, VaultError> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, by_principal) = &mut *open;
+        if *total >= self.max {
+            return Err(VaultError::TooManyStreams {
+                scope: "in all",
+                max: self.max,
+            });
+        }
+        let mine = by_principal.entry(principal.clone()).or_default();
+        if *mine >= self.per_principal {
+            return Err(VaultError::TooManyStreams {
+                scope: "for this principal",
+                max: self.per_principal,
+            });
+        }
+        *mine += 1;
+        *total += 1;
+        Ok(WatchPermit {
+            watchers: self.clone(),
+            principal: principal.clone(),
+        })
+    }
+}
+
+/// One live audit stream's place (see [`Watchers`]).
+struct WatchPermit {
+    watchers: Arc<Watchers>,
+    principal: PrincipalId,
+}
+
+impl Drop for WatchPermit {
+    fn drop(&mut self) {
+        let mut open = self.watchers.open.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, by_principal) = &mut *open;
+        *total = total.saturating_sub(1);
+        if let Some(mine) = by_principal.get_mut(&self.principal) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                by_principal.remove(&self.principal);
+            }
+        }
+    }
 }
 
 impl Watcher {

@@ -105,11 +105,20 @@ impl TestDir {
         )
     }
 
+    /// Starts a server on this directory under a limit (soft and hard) on open files.
+    pub fn start_with_open_files(&self, limit: u64) -> TestServer {
+        TestServer::start_with(
+            self.path(),
+            &["serve", "--config", &self.config().to_string_lossy()],
+            Some(limit),
+        )
+    }
+
     /// Starts a server that is expected to refuse to start; returns its exit status and
     /// everything it wrote to stderr.
     pub fn start_failing(&self) -> (ExitStatus, String) {
         let log = self.path().join(format!("failed-{}.log", unique()));
-        let status = byokd_command(
+        let mut child = byokd_command(
             self.path(),
             &[
                 "serve",
@@ -120,8 +129,25 @@ impl TestDir {
             ],
             &log,
         )
-        .status()
+        .stdout(Stdio::null())
+        .spawn()
         .expect("run byokd");
+        // A server that starts after all would run forever: give it a minute.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "byokd did not refuse to start; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         (status, std::fs::read_to_string(&log).unwrap_or_default())
     }
 }
@@ -135,7 +161,25 @@ pub fn unique() -> u64 {
 /// The byokd binary with logs at trace level for byokd (debug for its dependencies) going
 /// to `log`.
 pub fn byokd_command(cwd: &Path, args: &[&str], log: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_byokd"));
+    byokd_command_with(cwd, args, log, None)
+}
+
+/// [`byokd_command`], under a limit on open files (soft and hard) if given.
+pub fn byokd_command_with(
+    cwd: &Path,
+    args: &[&str],
+    log: &Path,
+    open_files: Option<u64>,
+) -> Command {
+    let mut cmd = match open_files {
+        None => Command::new(env!("CARGO_BIN_EXE_byokd")),
+        Some(limit) => {
+            let mut sh = Command::new("sh");
+            sh.args(["-c", &format!("ulimit -n {limit} && exec \"$0\" \"$@\"")])
+                .arg(env!("CARGO_BIN_EXE_byokd"));
+            sh
+        }
+    };
     cmd.current_dir(cwd)
         .args(args)
         .env("BYOKD_LOG", "debug,byokd=trace")
@@ -178,10 +222,15 @@ pub struct TestServer {
 impl TestServer {
     /// Runs `byokd ARGS --listen 127.0.0.1:0` in `cwd` and waits until it listens.
     pub fn start(cwd: &Path, args: &[&str]) -> Self {
+        Self::start_with(cwd, args, None)
+    }
+
+    /// [`TestServer::start`], under a limit on open files if given.
+    pub fn start_with(cwd: &Path, args: &[&str], open_files: Option<u64>) -> Self {
         let log_path = cwd.join(format!("server-{}.log", unique()));
         let mut args = args.to_vec();
         args.extend(["--listen", "127.0.0.1:0"]);
-        let mut child = byokd_command(cwd, &args, &log_path)
+        let mut child = byokd_command_with(cwd, &args, &log_path, open_files)
             .spawn()
             .expect("spawn byokd");
         let stdout = child.stdout.take().expect("stdout");
@@ -790,4 +839,41 @@ pub async fn health(
         })
         .await?;
     Ok(response.into_inner().status())
+}
+
+/// The ops listener's metrics exposition.
+pub async fn scrape(addr: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: byokd\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.contains("application/openmetrics-text"),
+        "{response}"
+    );
+    response
+}
+
+/// The value of the sample whose name and labels start with `series`.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
+}
+
+/// The ops listener's address, as the server announced it.
+pub fn ops_addr(server: &TestServer) -> String {
+    server
+        .banner
+        .iter()
+        .find_map(|l| l.strip_prefix("byokd metrics and health on "))
+        .expect("ops address announced")
+        .to_string()
 }

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod admission;
 mod api;
 mod audit_trail;
 mod cli;
@@ -14,6 +15,7 @@ mod kms;
 mod leases;
 mod ops;
 mod reflection;
+mod refusals;
 mod rotation;
 mod trail_damage;
 mod walkthrough;

@@ -261,40 +261,6 @@ async fn restore_refuses_a_tampered_backup_a_wrong_master_key_and_non_admins() {
 }
 
 /// `GET /metrics` on the ops address, as Prometheus would.
-async fn scrape(addr: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: byokd\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    assert!(
-        response.contains("application/openmetrics-text"),
-        "{response}"
-    );
-    response
-}
-
-/// The value of the sample whose name and labels start with `series`.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
-}
-
-fn ops_addr(server: &TestServer) -> String {
-    server
-        .banner
-        .iter()
-        .find_map(|l| l.strip_prefix("byokd metrics and health on "))
-        .expect("ops address announced")
-        .to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_scraped_with_plausible_values() {
     let dir = TestDir::with_config("[metrics]\nlisten = \"127.0.0.1:0\"\n");

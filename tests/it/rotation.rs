@@ -290,11 +290,22 @@ async fn rotation_is_for_admins_and_one_at_a_time() {
             .as_(ADMIN)
             .await
             .get_rotation_status(pb::GetRotationStatusRequest {
-                job_id: "nope".into(),
+                job_id: "00000000-0000-4000-8000-000000000000".into(),
             })
             .await,
         Code::NotFound,
         "no rotation job",
+    );
+    assert_status(
+        server
+            .as_(ADMIN)
+            .await
+            .get_rotation_status(pb::GetRotationStatusRequest {
+                job_id: "nope".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "job_id: not a rotation job id",
     );
     wait_done(&server, &first.job_id).await;
 }

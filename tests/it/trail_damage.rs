@@ -167,10 +167,11 @@ async fn a_flipped_byte_in_a_sealed_segment_stops_writes_once_found() {
     // Open checks only a sealed segment's end; the scrub reads it whole and stops writes.
     let server = dir.start();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    for attempt in 0.. {
         let mut orch = server.as_(ORCHESTRATOR).await;
+        let name = format!("during-{attempt}");
         let result = orch
-            .store(store_req("acme", "after", b"sk-after-damage-0123456789"))
+            .store(store_req("acme", &name, b"sk-after-damage-0123456789"))
             .await;
         if let Err(status) = result {
             assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -205,7 +206,11 @@ async fn a_flipped_byte_in_a_sealed_segment_stops_writes_once_found() {
     server
         .as_(ORCHESTRATOR)
         .await
-        .store(store_req("acme", "after", b"sk-after-repair-0123456789"))
+        .store(store_req(
+            "acme",
+            "after-repair",
+            b"sk-after-repair-0123456789",
+        ))
         .await
         .expect("writes again");
 }
