@@ -12,6 +12,7 @@ duration="${1:-8s}"
 workloads="${2:-get lease+get store}"
 # shellcheck source=scripts/bench-server.sh
 . scripts/bench-server.sh
+start_server
 ticks="$(getconf CLK_TCK)"
 cpu() { awk '{print $14 + $15}' "/proc/$server/stat"; }
 for w in $workloads; do

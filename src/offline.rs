@@ -13,7 +13,7 @@ use crate::audit::{self, RecordedHead, Verification};
 use crate::backup::{BackupHeader, BackupReader};
 use crate::config::Config;
 use crate::model::{Action, AuditDraft, AuditRecord, Time};
-use crate::server::{Initialise, ServeError, open_keys, open_store};
+use crate::server::{Initialise, Keys, ServeError, open_keys, open_store};
 use crate::store::{MetaKey, RepairPlan, SledStore, Store, StoreError, Transaction, Write};
 
 /// Verifies the audit chain of the configured data directory (needs its master key).
@@ -40,18 +40,23 @@ pub async fn verify_audit(
         Err(e) => return Err(e),
     };
     let result = async {
-        let keys = open_keys(
-            &config.master_key,
-            &store,
-            Initialise::Never,
-            &config.data_dir,
-        )
-        .await?;
+        let keys = existing_keys(config, &store).await?;
         audit::verify(&store, &keys.chain, from, to, recorded).map_err(audit_error)
     }
     .await;
     store.close().await?;
     result
+}
+
+/// The keys of an existing data directory (never initialising one).
+async fn existing_keys(config: &Config, store: &dyn Store) -> Result<Keys, ServeError> {
+    open_keys(
+        &config.master_key,
+        store,
+        Initialise::Never,
+        &config.data_dir,
+    )
+    .await
 }
 
 /// What `byokd audit repair` found or did.
@@ -110,13 +115,7 @@ pub async fn repair_audit(config: &Config, apply: bool) -> Result<Repair, ServeE
             Some(note) if !note.is_empty() => String::from_utf8_lossy(&note).into_owned(),
             _ => return Ok(Repair::NothingToDo),
         };
-        let keys = open_keys(
-            &config.master_key,
-            &store,
-            Initialise::Never,
-            &config.data_dir,
-        )
-        .await?;
+        let keys = existing_keys(config, &store).await?;
         store.start_audit_chain(keys.chain).await?;
         let mut entry = AuditDraft::new(Action::Repair, None, None);
         entry.reason = note.clone();
@@ -459,13 +458,7 @@ pub async fn restore(config: &Config, input: &Path) -> Result<RestoreSummary, Se
         .map_err(|e| restore_error(&e))?;
         let store = SledStore::open(&staging)?;
         let checked = async {
-            let keys = open_keys(
-                &config.master_key,
-                &store,
-                Initialise::Never,
-                &config.data_dir,
-            )
-            .await?;
+            let keys = existing_keys(config, &store).await?;
             let report = audit::verify(&store, &keys.chain, 0, 0, recorded).map_err(audit_error)?;
             if let Some((seq, why)) = report.broken {
                 return Err(ServeError::Restore(format!(

@@ -1631,7 +1631,7 @@ impl Drop for AuditLog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn payload(position: u64) -> Vec<u8> {
@@ -1791,7 +1791,7 @@ mod tests {
     }
 
     /// The files of the segments in `dir`, in order.
-    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    pub(crate) fn segment_files(dir: &Path) -> Vec<PathBuf> {
         let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().path())

@@ -1626,7 +1626,9 @@ mod tests {
         drop(store);
         // The last segment deleted: the trail ends before what the records reflect.
         let audit = dir.path().join(AUDIT_DIR);
-        let last = list_last_segment(&audit);
+        let last = auditlog::tests::segment_files(&audit)
+            .pop()
+            .expect("a segment");
         std::fs::remove_file(&last).unwrap();
         let error = SledStore::open_with(dir.path(), DEFAULT_CACHE_BYTES, 2048)
             .err()
@@ -1654,16 +1656,6 @@ mod tests {
             Some(damage.first_lost)
         );
         store.close().await.unwrap();
-    }
-
-    fn list_last_segment(dir: &Path) -> std::path::PathBuf {
-        let mut logs: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension() == Some("log".as_ref()))
-            .collect();
-        logs.sort();
-        logs.pop().unwrap()
     }
 
     fn lease_record(hash: u8, uses: u32) -> LeaseRecord {

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs byokd-attack's abuse patterns against fresh release servers, each with an
+# authenticated victim leasing and redeeming meanwhile, and prints one JSON line per run
+# (label first): the victim alone (baseline), stalled streams, a flood without credentials
+# (without a victim too, for the audit trail's growth), idle connections under a limit of
+# 400 open files (with 64 KiB audit segments, so that the victim's entries need new files). With BYOKD_BEFORE=path/to/byokd, each run is repeated on that build, the
+# two alternating, so that both see the same machine load (see BENCHMARKS.md).
+#
+#   scripts/attack.sh [DURATION] [ROUNDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+duration="${1:-8s}"
+rounds="${2:-2}"
+# shellcheck source=scripts/bench-server.sh
+. scripts/bench-server.sh
+builds=("after:target/release/byokd")
+if [ -n "${BYOKD_BEFORE:-}" ]; then builds=("before:$BYOKD_BEFORE" "${builds[@]}"); fi
+run() {
+  local label="$1" bin="$2"; shift 2
+  start_server "$bin"
+  local addr="${target#http://}"
+  printf '%s %s\n' "$label" "$(target/release/byokd-attack --target "$addr" --token "$token" \
+    --duration "$duration" --data-dir "$work/data" "$@")"
+  stop_server
+}
+for _ in $(seq "$rounds"); do
+  for build in "${builds[@]}"; do
+    label="${build%%:*}"
+    bin="${build#*:}"
+    run "$label" "$bin" --victims 4 stall --connections 0
+    run "$label" "$bin" --victims 4 stall --connections 1 --streams 600
+    run "$label" "$bin" --victims 4 flood --concurrency 16
+    run "$label" "$bin" --victims 0 flood --concurrency 16
+    BYOKD_OPEN_FILES=400 BYOKD_EXTRA_CONFIG=$'[store]\naudit_segment_kb = 64' \
+      run "$label" "$bin" --victims 4 idle --connections 600
+  done
+done
