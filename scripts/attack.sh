@@ -3,7 +3,7 @@
 # authenticated victim leasing and redeeming meanwhile, and prints one JSON line per run
 # (label first): the victim alone (baseline), stalled streams, a flood without credentials
 # (without a victim too, for the audit trail's growth), idle connections under a limit of
-# 400 open files (with 64 KiB audit segments, so that the victim's entries need new files). With BYOKD_BEFORE=path/to/byokd, each run is repeated on that build, the
+# 400 open files (with 256 KiB audit segments, so that the victim's entries need new files). With BYOKD_BEFORE=path/to/byokd, each run is repeated on that build, the
 # two alternating, so that both see the same machine load (see BENCHMARKS.md).
 #
 #   scripts/attack.sh [DURATION] [ROUNDS]
@@ -31,7 +31,7 @@ for _ in $(seq "$rounds"); do
     run "$label" "$bin" --victims 4 stall --connections 1 --streams 600
     run "$label" "$bin" --victims 4 flood --concurrency 16
     run "$label" "$bin" --victims 0 flood --concurrency 16
-    BYOKD_OPEN_FILES=400 BYOKD_EXTRA_CONFIG=$'[store]\naudit_segment_kb = 64' \
+    BYOKD_OPEN_FILES=400 BYOKD_EXTRA_CONFIG=$'[store]\naudit_segment_kb = 256' \
       run "$label" "$bin" --victims 4 idle --connections 600
   done
 done

@@ -1,9 +1,10 @@
 //! Admission: what a connection and a request must show before they cost byokd anything
 //! that other callers need.
 //!
-//! - **Connections** ([`Incoming`]): at most `max_connections` open at once (lowered at start
-//!   to what the open-files limit allows after a reserve for the store); a connection over the
-//!   cap is closed as soon as it is accepted. A connection that has not delivered its first
+//! - **Connections** ([`Incoming`]): at most `max_connections` open at once, and none once the
+//!   process's open files reach the limit less a reserve kept for the store
+//!   ([`descriptor_ceiling`]); a connection over either cap is closed as soon as it is
+//!   accepted. A connection that has not delivered its first
 //!   request (TLS handshake, HTTP/2 preface, the request's headers) within
 //!   `handshake_timeout` is closed. HTTP/2 itself caps the streams of one connection
 //!   (`http2_max_concurrent_streams`, set in `server.rs`).
@@ -514,17 +515,26 @@ impl Drop for Guarded {
 pub struct Incoming {
     listener: TcpListener,
     places: Arc<Semaphore>,
+    /// See [`descriptor_ceiling`].
+    descriptor_ceiling: Option<u64>,
     handshake_timeout: Duration,
     backoff: Option<Pin<Box<Sleep>>>,
 }
 
 impl Incoming {
-    /// Connections accepted on `listener`, at most `max_connections` open at once, each
-    /// closed if it brings no request within `handshake_timeout`.
-    pub fn new(listener: TcpListener, max_connections: usize, handshake_timeout: Duration) -> Self {
+    /// Connections accepted on `listener`, at most `max_connections` open at once and none
+    /// on a descriptor at or above `descriptor_ceiling`, each closed if it brings no request
+    /// within `handshake_timeout`.
+    pub fn new(
+        listener: TcpListener,
+        max_connections: usize,
+        descriptor_ceiling: Option<u64>,
+        handshake_timeout: Duration,
+    ) -> Self {
         Self {
             listener,
             places: Arc::new(Semaphore::new(max_connections)),
+            descriptor_ceiling,
             handshake_timeout,
             backoff: None,
         }
@@ -552,8 +562,16 @@ impl Stream for Incoming {
                     continue;
                 }
             };
+            // Closed at once: over a cap, a connection costs nothing but this accept.
+            let descriptor = u64::try_from(std::os::fd::AsRawFd::as_raw_fd(&stream)).ok();
+            if let (Some(fd), Some(ceiling)) = (descriptor, this.descriptor_ceiling)
+                && fd >= ceiling
+            {
+                crate::metrics::global().connection_dropped("open_files");
+                drop(stream);
+                continue;
+            }
             let Ok(permit) = this.places.clone().try_acquire_owned() else {
-                // Closed at once: over the cap, a connection costs nothing but this accept.
                 crate::metrics::global().connection_dropped("max_connections");
                 drop(stream);
                 continue;
@@ -573,13 +591,15 @@ impl Stream for Incoming {
     }
 }
 
-/// Open files the process may still open after `reserve` for the store, given its limit and
-/// what it has open now: the most connections it can take without starving the store.
-pub fn connection_budget(reserve: u64) -> Option<u64> {
+/// The lowest descriptor number a new connection may not have: the soft limit on open files
+/// less `reserve` (at most half the limit). The kernel hands out the lowest free descriptor,
+/// so a connection accepted at or above it means that only the reserve is left: it is closed
+/// at once, whatever holds the rest (connections, or a store that grew). `None` if there is
+/// no limit.
+pub fn descriptor_ceiling(reserve: u64) -> Option<u64> {
     use rustix::process::{Resource, getrlimit};
     let limit = getrlimit(Resource::Nofile).current?;
-    let open = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
-    Some(limit.saturating_sub(open + reserve))
+    Some(limit.saturating_sub(reserve).max(limit / 2))
 }
 
 #[cfg(test)]

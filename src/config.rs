@@ -173,8 +173,8 @@ pub struct Limits {
     pub principal_rate_limit: RateLimit,
     /// Failed lease redemptions allowed per peer host and per principal.
     pub failed_get_rate_limit: RateLimit,
-    /// Connections open at once (lowered at start to what the open-files limit allows after
-    /// a reserve for the store); beyond, new connections are closed at once.
+    /// Connections open at once; beyond (or once the open files leave only the store's
+    /// reserve), new connections are closed at once.
     pub max_connections: usize,
     /// Streams (requests) one HTTP/2 connection may have open at once.
     pub http2_max_concurrent_streams: u32,

@@ -215,7 +215,7 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
     );
     registry.register(
         "connections_dropped",
-        "Connections closed by admission, by reason (max_connections, handshake_timeout)",
+        "Connections closed by admission, by reason (max_connections, open_files, handshake_timeout)",
         m.connections_dropped.clone(),
     );
     registry.register(

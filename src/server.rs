@@ -347,7 +347,7 @@ async fn serve(
             "serving PLAINTEXT on a non-loopback address (danger_allow_plaintext_non_loopback): tokens and values cross the network unencrypted"
         );
     }
-    let max_connections = connection_cap(config.limits.max_connections);
+    let ceiling = descriptor_ceiling();
     announce(Announcement::Listening(addr));
 
     let (draining_tx, draining) = tokio::sync::oneshot::channel::<()>();
@@ -394,7 +394,12 @@ async fn serve(
                 .max_decoding_message_size(config.limits.max_message_bytes),
         )
         .serve_with_incoming_shutdown(
-            Incoming::new(listener, max_connections, config.limits.handshake_timeout),
+            Incoming::new(
+                listener,
+                config.limits.max_connections,
+                ceiling,
+                config.limits.handshake_timeout,
+            ),
             signal,
         );
     let result = tokio::select! {
@@ -781,26 +786,21 @@ async fn prune_audit(vault: Arc<Vault>, policy: AuditRetention) {
     }
 }
 
-/// File descriptors kept for the store (segment files, sled, the seals' temporary files)
-/// when the open-files limit is small: connections may use the rest.
+/// File descriptors kept for the store (segment files, sled, the seals' temporary files):
+/// connections may not take them.
 const STORE_FD_RESERVE: u64 = 256;
 
-/// `max_connections`, lowered to what the open-files limit allows after the store's reserve.
-fn connection_cap(configured: usize) -> usize {
-    match crate::admission::connection_budget(STORE_FD_RESERVE) {
-        Some(budget) if (budget as usize) < configured => {
-            let cap = (budget as usize).max(1);
-            tracing::warn!(
-                configured,
-                cap,
-                reserve = STORE_FD_RESERVE,
-                "the open-files limit leaves room for fewer connections than max_connections; \
-                 capping them so that the store keeps its file descriptors"
-            );
-            cap
-        }
-        _ => configured,
+/// The descriptor number at which connections are refused, logged.
+fn descriptor_ceiling() -> Option<u64> {
+    let ceiling = crate::admission::descriptor_ceiling(STORE_FD_RESERVE);
+    if let Some(ceiling) = ceiling {
+        tracing::info!(
+            ceiling,
+            reserve = STORE_FD_RESERVE,
+            "connections are refused once this many files are open (the open-files limit less the store's reserve)"
+        );
     }
+    ceiling
 }
 
 /// Records the requests admission refused for the unauthenticated rate: one audit entry per

@@ -121,8 +121,10 @@ async fn idle_connections_are_capped_and_closed_and_the_store_keeps_its_descript
     let server = dir.start_with_open_files(400);
     let ops = ops_addr(&server);
     assert!(
-        server.log().contains("capping them"),
-        "the cap leaves the store a reserve"
+        server
+            .log()
+            .contains("connections are refused once this many files are open"),
+        "the store keeps a reserve"
     );
     let segments_before = audit_segments(&dir);
     let report = attack(
@@ -151,7 +153,7 @@ async fn idle_connections_are_capped_and_closed_and_the_store_keeps_its_descript
     // The victim's entries started new segments meanwhile: the store opened files.
     assert!(audit_segments(&dir) > segments_before, "no segment rolled");
     let text = scrape(&ops).await;
-    for reason in ["max_connections", "handshake_timeout"] {
+    for reason in ["open_files", "handshake_timeout"] {
         assert!(
             sample(
                 &text,
