@@ -53,6 +53,7 @@ async fn acknowledged_writes_and_uses_survive_repeated_kill_9() {
     for round in 0..kills {
         let server = dir.start();
         verify(&server, &state).await;
+        let acked_before = state.lock().unwrap().acked;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut tasks = Vec::new();
         for w in 0..4 {
@@ -133,6 +134,16 @@ async fn acknowledged_writes_and_uses_survive_repeated_kill_9() {
                     }
                 }
             }));
+        }
+        // Enough writes per round that the trail crosses segments whatever the machine's
+        // speed, then a random moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while state.lock().unwrap().acked < acked_before + 150 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no progress in round {round}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let delay = 150 + lcg(&mut seed) % 550;
         tokio::time::sleep(Duration::from_millis(delay)).await;
