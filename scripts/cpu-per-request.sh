@@ -6,13 +6,14 @@
 # The client's CPU per request is reported too (for `baseline` it includes the no-op server,
 # a child of the client; byokd's own CPU is then 0).
 # Usage: scripts/cpu-per-request.sh [duration, default 8s] [workloads, default "get lease+get store"]
+# BYOKD_SERVER_BIN=path/to/byokd measures another build (run them alternating to compare).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration="${1:-8s}"
 workloads="${2:-get lease+get store}"
 # shellcheck source=scripts/bench-server.sh
 . scripts/bench-server.sh
-start_server
+start_server "${BYOKD_SERVER_BIN:-}"
 ticks="$(getconf CLK_TCK)"
 cpu() { awk '{print $14 + $15}' "/proc/$server/stat"; }
 for w in $workloads; do

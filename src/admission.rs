@@ -275,12 +275,15 @@ impl Admission {
     /// The whole body, if it arrives in time and within the size limit.
     async fn read_body(&self, body: Body) -> Result<Body, Refusal> {
         let limit = self.limits.max_message_bytes + BODY_SLACK;
-        let collected = tokio::time::timeout(
-            self.limits.request_body_timeout,
-            http_body_util::Limited::new(body, limit).collect(),
-        )
-        .await
-        .map_err(|_| Refusal::BodyTimeout)?;
+        let mut collect = std::pin::pin!(http_body_util::Limited::new(body, limit).collect());
+        // Usually the body came with the headers: no timer for that.
+        let collected =
+            match std::future::poll_fn(|cx| Poll::Ready(collect.as_mut().poll(cx))).await {
+                Poll::Ready(collected) => collected,
+                Poll::Pending => tokio::time::timeout(self.limits.request_body_timeout, collect)
+                    .await
+                    .map_err(|_| Refusal::BodyTimeout)?,
+            };
         match collected {
             Ok(collected) => Ok(Body::new(http_body_util::Full::new(collected.to_bytes()))),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Refusal::BodyTooLarge),

@@ -42,12 +42,11 @@ impl VaultService {
 
     /// The caller admission authenticated (see `admission`). A request that did not come
     /// through admission (a service used on its own) is authenticated by its metadata.
-    fn caller<T>(&self, request: &Request<T>) -> Caller {
-        if let Some(admitted) = request.extensions().get::<Admitted>() {
-            return self.vault.caller_authenticated(
-                admitted.principal.clone(),
-                admitted.peer.map(|a| a.to_string()),
-            );
+    fn caller<T>(&self, request: &mut Request<T>) -> Caller {
+        if let Some(admitted) = request.extensions_mut().remove::<Admitted>() {
+            return self
+                .vault
+                .caller_authenticated(admitted.principal, admitted.peer.map(|a| a.to_string()));
         }
         let authorization = request
             .metadata()
@@ -63,9 +62,9 @@ impl VaultService {
 impl vault_server::Vault for VaultService {
     async fn store(
         &self,
-        request: Request<pb::StoreRequest>,
+        mut request: Request<pb::StoreRequest>,
     ) -> Result<Response<pb::SecretMetadata>, Status> {
-        let caller = self.caller(&request);
+        let caller = self.caller(&mut request);
         let mut req = request.into_inner();
         let input = StoreInput {
             tenant: req.tenant,
@@ -81,9 +80,9 @@ impl vault_server::Vault for VaultService {
 
     async fn describe(
         &self,
-        request: Request<pb::SecretRef>,
+        mut request: Request<pb::SecretRef>,
     ) -> Result<Response<pb::SecretMetadata>, Status> {
-        let caller = self.caller(&request);
+        let caller = self.caller(&mut request);
         let req = request.into_inner();
         let result = self.vault.describe(&caller, req.tenant, req.name).await;
         respond("Describe", result.map(|r| metadata(&r)))
@@ -91,9 +90,9 @@ impl vault_server::Vault for VaultService {
 
     async fn list(
         &self,
-        request: Request<pb::ListRequest>,
+        mut request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
-        let caller = self.caller(&request);
+        let caller = self.caller(&mut request);
         let req = request.into_inner();
         let result = self
             .vault
@@ -110,9 +109,9 @@ impl vault_server::Vault for VaultService {
 
     async fn lease(
         &self,
-        request: Request<pb::LeaseRequest>,
+        mut request: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseGrant>, Status> {
-        let caller = self.caller(&request);
+        let caller = self.caller(&mut request);
         let req = request.into_inner();
         let ttl = match req.ttl {
             None => RequestedTtl::Default,
@@ -143,9 +142,9 @@ impl vault_server::Vault for VaultService {
 
     async fn get(
         &self,
-        request: Request<pb::GetRequest>,
+        mut request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::SecretValue>, Status> {
-        let caller = self.caller(&request);
+        let caller = self.caller(&mut request);
         let req = request.into_inner();
         let result = self.vault.get(&caller, &req.token).await;
         respond(
@@ -164,9 +163,9 @@ impl vault_server::Vault for VaultService {
 
     async fn rotate(
         &self,
-        request: Request<pb::RotateRequest>,
+        mut request: Request<pb::RotateRequest>,
     ) -> Result<Response<pb::SecretMetadata>, Status> {
-        let caller = self.caller(&request);
+        let caller = self.caller(&mut request);
         let mut req = request.into_inner();
         let value = Plaintext::new(std::mem::take(&mut req.value));
         let result = self
@@ -178,9 +177,9 @@ impl vault_server::Vault for VaultService {
 
     async fn revoke(
         &self,
-        request: Request<pb::RevokeRequest>,
+        mut request: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
-        let caller = self.caller(&request);
+        let caller = self.caller(&mut request);
         let req = request.into_inner();
         let target = match req.target {
             None => RevokeTarget::Missing,
@@ -202,9 +201,9 @@ impl vault_server::Vault for VaultService {
 
     async fn audit(
         &self,
-        request: Request<pb::AuditRequest>,
+        mut request: Request<pb::AuditRequest>,
     ) -> Result<Response<pb::AuditResponse>, Status> {
-        let caller = self.caller(&request);
+        let caller = self.caller(&mut request);
         let req = request.into_inner();
         let input = AuditInput {
             filter: AuditFilterInput {
@@ -232,9 +231,9 @@ impl vault_server::Vault for VaultService {
 
     async fn verify_audit(
         &self,
-        request: Request<pb::VerifyAuditRequest>,
+        mut request: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
-        let caller = self.caller(&request);
+        let caller = self.caller(&mut request);
         let req = request.into_inner();
         let input = VerifyInput {
             from_seq: req.from_seq,
@@ -265,9 +264,9 @@ impl vault_server::Vault for VaultService {
 
     async fn rotate_master_key(
         &self,
-        request: Request<pb::RotateMasterKeyRequest>,
+        mut request: Request<pb::RotateMasterKeyRequest>,
     ) -> Result<Response<pb::RotateMasterKeyResponse>, Status> {
-        let caller = self.caller(&request);
+        let caller = self.caller(&mut request);
         let result = self.vault.rotate_master_key(&caller).await;
         respond(
             "RotateMasterKey",
@@ -280,9 +279,9 @@ impl vault_server::Vault for VaultService {
 
     async fn get_rotation_status(
         &self,
-        request: Request<pb::GetRotationStatusRequest>,
+        mut request: Request<pb::GetRotationStatusRequest>,
     ) -> Result<Response<pb::RotationStatus>, Status> {
-        let caller = self.caller(&request);
+        let caller = self.caller(&mut request);
         let req = request.into_inner();
         let result = self.vault.rotation_status(&caller, req.job_id).await;
         respond(
@@ -303,9 +302,9 @@ impl vault_server::Vault for VaultService {
 
     async fn backup(
         &self,
-        request: Request<pb::BackupRequest>,
+        mut request: Request<pb::BackupRequest>,
     ) -> Result<Response<Self::BackupStream>, Status> {
-        let caller = self.caller(&request);
+        let caller = self.caller(&mut request);
         let backup = respond("Backup", self.vault.backup(&caller).await)?.into_inner();
         tracing::info!(
             records = backup.records,
@@ -353,9 +352,9 @@ impl vault_server::Vault for VaultService {
 
     async fn watch_audit(
         &self,
-        request: Request<pb::WatchAuditRequest>,
+        mut request: Request<pb::WatchAuditRequest>,
     ) -> Result<Response<Self::WatchAuditStream>, Status> {
-        let caller = self.caller(&request);
+        let caller = self.caller(&mut request);
         let req = request.into_inner();
         let input = WatchInput {
             filter: AuditFilterInput {
