@@ -392,7 +392,9 @@ impl Connection {
 }
 
 /// The identities in the client certificate of a mutual-TLS connection (already verified
-/// against the client CA by rustls): URI SANs (SPIFFE IDs), DNS SANs and the subject CN.
+/// against the client CA by rustls): URI SANs (SPIFFE IDs) and DNS SANs, and the subject CN
+/// only for a certificate that has neither (a CN next to a SPIFFE ID is not an identity of
+/// its own: whoever issued the SPIFFE ID may not vouch for the CN).
 fn cert_identities(certs: &[tonic::transport::CertificateDer<'static>]) -> Vec<CertIdentity> {
     use x509_parser::extensions::GeneralName;
     let Some(Ok((_, cert))) = certs
@@ -411,9 +413,11 @@ fn cert_identities(certs: &[tonic::transport::CertificateDer<'static>]) -> Vec<C
             }
         }
     }
-    for cn in cert.subject().iter_common_name() {
-        if let Ok(cn) = cn.as_str() {
-            ids.push(CertIdentity::CommonName(cn.to_string()));
+    if ids.is_empty() {
+        for cn in cert.subject().iter_common_name() {
+            if let Ok(cn) = cn.as_str() {
+                ids.push(CertIdentity::CommonName(cn.to_string()));
+            }
         }
     }
     ids

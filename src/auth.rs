@@ -36,6 +36,12 @@ pub enum AuthError {
     /// The bearer token and the client certificate name different principals.
     #[error("bearer token and client certificate belong to different principals")]
     CredentialsDisagree,
+    /// The client certificate's identities map to more than one principal.
+    #[error("client certificate names more than one principal: {}", principals.join(", "))]
+    AmbiguousCertificate {
+        /// The principals it names.
+        principals: Vec<String>,
+    },
     /// The principal lacks every role that grants the operation.
     #[error("principal {principal} may not {operation}")]
     RoleDenied {
@@ -312,10 +318,21 @@ impl Principals {
         header: Option<&str>,
         cert: &[CertIdentity],
     ) -> Result<&Principal, AuthError> {
-        let by_cert = self
+        // A certificate names at most one principal: one that several principals claim
+        // authenticates none of them.
+        let mut claimed = self
             .0
             .iter()
-            .find(|p| cert.iter().any(|id| p.cert_ids.contains(id)));
+            .filter(|p| cert.iter().any(|id| p.cert_ids.contains(id)));
+        let by_cert = claimed.next();
+        if let Some(other) = claimed.next() {
+            let mut principals = vec![
+                by_cert.map(|p| p.id.to_string()).unwrap_or_default(),
+                other.id.to_string(),
+            ];
+            principals.extend(claimed.map(|p| p.id.to_string()));
+            return Err(AuthError::AmbiguousCertificate { principals });
+        }
         let Some(header) = header else {
             return match (by_cert, cert.is_empty()) {
                 (Some(p), _) => Ok(p),
@@ -440,6 +457,17 @@ mod tests {
             ps.authenticate(Some("Bearer tok-a"), &[spiffe])
                 .unwrap_err(),
             AuthError::CredentialsDisagree
+        );
+        // One certificate, two principals: neither.
+        let both = [
+            CertIdentity::Dns("sidecar.internal".into()),
+            CertIdentity::Uri("spiffe://prod/agent".into()),
+        ];
+        assert_eq!(
+            ps.authenticate(None, &both).unwrap_err(),
+            AuthError::AmbiguousCertificate {
+                principals: vec!["agent".into(), "sidecar".into()]
+            }
         );
         let stranger = CertIdentity::parse("cn:stranger").unwrap();
         assert_eq!(

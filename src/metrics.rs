@@ -22,7 +22,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// Labels of an RPC: its full method name and the gRPC status code it ended with.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabels {
-    /// `/package.Service/Method`, or `other` for paths byokd does not serve.
+    /// `/package.Service/Method` of a method byokd serves, or `unknown`.
     pub method: String,
     /// The gRPC code name, e.g. `OK`, `NOT_FOUND`.
     pub code: String,

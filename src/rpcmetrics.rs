@@ -8,15 +8,41 @@ use std::time::Instant;
 
 use tower::{Layer, Service};
 
-/// Services whose methods are recorded by name; any other path counts as `other`, so that a
-/// client cannot create label values at will.
-const KNOWN_SERVICES: [&str; 5] = [
-    "/byokd.v1.Vault/",
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1.ServerReflection/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/byokd.bench.v1.Baseline/",
+/// Methods byokd serves besides those of `byokd.v1` (which come from its descriptor set).
+const OTHER_METHODS: [&str; 5] = [
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "/byokd.bench.v1.Baseline/Echo",
 ];
+
+/// Every method byokd serves, by path: the only label values a request can make, so that
+/// the metrics stay the same size whatever paths callers send.
+static KNOWN_METHODS: std::sync::LazyLock<std::collections::HashSet<String>> =
+    std::sync::LazyLock::new(|| {
+        use prost::Message;
+        let mut known: std::collections::HashSet<String> =
+            OTHER_METHODS.iter().map(|m| m.to_string()).collect();
+        if let Ok(set) = prost_types::FileDescriptorSet::decode(crate::api::FILE_DESCRIPTOR_SET) {
+            for file in &set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        known.insert(format!(
+                            "/{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        known
+    });
+
+/// The label of paths byokd does not serve.
+const UNKNOWN: &str = "unknown";
 
 /// Adds [`RpcMetrics`] around a service.
 #[derive(Debug, Clone, Copy)]
@@ -36,17 +62,12 @@ pub struct RpcMetrics<S> {
     inner: S,
 }
 
-/// The metric label of a request path.
+/// The metric label of a request path: the path of a method byokd serves, else `unknown`.
 fn method_label(path: &str) -> String {
-    let known = KNOWN_SERVICES.iter().any(|s| {
-        path.strip_prefix(s).is_some_and(|m| {
-            !m.is_empty() && m.len() <= 64 && m.bytes().all(|b| b.is_ascii_alphanumeric())
-        })
-    });
-    if known {
+    if KNOWN_METHODS.contains(path) {
         path.to_string()
     } else {
-        "other".to_string()
+        UNKNOWN.to_string()
     }
 }
 
@@ -103,19 +124,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_known_methods_become_labels() {
-        assert_eq!(method_label("/byokd.v1.Vault/Get"), "/byokd.v1.Vault/Get");
-        assert_eq!(
-            method_label("/grpc.health.v1.Health/Check"),
-            "/grpc.health.v1.Health/Check"
-        );
-        assert_eq!(method_label("/byokd.v1.Vault/"), "other");
-        assert_eq!(method_label("/byokd.v1.Vault/Get/../x"), "other");
-        assert_eq!(method_label("/evil.Service/Method"), "other");
-        assert_eq!(
-            method_label(&format!("/byokd.v1.Vault/{}", "A".repeat(65))),
-            "other"
-        );
+    fn only_methods_byokd_serves_become_labels() {
+        for method in [
+            "/byokd.v1.Vault/Get",
+            "/byokd.v1.Vault/WatchAudit",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert_eq!(method_label(method), method);
+        }
+        for path in [
+            "/byokd.v1.Vault/",
+            "/byokd.v1.Vault/Getx",
+            "/byokd.v1.Vault/Get/../x",
+            "/byokd.v1.Vault/ABC123",
+            "/grpc.health.v1.Health/Nope",
+            "/evil.Service/Method",
+        ] {
+            assert_eq!(method_label(path), "unknown", "{path}");
+        }
     }
 
     #[test]

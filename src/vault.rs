@@ -147,7 +147,8 @@ impl VaultError {
                 | AuthError::MalformedHeader
                 | AuthError::UnknownToken
                 | AuthError::UnknownCertificate
-                | AuthError::CredentialsDisagree,
+                | AuthError::CredentialsDisagree
+                | AuthError::AmbiguousCertificate { .. },
             ) => Outcome::Unauthenticated,
             VaultError::Auth(AuthError::RateLimited { .. })
             | VaultError::TooManyFailures
@@ -209,6 +210,10 @@ impl VaultError {
                 ) => e.to_string(),
                 VaultError::Lease(_) => "lease not found or no longer valid".to_string(),
                 VaultError::Auth(AuthError::UnknownToken) => "invalid bearer token".to_string(),
+                // Which principals, for the audit trail only.
+                VaultError::Auth(AuthError::AmbiguousCertificate { .. }) => {
+                    "client certificate names more than one principal".to_string()
+                }
                 // Key ids and the key service's words stay in the logs.
                 VaultError::Keyring(_) | VaultError::Rotation(RotationError::Keyring(_)) => {
                     "master key unusable".to_string()

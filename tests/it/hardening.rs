@@ -245,6 +245,77 @@ async fn mutual_tls_identifies_principals_by_certificate_and_refuses_strangers()
     assert_eq!(sandbox_gets, 2);
 }
 
+#[tokio::test]
+async fn a_client_certificate_names_exactly_one_principal() {
+    let pki = Pki::new("byokd test CA");
+    let principals = format!(
+        "{CERT_PRINCIPAL}\n[[principal]]\nid = \"ops\"\nclient_cert_ids = [\"cn:ops-admin\"]\nroles = [\"admin\"]\ntenants = [\"*\"]\n\
+         \n[[principal]]\nid = \"other\"\nclient_cert_ids = [\"spiffe://byokd.test/other\"]\nroles = [\"reader\"]\ntenants = [\"acme\"]\n"
+    );
+    let dir = tls_dir(&pki, true, &principals);
+    let server = dir.start();
+    let uri = |u: &str| SanType::URI(u.try_into().unwrap());
+    let over = |pem: Pem| {
+        let (server, pki) = (&server, &pki);
+        async move { client(tls_channel(server, pki, Some(&pem)).await.unwrap(), None) }
+    };
+    let status = |c: &mut Client| {
+        let mut c = c.clone();
+        async move {
+            c.get_rotation_status(pb::GetRotationStatusRequest::default())
+                .await
+        }
+    };
+
+    // The CN alone: the admin it names.
+    let mut admin = over(pki.issue("ops-admin", vec![], ExtendedKeyUsagePurpose::ClientAuth)).await;
+    assert_status(status(&mut admin).await, Code::NotFound, "no rotation job");
+    // The sandbox's SPIFFE ID with the admin's CN: the sandbox, not the admin.
+    let mut mixed = over(pki.issue(
+        "ops-admin",
+        vec![uri("spiffe://byokd.test/sandbox")],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ))
+    .await;
+    assert_status(
+        status(&mut mixed).await,
+        Code::PermissionDenied,
+        "principal sandbox may not",
+    );
+    // Two SPIFFE IDs of two principals: neither.
+    let mut both = over(pki.issue(
+        "both",
+        vec![
+            uri("spiffe://byokd.test/sandbox"),
+            uri("spiffe://byokd.test/other"),
+        ],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ))
+    .await;
+    let refused = assert_status(
+        both.describe(secret_ref("acme", "k")).await,
+        Code::Unauthenticated,
+        "names more than one principal",
+    );
+    assert!(!refused.message().contains("sandbox"), "{refused:?}");
+    let entries = audit_all_over(&mut client(
+        tls_channel(&server, &pki, Some(&pki.client("auditor", None)))
+            .await
+            .unwrap(),
+        Some(AUDITOR),
+    ))
+    .await;
+    let entry = entries
+        .iter()
+        .rfind(|e| e.action == "Describe")
+        .expect("the refusal is audited");
+    assert_eq!(entry.outcome, "UNAUTHENTICATED");
+    assert!(
+        entry.reason.contains("sandbox") && entry.reason.contains("other"),
+        "{entry:?}"
+    );
+}
+
 async fn audit_all_over(c: &mut Client) -> Vec<pb::AuditEntry> {
     c.audit(pb::AuditRequest {
         page_size: 1000,

@@ -262,6 +262,61 @@ async fn restore_refuses_a_tampered_backup_a_wrong_master_key_and_non_admins() {
 
 /// `GET /metrics` on the ops address, as Prometheus would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_byokd_does_not_serve_add_no_metric_labels() {
+    let dir = TestDir::with_config("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let server = dir.start();
+    let ops = ops_addr(&server);
+    let methods = |text: &str| {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("byokd_rpc_requests_total{method=\""))
+            .filter_map(|l| l.split('"').next().map(str::to_string))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let before = methods(&scrape(&ops).await);
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    // Made-up methods under every service byokd serves, no token.
+    let mut answered = 0;
+    for i in 0..300 {
+        let service = [
+            "byokd.v1.Vault",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+        ][i % 3];
+        let mut ready = client.clone().ready().await.unwrap();
+        let request = http::Request::post(format!("http://{}/{service}/Made{i}Up", server.addr))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (response, mut body) = ready.send_request(request, false).unwrap();
+        body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+            .unwrap();
+        if response.await.is_ok() {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 300);
+    let text = scrape(&ops).await;
+    assert!(!text.contains("Made"), "a made-up method became a label");
+    let unknown: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("byokd_rpc_requests_total{method=\"unknown\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(unknown, 300.0, "{text}");
+    // One label more, not one per path.
+    let after = methods(&text);
+    assert!(
+        after.len() <= before.len() + 1 && after.contains("unknown"),
+        "{before:?} -> {after:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_scraped_with_plausible_values() {
     let dir = TestDir::with_config("[metrics]\nlisten = \"127.0.0.1:0\"\n");
     let server = dir.start();
