@@ -1,60 +1,54 @@
-//! Admission: what a connection and a request must show before they cost byokd anything
-//! that other callers need.
+//! Admission: what a request must show before it costs byokd anything that other callers
+//! need. (What a connection must show is in [`crate::connection`].)
 //!
-//! - **Connections** ([`Incoming`]): at most `max_connections` open at once, and none once the
-//!   process's open files reach the limit less a reserve kept for the store
-//!   ([`descriptor_ceiling`]); a connection over either cap is closed as soon as it is
-//!   accepted. A connection that has not delivered its first
-//!   request (TLS handshake, HTTP/2 preface, the request's headers) within
-//!   `handshake_timeout` is closed. HTTP/2 itself caps the streams of one connection
-//!   (`http2_max_concurrent_streams`, set in `server.rs`).
-//! - **Requests** ([`AdmissionLayer`]): the caller is authenticated from the headers first
-//!   (bearer token, client certificate). A request without valid credentials is held to a rate
-//!   per peer host (beyond it, refused here and only counted: [`Admission::take_refused`] feeds
-//!   one audit entry per host and interval) and to a small pool of its own, so it can never
-//!   take a slot of an authenticated caller. Then the body of a vault request (all are unary)
-//!   must arrive within `request_body_timeout`, and only then does an authenticated request
-//!   take one of the `max_concurrent_requests` slots (none free: `RESOURCE_EXHAUSTED` at
-//!   once, no queue).
-//!   Health checks take no slot. The authentication result travels to the service in the
-//!   request's extensions ([`Admitted`]), so the vault neither repeats it nor sees transport
-//!   types.
+//! The caller is authenticated from the headers first (bearer token, client certificate).
+//! Then each request takes a place in exactly one pool, and keeps it until its response has
+//! ended (not only until the handler returns: a response the peer does not read still holds
+//! memory), with nothing queued (none free: `RESOURCE_EXHAUSTED` at once):
 //!
-//! Every refusal is counted in `byokd_admission_refused_total{reason}` or
-//! `byokd_connections_dropped_total{reason}`.
+//! | Route | Pool | Also |
+//! |---|---|---|
+//! | vault, authenticated | `max_concurrent_requests` | body within `request_body_timeout` |
+//! | vault `WatchAudit`, authenticated | the vault's watch caps | slot only until the stream starts |
+//! | vault without valid credentials, reflection, unknown paths | `max_concurrent_unauthenticated` | rate per peer host; ended after the request timeout |
+//! | health `Watch` | `max_health_watch_streams` | rate per peer host |
+//! | health `Check` | none (probes must get through) | |
+//! | ops `/metrics` | [`MAX_SCRAPES`] | |
+//!
+//! Streams without credentials that may last (all but vault requests and health checks)
+//! count against `max_unauthenticated_streams_per_connection` as well. Requests refused for
+//! the unauthenticated rate are only counted here: [`Admission::take_refused`] feeds one
+//! audit entry per host and interval. The authentication result travels to the service in
+//! the request's extensions ([`Admitted`]), so the vault neither repeats it nor sees
+//! transport types.
+//!
+//! Every refusal is counted in `byokd_admission_refused_total{reason}`.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Sleep;
-use tokio_stream::Stream;
 use tonic::body::Body;
-use tonic::transport::server::{Connected, TlsConnectInfo};
 use tower::{Layer, Service};
 
-use crate::auth::{AuthError, CertIdentity, Principal, Principals, RateLimit};
+use crate::auth::{AuthError, Principal, Principals, RateLimit};
 use crate::config::Limits;
+use crate::connection::{Connection, Tracked};
 use crate::ratelimit::Buckets;
 
 /// Peer hosts whose refused requests are counted one by one until the next report; the
 /// rest are counted together.
 const MAX_REFUSED_HOSTS: usize = 10_000;
-/// How long the accept loop pauses after an error (out of file descriptors, say), instead of
-/// spinning.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// Room for the gRPC frame header and some slack on top of the largest message.
 const BODY_SLACK: usize = 1024;
+/// `/metrics` scrapes served at once on the ops port.
+pub const MAX_SCRAPES: usize = 4;
 
 /// What admission decided about a request, for the service: who is calling, from where.
 #[derive(Debug, Clone)]
@@ -69,8 +63,12 @@ pub struct Admitted {
 pub struct Admission {
     principals: Arc<Principals>,
     limits: Limits,
+    /// How long a stream without credentials may last.
+    stream_lifetime: Duration,
     slots: Arc<Semaphore>,
     unauthenticated_slots: Arc<Semaphore>,
+    health_watches: Arc<Semaphore>,
+    scrapes: Arc<Semaphore>,
     unauthenticated_rate: Buckets<IpAddr>,
     refused: Mutex<Refused>,
 }
@@ -98,6 +96,9 @@ enum Refusal {
     Busy,
     UnauthenticatedBusy,
     UnauthenticatedRate,
+    StreamsPerConnection,
+    HealthWatches,
+    Scrapes,
     BodyTimeout,
     BodyTooLarge,
     BodyBroken,
@@ -109,6 +110,9 @@ impl Refusal {
             Refusal::Busy => "busy",
             Refusal::UnauthenticatedBusy => "unauthenticated_busy",
             Refusal::UnauthenticatedRate => "unauthenticated_rate",
+            Refusal::StreamsPerConnection => "streams_per_connection",
+            Refusal::HealthWatches => "health_watches",
+            Refusal::Scrapes => "scrapes",
             Refusal::BodyTimeout => "body_timeout",
             Refusal::BodyTooLarge => "body_too_large",
             Refusal::BodyBroken => "body_broken",
@@ -124,6 +128,13 @@ impl Refusal {
             Refusal::UnauthenticatedRate => tonic::Status::resource_exhausted(
                 "too many requests without valid credentials from this host; retry later",
             ),
+            Refusal::StreamsPerConnection => tonic::Status::resource_exhausted(
+                "too many streams without credentials on this connection",
+            ),
+            Refusal::HealthWatches => {
+                tonic::Status::resource_exhausted("too many health watches; retry later")
+            }
+            Refusal::Scrapes => tonic::Status::resource_exhausted("too many scrapes at once"),
             Refusal::BodyTimeout => {
                 tonic::Status::deadline_exceeded("the request body did not arrive in time")
             }
@@ -131,36 +142,81 @@ impl Refusal {
             Refusal::BodyBroken => tonic::Status::cancelled("the request body was not received"),
         }
     }
+
+    fn response(self, grpc: bool) -> http::Response<Body> {
+        if grpc {
+            return self.status().into_http();
+        }
+        let mut response = http::Response::new(Body::new(http_body_util::Full::new(
+            bytes::Bytes::from(format!("{}\n", self.status().message())),
+        )));
+        *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        response
+    }
 }
 
 /// What kind of path a request names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
-    /// `grpc.health.v1.Health`: for probes, no credentials, no slot.
-    Health,
-    /// `byokd.v1.Vault`: authenticated.
+    /// `grpc.health.v1.Health/Check` (and any other unary health method): for probes, no
+    /// credentials, no pool.
+    HealthCheck,
+    /// `grpc.health.v1.Health/Watch`: no credentials, lasts.
+    HealthWatch,
+    /// `byokd.v1.Vault`, unary: authenticated.
     Vault,
+    /// `byokd.v1.Vault/WatchAudit`: authenticated, lasts; capped by the vault.
+    VaultWatch,
+    /// `/metrics` on the ops port.
+    Metrics,
     /// Anything else (reflection, unknown paths): no credentials.
     Open,
 }
 
-fn route(path: &str) -> Route {
-    if path.starts_with("/grpc.health.v1.Health/") {
-        Route::Health
+fn route(path: &str, ops: bool) -> Route {
+    if path == "/grpc.health.v1.Health/Watch" {
+        Route::HealthWatch
+    } else if path.starts_with("/grpc.health.v1.Health/") {
+        Route::HealthCheck
+    } else if path == "/byokd.v1.Vault/WatchAudit" {
+        Route::VaultWatch
     } else if path.starts_with("/byokd.v1.Vault/") {
         Route::Vault
+    } else if ops && path == "/metrics" {
+        Route::Metrics
     } else {
         Route::Open
     }
 }
 
+impl Route {
+    /// A stream without credentials that may last: counted per connection.
+    fn lasting(self) -> bool {
+        matches!(self, Route::HealthWatch | Route::Open)
+    }
+}
+
+/// A request admitted: the permit it holds until its response ends (if any), and its body.
+struct Admit {
+    permit: Option<OwnedSemaphorePermit>,
+    /// The permit is released when the handler returns, not when the response ends.
+    release_early: bool,
+    /// How long the stream may last.
+    lifetime: Option<Duration>,
+    body: Body,
+}
+
 impl Admission {
-    /// Admission for `principals` under `limits`.
-    pub fn new(principals: Arc<Principals>, limits: Limits) -> Arc<Self> {
+    /// Admission for `principals` under `limits`; streams without credentials end after
+    /// `stream_lifetime`.
+    pub fn new(principals: Arc<Principals>, limits: Limits, stream_lifetime: Duration) -> Arc<Self> {
         Arc::new(Self {
             principals,
+            stream_lifetime,
             slots: Arc::new(Semaphore::new(limits.max_concurrent_requests)),
             unauthenticated_slots: Arc::new(Semaphore::new(limits.max_concurrent_unauthenticated)),
+            health_watches: Arc::new(Semaphore::new(limits.max_health_watch_streams)),
+            scrapes: Arc::new(Semaphore::new(MAX_SCRAPES)),
             unauthenticated_rate: Buckets::default(),
             refused: Mutex::new(Refused::default()),
             limits,
@@ -200,62 +256,82 @@ impl Admission {
         }
     }
 
-    /// Decides on a request: the permit it holds while it runs, or a refusal.
+
+    /// The unauthenticated rate of the peer host: an error if it is spent.
+    fn take_unauthenticated_rate(&self, connection: &Connection) -> Result<(), Refusal> {
+        let host = connection.peer.map(|p| p.ip());
+        let limit: RateLimit = self.limits.unauthenticated_rate_limit;
+        // Requests without a peer address (never over TCP) share one bucket.
+        let key = host.unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        if self.unauthenticated_rate.take(&key, limit) {
+            Ok(())
+        } else {
+            self.count_refused(host);
+            Err(Refusal::UnauthenticatedRate)
+        }
+    }
+
+    /// Decides on a request: the pool place it holds, or a refusal.
     async fn admit(
         &self,
+        route: Route,
+        connection: &Connection,
         parts: &mut http::request::Parts,
         body: Body,
-    ) -> Result<(Option<OwnedSemaphorePermit>, Body), Refusal> {
-        let connection = Connection::of(&parts.extensions);
-        if let Some(state) = &connection.state {
-            state.started.store(true, Ordering::Release);
-        }
-        let route = route(parts.uri.path());
-        if route == Route::Health {
-            return Ok((None, body));
-        }
-        let principal = match route {
-            Route::Vault => {
-                let header = parts
-                    .headers
-                    .get(http::header::AUTHORIZATION)
-                    // Present but not text: something that fails as malformed, not as missing.
-                    .map(|v| v.to_str().unwrap_or(""));
-                self.principals
-                    .authenticate(header, &connection.certs)
-                    .cloned()
-            }
-            _ => Err(AuthError::MissingToken),
+    ) -> Result<Admit, Refusal> {
+        let pool = |pool: &Arc<Semaphore>, refusal| {
+            pool.clone().try_acquire_owned().map(Some).map_err(|_| refusal)
         };
-        let pool = if principal.is_ok() {
+        let admit = |permit, lifetime| Admit {
+            permit,
+            release_early: false,
+            lifetime,
+            body: Body::empty(),
+        };
+        match route {
+            Route::HealthCheck => return Ok(Admit { body, ..admit(None, None) }),
+            Route::Metrics => {
+                let permit = pool(&self.scrapes, Refusal::Scrapes)?;
+                return Ok(Admit { body, ..admit(permit, None) });
+            }
+            Route::HealthWatch => {
+                self.take_unauthenticated_rate(connection)?;
+                let permit = pool(&self.health_watches, Refusal::HealthWatches)?;
+                return Ok(Admit { body, ..admit(permit, None) });
+            }
+            Route::Open => {
+                self.take_unauthenticated_rate(connection)?;
+                let permit = pool(&self.unauthenticated_slots, Refusal::UnauthenticatedBusy)?;
+                // May stream its request (reflection does): passed on as it is.
+                return Ok(Admit {
+                    body,
+                    ..admit(permit, Some(self.stream_lifetime))
+                });
+            }
+            Route::Vault | Route::VaultWatch => {}
+        }
+        let header = parts
+            .headers
+            .get(http::header::AUTHORIZATION)
+            // Present but not text: something that fails as malformed, not as missing.
+            .map(|v| v.to_str().unwrap_or(""));
+        let principal = self
+            .principals
+            .authenticate(header, &connection.certs)
+            .cloned();
+        let permit = if principal.is_ok() {
             Ok(None)
         } else {
-            let host = connection.peer.map(|p| p.ip());
-            let limit: RateLimit = self.limits.unauthenticated_rate_limit;
-            // Requests without a peer address (never over TCP) share one bucket.
-            let key = host.unwrap_or(IpAddr::from([0, 0, 0, 0]));
-            if self.unauthenticated_rate.take(&key, limit) {
-                self.unauthenticated_slots
-                    .clone()
-                    .try_acquire_owned()
-                    .map(Some)
-                    .map_err(|_| Refusal::UnauthenticatedBusy)
-            } else {
-                self.count_refused(host);
-                Err(Refusal::UnauthenticatedRate)
-            }
+            self.take_unauthenticated_rate(connection)
+                .and_then(|()| pool(&self.unauthenticated_slots, Refusal::UnauthenticatedBusy))
         };
         // Vault requests are unary: the whole body, in time, also before a refusal (a
         // response that leaves the body unread ends in a stream reset, and many resets end
-        // the whole connection, other callers' streams included). Other routes may stream
-        // their requests (reflection does): they pass as they are, in their own pool.
-        let body = match route {
-            Route::Vault => self.read_body(body).await,
-            _ => Ok(body),
-        };
-        let pool = pool?;
+        // the whole connection, other callers' streams included).
+        let body = self.read_body(body).await;
+        let permit = permit?;
         let body = body?;
-        let permit = match pool {
+        let permit = match permit {
             Some(permit) => permit,
             None => self
                 .slots
@@ -263,13 +339,16 @@ impl Admission {
                 .try_acquire_owned()
                 .map_err(|_| Refusal::Busy)?,
         };
-        if route == Route::Vault {
-            parts.extensions.insert(Admitted {
-                principal,
-                peer: connection.peer,
-            });
-        }
-        Ok((Some(permit), body))
+        parts.extensions.insert(Admitted {
+            principal,
+            peer: connection.peer,
+        });
+        Ok(Admit {
+            permit: Some(permit),
+            release_early: route == Route::VaultWatch,
+            lifetime: None,
+            body,
+        })
     }
 
     /// The whole body, if it arrives in time and within the size limit.
@@ -294,7 +373,28 @@ impl Admission {
 
 /// Adds admission in front of a service.
 #[derive(Clone)]
-pub struct AdmissionLayer(pub Arc<Admission>);
+pub struct AdmissionLayer {
+    admission: Arc<Admission>,
+    ops: bool,
+}
+
+impl AdmissionLayer {
+    /// Admission for the main port.
+    pub fn main(admission: Arc<Admission>) -> Self {
+        Self {
+            admission,
+            ops: false,
+        }
+    }
+
+    /// Admission for the ops port (`/metrics` and health).
+    pub fn ops(admission: Arc<Admission>) -> Self {
+        Self {
+            admission,
+            ops: true,
+        }
+    }
+}
 
 impl<S> Layer<S> for AdmissionLayer {
     type Service = AdmissionService<S>;
@@ -302,7 +402,8 @@ impl<S> Layer<S> for AdmissionLayer {
     fn layer(&self, inner: S) -> Self::Service {
         AdmissionService {
             inner,
-            admission: self.0.clone(),
+            admission: self.admission.clone(),
+            ops: self.ops,
         }
     }
 }
@@ -312,15 +413,18 @@ impl<S> Layer<S> for AdmissionLayer {
 pub struct AdmissionService<S> {
     inner: S,
     admission: Arc<Admission>,
+    ops: bool,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-impl<S> Service<http::Request<Body>> for AdmissionService<S>
+impl<S, B> Service<http::Request<B>> for AdmissionService<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     type Response = http::Response<Body>;
     type Error = BoxError;
@@ -330,283 +434,49 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
         // The clone is ready only after poll_ready; the polled one serves this request.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let admission = self.admission.clone();
+        let ops = self.ops;
         Box::pin(async move {
             let (mut parts, body) = request.into_parts();
-            match admission.admit(&mut parts, body).await {
-                Ok((permit, body)) => {
+            let route = route(parts.uri.path(), ops);
+            let grpc = route != Route::Metrics;
+            let connection = Connection::of(&parts.extensions);
+            let Some(guard) = connection.open_stream(
+                route.lasting(),
+                admission.limits.max_unauthenticated_streams_per_connection,
+            ) else {
+                let refusal = Refusal::StreamsPerConnection;
+                crate::metrics::global().admission_refused(refusal.reason());
+                return Ok(refusal.response(grpc));
+            };
+            match admission
+                .admit(route, &connection, &mut parts, Body::new(body))
+                .await
+            {
+                Ok(admitted) => {
+                    let mut permit = admitted.permit;
                     let response = inner
-                        .call(http::Request::from_parts(parts, body))
+                        .call(http::Request::from_parts(parts, admitted.body))
                         .await
-                        .map_err(Into::into);
-                    drop(permit);
-                    response
+                        .map_err(Into::into)?;
+                    if admitted.release_early {
+                        permit = None;
+                    }
+                    Ok(response.map(|body| {
+                        Body::new(Tracked::new(body, guard, permit, admitted.lifetime))
+                    }))
                 }
                 Err(refusal) => {
                     crate::metrics::global().admission_refused(refusal.reason());
-                    Ok(refusal.status().into_http())
+                    Ok(refusal.response(grpc))
                 }
             }
         })
     }
-}
-
-/// What the transport knows of a request's connection.
-struct Connection {
-    peer: Option<SocketAddr>,
-    certs: Vec<CertIdentity>,
-    state: Option<Arc<ConnState>>,
-}
-
-impl Connection {
-    fn of(extensions: &http::Extensions) -> Self {
-        // With TLS, tonic inserts both; the TLS one carries the client certificate.
-        if let Some(tls) = extensions.get::<TlsConnectInfo<ConnInfo>>() {
-            let info = tls.get_ref();
-            return Connection {
-                peer: Some(info.remote),
-                certs: tls
-                    .peer_certs()
-                    .map(|certs| cert_identities(&certs))
-                    .unwrap_or_default(),
-                state: Some(info.state.clone()),
-            };
-        }
-        match extensions.get::<ConnInfo>() {
-            Some(info) => Connection {
-                peer: Some(info.remote),
-                certs: Vec::new(),
-                state: Some(info.state.clone()),
-            },
-            None => Connection {
-                peer: None,
-                certs: Vec::new(),
-                state: None,
-            },
-        }
-    }
-}
-
-/// The identities in the client certificate of a mutual-TLS connection (already verified
-/// against the client CA by rustls): URI SANs (SPIFFE IDs) and DNS SANs, and the subject CN
-/// only for a certificate that has neither (a CN next to a SPIFFE ID is not an identity of
-/// its own: whoever issued the SPIFFE ID may not vouch for the CN).
-fn cert_identities(certs: &[tonic::transport::CertificateDer<'static>]) -> Vec<CertIdentity> {
-    use x509_parser::extensions::GeneralName;
-    let Some(Ok((_, cert))) = certs
-        .first()
-        .map(|leaf| x509_parser::parse_x509_certificate(leaf.as_ref()))
-    else {
-        return Vec::new();
-    };
-    let mut ids = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            match name {
-                GeneralName::URI(uri) => ids.push(CertIdentity::Uri((*uri).to_string())),
-                GeneralName::DNSName(dns) => ids.push(CertIdentity::Dns(dns.to_ascii_lowercase())),
-                _ => {}
-            }
-        }
-    }
-    if ids.is_empty() {
-        for cn in cert.subject().iter_common_name() {
-            if let Ok(cn) = cn.as_str() {
-                ids.push(CertIdentity::CommonName(cn.to_string()));
-            }
-        }
-    }
-    ids
-}
-
-/// Per-connection state shared between the connection and its requests.
-#[derive(Debug, Default)]
-struct ConnState {
-    /// A request has arrived: the handshake deadline no longer applies.
-    started: AtomicBool,
-}
-
-/// The connection info tonic puts in each request's extensions (wrapped in
-/// [`TlsConnectInfo`] with TLS).
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    remote: SocketAddr,
-    state: Arc<ConnState>,
-}
-
-/// An accepted connection: holds its place under `max_connections` until it closes, and
-/// fails its reads once the handshake deadline passes without a request.
-pub struct Guarded {
-    stream: TcpStream,
-    remote: SocketAddr,
-    state: Arc<ConnState>,
-    deadline: Option<Pin<Box<Sleep>>>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Connected for Guarded {
-    type ConnectInfo = ConnInfo;
-
-    fn connect_info(&self) -> ConnInfo {
-        ConnInfo {
-            remote: self.remote,
-            state: self.state.clone(),
-        }
-    }
-}
-
-impl AsyncRead for Guarded {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if let Some(deadline) = &mut this.deadline {
-            if this.state.started.load(Ordering::Acquire) {
-                this.deadline = None;
-            } else if deadline.as_mut().poll(cx).is_ready() {
-                this.deadline = None;
-                crate::metrics::global().connection_dropped("handshake_timeout");
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no request within the handshake timeout",
-                )));
-            }
-        }
-        Pin::new(&mut this.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Guarded {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-}
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        crate::metrics::global().connections_open.dec();
-    }
-}
-
-/// The accepted connections of a listener, under the connection cap.
-pub struct Incoming {
-    listener: TcpListener,
-    places: Arc<Semaphore>,
-    /// See [`descriptor_ceiling`].
-    descriptor_ceiling: Option<u64>,
-    handshake_timeout: Duration,
-    backoff: Option<Pin<Box<Sleep>>>,
-}
-
-impl Incoming {
-    /// Connections accepted on `listener`, at most `max_connections` open at once and none
-    /// on a descriptor at or above `descriptor_ceiling`, each closed if it brings no request
-    /// within `handshake_timeout`.
-    pub fn new(
-        listener: TcpListener,
-        max_connections: usize,
-        descriptor_ceiling: Option<u64>,
-        handshake_timeout: Duration,
-    ) -> Self {
-        Self {
-            listener,
-            places: Arc::new(Semaphore::new(max_connections)),
-            descriptor_ceiling,
-            handshake_timeout,
-            backoff: None,
-        }
-    }
-}
-
-impl Stream for Incoming {
-    type Item = io::Result<Guarded>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        loop {
-            if let Some(backoff) = &mut this.backoff {
-                if backoff.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                this.backoff = None;
-            }
-            let (stream, remote) = match this.listener.poll_accept(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(accepted)) => accepted,
-                Poll::Ready(Err(e)) => {
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    this.backoff = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
-                    continue;
-                }
-            };
-            // Closed at once: over a cap, a connection costs nothing but this accept.
-            let descriptor = u64::try_from(std::os::fd::AsRawFd::as_raw_fd(&stream)).ok();
-            if let (Some(fd), Some(ceiling)) = (descriptor, this.descriptor_ceiling)
-                && fd >= ceiling
-            {
-                crate::metrics::global().connection_dropped("open_files");
-                drop(stream);
-                continue;
-            }
-            let Ok(permit) = this.places.clone().try_acquire_owned() else {
-                crate::metrics::global().connection_dropped("max_connections");
-                drop(stream);
-                continue;
-            };
-            // A response is a few small frames: Nagle's algorithm would hold them back until
-            // the peer acknowledges earlier ones.
-            let _ = stream.set_nodelay(true);
-            crate::metrics::global().connections_open.inc();
-            return Poll::Ready(Some(Ok(Guarded {
-                stream,
-                remote,
-                state: Arc::new(ConnState::default()),
-                deadline: Some(Box::pin(tokio::time::sleep(this.handshake_timeout))),
-                _permit: permit,
-            })));
-        }
-    }
-}
-
-/// The lowest descriptor number a new connection may not have: the soft limit on open files
-/// less `reserve` (at most half the limit). The kernel hands out the lowest free descriptor,
-/// so a connection accepted at or above it means that only the reserve is left: it is closed
-/// at once, whatever holds the rest (connections, or a store that grew). `None` if there is
-/// no limit.
-pub fn descriptor_ceiling(reserve: u64) -> Option<u64> {
-    use rustix::process::{Resource, getrlimit};
-    let limit = getrlimit(Resource::Nofile).current?;
-    Some(limit.saturating_sub(reserve).max(limit / 2))
 }
 
 #[cfg(test)]
@@ -614,19 +484,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paths_route_to_health_vault_or_open() {
-        assert_eq!(route("/grpc.health.v1.Health/Check"), Route::Health);
-        assert_eq!(route("/byokd.v1.Vault/Get"), Route::Vault);
+    fn paths_route_by_service_method_and_port() {
+        assert_eq!(route("/grpc.health.v1.Health/Check", false), Route::HealthCheck);
+        assert_eq!(route("/grpc.health.v1.Health/Watch", true), Route::HealthWatch);
+        assert_eq!(route("/byokd.v1.Vault/Get", false), Route::Vault);
+        assert_eq!(route("/byokd.v1.Vault/WatchAudit", false), Route::VaultWatch);
         assert_eq!(
-            route("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            route("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", false),
             Route::Open
         );
-        assert_eq!(route("/evil/x"), Route::Open);
+        assert_eq!(route("/metrics", true), Route::Metrics);
+        assert_eq!(route("/metrics", false), Route::Open);
+        assert_eq!(route("/evil/x", false), Route::Open);
     }
 
     #[test]
     fn refused_requests_are_reported_per_host_most_first_then_together() {
-        let admission = Admission::new(Arc::default(), test_limits());
+        let admission = Admission::new(Arc::default(), test_limits(), Duration::from_secs(30));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let c: IpAddr = "10.0.0.3".parse().unwrap();

@@ -197,6 +197,15 @@ pub struct Limits {
     pub max_watch_streams_per_principal: usize,
     /// Live `WatchAudit` streams in all.
     pub max_watch_streams: usize,
+    /// How long a connection may stay open with no request in progress before it is closed.
+    pub idle_timeout: Duration,
+    /// Health `Watch` streams open at once (main and ops ports together).
+    pub max_health_watch_streams: usize,
+    /// Streams without credentials that may last (reflection, health `Watch`, unknown paths)
+    /// open at once on one connection.
+    pub max_unauthenticated_streams_per_connection: usize,
+    /// Connections open at once on the ops port.
+    pub max_ops_connections: usize,
 }
 
 /// Connections open at once, by default.
@@ -220,6 +229,14 @@ pub const DEFAULT_REFUSED_AUDIT_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_WATCH_STREAMS_PER_PRINCIPAL: usize = 16;
 /// Live WatchAudit streams in all, by default.
 pub const DEFAULT_MAX_WATCH_STREAMS: usize = 128;
+/// Time a connection may stay idle, by default.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Health Watch streams at once, by default.
+pub const DEFAULT_MAX_HEALTH_WATCH_STREAMS: usize = 32;
+/// Lasting streams without credentials per connection, by default.
+pub const DEFAULT_MAX_UNAUTHENTICATED_STREAMS_PER_CONNECTION: usize = 4;
+/// Connections on the ops port, by default.
+pub const DEFAULT_MAX_OPS_CONNECTIONS: usize = 64;
 
 /// Requests served at once, by default.
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 512;
@@ -414,6 +431,11 @@ struct LimitsFile {
     refused_audit_interval: Option<Duration>,
     max_watch_streams_per_principal: Option<usize>,
     max_watch_streams: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+    max_health_watch_streams: Option<usize>,
+    max_unauthenticated_streams_per_connection: Option<usize>,
+    max_ops_connections: Option<usize>,
 }
 
 impl Config {
@@ -707,6 +729,16 @@ fn limits(file: LimitsFile) -> Result<Limits, ConfigError> {
             .max_watch_streams_per_principal
             .unwrap_or(DEFAULT_MAX_WATCH_STREAMS_PER_PRINCIPAL),
         max_watch_streams: file.max_watch_streams.unwrap_or(DEFAULT_MAX_WATCH_STREAMS),
+        idle_timeout: file.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT),
+        max_health_watch_streams: file
+            .max_health_watch_streams
+            .unwrap_or(DEFAULT_MAX_HEALTH_WATCH_STREAMS),
+        max_unauthenticated_streams_per_connection: file
+            .max_unauthenticated_streams_per_connection
+            .unwrap_or(DEFAULT_MAX_UNAUTHENTICATED_STREAMS_PER_CONNECTION),
+        max_ops_connections: file
+            .max_ops_connections
+            .unwrap_or(DEFAULT_MAX_OPS_CONNECTIONS),
     };
     for (name, value) in [
         ("max_concurrent_requests", limits.max_concurrent_requests),
@@ -724,6 +756,12 @@ fn limits(file: LimitsFile) -> Result<Limits, ConfigError> {
             limits.max_watch_streams_per_principal,
         ),
         ("max_watch_streams", limits.max_watch_streams),
+        ("max_health_watch_streams", limits.max_health_watch_streams),
+        (
+            "max_unauthenticated_streams_per_connection",
+            limits.max_unauthenticated_streams_per_connection,
+        ),
+        ("max_ops_connections", limits.max_ops_connections),
     ] {
         if value == 0 {
             return Err(ConfigError::Invalid(format!(
@@ -735,6 +773,7 @@ fn limits(file: LimitsFile) -> Result<Limits, ConfigError> {
         ("handshake_timeout", limits.handshake_timeout),
         ("request_body_timeout", limits.request_body_timeout),
         ("refused_audit_interval", limits.refused_audit_interval),
+        ("idle_timeout", limits.idle_timeout),
     ] {
         if value.is_zero() {
             return Err(ConfigError::Invalid(format!(

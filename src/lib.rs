@@ -12,6 +12,7 @@ pub mod auth;
 pub mod backup;
 pub mod chain;
 pub mod config;
+pub mod connection;
 pub mod crypto;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -13,7 +13,8 @@ use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
-use crate::admission::{Admission, AdmissionLayer, Incoming};
+use crate::admission::{Admission, AdmissionLayer};
+use crate::connection::{ConnTimeouts, Incoming};
 use crate::api;
 use crate::auth::{self, Principal, Principals, Role, TenantScope};
 use crate::chain::ChainKey;
@@ -249,7 +250,13 @@ async fn serve(
         tracing::info!(count = config.principals.len(), "principals configured");
         Principals::new(config.principals.clone())
     });
-    let admission = Admission::new(principals.clone(), config.limits);
+    let admission = Admission::new(principals.clone(), config.limits, config.request_timeout);
+    let timeouts = ConnTimeouts {
+        handshake: config.limits.handshake_timeout,
+        idle: config.limits.idle_timeout,
+        stall: config.request_timeout,
+    };
+    let ceiling = descriptor_ceiling();
 
     let rotator = Arc::new(Rotator::new(
         store.clone(),
@@ -303,7 +310,15 @@ async fn serve(
         })?;
         tracing::info!(%addr, "metrics and health listening");
         ops_task = Some(tokio::spawn(serve_ops(
-            listener,
+            Incoming::new(
+                listener,
+                config.limits.max_ops_connections,
+                ceiling,
+                timeouts,
+                false,
+            ),
+            AdmissionLayer::ops(admission.clone()),
+            config.limits.http2_max_concurrent_streams,
             vault.clone(),
             health_service.clone(),
             stop_ops.clone(),
@@ -347,7 +362,6 @@ async fn serve(
             "serving PLAINTEXT on a non-loopback address (danger_allow_plaintext_non_loopback): tokens and values cross the network unencrypted"
         );
     }
-    let ceiling = descriptor_ceiling();
     announce(Announcement::Listening(addr));
 
     let (draining_tx, draining) = tokio::sync::oneshot::channel::<()>();
@@ -374,7 +388,8 @@ async fn serve(
         .timeout(config.request_timeout)
         .max_concurrent_streams(config.limits.http2_max_concurrent_streams)
         .http2_keepalive_interval(Some(config.limits.http2_keepalive_interval))
-        .http2_keepalive_timeout(Some(config.limits.http2_keepalive_timeout));
+        .http2_keepalive_timeout(Some(config.limits.http2_keepalive_timeout))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
@@ -383,7 +398,7 @@ async fn serve(
             tower::ServiceBuilder::new()
                 // Outermost, so that shed and refused requests are counted too.
                 .layer(crate::rpcmetrics::RpcMetricsLayer)
-                .layer(AdmissionLayer(admission)),
+                .layer(AdmissionLayer::main(admission)),
         )
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -398,7 +413,8 @@ async fn serve(
                 listener,
                 config.limits.max_connections,
                 ceiling,
-                config.limits.handshake_timeout,
+                timeouts,
+                true,
             ),
             signal,
         );
@@ -486,16 +502,25 @@ async fn monitor_health(
     }
 }
 
+/// Streams one connection may have the server reset for its errors before it is closed
+/// (hyper's default, which tonic switches off unless told).
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
 /// The ops listener: `GET /metrics` (Prometheus text, HTTP/1.1) and `grpc.health.v1`
-/// (plaintext HTTP/2) on one port, until shutdown. Carries no secrets and needs no token.
+/// (plaintext HTTP/2) on one port, until shutdown. Carries no secrets and needs no token;
+/// its connections are under the same watch as the main port's, and its requests under
+/// admission (health `Watch` and scrapes in small pools).
 async fn serve_ops(
-    listener: TcpListener,
+    incoming: Incoming,
+    admission: AdmissionLayer,
+    max_streams: u32,
     vault: Arc<Vault>,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    use tokio_stream::StreamExt;
     let metrics = axum::routing::get(move || {
         let vault = vault.clone();
         async move { render_metrics(vault).await }
@@ -505,14 +530,43 @@ async fn serve_ops(
         .into_axum_router()
         .route("/metrics", metrics)
         .fallback(|| async { (http::StatusCode::NOT_FOUND, "not found\n") });
-    let shutdown = async move {
-        let _ = stop.wait_for(|stopped| *stopped).await;
-    };
-    if let Err(e) = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        tracing::error!(error = %e, "ops listener failed");
+    let app = tower::ServiceBuilder::new()
+        .layer(admission)
+        .map_response(|response: axum::response::Response| response.map(tonic::body::Body::new))
+        .service(router);
+    let mut incoming = std::pin::pin!(incoming);
+    loop {
+        let accepted = tokio::select! {
+            accepted = incoming.next() => accepted,
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        };
+        let Some(Ok(io)) = accepted else {
+            continue;
+        };
+        let info = io.info();
+        let app = tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut request: http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(info.clone());
+                request
+            },
+        );
+        tokio::spawn(async move {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(
+                hyper_util::rt::TokioExecutor::new(),
+            );
+            builder
+                .http2()
+                .max_concurrent_streams(max_streams)
+                .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS);
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            if let Err(e) = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+                .await
+            {
+                tracing::debug!(error = %e, "ops connection ended");
+            }
+        });
     }
 }
 
@@ -792,7 +846,7 @@ const STORE_FD_RESERVE: u64 = 256;
 
 /// The descriptor number at which connections are refused, logged.
 fn descriptor_ceiling() -> Option<u64> {
-    let ceiling = crate::admission::descriptor_ceiling(STORE_FD_RESERVE);
+    let ceiling = crate::connection::descriptor_ceiling(STORE_FD_RESERVE);
     if let Some(ceiling) = ceiling {
         tracing::info!(
             ceiling,
