@@ -209,7 +209,11 @@ struct Admit {
 impl Admission {
     /// Admission for `principals` under `limits`; streams without credentials end after
     /// `stream_lifetime`.
-    pub fn new(principals: Arc<Principals>, limits: Limits, stream_lifetime: Duration) -> Arc<Self> {
+    pub fn new(
+        principals: Arc<Principals>,
+        limits: Limits,
+        stream_lifetime: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             principals,
             stream_lifetime,
@@ -256,7 +260,6 @@ impl Admission {
         }
     }
 
-
     /// The unauthenticated rate of the peer host: an error if it is spent.
     fn take_unauthenticated_rate(&self, connection: &Connection) -> Result<(), Refusal> {
         let host = connection.peer.map(|p| p.ip());
@@ -280,7 +283,10 @@ impl Admission {
         body: Body,
     ) -> Result<Admit, Refusal> {
         let pool = |pool: &Arc<Semaphore>, refusal| {
-            pool.clone().try_acquire_owned().map(Some).map_err(|_| refusal)
+            pool.clone()
+                .try_acquire_owned()
+                .map(Some)
+                .map_err(|_| refusal)
         };
         let admit = |permit, lifetime| Admit {
             permit,
@@ -289,15 +295,26 @@ impl Admission {
             body: Body::empty(),
         };
         match route {
-            Route::HealthCheck => return Ok(Admit { body, ..admit(None, None) }),
+            Route::HealthCheck => {
+                return Ok(Admit {
+                    body,
+                    ..admit(None, None)
+                });
+            }
             Route::Metrics => {
                 let permit = pool(&self.scrapes, Refusal::Scrapes)?;
-                return Ok(Admit { body, ..admit(permit, None) });
+                return Ok(Admit {
+                    body,
+                    ..admit(permit, None)
+                });
             }
             Route::HealthWatch => {
                 self.take_unauthenticated_rate(connection)?;
                 let permit = pool(&self.health_watches, Refusal::HealthWatches)?;
-                return Ok(Admit { body, ..admit(permit, None) });
+                return Ok(Admit {
+                    body,
+                    ..admit(permit, None)
+                });
             }
             Route::Open => {
                 self.take_unauthenticated_rate(connection)?;
@@ -485,12 +502,24 @@ mod tests {
 
     #[test]
     fn paths_route_by_service_method_and_port() {
-        assert_eq!(route("/grpc.health.v1.Health/Check", false), Route::HealthCheck);
-        assert_eq!(route("/grpc.health.v1.Health/Watch", true), Route::HealthWatch);
-        assert_eq!(route("/byokd.v1.Vault/Get", false), Route::Vault);
-        assert_eq!(route("/byokd.v1.Vault/WatchAudit", false), Route::VaultWatch);
         assert_eq!(
-            route("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", false),
+            route("/grpc.health.v1.Health/Check", false),
+            Route::HealthCheck
+        );
+        assert_eq!(
+            route("/grpc.health.v1.Health/Watch", true),
+            Route::HealthWatch
+        );
+        assert_eq!(route("/byokd.v1.Vault/Get", false), Route::Vault);
+        assert_eq!(
+            route("/byokd.v1.Vault/WatchAudit", false),
+            Route::VaultWatch
+        );
+        assert_eq!(
+            route(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                false
+            ),
             Route::Open
         );
         assert_eq!(route("/metrics", true), Route::Metrics);

@@ -266,7 +266,10 @@ impl Tracked {
         }
     }
 
-    fn next_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+    fn next_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
         if self.ended {
             return Poll::Ready(None);
         }
@@ -441,7 +444,11 @@ impl Guarded {
         (fatal, look)
     }
 
-    fn written<T>(&mut self, cx: &mut Context<'_>, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+    fn written<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
         match result {
             Poll::Pending => {
                 if self.write_blocked_since.is_none() {

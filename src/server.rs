@@ -14,11 +14,11 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::admission::{Admission, AdmissionLayer};
-use crate::connection::{ConnTimeouts, Incoming};
 use crate::api;
 use crate::auth::{self, Principal, Principals, Role, TenantScope};
 use crate::chain::ChainKey;
 use crate::config::{AuditRetention, Config, MasterKeyConfig, TlsConfig};
+use crate::connection::{ConnTimeouts, Incoming};
 use crate::keyring::{
     DataKeyCache, Keyring, KeyringError, MasterKeySpec, StoredKey, WrapContext, make_key_check,
     verify_key_check,
@@ -552,9 +552,8 @@ async fn serve_ops(
             },
         );
         tokio::spawn(async move {
-            let mut builder = hyper_util::server::conn::auto::Builder::new(
-                hyper_util::rt::TokioExecutor::new(),
-            );
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             builder
                 .http2()
                 .max_concurrent_streams(max_streams)

@@ -17,5 +17,6 @@ mod ops;
 mod reflection;
 mod refusals;
 mod rotation;
+mod streams;
 mod trail_damage;
 mod walkthrough;
