@@ -47,6 +47,37 @@ impl ValidationError {
     }
 }
 
+/// True for characters that free text may not hold: controls, line and paragraph separators
+/// (which split lines for some readers, U+2028 in JSON among them), and invisible format
+/// characters (bidirectional overrides and isolates, zero-width characters, tags), which make
+/// text read differently from what it holds.
+pub fn is_hidden_or_control(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{0600}'..='\u{0605}'
+                | '\u{061C}'
+                | '\u{06DD}'
+                | '\u{070F}'
+                | '\u{08E2}'
+                | '\u{180E}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{206F}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+                | '\u{110BD}'
+                | '\u{110CD}'
+                | '\u{13430}'..='\u{1343F}'
+                | '\u{1BCA0}'..='\u{1BCA3}'
+                | '\u{1D173}'..='\u{1D17A}'
+                | '\u{E0001}'
+                | '\u{E0020}'..='\u{E007F}'
+        )
+}
+
 fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
 }
@@ -177,11 +208,11 @@ impl Labels {
                     ),
                 ));
             }
-            if v.chars().count() > MAX_LABEL_VALUE_LEN || v.chars().any(char::is_control) {
+            if v.chars().count() > MAX_LABEL_VALUE_LEN || v.chars().any(is_hidden_or_control) {
                 return Err(ValidationError::new(
                     "labels",
                     format!(
-                        "values are at most {MAX_LABEL_VALUE_LEN} characters without control characters"
+                        "values are at most {MAX_LABEL_VALUE_LEN} characters without control, line-separator or invisible formatting characters"
                     ),
                 ));
             }
@@ -208,7 +239,8 @@ impl From<Labels> for BTreeMap<String, String> {
     }
 }
 
-/// A free-text reason (for a revocation), at most 256 characters without control characters.
+/// A free-text reason (for a revocation), at most 256 characters, none of them
+/// [`is_hidden_or_control`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reason(String);
 
@@ -221,10 +253,10 @@ impl Reason {
                 format!("at most {MAX_REASON_LEN} characters"),
             ));
         }
-        if s.chars().any(char::is_control) {
+        if s.chars().any(is_hidden_or_control) {
             return Err(ValidationError::new(
                 "reason",
-                "control characters are not allowed",
+                "control, line-separator and invisible formatting characters (bidirectional overrides, zero-width) are not allowed",
             ));
         }
         Ok(Self(s))

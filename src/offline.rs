@@ -165,7 +165,8 @@ fn write_jsonl(
         for record in &page.entries {
             let line = serde_json::to_string(&ExportedEntry::from(record))
                 .map_err(|e| ServeError::Export(e.to_string()))?;
-            writeln!(out, "{line}").map_err(|e| ServeError::Export(e.to_string()))?;
+            writeln!(out, "{}", escape_hidden(&line))
+                .map_err(|e| ServeError::Export(e.to_string()))?;
             count += 1;
         }
         if !page.more {
@@ -174,6 +175,29 @@ fn write_jsonl(
         }
         from = page.resume_at;
     }
+}
+
+/// `json` with every character [`crate::model::is_hidden_or_control`] written as a `\u`
+/// escape (JSON allows them raw inside strings, where serde_json leaves them; a reader that
+/// splits lines on U+2028 or shows a bidirectional override would see something else than
+/// what is there). Outside strings, serde_json's output is ASCII.
+fn escape_hidden(json: &str) -> std::borrow::Cow<'_, str> {
+    use std::fmt::Write as _;
+    if !json.chars().any(crate::model::is_hidden_or_control) {
+        return std::borrow::Cow::Borrowed(json);
+    }
+    let mut escaped = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if crate::model::is_hidden_or_control(c) {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                let _ = write!(escaped, "\\u{unit:04X}");
+            }
+        } else {
+            escaped.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(escaped)
 }
 
 fn audit_error(e: audit::AuditError) -> ServeError {
@@ -492,4 +516,24 @@ pub async fn restore(config: &Config, input: &Path) -> Result<RestoreSummary, Se
         let _ = std::fs::remove_dir_all(&staging);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hidden_characters_are_escaped_in_exported_lines() {
+        let text = "a\u{2028}b\u{202E}c\u{E0041}d\u{85}e\u{200B}";
+        let line = serde_json::to_string(&serde_json::json!({ "reason": text })).unwrap();
+        let escaped = super::escape_hidden(&line);
+        assert_eq!(
+            escaped,
+            r#"{"reason":"a\u2028b\u202Ec\uDB40\uDC41d\u0085e\u200B"}"#
+        );
+        let back: serde_json::Value = serde_json::from_str(&escaped).unwrap();
+        assert_eq!(back["reason"], text);
+        assert!(matches!(
+            super::escape_hidden("{\"a\":\"plain é\"}"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
 }

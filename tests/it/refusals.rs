@@ -429,3 +429,66 @@ async fn a_malformed_request_message_is_invalid_argument() {
     };
     assert_eq!(status, (Code::InvalidArgument as i32).to_string());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_text_refuses_line_separators_and_invisible_formatting() {
+    let dir = TestDir::new();
+    let server = dir.start();
+    let mut admin = server.as_(ADMIN).await;
+    store(&mut admin, "t1", "s", b"v").await;
+    for reason in [
+        "leaked\u{2028}{\"action\":\"Get\"}",
+        "ok\u{2029}",
+        "rotated by \u{202E}nimda",
+        "a\u{2066}b\u{2069}",
+        "zero\u{200B}width",
+        "bom\u{FEFF}",
+        "next\u{85}line",
+        "tag\u{E0041}",
+    ] {
+        assert_status(
+            admin.revoke(revoke_secret("t1", "s", reason)).await,
+            Code::InvalidArgument,
+            "reason",
+        );
+    }
+    let mut labelled = store_req("t1", "l", b"v");
+    labelled.labels.insert("team".into(), "a\u{200D}b".into());
+    assert_status(admin.store(labelled).await, Code::InvalidArgument, "labels");
+    // Text in other scripts is fine.
+    admin
+        .revoke(revoke_secret("t1", "s", "Schlüssel geleakt — 鍵が漏れた"))
+        .await
+        .expect("a reason in any script");
+    server.stop().await;
+
+    // The export has one entry per line, whichever characters a reader splits lines on.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_byokd"))
+        .args(["audit", "export", "--format", "jsonl", "--config"])
+        .arg(dir.config())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let pieces: Vec<&str> = text
+        .split(['\n', '\r', '\u{2028}', '\u{2029}', '\u{85}'])
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(pieces.len(), text.lines().count());
+    let entries: Vec<serde_json::Value> = pieces
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("each line is one entry"))
+        .collect();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["reason"] == "Schlüssel geleakt — 鍵が漏れた")
+    );
+    assert!(
+        entries
+            .iter()
+            .filter(|e| e["outcome"] == "INVALID_ARGUMENT")
+            .count()
+            >= 9
+    );
+}
