@@ -57,6 +57,8 @@ pub struct Admitted {
     pub principal: Result<Principal, AuthError>,
     /// The peer's address.
     pub peer: Option<SocketAddr>,
+    /// When the request arrived (its deadline counts from then).
+    pub arrived: std::time::Instant,
 }
 
 /// The limits admission enforces, and its state.
@@ -282,6 +284,7 @@ impl Admission {
         parts: &mut http::request::Parts,
         body: Body,
     ) -> Result<Admit, Refusal> {
+        let arrived = std::time::Instant::now();
         let pool = |pool: &Arc<Semaphore>, refusal| {
             pool.clone()
                 .try_acquire_owned()
@@ -359,6 +362,7 @@ impl Admission {
         parts.extensions.insert(Admitted {
             principal,
             peer: connection.peer,
+            arrived,
         });
         Ok(Admit {
             permit: Some(permit),

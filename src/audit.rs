@@ -6,6 +6,9 @@
 //! Times never decrease along the sequence, so a time range is a sequence range, found by
 //! binary search: seq order is the time index.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
@@ -34,6 +37,9 @@ pub enum AuditError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The request was abandoned (its caller went away or its deadline passed).
+    #[error("abandoned")]
+    Abandoned,
 }
 
 /// Which entries to return; `None` matches anything.
@@ -254,6 +260,30 @@ pub struct Verification {
     pub head: Option<(u64, ChainHash)>,
     /// Where the chain starts: the last pruned seq (0 if nothing was pruned).
     pub anchor_seq: u64,
+    /// The check stopped at its budget: the next entry to check (resume from there).
+    pub next: Option<u64>,
+}
+
+/// How much one verification may do.
+#[derive(Debug, Clone, Default)]
+pub struct Budget {
+    /// Entries to check at most; 0: no limit.
+    pub max_entries: u64,
+    /// Raised when the answer is no longer wanted: the verification stops.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl Budget {
+    fn spent(&self, checked: u64) -> bool {
+        self.max_entries != 0 && checked >= self.max_entries
+    }
+
+    fn check_stop(&self) -> Result<(), AuditError> {
+        match &self.stop {
+            Some(stop) if stop.load(Ordering::Acquire) => Err(AuditError::Abandoned),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A head recorded earlier (outside byokd): the trail must still reach it, with this hash.
@@ -266,13 +296,15 @@ pub struct RecordedHead {
 }
 
 /// Checks the chain from `from` to `to` (0: to the head) under `key`, and, if given, that
-/// the trail still reaches `recorded` unchanged.
+/// the trail still reaches `recorded` unchanged; within `budget` (past its entries, the
+/// report says where to resume).
 pub fn verify(
     store: &dyn Store,
     key: &ChainKey,
     from: u64,
     to: u64,
     recorded: Option<RecordedHead>,
+    budget: &Budget,
 ) -> Result<Verification, AuditError> {
     let head = match store.audit_head() {
         Ok(head) => head.map(|r| (r.seq, r.hash)),
@@ -286,6 +318,7 @@ pub fn verify(
         broken: None,
         head,
         anchor_seq,
+        next: None,
     };
     let broken = |mut report: Verification, seq: u64, why: String| {
         report.broken = Some((seq, why));
@@ -320,8 +353,25 @@ pub fn verify(
     }
     let last = if to == 0 { u64::MAX } else { to };
     let mut recorded_seen = false;
+    let head_seq = report.head.map_or(0, |(seq, _)| seq);
+    // A recorded head before this call's range was checked by an earlier page.
+    let first = expected;
     'chain: while expected <= last {
-        let chunk = match store.audit_entries(expected, SCAN_CHUNK) {
+        budget.check_stop()?;
+        if budget.spent(report.checked) {
+            if expected <= head_seq {
+                report.next = Some(expected);
+                return Ok(report);
+            }
+            break;
+        }
+        let want = if budget.max_entries == 0 {
+            SCAN_CHUNK
+        } else {
+            let left = budget.max_entries - report.checked;
+            SCAN_CHUNK.min(usize::try_from(left).unwrap_or(SCAN_CHUNK))
+        };
+        let chunk = match store.audit_entries(expected, want) {
             Ok(chunk) => chunk,
             // Some entry in this chunk does not decode: find it one at a time.
             Err(StoreError::Corrupt { .. }) => match read_entry(store, expected)? {
@@ -375,7 +425,9 @@ pub fn verify(
             }
         }
     }
-    if let Some(h) = recorded.filter(|h| h.seq <= last && h.seq > anchor_seq && !recorded_seen) {
+    if let Some(h) =
+        recorded.filter(|h| h.seq <= last && h.seq >= first && h.seq > anchor_seq && !recorded_seen)
+    {
         let end = expected - 1;
         return broken(
             report,

@@ -21,6 +21,7 @@ pub mod lease;
 pub mod metrics;
 pub mod model;
 pub mod offline;
+pub mod pending;
 pub mod ratelimit;
 pub mod rotation;
 pub mod rpcmetrics;

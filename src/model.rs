@@ -635,11 +635,15 @@ pub enum Outcome {
     Unavailable,
     /// A bug or an unexpected failure.
     Internal,
+    /// The caller went away before the answer.
+    Cancelled,
+    /// The request's deadline passed before the answer.
+    DeadlineExceeded,
 }
 
 impl Outcome {
     /// Every outcome.
-    pub const ALL: [Outcome; 13] = [
+    pub const ALL: [Outcome; 15] = [
         Outcome::Ok,
         Outcome::InvalidArgument,
         Outcome::NotFound,
@@ -653,6 +657,8 @@ impl Outcome {
         Outcome::DataLoss,
         Outcome::Unavailable,
         Outcome::Internal,
+        Outcome::Cancelled,
+        Outcome::DeadlineExceeded,
     ];
 
     /// Parses a gRPC code name such as `PERMISSION_DENIED` (case-insensitive); `field` names
@@ -685,6 +691,8 @@ impl Outcome {
             Outcome::DataLoss => "DATA_LOSS",
             Outcome::Unavailable => "UNAVAILABLE",
             Outcome::Internal => "INTERNAL",
+            Outcome::Cancelled => "CANCELLED",
+            Outcome::DeadlineExceeded => "DEADLINE_EXCEEDED",
         }
     }
 
@@ -704,6 +712,8 @@ impl Outcome {
             Outcome::Unavailable => 14,
             Outcome::DataLoss => 15,
             Outcome::Unauthenticated => 16,
+            Outcome::Cancelled => 1,
+            Outcome::DeadlineExceeded => 4,
         }
     }
 }

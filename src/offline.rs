@@ -35,13 +35,22 @@ pub async fn verify_audit(
                 broken: Some((damage.first_lost, format!("the trail is damaged: {damage}"))),
                 head: None,
                 anchor_seq: 0,
+                next: None,
             });
         }
         Err(e) => return Err(e),
     };
     let result = async {
         let keys = existing_keys(config, &store).await?;
-        audit::verify(&store, &keys.chain, from, to, recorded).map_err(audit_error)
+        audit::verify(
+            &store,
+            &keys.chain,
+            from,
+            to,
+            recorded,
+            &audit::Budget::default(),
+        )
+        .map_err(audit_error)
     }
     .await;
     store.close().await?;
@@ -483,7 +492,15 @@ pub async fn restore(config: &Config, input: &Path) -> Result<RestoreSummary, Se
         let store = SledStore::open(&staging)?;
         let checked = async {
             let keys = existing_keys(config, &store).await?;
-            let report = audit::verify(&store, &keys.chain, 0, 0, recorded).map_err(audit_error)?;
+            let report = audit::verify(
+                &store,
+                &keys.chain,
+                0,
+                0,
+                recorded,
+                &audit::Budget::default(),
+            )
+            .map_err(audit_error)?;
             if let Some((seq, why)) = report.broken {
                 return Err(ServeError::Restore(format!(
                     "audit chain broken at entry {seq}: {why}"

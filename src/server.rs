@@ -405,6 +405,7 @@ async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(
             VaultService::new(vault)
+                .with_request_timeout(config.request_timeout)
                 .into_server()
                 .max_decoding_message_size(config.limits.max_message_bytes),
         )

@@ -5,6 +5,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -27,12 +28,24 @@ const BACKUP_CHUNK: usize = 64 * 1024;
 /// The `byokd.v1.Vault` service.
 pub struct VaultService {
     vault: Arc<Vault>,
+    /// The server's request timeout: a request's answer is not wanted after it (nor after
+    /// the caller's own `grpc-timeout`).
+    request_timeout: Option<Duration>,
 }
 
 impl VaultService {
     /// A service answering with `vault`.
     pub fn new(vault: Arc<Vault>) -> Self {
-        Self { vault }
+        Self {
+            vault,
+            request_timeout: None,
+        }
+    }
+
+    /// The service, under the server's request timeout.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = Some(timeout);
+        self
     }
 
     /// The server, ready to add to a tonic router.
@@ -43,10 +56,17 @@ impl VaultService {
     /// The caller admission authenticated (see `admission`). A request that did not come
     /// through admission (a service used on its own) is authenticated by its metadata.
     fn caller<T>(&self, request: &mut Request<T>) -> Caller {
+        let timeout = match (self.request_timeout, grpc_timeout(request.metadata())) {
+            (Some(server), Some(client)) => Some(server.min(client)),
+            (server, client) => server.or(client),
+        };
+        let deadline = |arrived: Instant| timeout.and_then(|t| arrived.checked_add(t));
         if let Some(admitted) = request.extensions_mut().remove::<Admitted>() {
+            let deadline = deadline(admitted.arrived);
             return self
                 .vault
-                .caller_authenticated(admitted.principal, admitted.peer.map(|a| a.to_string()));
+                .caller_authenticated(admitted.principal, admitted.peer.map(|a| a.to_string()))
+                .with_deadline(deadline);
         }
         let authorization = request
             .metadata()
@@ -54,8 +74,29 @@ impl VaultService {
             // Present but not text: pass something that fails as malformed, not as missing.
             .map(|v| v.to_str().unwrap_or(""));
         let peer = request.remote_addr().map(|a| a.to_string());
-        self.vault.caller(authorization, &[], peer)
+        self.vault
+            .caller(authorization, &[], peer)
+            .with_deadline(deadline(Instant::now()))
     }
+}
+
+/// The caller's `grpc-timeout` (up to 8 digits and a unit: H, M, S, m, u, n), if valid.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let value: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(value * 3600),
+        "M" => Duration::from_secs(value * 60),
+        "S" => Duration::from_secs(value),
+        "m" => Duration::from_millis(value),
+        "u" => Duration::from_micros(value),
+        "n" => Duration::from_nanos(value),
+        _ => return None,
+    })
 }
 
 #[tonic::async_trait]
@@ -240,6 +281,7 @@ impl vault_server::Vault for VaultService {
             to_seq: req.to_seq,
             recorded_head_seq: req.expected_head_seq,
             recorded_head_hash: req.expected_head_hash,
+            max_entries: req.max_entries,
         };
         let result = self.vault.verify_audit(&caller, input).await;
         respond(
@@ -257,6 +299,7 @@ impl vault_server::Vault for VaultService {
                     head_hash,
                     anchor_seq: v.anchor_seq,
                     problem,
+                    next_seq: v.next.unwrap_or(0),
                 }
             }),
         )
@@ -446,6 +489,8 @@ fn code(outcome: Outcome) -> Code {
         Outcome::DataLoss => Code::DataLoss,
         Outcome::Unavailable => Code::Unavailable,
         Outcome::Internal => Code::Internal,
+        Outcome::Cancelled => Code::Cancelled,
+        Outcome::DeadlineExceeded => Code::DeadlineExceeded,
     }
 }
 

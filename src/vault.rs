@@ -12,7 +12,7 @@ use std::sync::Arc;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc, watch};
 
@@ -30,6 +30,7 @@ use crate::model::{
     Outcome, PrincipalId, Provider, Reason, SecretId, SecretName, SecretRecord, SecretState,
     TenantId, Time, TokenHash, ValidationError, check_value_len, value_hint,
 };
+use crate::pending::Pending;
 use crate::ratelimit::Buckets;
 use crate::rotation::{KeyringState, RotationError, RotationJob, Rotator};
 use crate::store::{Guard, Store, StoreError, Transaction, Write};
@@ -157,6 +158,7 @@ impl VaultError {
             VaultError::Invalid(_) | VaultError::Audit(AuditError::InvalidPageToken) => {
                 Outcome::InvalidArgument
             }
+            VaultError::Audit(AuditError::Abandoned) => Outcome::Cancelled,
             VaultError::SecretNotFound | VaultError::LeaseNotFound => Outcome::NotFound,
             VaultError::AlreadyExists => Outcome::AlreadyExists,
             VaultError::SecretRevoked => Outcome::FailedPrecondition,
@@ -249,9 +251,17 @@ pub struct Caller {
     /// Parts of the request's target that were not valid: a failure's audit entry says so
     /// (the value itself is never recorded).
     invalid: std::sync::Mutex<Vec<&'static str>>,
+    /// When the request's answer is no longer wanted (see [`Pending`]).
+    deadline: Option<Instant>,
 }
 
 impl Caller {
+    /// The caller, whose request's answer is no longer wanted after `deadline`.
+    pub fn with_deadline(mut self, deadline: Option<Instant>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
     fn authorize(&self, operation: Operation) -> Result<&Principal, VaultError> {
         let principal = self.principal.as_ref().map_err(|e| e.clone())?;
         if self.rate_limited {
@@ -399,7 +409,13 @@ pub struct VerifyInput {
     pub recorded_head_seq: u64,
     /// Its hash, hex.
     pub recorded_head_hash: String,
+    /// Entries to check in this call (0, or more than [`MAX_VERIFY_PAGE`]: that many).
+    pub max_entries: u64,
 }
+
+/// Entries one VerifyAudit call checks at most (about a second of CPU): a longer check
+/// resumes where the last one stopped.
+pub const MAX_VERIFY_PAGE: u64 = 1_000_000;
 
 /// Input of WatchAudit, as received.
 #[derive(Default)]
@@ -540,6 +556,9 @@ pub struct Vault {
     scratch_dir: PathBuf,
     /// The result of the latest [`Vault::probe`].
     serving: std::sync::atomic::AtomicBool,
+    /// Audit queries running at once (on blocking threads, half the cores at most, so that
+    /// scanning auditors leave the other callers CPU and async workers).
+    scans: Arc<tokio::sync::Semaphore>,
 }
 
 impl Vault {
@@ -556,7 +575,9 @@ impl Vault {
             limits,
             scratch_dir,
         } = parts;
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
         Self {
+            scans: Arc::new(tokio::sync::Semaphore::new((cores / 2).max(1))),
             limits,
             request_rate: Buckets::default(),
             failure_buckets: Buckets::default(),
@@ -614,6 +635,7 @@ impl Vault {
             peer,
             rate_limited,
             invalid: Default::default(),
+            deadline: None,
         }
     }
 
@@ -673,12 +695,12 @@ impl Vault {
     /// temporary file in the data directory (deleted when the returned file is dropped).
     /// Writes wait while the records are copied. Admin only.
     pub async fn backup(&self, caller: &Caller) -> Result<BackupFile, VaultError> {
-        let mut audit = caller.draft(Action::Backup);
+        let mut audit = self.begin(caller, Action::Backup);
         let result = async {
             caller.authorize_global(Operation::Backup)?;
             // Recorded first, so that the backup holds the entry of its own taking.
             audit.reason = "backup started".into();
-            self.record(audit.clone()).await?;
+            self.record(audit.settle()).await?;
             let state = KeyringState::load(&*self.store)
                 .map_err(VaultError::Rotation)?
                 .ok_or(VaultError::Rotation(RotationError::CorruptState))?;
@@ -752,7 +774,7 @@ impl Vault {
         caller: &Caller,
         input: StoreInput,
     ) -> Result<SecretRecord, VaultError> {
-        let mut audit = caller.draft(Action::Store);
+        let mut audit = self.begin(caller, Action::Store);
         let result = self.try_store(caller, input, &mut audit).await;
         self.conclude(caller, audit, result).await
     }
@@ -812,7 +834,7 @@ impl Vault {
         tenant: String,
         name: String,
     ) -> Result<SecretRecord, VaultError> {
-        let mut audit = caller.draft(Action::Describe);
+        let mut audit = self.begin(caller, Action::Describe);
         let result = async {
             let target = secret_ref(caller, &mut audit, tenant, name);
             let principal = caller.authorize(Operation::Describe)?;
@@ -823,7 +845,7 @@ impl Vault {
                 .secret(&tenant, &name)?
                 .ok_or(VaultError::SecretNotFound)?;
             audit.secret(&record);
-            self.record(audit.clone()).await?;
+            self.record(audit.settle()).await?;
             Ok(record)
         }
         .await;
@@ -838,7 +860,7 @@ impl Vault {
         page_size: u32,
         page_token: String,
     ) -> Result<(Vec<SecretRecord>, Option<String>), VaultError> {
-        let mut audit = caller.draft(Action::List);
+        let mut audit = self.begin(caller, Action::List);
         let result = async {
             let tenant = TenantId::parse(tenant);
             match &tenant {
@@ -860,7 +882,7 @@ impl Vault {
             } else {
                 None
             };
-            self.record(audit.clone()).await?;
+            self.record(audit.settle()).await?;
             Ok((page, next))
         }
         .await;
@@ -873,7 +895,7 @@ impl Vault {
         caller: &Caller,
         input: LeaseInput,
     ) -> Result<IssuedLease, VaultError> {
-        let mut audit = caller.draft(Action::Lease);
+        let mut audit = self.begin(caller, Action::Lease);
         let result = self.try_lease(caller, input, &mut audit).await;
         self.conclude(caller, audit, result).await
     }
@@ -937,7 +959,7 @@ impl Vault {
 
     /// Redeems a lease token: the plaintext, consuming one use.
     pub async fn get(&self, caller: &Caller, token: &str) -> Result<Redeemed, VaultError> {
-        let mut audit = caller.draft(Action::Get);
+        let mut audit = self.begin(caller, Action::Get);
         // The lease the token names, read before anything decides, so that a refused request
         // is audited with its target (and a redemption reads it once).
         let token_hash = lease::presented_token_hash(token);
@@ -1044,7 +1066,7 @@ impl Vault {
         name: String,
         value: Plaintext,
     ) -> Result<SecretRecord, VaultError> {
-        let mut audit = caller.draft(Action::Rotate);
+        let mut audit = self.begin(caller, Action::Rotate);
         let result = self
             .try_rotate(caller, tenant, name, value, &mut audit)
             .await;
@@ -1103,7 +1125,7 @@ impl Vault {
         target: RevokeTarget,
         reason: String,
     ) -> Result<Revoked, VaultError> {
-        let mut audit = caller.draft(Action::Revoke);
+        let mut audit = self.begin(caller, Action::Revoke);
         let result = match target {
             RevokeTarget::Missing => caller
                 .authorize(Operation::RevokeLease)
@@ -1123,7 +1145,7 @@ impl Vault {
         tenant: String,
         name: String,
         reason: String,
-        audit: &mut AuditDraft,
+        audit: &mut Pending,
     ) -> Result<Revoked, VaultError> {
         let target = secret_ref(caller, audit, tenant, name);
         let principal = caller.authorize(Operation::RevokeSecret)?;
@@ -1137,7 +1159,7 @@ impl Vault {
                 .ok_or(VaultError::SecretNotFound)?;
             audit.secret(&current);
             if current.state == SecretState::Revoked {
-                self.record(audit.clone()).await?;
+                self.record(audit.settle()).await?;
                 return Ok(Revoked {
                     already_revoked: true,
                     secret: Some(current),
@@ -1182,7 +1204,7 @@ impl Vault {
         caller: &Caller,
         id: &str,
         reason: String,
-        audit: &mut AuditDraft,
+        audit: &mut Pending,
     ) -> Result<Revoked, VaultError> {
         // The lease it names, before authorization decides, so that a denied request is
         // audited with its target.
@@ -1217,7 +1239,7 @@ impl Vault {
             };
             audit.lease(&lease);
             if lease.revoked {
-                self.record(audit.clone()).await?;
+                self.record(audit.settle()).await?;
                 return Ok(Revoked {
                     already_revoked: true,
                     secret: None,
@@ -1251,7 +1273,7 @@ impl Vault {
 
     /// A page of the audit trail.
     pub async fn audit(&self, caller: &Caller, input: AuditInput) -> Result<AuditPage, VaultError> {
-        let mut audit = caller.draft(Action::Audit);
+        let mut audit = self.begin(caller, Action::Audit);
         let result = async {
             note_filter_target(caller, &mut audit, &input.filter);
             let principal = caller.authorize(Operation::Audit)?;
@@ -1262,12 +1284,36 @@ impl Vault {
                 audit::MAX_PAGE_SIZE,
             )?;
             let from = audit::decode_page_token(&input.page_token)?;
-            let page = audit::query(&*self.store, &filter, from, u64::MAX, size)?;
-            self.record(audit.clone()).await?;
+            let page = self.scan(filter, from, size).await?;
+            self.record(audit.settle()).await?;
             Ok(page)
         }
         .await;
         self.conclude(caller, audit, result).await
+    }
+
+    /// A page of audit entries, read on a blocking thread once a scan place is free (a
+    /// query reads up to `audit`'s scan budget of entries: CPU and disk work).
+    async fn scan(
+        &self,
+        filter: AuditFilter,
+        from: u64,
+        size: usize,
+    ) -> Result<AuditPage, VaultError> {
+        let _place = self
+            .scans
+            .clone()
+            .acquire_owned()
+            .await
+            // Never closed.
+            .map_err(|_| VaultError::Contention)?;
+        let store = self.store.clone();
+        let page = tokio::task::spawn_blocking(move || {
+            audit::query(&*store, &filter, from, u64::MAX, size)
+        })
+        .await
+        .map_err(VaultError::Background)??;
+        Ok(page)
     }
 
     /// Verifies the audit hash chain (a range of it, or all of it).
@@ -1276,7 +1322,7 @@ impl Vault {
         caller: &Caller,
         input: VerifyInput,
     ) -> Result<Verification, VaultError> {
-        let mut audit = caller.draft(Action::VerifyAudit);
+        let mut audit = self.begin(caller, Action::VerifyAudit);
         let result = async {
             caller.authorize_global(Operation::Audit)?;
             if input.to_seq != 0 && input.to_seq < input.from_seq {
@@ -1308,17 +1354,28 @@ impl Vault {
             };
             let (store, key) = (self.store.clone(), self.chain.clone());
             let (from, to) = (input.from_seq, input.to_seq);
-            // Hashing the whole trail is CPU work: keep it off the async workers.
+            let budget = audit::Budget {
+                max_entries: match input.max_entries {
+                    0 => MAX_VERIFY_PAGE,
+                    n => n.min(MAX_VERIFY_PAGE),
+                },
+                stop: Some(audit.stop_flag()),
+            };
+            // Hashing the trail is CPU work: keep it off the async workers.
             let report = tokio::task::spawn_blocking(move || {
-                audit::verify(&*store, &key, from, to, recorded)
+                audit::verify(&*store, &key, from, to, recorded, &budget)
             })
             .await
             .map_err(VaultError::Background)??;
-            audit.reason = match &report.broken {
-                Some((seq, why)) => format!("chain broken at entry {seq}: {why}"),
-                None => format!("chain intact ({} entries checked)", report.checked),
+            audit.reason = match (&report.broken, report.next) {
+                (Some((seq, why)), _) => format!("chain broken at entry {seq}: {why}"),
+                (None, Some(next)) => format!(
+                    "chain intact so far ({} entries checked; resume at {next})",
+                    report.checked
+                ),
+                (None, None) => format!("chain intact ({} entries checked)", report.checked),
             };
-            self.record(audit.clone()).await?;
+            self.record(audit.settle()).await?;
             Ok(report)
         }
         .await;
@@ -1333,7 +1390,7 @@ impl Vault {
         caller: &Caller,
         input: WatchInput,
     ) -> Result<mpsc::Receiver<WatchEvent>, VaultError> {
-        let mut audit = caller.draft(Action::WatchAudit);
+        let mut audit = self.begin(caller, Action::WatchAudit);
         let result = async {
             note_filter_target(caller, &mut audit, &input.filter);
             let principal = caller.authorize(Operation::Audit)?;
@@ -1361,7 +1418,7 @@ impl Vault {
             }
             // Subscribe before recording this call, so that nothing falls in between.
             let feed = self.store.subscribe_audit();
-            self.record(audit.clone()).await?;
+            self.record(audit.settle()).await?;
             let (tx, rx) = mpsc::channel(WATCH_BUFFER);
             let watcher = Watcher {
                 store: self.store.clone(),
@@ -1380,7 +1437,7 @@ impl Vault {
 
     /// Starts a master-key rotation to the configured master key (admin).
     pub async fn rotate_master_key(&self, caller: &Caller) -> Result<RotationJob, VaultError> {
-        let audit = caller.draft(Action::RotateMasterKey);
+        let audit = self.begin(caller, Action::RotateMasterKey);
         let result = async {
             caller.authorize_global(Operation::RotateMasterKey)?;
             self.rotator
@@ -1398,7 +1455,7 @@ impl Vault {
         caller: &Caller,
         job_id: String,
     ) -> Result<RotationJob, VaultError> {
-        let mut audit = caller.draft(Action::GetRotationStatus);
+        let mut audit = self.begin(caller, Action::GetRotationStatus);
         let result = async {
             // Master-key rotation concerns the whole vault, as RotateMasterKey does.
             caller.authorize_global(Operation::RotateMasterKey)?;
@@ -1417,7 +1474,7 @@ impl Vault {
                 .status(job_id.as_deref())
                 .map_err(VaultError::Rotation)?;
             audit.version = Some(job.target);
-            self.record(audit.clone()).await?;
+            self.record(audit.settle()).await?;
             Ok(job)
         }
         .await;
@@ -1532,6 +1589,11 @@ impl Vault {
     }
 
     /// Commits a successful read-only operation's audit entry.
+    /// The audit entry of a request that will be abandoned if dropped unconcluded.
+    fn begin(&self, caller: &Caller, action: Action) -> Pending {
+        Pending::new(caller.draft(action), self.store.clone(), caller.deadline)
+    }
+
     async fn record(&self, audit: AuditDraft) -> Result<(), VaultError> {
         self.store.commit(Transaction::audit_only(audit)).await?;
         Ok(())
@@ -1542,9 +1604,10 @@ impl Vault {
     async fn conclude<T>(
         &self,
         caller: &Caller,
-        mut audit: AuditDraft,
+        audit: Pending,
         result: Result<T, VaultError>,
     ) -> Result<T, VaultError> {
+        let mut audit = audit.finish();
         let Err(error) = result else {
             return result;
         };

@@ -20,3 +20,4 @@ mod rotation;
 mod streams;
 mod trail_damage;
 mod walkthrough;
+mod work;
