@@ -131,7 +131,18 @@ pub struct Config {
     pub store_cache_bytes: u64,
     /// Size at which the audit trail starts a new segment, in bytes.
     pub audit_segment_bytes: u64,
+    /// Per-tenant quotas and the free space kept on the data volume.
+    pub quotas: crate::quota::QuotaLimits,
 }
+
+/// Active secrets per tenant, by default.
+pub const DEFAULT_MAX_SECRETS_PER_TENANT: u64 = 10_000;
+/// Sealed value bytes per tenant, by default (64 MiB).
+pub const DEFAULT_MAX_VALUE_MB_PER_TENANT: u64 = 64;
+/// Lease records per tenant, by default.
+pub const DEFAULT_MAX_LEASES_PER_TENANT: u64 = 100_000;
+/// Free space kept on the data volume, by default (MiB).
+pub const DEFAULT_MIN_FREE_MB: u64 = 64;
 
 /// The ops listener: plaintext HTTP `GET /metrics` and `grpc.health.v1` (h2c), for
 /// Prometheus and for probes that cannot speak TLS (kubelet). Neither carries secrets.
@@ -300,6 +311,8 @@ struct FileConfig {
     metrics: MetricsFile,
     #[serde(default)]
     store: StoreFile,
+    #[serde(default)]
+    quotas: QuotasFile,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -307,6 +320,15 @@ struct FileConfig {
 struct StoreFile {
     cache_size_mb: Option<u64>,
     audit_segment_kb: Option<u64>,
+    min_free_mb: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotasFile {
+    max_secrets_per_tenant: Option<u64>,
+    max_value_mb_per_tenant: Option<u64>,
+    max_leases_per_tenant: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -594,7 +616,36 @@ impl Config {
                 ));
             }
         };
+        let quotas = crate::quota::QuotaLimits {
+            max_secrets_per_tenant: file
+                .quotas
+                .max_secrets_per_tenant
+                .unwrap_or(DEFAULT_MAX_SECRETS_PER_TENANT),
+            max_value_bytes_per_tenant: file
+                .quotas
+                .max_value_mb_per_tenant
+                .unwrap_or(DEFAULT_MAX_VALUE_MB_PER_TENANT)
+                .saturating_mul(1024 * 1024),
+            max_leases_per_tenant: file
+                .quotas
+                .max_leases_per_tenant
+                .unwrap_or(DEFAULT_MAX_LEASES_PER_TENANT),
+            min_free_bytes: file
+                .store
+                .min_free_mb
+                .unwrap_or(DEFAULT_MIN_FREE_MB)
+                .saturating_mul(1024 * 1024),
+        };
+        if quotas.max_secrets_per_tenant == 0
+            || quotas.max_value_bytes_per_tenant == 0
+            || quotas.max_leases_per_tenant == 0
+        {
+            return Err(ConfigError::Invalid(
+                "quotas: each must be at least 1".into(),
+            ));
+        }
         Ok(Self {
+            quotas,
             store_cache_bytes,
             audit_segment_bytes,
             metrics,
@@ -941,6 +992,7 @@ mod tests {
             "[store]\ncache_size_mb = 8\n",
             "[store]\naudit_segment_kb = 63\n",
             "[store]\naudit_segment_kb = 1048577\n",
+            "[quotas]\nmax_secrets_per_tenant = 0\n",
         ] {
             assert!(matches!(load(bad), Err(ConfigError::Invalid(_))), "{bad}");
         }

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod model;
 pub mod offline;
 pub mod pending;
+pub mod quota;
 pub mod ratelimit;
 pub mod rotation;
 pub mod rpcmetrics;

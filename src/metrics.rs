@@ -156,8 +156,15 @@ impl Metrics {
 /// Values read from the vault at scrape time.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    /// Leases not yet expired, used up or revoked.
-    pub active_leases: u64,
+    /// Lease records not yet collected (used up and revoked ones included, until they
+    /// expire and are collected).
+    pub leases_held: u64,
+    /// Free bytes on the data volume.
+    pub volume_free_bytes: u64,
+    /// Size of the data volume.
+    pub volume_size_bytes: u64,
+    /// The free space kept on the data volume (below it, the store may not grow).
+    pub volume_reserve_bytes: u64,
     /// Bytes the store occupies on disk.
     pub store_bytes: u64,
     /// Sequence number of the newest durable audit entry (0: none).
@@ -226,10 +233,31 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
     let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
     register_const(
         &mut registry,
-        "active_leases",
-        "Leases not yet expired, used up or revoked",
+        "leases_held",
+        "Lease records not yet collected (expired ones are collected every gc_interval)",
         None,
-        gauge(snapshot.active_leases),
+        gauge(snapshot.leases_held),
+    );
+    register_const(
+        &mut registry,
+        "data_volume_free",
+        "Free space on the data volume",
+        Some(Unit::Bytes),
+        gauge(snapshot.volume_free_bytes),
+    );
+    register_const(
+        &mut registry,
+        "data_volume_size",
+        "Size of the data volume",
+        Some(Unit::Bytes),
+        gauge(snapshot.volume_size_bytes),
+    );
+    register_const(
+        &mut registry,
+        "data_volume_reserve",
+        "Free space kept on the data volume: below it, Store, Rotate and Lease are refused",
+        Some(Unit::Bytes),
+        gauge(snapshot.volume_reserve_bytes),
     );
     register_const(
         &mut registry,
@@ -334,7 +362,10 @@ mod tests {
         );
         global().redeemed(false);
         let text = render(&Snapshot {
-            active_leases: 3,
+            leases_held: 3,
+            volume_free_bytes: 10,
+            volume_size_bytes: 20,
+            volume_reserve_bytes: 5,
             store_bytes: 4096,
             audit_head_seq: 42,
             cache_hits: 3,
@@ -346,7 +377,7 @@ mod tests {
             "byokd_rpc_requests_total{method=\"/byokd.v1.Vault/Get\",code=\"NOT_FOUND\"}",
             "byokd_rpc_duration_seconds_bucket{le=\"0.004\",method=\"/byokd.v1.Vault/Get\",code=\"NOT_FOUND\"}",
             "byokd_lease_redemptions_total{result=\"failed\"}",
-            "byokd_active_leases 3",
+            "byokd_leases_held 3",
             "byokd_store_size_bytes 4096",
             "byokd_audit_head_seq 42",
             "byokd_data_key_cache_hit_ratio 0.75",

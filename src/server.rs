@@ -24,6 +24,7 @@ use crate::keyring::{
     verify_key_check,
 };
 use crate::model::PrincipalId;
+use crate::quota::Quotas;
 use crate::rotation::{KeyVersion, KeyringState, RotationSettings, Rotator};
 use crate::service::VaultService;
 use crate::store::{MetaKey, SledStore, Store, StoreError, Transaction, Write};
@@ -135,6 +136,9 @@ pub enum ServeError {
     /// Server reflection could not be built from the descriptor sets.
     #[error("server reflection: {0}")]
     Reflection(String),
+    /// A start-up task on a blocking thread failed.
+    #[error("start-up task failed: {0}")]
+    Startup(String),
     /// The gRPC transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -194,6 +198,12 @@ pub async fn run(
     harden_process();
     create_private_dir(&config.data_dir)?;
     make_private(&config.data_dir)?;
+    crate::quota::prepare_volume(&config.data_dir, config.quotas.min_free_bytes).map_err(
+        |source| ServeError::DataDir {
+            path: config.data_dir.join(crate::quota::SPACE_FILE),
+            source,
+        },
+    )?;
     let path = config.data_dir.join("db");
     let store: Arc<dyn Store> = Arc::new(
         SledStore::open_with(&path, config.store_cache_bytes, config.audit_segment_bytes)
@@ -268,7 +278,21 @@ async fn serve(
         },
     ));
     rotator.resume(&keys.state);
+    let started = std::time::Instant::now();
+    let usage = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || Quotas::count(&*store))
+            .await
+            .map_err(|e| ServeError::Startup(format!("counting usage: {e}")))??
+    };
+    tracing::info!(
+        tenants = usage.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "tenant usage counted"
+    );
+    let quotas = Arc::new(Quotas::new(config.quotas, config.data_dir.clone(), usage));
     let vault = Arc::new(Vault::new(VaultParts {
+        quotas,
         store,
         keyring: keys.keyring,
         cache: DataKeyCache::new(config.master_key.cache),

@@ -31,6 +31,7 @@ use crate::model::{
     TenantId, Time, TokenHash, ValidationError, check_value_len, value_hint,
 };
 use crate::pending::Pending;
+use crate::quota::{Delta, QuotaError, Quotas};
 use crate::ratelimit::Buckets;
 use crate::rotation::{KeyringState, RotationError, RotationJob, Rotator};
 use crate::store::{Guard, Store, StoreError, Transaction, Write};
@@ -95,6 +96,9 @@ pub enum VaultError {
     /// A background task failed.
     #[error("background task: {0}")]
     Background(tokio::task::JoinError),
+    /// A tenant quota, or the volume's reserve.
+    #[error(transparent)]
+    Quota(#[from] QuotaError),
     /// A master-key rotation could not start or be found.
     #[error(transparent)]
     Rotation(RotationError),
@@ -153,7 +157,8 @@ impl VaultError {
             ) => Outcome::Unauthenticated,
             VaultError::Auth(AuthError::RateLimited { .. })
             | VaultError::TooManyFailures
-            | VaultError::TooManyStreams { .. } => Outcome::ResourceExhausted,
+            | VaultError::TooManyStreams { .. }
+            | VaultError::Quota(_) => Outcome::ResourceExhausted,
             VaultError::Auth(_) => Outcome::PermissionDenied,
             VaultError::Invalid(_) | VaultError::Audit(AuditError::InvalidPageToken) => {
                 Outcome::InvalidArgument
@@ -536,6 +541,8 @@ pub struct VaultParts {
     pub limits: Limits,
     /// Where backups are written before they are streamed (the data directory).
     pub scratch_dir: PathBuf,
+    /// Per-tenant quotas and the volume's reserve.
+    pub quotas: Arc<Quotas>,
 }
 
 /// The vault.
@@ -559,6 +566,7 @@ pub struct Vault {
     /// Audit queries running at once (on blocking threads, half the cores at most, so that
     /// scanning auditors leave the other callers CPU and async workers).
     scans: Arc<tokio::sync::Semaphore>,
+    quotas: Arc<Quotas>,
 }
 
 impl Vault {
@@ -574,10 +582,12 @@ impl Vault {
             policy,
             limits,
             scratch_dir,
+            quotas,
         } = parts;
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
         Self {
             scans: Arc::new(tokio::sync::Semaphore::new((cores / 2).max(1))),
+            quotas,
             limits,
             request_rate: Buckets::default(),
             failure_buckets: Buckets::default(),
@@ -680,8 +690,12 @@ impl Vault {
     /// Values for the metrics endpoint, read now.
     pub fn metrics_snapshot(&self) -> Result<crate::metrics::Snapshot, VaultError> {
         let (cache_hits, cache_misses) = self.cache.stats();
+        let (volume_free_bytes, volume_size_bytes) = self.quotas.disk();
         Ok(crate::metrics::Snapshot {
-            active_leases: self.store.active_leases(Time::now())?,
+            leases_held: self.quotas.leases(),
+            volume_free_bytes,
+            volume_size_bytes,
+            volume_reserve_bytes: self.quotas.reserve_bytes(),
             store_bytes: self.store.size_on_disk()?,
             audit_head_seq: self.store.durable_audit_seq(),
             cache_hits,
@@ -811,6 +825,14 @@ impl Vault {
         };
         let envelope = self.seal(&record, &input.value).await?;
         audit.secret(&record);
+        let reservation = self.quotas.reserve(
+            &record.tenant,
+            Delta {
+                secrets: 1,
+                value_bytes: envelope.ciphertext.len() as i64,
+                leases: 0,
+            },
+        )?;
         let tx = Transaction {
             guards: vec![guard_secret(&record.tenant, &record.name, None)],
             writes: vec![
@@ -820,7 +842,10 @@ impl Vault {
             audit: Some(audit.clone()),
         };
         match self.store.commit(tx).await {
-            Ok(_) => Ok(record),
+            Ok(_) => {
+                reservation.keep();
+                Ok(record)
+            }
             // Another Store of the same name committed first.
             Err(StoreError::Conflict) => Err(VaultError::AlreadyExists),
             Err(e) => Err(e.into()),
@@ -941,6 +966,13 @@ impl Vault {
                 revoked: false,
             };
             audit.lease(&lease);
+            let reservation = self.quotas.reserve(
+                &tenant,
+                Delta {
+                    leases: 1,
+                    ..Delta::default()
+                },
+            )?;
             let tx = Transaction {
                 // The lease is on the version current at commit, not merely at read.
                 guards: vec![guard_secret(&tenant, &name, Some(&secret))],
@@ -951,6 +983,7 @@ impl Vault {
                 .commit_or_retry(tx, IssuedLease { lease, token })
                 .await?
             {
+                reservation.keep();
                 return Ok(done);
             }
         }
@@ -1097,6 +1130,14 @@ impl Vault {
             next.hint = value_hint(value.expose_secret());
             let envelope = self.seal(&next, &value).await?;
             audit.secret(&next);
+            let before = self.value_bytes(&current)?;
+            let reservation = self.quotas.reserve(
+                &tenant,
+                Delta {
+                    value_bytes: envelope.ciphertext.len() as i64 - before,
+                    ..Delta::default()
+                },
+            )?;
             let tx = Transaction {
                 guards: vec![guard_secret(&tenant, &name, Some(&current))],
                 writes: vec![
@@ -1110,6 +1151,7 @@ impl Vault {
                 audit: Some(audit.clone()),
             };
             if let Some(done) = self.commit_or_retry(tx, next).await? {
+                reservation.keep();
                 // The previous version's data key is destroyed: drop it from memory too.
                 self.cache.evict_secret(done.id);
                 return Ok(done);
@@ -1170,6 +1212,7 @@ impl Vault {
             tombstone.state = SecretState::Revoked;
             tombstone.revoked_at = Some(now);
             tombstone.updated_at = now;
+            let freed = self.value_bytes(&current)?;
             let tx = Transaction {
                 guards: vec![guard_secret(&tenant, &name, Some(&current))],
                 writes: vec![
@@ -1193,6 +1236,14 @@ impl Vault {
             {
                 // Every data key of the secret is destroyed: none may be served from memory.
                 self.cache.evict_secret(current.id);
+                self.quotas.committed(
+                    &tenant,
+                    Delta {
+                        secrets: -1,
+                        value_bytes: -freed,
+                        leases: 0,
+                    },
+                );
                 return Ok(done);
             }
         }
@@ -1550,11 +1601,21 @@ impl Vault {
             if count == 0 {
                 return Ok(total);
             }
+            let tenants: Vec<TenantId> = expired.iter().map(|l| l.tenant.clone()).collect();
             let tx = Transaction {
                 writes: expired.into_iter().map(Write::DeleteLease).collect(),
                 ..Default::default()
             };
             self.store.commit(tx).await?;
+            for tenant in &tenants {
+                self.quotas.committed(
+                    tenant,
+                    Delta {
+                        leases: -1,
+                        ..Delta::default()
+                    },
+                );
+            }
             total += count;
             if count < GC_BATCH {
                 return Ok(total);
@@ -1589,6 +1650,14 @@ impl Vault {
     }
 
     /// Commits a successful read-only operation's audit entry.
+    /// The bytes of a secret's current sealed value (what its quota counts).
+    fn value_bytes(&self, secret: &SecretRecord) -> Result<i64, VaultError> {
+        Ok(self
+            .store
+            .envelope(secret.id, secret.version)?
+            .map_or(0, |e| e.ciphertext.len() as i64))
+    }
+
     /// The audit entry of a request that will be abandoned if dropped unconcluded.
     fn begin(&self, caller: &Caller, action: Action) -> Pending {
         Pending::new(caller.draft(action), self.store.clone(), caller.deadline)

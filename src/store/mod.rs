@@ -336,10 +336,6 @@ pub trait Store: Send + Sync {
     /// Flushes and stops accepting commits.
     async fn close(&self) -> Result<(), StoreError>;
 
-    /// Leases not yet expired or used up at `now`. Reads the expiry index from `now` on:
-    /// proportional to the leases still stored.
-    fn active_leases(&self, now: Time) -> Result<u64, StoreError>;
-
     /// Bytes the store occupies on disk.
     fn size_on_disk(&self) -> Result<u64, StoreError>;
 

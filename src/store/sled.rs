@@ -890,25 +890,6 @@ impl Store for SledStore {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    fn active_leases(&self, now: Time) -> Result<u64, StoreError> {
-        let start = codec::lease_expiry_key(now, &TokenHash([0; 32]));
-        let mut count = 0;
-        for entry in self.tree.range(start..vec![codec::LEASE_EXPIRY + 1]) {
-            let (key, _) = entry.map_err(engine)?;
-            let Some(hash) = codec::lease_expiry_hash(&key) else {
-                continue;
-            };
-            // Used-up leases stay until collected; they are not active.
-            if self
-                .lease_by_token(&hash)?
-                .is_some_and(|l| l.uses < l.max_uses)
-            {
-                count += 1;
-            }
-        }
-        Ok(count)
-    }
-
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk().map_err(engine)? + self.log.size_on_disk()?)
     }

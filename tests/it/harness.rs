@@ -882,3 +882,33 @@ pub fn ops_addr(server: &TestServer) -> String {
         .expect("ops address announced")
         .to_string()
 }
+
+/// A tmpfs of `mib` MiB mounted on a new directory; unmounted on drop. `None` where this
+/// environment cannot mount (not root, or no CAP_SYS_ADMIN).
+pub struct SmallDisk(pub tempfile::TempDir);
+
+impl SmallDisk {
+    pub fn mount(mib: u32) -> Option<Self> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Self(dir))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}

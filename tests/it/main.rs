@@ -14,6 +14,7 @@ mod hardening;
 mod kms;
 mod leases;
 mod ops;
+mod quotas;
 mod reflection;
 mod refusals;
 mod rotation;

@@ -382,8 +382,14 @@ async fn metrics_are_scraped_with_plausible_values() {
         sample(&text, "byokd_lease_redemptions_total{result=\"failed\"}"),
         1.0
     );
-    // The single-use leases are used up; the five-use one is still open.
-    assert_eq!(sample(&text, "byokd_active_leases"), 1.0);
+    // Four single-use leases (used up) and a five-use one: none collected yet.
+    assert_eq!(sample(&text, "byokd_leases_held"), 5.0);
+    let free = sample(&text, "byokd_data_volume_free_bytes");
+    assert!(free > 0.0 && free <= sample(&text, "byokd_data_volume_size_bytes"));
+    assert_eq!(
+        sample(&text, "byokd_data_volume_reserve_bytes"),
+        64.0 * 1024.0 * 1024.0
+    );
     assert!(sample(&text, "byokd_store_size_bytes") > 0.0);
     // Every RPC above was audited.
     assert!(sample(&text, "byokd_audit_head_seq") >= 14.0);
@@ -515,36 +521,6 @@ async fn health_turns_not_serving_while_the_kms_master_key_is_unreachable() {
     );
 }
 
-/// A tmpfs of `mib` MiB mounted on a new directory; unmounted on drop. `None` where this
-/// environment cannot mount (not root, or no CAP_SYS_ADMIN).
-struct SmallDisk(tempfile::TempDir);
-
-impl SmallDisk {
-    fn mount(mib: u32) -> Option<Self> {
-        let dir = tempfile::tempdir().ok()?;
-        let ok = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={mib}m,mode=0700"),
-                "tmpfs",
-            ])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(Self(dir))
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(self.0.path())
-            .status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_turns_not_serving_when_the_store_can_no_longer_write() {
     let Some(disk) = SmallDisk::mount(24) else {
@@ -554,7 +530,8 @@ async fn health_turns_not_serving_when_the_store_can_no_longer_write() {
         return;
     };
     let dir = TestDir::with_config(
-        "[metrics]\nlisten = \"127.0.0.1:0\"\nhealth_interval = \"200ms\"\n[limits]\nprincipal_rate_limit = { per_second = 1000000, burst = 1000000 }\n",
+        "[metrics]\nlisten = \"127.0.0.1:0\"\nhealth_interval = \"200ms\"\n[limits]\nprincipal_rate_limit = { per_second = 1000000, burst = 1000000 }\n\
+         [store]\nmin_free_mb = 0\n",
     );
     std::fs::create_dir(disk.0.path().join("data")).unwrap();
     std::os::unix::fs::symlink(disk.0.path().join("data"), dir.data()).unwrap();
