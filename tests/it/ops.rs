@@ -382,8 +382,8 @@ async fn metrics_are_scraped_with_plausible_values() {
         sample(&text, "byokd_lease_redemptions_total{result=\"failed\"}"),
         1.0
     );
-    // Four single-use leases (used up) and a five-use one: none collected yet.
-    assert_eq!(sample(&text, "byokd_leases_held"), 5.0);
+    // Three single-use leases (used up) and a five-use one: none collected yet.
+    assert_eq!(sample(&text, "byokd_leases_held"), 4.0);
     let free = sample(&text, "byokd_data_volume_free_bytes");
     assert!(free > 0.0 && free <= sample(&text, "byokd_data_volume_size_bytes"));
     assert_eq!(

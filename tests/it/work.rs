@@ -231,3 +231,51 @@ async fn scanning_auditors_leave_other_callers_their_latency() {
         "Describe p50 {idle:?} idle, {loaded:?} beside 8 scanning auditors"
     );
 }
+
+/// The median time of `n` scrapes of `/metrics`.
+async fn scrape_p50(ops: &str, n: usize) -> Duration {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        scrape(ops).await;
+        times.push(started.elapsed());
+    }
+    times.sort();
+    times[n / 2]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_costs_the_same_however_many_leases_are_held() {
+    let dir = TestDir::with_config(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n\
+         [limits]\nprincipal_rate_limit = { per_second = 1000000, burst = 1000000 }\n",
+    );
+    let server = dir.start();
+    let ops = ops_addr(&server);
+    let mut admin = server.as_(ADMIN).await;
+    store(&mut admin, "t1", "s", b"sk-leased-0123456789").await;
+    let few = scrape_p50(&ops, 7).await;
+
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let addr = server.addr;
+            tokio::spawn(async move {
+                let mut c = connect(addr, Some(ADMIN)).await;
+                for _ in 0..1250 {
+                    c.lease(lease_req("t1", "s", 1)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let text = scrape(&ops).await;
+    assert_eq!(sample(&text, "byokd_leases_held"), 20_000.0);
+    let many = scrape_p50(&ops, 7).await;
+    eprintln!("scrape p50: {few:?} with no lease, {many:?} with 20,000");
+    assert!(
+        many < few * 3 + Duration::from_millis(20),
+        "scrape p50: {few:?} with no lease, {many:?} with 20,000"
+    );
+}
