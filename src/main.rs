@@ -76,12 +76,24 @@ enum Command {
     /// Load a backup into the configured data directory, which must hold no data yet, and
     /// verify it (audit chain, every value decrypts under the configured master key) before
     /// the data directory becomes usable.
+    ///
+    /// A backup knows nothing of what happened after it was taken: name the source server's
+    /// audit export with --revocations-from (secrets it records as revoked since are revoked
+    /// again), or accept with --without-later-revocations that they come back.
+    #[command(group(clap::ArgGroup::new("later").required(true).args(["revocations_from", "without_later_revocations"])))]
     Restore {
         #[command(flatten)]
         location: Location,
         /// The backup file.
         #[arg(long = "in")]
         input: PathBuf,
+        /// The JSONL audit export (`byokd audit export`) of the server the backup came from:
+        /// secrets revoked after the backup are revoked again, secrets rotated since are listed.
+        #[arg(long)]
+        revocations_from: Option<PathBuf>,
+        /// Restore as the backup is: secrets revoked after it was taken come back.
+        #[arg(long)]
+        without_later_revocations: bool,
     },
 }
 
@@ -253,21 +265,39 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
         }
-        Command::Restore { location, input } => {
+        Command::Restore {
+            location,
+            input,
+            revocations_from,
+            without_later_revocations: _,
+        } => {
             init_logging_quiet();
             let config = match location.load(None, None, None) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            run_async(byokd::offline::restore(&config, &input), |summary| {
+            let later = match revocations_from {
+                Some(export) => byokd::offline::LaterChanges::Replay(export),
+                None => byokd::offline::LaterChanges::Ignore,
+            };
+            run_async(byokd::offline::restore(&config, &input, later), |summary| {
                 println!(
-                    "restored {} records into {}: audit chain verified ({} entries, head seq {}), {} secret versions decrypted",
+                    "restored {} records into {}: audit chain verified ({} entries, head seq {}), {} secret versions decrypted; the backup was taken at {}",
                     summary.records,
                     config.data_dir.display(),
                     summary.audit_entries,
                     summary.header.audit_head_seq,
-                    summary.versions_checked
+                    summary.versions_checked,
+                    summary.header.created_at
                 );
+                for (tenant, name) in &summary.revocations_replayed {
+                    println!("revoked again (revoked after the backup): {tenant}/{name}");
+                }
+                for (tenant, name) in &summary.rotated_after {
+                    println!(
+                        "rotated after the backup, restored with its older value (rotate it again): {tenant}/{name}"
+                    );
+                }
                 ExitCode::SUCCESS
             })
         }

@@ -12,7 +12,7 @@ use crate::api::v1::{self as pb, vault_client::VaultClient};
 use crate::audit::{self, RecordedHead, Verification};
 use crate::backup::{BackupHeader, BackupReader};
 use crate::config::Config;
-use crate::model::{Action, AuditDraft, AuditRecord, Time};
+use crate::model::{Action, AuditDraft, AuditRecord, SecretName, TenantId, Time};
 use crate::server::{Initialise, Keys, ServeError, open_keys, open_store};
 use crate::store::{MetaKey, RepairPlan, SledStore, Store, StoreError, Transaction, Write};
 
@@ -445,13 +445,126 @@ pub struct RestoreSummary {
     pub versions_checked: u64,
     /// The backup's header.
     pub header: BackupHeader,
+    /// Secrets revoked after the backup was taken, revoked again in the restored data.
+    pub revocations_replayed: Vec<(TenantId, SecretName)>,
+    /// Secrets rotated after the backup was taken: the restored value is the older one.
+    pub rotated_after: Vec<(TenantId, SecretName)>,
+}
+
+/// What a restore does about what happened after the backup was taken.
+#[derive(Debug, Clone)]
+pub enum LaterChanges {
+    /// Revoke again every secret this audit export (`byokd audit export --format jsonl` of
+    /// the server the backup came from) records as revoked after the backup's head, and list
+    /// the secrets it records as rotated since.
+    Replay(PathBuf),
+    /// Bring the data back as the backup has it: secrets revoked since come back.
+    Ignore,
+}
+
+/// The secrets an audit export records as revoked, and as rotated, after entry `after`.
+fn later_changes(
+    export: &Path,
+    after: u64,
+) -> Result<
+    (
+        Vec<(u64, TenantId, SecretName)>,
+        Vec<(TenantId, SecretName)>,
+    ),
+    ServeError,
+> {
+    use std::io::BufRead;
+    let bad = |line: usize, why: &dyn std::fmt::Display| {
+        ServeError::Restore(format!("{} line {line}: {why}", export.display()))
+    };
+    let file = std::fs::File::open(export)
+        .map_err(|e| ServeError::Restore(format!("{}: {e}", export.display())))?;
+    let (mut revoked, mut rotated) = (Vec::new(), Vec::new());
+    for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| bad(number + 1, &e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let entry: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| bad(number + 1, &e))?;
+        let seq = entry["seq"]
+            .as_u64()
+            .ok_or_else(|| bad(number + 1, &"no seq"))?;
+        if seq <= after || entry["outcome"] != "OK" || !entry["lease_id"].is_null() {
+            continue;
+        }
+        let target = || -> Result<(TenantId, SecretName), ServeError> {
+            let field = |name: &str| entry[name].as_str().unwrap_or_default().to_string();
+            Ok((
+                TenantId::parse(field("tenant")).map_err(|e| bad(number + 1, &e))?,
+                SecretName::parse(field("name")).map_err(|e| bad(number + 1, &e))?,
+            ))
+        };
+        match entry["action"].as_str() {
+            Some("Revoke") => {
+                let (tenant, name) = target()?;
+                revoked.push((seq, tenant, name));
+            }
+            Some("Rotate") => rotated.push(target()?),
+            _ => {}
+        }
+    }
+    Ok((revoked, rotated))
+}
+
+/// Revokes `secrets` in `store` (as a revocation does: a tombstone, every version
+/// destroyed), each with an audit entry saying where the revocation came from.
+async fn replay_revocations(
+    store: &dyn Store,
+    secrets: &[(u64, TenantId, SecretName)],
+    export: &Path,
+) -> Result<Vec<(TenantId, SecretName)>, ServeError> {
+    let mut replayed = Vec::new();
+    for (seq, tenant, name) in secrets {
+        let Some(current) = store.secret(tenant, name)? else {
+            continue;
+        };
+        if current.state == crate::model::SecretState::Revoked {
+            continue;
+        }
+        let now = Time::now();
+        let mut tombstone = current.clone();
+        tombstone.state = crate::model::SecretState::Revoked;
+        tombstone.revoked_at = Some(now);
+        tombstone.updated_at = now;
+        let mut entry = AuditDraft::new(Action::Revoke, None, None);
+        entry.secret(&current);
+        entry.reason = format!(
+            "restore: revoked after the backup was taken (entry {seq} of {})",
+            export.display()
+        );
+        store
+            .commit(Transaction {
+                guards: Vec::new(),
+                writes: vec![
+                    Write::PutSecret(tombstone),
+                    Write::DestroyEnvelopes {
+                        secret_id: current.id,
+                        keep: None,
+                    },
+                ],
+                audit: Some(entry),
+            })
+            .await?;
+        replayed.push((tenant.clone(), name.clone()));
+    }
+    Ok(replayed)
 }
 
 /// Loads the backup `input` into the configured data directory, which must hold no data.
 /// The records go to a staging database first; it becomes the data directory's database only
 /// after the backup's checksum, the master key's key check, the whole audit chain (up to the
 /// head the backup names) and the decryption of every stored value succeed.
-pub async fn restore(config: &Config, input: &Path) -> Result<RestoreSummary, ServeError> {
+pub async fn restore(
+    config: &Config,
+    input: &Path,
+    later: LaterChanges,
+) -> Result<RestoreSummary, ServeError> {
     let restore_error = |e: &dyn std::fmt::Display| ServeError::Restore(e.to_string());
     let db = config.data_dir.join("db");
     if db.exists() {
@@ -514,11 +627,25 @@ pub async fn restore(config: &Config, input: &Path) -> Result<RestoreSummary, Se
                         "a stored value did not decrypt under the configured master key".into(),
                     )
                 })?;
-            Ok((report.checked, versions))
+            let (revocations_replayed, rotated_after) = match &later {
+                LaterChanges::Ignore => (Vec::new(), Vec::new()),
+                LaterChanges::Replay(export) => {
+                    let (revoked, rotated) = later_changes(export, header.audit_head_seq)?;
+                    store.start_audit_chain(keys.chain.clone()).await?;
+                    let replayed = replay_revocations(&store, &revoked, export).await?;
+                    (replayed, rotated)
+                }
+            };
+            Ok((
+                report.checked,
+                versions,
+                revocations_replayed,
+                rotated_after,
+            ))
         }
         .await;
         store.close().await?;
-        let (audit_entries, versions_checked) = checked?;
+        let (audit_entries, versions_checked, revocations_replayed, rotated_after) = checked?;
         std::fs::rename(&staging, &db).map_err(|e| restore_error(&e))?;
         sync_parent(&db).map_err(|e| restore_error(&e))?;
         Ok(RestoreSummary {
@@ -526,6 +653,8 @@ pub async fn restore(config: &Config, input: &Path) -> Result<RestoreSummary, Se
             audit_entries,
             versions_checked,
             header: header.clone(),
+            revocations_replayed,
+            rotated_after,
         })
     }
     .await;

@@ -22,8 +22,10 @@ const DEADLINE_SLACK: Duration = Duration::from_millis(5);
 /// A request's audit entry until the request concludes; see the module documentation.
 pub struct Pending {
     draft: AuditDraft,
-    /// The entry was recorded or handed to [`Pending::finish`]: nothing to do when dropped.
+    /// The entry was recorded or handed to [`Pending::finish`]: not to be recorded again.
     settled: bool,
+    /// The request concluded: nothing to stop when dropped.
+    finished: bool,
     store: Arc<dyn Store>,
     deadline: Option<Instant>,
     stop: Arc<AtomicBool>,
@@ -36,6 +38,7 @@ impl Pending {
         Self {
             draft,
             settled: false,
+            finished: false,
             store,
             deadline,
             stop: Arc::new(AtomicBool::new(false)),
@@ -56,6 +59,7 @@ impl Pending {
     /// The entry, to conclude the request with.
     pub fn finish(mut self) -> AuditDraft {
         self.settled = true;
+        self.finished = true;
         let action = self.draft.action;
         std::mem::replace(&mut self.draft, AuditDraft::new(action, None, None))
     }
@@ -77,10 +81,12 @@ impl DerefMut for Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
+        if !self.finished {
+            self.stop.store(true, Ordering::Release);
+        }
         if self.settled {
             return;
         }
-        self.stop.store(true, Ordering::Release);
         let mut entry = self.draft.clone();
         // The transport's timer started a little before the request reached the vault.
         let past_deadline = self

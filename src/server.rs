@@ -198,6 +198,7 @@ pub async fn run(
     harden_process();
     create_private_dir(&config.data_dir)?;
     make_private(&config.data_dir)?;
+    remove_stale_backups(&config.data_dir);
     crate::quota::prepare_volume(&config.data_dir, config.quotas.min_free_bytes).map_err(
         |source| ServeError::DataDir {
             path: config.data_dir.join(crate::quota::SPACE_FILE),
@@ -213,6 +214,30 @@ pub async fn run(
     let closed = store.close().await.map_err(ServeError::from);
     tracing::info!("store closed");
     result.and(closed)
+}
+
+/// Deletes the temporary files of backups that a killed process left in the data directory
+/// (a backup is written there before it is streamed; a running one deletes its own).
+fn remove_stale_backups(data_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if name
+            .to_string_lossy()
+            .starts_with(crate::vault::BACKUP_TEMP_PREFIX)
+        {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(file = %entry.path().display(), "deleted the temporary file of an unfinished backup")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %entry.path().display(), error = %e, "cannot delete the temporary file of an unfinished backup")
+                }
+            }
+        }
+    }
 }
 
 /// Opens the sled database of a data directory.

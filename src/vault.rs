@@ -418,6 +418,10 @@ pub struct VerifyInput {
     pub max_entries: u64,
 }
 
+/// The name of a backup's temporary file in the data directory starts with this (files
+/// left by a killed process are deleted at start).
+pub const BACKUP_TEMP_PREFIX: &str = ".backup-";
+
 /// Entries one VerifyAudit call checks at most (about a second of CPU): a longer check
 /// resumes where the last one stopped.
 pub const MAX_VERIFY_PAGE: u64 = 1_000_000;
@@ -719,7 +723,7 @@ impl Vault {
                 .map_err(VaultError::Rotation)?
                 .ok_or(VaultError::Rotation(RotationError::CorruptState))?;
             let file = tempfile::Builder::new()
-                .prefix(".backup-")
+                .prefix(BACKUP_TEMP_PREFIX)
                 .tempfile_in(&self.scratch_dir)
                 .map_err(|e| VaultError::Backup(BackupError::Io(e)))?;
             let out = file
@@ -746,8 +750,13 @@ impl Vault {
                 .map_err(VaultError::Backup)?;
             let writer = Arc::new(std::sync::Mutex::new(Some(writer)));
             let sink_writer = writer.clone();
+            // A backup nobody waits for any more stops copying.
+            let stop = audit.stop_flag();
             self.store
                 .export(Box::new(move |key, value| {
+                    if stop.load(std::sync::atomic::Ordering::Acquire) {
+                        return Err("the backup was abandoned".into());
+                    }
                     let mut guard = sink_writer.lock().map_err(|_| "poisoned".to_string())?;
                     let w = guard.as_mut().ok_or("finished")?;
                     w.record(key, value).map_err(|e| e.to_string())

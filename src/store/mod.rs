@@ -348,8 +348,9 @@ pub trait Store: Send + Sync {
     fn failed_for_good(&self) -> bool;
 
     /// Passes every record except leases (which a restore must not bring back) to `sink`,
-    /// as raw key and value, in key order, from one consistent state: writes wait meanwhile.
-    /// Returns how many records were passed.
+    /// as raw key and value, from one consistent state: the records in key order while
+    /// writes wait, then the audit trail up to its head at that moment (append-only, read
+    /// without holding writes). Returns how many records were passed.
     async fn export(&self, sink: ExportSink) -> Result<u64, StoreError>;
 }
 

@@ -82,7 +82,18 @@ enum Message {
     ),
     StartChain(Arc<ChainKey>, oneshot::Sender<()>),
     Close(oneshot::Sender<Result<(), StoreError>>),
-    Export(ExportSink, oneshot::Sender<Result<u64, StoreError>>),
+    Export(
+        ExportSink,
+        oneshot::Sender<Result<RecordsExported, StoreError>>,
+    ),
+}
+
+/// What the writer copied while writes waited, and the part of the trail left to copy.
+struct RecordsExported {
+    sink: ExportSink,
+    count: u64,
+    /// The trail's positions at that moment (first, last), if it had any.
+    trail: Option<(u64, u64)>,
 }
 
 /// How long `open` waits for a directory lock that is being released: sled's I/O threads
@@ -910,7 +921,39 @@ impl Store for SledStore {
             .send(Message::Export(sink, reply))
             .await
             .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        let exported = answer.await.map_err(|_| StoreError::Closed)??;
+        let Some((first, last)) = exported.trail else {
+            return Ok(exported.count);
+        };
+        // The trail up to the head of that moment is append-only: read without holding
+        // writes, so that a backup holds them for a time that does not grow with the trail.
+        let log = self.log.clone();
+        let mut sink = exported.sink;
+        let trail = tokio::task::spawn_blocking(move || {
+            let mut count = 0;
+            let mut from = first;
+            while from <= last {
+                let frames = log.read(from, 4096, true)?;
+                if frames.first().map(|f| f.position) != Some(from) {
+                    return Err(StoreError::Export(format!(
+                        "audit entry {from} is gone (pruned by retention during the backup?); retry"
+                    )));
+                }
+                for frame in frames.iter().take_while(|f| f.position <= last) {
+                    sink(&codec::audit_key(frame.position), &frame.payload)
+                        .map_err(StoreError::Export)?;
+                    count += 1;
+                    from = frame.position + 1;
+                }
+                if frames.last().is_some_and(|f| f.position >= last) {
+                    break;
+                }
+            }
+            Ok(count)
+        })
+        .await
+        .map_err(|e| StoreError::Engine(format!("export task: {e}")))??;
+        Ok(exported.count + trail)
     }
 
     async fn close(&self) -> Result<(), StoreError> {
@@ -1156,21 +1199,10 @@ impl Writer {
 
     /// Runs an export between groups: nothing is written meanwhile. The audit entries come
     /// first, under the keys they had in the tree before the trail had its own files.
-    fn export(&self, mut sink: ExportSink) -> Result<u64, StoreError> {
+    /// Copies every record but leases to `sink` while writes wait, and says which part of
+    /// the trail the copy goes with (copied after, without holding writes).
+    fn export(&self, mut sink: ExportSink) -> Result<RecordsExported, StoreError> {
         let mut count = 0;
-        let mut from = 0;
-        loop {
-            let frames = self.log.read(from, 4096, true)?;
-            let Some(last) = frames.last().map(|f| f.position) else {
-                break;
-            };
-            for frame in frames {
-                sink(&codec::audit_key(frame.position), &frame.payload)
-                    .map_err(StoreError::Export)?;
-                count += 1;
-            }
-            from = last + 1;
-        }
         for entry in self.tree.iter() {
             let (key, value) = entry.map_err(engine)?;
             if matches!(
@@ -1183,7 +1215,13 @@ impl Writer {
             sink(&key, &value).map_err(StoreError::Export)?;
             count += 1;
         }
-        Ok(count)
+        let first = self.log.read(0, 1, false)?.first().map(|f| f.position);
+        let last = self.log.last_position()?;
+        Ok(RecordsExported {
+            sink,
+            count,
+            trail: first.zip(last),
+        })
     }
 
     /// Applies the group's pending changes to the tree as one atomic batch.

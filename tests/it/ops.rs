@@ -22,6 +22,7 @@ fn restore(dir: &TestDir, backup: &Path) -> (i32, String) {
             &dir.config().to_string_lossy(),
             "--in",
             &backup.to_string_lossy(),
+            "--without-later-revocations",
         ],
         ADMIN,
     )
@@ -612,4 +613,136 @@ async fn health_turns_not_serving_when_the_store_can_no_longer_write() {
         }
     }
     drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_does_not_undo_revocations_made_after_the_backup() {
+    let dir = TestDir::new();
+    let server = dir.start();
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    for name in ["leaked", "rotated", "kept"] {
+        store(
+            &mut orch,
+            "acme",
+            name,
+            format!("sk-{name}-0123456789abcdef").as_bytes(),
+        )
+        .await;
+    }
+    let backup = dir.path().join("vault.bak");
+    let (config, target) = (
+        dir.config().to_string_lossy().to_string(),
+        format!("http://{}", server.addr),
+    );
+    let (code, out) = tokio::task::spawn_blocking({
+        let (cwd, backup) = (dir.path().to_path_buf(), backup.clone());
+        move || {
+            byokd(
+                &cwd,
+                &[
+                    "backup",
+                    "--config",
+                    &config,
+                    "--target",
+                    &target,
+                    "--out",
+                    &backup.to_string_lossy(),
+                ],
+                ADMIN,
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    // After the backup: a leaked key is revoked, another rotated.
+    orch.revoke(revoke_secret("acme", "leaked", "posted in a public repo"))
+        .await
+        .unwrap();
+    let newer = b"sk-rotated-newer-0123456789abcdef".to_vec();
+    remember_secret(&newer);
+    orch.rotate(pb::RotateRequest {
+        tenant: "acme".into(),
+        name: "rotated".into(),
+        value: newer,
+    })
+    .await
+    .unwrap();
+    assert!(server.stop().await.success());
+    let export = dir.path().join("trail-now.jsonl");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_byokd"))
+        .args(["audit", "export", "--format", "jsonl", "--config"])
+        .arg(dir.config())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    std::fs::write(&export, &out.stdout).unwrap();
+
+    wipe_data_keeping_key(&dir);
+    // Saying nothing about later revocations is refused.
+    let config = dir.config().to_string_lossy().to_string();
+    let (code, out) = byokd(
+        dir.path(),
+        &[
+            "restore",
+            "--config",
+            &config,
+            "--in",
+            &backup.to_string_lossy(),
+        ],
+        ADMIN,
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("--revocations-from"), "{out}");
+    assert!(!dir.data().join("db").exists());
+    let (code, out) = byokd(
+        dir.path(),
+        &[
+            "restore",
+            "--config",
+            &config,
+            "--in",
+            &backup.to_string_lossy(),
+            "--revocations-from",
+            &export.to_string_lossy(),
+        ],
+        ADMIN,
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("revoked again (revoked after the backup): acme/leaked"),
+        "{out}"
+    );
+    assert!(out.contains("rotated after the backup"), "{out}");
+    assert!(out.contains("acme/rotated"), "{out}");
+
+    let server = dir.start();
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    let leaked = orch
+        .describe(secret_ref("acme", "leaked"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(leaked.state, pb::SecretState::Revoked as i32);
+    assert_status(
+        orch.lease(lease_req("acme", "leaked", 1)).await,
+        Code::FailedPrecondition,
+        "",
+    );
+    lease_and_get(&server, "acme", "kept").await.unwrap();
+    let replayed = audit_all(
+        &server,
+        pb::AuditRequest {
+            action: "Revoke".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(
+        replayed
+            .iter()
+            .any(|e| e.name == "leaked" && e.reason.contains("revoked after the backup")),
+        "{replayed:?}"
+    );
+    assert_chain_verifies(&server).await;
 }

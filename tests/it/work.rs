@@ -279,3 +279,68 @@ async fn a_scrape_costs_the_same_however_many_leases_are_held() {
         "scrape p50: {few:?} with no lease, {many:?} with 20,000"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_holds_writes_only_while_it_copies_the_records_not_the_trail() {
+    let dir = TestDir::with_config(
+        "[limits]\nprincipal_rate_limit = { per_second = 1000000, burst = 1000000 }\n",
+    );
+    // A backup killed before it finished left its temporary file: deleted at start.
+    std::fs::create_dir_all(dir.data()).unwrap();
+    let stale = dir.data().join(".backup-left-by-kill-9");
+    std::fs::write(&stale, b"half a backup").unwrap();
+    let server = dir.start();
+    assert!(!stale.exists(), "a stale backup file is deleted at start");
+    fill_trail(&server, 40_000).await;
+    let mut admin = server.as_(ADMIN).await;
+    store(&mut admin, "t1", "s", b"sk-backed-up-0123456789").await;
+
+    // A writer stores all along; a backup is taken meanwhile.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let addr = server.addr;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut c = connect(addr, Some(ADMIN)).await;
+            let mut slowest = Duration::ZERO;
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = Instant::now();
+                c.store(store_req("t2", &format!("w{i}"), b"sk-written-0123456789"))
+                    .await
+                    .unwrap();
+                slowest = slowest.max(started.elapsed());
+                i += 1;
+            }
+            (slowest, i)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let mut chunks = admin
+        .backup(pb::BackupRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bytes = 0;
+    while let Some(chunk) = chunks.message().await.unwrap() {
+        bytes += chunk.data.len();
+    }
+    let backup = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (slowest, writes) = writer.await.unwrap();
+    eprintln!("backup of {bytes} bytes took {backup:?}; slowest write {slowest:?} of {writes}");
+    assert!(bytes > 40_000 * 100);
+    assert!(
+        slowest < backup / 3,
+        "a write waited {slowest:?} during a backup of {backup:?}"
+    );
+    // No temporary file is left once the backup is streamed.
+    let left: Vec<_> = std::fs::read_dir(dir.data())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".backup-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
