@@ -462,17 +462,16 @@ pub enum LaterChanges {
     Ignore,
 }
 
+/// What an audit export records after a backup's head.
+struct Later {
+    /// Secrets revoked: the entry's seq, tenant and name.
+    revoked: Vec<(u64, TenantId, SecretName)>,
+    /// Secrets rotated.
+    rotated: Vec<(TenantId, SecretName)>,
+}
+
 /// The secrets an audit export records as revoked, and as rotated, after entry `after`.
-fn later_changes(
-    export: &Path,
-    after: u64,
-) -> Result<
-    (
-        Vec<(u64, TenantId, SecretName)>,
-        Vec<(TenantId, SecretName)>,
-    ),
-    ServeError,
-> {
+fn later_changes(export: &Path, after: u64) -> Result<Later, ServeError> {
     use std::io::BufRead;
     let bad = |line: usize, why: &dyn std::fmt::Display| {
         ServeError::Restore(format!("{} line {line}: {why}", export.display()))
@@ -509,7 +508,7 @@ fn later_changes(
             _ => {}
         }
     }
-    Ok((revoked, rotated))
+    Ok(Later { revoked, rotated })
 }
 
 /// Revokes `secrets` in `store` (as a revocation does: a tombstone, every version
@@ -630,10 +629,10 @@ pub async fn restore(
             let (revocations_replayed, rotated_after) = match &later {
                 LaterChanges::Ignore => (Vec::new(), Vec::new()),
                 LaterChanges::Replay(export) => {
-                    let (revoked, rotated) = later_changes(export, header.audit_head_seq)?;
+                    let later = later_changes(export, header.audit_head_seq)?;
                     store.start_audit_chain(keys.chain.clone()).await?;
-                    let replayed = replay_revocations(&store, &revoked, export).await?;
-                    (replayed, rotated)
+                    let replayed = replay_revocations(&store, &later.revoked, export).await?;
+                    (replayed, later.rotated)
                 }
             };
             Ok((
