@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Resident memory against bytes written: stores MB megabytes of 64 KiB values into a fresh
+# release server (one tenant, quotas out of the way) and prints its resident memory (VmRSS)
+# after each quarter of the writes, then after IDLE seconds without requests, as JSON lines.
+# BYOKD_EXTRA_CONFIG is appended to the server's config (e.g. $'[store]\ncache_size_mb = 64');
+# BYOKD_SERVER_BIN measures another build.
+#
+#   scripts/memory.sh [MB] [IDLE]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mb="${1:-2048}"
+idle="${2:-30}"
+# shellcheck source=scripts/bench-server.sh
+. scripts/bench-server.sh
+extra="${BYOKD_EXTRA_CONFIG:-}"
+BYOKD_EXTRA_CONFIG="$(printf '%s\n[quotas]\nmax_secrets_per_tenant = 100000000\nmax_value_mb_per_tenant = 100000000\n' "$extra")" \
+  start_server "${BYOKD_SERVER_BIN:-target/release/byokd}"
+rss() { awk '/^VmRSS/ {print int($2 / 1024)}' "/proc/$server/status"; }
+per=$((mb * 16 / 4)) # 16 values of 64 KiB per MiB, in four steps
+echo "{\"written_mb\":0,\"rss_mb\":$(rss)}"
+for step in 1 2 3 4; do
+  target/release/byokd-bench --target "$target" --token "$token" --workload store \
+    --requests "$per" --duration 1h --value-bytes 65536 --concurrency 16 --connections 2 \
+    --secrets 1 > /dev/null
+  echo "{\"written_mb\":$((mb * step / 4)),\"rss_mb\":$(rss)}"
+done
+sleep "$idle"
+echo "{\"idle_s\":$idle,\"written_mb\":$mb,\"rss_mb\":$(rss),\"data_mb\":$(du -sm "$work/data" | cut -f1)}"
