@@ -3,7 +3,9 @@
 # authenticated victim leasing and redeeming meanwhile, and prints one JSON line per run
 # (label first): the victim alone (baseline), stalled streams, a flood without credentials
 # (without a victim too, for the audit trail's growth), idle connections under a limit of
-# 400 open files (with 256 KiB audit segments, so that the victim's entries need new files). With BYOKD_BEFORE=path/to/byokd, each run is repeated on that build, the
+# 400 open files (with 256 KiB audit segments, so that the victim's entries need new files),
+# health Watch streams held open, and Audit pages never read (no flow-control credit); each
+# line ends with the server's resident memory after the run and its peak. With BYOKD_BEFORE=path/to/byokd, each run is repeated on that build, the
 # two alternating, so that both see the same machine load (see BENCHMARKS.md).
 #
 #   scripts/attack.sh [DURATION] [ROUNDS]
@@ -19,8 +21,14 @@ run() {
   local label="$1" bin="$2"; shift 2
   start_server "$bin"
   local addr="${target#http://}"
-  printf '%s %s\n' "$label" "$(target/release/byokd-attack --target "$addr" --token "$token" \
+  local report
+  report="$(target/release/byokd-attack --target "$addr" --token "$token" \
     --duration "$duration" --data-dir "$work/data" "$@")"
+  # The server's resident memory now, and its peak.
+  local rss hwm
+  rss="$(awk '/^VmRSS/ {print int($2 / 1024)}' "/proc/$server/status")"
+  hwm="$(awk '/^VmHWM/ {print int($2 / 1024)}' "/proc/$server/status")"
+  printf '%s %s {"rss_mb":%s,"peak_rss_mb":%s}\n' "$label" "$report" "$rss" "$hwm"
   stop_server
 }
 for _ in $(seq "$rounds"); do
@@ -33,5 +41,7 @@ for _ in $(seq "$rounds"); do
     run "$label" "$bin" --victims 0 flood --concurrency 16
     BYOKD_OPEN_FILES=400 BYOKD_EXTRA_CONFIG=$'[store]\naudit_segment_kb = 256' \
       run "$label" "$bin" --victims 4 idle --connections 600
+    run "$label" "$bin" --victims 4 watch --connections 200 --streams 64
+    run "$label" "$bin" --victims 4 unread --connections 64 --streams 64
   done
 done

@@ -3,7 +3,8 @@
 # release server (one tenant, quotas out of the way) and prints its resident memory (VmRSS)
 # after each quarter of the writes, then after IDLE seconds without requests, as JSON lines.
 # BYOKD_EXTRA_CONFIG is appended to the server's config (e.g. $'[store]\ncache_size_mb = 64');
-# BYOKD_SERVER_BIN measures another build.
+# BYOKD_SERVER_BIN measures another build; BYOKD_WORKLOAD=rotate writes by rotating 16 secrets
+# instead of storing new ones.
 #
 #   scripts/memory.sh [MB] [IDLE]
 set -euo pipefail
@@ -12,16 +13,20 @@ mb="${1:-2048}"
 idle="${2:-30}"
 # shellcheck source=scripts/bench-server.sh
 . scripts/bench-server.sh
+bin="${BYOKD_SERVER_BIN:-target/release/byokd}"
 extra="${BYOKD_EXTRA_CONFIG:-}"
-BYOKD_EXTRA_CONFIG="$(printf '%s\n[quotas]\nmax_secrets_per_tenant = 100000000\nmax_value_mb_per_tenant = 100000000\n' "$extra")" \
-  start_server "${BYOKD_SERVER_BIN:-target/release/byokd}"
+# Builds before quotas have no [quotas] section (and would refuse it).
+if grep -q max_value_mb_per_tenant "$bin"; then
+  extra="$(printf '%s\n[quotas]\nmax_secrets_per_tenant = 100000000\nmax_value_mb_per_tenant = 100000000\n' "$extra")"
+fi
+BYOKD_EXTRA_CONFIG="$extra" start_server "$bin"
 rss() { awk '/^VmRSS/ {print int($2 / 1024)}' "/proc/$server/status"; }
 per=$((mb * 16 / 4)) # 16 values of 64 KiB per MiB, in four steps
 echo "{\"written_mb\":0,\"rss_mb\":$(rss)}"
 for step in 1 2 3 4; do
-  target/release/byokd-bench --target "$target" --token "$token" --workload store \
-    --requests "$per" --duration 1h --value-bytes 65536 --concurrency 16 --connections 2 \
-    --secrets 1 > /dev/null
+  target/release/byokd-bench --target "$target" --token "$token" \
+    --workload "${BYOKD_WORKLOAD:-store}" --requests "$per" --duration 1h --value-bytes 65536 \
+    --concurrency 16 --connections 2 --secrets 16 > /dev/null 2>&1
   echo "{\"written_mb\":$((mb * step / 4)),\"rss_mb\":$(rss)}"
 done
 sleep "$idle"

@@ -139,6 +139,8 @@ pub struct Config {
 pub const DEFAULT_MAX_SECRETS_PER_TENANT: u64 = 10_000;
 /// Sealed value bytes per tenant, by default (64 MiB).
 pub const DEFAULT_MAX_VALUE_MB_PER_TENANT: u64 = 64;
+/// Sealed value bytes in all, by default (1 GiB).
+pub const DEFAULT_MAX_VALUE_MB_TOTAL: u64 = 1024;
 /// Lease records per tenant, by default.
 pub const DEFAULT_MAX_LEASES_PER_TENANT: u64 = 100_000;
 /// Free space kept on the data volume, by default (MiB).
@@ -329,6 +331,7 @@ struct QuotasFile {
     max_secrets_per_tenant: Option<u64>,
     max_value_mb_per_tenant: Option<u64>,
     max_leases_per_tenant: Option<u64>,
+    max_value_mb_total: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -630,6 +633,11 @@ impl Config {
                 .quotas
                 .max_leases_per_tenant
                 .unwrap_or(DEFAULT_MAX_LEASES_PER_TENANT),
+            max_value_bytes_total: file
+                .quotas
+                .max_value_mb_total
+                .unwrap_or(DEFAULT_MAX_VALUE_MB_TOTAL)
+                .saturating_mul(1024 * 1024),
             min_free_bytes: file
                 .store
                 .min_free_mb
@@ -639,6 +647,7 @@ impl Config {
         if quotas.max_secrets_per_tenant == 0
             || quotas.max_value_bytes_per_tenant == 0
             || quotas.max_leases_per_tenant == 0
+            || quotas.max_value_bytes_total == 0
         {
             return Err(ConfigError::Invalid(
                 "quotas: each must be at least 1".into(),

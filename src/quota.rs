@@ -80,6 +80,8 @@ pub struct QuotaLimits {
     pub max_value_bytes_per_tenant: u64,
     /// Lease records per tenant.
     pub max_leases_per_tenant: u64,
+    /// Bytes of sealed values in all (what bounds the store's memory: see BENCHMARKS.md).
+    pub max_value_bytes_total: u64,
     /// Free space below which the store may not grow.
     pub min_free_bytes: u64,
 }
@@ -116,6 +118,12 @@ pub enum QuotaError {
         tenant: TenantId,
         /// What is counted.
         what: &'static str,
+        /// The quota.
+        limit: u64,
+    },
+    /// The vault's total of value bytes.
+    #[error("the vault holds its quota of {limit} value bytes in all")]
+    Total {
         /// The quota.
         limit: u64,
     },
@@ -185,8 +193,7 @@ impl Quotas {
             return Err(QuotaError::VolumeNearlyFull);
         }
         let mut usage = self.lock();
-        let current = usage.entry(tenant.clone()).or_default();
-        let next = apply(*current, delta);
+        let next = apply(usage.get(tenant).copied().unwrap_or_default(), delta);
         let over = |grows: bool, value: u64, limit: u64, what| {
             if grows && value > limit {
                 Err(QuotaError::Tenant {
@@ -210,6 +217,19 @@ impl Quotas {
             self.limits.max_value_bytes_per_tenant,
             "value bytes",
         )?;
+        if delta.value_bytes > 0 {
+            let others: u64 = usage
+                .iter()
+                .filter(|(t, _)| *t != tenant)
+                .map(|(_, u)| u.value_bytes)
+                .sum();
+            if others.saturating_add(next.value_bytes) > self.limits.max_value_bytes_total {
+                return Err(QuotaError::Total {
+                    limit: self.limits.max_value_bytes_total,
+                });
+            }
+        }
+        let current = usage.entry(tenant.clone()).or_default();
         over(
             delta.leases > 0,
             next.leases,
@@ -382,6 +402,7 @@ mod tests {
                 max_secrets_per_tenant: secrets,
                 max_value_bytes_per_tenant: 1000,
                 max_leases_per_tenant: 10,
+                max_value_bytes_total: 1500,
                 min_free_bytes: 0,
             },
             std::env::temp_dir(),

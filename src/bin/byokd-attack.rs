@@ -8,6 +8,9 @@
 //!   stall --connections 1 --streams 512   HTTP/2 streams that send headers (no token) and never a body
 //!   idle --connections 2000               TCP connections that never send a byte
 //!   flood --concurrency 16                requests without credentials, as fast as they are answered
+//!   watch --connections 8 --streams 64    health Watch streams (no credentials), held open
+//!   unread --connections 8 --streams 64   Audit pages (the victim's token) on connections that
+//!                                         grant no flow-control credit: nothing can be sent
 //! ```
 //!
 //! With `--data-dir`, it also reports how fast the audit trail grew (`db/audit`) meanwhile.
@@ -79,6 +82,26 @@ enum Attack {
         /// Concurrent request loops.
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
+    },
+    /// Health `Watch` streams, no credentials, held open (never read) as long as the server
+    /// keeps them; renewed as it ends them.
+    Watch {
+        /// Connections.
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        /// Streams per connection.
+        #[arg(long, default_value_t = 64)]
+        streams: usize,
+    },
+    /// Audit pages of up to 1000 entries, with the victim's token, on connections that grant
+    /// no flow-control credit (initial window 0): the server can send no response byte.
+    Unread {
+        /// Connections.
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        /// Streams per connection.
+        #[arg(long, default_value_t = 64)]
+        streams: usize,
     },
 }
 
@@ -170,6 +193,42 @@ async fn run(args: Args) -> Result<String, BoxError> {
                 idle(target, connections, stop, extra).await;
             }));
         }
+        Attack::Watch {
+            connections,
+            streams,
+        }
+        | Attack::Unread {
+            connections,
+            streams,
+        } => {
+            let hold = match args.attack {
+                Attack::Watch { .. } => Hold {
+                    path: "/grpc.health.v1.Health/Watch",
+                    message: Vec::new(),
+                    token: None,
+                    window: None,
+                },
+                _ => Hold {
+                    path: "/byokd.v1.Vault/Audit",
+                    message: prost::Message::encode_to_vec(&pb::AuditRequest {
+                        page_size: 1000,
+                        ..Default::default()
+                    }),
+                    token: Some(format!("Bearer {}", args.token)),
+                    window: Some(0),
+                },
+            };
+            let hold = Arc::new(hold);
+            for _ in 0..connections {
+                let (stop, codes, extra) = (stop.clone(), attack_codes.clone(), extra.clone());
+                let (target, hold) = (args.target, hold.clone());
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = held(target, &hold, streams, stop, codes.clone(), extra).await {
+                        count(&codes, format!("connection error: {e}")).await;
+                    }
+                }));
+            }
+        }
         Attack::Flood { concurrency } => {
             for _ in 0..concurrency {
                 let (stop, codes) = (stop.clone(), attack_codes.clone());
@@ -200,6 +259,8 @@ async fn run(args: Args) -> Result<String, BoxError> {
             Attack::Stall { .. } => "stall",
             Attack::Idle { .. } => "idle",
             Attack::Flood { .. } => "flood",
+            Attack::Watch { .. } => "watch",
+            Attack::Unread { .. } => "unread",
         },
         "seconds": elapsed,
         "victim_ok": ok,
@@ -310,6 +371,113 @@ async fn stall(
         let _ = tokio::time::timeout(Duration::from_millis(100), open.join_next()).await;
     }
     *extra.lock().await.entry("streams_opened").or_default() += opened;
+    open.abort_all();
+    Ok(())
+}
+
+/// Streams that send their request whole and then hold the response.
+struct Hold {
+    path: &'static str,
+    /// The request message (a gRPC frame is put around it).
+    message: Vec<u8>,
+    /// The authorization header, if any.
+    token: Option<String>,
+    /// The initial stream window granted to the server, if not the default.
+    window: Option<u32>,
+}
+
+/// One connection's held streams: each sends its request and keeps its response unread,
+/// renewed as the server ends them. Counts what the response headers said (a status:
+/// refused at once; none: held).
+async fn held(
+    target: SocketAddr,
+    hold: &Hold,
+    streams: usize,
+    stop: Arc<AtomicBool>,
+    codes: Codes,
+    extra: Arc<Mutex<BTreeMap<&'static str, u64>>>,
+) -> Result<(), BoxError> {
+    let tcp = tokio::net::TcpStream::connect(target).await?;
+    let mut builder = h2::client::Builder::new();
+    if let Some(window) = hold.window {
+        builder.initial_window_size(window);
+    }
+    let (client, connection) = builder.handshake::<_, bytes::Bytes>(tcp).await?;
+    let closed = Arc::new(AtomicBool::new(false));
+    {
+        let closed = closed.clone();
+        tokio::spawn(async move {
+            let _ = connection.await;
+            closed.store(true, Ordering::Release);
+        });
+    }
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(hold.message.len())?.to_be_bytes());
+    frame.extend_from_slice(&hold.message);
+    let frame = bytes::Bytes::from(frame);
+    let mut open = tokio::task::JoinSet::new();
+    let mut opened = 0u64;
+    while !stop.load(Ordering::Acquire) && !closed.load(Ordering::Acquire) {
+        while open.len() < streams && !stop.load(Ordering::Acquire) {
+            let mut ready = match tokio::time::timeout(
+                Duration::from_millis(200),
+                client.clone().ready(),
+            )
+            .await
+            {
+                Ok(ready) => ready?,
+                Err(_) => break,
+            };
+            let mut request = http::Request::post(format!("http://{target}{}", hold.path))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers");
+            if let Some(token) = &hold.token {
+                request = request.header("authorization", token);
+            }
+            let (response, mut body) = ready.send_request(request.body(())?, false)?;
+            body.send_data(frame.clone(), true)?;
+            opened += 1;
+            let (codes, stop) = (codes.clone(), stop.clone());
+            open.spawn(async move {
+                match response.await {
+                    Ok(response) => {
+                        if let Some(code) = response
+                            .headers()
+                            .get("grpc-status")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<i32>().ok())
+                        {
+                            count(
+                                &codes,
+                                byokd::metrics::code_name(tonic::Code::from_i32(code)),
+                            )
+                            .await;
+                            return;
+                        }
+                        count(&codes, "held").await;
+                        // Never read: held until the server ends it or the attack stops.
+                        let body = response.into_body();
+                        while !stop.load(Ordering::Acquire) && !body.is_end_stream() {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                    Err(e) => {
+                        let code = match e.reason() {
+                            Some(reason) => format!("reset: {reason:?}"),
+                            None => "stream error".to_string(),
+                        };
+                        count(&codes, code).await;
+                    }
+                }
+            });
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(100), open.join_next()).await;
+    }
+    let mut extra = extra.lock().await;
+    *extra.entry("streams_opened").or_default() += opened;
+    if closed.load(Ordering::Acquire) {
+        *extra.entry("connections_closed_by_server").or_default() += 1;
+    }
     open.abort_all();
     Ok(())
 }

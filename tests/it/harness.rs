@@ -912,3 +912,43 @@ impl Drop for SmallDisk {
             .status();
     }
 }
+
+/// `byokd audit export --format jsonl` of `dir`'s (stopped) server: the text.
+pub fn export_jsonl(dir: &TestDir) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_byokd"))
+        .args(["audit", "export", "--format", "jsonl", "--config"])
+        .arg(dir.config())
+        .output()
+        .expect("run byokd audit export");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8")
+}
+
+/// `byokd backup` of `server` into `out` (as the admin), run off the test's runtime so that
+/// the server keeps being served meanwhile: exit code and output.
+pub async fn backup_cli(server: &TestServer, dir: &TestDir, out: &Path) -> (i32, String) {
+    let config = dir.config().to_string_lossy().to_string();
+    let target = format!("http://{}", server.addr);
+    let (cwd, out) = (dir.path().to_path_buf(), out.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        byokd(
+            &cwd,
+            &[
+                "backup",
+                "--config",
+                &config,
+                "--target",
+                &target,
+                "--out",
+                &out.to_string_lossy(),
+            ],
+            ADMIN,
+        )
+    })
+    .await
+    .expect("backup task")
+}

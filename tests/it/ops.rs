@@ -88,28 +88,7 @@ async fn backup_wipe_restore_every_secret_is_readable_and_the_chain_verifies() {
         })
     };
     let backup = dir.path().join("vault.bak");
-    let config = dir.config().to_string_lossy().to_string();
-    let target = format!("http://{}", server.addr);
-    let (code, out) = tokio::task::spawn_blocking({
-        let (cwd, backup) = (dir.path().to_path_buf(), backup.clone());
-        move || {
-            byokd(
-                &cwd,
-                &[
-                    "backup",
-                    "--config",
-                    &config,
-                    "--target",
-                    &target,
-                    "--out",
-                    &backup.to_string_lossy(),
-                ],
-                ADMIN,
-            )
-        }
-    })
-    .await
-    .unwrap();
+    let (code, out) = backup_cli(&server, &dir, &backup).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("backup written to"), "{out}");
     assert!(out.contains("keep that key"), "{out}");
@@ -630,30 +609,7 @@ async fn a_restore_does_not_undo_revocations_made_after_the_backup() {
         .await;
     }
     let backup = dir.path().join("vault.bak");
-    let (config, target) = (
-        dir.config().to_string_lossy().to_string(),
-        format!("http://{}", server.addr),
-    );
-    let (code, out) = tokio::task::spawn_blocking({
-        let (cwd, backup) = (dir.path().to_path_buf(), backup.clone());
-        move || {
-            byokd(
-                &cwd,
-                &[
-                    "backup",
-                    "--config",
-                    &config,
-                    "--target",
-                    &target,
-                    "--out",
-                    &backup.to_string_lossy(),
-                ],
-                ADMIN,
-            )
-        }
-    })
-    .await
-    .unwrap();
+    let (code, out) = backup_cli(&server, &dir, &backup).await;
     assert_eq!(code, 0, "{out}");
     // After the backup: a leaked key is revoked, another rotated.
     orch.revoke(revoke_secret("acme", "leaked", "posted in a public repo"))
@@ -670,13 +626,7 @@ async fn a_restore_does_not_undo_revocations_made_after_the_backup() {
     .unwrap();
     assert!(server.stop().await.success());
     let export = dir.path().join("trail-now.jsonl");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_byokd"))
-        .args(["audit", "export", "--format", "jsonl", "--config"])
-        .arg(dir.config())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    std::fs::write(&export, &out.stdout).unwrap();
+    std::fs::write(&export, export_jsonl(&dir)).unwrap();
 
     wipe_data_keeping_key(&dir);
     // Saying nothing about later revocations is refused.

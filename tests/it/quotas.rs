@@ -20,6 +20,7 @@ fn lease_for(tenant: &str, name: &str, seconds: i64) -> pb::LeaseRequest {
 async fn tenant_quotas_refuse_growth_and_give_it_back_on_revocation() {
     let dir = TestDir::with_config(
         "[quotas]\nmax_secrets_per_tenant = 20\nmax_value_mb_per_tenant = 1\nmax_leases_per_tenant = 5\n\
+         max_value_mb_total = 2\n\
          [lease]\ngc_interval = \"200ms\"\n",
     );
     let server = dir.start();
@@ -74,6 +75,24 @@ async fn tenant_quotas_refuse_growth_and_give_it_back_on_revocation() {
         .await
         .unwrap();
     store(&mut admin, "t3", "big15", &big(15)).await;
+    // Tenants together stop at the vault's total (2 MiB here).
+    for i in 0..8 {
+        store(&mut admin, "t4", &format!("big{i}"), &big(i)).await;
+    }
+    let mut refused = None;
+    for i in 0..16 {
+        if let Err(status) = admin
+            .store(store_req("t5", &format!("big{i}"), &big(i)))
+            .await
+        {
+            refused = Some((i, status));
+            break;
+        }
+    }
+    let (at, status) = refused.expect("the total is reached");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("in all"), "{status:?}");
+    assert!((4..10).contains(&at), "refused at {at}");
 
     // Leases: five records, used or not, until they expire and are collected.
     for _ in 0..5 {

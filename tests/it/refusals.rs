@@ -463,13 +463,7 @@ async fn free_text_refuses_line_separators_and_invisible_formatting() {
     server.stop().await;
 
     // The export has one entry per line, whichever characters a reader splits lines on.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_byokd"))
-        .args(["audit", "export", "--format", "jsonl", "--config"])
-        .arg(dir.config())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = export_jsonl(&dir);
     let pieces: Vec<&str> = text
         .split(['\n', '\r', '\u{2028}', '\u{2029}', '\u{85}'])
         .filter(|l| !l.is_empty())
