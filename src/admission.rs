@@ -8,7 +8,7 @@
 //!
 //! | Route | Pool | Also |
 //! |---|---|---|
-//! | vault, authenticated | `max_concurrent_requests` | body within `request_body_timeout` |
+//! | vault, authenticated | `max_concurrent_requests`, and `max_concurrent_requests_per_principal` of them | body within `request_body_timeout` |
 //! | vault `WatchAudit`, authenticated | the vault's watch caps | slot only until the stream starts |
 //! | vault without valid credentials, reflection, unknown paths | `max_concurrent_unauthenticated` | rate per peer host; ended after the request timeout |
 //! | health `Watch` | `max_health_watch_streams` | rate per peer host |
@@ -40,6 +40,7 @@ use tower::{Layer, Service};
 use crate::auth::{AuthError, Principal, Principals, RateLimit};
 use crate::config::Limits;
 use crate::connection::{Connection, Tracked};
+use crate::model::PrincipalId;
 use crate::ratelimit::Buckets;
 
 /// Peer hosts whose refused requests are counted one by one until the next report; the
@@ -71,6 +72,8 @@ pub struct Admission {
     unauthenticated_slots: Arc<Semaphore>,
     health_watches: Arc<Semaphore>,
     scrapes: Arc<Semaphore>,
+    /// Slots per principal (principals are configured: the map is bounded).
+    principal_slots: Mutex<HashMap<PrincipalId, Arc<Semaphore>>>,
     unauthenticated_rate: Buckets<IpAddr>,
     refused: Mutex<Refused>,
 }
@@ -96,6 +99,7 @@ pub struct RefusedReport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refusal {
     Busy,
+    PrincipalBusy,
     UnauthenticatedBusy,
     UnauthenticatedRate,
     StreamsPerConnection,
@@ -110,6 +114,7 @@ impl Refusal {
     fn reason(self) -> &'static str {
         match self {
             Refusal::Busy => "busy",
+            Refusal::PrincipalBusy => "principal_busy",
             Refusal::UnauthenticatedBusy => "unauthenticated_busy",
             Refusal::UnauthenticatedRate => "unauthenticated_rate",
             Refusal::StreamsPerConnection => "streams_per_connection",
@@ -124,6 +129,9 @@ impl Refusal {
     fn status(self) -> tonic::Status {
         match self {
             Refusal::Busy => tonic::Status::resource_exhausted("server busy; retry later"),
+            Refusal::PrincipalBusy => tonic::Status::resource_exhausted(
+                "too many requests of this principal in flight; retry later",
+            ),
             Refusal::UnauthenticatedBusy => tonic::Status::resource_exhausted(
                 "too many requests without valid credentials in flight; retry later",
             ),
@@ -198,10 +206,10 @@ impl Route {
     }
 }
 
-/// A request admitted: the permit it holds until its response ends (if any), and its body.
+/// A request admitted: the permits it holds until its response ends, and its body.
 struct Admit {
-    permit: Option<OwnedSemaphorePermit>,
-    /// The permit is released when the handler returns, not when the response ends.
+    permits: Vec<OwnedSemaphorePermit>,
+    /// The permits are released when the handler returns, not when the response ends.
     release_early: bool,
     /// How long the stream may last.
     lifetime: Option<Duration>,
@@ -223,6 +231,7 @@ impl Admission {
             unauthenticated_slots: Arc::new(Semaphore::new(limits.max_concurrent_unauthenticated)),
             health_watches: Arc::new(Semaphore::new(limits.max_health_watch_streams)),
             scrapes: Arc::new(Semaphore::new(MAX_SCRAPES)),
+            principal_slots: Mutex::default(),
             unauthenticated_rate: Buckets::default(),
             refused: Mutex::new(Refused::default()),
             limits,
@@ -262,6 +271,22 @@ impl Admission {
         }
     }
 
+    /// The slots of one principal.
+    fn principal_slots(&self, principal: &Principal) -> Arc<Semaphore> {
+        let mut slots = self
+            .principal_slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        slots
+            .entry(principal.id.clone())
+            .or_insert_with(|| {
+                Arc::new(Semaphore::new(
+                    self.limits.max_concurrent_requests_per_principal,
+                ))
+            })
+            .clone()
+    }
+
     /// The unauthenticated rate of the peer host: an error if it is spent.
     fn take_unauthenticated_rate(&self, connection: &Connection) -> Result<(), Refusal> {
         let host = connection.peer.map(|p| p.ip());
@@ -291,8 +316,8 @@ impl Admission {
                 .map(Some)
                 .map_err(|_| refusal)
         };
-        let admit = |permit, lifetime| Admit {
-            permit,
+        let admit = |permit: Option<OwnedSemaphorePermit>, lifetime| Admit {
+            permits: permit.into_iter().collect(),
             release_early: false,
             lifetime,
             body: Body::empty(),
@@ -351,13 +376,23 @@ impl Admission {
         let body = self.read_body(body).await;
         let permit = permit?;
         let body = body?;
-        let permit = match permit {
-            Some(permit) => permit,
-            None => self
-                .slots
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| Refusal::Busy)?,
+        let permits = match (permit, &principal) {
+            (Some(permit), _) => vec![permit],
+            (None, Ok(who)) => {
+                // One principal's requests (responses it does not read, say) cannot take
+                // every slot.
+                let own = self
+                    .principal_slots(who)
+                    .try_acquire_owned()
+                    .map_err(|_| Refusal::PrincipalBusy)?;
+                let slot = self
+                    .slots
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| Refusal::Busy)?;
+                vec![own, slot]
+            }
+            (None, Err(_)) => Vec::new(),
         };
         parts.extensions.insert(Admitted {
             principal,
@@ -365,7 +400,7 @@ impl Admission {
             arrived,
         });
         Ok(Admit {
-            permit: Some(permit),
+            permits,
             release_early: route == Route::VaultWatch,
             lifetime: None,
             body,
@@ -479,16 +514,16 @@ where
                 .await
             {
                 Ok(admitted) => {
-                    let mut permit = admitted.permit;
+                    let mut permits = admitted.permits;
                     let response = inner
                         .call(http::Request::from_parts(parts, admitted.body))
                         .await
                         .map_err(Into::into)?;
                     if admitted.release_early {
-                        permit = None;
+                        permits.clear();
                     }
                     Ok(response.map(|body| {
-                        Body::new(Tracked::new(body, guard, permit, admitted.lifetime))
+                        Body::new(Tracked::new(body, guard, permits, admitted.lifetime))
                     }))
                 }
                 Err(refusal) => {

@@ -176,6 +176,8 @@ pub struct Limits {
     /// Requests served at once across all connections; beyond, RESOURCE_EXHAUSTED at once
     /// rather than a queue.
     pub max_concurrent_requests: usize,
+    /// Of those, requests one principal may have in flight.
+    pub max_concurrent_requests_per_principal: usize,
     /// Largest request message decoded.
     pub max_message_bytes: usize,
     /// HTTP/2 keepalive ping interval.
@@ -253,6 +255,8 @@ pub const DEFAULT_MAX_OPS_CONNECTIONS: usize = 64;
 
 /// Requests served at once, by default.
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 512;
+/// Requests of one principal served at once, by default.
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS_PER_PRINCIPAL: usize = 128;
 /// Largest request message, by default (a 64 KiB value and generous room for the rest).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// HTTP/2 keepalive interval, by default.
@@ -437,6 +441,7 @@ struct TlsFile {
 #[serde(deny_unknown_fields)]
 struct LimitsFile {
     max_concurrent_requests: Option<usize>,
+    max_concurrent_requests_per_principal: Option<usize>,
     max_message_bytes: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     http2_keepalive_interval: Option<Duration>,
@@ -752,6 +757,9 @@ fn limits(file: LimitsFile) -> Result<Limits, ConfigError> {
         max_concurrent_requests: file
             .max_concurrent_requests
             .unwrap_or(DEFAULT_MAX_CONCURRENT_REQUESTS),
+        max_concurrent_requests_per_principal: file
+            .max_concurrent_requests_per_principal
+            .unwrap_or(DEFAULT_MAX_CONCURRENT_REQUESTS_PER_PRINCIPAL),
         max_message_bytes: file.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
         http2_keepalive_interval: file
             .http2_keepalive_interval
@@ -802,6 +810,10 @@ fn limits(file: LimitsFile) -> Result<Limits, ConfigError> {
     };
     for (name, value) in [
         ("max_concurrent_requests", limits.max_concurrent_requests),
+        (
+            "max_concurrent_requests_per_principal",
+            limits.max_concurrent_requests_per_principal,
+        ),
         ("max_connections", limits.max_connections),
         (
             "http2_max_concurrent_streams",

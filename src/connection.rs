@@ -239,20 +239,20 @@ pub struct Tracked {
     marked: bool,
     /// Of a data frame, what is still to be handed out.
     rest: Bytes,
-    /// The request's admission permit, released when the body ends.
-    permit: Option<OwnedSemaphorePermit>,
+    /// The request's admission permits, released when the body ends.
+    permits: Vec<OwnedSemaphorePermit>,
     /// When the stream is ended (`DEADLINE_EXCEEDED`), however it is doing.
     lifetime: Option<Pin<Box<Sleep>>>,
     ended: bool,
 }
 
 impl Tracked {
-    /// `inner`, watched by `guard`, holding `permit` until it ends, and ended after
+    /// `inner`, watched by `guard`, holding `permits` until it ends, and ended after
     /// `lifetime` if given.
     pub fn new(
         inner: Body,
         guard: StreamGuard,
-        permit: Option<OwnedSemaphorePermit>,
+        permits: Vec<OwnedSemaphorePermit>,
         lifetime: Option<Duration>,
     ) -> Self {
         Self {
@@ -260,7 +260,7 @@ impl Tracked {
             guard,
             marked: false,
             rest: Bytes::new(),
-            permit,
+            permits,
             lifetime: lifetime.map(|d| Box::pin(tokio::time::sleep(d))),
             ended: false,
         }
@@ -281,7 +281,7 @@ impl Tracked {
             && lifetime.as_mut().poll(cx).is_ready()
         {
             self.ended = true;
-            self.permit = None;
+            self.permits.clear();
             let status = tonic::Status::deadline_exceeded("the stream was open too long");
             let mut trailers = http::HeaderMap::new();
             return Poll::Ready(Some(match status.add_header(&mut trailers) {
@@ -292,7 +292,7 @@ impl Tracked {
         match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
             None => {
                 self.ended = true;
-                self.permit = None;
+                self.permits.clear();
                 Poll::Ready(None)
             }
             Some(Ok(frame)) => match frame.into_data() {

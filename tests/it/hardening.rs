@@ -661,3 +661,38 @@ fn the_server_raises_its_open_files_limit_and_allows_no_core_dumps() {
     assert!(expected > 256);
     assert_eq!(core, ("0".to_string(), "0".to_string()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_tls_handshakes_are_cut_off_at_the_handshake_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::new("byokd test CA");
+    let dir = tls_dir(&pki, false, "[limits]\nhandshake_timeout = \"1s\"\n");
+    let server = dir.start();
+    // Half a ClientHello, or nothing at all, from many connections.
+    let mut stalled = Vec::new();
+    for i in 0..100 {
+        let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        if i % 2 == 0 {
+            tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+                .await
+                .unwrap();
+        }
+        stalled.push(tcp);
+    }
+    let started = std::time::Instant::now();
+    for tcp in &mut stalled {
+        assert!(
+            closed_within(tcp, std::time::Duration::from_secs(5)).await,
+            "a stalled TLS handshake is cut off"
+        );
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // A real client still gets through.
+    let mut orch = client(
+        tls_channel(&server, &pki, None).await.unwrap(),
+        Some(ORCHESTRATOR),
+    );
+    orch.store(store_req("acme", "k", b"sk-after-stalls-0123456789abcdef"))
+        .await
+        .unwrap();
+}

@@ -952,3 +952,18 @@ pub async fn backup_cli(server: &TestServer, dir: &TestDir, out: &Path) -> (i32,
     .await
     .expect("backup task")
 }
+
+/// Whether the server closed `stream` (EOF or an error) within `within`.
+pub async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, tokio::io::AsyncReadExt::read(stream, &mut buf))
+            .await
+        {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}

@@ -170,11 +170,11 @@ fn grpc_frame(message: &impl Message) -> Bytes {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn responses_the_peer_does_not_read_hold_a_slot_until_their_connection_is_dropped() {
+async fn unread_responses_hold_their_principals_slots_until_the_connection_is_dropped() {
     let dir = TestDir::with_config(
         "request_timeout = \"2s\"\n\
          [metrics]\nlisten = \"127.0.0.1:0\"\n\
-         [limits]\nmax_concurrent_requests = 8\n",
+         [limits]\nmax_concurrent_requests = 8\nmax_concurrent_requests_per_principal = 4\n",
     );
     let server = dir.start();
     let ops = ops_addr(&server);
@@ -225,15 +225,24 @@ async fn responses_the_peer_does_not_read_hold_a_slot_until_their_connection_is_
         }
     }
     assert_eq!(
-        refused, 12,
-        "max_concurrent_requests admitted, the rest refused"
+        refused, 16,
+        "the principal's share of the slots admitted, the rest refused"
     );
     let mut victim = server.as_(ADMIN).await;
     assert_status(
         victim.describe(secret_ref("t1", "s1")).await,
         Code::ResourceExhausted,
-        "busy",
+        "this principal",
     );
+    // Other principals keep the other slots.
+    let mut other = server.as_(ORCHESTRATOR).await;
+    store(
+        &mut other,
+        "acme",
+        "other",
+        b"sk-other-principal-0123456789",
+    )
+    .await;
 
     // Within the request timeout (and a look), the server drops the connection, and with it
     // the responses it held.
@@ -250,19 +259,6 @@ async fn responses_the_peer_does_not_read_hold_a_slot_until_their_connection_is_
         .expect("slots are free again");
     let text = scrape(&ops).await;
     assert!(sample(&text, "byokd_connections_dropped_total{reason=\"stalled\"}") >= 1.0);
-}
-
-/// Whether the server closed `stream` (EOF or an error) within `within`.
-async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Err(_) => return false,
-            Ok(Ok(0) | Err(_)) => return true,
-            Ok(Ok(_)) => {}
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
