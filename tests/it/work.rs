@@ -344,3 +344,81 @@ async fn a_backup_holds_writes_only_while_it_copies_the_records_not_the_trail() 
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// The server's resident memory, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stops_growing_at_the_quota_of_values_in_all() {
+    // The store keeps the values written since start in memory (BENCHMARKS.md): the quota of
+    // value bytes in all is what bounds it.
+    let dir = TestDir::with_config(
+        "[quotas]\nmax_value_mb_total = 8\n\
+         [limits]\nprincipal_rate_limit = { per_second = 1000000, burst = 1000000 }\n",
+    );
+    let server = dir.start();
+    let pid = server.pid();
+    let value = |i: usize| {
+        let mut v = vec![b'm'; 64 * 1024];
+        v[..8].copy_from_slice(format!("{i:08}").as_bytes());
+        v
+    };
+    let mut admin = server.as_(ADMIN).await;
+    store(&mut admin, "t0", "warm", &value(0)).await;
+    let before = rss(pid);
+    // 48 MiB offered by 8 tenants; 8 MiB taken.
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let addr = server.addr;
+            tokio::spawn(async move {
+                let mut c = connect(addr, Some(ADMIN)).await;
+                let (mut stored, mut refused) = (0, 0);
+                for i in 0..96 {
+                    match c
+                        .store(store_req(
+                            &format!("t{}", t + 1),
+                            &format!("v{i}"),
+                            &value(i),
+                        ))
+                        .await
+                    {
+                        Ok(_) => stored += 1,
+                        Err(status) => {
+                            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                            refused += 1;
+                        }
+                    }
+                }
+                (stored, refused)
+            })
+        })
+        .collect();
+    let (mut stored, mut refused) = (0, 0);
+    for t in tasks {
+        let (s, r) = t.await.unwrap();
+        stored += s;
+        refused += r;
+    }
+    let grown = rss(pid).saturating_sub(before);
+    eprintln!(
+        "{stored} stored, {refused} refused, RSS grew {} MiB",
+        grown >> 20
+    );
+    assert!(
+        stored <= 128 && refused >= 640,
+        "{stored} stored, {refused} refused"
+    );
+    assert!(
+        grown < 40 << 20,
+        "RSS grew {} MiB for 8 MiB of values",
+        grown >> 20
+    );
+}
