@@ -4,13 +4,19 @@
 # a temporary directory, with an admin principal and the per-principal limits out of the way
 # (the benchmarks measure throughput, not those limits), and stop_server.
 # start_server [BIN] (default target/release/byokd; BYOKD_OPEN_FILES=N runs it under that
-# limit on open files; BYOKD_EXTRA_CONFIG is appended to its config) sets: work (the directory), server (its pid), target (its URL), token
+# limit on open files; BYOKD_EXTRA_CONFIG is appended to its config; BYOKD_DATA_DIR puts its data elsewhere) sets: work (the directory), server (its pid), target (its URL), token
 # (the admin's bearer token). Both are undone on exit.
 cargo build --release --locked --bin byokd --bin byokd-bench --bin byokd-attack
 work=""
 server=""
 stop_server() {
-  if [ -n "$server" ]; then kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi
+  if [ -n "$server" ]; then
+    kill "$server" 2>/dev/null || true
+    # A server that cannot finish its shutdown (an older build on a full disk) is killed.
+    for _ in $(seq 100); do kill -0 "$server" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$server" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+  fi
   if [ -n "$work" ]; then rm -rf "$work"; fi
   server=""
   work=""
@@ -23,7 +29,7 @@ start_server() {
   local digest
   digest="$(printf %s "$token" | sha256sum | cut -d' ' -f1)"
   cat > "$work/byokd.toml" <<TOML
-data_dir = "data"
+data_dir = "${BYOKD_DATA_DIR:-data}"
 [limits]
 principal_rate_limit = { per_second = 1000000, burst = 1000000 }
 failed_get_rate_limit = { per_second = 1000000, burst = 1000000 }
