@@ -4,8 +4,10 @@
 # (label first): the victim alone (baseline), stalled streams, a flood without credentials
 # (without a victim too, for the audit trail's growth), idle connections under a limit of
 # 400 open files (with 256 KiB audit segments, so that the victim's entries need new files),
-# health Watch streams held open, and Audit pages never read (no flow-control credit); each
-# line ends with the server's resident memory after the run and its peak. With BYOKD_BEFORE=path/to/byokd, each run is repeated on that build, the
+# health Watch streams held open, Audit pages never read (no flow-control credit), and
+# requests to made-up paths (first; ONLY_PATHS=1 runs only those); each line ends with the
+# server's resident memory after the run and its peak, and (with an ops listener) one
+# scrape's time and size. With BYOKD_BEFORE=path/to/byokd, each run is repeated on that build, the
 # two alternating, so that both see the same machine load (see BENCHMARKS.md).
 #
 #   scripts/attack.sh [DURATION] [ROUNDS]
@@ -28,13 +30,23 @@ run() {
   local rss hwm
   rss="$(awk '/^VmRSS/ {print int($2 / 1024)}' "/proc/$server/status")"
   hwm="$(awk '/^VmHWM/ {print int($2 / 1024)}' "/proc/$server/status")"
-  printf '%s %s {"rss_mb":%s,"peak_rss_mb":%s}\n' "$label" "$report" "$rss" "$hwm"
+  # With an ops listener: one scrape's time and size.
+  local ops scrape="null"
+  ops="$(sed -n 's/^byokd metrics and health on //p' "$work/out")"
+  if [ -n "$ops" ]; then
+    scrape="$(curl -s -o /dev/null -w '{"seconds":%{time_total},"bytes":%{size_download}}' \
+      "http://$ops/metrics")"
+  fi
+  printf '%s %s {"rss_mb":%s,"peak_rss_mb":%s,"scrape":%s}\n' "$label" "$report" "$rss" "$hwm" "$scrape"
   stop_server
 }
 for _ in $(seq "$rounds"); do
   for build in "${builds[@]}"; do
     label="${build%%:*}"
     bin="${build#*:}"
+    BYOKD_EXTRA_CONFIG=$'[metrics]\nlisten = "127.0.0.1:0"' \
+      run "$label" "$bin" --victims 0 paths --concurrency 64
+    [ -n "${ONLY_PATHS:-}" ] && continue
     run "$label" "$bin" --victims 4 stall --connections 0
     run "$label" "$bin" --victims 4 stall --connections 1 --streams 600
     run "$label" "$bin" --victims 4 flood --concurrency 16

@@ -11,6 +11,8 @@
 //!   watch --connections 8 --streams 64    health Watch streams (no credentials), held open
 //!   unread --connections 8 --streams 64   Audit pages (the victim's token) on connections that
 //!                                         grant no flow-control credit: nothing can be sent
+//!   paths --concurrency 64                requests to made-up methods of served services, each
+//!                                         path new, no credentials
 //! ```
 //!
 //! With `--data-dir`, it also reports how fast the audit trail grew (`db/audit`) meanwhile.
@@ -92,6 +94,13 @@ enum Attack {
         /// Streams per connection.
         #[arg(long, default_value_t = 64)]
         streams: usize,
+    },
+    /// Requests without credentials to made-up methods (a new path each time) under the
+    /// services byokd serves, as fast as they are answered.
+    Paths {
+        /// Concurrent streams (on one connection).
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
     },
     /// Audit pages of up to 1000 entries, with the victim's token, on connections that grant
     /// no flow-control credit (initial window 0): the server can send no response byte.
@@ -229,6 +238,15 @@ async fn run(args: Args) -> Result<String, BoxError> {
                 }));
             }
         }
+        Attack::Paths { concurrency } => {
+            let (stop, codes) = (stop.clone(), attack_codes.clone());
+            let target = args.target;
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = paths(target, concurrency, stop, codes.clone()).await {
+                    count(&codes, format!("connection error: {e}")).await;
+                }
+            }));
+        }
         Attack::Flood { concurrency } => {
             for _ in 0..concurrency {
                 let (stop, codes) = (stop.clone(), attack_codes.clone());
@@ -260,6 +278,7 @@ async fn run(args: Args) -> Result<String, BoxError> {
             Attack::Idle { .. } => "idle",
             Attack::Flood { .. } => "flood",
             Attack::Watch { .. } => "watch",
+            Attack::Paths { .. } => "paths",
             Attack::Unread { .. } => "unread",
         },
         "seconds": elapsed,
@@ -372,6 +391,67 @@ async fn stall(
     }
     *extra.lock().await.entry("streams_opened").or_default() += opened;
     open.abort_all();
+    Ok(())
+}
+
+/// Requests to made-up methods, `concurrency` at a time on one connection, each path new.
+async fn paths(
+    target: SocketAddr,
+    concurrency: usize,
+    stop: Arc<AtomicBool>,
+    codes: Codes,
+) -> Result<(), BoxError> {
+    const SERVICES: [&str; 3] = [
+        "byokd.v1.Vault",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ];
+    let tcp = tokio::net::TcpStream::connect(target).await?;
+    let (client, connection) = h2::client::handshake(tcp).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let next = Arc::new(AtomicU64::new(0));
+    let mut loops = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, stop, codes, next) =
+            (client.clone(), stop.clone(), codes.clone(), next.clone());
+        loops.spawn(async move {
+            while !stop.load(Ordering::Acquire) {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Ok(mut ready) = client.clone().ready().await else {
+                    count(&codes, "connection closed").await;
+                    return;
+                };
+                let service = SERVICES[(i % 3) as usize];
+                let Ok(request) =
+                    http::Request::post(format!("http://{target}/{service}/Made{i}Up"))
+                        .header("content-type", "application/grpc")
+                        .header("te", "trailers")
+                        .body(())
+                else {
+                    return;
+                };
+                let Ok((response, _)) = ready.send_request(request, true) else {
+                    count(&codes, "send failed").await;
+                    continue;
+                };
+                let code = match response.await {
+                    Ok(response) => response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map_or("answered".to_string(), |c| {
+                            byokd::metrics::code_name(tonic::Code::from_i32(c)).to_string()
+                        }),
+                    Err(_) => "stream error".to_string(),
+                };
+                count(&codes, code).await;
+            }
+        });
+    }
+    while loops.join_next().await.is_some() {}
     Ok(())
 }
 
