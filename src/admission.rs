@@ -206,6 +206,18 @@ impl Route {
     }
 }
 
+/// A request's place in a pool without credentials: its permit (if the pool has any) and
+/// how long it may last.
+type Place = (Option<OwnedSemaphorePermit>, Option<Duration>);
+
+/// A permit of `pool`, or `refusal`.
+fn pool(pool: &Arc<Semaphore>, refusal: Refusal) -> Result<Option<OwnedSemaphorePermit>, Refusal> {
+    pool.clone()
+        .try_acquire_owned()
+        .map(Some)
+        .map_err(|_| refusal)
+}
+
 /// A request admitted: the permits it holds until its response ends, and its body.
 struct Admit {
     permits: Vec<OwnedSemaphorePermit>,
@@ -301,6 +313,29 @@ impl Admission {
         }
     }
 
+    /// The place of a request that needs no credentials (its permit, if its pool has one, and
+    /// how long it may last); `None` for a vault request.
+    fn place_without_credentials(
+        &self,
+        route: Route,
+        connection: &Connection,
+    ) -> Result<Option<Place>, Refusal> {
+        Ok(Some(match route {
+            Route::HealthCheck => (None, None),
+            Route::Metrics => (pool(&self.scrapes, Refusal::Scrapes)?, None),
+            Route::HealthWatch => {
+                self.take_unauthenticated_rate(connection)?;
+                (pool(&self.health_watches, Refusal::HealthWatches)?, None)
+            }
+            Route::Open => {
+                self.take_unauthenticated_rate(connection)?;
+                let permit = pool(&self.unauthenticated_slots, Refusal::UnauthenticatedBusy)?;
+                (permit, Some(self.stream_lifetime))
+            }
+            Route::Vault | Route::VaultWatch => return Ok(None),
+        }))
+    }
+
     /// Decides on a request: the pool place it holds, or a refusal.
     async fn admit(
         &self,
@@ -310,50 +345,14 @@ impl Admission {
         body: Body,
     ) -> Result<Admit, Refusal> {
         let arrived = std::time::Instant::now();
-        let pool = |pool: &Arc<Semaphore>, refusal| {
-            pool.clone()
-                .try_acquire_owned()
-                .map(Some)
-                .map_err(|_| refusal)
-        };
-        let admit = |permit: Option<OwnedSemaphorePermit>, lifetime| Admit {
-            permits: permit.into_iter().collect(),
-            release_early: false,
-            lifetime,
-            body: Body::empty(),
-        };
-        match route {
-            Route::HealthCheck => {
-                return Ok(Admit {
-                    body,
-                    ..admit(None, None)
-                });
-            }
-            Route::Metrics => {
-                let permit = pool(&self.scrapes, Refusal::Scrapes)?;
-                return Ok(Admit {
-                    body,
-                    ..admit(permit, None)
-                });
-            }
-            Route::HealthWatch => {
-                self.take_unauthenticated_rate(connection)?;
-                let permit = pool(&self.health_watches, Refusal::HealthWatches)?;
-                return Ok(Admit {
-                    body,
-                    ..admit(permit, None)
-                });
-            }
-            Route::Open => {
-                self.take_unauthenticated_rate(connection)?;
-                let permit = pool(&self.unauthenticated_slots, Refusal::UnauthenticatedBusy)?;
-                // May stream its request (reflection does): passed on as it is.
-                return Ok(Admit {
-                    body,
-                    ..admit(permit, Some(self.stream_lifetime))
-                });
-            }
-            Route::Vault | Route::VaultWatch => {}
+        if let Some((permit, lifetime)) = self.place_without_credentials(route, connection)? {
+            // May stream its request (reflection does): passed on as it is.
+            return Ok(Admit {
+                permits: permit.into_iter().collect(),
+                release_early: false,
+                lifetime,
+                body,
+            });
         }
         let header = parts
             .headers

@@ -371,14 +371,9 @@ async fn stall(
                 // The body is never sent; `body` is held until the server answers.
                 let _held = body;
                 let code = match response.await {
-                    Ok(response) => response
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<i32>().ok())
-                        .map_or("answered".to_string(), |c| {
-                            byokd::metrics::code_name(tonic::Code::from_i32(c)).to_string()
-                        }),
+                    Ok(response) => status_in_headers(&response)
+                        .unwrap_or("answered")
+                        .to_string(),
                     Err(e) => match e.reason() {
                         Some(reason) => format!("reset: {reason:?}"),
                         None => "stream error".to_string(),
@@ -437,14 +432,9 @@ async fn paths(
                     continue;
                 };
                 let code = match response.await {
-                    Ok(response) => response
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<i32>().ok())
-                        .map_or("answered".to_string(), |c| {
-                            byokd::metrics::code_name(tonic::Code::from_i32(c)).to_string()
-                        }),
+                    Ok(response) => status_in_headers(&response)
+                        .unwrap_or("answered")
+                        .to_string(),
                     Err(_) => "stream error".to_string(),
                 };
                 count(&codes, code).await;
@@ -521,17 +511,8 @@ async fn held(
             open.spawn(async move {
                 match response.await {
                     Ok(response) => {
-                        if let Some(code) = response
-                            .headers()
-                            .get("grpc-status")
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.parse::<i32>().ok())
-                        {
-                            count(
-                                &codes,
-                                byokd::metrics::code_name(tonic::Code::from_i32(code)),
-                            )
-                            .await;
+                        if let Some(code) = status_in_headers(&response) {
+                            count(&codes, code).await;
                             return;
                         }
                         count(&codes, "held").await;
@@ -632,6 +613,17 @@ async fn flood(
         };
         count(&codes, code).await;
     }
+}
+
+/// The gRPC status name of a response answered in its headers (a trailers-only answer, as
+/// refusals are), if it was.
+fn status_in_headers<B>(response: &http::Response<B>) -> Option<&'static str> {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(|c| byokd::metrics::code_name(tonic::Code::from_i32(c)))
 }
 
 /// Bytes in the audit trail's directory.

@@ -12,20 +12,25 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::harness::*;
 
-/// `byokd restore` of `backup` into `dir`'s data directory.
+/// `byokd restore` of `backup` into `dir`'s data directory, accepting that later
+/// revocations come back.
 fn restore(dir: &TestDir, backup: &Path) -> (i32, String) {
-    byokd(
-        dir.path(),
-        &[
-            "restore",
-            "--config",
-            &dir.config().to_string_lossy(),
-            "--in",
-            &backup.to_string_lossy(),
-            "--without-later-revocations",
-        ],
-        ADMIN,
-    )
+    restore_with(dir, backup, &["--without-later-revocations"])
+}
+
+/// `byokd restore` of `backup` into `dir`'s data directory, with `later` (what to do about
+/// changes made after the backup).
+fn restore_with(dir: &TestDir, backup: &Path, later: &[&str]) -> (i32, String) {
+    let (config, backup) = (dir.config(), backup.to_string_lossy());
+    let mut args = vec![
+        "restore",
+        "--config",
+        config.to_str().expect("UTF-8 path"),
+        "--in",
+        &backup,
+    ];
+    args.extend_from_slice(later);
+    byokd(dir.path(), &args, ADMIN)
 }
 
 /// Keeps the data directory's local master key aside, deletes the data directory, and puts
@@ -631,33 +636,14 @@ async fn a_restore_does_not_undo_revocations_made_after_the_backup() {
 
     wipe_data_keeping_key(&dir);
     // Saying nothing about later revocations is refused.
-    let config = dir.config().to_string_lossy().to_string();
-    let (code, out) = byokd(
-        dir.path(),
-        &[
-            "restore",
-            "--config",
-            &config,
-            "--in",
-            &backup.to_string_lossy(),
-        ],
-        ADMIN,
-    );
+    let (code, out) = restore_with(&dir, &backup, &[]);
     assert_ne!(code, 0, "{out}");
     assert!(out.contains("--revocations-from"), "{out}");
     assert!(!dir.data().join("db").exists());
-    let (code, out) = byokd(
-        dir.path(),
-        &[
-            "restore",
-            "--config",
-            &config,
-            "--in",
-            &backup.to_string_lossy(),
-            "--revocations-from",
-            &export.to_string_lossy(),
-        ],
-        ADMIN,
+    let (code, out) = restore_with(
+        &dir,
+        &backup,
+        &["--revocations-from", &export.to_string_lossy()],
     );
     assert_eq!(code, 0, "{out}");
     assert!(

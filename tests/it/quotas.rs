@@ -53,16 +53,11 @@ async fn tenant_quotas_refuse_growth_and_give_it_back_on_revocation() {
 
     // Value bytes: fifteen 64 KiB values fit in 1 MiB, a sixteenth does not; rotating one
     // to a short value makes room.
-    let big = |i: usize| {
-        let mut v = vec![b'k'; 64 * 1024];
-        v[..8].copy_from_slice(format!("{i:08}").as_bytes());
-        v
-    };
     for i in 0..15 {
-        store(&mut admin, "t3", &format!("big{i}"), &big(i)).await;
+        store(&mut admin, "t3", &format!("big{i}"), &value_64k(i)).await;
     }
     assert_status(
-        admin.store(store_req("t3", "big15", &big(15))).await,
+        admin.store(store_req("t3", "big15", &value_64k(15))).await,
         Code::ResourceExhausted,
         "value bytes",
     );
@@ -74,15 +69,15 @@ async fn tenant_quotas_refuse_growth_and_give_it_back_on_revocation() {
         })
         .await
         .unwrap();
-    store(&mut admin, "t3", "big15", &big(15)).await;
+    store(&mut admin, "t3", "big15", &value_64k(15)).await;
     // Tenants together stop at the vault's total (2 MiB here).
     for i in 0..8 {
-        store(&mut admin, "t4", &format!("big{i}"), &big(i)).await;
+        store(&mut admin, "t4", &format!("big{i}"), &value_64k(i)).await;
     }
     let mut refused = None;
     for i in 0..16 {
         if let Err(status) = admin
-            .store(store_req("t5", &format!("big{i}"), &big(i)))
+            .store(store_req("t5", &format!("big{i}"), &value_64k(i)))
             .await
         {
             refused = Some((i, status));

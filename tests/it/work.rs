@@ -373,13 +373,8 @@ async fn memory_stops_growing_at_the_quota_of_values_in_all() {
     );
     let server = dir.start();
     let pid = server.pid();
-    let value = |i: usize| {
-        let mut v = vec![b'm'; 64 * 1024];
-        v[..8].copy_from_slice(format!("{i:08}").as_bytes());
-        v
-    };
     let mut admin = server.as_(ADMIN).await;
-    store(&mut admin, "t0", "warm", &value(0)).await;
+    store(&mut admin, "t0", "warm", &value_64k(0)).await;
     let before = rss(pid);
     // 48 MiB offered by 8 tenants; 8 MiB taken.
     let tasks: Vec<_> = (0..8)
@@ -393,7 +388,7 @@ async fn memory_stops_growing_at_the_quota_of_values_in_all() {
                         .store(store_req(
                             &format!("t{}", t + 1),
                             &format!("v{i}"),
-                            &value(i),
+                            &value_64k(i),
                         ))
                         .await
                     {
