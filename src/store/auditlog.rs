@@ -1245,21 +1245,22 @@ impl AuditLog {
     /// Up to `limit` positions `>= from` of the entries readers may see that carry the index
     /// key `key`, in order.
     pub fn lookup(&self, key: &[u8], from: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
-        match self.lookup_once(key, from, limit)? {
-            Ok(found) => Ok(found),
-            Err(Unreadable { segment, why, .. }) => {
-                // The index is derived from the segment: build it again and look once more.
-                tracing::warn!(
-                    segment = segment.first,
-                    why,
-                    "rebuilding a damaged audit index"
-                );
-                self.reindex(&segment)?;
-                match self.lookup_once(key, from, limit)? {
-                    Ok(found) => Ok(found),
-                    Err(Unreadable { segment, why, .. }) => {
-                        Err(corrupt(&segment, format!("index: {why}")))
+        let mut rebuilt = std::collections::HashSet::new();
+        loop {
+            match self.lookup_once(key, from, limit)? {
+                Ok(found) => return Ok(found),
+                // The index is derived from the segment: build it again and look once more
+                // (each damaged segment's once).
+                Err(Unreadable { segment, why, .. }) => {
+                    if !rebuilt.insert(segment.first) {
+                        return Err(corrupt(&segment, format!("index: {why}")));
                     }
+                    tracing::warn!(
+                        segment = segment.first,
+                        why,
+                        "rebuilding a damaged audit index"
+                    );
+                    self.reindex(&segment)?;
                 }
             }
         }

@@ -1434,6 +1434,15 @@ impl Writer {
         staged: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
     ) -> Result<(), StoreError> {
         let chain = self.chain.as_ref().ok_or(StoreError::ChainNotStarted)?;
+        // A forged anchor is evidence: moving it would replace it with an authentic one.
+        if let Some(current) = anchor(&self.tree)?
+            && !chain.is_authentic(&current)
+        {
+            return Err(StoreError::Corrupt {
+                key: String::from_utf8_lossy(codec::AUDIT_ANCHOR_META).into_owned(),
+                reason: "the audit chain's anchor is not authentic; not pruning over it".into(),
+            });
+        }
         // Entries of earlier groups only: `through` names an entry already in the trail.
         let last = match self.log.read(through, 1, true)?.first() {
             Some(frame) if frame.position == through => decode_frame(frame)?,

@@ -19,6 +19,7 @@ mod reflection;
 mod refusals;
 mod rotation;
 mod streams;
+mod tamper;
 mod trail_damage;
 mod walkthrough;
 mod work;
