@@ -293,6 +293,7 @@ pub struct RepairPlan {
 fn clone_unavailable(e: &StoreError) -> StoreError {
     match e {
         StoreError::TrailDamaged(damage) => StoreError::TrailDamaged(damage.clone()),
+        StoreError::Transient(why) => StoreError::Transient(why.clone()),
         other => StoreError::Transient(other.to_string()),
     }
 }

@@ -1,9 +1,12 @@
 //! What survives: restarts, kill -9, the wrong master key, and tampering with the store.
 
+use std::time::Duration;
+
 use byokd::api::v1::{self as pb};
 use byokd::model::{SecretId, SecretName, TenantId};
 use byokd::store::{SledStore, Store, Transaction, Write};
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::harness::*;
 
@@ -276,4 +279,138 @@ async fn rotate_and_revoke_destroy_the_old_data_keys() {
         assert_eq!(tomb.version, 3);
     })
     .await;
+}
+
+/// The disk refuses a write (here: a file-size limit on the server, which needs no
+/// privileges; `ops.rs` fills a real tmpfs where it can mount one). The request that met it
+/// fails without detail, readiness turns NOT_SERVING, and after a restart without the limit
+/// every acknowledged write is there, with its audit entry, and the chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_disk_refuses_fails_and_loses_nothing_acknowledged() {
+    let dir = TestDir::with_config(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\nhealth_interval = \"200ms\"\n\
+         [limits]\nprincipal_rate_limit = { per_second = 1000000, burst = 1000000 }\n\
+         [store]\nmin_free_mb = 0\n",
+    );
+    let server = dir.start_with_file_size_limit(3 << 20);
+    let ops = ops_addr(&server);
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    let big = |i: usize| format!("sk-big-{i:05}-{}", "x".repeat(4000)).into_bytes();
+    let mut acknowledged = Vec::new();
+    let failed = loop {
+        let i = acknowledged.len();
+        assert!(i < 5_000, "no write failed under a 3 MiB file limit");
+        match orch
+            .store(store_req("acme", &format!("big-{i}"), &big(i)))
+            .await
+        {
+            Ok(_) => acknowledged.push(i),
+            Err(status) => break (i, status),
+        }
+    };
+    let (failed_at, status) = failed;
+    assert!(
+        matches!(status.code(), Code::Unavailable | Code::Internal),
+        "{status:?}"
+    );
+    assert!(
+        !status.message().contains("File too large") && !status.message().contains("os error"),
+        "no detail to callers: {status:?}"
+    );
+    assert!(acknowledged.len() > 100, "{}", acknowledged.len());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while health(&ops, "").await.unwrap() != ServingStatus::NotServing {
+        assert!(std::time::Instant::now() < deadline, "still SERVING");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = server.log();
+    assert!(log.contains("File too large"), "the cause is logged");
+    server.kill9();
+
+    let server = dir.start();
+    assert_chain_verifies(&server).await;
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    let stored = audit_all(
+        &server,
+        pb::AuditRequest {
+            action: "Store".into(),
+            outcome: "OK".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    for &i in &acknowledged {
+        let name = format!("big-{i}");
+        orch.describe(secret_ref("acme", &name))
+            .await
+            .unwrap_or_else(|e| panic!("{name} was acknowledged: {e:?}"));
+        assert!(stored.iter().any(|e| e.name == name), "{name}'s entry");
+    }
+    assert_eq!(
+        lease_and_get(&server, "acme", "big-0").await.unwrap().value,
+        big(0)
+    );
+    // The write that failed: never acknowledged, so either outcome is allowed, but never an
+    // effect without its entry.
+    let name = format!("big-{failed_at}");
+    let exists = orch.describe(secret_ref("acme", &name)).await.is_ok();
+    assert_eq!(exists, stored.iter().any(|e| e.name == name), "{name}");
+    // And it writes again.
+    store(
+        &mut orch,
+        "acme",
+        "after-limit",
+        b"sk-after-limit-0123456789",
+    )
+    .await;
+}
+
+/// "If the entry cannot be written, the request fails": requests that write nothing but
+/// their audit entry (failed redemptions) until the trail's segment cannot grow. The request
+/// whose entry was refused fails, and none answered without its entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_audit_entry_cannot_be_written_fails() {
+    let dir = TestDir::with_config(
+        "[limits]\nprincipal_rate_limit = { per_second = 1000000, burst = 1000000 }\n\
+         failed_get_rate_limit = { per_second = 1000000, burst = 1000000 }\n\
+         [store]\nmin_free_mb = 0\n",
+    );
+    let server = dir.start_with_file_size_limit(1 << 20);
+    let mut agent = server.as_(AGENT).await;
+    let mut answered = 0u64;
+    let refused = loop {
+        assert!(
+            answered < 20_000,
+            "no request failed under a 1 MiB file limit"
+        );
+        let token = format!("byokd_lt_unknown{answered:08}");
+        match agent.get(get_req(&token)).await {
+            Err(status) if status.code() == Code::NotFound => answered += 1,
+            Err(status) => break status,
+            Ok(_) => panic!("an unknown token answered"),
+        }
+    };
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(!refused.message().contains("large"), "{refused:?}");
+    let log = server.log();
+    assert!(log.contains("File too large"), "the cause is logged");
+    assert!(answered > 1000, "{answered}");
+    drop(server);
+
+    // Every answered request has its entry.
+    let server = dir.start();
+    assert_chain_verifies(&server).await;
+    let failed_gets = audit_all(
+        &server,
+        pb::AuditRequest {
+            action: "Get".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(
+        failed_gets.len() as u64 >= answered,
+        "{}",
+        failed_gets.len()
+    );
 }

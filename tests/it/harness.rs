@@ -107,10 +107,25 @@ impl TestDir {
 
     /// Starts a server on this directory under a limit (soft and hard) on open files.
     pub fn start_with_open_files(&self, limit: u64) -> TestServer {
+        self.start_after(&format!("ulimit -n {limit}"))
+    }
+
+    /// Starts a server on this directory whose writes fail (`EFBIG`) once a file would grow
+    /// past `bytes`: a disk that refuses writes, without privileges.
+    pub fn start_with_file_size_limit(&self, bytes: u64) -> TestServer {
+        // SIGXFSZ ignored: the write fails instead of killing the process. The log (the
+        // server's stderr) is held to warnings, so that it is not the file that hits the limit.
+        self.start_after(&format!(
+            "trap '' XFSZ && ulimit -f {} && export BYOKD_LOG=warn",
+            bytes / 512
+        ))
+    }
+
+    fn start_after(&self, prelude: &str) -> TestServer {
         TestServer::start_with(
             self.path(),
             &["serve", "--config", &self.config().to_string_lossy()],
-            Some(limit),
+            Some(prelude),
         )
     }
 
@@ -164,18 +179,14 @@ pub fn byokd_command(cwd: &Path, args: &[&str], log: &Path) -> Command {
     byokd_command_with(cwd, args, log, None)
 }
 
-/// [`byokd_command`], under a limit on open files (soft and hard) if given.
-pub fn byokd_command_with(
-    cwd: &Path,
-    args: &[&str],
-    log: &Path,
-    open_files: Option<u64>,
-) -> Command {
-    let mut cmd = match open_files {
+/// [`byokd_command`], run by `sh` after `prelude` (shell commands such as `ulimit -n 256`)
+/// if given.
+pub fn byokd_command_with(cwd: &Path, args: &[&str], log: &Path, prelude: Option<&str>) -> Command {
+    let mut cmd = match prelude {
         None => Command::new(env!("CARGO_BIN_EXE_byokd")),
-        Some(limit) => {
+        Some(prelude) => {
             let mut sh = Command::new("sh");
-            sh.args(["-c", &format!("ulimit -n {limit} && exec \"$0\" \"$@\"")])
+            sh.args(["-c", &format!("{prelude} && exec \"$0\" \"$@\"")])
                 .arg(env!("CARGO_BIN_EXE_byokd"));
             sh
         }
@@ -225,12 +236,12 @@ impl TestServer {
         Self::start_with(cwd, args, None)
     }
 
-    /// [`TestServer::start`], under a limit on open files if given.
-    pub fn start_with(cwd: &Path, args: &[&str], open_files: Option<u64>) -> Self {
+    /// [`TestServer::start`], after a shell `prelude` if given (see [`byokd_command_with`]).
+    pub fn start_with(cwd: &Path, args: &[&str], prelude: Option<&str>) -> Self {
         let log_path = cwd.join(format!("server-{}.log", unique()));
         let mut args = args.to_vec();
         args.extend(["--listen", "127.0.0.1:0"]);
-        let mut child = byokd_command_with(cwd, &args, &log_path, open_files)
+        let mut child = byokd_command_with(cwd, &args, &log_path, prelude)
             .spawn()
             .expect("spawn byokd");
         let stdout = child.stdout.take().expect("stdout");
@@ -883,12 +894,22 @@ pub fn ops_addr(server: &TestServer) -> String {
         .to_string()
 }
 
-/// A tmpfs of `mib` MiB mounted on a new directory; unmounted on drop. `None` where this
-/// environment cannot mount (not root, or no CAP_SYS_ADMIN).
+/// A tmpfs of `mib` MiB mounted on a new directory; unmounted on drop.
 pub struct SmallDisk(pub tempfile::TempDir);
 
 impl SmallDisk {
-    pub fn mount(mib: u32) -> Option<Self> {
+    /// `None` where this environment cannot mount (not root, or no CAP_SYS_ADMIN): the test
+    /// says it skipped `what`, except under `CI=true`, where a skip would hide an untested
+    /// promise: the test fails.
+    pub fn mount_or_skip(mib: u32, what: &str) -> Option<Self> {
+        let disk = Self::mount(mib);
+        if disk.is_none() {
+            must_not_skip(&format!("cannot mount a tmpfs here (needs root): {what}"));
+        }
+        disk
+    }
+
+    fn mount(mib: u32) -> Option<Self> {
         let dir = tempfile::tempdir().ok()?;
         let ok = std::process::Command::new("mount")
             .args([
@@ -911,6 +932,14 @@ impl Drop for SmallDisk {
             .arg(self.0.path())
             .status();
     }
+}
+
+/// A test that cannot run its real check: fails under `CI=true`, else says so on stderr.
+pub fn must_not_skip(why: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true and this test cannot run its check: {why}");
+    }
+    eprintln!("SKIPPED: {why}");
 }
 
 /// `byokd audit export --format jsonl` of `dir`'s (stopped) server: the text.

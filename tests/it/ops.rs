@@ -509,10 +509,7 @@ async fn health_turns_not_serving_while_the_kms_master_key_is_unreachable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_turns_not_serving_when_the_store_can_no_longer_write() {
-    let Some(disk) = SmallDisk::mount(24) else {
-        eprintln!(
-            "SKIPPED: cannot mount a tmpfs here (needs root); the disk-full path is untested"
-        );
+    let Some(disk) = SmallDisk::mount_or_skip(24, "the disk-full path is untested") else {
         return;
     };
     let dir = TestDir::with_config(

@@ -139,10 +139,7 @@ async fn tenant_quotas_refuse_growth_and_give_it_back_on_revocation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nearly_full_volume_keeps_revocations_working_and_a_full_one_does_not_stop_the_start() {
-    let Some(disk) = SmallDisk::mount(32) else {
-        eprintln!(
-            "SKIPPED: cannot mount a tmpfs here (needs root); the full-volume path is untested"
-        );
+    let Some(disk) = SmallDisk::mount_or_skip(32, "the full-volume path is untested") else {
         return;
     };
     let dir = TestDir::with_config(
