@@ -662,7 +662,8 @@ async fn assert_indexes_match_trail(server: &TestServer) {
         .expect("a redemption");
     let middle = &trail[trail.len() / 2];
     let (since, until) = (middle.time, trail[trail.len() * 3 / 4].time);
-    let queries: Vec<(&str, pb::AuditRequest, Box<dyn Fn(&pb::AuditEntry) -> bool>)> = vec![
+    type Wanted = Box<dyn Fn(&pb::AuditEntry) -> bool>;
+    let queries: Vec<(&str, pb::AuditRequest, Wanted)> = vec![
         (
             "secret",
             pb::AuditRequest {
