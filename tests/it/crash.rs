@@ -33,7 +33,7 @@ use crate::harness::*;
 /// that prunes the first rounds' entries in later rounds, a slow rewrap, no quota or rate
 /// limit in the way.
 const CONFIG: &str = "[store]\naudit_segment_kb = 256\n\
-    [audit]\nretention = \"8s\"\nprune_interval = \"1s\"\n\
+    [audit]\nretention = \"4s\"\nprune_interval = \"500ms\"\n\
     [master_key]\nrewrap_batch = 4\n\
     [quotas]\nmax_secrets_per_tenant = 1000000\nmax_leases_per_tenant = 1000000\n\
     [limits]\nfailed_get_rate_limit = { per_second = 100000, burst = 100000 }\n\
