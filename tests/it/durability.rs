@@ -414,3 +414,36 @@ async fn a_request_whose_audit_entry_cannot_be_written_fails() {
         failed_gets.len()
     );
 }
+
+/// A kill -9 cannot tell a write that reached the disk from one in the page cache, so the
+/// sync itself is counted: every acknowledged write is `fdatasync`ed (the trail) before it
+/// answers, lease-only ones included (their changes reach sled without a flush and survive a
+/// power loss only through the trail). One write at a time: no two share a sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_write_is_synced_before_its_answer() {
+    let dir = TestDir::new();
+    let trace = dir.path().join("syncs.txt");
+    let Some(server) = dir.start_traced("fdatasync,fsync", &trace) else {
+        must_not_skip("strace cannot trace here; the syncs are not counted");
+        return;
+    };
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    store(&mut orch, "acme", "k", b"sk-synced-0123456789abcdef").await;
+    let syncs = || {
+        std::fs::read_to_string(&trace)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("fdatasync(") || l.contains("fsync("))
+            .count()
+    };
+    // Background work (the first seal, the scrub) settles first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = syncs();
+    let mut agent = server.as_(AGENT).await;
+    for _ in 0..20 {
+        let grant = lease_ok(&mut orch, lease_req("acme", "k", 2)).await;
+        agent.get(get_req(&grant.token)).await.expect("get");
+    }
+    let synced = syncs() - before;
+    assert!(synced >= 40, "{synced} syncs for 40 lease-only writes");
+}

@@ -107,7 +107,7 @@ impl TestDir {
 
     /// Starts a server on this directory under a limit (soft and hard) on open files.
     pub fn start_with_open_files(&self, limit: u64) -> TestServer {
-        self.start_after(&format!("ulimit -n {limit}"))
+        self.start_after(&format!("ulimit -n {limit} && exec"))
     }
 
     /// Starts a server on this directory whose writes fail (`EFBIG`) once a file would grow
@@ -116,9 +116,24 @@ impl TestDir {
         // SIGXFSZ ignored: the write fails instead of killing the process. The log (the
         // server's stderr) is held to warnings, so that it is not the file that hits the limit.
         self.start_after(&format!(
-            "trap '' XFSZ && ulimit -f {} && export BYOKD_LOG=warn",
+            "trap '' XFSZ && ulimit -f {} && export BYOKD_LOG=warn && exec",
             bytes / 512
         ))
+    }
+
+    /// Starts a server on this directory under `strace -f -e trace=CALLS`, writing the trace
+    /// to `out`; `None` where ptrace is not permitted (or strace missing).
+    pub fn start_traced(&self, calls: &str, out: &Path) -> Option<TestServer> {
+        let traceable = Command::new("strace")
+            .args(["-f", "-o", "/dev/null", "true"])
+            .status()
+            .is_ok_and(|s| s.success());
+        traceable.then(|| {
+            self.start_after(&format!(
+                "exec strace -f -qq -e trace={calls} -o {}",
+                out.display()
+            ))
+        })
     }
 
     fn start_after(&self, prelude: &str) -> TestServer {
@@ -179,14 +194,15 @@ pub fn byokd_command(cwd: &Path, args: &[&str], log: &Path) -> Command {
     byokd_command_with(cwd, args, log, None)
 }
 
-/// [`byokd_command`], run by `sh` after `prelude` (shell commands such as `ulimit -n 256`)
-/// if given.
+/// [`byokd_command`], run by `sh` after `prelude` if given: shell commands that end with an
+/// `exec` of the binary (given as `"$0" "$@"`), such as `ulimit -n 256 && exec` or
+/// `exec strace -o FILE`.
 pub fn byokd_command_with(cwd: &Path, args: &[&str], log: &Path, prelude: Option<&str>) -> Command {
     let mut cmd = match prelude {
         None => Command::new(env!("CARGO_BIN_EXE_byokd")),
         Some(prelude) => {
             let mut sh = Command::new("sh");
-            sh.args(["-c", &format!("{prelude} && exec \"$0\" \"$@\"")])
+            sh.args(["-c", &format!("{prelude} \"$0\" \"$@\"")])
                 .arg(env!("CARGO_BIN_EXE_byokd"));
             sh
         }
