@@ -4,7 +4,11 @@
 # (a local AWS KMS API for the KMS master key tests), grpcio for the Python client example.
 # The Python tools go into a virtual environment under
 # ${BYOKD_TEST_TOOLS_DIR:-~/.cache/byokd-tests} (a system Python may refuse `pip install`
-# outside one: PEP 668), whose bin/ comes first on PATH for the tests.
+# outside one: PEP 668), whose bin/ comes first on PATH for the tests. strace (to count the
+# server's syncs) comes from apt.
+#
+# The run has a time limit (BYOKD_TEST_TIMEOUT, default 40m, as for `timeout`): past it the
+# tests still running are named (libtest reports those running over 60 s) and the run fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,5 +34,22 @@ fi
 if ! command -v jq >/dev/null 2>&1; then
   apt_install jq
 fi
+if ! command -v strace >/dev/null 2>&1; then
+  apt_install strace
+fi
 
-cargo test --locked "$@"
+limit=${BYOKD_TEST_TIMEOUT:-40m}
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+set +e
+timeout --kill-after=30s "$limit" cargo test --locked "$@" 2>&1 | tee "$out"
+status=${PIPESTATUS[0]}
+set -e
+if [ "$status" = 124 ] || [ "$status" = 137 ]; then
+  echo "test.sh: the tests did not finish within $limit; these were still running:" >&2
+  sed -n 's/^test \(.*\) has been running for over .*/\1/p' "$out" | sort -u \
+    | while read -r name; do
+        grep -q "^test $name \.\.\. " "$out" || echo "  $name" >&2
+      done
+fi
+exit "$status"

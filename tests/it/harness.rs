@@ -225,10 +225,37 @@ pub fn byokd_command_with(cwd: &Path, args: &[&str], log: &Path, prelude: Option
 /// stdout + stderr.
 pub fn byokd(cwd: &Path, args: &[&str], token: &str) -> (i32, String) {
     let log = cwd.join(format!("cli-{}.log", unique()));
-    let out = byokd_command(cwd, args, &log)
+    let mut child = byokd_command(cwd, args, &log)
         .env("BYOKD_TOKEN", token)
-        .output()
+        .spawn()
         .expect("run byokd");
+    // A command that hangs fails its test, naming itself, instead of hanging the run.
+    let pid = child.id();
+    let (done, waited) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if waited.recv_timeout(Duration::from_secs(120)) == Err(mpsc::RecvTimeoutError::Timeout) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            return true;
+        }
+        false
+    });
+    let mut stdout = Vec::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = std::io::Read::read_to_end(&mut out, &mut stdout);
+    }
+    let status = child.wait().expect("wait for byokd");
+    let _ = done.send(());
+    assert!(
+        !watchdog.join().unwrap_or(false),
+        "byokd {args:?} did not finish within 2 minutes"
+    );
+    let out = std::process::Output {
+        status,
+        stdout,
+        stderr: Vec::new(),
+    };
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -331,9 +358,19 @@ impl TestServer {
         let mut child = self.child.take().expect("running");
         let pid = child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        // Shutdown drains for at most `shutdown_grace` (30 s by default).
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
                 return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "byokd did not stop within a minute of SIGTERM; log:\n{}",
+                    self.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
