@@ -6,6 +6,7 @@ mod harness;
 mod admission;
 mod api;
 mod audit_trail;
+mod claims;
 mod cli;
 mod crash;
 mod durability;
