@@ -245,6 +245,74 @@ async fn restore_refuses_a_tampered_backup_a_wrong_master_key_and_non_admins() {
     );
 }
 
+/// Rewrites a backup through `edit` (key, value) -> value, with a good checksum: what someone
+/// who can write the backup file, but holds no key, can make of it.
+fn rewrite_backup(from: &Path, to: &Path, edit: impl Fn(&[u8], Vec<u8>) -> Vec<u8>) {
+    use byokd::backup::{BackupReader, BackupWriter};
+    let mut reader = BackupReader::new(std::fs::File::open(from).unwrap()).unwrap();
+    let header = reader.header().clone();
+    let mut writer = BackupWriter::new(std::fs::File::create(to).unwrap(), &header).unwrap();
+    while let Some((key, value)) = reader.next_record().unwrap() {
+        let value = edit(&key, value);
+        writer.record(&key, &value).unwrap();
+    }
+    writer.finish().unwrap();
+}
+
+/// A backup whose checksum is right but whose audit chain or values are not is refused:
+/// restore checks the chain up to the head the backup names and opens every value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_refuses_a_backup_whose_chain_or_values_do_not_check_out() {
+    let dir = TestDir::new();
+    let server = dir.start();
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    for i in 0..5 {
+        store(&mut orch, "acme", &format!("chained-{i}"), &value(i)).await;
+    }
+    let backup = dir.path().join("vault.bak");
+    assert_eq!(backup_cli(&server, &dir, &backup).await.0, 0);
+    assert!(server.stop().await.success());
+
+    // An audit entry edited: a name changed, same length, so that it still decodes.
+    let edited = dir.path().join("edited-entry.bak");
+    rewrite_backup(&backup, &edited, |key, value| {
+        let (from, to): (&[u8], &[u8]) = (b"chained-3", b"chained-X");
+        match value.windows(from.len()).position(|w| w == from) {
+            Some(at) if key.first() == Some(&b'a') => {
+                [&value[..at], to, &value[at + from.len()..]].concat()
+            }
+            _ => value,
+        }
+    });
+    wipe_data_keeping_key(&dir);
+    let (code, out) = restore(&dir, &edited);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("audit chain broken at entry"), "{out}");
+    assert!(!dir.data().join("db").exists());
+
+    // A sealed value altered: a byte of its AES-GCM tag (the record ends with the tag, then
+    // the version's creation time, a varint of 8 bytes).
+    let altered = dir.path().join("altered-value.bak");
+    rewrite_backup(&backup, &altered, |key, mut value| {
+        if key.first() == Some(&b'e') {
+            let at = value.len() - 12;
+            value[at] ^= 0x01;
+        }
+        value
+    });
+    let (code, out) = restore(&dir, &altered);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("a stored value did not decrypt under the configured master key"),
+        "{out}"
+    );
+    assert!(!dir.data().join("db").exists());
+
+    // The untouched backup restores.
+    let (code, out) = restore(&dir, &backup);
+    assert_eq!(code, 0, "{out}");
+}
+
 /// `GET /metrics` on the ops address, as Prometheus would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paths_byokd_does_not_serve_add_no_metric_labels() {
