@@ -14,6 +14,7 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::KeyState;
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use zeroize::Zeroizing;
 
@@ -127,6 +128,48 @@ impl MasterKey for AwsKmsMasterKey {
             .ciphertext_blob
             .map(Blob::into_inner)
             .ok_or_else(|| KeyringError::Unavailable("KMS Encrypt returned no ciphertext".into()))
+    }
+
+    /// Asks KMS for the key's state (DescribeKey): a disabled key, or one pending deletion,
+    /// fails every Decrypt, and the deletion date is the operator's deadline. Without
+    /// permission to ask (`kms:DescribeKey`), the key check's Decrypt alone decides.
+    async fn usable(&self) -> Result<(), KeyringError> {
+        let started = std::time::Instant::now();
+        let result = self
+            .client
+            .describe_key()
+            .key_id(&self.kms_key)
+            .send()
+            .await;
+        if let Err(SdkError::ServiceError(e)) = &result
+            && e.err().code() == Some("AccessDeniedException")
+        {
+            tracing::debug!("no permission to describe the KMS key; its state is not checked");
+            return Ok(());
+        }
+        let result = result.map_err(classify);
+        observe("DescribeKey", &result, started);
+        let described = result?;
+        let Some(metadata) = described.key_metadata() else {
+            return Ok(());
+        };
+        match metadata.key_state() {
+            None | Some(KeyState::Enabled) => Ok(()),
+            Some(KeyState::PendingDeletion) => {
+                let when = metadata
+                    .deletion_date()
+                    .map(|d| format!(" on {d}"))
+                    .unwrap_or_default();
+                Err(KeyringError::KeyUnusable(format!(
+                    "the KMS key is pending deletion{when}: cancel the deletion \
+                     (CancelKeyDeletion, then EnableKey) or every value it wraps is lost"
+                )))
+            }
+            Some(state) => Err(KeyringError::KeyUnusable(format!(
+                "the KMS key is {}",
+                state.as_str()
+            ))),
+        }
     }
 
     async fn unwrap(

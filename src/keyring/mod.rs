@@ -148,6 +148,13 @@ pub trait MasterKey: Send + Sync {
         blob: &[u8],
         context: &WrapContext,
     ) -> Result<SymmetricKey, KeyringError>;
+
+    /// Whether the key service holds the key usable ([`KeyringError::KeyUnusable`] naming
+    /// its state if not: a KMS key disabled or pending deletion). `Ok` where there is no
+    /// service to ask (a local key) or it may not be asked.
+    async fn usable(&self) -> Result<(), KeyringError> {
+        Ok(())
+    }
 }
 
 /// Where a master key version lives: recorded in the data directory so that every version
@@ -357,8 +364,9 @@ pub async fn make_key_check(master: &dyn MasterKey) -> Result<Vec<u8>, KeyringEr
     master.wrap(&check, &WrapContext::KeyCheck).await
 }
 
-/// Ok if `master` unwraps its key-check blob.
+/// Ok if `master` is usable and unwraps its key-check blob.
 pub async fn verify_key_check(master: &dyn MasterKey, check: &[u8]) -> Result<(), KeyringError> {
+    master.usable().await?;
     master.unwrap(check, &WrapContext::KeyCheck).await.map(drop)
 }
 

@@ -250,3 +250,83 @@ async fn the_data_key_cache_saves_unwraps_and_forgets_rotated_and_revoked_keys()
     }
     assert_eq!(unwraps(&server), 4, "without a cache, every Get unwraps");
 }
+
+/// The KMS key disabled, then scheduled for deletion, under a running server and across a
+/// restart: readiness turns NOT_SERVING and the log names the key's state (and the deletion
+/// date: the operator's deadline), a restart on the existing data directory is refused with
+/// that reason, and once the key is usable again everything stored before is readable.
+/// (moto 5 does not refuse Encrypt/Decrypt with such a key, as AWS does, so requests are not
+/// checked here; how AWS's DisabledException and KMSInvalidStateException map is unit-tested
+/// in keyring/aws.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_or_deleted_kms_key_stops_its_vault_until_it_is_usable_again() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let moto = Moto::start();
+    let key = moto.create_key().await;
+    let kms = moto.client().await;
+    let dir = TestDir::with_config(&moto.master_key_config(
+        &key,
+        "operation_timeout = \"2s\"\nmax_attempts = 1\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\nhealth_interval = \"200ms\"\n",
+    ));
+    let value = b"sk-kms-state-0123456789abcdefghij";
+    let mut server = dir.start();
+    store(&mut server.as_(ORCHESTRATOR).await, "acme", "k", value).await;
+    let serving = async |server: &TestServer, want: ServingStatus| {
+        let ops = ops_addr(server);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while health(&ops, "").await.expect("health") != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "readiness is not {want:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    serving(&server, ServingStatus::Serving).await;
+    for (state, says) in [
+        ("disabled", "the KMS key is Disabled"),
+        ("pending deletion", "the KMS key is pending deletion on "),
+    ] {
+        if state == "disabled" {
+            kms.disable_key()
+                .key_id(&key)
+                .send()
+                .await
+                .expect("disable");
+        } else {
+            kms.schedule_key_deletion()
+                .key_id(&key)
+                .pending_window_in_days(7)
+                .send()
+                .await
+                .expect("schedule deletion");
+        }
+        serving(&server, ServingStatus::NotServing).await;
+        assert!(
+            server.log().contains(says),
+            "the log names the state: {says}"
+        );
+        assert!(server.stop().await.success());
+        let (status, log) = dir.start_failing();
+        assert_eq!(status.code(), Some(1), "{log}");
+        assert!(
+            log.contains("cannot be used") && log.contains(says),
+            "restart with the key {state}: {log}"
+        );
+        if state == "pending deletion" {
+            kms.cancel_key_deletion()
+                .key_id(&key)
+                .send()
+                .await
+                .expect("cancel");
+        }
+        kms.enable_key().key_id(&key).send().await.expect("enable");
+        server = dir.start();
+        serving(&server, ServingStatus::Serving).await;
+        assert_eq!(
+            lease_and_get(&server, "acme", "k").await.unwrap().value,
+            value
+        );
+    }
+}

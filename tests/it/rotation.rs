@@ -213,6 +213,9 @@ async fn switching_from_a_local_key_to_kms_and_back_is_a_rotation() {
     let dir = TestDir::new();
     let server = dir.start();
     store_many(&server, 20, value).await;
+    // The audit key is the seed's, not the master key's: the chain written under the local
+    // key verifies, against this head, under KMS alone and back again.
+    let head = head_of(&server).await;
     assert!(server.stop().await.success());
 
     // To KMS: configure the KMS key, restart, rotate.
@@ -230,6 +233,7 @@ async fn switching_from_a_local_key_to_kms_and_back_is_a_rotation() {
     let server = dir.start();
     assert!(server.log().contains(&format!("aws-kms:{kms_key}")));
     assert_all_readable(&server, 20).await;
+    assert_verifies_against(&server, &head).await;
 
     // And back to a local key, after which KMS is no longer needed.
     dir.rewrite_config("[master_key]\nkind = \"local\"\npath = \"local-again.key\"\n");
@@ -243,6 +247,34 @@ async fn switching_from_a_local_key_to_kms_and_back_is_a_rotation() {
     drop(moto);
     let server = dir.start();
     assert_all_readable(&server, 20).await;
+    assert_verifies_against(&server, &head).await;
+}
+
+async fn head_of(server: &TestServer) -> (u64, String) {
+    let report = server
+        .as_(AUDITOR)
+        .await
+        .verify_audit(pb::VerifyAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.ok, "{report:?}");
+    (report.head_seq, report.head_hash)
+}
+
+async fn assert_verifies_against(server: &TestServer, head: &(u64, String)) {
+    let report = server
+        .as_(AUDITOR)
+        .await
+        .verify_audit(pb::VerifyAuditRequest {
+            expected_head_seq: head.0,
+            expected_head_hash: head.1.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.ok && report.head_seq > head.0, "{report:?}");
 }
 
 #[tokio::test]
