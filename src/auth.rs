@@ -217,10 +217,10 @@ impl fmt::Display for CertIdentity {
 }
 
 /// A token bucket: `per_second` requests on average, up to `burst` at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateLimit {
-    /// Sustained requests per second.
-    pub per_second: u32,
+    /// Sustained requests per second (positive; below 1 for one every few seconds).
+    pub per_second: f64,
     /// Requests allowed at once.
     pub burst: u32,
 }

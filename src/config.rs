@@ -79,6 +79,8 @@ pub struct MasterKeyConfig {
     pub cache: CacheSettings,
     /// Envelopes rewrapped per commit during a rotation.
     pub rewrap_batch: usize,
+    /// A pause after each rewrapped batch (none by default).
+    pub rewrap_pause: Duration,
 }
 
 /// Data keys cached at most, by default.
@@ -171,7 +173,7 @@ pub struct TlsConfig {
 }
 
 /// Limits of the transport and against abuse, applied in one place (`server.rs`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
     /// Requests served at once across all connections; beyond, RESOURCE_EXHAUSTED at once
     /// rather than a queue.
@@ -235,7 +237,7 @@ pub const DEFAULT_REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_CONCURRENT_UNAUTHENTICATED: usize = 32;
 /// Unauthenticated requests per peer host, by default: a burst of 50, then 10 a second.
 pub const DEFAULT_UNAUTHENTICATED_RATE: RateLimit = RateLimit {
-    per_second: 10,
+    per_second: 10.0,
     burst: 50,
 };
 /// How often refused unauthenticated requests are recorded, by default.
@@ -265,13 +267,13 @@ pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests per principal, by default.
 pub const DEFAULT_PRINCIPAL_RATE: RateLimit = RateLimit {
-    per_second: 1000,
+    per_second: 1000.0,
     burst: 2000,
 };
 /// Failed lease redemptions per peer host and per principal, by default: a burst of 20, then
 /// one every two seconds.
 pub const DEFAULT_FAILED_GET_RATE: RateLimit = RateLimit {
-    per_second: 1,
+    per_second: 1.0,
     burst: 20,
 };
 
@@ -364,6 +366,8 @@ struct MasterKeyFile {
     #[serde(default, with = "humantime_serde")]
     cache_ttl: Option<Duration>,
     rewrap_batch: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    rewrap_pause: Option<Duration>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -410,15 +414,17 @@ struct PrincipalFile {
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RateLimitFile {
-    per_second: u32,
+    /// A number: `0.1` is one request every ten seconds.
+    per_second: f64,
     burst: u32,
 }
 
 impl RateLimitFile {
     fn check(self, what: &str) -> Result<RateLimit, ConfigError> {
-        if self.per_second == 0 || self.burst == 0 {
+        // At least one request a day, at most a billion a second.
+        if !(1.0 / 86_400.0..=1e9).contains(&self.per_second) || self.burst == 0 {
             return Err(ConfigError::Invalid(format!(
-                "{what}: per_second and burst must be at least 1"
+                "{what}: per_second must be between 1/86400 (one a day) and 1e9, and burst at least 1"
             )));
         }
         Ok(RateLimit {
@@ -737,6 +743,7 @@ fn master_key(
             ttl: file.cache_ttl.unwrap_or(DEFAULT_CACHE_TTL),
         },
         rewrap_batch,
+        rewrap_pause: file.rewrap_pause.unwrap_or_default(),
     })
 }
 
@@ -1058,7 +1065,7 @@ mod tests {
             client_ca = "/pki/ca.pem"
             [limits]
             max_concurrent_requests = 64
-            failed_get_rate_limit = {{ per_second = 1, burst = 3 }}
+            failed_get_rate_limit = {{ per_second = 0.25, burst = 3 }}
             "#
         ))
         .unwrap();
@@ -1074,7 +1081,7 @@ mod tests {
         assert_eq!(
             c.limits.failed_get_rate_limit,
             RateLimit {
-                per_second: 1,
+                per_second: 0.25,
                 burst: 3
             }
         );
@@ -1083,7 +1090,7 @@ mod tests {
         assert_eq!(
             c.principals[1].rate_limit,
             Some(RateLimit {
-                per_second: 5,
+                per_second: 5.0,
                 burst: 10
             })
         );
@@ -1226,7 +1233,15 @@ mod tests {
             ),
             (
                 "[limits]\nprincipal_rate_limit = { per_second = 0, burst = 1 }".into(),
-                "per_second and burst",
+                "per_second must be between",
+            ),
+            (
+                "[limits]\nprincipal_rate_limit = { per_second = nan, burst = 1 }".into(),
+                "per_second must be between",
+            ),
+            (
+                "[limits]\nprincipal_rate_limit = { per_second = 0.5, burst = 0 }".into(),
+                "burst at least 1",
             ),
             (
                 principal("").replace(&format!("token_sha256 = \"{HASH_A}\"\n"), ""),

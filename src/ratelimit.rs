@@ -29,8 +29,7 @@ struct Bucket {
 impl Bucket {
     fn refill(&mut self, limit: RateLimit, now: Instant) {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-        self.tokens =
-            (self.tokens + elapsed * f64::from(limit.per_second)).min(f64::from(limit.burst));
+        self.tokens = (self.tokens + elapsed * limit.per_second).min(f64::from(limit.burst));
         self.updated = now;
     }
 }
@@ -87,7 +86,7 @@ mod tests {
     #[test]
     fn a_bucket_allows_its_burst_then_refills() {
         let limit = RateLimit {
-            per_second: 20,
+            per_second: 20.0,
             burst: 3,
         };
         let b = Buckets::default();
@@ -103,7 +102,7 @@ mod tests {
     #[test]
     fn looking_does_not_take() {
         let limit = RateLimit {
-            per_second: 1,
+            per_second: 1.0,
             burst: 1,
         };
         let b = Buckets::default();

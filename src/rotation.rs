@@ -123,6 +123,8 @@ pub struct RotationSettings {
     pub aws: AwsSettings,
     /// Envelopes rewrapped per commit.
     pub batch: usize,
+    /// A pause after each batch: paces the rewrap (KMS request quotas, a busy disk).
+    pub pause: std::time::Duration,
 }
 
 /// Starts, runs and reports rotation jobs.
@@ -230,7 +232,11 @@ impl Rotator {
     async fn run(self: Arc<Self>) {
         loop {
             match self.step().await {
-                Ok(true) => continue,
+                Ok(true) => {
+                    if !self.settings.pause.is_zero() {
+                        tokio::time::sleep(self.settings.pause).await;
+                    }
+                }
                 Ok(false) => return,
                 Err(e) => {
                     // Transient (KMS unavailable, store busy): try again shortly.

@@ -300,6 +300,7 @@ async fn serve(
             target: config.master_key.spec.clone(),
             aws: config.master_key.aws,
             batch: config.master_key.rewrap_batch,
+            pause: config.master_key.rewrap_pause,
         },
     ));
     rotator.resume(&keys.state);

@@ -42,8 +42,9 @@ fn targets(entry: &pb::AuditEntry, outcome: &str, tenant: &str, name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denied_requests_are_audited_with_the_target_they_named() {
-    let dir =
-        TestDir::with_config("[limits]\nfailed_get_rate_limit = { per_second = 1, burst = 2 }\n");
+    let dir = TestDir::with_config(
+        "[limits]\nfailed_get_rate_limit = { per_second = 0.01, burst = 2 }\n",
+    );
     let server = dir.start();
     let mut orch = server.as_(ORCHESTRATOR).await;
     store(&mut orch, "acme", "target", VALUE).await;
@@ -373,8 +374,9 @@ async fn a_readable_data_directory_is_made_private_at_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_principals_bad_guesses_do_not_lock_out_anothers_gets_from_the_same_host() {
-    let dir =
-        TestDir::with_config("[limits]\nfailed_get_rate_limit = { per_second = 1, burst = 3 }\n");
+    let dir = TestDir::with_config(
+        "[limits]\nfailed_get_rate_limit = { per_second = 0.01, burst = 3 }\n",
+    );
     let server = dir.start();
     let mut orch = server.as_(ORCHESTRATOR).await;
     store(&mut orch, "acme", "k", VALUE).await;
