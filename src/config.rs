@@ -497,6 +497,13 @@ impl Config {
         Ok(config)
     }
 
+    /// The config that the file text `text` in directory `base` makes, without overrides
+    /// and without the file checks of [`Config::load`] (for the fuzz targets and tests).
+    pub fn from_text(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let file = Self::parse_file(&base.join("byokd.toml"), text)?;
+        Self::resolve(file, base, Overrides::default())
+    }
+
     fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),

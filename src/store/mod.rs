@@ -370,5 +370,46 @@ pub(crate) fn decode_any_record(bytes: &[u8]) {
     let _ = postcard::from_bytes::<crate::keyring::StoredKey>(bytes);
 }
 
+/// Opens an audit trail made of the given files' bytes (for the fuzz targets): first the
+/// segment alone, as the active one; then sealed, with its offset (`.idx`) and index
+/// (`.ndx`) files, by an empty active segment that starts after its last entry. Each open
+/// reads every entry, looks up an index key and scrubs. Whatever the bytes, each step ends
+/// in a value or an error, never a panic.
+pub(crate) fn read_any_trail(segment: &[u8], offsets: &[u8], index: &[u8]) {
+    const KEY: &[u8] = b"T\x00fuzz\x00";
+    let indexer: auditindex::Indexer = std::sync::Arc::new(|_: &[u8]| vec![KEY.to_vec()]);
+    let name =
+        |dir: &std::path::Path, first: u64, ext: &str| dir.join(format!("{first:020}.{ext}"));
+    let exercise = |log: &auditlog::AuditLog| {
+        let _ = log.read(1, 100_000, true);
+        let _ = log.lookup(KEY, 1, 1000);
+        let _ = log.scrub(&std::sync::atomic::AtomicBool::new(false));
+        log.head().ok().flatten().map(|f| f.position)
+    };
+    let Ok(active) = tempfile::tempdir() else {
+        return;
+    };
+    if std::fs::write(name(active.path(), 1, "log"), segment).is_err() {
+        return;
+    }
+    let last = auditlog::AuditLog::open(active.path(), u64::MAX, indexer.clone())
+        .ok()
+        .and_then(|log| exercise(&log))
+        .unwrap_or(1);
+    let Ok(sealed) = tempfile::tempdir() else {
+        return;
+    };
+    let dir = sealed.path();
+    let written = std::fs::write(name(dir, 1, "log"), segment)
+        .and_then(|()| std::fs::write(name(dir, 1, "idx"), offsets))
+        .and_then(|()| std::fs::write(name(dir, 1, "ndx"), index))
+        .and_then(|()| std::fs::write(name(dir, last.saturating_add(1), "log"), []));
+    if written.is_ok()
+        && let Ok(log) = auditlog::AuditLog::open(dir, u64::MAX, indexer)
+    {
+        exercise(&log);
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests;
