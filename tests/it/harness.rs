@@ -470,6 +470,7 @@ pub type Client = VaultClient<InterceptedService<Channel, Auth>>;
 pub async fn connect(addr: SocketAddr, token: Option<&str>) -> Client {
     let channel = Channel::from_shared(format!("http://{addr}"))
         .expect("uri")
+        .connect_timeout(Duration::from_secs(20))
         .connect()
         .await
         .expect("connect");
