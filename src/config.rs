@@ -129,10 +129,8 @@ pub struct Config {
     /// How often the store and the master key are probed for health (`[metrics]
     /// health_interval`; health is served on the main port too).
     pub health_interval: Duration,
-    /// The store's page cache, in bytes.
-    pub store_cache_bytes: u64,
-    /// Size at which the audit trail starts a new segment, in bytes.
-    pub audit_segment_bytes: u64,
+    /// The storage engine and its settings (`[store]`).
+    pub store: crate::store::Engine,
     /// Per-tenant quotas and the free space kept on the data volume.
     pub quotas: crate::quota::QuotaLimits,
 }
@@ -326,6 +324,7 @@ struct FileConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StoreFile {
+    kind: Option<String>,
     cache_size_mb: Option<u64>,
     audit_segment_kb: Option<u64>,
     min_free_mb: Option<u64>,
@@ -637,6 +636,12 @@ impl Config {
                 ));
             }
         };
+        let store = crate::store::Engine::of_kind(
+            file.store.kind.as_deref().unwrap_or("sled"),
+            store_cache_bytes,
+            audit_segment_bytes,
+        )
+        .map_err(ConfigError::Invalid)?;
         let quotas = crate::quota::QuotaLimits {
             max_secrets_per_tenant: file
                 .quotas
@@ -673,8 +678,7 @@ impl Config {
         }
         Ok(Self {
             quotas,
-            store_cache_bytes,
-            audit_segment_bytes,
+            store,
             metrics,
             health_interval,
             tls,
@@ -1014,15 +1018,34 @@ mod tests {
 
     #[test]
     fn store_sizes_have_defaults_and_bounds() {
+        use crate::store::Engine;
         let c = load("").unwrap();
-        assert_eq!(c.store_cache_bytes, crate::store::DEFAULT_CACHE_BYTES);
+        assert_eq!(c.store, Engine::default());
         assert_eq!(
-            c.audit_segment_bytes,
-            crate::store::DEFAULT_AUDIT_SEGMENT_BYTES
+            c.store,
+            Engine::Sled {
+                cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
+                audit_segment_bytes: crate::store::DEFAULT_AUDIT_SEGMENT_BYTES
+            }
         );
-        let c = load("[store]\ncache_size_mb = 64\naudit_segment_kb = 256\n").unwrap();
-        assert_eq!(c.store_cache_bytes, 64 << 20);
-        assert_eq!(c.audit_segment_bytes, 256 << 10);
+        let c =
+            load("[store]\nkind = \"sled\"\ncache_size_mb = 64\naudit_segment_kb = 256\n").unwrap();
+        assert_eq!(
+            c.store,
+            Engine::Sled {
+                cache_bytes: 64 << 20,
+                audit_segment_bytes: 256 << 10
+            }
+        );
+        match load("[store]\nkind = \"cassandra\"\n") {
+            Err(ConfigError::Invalid(why)) => {
+                assert!(
+                    why.contains("\"cassandra\"") && why.contains("sled"),
+                    "{why}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
         for bad in [
             "[store]\ncache_size_mb = 8\n",
             "[store]\naudit_segment_kb = 63\n",

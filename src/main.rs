@@ -393,7 +393,7 @@ fn audit(command: AuditCommand) -> ExitCode {
             };
             let mut out = std::io::stdout().lock();
             run_async(
-                byokd::offline::export_audit(&config.data_dir, since, &mut out),
+                byokd::offline::export_audit(&config.store, &config.data_dir, since, &mut out),
                 |count| {
                     eprintln!("byokd: exported {count} audit entries");
                     ExitCode::SUCCESS

@@ -14,7 +14,7 @@ use crate::backup::{BackupHeader, BackupReader};
 use crate::config::Config;
 use crate::model::{Action, AuditDraft, AuditRecord, SecretName, TenantId, Time};
 use crate::server::{Initialise, Keys, ServeError, open_keys, open_store};
-use crate::store::{MetaKey, RepairPlan, SledStore, Store, StoreError, Transaction, Write};
+use crate::store::{MetaKey, RepairPlan, Store, StoreError, Transaction, Write};
 
 /// Verifies the audit chain of the configured data directory (needs its master key).
 pub async fn verify_audit(
@@ -23,7 +23,7 @@ pub async fn verify_audit(
     to: u64,
     recorded: Option<RecordedHead>,
 ) -> Result<Verification, ServeError> {
-    let store = match open_store(&config.data_dir) {
+    let store = match open_store(&config.store, &config.data_dir) {
         Ok(store) => store,
         // A trail too damaged to open is a broken chain, not a failure to check it.
         Err(ServeError::OpenStore {
@@ -41,9 +41,9 @@ pub async fn verify_audit(
         Err(e) => return Err(e),
     };
     let result = async {
-        let keys = existing_keys(config, &store).await?;
+        let keys = existing_keys(config, &*store).await?;
         audit::verify(
-            &store,
+            &*store,
             &keys.chain,
             from,
             to,
@@ -90,12 +90,12 @@ pub enum Repair {
 /// entry chained after the last entry kept records what was lost. Needs the master key.
 pub async fn repair_audit(config: &Config, apply: bool) -> Result<Repair, ServeError> {
     crate::server::raise_open_files_limit();
-    let db = config.data_dir.join("db");
+    let db = config.store.location(&config.data_dir);
     let open_error = |source| ServeError::OpenStore {
         path: db.clone(),
         source,
     };
-    let plan = SledStore::plan_repair(&db).map_err(open_error)?;
+    let plan = config.store.plan_repair_at(&db).map_err(open_error)?;
     if !apply {
         return Ok(match plan {
             Some(plan) => Repair::Planned(plan),
@@ -115,16 +115,19 @@ pub async fn repair_audit(config: &Config, apply: bool) -> Result<Repair, ServeE
             quarantine = quarantine.display(),
             leases = plan.leases,
         );
-        SledStore::apply_repair(&db, plan, &quarantine, &note).map_err(open_error)?;
+        config
+            .store
+            .apply_repair_at(&db, plan, &quarantine, &note)
+            .map_err(open_error)?;
         tracing::warn!(%note, "audit trail cut");
     }
-    let store = open_store(&config.data_dir)?;
+    let store = open_store(&config.store, &config.data_dir)?;
     let result = async {
         let note = match store.meta(MetaKey::RepairPending)? {
             Some(note) if !note.is_empty() => String::from_utf8_lossy(&note).into_owned(),
             _ => return Ok(Repair::NothingToDo),
         };
-        let keys = existing_keys(config, &store).await?;
+        let keys = existing_keys(config, &*store).await?;
         store.start_audit_chain(keys.chain).await?;
         let mut entry = AuditDraft::new(Action::Repair, None, None);
         entry.reason = note.clone();
@@ -147,12 +150,13 @@ pub async fn repair_audit(config: &Config, apply: bool) -> Result<Repair, ServeE
 
 /// Writes the audit entries at or after `since` as JSON lines to `out`. Returns how many.
 pub async fn export_audit(
+    engine: &crate::store::Engine,
     data_dir: &Path,
     since: Option<Time>,
     out: &mut dyn std::io::Write,
 ) -> Result<u64, ServeError> {
-    let store = open_store(data_dir)?;
-    let result = write_jsonl(&store, since, out);
+    let store = open_store(engine, data_dir)?;
+    let result = write_jsonl(&*store, since, out);
     store.close().await?;
     result
 }
@@ -565,7 +569,7 @@ pub async fn restore(
     later: LaterChanges,
 ) -> Result<RestoreSummary, ServeError> {
     let restore_error = |e: &dyn std::fmt::Display| ServeError::Restore(e.to_string());
-    let db = config.data_dir.join("db");
+    let db = config.store.location(&config.data_dir);
     if db.exists() {
         return Err(ServeError::Restore(format!(
             "{} already holds a database; restore only into an empty data directory",
@@ -598,14 +602,16 @@ pub async fn restore(
     crate::server::raise_open_files_limit();
     let result = async {
         let records = tokio::task::block_in_place(|| {
-            SledStore::import(&staging, || reader.next_record().map_err(|e| e.to_string()))
+            config
+                .store
+                .import_at(&staging, || reader.next_record().map_err(|e| e.to_string()))
         })
         .map_err(|e| restore_error(&e))?;
-        let store = SledStore::open(&staging)?;
+        let store = config.store.open_at(&staging)?;
         let checked = async {
-            let keys = existing_keys(config, &store).await?;
+            let keys = existing_keys(config, &*store).await?;
             let report = audit::verify(
-                &store,
+                &*store,
                 &keys.chain,
                 0,
                 0,
@@ -618,7 +624,7 @@ pub async fn restore(
                     "audit chain broken at entry {seq}: {why}"
                 )));
             }
-            let versions = crate::vault::check_envelopes(&store, &keys.keyring)
+            let versions = crate::vault::check_envelopes(&*store, &keys.keyring)
                 .await
                 .map_err(|e| {
                     tracing::error!(error = ?e, "decrypt check failed");
@@ -631,7 +637,7 @@ pub async fn restore(
                 LaterChanges::Replay(export) => {
                     let later = later_changes(export, header.audit_head_seq)?;
                     store.start_audit_chain(keys.chain.clone()).await?;
-                    let replayed = replay_revocations(&store, &later.revoked, export).await?;
+                    let replayed = replay_revocations(&*store, &later.revoked, export).await?;
                     (replayed, later.rotated)
                 }
             };

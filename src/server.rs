@@ -27,7 +27,7 @@ use crate::model::PrincipalId;
 use crate::quota::Quotas;
 use crate::rotation::{KeyVersion, KeyringState, RotationSettings, Rotator};
 use crate::service::VaultService;
-use crate::store::{MetaKey, SledStore, Store, StoreError, Transaction, Write};
+use crate::store::{Engine, MetaKey, Store, StoreError, Transaction, Write};
 use crate::vault::{Vault, VaultParts};
 
 /// Id of the admin principal created when no principals are configured.
@@ -205,11 +205,7 @@ pub async fn run(
             source,
         },
     )?;
-    let path = config.data_dir.join("db");
-    let store: Arc<dyn Store> = Arc::new(
-        SledStore::open_with(&path, config.store_cache_bytes, config.audit_segment_bytes)
-            .map_err(|source| ServeError::OpenStore { path, source })?,
-    );
+    let store = open_store(&config.store, &config.data_dir)?;
     let result = serve(config, options, store.clone(), announce, shutdown).await;
     let closed = store.close().await.map_err(ServeError::from);
     tracing::info!("store closed");
@@ -240,11 +236,13 @@ fn remove_stale_backups(data_dir: &Path) {
     }
 }
 
-/// Opens the sled database of a data directory.
-pub fn open_store(data_dir: &Path) -> Result<SledStore, ServeError> {
+/// Opens the store of a data directory with the configured engine.
+pub fn open_store(engine: &Engine, data_dir: &Path) -> Result<Arc<dyn Store>, ServeError> {
     raise_open_files_limit();
-    let path = data_dir.join("db");
-    SledStore::open(&path).map_err(|source| ServeError::OpenStore { path, source })
+    let path = engine.location(data_dir);
+    engine
+        .open_at(&path)
+        .map_err(|source| ServeError::OpenStore { path, source })
 }
 
 async fn serve(

@@ -7,11 +7,13 @@
 //! check-then-act safe: if a guard no longer holds, nothing is written and the caller gets
 //! [`StoreError::Conflict`] to re-read and decide again.
 //!
-//! `sled.rs` is the one adapter today; `tests` holds the suite every adapter must pass.
+//! `sled.rs` is the one adapter today, opened (like any adapter) only through `engine.rs`,
+//! which `[store] kind` chooses; `tests` holds the suite every adapter must pass.
 
 mod auditindex;
 mod auditlog;
 mod codec;
+mod engine;
 pub mod sled;
 
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use crate::model::{
 };
 
 pub use self::auditlog::DEFAULT_SEGMENT_BYTES as DEFAULT_AUDIT_SEGMENT_BYTES;
+pub use self::engine::{Engine, KINDS};
 pub use self::sled::{DEFAULT_CACHE_BYTES, RepairPlan, SledStore};
 
 /// Errors of the storage layer.

@@ -35,6 +35,10 @@ fn invalid_configuration_is_a_clear_error_with_exit_code_2() {
             "[[principal]]\nid = \"p\"\ntoken_sha256 = \"00\"\nroles = [\"admin\"]\ntenants = [\"*\"]\n",
             "token_sha256 must be 64 hex digits",
         ),
+        (
+            "[store]\nkind = \"cassandra\"\n",
+            "store.kind: unknown engine \"cassandra\"; the engines are: sled",
+        ),
     ];
     for (text, expected) in cases {
         let path = dir.path().join("bad.toml");

@@ -12,6 +12,7 @@ mod crash;
 mod durability;
 mod examples;
 mod hardening;
+mod invariants;
 mod kms;
 mod leases;
 mod ops;
