@@ -13,10 +13,11 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::chain::{self, ChainKey};
+use crate::model::peer_host;
 use crate::model::{
     Action, AuditRecord, ChainHash, Outcome, PrincipalId, SecretName, TenantId, Time,
 };
-use crate::store::{AuditIndex, Store, StoreError, peer_host};
+use crate::store::{AuditIndex, Store, StoreError};
 
 /// Default number of entries in a page.
 pub const DEFAULT_PAGE_SIZE: usize = 100;

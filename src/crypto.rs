@@ -166,14 +166,30 @@ pub fn random_array<const N: usize>() -> Result<[u8; N], CryptoError> {
     Ok(out)
 }
 
+/// A bearer token (a principal's or a lease's) held in memory: no `Debug`, `Display`,
+/// `Clone` or `Serialize`, zeroized on drop, read only through [`SecretToken::expose_secret`].
+pub struct SecretToken(Zeroizing<String>);
+
+impl SecretToken {
+    /// Takes ownership of a token's text (as read from a flag or the environment).
+    pub fn new(text: String) -> Self {
+        Self(Zeroizing::new(text))
+    }
+
+    /// The token text, for the one place that sends, prints or hashes it.
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
+}
+
 /// A bearer token: `prefix` followed by 256 random bits in unpadded base64url.
-pub fn random_token(prefix: &str) -> Result<Zeroizing<String>, CryptoError> {
+pub fn random_token(prefix: &str) -> Result<SecretToken, CryptoError> {
     use base64::Engine;
     let bytes = Zeroizing::new(random_array::<32>()?);
     let mut token = Zeroizing::new(String::with_capacity(prefix.len() + 43));
     token.push_str(prefix);
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(bytes.as_slice(), &mut token);
-    Ok(token)
+    Ok(SecretToken(token))
 }
 
 #[cfg(test)]

@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use zeroize::Zeroizing;
 
 use crate::crypto::{self, CryptoError};
 use crate::model::{LeaseRecord, PrincipalId, SecretRecord, SecretState, Time, TokenHash};
@@ -73,7 +72,7 @@ pub enum LeaseError {
 }
 
 /// A freshly minted lease token. Shown once to the caller; only its hash is kept.
-pub struct LeaseToken(Zeroizing<String>);
+pub struct LeaseToken(crypto::SecretToken);
 
 impl LeaseToken {
     /// 256 random bits from the operating system.
@@ -83,12 +82,12 @@ impl LeaseToken {
 
     /// The token text, to hand to the caller once.
     pub fn expose_secret(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
     }
 
     /// The hash the store keeps.
     pub fn hash(&self) -> TokenHash {
-        hash_token(&self.0)
+        hash_token(self.0.expose_secret())
     }
 }
 

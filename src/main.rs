@@ -244,7 +244,7 @@ fn main() -> ExitCode {
             };
             let target = byokd::offline::Target {
                 url: client.target,
-                token: client.token,
+                token: byokd::crypto::SecretToken::new(client.token),
                 ca: client.ca,
                 server_name: client.server_name,
                 client_identity: client.client_cert.zip(client.client_key),
@@ -305,9 +305,12 @@ fn main() -> ExitCode {
             Ok(token) => {
                 println!(
                     "token (give to the client, store nowhere else): {}",
-                    &*token
+                    token.expose_secret()
                 );
-                println!("token_sha256 = \"{}\"", hex::encode(token_digest(&token)));
+                println!(
+                    "token_sha256 = \"{}\"",
+                    hex::encode(token_digest(token.expose_secret()))
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -825,6 +825,15 @@ pub fn value_hint(value: &[u8]) -> String {
     format!("{head}{ELLIPSIS}{tail}")
 }
 
+/// The host part of a peer address (`10.0.0.1:5000` -> `10.0.0.1`): what the peer audit index
+/// keys and the per-host rate limits count.
+pub fn peer_host(peer: &str) -> String {
+    match peer.parse::<std::net::SocketAddr>() {
+        Ok(addr) => addr.ip().to_string(),
+        Err(_) => peer.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

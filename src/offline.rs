@@ -287,12 +287,11 @@ impl From<&AuditRecord> for ExportedEntry {
 }
 
 /// How a client command reaches the running server.
-#[derive(Debug, Clone)]
 pub struct Target {
     /// Server URL; `None`: from the config's listen address and TLS settings.
     pub url: Option<String>,
     /// Bearer token of an admin principal.
-    pub token: String,
+    pub token: crate::crypto::SecretToken,
     /// CA certificate to trust; `None`: the config's server certificate.
     pub ca: Option<PathBuf>,
     /// Name expected in the server's certificate.
@@ -380,7 +379,7 @@ pub async fn backup(
     }
     let channel = connect(config, target).await?;
     let mut request = tonic::Request::new(pb::BackupRequest {});
-    let auth = format!("Bearer {}", target.token)
+    let auth = zeroize::Zeroizing::new(format!("Bearer {}", target.token.expose_secret()))
         .parse()
         .map_err(|_| ServeError::Backup("the token is not valid metadata".into()))?;
     request.metadata_mut().insert("authorization", auth);

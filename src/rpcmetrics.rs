@@ -106,16 +106,44 @@ where
             match inner.call(request).await {
                 Ok(response) => {
                     let code = response_code(response.headers());
-                    crate::metrics::global().rpc(method, code, started.elapsed());
+                    crate::metrics::global().rpc(method, code_name(code), started.elapsed());
                     Ok(response)
                 }
                 Err(e) => {
                     let status = tonic::Status::from_error(e.into());
-                    crate::metrics::global().rpc(method, status.code(), started.elapsed());
+                    crate::metrics::global().rpc(
+                        method,
+                        code_name(status.code()),
+                        started.elapsed(),
+                    );
                     Err(Box::new(status) as Box<dyn std::error::Error + Send + Sync>)
                 }
             }
         })
+    }
+}
+
+/// The canonical name of a gRPC code, as in the gRPC spec (`NOT_FOUND`).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

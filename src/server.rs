@@ -846,7 +846,7 @@ async fn bootstrap_principals(
         _ => {
             let token = crate::crypto::random_token(auth::PRINCIPAL_TOKEN_PREFIX)
                 .map_err(ServeError::Rng)?;
-            let digest = auth::token_digest(&token);
+            let digest = auth::token_digest(token.expose_secret());
             store
                 .commit(Transaction {
                     writes: vec![Write::PutMeta(MetaKey::BootstrapAdmin, digest.to_vec())],
@@ -855,7 +855,7 @@ async fn bootstrap_principals(
                 .await?;
             announce(Announcement::BootstrapToken {
                 principal: BOOTSTRAP_PRINCIPAL,
-                token: &token,
+                token: token.expose_secret(),
             });
             digest
         }

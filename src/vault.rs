@@ -301,7 +301,7 @@ impl Caller {
         if let Some(peer) = &self.peer {
             keys.push(format!(
                 "peer:{}|{}",
-                crate::store::peer_host(peer),
+                crate::model::peer_host(peer),
                 principal.unwrap_or("")
             ));
         }

@@ -314,7 +314,7 @@ async fn victim_loop(
         let grant = match client.lease(lease).await {
             Ok(grant) => grant.into_inner(),
             Err(status) => {
-                count(&codes, byokd::metrics::code_name(status.code())).await;
+                count(&codes, byokd::rpcmetrics::code_name(status.code())).await;
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
@@ -326,7 +326,7 @@ async fn victim_loop(
                 ok.fetch_add(1, Ordering::Relaxed);
             }
             Err(status) => {
-                count(&codes, byokd::metrics::code_name(status.code())).await;
+                count(&codes, byokd::rpcmetrics::code_name(status.code())).await;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
@@ -609,7 +609,7 @@ async fn flood(
             .await
         {
             Ok(_) => "OK",
-            Err(status) => byokd::metrics::code_name(status.code()),
+            Err(status) => byokd::rpcmetrics::code_name(status.code()),
         };
         count(&codes, code).await;
     }
@@ -623,7 +623,7 @@ fn status_in_headers<B>(response: &http::Response<B>) -> Option<&'static str> {
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok())
-        .map(|c| byokd::metrics::code_name(tonic::Code::from_i32(c)))
+        .map(|c| byokd::rpcmetrics::code_name(tonic::Code::from_i32(c)))
 }
 
 /// Bytes in the audit trail's directory.

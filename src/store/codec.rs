@@ -197,7 +197,7 @@ pub fn audit_index_prefixes(record: &AuditRecord) -> Vec<Vec<u8>> {
         indexes.push(AuditIndex::Principal(p.clone()));
     }
     if let Some(peer) = &e.peer {
-        indexes.push(AuditIndex::PeerHost(super::peer_host(peer)));
+        indexes.push(AuditIndex::PeerHost(crate::model::peer_host(peer)));
     }
     indexes.iter().map(audit_index_prefix).collect()
 }

@@ -152,14 +152,6 @@ pub enum AuditIndex {
     PeerHost(String),
 }
 
-/// The host part of a peer address (`10.0.0.1:5000` -> `10.0.0.1`), as the peer index keys it.
-pub fn peer_host(peer: &str) -> String {
-    match peer.parse::<std::net::SocketAddr>() {
-        Ok(addr) => addr.ip().to_string(),
-        Err(_) => peer.to_string(),
-    }
-}
-
 /// A condition a transaction's writes depend on: the record must still be exactly what the
 /// caller read (`None`: must still be absent).
 #[derive(Debug, Clone)]

@@ -111,7 +111,9 @@ fn in_index(index: &AuditIndex, record: &AuditRecord) -> bool {
         AuditIndex::Secret(t, n) => e.tenant.as_ref() == Some(t) && e.name.as_ref() == Some(n),
         AuditIndex::Tenant(t) => e.tenant.as_ref() == Some(t),
         AuditIndex::Principal(p) => e.principal.as_ref() == Some(p),
-        AuditIndex::PeerHost(h) => e.peer.as_deref().map(super::peer_host).as_ref() == Some(h),
+        AuditIndex::PeerHost(h) => {
+            e.peer.as_deref().map(crate::model::peer_host).as_ref() == Some(h)
+        }
     }
 }
 
@@ -146,7 +148,7 @@ pub(crate) fn check_indexes_against_entries(store: &dyn Store) {
             of_entry.push(AuditIndex::Principal(p.clone()));
         }
         if let Some(peer) = &e.peer {
-            of_entry.push(AuditIndex::PeerHost(super::peer_host(peer)));
+            of_entry.push(AuditIndex::PeerHost(crate::model::peer_host(peer)));
         }
         for index in of_entry {
             if !indexes.contains(&index) {
