@@ -97,6 +97,8 @@ pub(crate) async fn check_adapter(store: Arc<dyn Store>) {
     envelopes_are_destroyed(&*store).await;
     leases_are_indexed(&*store).await;
     audit_sequence_has_no_gaps(store.clone()).await;
+    racing_creates_of_one_name_let_exactly_one_win(store.clone()).await;
+    the_chain_holds_after_two_waves_of_64_concurrent_commits(store.clone()).await;
     audit_entries_are_chained_and_indexed(&*store).await;
     durable_entries_are_fed_to_subscribers(&*store).await;
     audit_indexes_span_blocks(&*store).await;
@@ -502,6 +504,95 @@ async fn audit_sequence_has_no_gaps(store: Arc<dyn Store>) {
     assert_eq!(page.len(), 10);
     assert_eq!(page[0].seq, first_new);
     assert_eq!(page[0].entry.outcome, Outcome::NotFound);
+}
+
+/// Sixteen commits guarded on the same absent name, at once: exactly one creates it (with
+/// its audit entry); every other one is a conflict that writes nothing, not even its entry.
+async fn racing_creates_of_one_name_let_exactly_one_win(store: Arc<dyn Store>) {
+    let before = store.audit_entries(0, usize::MAX).unwrap().len();
+    let barrier = Arc::new(tokio::sync::Barrier::new(16));
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let (store, barrier) = (store.clone(), barrier.clone());
+            tokio::spawn(async move {
+                let s = secret("race", "one-name");
+                let tx = Transaction {
+                    guards: vec![Guard::Secret {
+                        tenant: s.tenant.clone(),
+                        name: s.name.clone(),
+                        expect: None,
+                    }],
+                    writes: vec![Write::PutSecret(s.clone())],
+                    audit: Some(draft(Action::Store)),
+                };
+                barrier.wait().await;
+                (s.id, store.commit(tx).await)
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            (id, Ok(committed)) => winners.push((id, committed.audit_seq)),
+            (_, Err(StoreError::Conflict)) => {}
+            (_, Err(e)) => panic!("{e}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let stored = store
+        .secret(&tenant("race"), &name("one-name"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.id, winners[0].0);
+    let after = store.audit_entries(0, usize::MAX).unwrap();
+    assert_eq!(after.len(), before + 1);
+    assert_eq!(Some(after.last().unwrap().seq), winners[0].1);
+}
+
+/// Two waves of 64 concurrent commits each, records and audit-only entries mixed: the trail
+/// stays one gap-free chain in commit order, with times that never go back.
+async fn the_chain_holds_after_two_waves_of_64_concurrent_commits(store: Arc<dyn Store>) {
+    let key = chain_key();
+    let first_new = store.audit_head().unwrap().map_or(1, |h| h.seq + 1);
+    for wave in 0..2 {
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let tx = if i % 2 == 0 {
+                        put(
+                            vec![Write::PutSecret(secret("waves", &format!("w{wave}-{i}")))],
+                            Action::Store,
+                        )
+                    } else {
+                        Transaction::audit_only(draft(Action::Describe))
+                    };
+                    store.commit(tx).await.unwrap().audit_seq.unwrap()
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+    let all = store.audit_entries(first_new, usize::MAX).unwrap();
+    assert_eq!(all.len(), 128);
+    assert_eq!(all[0].seq, first_new);
+    let before = store.audit_entry(first_new - 1).unwrap().unwrap();
+    assert_eq!(all[0].prev_hash, before.hash);
+    for pair in all.windows(2) {
+        assert_eq!(pair[1].seq, pair[0].seq + 1);
+        assert_eq!(pair[1].prev_hash, pair[0].hash);
+        assert!(pair[1].time >= pair[0].time);
+    }
+    assert!(all.iter().all(|r| key.is_intact(r)));
+    assert_eq!(
+        store
+            .list_secrets(&tenant("waves"), None, 1000)
+            .unwrap()
+            .len(),
+        64
+    );
 }
 
 async fn audit_entries_are_chained_and_indexed(store: &dyn Store) {
