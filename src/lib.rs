@@ -11,6 +11,7 @@ pub mod audit;
 pub mod auth;
 pub mod backup;
 pub mod chain;
+pub mod client;
 pub mod config;
 pub mod connection;
 pub mod crypto;

@@ -242,14 +242,14 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let target = byokd::offline::Target {
+            let target = byokd::client::Target {
                 url: client.target,
                 token: byokd::crypto::SecretToken::new(client.token),
                 ca: client.ca,
                 server_name: client.server_name,
                 client_identity: client.client_cert.zip(client.client_key),
             };
-            run_async(byokd::offline::backup(&config, &target, &out), |summary| {
+            run_async(byokd::client::backup(&config, &target, &out), |summary| {
                 println!(
                     "backup written to {}: {} records, {} bytes, audit head seq {} hash {}",
                     out.display(),
