@@ -644,6 +644,41 @@ async fn render_metrics(vault: Arc<Vault>) -> axum::response::Response {
 
 /// True if `current` is the configured master key, or (for a local key) a version that a
 /// rotation created from it: `<path>.v<N>`, written next to the configured file.
+/// A recorded local key file that is gone may have moved with its data (a restore into
+/// another directory or host): the configured key file, or the file of the recorded name
+/// beside it (`<path>.v<N>` of a rotation), stands in for it if its key id is the one
+/// recorded. Key ids come from the key material, so no other key can pass.
+async fn moved_local_key(
+    config: &MasterKeyConfig,
+    recorded: &MasterKeySpec,
+    key_id: &str,
+) -> Option<Arc<dyn crate::keyring::MasterKey>> {
+    let (MasterKeySpec::Local { path: configured }, MasterKeySpec::Local { path: recorded }) =
+        (&config.spec, recorded)
+    else {
+        return None;
+    };
+    let mut candidates = vec![configured.clone()];
+    if let (Some(dir), Some(name)) = (configured.parent(), recorded.file_name()) {
+        candidates.push(dir.join(name));
+    }
+    for path in candidates {
+        let spec = MasterKeySpec::Local { path: path.clone() };
+        if let Ok((key, _)) = spec.open(&config.aws, false).await
+            && key.key_id() == key_id
+        {
+            tracing::info!(
+                recorded = %recorded.display(),
+                found = %path.display(),
+                key_id,
+                "a master key file moved with its data; using it where the config points"
+            );
+            return Some(key);
+        }
+    }
+    None
+}
+
 fn rotated_from(current: &MasterKeySpec, configured: &MasterKeySpec) -> bool {
     match (current, configured) {
         (MasterKeySpec::Local { path: current }, MasterKeySpec::Local { path: configured }) => {
@@ -730,10 +765,15 @@ pub async fn open_keys(
             Err(KeyringError::Io { path, source })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
-                return Err(ServeError::MasterKeyMissing {
-                    path,
-                    expected: v.key_id.clone(),
-                });
+                match moved_local_key(config, &v.spec, &v.key_id).await {
+                    Some(key) => key,
+                    None => {
+                        return Err(ServeError::MasterKeyMissing {
+                            path,
+                            expected: v.key_id.clone(),
+                        });
+                    }
+                }
             }
             Err(e) => return Err(e.into()),
         };

@@ -313,6 +313,63 @@ async fn restore_refuses_a_backup_whose_chain_or_values_do_not_check_out() {
     assert_eq!(code, 0, "{out}");
 }
 
+/// A backup file written by byokd at ce6c08c (before the storage contract changes), with its
+/// local master key: it still restores, its values open, its revocation holds and its audit
+/// chain verifies against the head it names. (Made by `tests/data/make-backup-fixture.sh`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_written_by_an_earlier_version_still_restores() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let fixture = data.join("backup-ce6c08c.bak");
+    let header = byokd::backup::BackupReader::new(std::fs::File::open(&fixture).unwrap())
+        .unwrap()
+        .header()
+        .clone();
+    let dir = TestDir::new();
+    std::fs::create_dir(dir.data()).unwrap();
+    let key = dir.data().join("master.key");
+    std::fs::copy(data.join("backup-ce6c08c.master.key"), &key).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, out) = restore(&dir, &fixture);
+    assert_eq!(code, 0, "{out}");
+    let server = dir.start();
+    for i in 1..=3 {
+        let value = format!("sk-fixture-{i}-0123456789abcdefghij").into_bytes();
+        remember_secret(&value);
+        assert_eq!(
+            lease_and_get(&server, "acme", &format!("fixture-{i}"))
+                .await
+                .unwrap()
+                .value,
+            value
+        );
+    }
+    assert_status(
+        server
+            .as_(ORCHESTRATOR)
+            .await
+            .lease(lease_req("acme", "fixture-revoked", 1))
+            .await,
+        Code::FailedPrecondition,
+        "secret is revoked",
+    );
+    let report = server
+        .as_(AUDITOR)
+        .await
+        .verify_audit(pb::VerifyAuditRequest {
+            expected_head_seq: header.audit_head_seq,
+            expected_head_hash: header.audit_head_hash.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        report.ok && header.audit_head_seq > 5,
+        "{report:?} {header:?}"
+    );
+}
+
 /// `GET /metrics` on the ops address, as Prometheus would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paths_byokd_does_not_serve_add_no_metric_labels() {
