@@ -992,8 +992,7 @@ mod tests {
     const HASH_B: &str = "9e3c5a1d1c37c1a5e5a0e9b2a0f9a8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1";
 
     fn load(text: &str) -> Result<Config, ConfigError> {
-        let file = Config::parse_file(Path::new("test.toml"), text)?;
-        Config::resolve(file, Path::new("/etc/byokd"), Overrides::default())
+        Config::from_text(text, Path::new("/etc/byokd"))
     }
 
     #[test]

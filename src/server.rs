@@ -1012,7 +1012,6 @@ fn harden_process() {
     if let Err(e) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
         tracing::warn!(error = %e, "could not mark the process non-dumpable (PR_SET_DUMPABLE)");
     }
-    raise_open_files_limit();
 }
 
 /// Most the soft limit on open files is raised to (Linux's default `fs.nr_open`).
