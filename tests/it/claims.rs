@@ -3,7 +3,7 @@
 //! RotateMasterKey and Backup.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use byokd::api::v1::{self as pb};
@@ -12,20 +12,6 @@ use tokio::sync::Barrier;
 use tonic::Code;
 
 use crate::harness::*;
-
-/// Every file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("read dir") {
-        let path = entry.expect("entry").path();
-        if path.is_dir() {
-            out.extend(files_under(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path)

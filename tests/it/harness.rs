@@ -1057,3 +1057,41 @@ pub fn value_64k(i: usize) -> Vec<u8> {
     v[..8].copy_from_slice(format!("{i:08}").as_bytes());
     v
 }
+
+/// The audit trail's files of a (stopped) server's data directory ending in `ext` (`log`,
+/// `idx`, `ndx`), in order.
+pub fn trail_files(dir: &TestDir, ext: &str) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = files_under(&dir.data().join("db").join("audit"))
+        .into_iter()
+        .filter(|p| p.extension() == Some(ext.as_ref()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Flips a bit of the byte at `at` of `path`, in place, as damage or an attacker would.
+pub fn flip_byte(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, at).expect("read");
+    file.write_all_at(&[byte[0] ^ 0x40], at).expect("write");
+}

@@ -3,16 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+/// The Rust source files under `dir`, in order.
 fn sources(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("src") {
-        let path = entry.expect("entry").path();
-        if path.is_dir() {
-            out.extend(sources(&path));
-        } else if path.extension() == Some("rs".as_ref()) {
-            out.push(path);
-        }
-    }
+    let mut out: Vec<PathBuf> = crate::harness::files_under(dir)
+        .into_iter()
+        .filter(|p| p.extension() == Some("rs".as_ref()))
+        .collect();
     out.sort();
     out
 }

@@ -53,19 +53,9 @@ struct Trail {
 }
 
 impl Trail {
-    fn audit(&self) -> PathBuf {
-        self.dir.data().join("db").join("audit")
-    }
-
     /// Files of the trail ending in `ext`, in order.
     fn files(&self, ext: &str) -> Vec<PathBuf> {
-        let mut out: Vec<PathBuf> = std::fs::read_dir(self.audit())
-            .expect("audit dir")
-            .map(|e| e.expect("entry").path())
-            .filter(|p| p.extension() == Some(ext.as_ref()))
-            .collect();
-        out.sort();
-        out
+        trail_files(&self.dir, ext)
     }
 
     fn active(&self) -> PathBuf {
@@ -118,12 +108,6 @@ fn redo_range(frame: &[u8]) -> std::ops::Range<usize> {
     HEADER + payload..frame.len()
 }
 
-fn flip(path: &Path, at: u64) {
-    let mut bytes = std::fs::read(path).expect("read");
-    bytes[at as usize] ^= 0x40;
-    std::fs::write(path, bytes).expect("write");
-}
-
 fn len(path: &Path) -> u64 {
     std::fs::metadata(path).expect("file").len()
 }
@@ -148,7 +132,7 @@ fn cases() -> Vec<Case> {
             name: "a byte flipped in a frame of the active segment",
             edit: |t| {
                 let active = t.active();
-                flip(&active, len(&active) / 2);
+                flip_byte(&active, len(&active) / 2);
                 Some(active)
             },
             promise: Promise::RefusedAtStart { says: "at offset" },
@@ -157,7 +141,7 @@ fn cases() -> Vec<Case> {
             name: "a byte flipped in a frame of a sealed segment",
             edit: |t| {
                 let sealed = t.sealed();
-                flip(&sealed, len(&sealed) / 2);
+                flip_byte(&sealed, len(&sealed) / 2);
                 Some(sealed)
             },
             promise: Promise::WritesStopOnceFound,
@@ -322,7 +306,7 @@ fn cases() -> Vec<Case> {
                 for frame in &all {
                     if frame[16] & REPLAYABLE != 0 && !redo_range(frame).is_empty() {
                         let redo = redo_range(frame);
-                        flip(&active, (offset + redo.start + redo.len() / 2) as u64);
+                        flip_byte(&active, (offset + redo.start + redo.len() / 2) as u64);
                         return Some(active);
                     }
                     offset += frame.len();
@@ -335,7 +319,7 @@ fn cases() -> Vec<Case> {
             name: "an offset file's byte flipped",
             edit: |t| {
                 let idx = t.files("idx")[1].clone();
-                flip(&idx, len(&idx) / 2 / 8 * 8 + 1);
+                flip_byte(&idx, len(&idx) / 2 / 8 * 8 + 1);
                 None
             },
             promise: Promise::NoEffect,
@@ -354,7 +338,7 @@ fn cases() -> Vec<Case> {
             name: "an index file's byte flipped",
             edit: |t| {
                 for ndx in t.files("ndx") {
-                    flip(&ndx, len(&ndx) / 3);
+                    flip_byte(&ndx, len(&ndx) / 3);
                 }
                 None
             },

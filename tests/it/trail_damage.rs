@@ -3,7 +3,7 @@
 //! until an operator restores a backup or runs `byokd audit repair`, which records what was
 //! lost.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use byokd::api::v1::{self as pb};
@@ -17,29 +17,6 @@ const SMALL_SEGMENTS: &str = "[store]\naudit_segment_kb = 64\n";
 /// Enough failed redemptions allowed to try every used lease again.
 const MANY_FAILURES: &str =
     "[limits]\nfailed_get_rate_limit = { per_second = 1000, burst = 1000 }\n";
-
-/// The audit segment files of a data directory, in order.
-fn segments(dir: &TestDir) -> Vec<PathBuf> {
-    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir.data().join("db").join("audit"))
-        .expect("audit dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension() == Some("log".as_ref()))
-        .collect();
-    logs.sort();
-    logs
-}
-
-fn flip_byte(path: &Path, at: u64) {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .expect("open segment");
-    let mut byte = [0u8];
-    file.read_exact_at(&mut byte, at).expect("read");
-    file.write_all_at(&[byte[0] ^ 0x40], at).expect("write");
-}
 
 fn cli(dir: &TestDir, args: &[&str]) -> (i32, String) {
     let config = dir.config().to_string_lossy().into_owned();
@@ -77,7 +54,7 @@ async fn health_of(server: &TestServer) -> ServingStatus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_byte_in_the_active_segment_stops_the_start_until_a_recorded_repair() {
     let (dir, used) = history(MANY_FAILURES, 70).await;
-    let logs = segments(&dir);
+    let logs = trail_files(&dir, "log");
     assert_eq!(logs.len(), 1, "{logs:?}");
     let len = std::fs::metadata(&logs[0]).expect("segment").len();
     flip_byte(&logs[0], len / 3);
@@ -158,7 +135,7 @@ async fn a_flipped_byte_in_the_active_segment_stops_the_start_until_a_recorded_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_byte_in_a_sealed_segment_stops_writes_once_found() {
     let (dir, _) = history(SMALL_SEGMENTS, 1300).await;
-    let logs = segments(&dir);
+    let logs = trail_files(&dir, "log");
     assert!(logs.len() >= 3, "{logs:?}");
     let len = std::fs::metadata(&logs[1]).unwrap().len();
     flip_byte(&logs[1], len / 2);
@@ -218,7 +195,7 @@ async fn a_flipped_byte_in_a_sealed_segment_stops_writes_once_found() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_or_deleted_sealed_segment_is_refused_at_start() {
     let (dir, _) = history(SMALL_SEGMENTS, 1300).await;
-    let logs = segments(&dir);
+    let logs = trail_files(&dir, "log");
     assert!(logs.len() >= 3, "{logs:?}");
     let copy = tempfile::tempdir().unwrap();
     let backup = |to: &Path| {
