@@ -240,13 +240,7 @@ async fn acknowledged_writes_and_uses_survive_repeated_kill_9() {
         }
         tokio::time::sleep(Duration::from_millis(150 + rng.below(550))).await;
         // The head now: every later check must still find it.
-        let head = server
-            .as_(AUDITOR)
-            .await
-            .verify_audit(pb::VerifyAuditRequest::default())
-            .await
-            .expect("VerifyAudit under load")
-            .into_inner();
+        let head = verify_against(&server, (0, "")).await;
         assert!(head.ok, "{head:?}");
         pinned = Some((head.head_seq, head.head_hash));
         shared.killed.store(true, Ordering::SeqCst);
@@ -464,24 +458,11 @@ async fn verify(
     watched: &Arc<Mutex<Vec<pb::AuditEntry>>>,
     pinned: Option<(u64, String)>,
 ) {
-    let mut auditor = server.as_(AUDITOR).await;
     if let Some((seq, hash)) = pinned {
-        let report = auditor
-            .verify_audit(pb::VerifyAuditRequest {
-                expected_head_seq: seq,
-                expected_head_hash: hash,
-                ..Default::default()
-            })
-            .await
-            .expect("VerifyAudit")
-            .into_inner();
+        let report = verify_against(server, (seq, &hash)).await;
         assert!(report.ok, "the head pinned before the kill: {report:?}");
     }
-    let start = auditor
-        .verify_audit(pb::VerifyAuditRequest::default())
-        .await
-        .expect("VerifyAudit")
-        .into_inner();
+    let start = verify_against(server, (0, "")).await;
     assert!(start.ok, "{start:?}");
 
     let mut m = shared.model.lock().unwrap().clone_for_check();

@@ -1095,3 +1095,19 @@ pub fn flip_byte(path: &Path, at: u64) {
     file.read_exact_at(&mut byte, at).expect("read");
     file.write_all_at(&[byte[0] ^ 0x40], at).expect("write");
 }
+
+/// `VerifyAudit` (as the global auditor) of the whole trail against a head recorded earlier
+/// (`(0, "")`: none).
+pub async fn verify_against(server: &TestServer, head: (u64, &str)) -> pb::VerifyAuditResponse {
+    server
+        .as_(AUDITOR)
+        .await
+        .verify_audit(pb::VerifyAuditRequest {
+            expected_head_seq: head.0,
+            expected_head_hash: head.1.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("VerifyAudit")
+        .into_inner()
+}

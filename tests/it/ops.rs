@@ -353,17 +353,7 @@ async fn a_backup_written_by_an_earlier_version_still_restores() {
         Code::FailedPrecondition,
         "secret is revoked",
     );
-    let report = server
-        .as_(AUDITOR)
-        .await
-        .verify_audit(pb::VerifyAuditRequest {
-            expected_head_seq: header.audit_head_seq,
-            expected_head_hash: header.audit_head_hash.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let report = verify_against(&server, (header.audit_head_seq, &header.audit_head_hash)).await;
     assert!(
         report.ok && header.audit_head_seq > 5,
         "{report:?} {header:?}"

@@ -253,29 +253,13 @@ async fn switching_from_a_local_key_to_kms_and_back_is_a_rotation() {
 }
 
 async fn head_of(server: &TestServer) -> (u64, String) {
-    let report = server
-        .as_(AUDITOR)
-        .await
-        .verify_audit(pb::VerifyAuditRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let report = verify_against(server, (0, "")).await;
     assert!(report.ok, "{report:?}");
     (report.head_seq, report.head_hash)
 }
 
 async fn assert_verifies_against(server: &TestServer, head: &(u64, String)) {
-    let report = server
-        .as_(AUDITOR)
-        .await
-        .verify_audit(pb::VerifyAuditRequest {
-            expected_head_seq: head.0,
-            expected_head_hash: head.1.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let report = verify_against(server, (head.0, &head.1)).await;
     assert!(report.ok && report.head_seq > head.0, "{report:?}");
 }
 

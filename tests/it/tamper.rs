@@ -431,20 +431,6 @@ fn verify_offline(dir: &TestDir, extra: &[&str]) -> (i32, String) {
     byokd(dir.path(), &args, "")
 }
 
-async fn verify_online(server: &TestServer, head: (u64, &str)) -> pb::VerifyAuditResponse {
-    server
-        .as_(AUDITOR)
-        .await
-        .verify_audit(pb::VerifyAuditRequest {
-            expected_head_seq: head.0,
-            expected_head_hash: head.1.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("VerifyAudit")
-        .into_inner()
-}
-
 /// The warnings and errors of a server's log.
 fn errors(log: &str) -> String {
     log.lines()
@@ -514,7 +500,7 @@ async fn every_raw_edit_of_the_trail_has_the_promised_outcome() {
         before.one_secret.len(),
         before.redeemer.len()
     );
-    let report = verify_online(&server, (head.0, &head.1)).await;
+    let report = verify_against(&server, (head.0, &head.1)).await;
     assert!(report.ok, "{report:?}");
     drop(server);
 
@@ -559,7 +545,7 @@ async fn every_raw_edit_of_the_trail_has_the_promised_outcome() {
                         head.0.checked_add_signed(from_head).expect("seq")
                     };
                     let server = trail.dir.start();
-                    let report = verify_online(&server, (head.0, &head.1)).await;
+                    let report = verify_against(&server, (head.0, &head.1)).await;
                     if report.ok || report.first_bad_seq != at {
                         return Err(format!("VerifyAudit, wanted broken at {at}: {report:?}"));
                     }
@@ -570,7 +556,7 @@ async fn every_raw_edit_of_the_trail_has_the_promised_outcome() {
                 }
                 Promise::NoEffect => {
                     let server = trail.dir.start();
-                    let report = verify_online(&server, (head.0, &head.1)).await;
+                    let report = verify_against(&server, (head.0, &head.1)).await;
                     if !report.ok {
                         return Err(format!("VerifyAudit: {report:?}"));
                     }
@@ -668,7 +654,7 @@ async fn every_edit_of_the_prune_anchor_is_reported_or_refused() {
             },
         )
         .await;
-        let report = verify_online(&server, (0, "")).await;
+        let report = verify_against(&server, (0, "")).await;
         if !prunes.is_empty() && report.anchor_seq > 1000 {
             break report.anchor_seq;
         }
@@ -708,7 +694,7 @@ async fn every_edit_of_the_prune_anchor_is_reported_or_refused() {
         assert_eq!(code, 3, "{text}");
         assert!(text.contains("anchor is not authentic"), "{text}");
         let server = dir.start();
-        let report = verify_online(&server, (0, "")).await;
+        let report = verify_against(&server, (0, "")).await;
         assert!(
             !report.ok && report.problem.contains("anchor"),
             "{report:?}"
@@ -739,7 +725,7 @@ async fn every_edit_of_the_prune_anchor_is_reported_or_refused() {
     assert_eq!(code, 3, "{text}");
     assert!(text.contains("anchor is not authentic"), "{text}");
     let server = dir.start();
-    let report = verify_online(&server, (0, "")).await;
+    let report = verify_against(&server, (0, "")).await;
     assert!(
         !report.ok && report.problem.contains("anchor"),
         "{report:?}"
@@ -754,7 +740,7 @@ async fn every_edit_of_the_prune_anchor_is_reported_or_refused() {
         assert!(Instant::now() < deadline, "{}", errors(&server.log()));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let report = verify_online(&server, (0, "")).await;
+    let report = verify_against(&server, (0, "")).await;
     assert!(
         !report.ok && report.problem.contains("anchor"),
         "{report:?}"
