@@ -268,6 +268,7 @@ mod tests {
             updated_at: Time::from_micros(0),
             hint: String::new(),
             revoked_at: None,
+            rev: Default::default(),
         };
         let caller = PrincipalId::parse("agent").unwrap();
         let lease = LeaseRecord {
@@ -284,6 +285,7 @@ mod tests {
             max_uses: 2,
             uses: 1,
             revoked: false,
+            rev: Default::default(),
         };
         let now = Time::from_micros(50);
         let check = |l: &LeaseRecord, s: &SecretRecord, who: &PrincipalId, t| {

@@ -408,6 +408,13 @@ impl Time {
     }
 }
 
+/// The revision of a stored record: the store assigns a new, larger one each time a commit
+/// writes the record, and a [`crate::store::Guard`] names the revision its caller read.
+/// Records written before revisions existed read as revision 0. It is not part of a record's
+/// serialized body: the store keeps it beside it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Revision(pub u64);
+
 /// Whether a secret can still be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SecretState {
@@ -442,6 +449,9 @@ pub struct SecretRecord {
     pub hint: String,
     /// When it was revoked.
     pub revoked_at: Option<Time>,
+    /// The store's revision of this record (see [`Revision`]); ignored when written.
+    #[serde(skip)]
+    pub rev: Revision,
 }
 
 /// A data key wrapped by a master key, with the id of that master key.
@@ -472,6 +482,9 @@ pub struct EnvelopeRecord {
     pub ciphertext: Vec<u8>,
     /// When this version was created.
     pub created_at: Time,
+    /// The store's revision of this record (see [`Revision`]); ignored when written.
+    #[serde(skip)]
+    pub rev: Revision,
 }
 
 /// A lease: the right to redeem one secret version a bounded number of times.
@@ -503,6 +516,9 @@ pub struct LeaseRecord {
     pub uses: u32,
     /// Ended by Revoke.
     pub revoked: bool,
+    /// The store's revision of this record (see [`Revision`]); ignored when written.
+    #[serde(skip)]
+    pub rev: Revision,
 }
 
 /// What an audited request did: one per RPC.

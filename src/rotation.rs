@@ -278,11 +278,11 @@ impl Rotator {
                 continue;
             }
             let rewrapped = self.rewrap(&envelope, job.target).await?;
-            guards.push(Guard::Envelope {
-                secret_id: envelope.secret_id,
-                version: envelope.version,
-                expect: Some(envelope),
-            });
+            guards.push(Guard::envelope(
+                envelope.secret_id,
+                envelope.version,
+                Some(&envelope),
+            ));
             writes.push(Write::PutEnvelope(rewrapped));
         }
         let count = writes.len() as u64;

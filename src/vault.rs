@@ -831,6 +831,7 @@ impl Vault {
             updated_at: now,
             hint: value_hint(input.value.expose_secret()),
             revoked_at: None,
+            rev: Default::default(),
         };
         let envelope = self.seal(&record, &input.value).await?;
         audit.secret(&record);
@@ -843,7 +844,7 @@ impl Vault {
             },
         )?;
         let tx = Transaction {
-            guards: vec![guard_secret(&record.tenant, &record.name, None)],
+            guards: vec![Guard::secret(&record.tenant, &record.name, None)],
             writes: vec![
                 Write::PutSecret(record.clone()),
                 Write::PutEnvelope(envelope),
@@ -973,6 +974,7 @@ impl Vault {
                 max_uses,
                 uses: 0,
                 revoked: false,
+                rev: Default::default(),
             };
             audit.lease(&lease);
             let reservation = self.quotas.reserve(
@@ -984,7 +986,7 @@ impl Vault {
             )?;
             let tx = Transaction {
                 // The lease is on the version current at commit, not merely at read.
-                guards: vec![guard_secret(&tenant, &name, Some(&secret))],
+                guards: vec![Guard::secret(&tenant, &name, Some(&secret))],
                 writes: vec![Write::PutLease(lease.clone())],
                 audit: Some(audit.clone()),
             };
@@ -1074,11 +1076,8 @@ impl Vault {
             let tx = Transaction {
                 // The use counts only if nobody else consumed, revoked or rotated meanwhile.
                 guards: vec![
-                    Guard::Lease {
-                        token_hash,
-                        expect: Some(lease),
-                    },
-                    guard_secret(&secret.tenant, &secret.name, Some(&secret)),
+                    Guard::lease(token_hash, Some(&lease)),
+                    Guard::secret(&secret.tenant, &secret.name, Some(&secret)),
                 ],
                 writes: vec![Write::UpdateLease(used.clone())],
                 audit: Some(audit.clone()),
@@ -1148,7 +1147,7 @@ impl Vault {
                 },
             )?;
             let tx = Transaction {
-                guards: vec![guard_secret(&tenant, &name, Some(&current))],
+                guards: vec![Guard::secret(&tenant, &name, Some(&current))],
                 writes: vec![
                     Write::PutSecret(next.clone()),
                     Write::DestroyEnvelopes {
@@ -1223,7 +1222,7 @@ impl Vault {
             tombstone.updated_at = now;
             let freed = self.value_bytes(&current)?;
             let tx = Transaction {
-                guards: vec![guard_secret(&tenant, &name, Some(&current))],
+                guards: vec![Guard::secret(&tenant, &name, Some(&current))],
                 writes: vec![
                     Write::PutSecret(tombstone.clone()),
                     Write::DestroyEnvelopes {
@@ -1308,10 +1307,7 @@ impl Vault {
             let mut revoked = lease.clone();
             revoked.revoked = true;
             let tx = Transaction {
-                guards: vec![Guard::Lease {
-                    token_hash: lease.token_hash,
-                    expect: Some(lease),
-                }],
+                guards: vec![Guard::lease(lease.token_hash, Some(&lease))],
                 writes: vec![Write::UpdateLease(revoked)],
                 audit: Some(audit.clone()),
             };
@@ -1734,6 +1730,7 @@ impl Vault {
             nonce: sealed.nonce,
             ciphertext: sealed.ciphertext,
             created_at: Time::now(),
+            rev: Default::default(),
         })
     }
 
@@ -1800,14 +1797,6 @@ fn wrap_context(record: &SecretRecord) -> WrapContext {
         tenant: record.tenant.clone(),
         secret_id: record.id,
         version: record.version,
-    }
-}
-
-fn guard_secret(tenant: &TenantId, name: &SecretName, expect: Option<&SecretRecord>) -> Guard {
-    Guard::Secret {
-        tenant: tenant.clone(),
-        name: name.clone(),
-        expect: expect.cloned(),
     }
 }
 

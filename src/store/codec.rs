@@ -1,7 +1,9 @@
 //! Key layout and record encoding shared by the storage adapters.
 //!
-//! Every record is one format byte followed by its postcard encoding. Decoding re-runs the
-//! domain types' validation, so a corrupted value is an error, never a panic or a bad value.
+//! Every record is one format byte followed by its postcard encoding; a mutable record (secret,
+//! envelope, lease) has its revision, 8 bytes big-endian, between the two (format 2; records
+//! of format 1, written before revisions, read as revision 0). Decoding re-runs the domain
+//! types' validation, so a corrupted value is an error, never a panic or a bad value.
 //! Keys start with one byte naming the keyspace; integers are big-endian so that byte order
 //! is numeric order.
 
@@ -9,10 +11,16 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{AuditIndex, MetaKey, StoreError};
-use crate::model::{AuditRecord, LeaseId, SecretId, SecretName, TenantId, Time, TokenHash};
+use crate::model::{
+    AuditRecord, EnvelopeRecord, LeaseId, LeaseRecord, Revision, SecretId, SecretName,
+    SecretRecord, TenantId, Time, TokenHash,
+};
 
-/// Format byte of every record written by this version.
+/// Format byte of immutable records (audit entries, the anchor), and of mutable records
+/// written before revisions.
 const FORMAT_V1: u8 = 1;
+/// Format byte of mutable records: a revision, then the record.
+const FORMAT_V2: u8 = 2;
 
 /// `s` tenant 0x00 name -> SecretRecord
 pub const SECRET: u8 = b's';
@@ -28,6 +36,8 @@ pub const LEASE_EXPIRY: u8 = b'x';
 pub const AUDIT: u8 = b'a';
 /// `m` name -> bytes
 pub const META: u8 = b'm';
+/// `r` name -> revision of the meta value `name` (u64 big-endian; absent: 0)
+pub const META_REVISION: u8 = b'r';
 /// Index keys (the trail's indexes, see `auditindex.rs`; older stores kept them in the
 /// tree, each with a seq appended):
 /// `N` tenant 0x00 name 0x00 (audit entries by secret)
@@ -53,6 +63,9 @@ pub const AUDIT_ANCHOR_META: &[u8] = b"maudit-anchor";
 /// The meta key of the last audit position whose transaction's records the tree holds
 /// (u64 big-endian), written in every batch that goes with audit entries.
 pub const AUDIT_APPLIED_META: &[u8] = b"maudit-applied";
+/// The meta key of the largest revision assigned (u64 big-endian), written with (and, where
+/// writes are not atomic, before) the records that carry it.
+pub const REVISION_META: &[u8] = b"mrevision";
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     let mut out = vec![FORMAT_V1];
@@ -61,17 +74,85 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 pub fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
-    let corrupt = |reason: String| StoreError::Corrupt {
-        key: describe_key(key),
-        reason,
-    };
     match bytes.split_first() {
         Some((&FORMAT_V1, body)) => {
-            postcard::from_bytes(body).map_err(|e| corrupt(format!("undecodable: {e}")))
+            postcard::from_bytes(body).map_err(|e| corrupt(key, format!("undecodable: {e}")))
         }
-        Some((other, _)) => Err(corrupt(format!("unknown format {other}"))),
-        None => Err(corrupt("empty".to_string())),
+        Some((other, _)) => Err(corrupt(key, format!("unknown format {other}"))),
+        None => Err(corrupt(key, "empty".to_string())),
     }
+}
+
+fn corrupt(key: &[u8], reason: String) -> StoreError {
+    StoreError::Corrupt {
+        key: describe_key(key),
+        reason,
+    }
+}
+
+/// A mutable record: it carries the revision the store assigned it.
+pub trait Revisioned: Serialize + DeserializeOwned {
+    /// The record's revision.
+    fn revision(&self) -> Revision;
+    /// Sets the record's revision (when read).
+    fn set_revision(&mut self, revision: Revision);
+}
+
+macro_rules! revisioned {
+    ($($t:ty),*) => {$(
+        impl Revisioned for $t {
+            fn revision(&self) -> Revision {
+                self.rev
+            }
+            fn set_revision(&mut self, revision: Revision) {
+                self.rev = revision;
+            }
+        }
+    )*};
+}
+revisioned!(SecretRecord, EnvelopeRecord, LeaseRecord);
+
+/// A mutable record with its revision (format 2).
+pub fn encode_record<T: Revisioned>(value: &T) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::with_capacity(64);
+    out.push(FORMAT_V2);
+    out.extend_from_slice(&value.revision().0.to_be_bytes());
+    postcard::to_io(value, &mut out).map_err(|e| StoreError::Engine(format!("encode: {e}")))?;
+    Ok(out)
+}
+
+/// A mutable record and its revision, of either format.
+pub fn decode_record<T: Revisioned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    let (revision, body) = split_revision(key, bytes)?;
+    let mut value: T =
+        postcard::from_bytes(body).map_err(|e| corrupt(key, format!("undecodable: {e}")))?;
+    value.set_revision(revision);
+    Ok(value)
+}
+
+/// The revision of a stored mutable record, without decoding the record.
+pub fn stored_revision(key: &[u8], bytes: &[u8]) -> Result<Revision, StoreError> {
+    split_revision(key, bytes).map(|(revision, _)| revision)
+}
+
+fn split_revision<'a>(key: &[u8], bytes: &'a [u8]) -> Result<(Revision, &'a [u8]), StoreError> {
+    match bytes.split_first() {
+        Some((&FORMAT_V1, body)) => Ok((Revision(0), body)),
+        Some((&FORMAT_V2, rest)) => match rest.split_first_chunk::<8>() {
+            Some((revision, body)) => Ok((Revision(u64::from_be_bytes(*revision)), body)),
+            None => Err(corrupt(key, "truncated revision".to_string())),
+        },
+        Some((other, _)) => Err(corrupt(key, format!("unknown format {other}"))),
+        None => Err(corrupt(key, "empty".to_string())),
+    }
+}
+
+/// A revision as a meta value or counter (u64 big-endian).
+pub fn decode_u64(key: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {
+    let bytes: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| corrupt(key, "not a 64-bit number".into()))?;
+    Ok(u64::from_be_bytes(bytes))
 }
 
 /// A loggable description of a key: its keyspace and length, never its contents (which
@@ -85,6 +166,7 @@ pub fn describe_key(key: &[u8]) -> String {
         Some(&LEASE_EXPIRY) => "lease-expiry",
         Some(&AUDIT) => "audit",
         Some(&META) => "meta",
+        Some(&META_REVISION) => "meta-revision",
         Some(&AUDIT_BY_SECRET | &AUDIT_BY_TENANT | &AUDIT_BY_PRINCIPAL | &AUDIT_BY_PEER) => {
             "audit-index"
         }
@@ -208,6 +290,12 @@ pub fn meta_key(key: MetaKey) -> Vec<u8> {
     k
 }
 
+pub fn meta_revision_key(key: MetaKey) -> Vec<u8> {
+    let mut k = vec![META_REVISION];
+    k.extend_from_slice(key.name().as_bytes());
+    k
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +323,15 @@ mod tests {
             &[FORMAT_V1, 0xff, 0xff][..],
         ] {
             let err = decode::<crate::model::SecretRecord>(&key, bytes).unwrap_err();
+            assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        }
+        for bytes in [
+            &[][..],
+            &[9, 1, 2][..],
+            &[FORMAT_V2, 0, 0, 0][..],
+            &[FORMAT_V2, 0, 0, 0, 0, 0, 0, 0, 7, 0xff][..],
+        ] {
+            let err = decode_record::<SecretRecord>(&key, bytes).unwrap_err();
             assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
         }
     }

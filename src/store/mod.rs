@@ -13,6 +13,7 @@
 mod auditindex;
 mod auditlog;
 mod codec;
+mod commit;
 mod engine;
 pub mod sled;
 
@@ -23,10 +24,11 @@ use tokio::sync::broadcast;
 use crate::chain::ChainKey;
 use crate::model::{
     AuditAnchor, AuditDraft, AuditRecord, EnvelopeRecord, LeaseId, LeaseRecord, PrincipalId,
-    SecretId, SecretName, SecretRecord, TenantId, Time, TokenHash,
+    Revision, SecretId, SecretName, SecretRecord, TenantId, Time, TokenHash,
 };
 
 pub use self::auditlog::DEFAULT_SEGMENT_BYTES as DEFAULT_AUDIT_SEGMENT_BYTES;
+pub use self::commit::RecordKey;
 pub use self::engine::{Engine, KINDS};
 pub use self::sled::{DEFAULT_CACHE_BYTES, RepairPlan, SledStore};
 
@@ -114,7 +116,7 @@ impl std::fmt::Display for TrailDamage {
 }
 
 /// Named values kept beside the records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MetaKey {
     /// The master key versions and the rotation job ([`crate::rotation::KeyringState`]).
     Keyring,
@@ -152,35 +154,15 @@ pub enum AuditIndex {
     PeerHost(String),
 }
 
-/// A condition a transaction's writes depend on: the record must still be exactly what the
-/// caller read (`None`: must still be absent).
+/// A condition a transaction's writes depend on: the record must still be at the revision the
+/// caller read (`None`: must still be absent). Built with [`Guard::secret`], [`Guard::lease`],
+/// [`Guard::envelope`] or [`Guard::meta`].
 #[derive(Debug, Clone)]
-pub enum Guard {
-    /// The secret `tenant`/`name`.
-    Secret {
-        /// Tenant of the secret.
-        tenant: TenantId,
-        /// Name of the secret.
-        name: SecretName,
-        /// What the caller read.
-        expect: Option<SecretRecord>,
-    },
-    /// The lease with this token hash.
-    Lease {
-        /// Token hash of the lease.
-        token_hash: TokenHash,
-        /// What the caller read.
-        expect: Option<LeaseRecord>,
-    },
-    /// The envelope of one secret version.
-    Envelope {
-        /// The secret.
-        secret_id: SecretId,
-        /// The version.
-        version: u32,
-        /// What the caller read.
-        expect: Option<EnvelopeRecord>,
-    },
+pub struct Guard {
+    /// The record.
+    pub key: RecordKey,
+    /// Its revision as read.
+    pub expect: Option<Revision>,
 }
 
 /// A change to apply.
@@ -356,9 +338,9 @@ pub type ExportSink = Box<dyn FnMut(&[u8], &[u8]) -> Result<(), String> + Send>;
 /// panic is a bug.
 pub(crate) fn decode_any_record(bytes: &[u8]) {
     let key = [codec::SECRET];
-    let _ = codec::decode::<SecretRecord>(&key, bytes);
-    let _ = codec::decode::<EnvelopeRecord>(&key, bytes);
-    let _ = codec::decode::<LeaseRecord>(&key, bytes);
+    let _ = codec::decode_record::<SecretRecord>(&key, bytes);
+    let _ = codec::decode_record::<EnvelopeRecord>(&key, bytes);
+    let _ = codec::decode_record::<LeaseRecord>(&key, bytes);
     let _ = codec::decode::<AuditRecord>(&key, bytes);
     let _ = codec::decode::<AuditAnchor>(&key, bytes);
     let _ = postcard::from_bytes::<crate::rotation::KeyringState>(bytes);

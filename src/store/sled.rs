@@ -1,22 +1,21 @@
 //! The sled adapter: records in one sled tree, the audit trail in segment files beside it
-//! (`auditlog.rs`), one writer thread, group commit.
+//! (`auditlog.rs`).
 //!
-//! Reads go straight to sled or the segment files from the calling task. Every commit goes
-//! through a channel to the single writer thread, which checks the transaction's guards
-//! (against the tree and the changes of earlier transactions in the same group) and stages
-//! its writes and audit entry (with its hash-chain link). When the channel is momentarily
-//! empty (or a group is full), the writer commits the whole group:
+//! Reads go straight to sled or the segment files from the calling task. Commits go to the
+//! commit core (`commit.rs`), which checks guards, assigns revisions and chains the audit
+//! entries, and hands each group to this adapter's `write_group`, which makes it durable:
 //!
 //! 1. appends the group's audit entries to the trail and `fdatasync`s it;
 //! 2. applies the group's record changes to the tree as one atomic `sled::Batch`, which also
-//!    records the last audit position the tree reflects (`maudit-applied`);
-//! 3. flushes sled, if any transaction of the group changed records (a group of audit-only
-//!    transactions, such as failed requests and reads, is durable with step 1);
+//!    records the last audit position the tree reflects (`maudit-applied`) and the largest
+//!    revision assigned (`mrevision`);
+//! 3. flushes sled, if any transaction of the group changed records the trail cannot replay
+//!    (a group of audit-only and lease-only transactions, such as reads and `Get`s, is
+//!    durable with step 1);
 //!
-//! and only then answers the group's commits and lets readers see its entries. One writer
-//! gives a total order (audit sequence numbers without gaps, each entry chained to the one
-//! before, guards checked against the latest state); one append, one batch and one flush per
-//! group make many concurrent writers cost one fsync of each.
+//! and only then lets readers see its entries (the core then answers the group's commits).
+//! One append, one batch and one flush per group make many concurrent writers cost one
+//! fsync of each.
 //!
 //! After a crash, the trail may hold entries of a group whose records sled lost (step 1 done,
 //! step 2 or 3 not): none of them was answered. `open` keeps the audit-only entries after the
@@ -30,62 +29,35 @@
 //! The writer calls the blocking `Db::flush`, never `flush_async`: concurrent `flush_async`
 //! calls deadlock in sled 0.34 (sled issue #1308).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, oneshot};
 
 use super::auditindex;
 use super::auditlog::{self, AuditLog, Frame, NewFrame};
 use super::codec::{self, encode};
+use super::commit::{Adapter, Change, Committer, Group, Position, RecordKey};
 use super::{
-    AuditIndex, Committed, ExportSink, Guard, MetaKey, Store, StoreError, TrailDamage, Transaction,
-    Write,
+    AuditIndex, Committed, ExportSink, MetaKey, Store, StoreError, TrailDamage, Transaction,
 };
-use crate::chain::{self, ChainKey};
+use crate::chain::ChainKey;
 use crate::model::{
-    AuditAnchor, AuditRecord, ChainHash, EnvelopeRecord, LeaseId, LeaseRecord, SecretId,
-    SecretName, SecretRecord, TenantId, Time, TokenHash,
+    AuditAnchor, AuditRecord, EnvelopeRecord, LeaseId, LeaseRecord, Revision, SecretId, SecretName,
+    SecretRecord, TenantId, Time, TokenHash,
 };
-
-/// Most transactions applied before one shared flush.
-const MAX_GROUP: usize = 512;
-/// Commits that may wait for the writer before callers are slowed down.
-const QUEUE_DEPTH: usize = 4096;
-/// Durable audit entries buffered for each live subscriber.
-const FEED_CAPACITY: usize = 1024;
 
 /// A store in a sled database directory.
 pub struct SledStore {
     tree: sled::Tree,
-    jobs: mpsc::Sender<Message>,
-    feed: broadcast::Sender<Arc<AuditRecord>>,
-    durable_seq: Arc<AtomicU64>,
-    writable: Arc<AtomicBool>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    committer: Committer<SledAdapter>,
     db: sled::Db,
     log: Arc<AuditLog>,
     /// Tells the scrub of the sealed segments (a thread started at open) to stop.
     stop_scrub: Arc<AtomicBool>,
-    /// The last group failed before it wrote anything (cleared by the next that succeeds).
-    failing: Arc<AtomicBool>,
-}
-
-enum Message {
-    Commit(
-        Box<Transaction>,
-        oneshot::Sender<Result<Committed, StoreError>>,
-    ),
-    StartChain(Arc<ChainKey>, oneshot::Sender<()>),
-    Close(oneshot::Sender<Result<(), StoreError>>),
-    Export(
-        ExportSink,
-        oneshot::Sender<Result<RecordsExported, StoreError>>,
-    ),
 }
 
 /// What the writer copied while writes waited, and the part of the trail left to copy.
@@ -191,12 +163,18 @@ fn remove_index_keys(db: &sled::Db, tree: &sled::Tree) -> Result<(), StoreError>
     Ok(())
 }
 
-/// A lease change as the redo part of an entry's frame carries it (see `lease_redo`).
+/// A lease change as the redo part of an entry's frame carries it (see `lease_redo`). Frames
+/// written before revisions hold `Put` and `Update` (read as revision 0); the variants keep
+/// their places in the encoding.
 #[derive(serde::Serialize)]
 enum LeaseRedoRef<'a> {
+    #[allow(dead_code)]
     Put(&'a LeaseRecord),
+    #[allow(dead_code)]
     Update(&'a LeaseRecord),
     Delete(&'a LeaseRecord),
+    PutAt(u64, &'a LeaseRecord),
+    UpdateAt(u64, &'a LeaseRecord),
 }
 
 /// [`LeaseRedoRef`] read back (the same encoding).
@@ -205,14 +183,23 @@ enum LeaseRedo {
     Put(LeaseRecord),
     Update(LeaseRecord),
     Delete(LeaseRecord),
+    PutAt(u64, LeaseRecord),
+    UpdateAt(u64, LeaseRecord),
 }
 
 impl LeaseRedo {
-    fn into_write(self) -> Write {
+    /// The change, and the revision it carries.
+    fn into_change(self) -> (Change, u64) {
+        let at = |revision: u64, mut lease: LeaseRecord| {
+            lease.rev = Revision(revision);
+            lease
+        };
         match self {
-            LeaseRedo::Put(l) => Write::PutLease(l),
-            LeaseRedo::Update(l) => Write::UpdateLease(l),
-            LeaseRedo::Delete(l) => Write::DeleteLease(l),
+            LeaseRedo::Put(l) => (Change::NewLease(l), 0),
+            LeaseRedo::Update(l) => (Change::UpdateLease(l), 0),
+            LeaseRedo::Delete(l) => (Change::DeleteLease(l), 0),
+            LeaseRedo::PutAt(r, l) => (Change::NewLease(at(r, l)), r),
+            LeaseRedo::UpdateAt(r, l) => (Change::UpdateLease(at(r, l)), r),
         }
     }
 }
@@ -222,13 +209,13 @@ impl LeaseRedo {
 /// change again, so the group needs no sled flush. Leases are short-lived and never secret
 /// material (a lease holds its token's SHA-256 digest, not the token); other records are not
 /// copied into the trail, which is kept for years.
-fn lease_redo(writes: &[Write]) -> Option<Vec<u8>> {
-    let mut redo = Vec::with_capacity(writes.len());
-    for write in writes {
-        redo.push(match write {
-            Write::PutLease(l) => LeaseRedoRef::Put(l),
-            Write::UpdateLease(l) => LeaseRedoRef::Update(l),
-            Write::DeleteLease(l) => LeaseRedoRef::Delete(l),
+fn lease_redo(changes: &[Change]) -> Option<Vec<u8>> {
+    let mut redo = Vec::with_capacity(changes.len());
+    for change in changes {
+        redo.push(match change {
+            Change::NewLease(l) => LeaseRedoRef::PutAt(l.rev.0, l),
+            Change::UpdateLease(l) => LeaseRedoRef::UpdateAt(l.rev.0, l),
+            Change::DeleteLease(l) => LeaseRedoRef::Delete(l),
             _ => return None,
         });
     }
@@ -238,28 +225,31 @@ fn lease_redo(writes: &[Write]) -> Option<Vec<u8>> {
     encode(&redo).ok()
 }
 
-/// Stages a lease write (see `Writer::stage`).
-fn stage_lease(
-    write: &Write,
-    staged: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
-) -> Result<(), StoreError> {
-    match write {
-        Write::PutLease(l) => {
+/// Stages a lease change (see `stage`).
+fn stage_lease(change: &Change, pending: &mut Pending) -> Result<(), StoreError> {
+    match change {
+        Change::NewLease(l) => {
             // A lease's expiry never changes, so its expiry index key is stable.
-            staged.push((codec::lease_key(&l.token_hash), Some(encode(l)?)));
-            staged.push((codec::lease_id_key(l.id), Some(l.token_hash.0.to_vec())));
-            staged.push((
+            pending.insert(
+                codec::lease_key(&l.token_hash),
+                Some(codec::encode_record(l)?),
+            );
+            pending.insert(codec::lease_id_key(l.id), Some(l.token_hash.0.to_vec()));
+            pending.insert(
                 codec::lease_expiry_key(l.expires_at, &l.token_hash),
                 Some(Vec::new()),
-            ));
+            );
         }
-        Write::UpdateLease(l) => {
-            staged.push((codec::lease_key(&l.token_hash), Some(encode(l)?)));
+        Change::UpdateLease(l) => {
+            pending.insert(
+                codec::lease_key(&l.token_hash),
+                Some(codec::encode_record(l)?),
+            );
         }
-        Write::DeleteLease(l) => {
-            staged.push((codec::lease_key(&l.token_hash), None));
-            staged.push((codec::lease_id_key(l.id), None));
-            staged.push((codec::lease_expiry_key(l.expires_at, &l.token_hash), None));
+        Change::DeleteLease(l) => {
+            pending.insert(codec::lease_key(&l.token_hash), None);
+            pending.insert(codec::lease_id_key(l.id), None);
+            pending.insert(codec::lease_expiry_key(l.expires_at, &l.token_hash), None);
         }
         _ => {}
     }
@@ -280,6 +270,14 @@ fn applied_position(tree: &sled::Tree) -> Result<u64, StoreError> {
     }
 }
 
+/// The largest revision assigned (0: none recorded).
+fn stored_revision(tree: &sled::Tree) -> Result<Revision, StoreError> {
+    match tree.get(codec::REVISION_META).map_err(engine)? {
+        Some(bytes) => Ok(Revision(codec::decode_u64(codec::REVISION_META, &bytes)?)),
+        None => Ok(Revision(0)),
+    }
+}
+
 /// Where a stopped server's audit trail is damaged, and what a repair would end.
 #[derive(Debug, Clone)]
 pub struct RepairPlan {
@@ -287,15 +285,6 @@ pub struct RepairPlan {
     pub damage: TrailDamage,
     /// Leases outstanding: a repair ends them all.
     pub leases: u64,
-}
-
-/// A copy of an error that wrote nothing, for each commit of the group it failed.
-fn clone_unavailable(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::TrailDamaged(damage) => StoreError::TrailDamaged(damage.clone()),
-        StoreError::Transient(why) => StoreError::Transient(why.clone()),
-        other => StoreError::Transient(other.to_string()),
-    }
 }
 
 /// The chain's anchor, if entries were ever pruned.
@@ -351,8 +340,9 @@ fn recover_trail(
         return Ok(());
     };
     let mut from = applied + 1;
-    let mut staged = Vec::new();
+    let mut staged = Pending::new();
     let mut replayed = 0u64;
+    let mut revision = stored_revision(tree)?;
     let mut kept = applied;
     'frames: loop {
         let frames = log.read(from, 4096, true)?;
@@ -374,7 +364,9 @@ fn recover_trail(
                 let key = codec::audit_key(frame.position);
                 let redo: Vec<LeaseRedo> = codec::decode(&key, &frame.redo)?;
                 for write in redo {
-                    stage_lease(&write.into_write(), &mut staged)?;
+                    let (change, at) = write.into_change();
+                    stage_lease(&change, &mut staged)?;
+                    revision = revision.max(Revision(at));
                 }
                 replayed += 1;
             }
@@ -391,6 +383,7 @@ fn recover_trail(
             }
         }
         batch.insert(codec::AUDIT_APPLIED_META, &kept.to_be_bytes());
+        batch.insert(codec::REVISION_META, &revision.0.to_be_bytes());
         tree.apply_batch(batch).map_err(engine)?;
         db.flush().map_err(engine)?;
         if replayed > 0 {
@@ -501,54 +494,24 @@ impl SledStore {
             total_ms = started.elapsed().as_millis() as u64,
             "store opened"
         );
-        let (feed, _) = broadcast::channel(FEED_CAPACITY);
-        let mut store = Self {
-            tree: tree.clone(),
-            jobs: mpsc::channel(1).0,
-            feed: feed.clone(),
-            durable_seq: Arc::new(AtomicU64::new(0)),
-            writable: Arc::new(AtomicBool::new(true)),
-            writer: Mutex::new(None),
-            db: db.clone(),
-            log: log.clone(),
-            stop_scrub: Arc::new(AtomicBool::new(false)),
-            failing: Arc::new(AtomicBool::new(false)),
-        };
-        let (next_seq, last_time, prev_hash) = match store.audit_head()? {
-            Some(head) => (head.seq + 1, head.time, head.hash),
-            None => match &anchor {
-                Some(anchor) => (anchor.seq + 1, Time::from_micros(i64::MIN), anchor.hash),
-                None => (1, Time::from_micros(i64::MIN), chain::GENESIS),
-            },
-        };
+        let head = log.head()?.as_ref().map(decode_frame).transpose()?;
+        let mut position = Position::after(head.as_ref(), anchor.as_ref(), stored_revision(&tree)?);
         // The trail could end before what a tampered or damaged store's records reflect; the
         // sequence goes on after its last entry (and verification against a recorded head
         // tells the difference).
-        let next_seq = next_seq.max(log.next_position()?);
-        // What the trail holds after recovery is on disk.
-        store.durable_seq.store(next_seq - 1, Ordering::Release);
-        let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
-        let writer = Writer {
-            db,
-            tree,
-            log,
-            feed,
-            durable_seq: store.durable_seq.clone(),
-            chain: None,
-            next_seq,
-            last_time,
-            prev_hash,
-            poisoned: false,
-            writable: store.writable.clone(),
-            failing: store.failing.clone(),
-            pruned: None,
+        position.next_seq = position.next_seq.max(log.next_position()?);
+        let adapter = SledAdapter {
+            db: db.clone(),
+            tree: tree.clone(),
+            log: log.clone(),
         };
-        let handle = std::thread::Builder::new()
-            .name("byokd-store-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| StoreError::Engine(format!("spawn writer thread: {e}")))?;
-        store.jobs = jobs;
-        store.writer = Mutex::new(Some(handle));
+        let store = Self {
+            tree,
+            committer: Committer::start(adapter, position)?,
+            db,
+            log,
+            stop_scrub: Arc::new(AtomicBool::new(false)),
+        };
         store.start_scrub();
         Ok(store)
     }
@@ -683,9 +646,9 @@ impl SledStore {
         AuditLog::cut_before(&dir.join(AUDIT_DIR), plan.damage.first_lost, quarantine)
     }
 
-    fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+    fn get<T: codec::Revisioned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
         match self.tree.get(key).map_err(engine)? {
-            Some(bytes) => codec::decode(key, &bytes).map(Some),
+            Some(bytes) => codec::decode_record(key, &bytes).map(Some),
             None => Ok(None),
         }
     }
@@ -760,7 +723,7 @@ impl Store for SledStore {
             if !key.starts_with(&prefix) || out.len() >= limit {
                 break;
             }
-            out.push(codec::decode(&key, &value)?);
+            out.push(codec::decode_record(&key, &value)?);
         }
         Ok(out)
     }
@@ -788,7 +751,7 @@ impl Store for SledStore {
             if key.first() != Some(&codec::ENVELOPE) || out.len() >= limit {
                 break;
             }
-            out.push(codec::decode(&key, &value)?);
+            out.push(codec::decode_record(&key, &value)?);
         }
         Ok(out)
     }
@@ -855,7 +818,7 @@ impl Store for SledStore {
     }
 
     fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError> {
-        self.get(codec::AUDIT_ANCHOR_META)
+        anchor(&self.tree)
     }
 
     fn audit_index(
@@ -869,11 +832,11 @@ impl Store for SledStore {
     }
 
     fn durable_audit_seq(&self) -> u64 {
-        self.durable_seq.load(Ordering::Acquire)
+        self.committer.status().durable_seq()
     }
 
     fn subscribe_audit(&self) -> broadcast::Receiver<Arc<AuditRecord>> {
-        self.feed.subscribe()
+        self.committer.status().subscribe()
     }
 
     fn meta(&self, key: MetaKey) -> Result<Option<Vec<u8>>, StoreError> {
@@ -885,21 +848,11 @@ impl Store for SledStore {
     }
 
     async fn start_audit_chain(&self, key: Arc<ChainKey>) -> Result<(), StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send(Message::StartChain(key, reply))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)
+        self.committer.start_chain(key).await
     }
 
     async fn commit(&self, tx: Transaction) -> Result<Committed, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send(Message::Commit(Box::new(tx), reply))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        self.committer.commit(tx).await
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
@@ -907,21 +860,20 @@ impl Store for SledStore {
     }
 
     fn writable(&self) -> bool {
-        self.writable.load(Ordering::Acquire)
-            && !self.failing.load(Ordering::Acquire)
-            && self.log.damage().is_none()
+        self.committer.status().writable() && self.log.damage().is_none()
     }
 
     fn failed_for_good(&self) -> bool {
-        !self.writable.load(Ordering::Acquire)
+        self.committer.status().failed_for_good()
     }
 
     async fn export(&self, sink: ExportSink) -> Result<u64, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send(Message::Export(sink, reply))
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.committer
+            .between(Box::new(move |adapter: &mut SledAdapter| {
+                let _ = reply.send(adapter.export(sink));
+            }))
+            .await?;
         let exported = answer.await.map_err(|_| StoreError::Closed)??;
         let Some((first, last)) = exported.trail else {
             return Ok(exported.count);
@@ -959,249 +911,220 @@ impl Store for SledStore {
 
     async fn close(&self) -> Result<(), StoreError> {
         self.stop_scrub.store(true, Ordering::Release);
-        let (reply, answer) = oneshot::channel();
-        let sent = self.jobs.send(Message::Close(reply)).await.is_ok();
-        let result = if sent {
-            answer.await.map_err(|_| StoreError::Closed)?
-        } else {
-            Ok(())
-        };
-        let handle = self.writer.lock().map(|mut h| h.take()).unwrap_or(None);
-        if let Some(handle) = handle {
-            tokio::task::spawn_blocking(move || handle.join())
-                .await
-                .map_err(|e| StoreError::Engine(format!("join writer: {e}")))?
-                .map_err(|_| StoreError::Engine("writer thread panicked".into()))?;
-        }
-        result
+        self.committer.close().await
     }
 }
 
-/// State owned by the writer thread.
-struct Writer {
+/// The sled adapter of the commit core (`commit.rs`), owned by the writer thread.
+struct SledAdapter {
     db: sled::Db,
     tree: sled::Tree,
     log: Arc<AuditLog>,
-    feed: broadcast::Sender<Arc<AuditRecord>>,
-    durable_seq: Arc<AtomicU64>,
-    chain: Option<Arc<ChainKey>>,
-    next_seq: u64,
-    last_time: Time,
-    prev_hash: ChainHash,
-    poisoned: bool,
-    writable: Arc<AtomicBool>,
-    failing: Arc<AtomicBool>,
-    /// The position a prune staged in the current group anchors the trail at.
-    pruned: Option<u64>,
 }
 
-type Reply = oneshot::Sender<Result<Committed, StoreError>>;
-
-/// An audit entry, its stored bytes and its index keys.
-type Logged = (AuditRecord, Vec<u8>, Vec<Vec<u8>>);
-
-/// A transaction applied in this group, waiting for the group's flush.
-struct Applied {
-    reply: Reply,
-    result: Result<Committed, StoreError>,
-    audit: Option<Logged>,
-    /// Whether it changed records (not only the audit trail).
+/// An audit entry's frame parts: its stored bytes, its index keys and its redo (lease
+/// changes only).
+struct Framed {
+    seq: u64,
+    bytes: Vec<u8>,
+    keys: Vec<Vec<u8>>,
     changes_records: bool,
-    /// Its record changes as its entry's frame carries them (lease changes only).
     redo: Option<Vec<u8>>,
 }
 
-/// The group's changes not yet in the tree: key to new value (`None`: deleted). Later
-/// transactions of the group read through it, so their guards see earlier ones' writes; the
-/// whole group then goes to sled as one batch.
-#[derive(Default)]
-struct Pending(BTreeMap<Vec<u8>, Option<Vec<u8>>>);
+/// The group's changes as keys: key to new value (`None`: deleted).
+type Pending = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
-impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Message>) {
-        while let Some(first) = rx.blocking_recv() {
-            // Where the chain stood before the group, should the group write nothing.
-            let before = (self.next_seq, self.last_time, self.prev_hash);
-            let mut group: Vec<Applied> = Vec::new();
-            let mut pending = Pending::default();
-            let mut close = None;
-            let mut export = None;
-            let mut next = Some(first);
-            while let Some(message) = next.take() {
-                match message {
-                    Message::Commit(tx, reply) => {
-                        let changes_records = !tx.writes.is_empty();
-                        let redo = tx.audit.as_ref().and_then(|_| lease_redo(&tx.writes));
-                        let (result, audit) = match self.apply(*tx, &mut pending) {
-                            Ok((committed, audit)) => (Ok(committed), audit),
-                            Err(e) => (Err(e), None),
-                        };
-                        group.push(Applied {
-                            reply,
-                            result,
-                            audit,
-                            changes_records,
-                            redo,
-                        });
-                    }
-                    Message::StartChain(key, reply) => {
-                        self.chain = Some(key);
-                        let _ = reply.send(());
-                    }
-                    Message::Close(reply) => {
-                        close = Some(reply);
-                        break;
-                    }
-                    // A barrier: the group before it is durable before it runs.
-                    Message::Export(sink, reply) => {
-                        export = Some((sink, reply));
-                        break;
-                    }
-                }
-                if group.len() < MAX_GROUP {
-                    next = rx.try_recv().ok();
-                }
-            }
-            let durable = self.commit_group(&group, &mut pending);
-            self.failing.store(
-                matches!(durable, Err(StoreError::Transient(_))),
-                Ordering::Release,
-            );
-            if let Err(e) = durable {
-                let nothing_written =
-                    matches!(e, StoreError::Transient(_) | StoreError::TrailDamaged(_));
-                if nothing_written {
-                    // The group failed as a whole and left no trace: the chain goes on from
-                    // where it stood, and the next group tries again.
-                    tracing::warn!(error = %e, "store write failed before anything was written");
-                    (self.next_seq, self.last_time, self.prev_hash) = before;
-                    self.pruned = None;
-                } else {
-                    tracing::error!(error = %e, "store write or flush failed; refusing further writes");
-                    self.poisoned = true;
-                    self.writable.store(false, Ordering::Release);
-                }
-                for applied in &mut group {
-                    if applied.result.is_ok() {
-                        applied.result = Err(if nothing_written {
-                            clone_unavailable(&e)
-                        } else {
-                            StoreError::Engine(format!("write: {e}"))
-                        });
-                        applied.audit = None;
-                    }
-                }
-            }
-            if let Some(seq) = group
-                .iter()
-                .rev()
-                .find_map(|a| a.audit.as_ref().map(|(r, _, _)| r.seq))
-            {
-                self.log.publish(seq);
-                self.durable_seq.store(seq, Ordering::Release);
-            }
-            for applied in group {
-                if let Some((record, _, _)) = applied.audit {
-                    // No subscriber is fine; a lagging one is told so by the channel.
-                    let _ = self.feed.send(Arc::new(record));
-                }
-                // The caller may have gone away (cancelled RPC); the commit stands regardless.
-                let _ = applied.reply.send(applied.result);
-            }
-            if let Some((sink, reply)) = export {
-                let _ = reply.send(self.export(sink));
-            }
-            if let Some(reply) = close {
-                let _ = reply.send(self.db.flush().map(drop).map_err(engine));
-                return;
-            }
+impl Adapter for SledAdapter {
+    fn check_writable(&self) -> Result<(), StoreError> {
+        match self.log.damage() {
+            Some(damage) => Err(StoreError::TrailDamaged(Box::new(damage))),
+            None => Ok(()),
         }
-        if let Err(e) = self.db.flush() {
-            tracing::error!(error = %e, "final store flush failed");
+    }
+
+    fn revision(&self, key: &RecordKey) -> Result<Option<Revision>, StoreError> {
+        let stored_key = match key {
+            RecordKey::Secret(tenant, name) => codec::secret_key(tenant, name),
+            RecordKey::Envelope(id, version) => codec::envelope_key(*id, *version),
+            RecordKey::Lease(hash) => codec::lease_key(hash),
+            RecordKey::Meta(meta) => {
+                if self
+                    .tree
+                    .get(codec::meta_key(*meta))
+                    .map_err(engine)?
+                    .is_none()
+                {
+                    return Ok(None);
+                }
+                let key = codec::meta_revision_key(*meta);
+                return match self.tree.get(&key).map_err(engine)? {
+                    Some(bytes) => Ok(Some(Revision(codec::decode_u64(&key, &bytes)?))),
+                    None => Ok(Some(Revision(0))),
+                };
+            }
+        };
+        match self.tree.get(&stored_key).map_err(engine)? {
+            Some(bytes) => codec::stored_revision(&stored_key, &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn envelope_versions(&self, secret_id: SecretId) -> Result<Vec<u32>, StoreError> {
+        let mut versions = Vec::new();
+        for entry in self.tree.scan_prefix(codec::envelope_prefix(secret_id)) {
+            let (key, _) = entry.map_err(engine)?;
+            versions.extend(codec::envelope_key_version(&key));
+        }
+        Ok(versions)
+    }
+
+    fn anchor(&self) -> Result<Option<AuditAnchor>, StoreError> {
+        anchor(&self.tree)
+    }
+
+    fn audit_entry(&self, seq: u64) -> Result<Option<AuditRecord>, StoreError> {
+        match self.log.read(seq, 1, true)?.first() {
+            Some(frame) if frame.position == seq => decode_frame(frame).map(Some),
+            _ => Ok(None),
         }
     }
 
     /// Makes a group durable, in the order the module documentation gives: its audit entries,
     /// then its records (with the audit position they reflect), then sled's flush if records
-    /// changed.
-    fn commit_group(&mut self, group: &[Applied], pending: &mut Pending) -> Result<(), StoreError> {
-        if self.poisoned {
-            return Err(StoreError::Poisoned);
+    /// changed that the trail cannot replay.
+    fn write_group(&mut self, group: &Group) -> Result<(), StoreError> {
+        let mut pending = Pending::new();
+        let mut framed = Vec::new();
+        let mut pruned = None;
+        for tx in &group.transactions {
+            for change in &tx.changes {
+                stage(change, &mut pending)?;
+                if let Change::Anchor(anchor) = change {
+                    pruned = Some(anchor.seq);
+                }
+            }
+            if let Some(record) = &tx.audit {
+                framed.push(Framed {
+                    seq: record.seq,
+                    bytes: encode(record)?,
+                    keys: codec::audit_index_prefixes(record),
+                    changes_records: !tx.changes.is_empty(),
+                    redo: lease_redo(&tx.changes),
+                });
+            }
         }
-        let frames: Vec<NewFrame<'_>> = group
-            .iter()
-            .filter_map(|a| {
-                let (record, bytes, keys) = a.audit.as_ref()?;
-                let mut flags = 0;
-                if a.changes_records {
-                    flags |= auditlog::STATE_BEARING;
-                }
-                if a.redo.is_some() {
-                    flags |= auditlog::REPLAYABLE;
-                }
-                Some(NewFrame {
-                    position: record.seq,
-                    flags,
-                    payload: bytes,
-                    redo: a.redo.as_deref().unwrap_or_default(),
-                    keys: Some(keys),
-                })
-            })
-            .collect();
         // Changes the trail cannot replay must reach sled atomically and be in sled's log
         // before they are answered.
         let needs_flush = group
+            .transactions
             .iter()
-            .any(|a| a.result.is_ok() && a.changes_records && a.redo.is_none());
-        let started = std::time::Instant::now();
+            .any(|tx| !tx.changes.is_empty() && !tx.changes.iter().all(Change::is_lease));
+        let revision = (!pending.is_empty()).then(|| {
+            (
+                codec::REVISION_META.to_vec(),
+                Some(group.last_revision.0.to_be_bytes().to_vec()),
+            )
+        });
         let mut applied = None;
-        if let Some(last) = frames.last().map(|f| f.position) {
-            let logged = self.log.append(&frames).and_then(|()| self.log.sync());
-            // An append that wrote nothing leaves the store as it was; anything else (a
-            // failed sync above all) leaves durability unknown.
-            if logged.as_ref().is_err_and(|e| {
-                !matches!(e, StoreError::Transient(_) | StoreError::TrailDamaged(_))
-            }) {
-                self.poisoned = true;
-                self.writable.store(false, Ordering::Release);
-            }
-            logged?;
+        if let Some(last) = framed.last().map(|f| f.seq) {
+            let frames: Vec<NewFrame<'_>> = framed.iter().map(Framed::frame).collect();
+            self.log.append(&frames)?;
+            self.log.sync()?;
             applied = Some((
                 codec::AUDIT_APPLIED_META.to_vec(),
                 Some(last.to_be_bytes().to_vec()),
             ));
         }
         if needs_flush {
-            pending.0.extend(applied);
-            self.write_pending(pending)?;
+            pending.extend(revision);
+            pending.extend(applied);
+            self.write_batch(pending)?;
         } else {
-            self.write_pending_in_order(pending, applied)?;
+            self.write_in_order(revision.into_iter().chain(pending).chain(applied))?;
         }
-        if let Some(through) = self.pruned {
+        if let Some(through) = pruned {
             self.log.set_start(through.saturating_add(1));
         }
         if needs_flush {
-            let flushed = self.db.flush().map(drop).map_err(engine);
-            if flushed.is_err() {
-                self.poisoned = true;
-                self.writable.store(false, Ordering::Release);
-            }
-            flushed?;
+            self.db.flush().map_err(engine)?;
         }
-        crate::metrics::global()
-            .flush_duration
-            .observe(started.elapsed().as_secs_f64());
-        if let Some(through) = self.pruned.take() {
+        if let Some(through) = pruned {
             // The anchor is durable: the segments it covers whole can go.
             self.log.delete_through(through)?;
+        }
+        if let Some(last) = framed.last() {
+            self.log.publish(last.seq);
         }
         Ok(())
     }
 
-    /// Runs an export between groups: nothing is written meanwhile. The audit entries come
-    /// first, under the keys they had in the tree before the trail had its own files.
-    /// Copies every record but leases to `sink` while writes wait, and says which part of
-    /// the trail the copy goes with (copied after, without holding writes).
+    fn close(&mut self) -> Result<(), StoreError> {
+        self.db.flush().map(drop).map_err(engine)
+    }
+}
+
+impl Framed {
+    fn frame(&self) -> NewFrame<'_> {
+        let mut flags = 0;
+        if self.changes_records {
+            flags |= auditlog::STATE_BEARING;
+        }
+        if self.redo.is_some() {
+            flags |= auditlog::REPLAYABLE;
+        }
+        NewFrame {
+            position: self.seq,
+            flags,
+            payload: &self.bytes,
+            redo: self.redo.as_deref().unwrap_or_default(),
+            keys: Some(&self.keys),
+        }
+    }
+}
+
+/// Stages one resolved change as keys.
+fn stage(change: &Change, pending: &mut Pending) -> Result<(), StoreError> {
+    match change {
+        Change::Secret(s) => {
+            pending.insert(
+                codec::secret_key(&s.tenant, &s.name),
+                Some(codec::encode_record(s)?),
+            );
+        }
+        Change::Envelope(e) => {
+            pending.insert(
+                codec::envelope_key(e.secret_id, e.version),
+                Some(codec::encode_record(e)?),
+            );
+        }
+        Change::DeleteEnvelope(id, version) => {
+            pending.insert(codec::envelope_key(*id, *version), None);
+        }
+        Change::NewLease(_) | Change::UpdateLease(_) | Change::DeleteLease(_) => {
+            stage_lease(change, pending)?
+        }
+        Change::Meta(key, revision, value) => {
+            pending.insert(codec::meta_key(*key), Some(value.clone()));
+            pending.insert(
+                codec::meta_revision_key(*key),
+                Some(revision.0.to_be_bytes().to_vec()),
+            );
+        }
+        // The entries (and their index entries) are hidden once the anchor is written, and
+        // their segments deleted once it is durable (see `write_group`); a segment the anchor
+        // covers in part keeps its older entries on disk until a prune covers it whole.
+        Change::Anchor(anchor) => {
+            pending.insert(codec::AUDIT_ANCHOR_META.to_vec(), Some(encode(anchor)?));
+        }
+    }
+    Ok(())
+}
+
+impl SledAdapter {
+    /// Copies every record but leases to `sink` (run between groups: nothing is written
+    /// meanwhile), and says which part of the trail the copy goes with (copied after,
+    /// without holding writes).
     fn export(&self, mut sink: ExportSink) -> Result<RecordsExported, StoreError> {
         let mut count = 0;
         for entry in self.tree.iter() {
@@ -1225,237 +1148,35 @@ impl Writer {
         })
     }
 
-    /// Applies the group's pending changes to the tree as one atomic batch.
-    /// On failure the store is poisoned: transactions already answered Ok in this group
-    /// must not be acknowledged.
-    fn write_pending(&mut self, pending: &mut Pending) -> Result<(), StoreError> {
-        if self.poisoned {
-            return Err(StoreError::Poisoned);
-        }
-        if pending.0.is_empty() {
-            return Ok(());
-        }
+    /// Applies the group's changes to the tree as one atomic batch.
+    fn write_batch(&mut self, pending: Pending) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
-        for (key, value) in std::mem::take(&mut pending.0) {
+        for (key, value) in pending {
             match value {
                 Some(v) => batch.insert(key, v),
                 None => batch.remove(key),
             }
         }
-        let result = self.tree.apply_batch(batch).map_err(engine);
-        self.poisoned = result.is_err();
-        if self.poisoned {
-            self.writable.store(false, Ordering::Release);
-        }
-        result
+        self.tree.apply_batch(batch).map_err(engine)
     }
 
-    /// Applies the group's pending changes one key at a time, then `last` (the position the
-    /// tree reflects), for a group whose record changes the trail can replay: a sled batch
-    /// costs two writes of sled's log buffer, which such a group does not need. sled recovers a
-    /// prefix of its writes, so if `last` survives a crash every change before it does; if not,
-    /// recovery applies the group again from the trail.
-    fn write_pending_in_order(
+    /// Applies the group's changes one key at a time, for a group whose record changes the
+    /// trail can replay: a sled batch costs two writes of sled's log buffer, which such a
+    /// group does not need. sled recovers a prefix of its writes: the revision counter comes
+    /// first (so that no revision a surviving record carries is assigned again) and the
+    /// position the tree reflects last (if it survives a crash, every change before it does;
+    /// if not, recovery applies the group again from the trail).
+    fn write_in_order(
         &mut self,
-        pending: &mut Pending,
-        last: Option<(Vec<u8>, Option<Vec<u8>>)>,
+        writes: impl Iterator<Item = (Vec<u8>, Option<Vec<u8>>)>,
     ) -> Result<(), StoreError> {
-        if self.poisoned {
-            return Err(StoreError::Poisoned);
-        }
-        let mut result = Ok(());
-        for (key, value) in std::mem::take(&mut pending.0).into_iter().chain(last) {
-            result = match value {
+        for (key, value) in writes {
+            match value {
                 Some(v) => self.tree.insert(key, v).map(drop),
                 None => self.tree.remove(key).map(drop),
             }
-            .map_err(engine);
-            if result.is_err() {
-                break;
-            }
+            .map_err(engine)?;
         }
-        self.poisoned = result.is_err();
-        if self.poisoned {
-            self.writable.store(false, Ordering::Release);
-        }
-        result
-    }
-
-    /// True if the current value of `key`, counting the group's pending changes, is
-    /// `expected` (`None`: absent).
-    fn holds(
-        &self,
-        pending: &Pending,
-        key: &[u8],
-        expected: Option<&[u8]>,
-    ) -> Result<bool, StoreError> {
-        match pending.0.get(key) {
-            Some(value) => Ok(value.as_deref() == expected),
-            None => Ok(self.tree.get(key).map_err(engine)?.as_deref() == expected),
-        }
-    }
-
-    /// Checks `tx`'s guards and stages its writes and audit entry into `pending`. Nothing of
-    /// a transaction that fails is staged.
-    fn apply(
-        &mut self,
-        tx: Transaction,
-        pending: &mut Pending,
-    ) -> Result<(Committed, Option<Logged>), StoreError> {
-        if self.poisoned {
-            return Err(StoreError::Poisoned);
-        }
-        if let Some(damage) = self.log.damage() {
-            return Err(StoreError::TrailDamaged(Box::new(damage)));
-        }
-        for guard in &tx.guards {
-            self.check(guard, pending)?;
-        }
-        let mut staged = Vec::new();
-        for write in &tx.writes {
-            self.stage(write, pending, &mut staged)?;
-        }
-        let mut audit = None;
-        if let Some(entry) = tx.audit {
-            let chain = self.chain.as_ref().ok_or(StoreError::ChainNotStarted)?;
-            // Entry times never go backwards along the sequence, even if the clock does.
-            let time = Time::now().max(self.last_time);
-            let seq = self.next_seq;
-            let record = AuditRecord {
-                seq,
-                time,
-                hash: chain.link(&self.prev_hash, seq, time, &entry),
-                prev_hash: self.prev_hash,
-                entry,
-            };
-            let bytes = encode(&record)?;
-            let keys = codec::audit_index_prefixes(&record);
-            audit = Some((record, bytes, keys));
-        }
-        pending.0.extend(staged);
-        for write in &tx.writes {
-            if let Write::PruneAudit { through } = write {
-                self.pruned = Some(*through);
-            }
-        }
-        if let Some((record, _, _)) = &audit {
-            self.next_seq = record.seq + 1;
-            self.last_time = record.time;
-            self.prev_hash = record.hash;
-        }
-        let committed = Committed {
-            audit_seq: audit.as_ref().map(|(r, _, _)| r.seq),
-        };
-        Ok((committed, audit))
-    }
-
-    fn check(&self, guard: &Guard, pending: &Pending) -> Result<(), StoreError> {
-        let (key, expected) = match guard {
-            Guard::Secret {
-                tenant,
-                name,
-                expect,
-            } => (
-                codec::secret_key(tenant, name),
-                expect.as_ref().map(encode).transpose()?,
-            ),
-            Guard::Lease { token_hash, expect } => (
-                codec::lease_key(token_hash),
-                expect.as_ref().map(encode).transpose()?,
-            ),
-            Guard::Envelope {
-                secret_id,
-                version,
-                expect,
-            } => (
-                codec::envelope_key(*secret_id, *version),
-                expect.as_ref().map(encode).transpose()?,
-            ),
-        };
-        if self.holds(pending, &key, expected.as_deref())? {
-            Ok(())
-        } else {
-            Err(StoreError::Conflict)
-        }
-    }
-
-    /// Stages `write` into `staged`.
-    fn stage(
-        &self,
-        write: &Write,
-        pending: &Pending,
-        staged: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    ) -> Result<(), StoreError> {
-        match write {
-            Write::PutSecret(s) => {
-                staged.push((codec::secret_key(&s.tenant, &s.name), Some(encode(s)?)))
-            }
-            Write::PutEnvelope(e) => {
-                staged.push((
-                    codec::envelope_key(e.secret_id, e.version),
-                    Some(encode(e)?),
-                ));
-            }
-            Write::DestroyEnvelopes { secret_id, keep } => {
-                let prefix = codec::envelope_prefix(*secret_id);
-                let mut keys = BTreeSet::new();
-                for entry in self.tree.scan_prefix(&prefix) {
-                    keys.insert(entry.map_err(engine)?.0.to_vec());
-                }
-                for (key, value) in pending.0.range(prefix.clone()..) {
-                    if !key.starts_with(&prefix) {
-                        break;
-                    }
-                    match value {
-                        Some(_) => keys.insert(key.clone()),
-                        None => keys.remove(key),
-                    };
-                }
-                for key in keys {
-                    if keep.is_none_or(|k| codec::envelope_key_version(&key) != Some(k)) {
-                        staged.push((key, None));
-                    }
-                }
-            }
-            Write::PutLease(_) | Write::UpdateLease(_) | Write::DeleteLease(_) => {
-                stage_lease(write, staged)?
-            }
-            Write::PutMeta(key, value) => staged.push((codec::meta_key(*key), Some(value.clone()))),
-            Write::PruneAudit { through } => self.stage_prune(*through, staged)?,
-        }
-        Ok(())
-    }
-
-    /// Deletes entries up to `through` with their index entries, and anchors the chain at
-    /// `through` with a MAC, so that the anchor cannot be moved without the audit key.
-    /// Reads the tree only: `apply` writes the group's pending changes first.
-    fn stage_prune(
-        &self,
-        through: u64,
-        staged: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    ) -> Result<(), StoreError> {
-        let chain = self.chain.as_ref().ok_or(StoreError::ChainNotStarted)?;
-        // A forged anchor is evidence: moving it would replace it with an authentic one.
-        if let Some(current) = anchor(&self.tree)?
-            && !chain.is_authentic(&current)
-        {
-            return Err(StoreError::Corrupt {
-                key: String::from_utf8_lossy(codec::AUDIT_ANCHOR_META).into_owned(),
-                reason: "the audit chain's anchor is not authentic; not pruning over it".into(),
-            });
-        }
-        // Entries of earlier groups only: `through` names an entry already in the trail.
-        let last = match self.log.read(through, 1, true)?.first() {
-            Some(frame) if frame.position == through => decode_frame(frame)?,
-            _ => return Err(StoreError::PruneOutOfRange(through)),
-        };
-        // The entries (and their index entries) are hidden once the anchor is written, and
-        // their segments deleted once it is durable (see `commit_group`); a segment the anchor
-        // covers in part keeps its older entries on disk until a prune covers it whole.
-        staged.push((
-            codec::AUDIT_ANCHOR_META.to_vec(),
-            Some(encode(&chain.anchor(last.seq, last.hash))?),
-        ));
         Ok(())
     }
 }
@@ -1702,6 +1423,7 @@ mod tests {
             max_uses: 3,
             uses,
             revoked: false,
+            rev: Default::default(),
         }
     }
 
@@ -1716,7 +1438,7 @@ mod tests {
         let issued = lease_record(7, 0);
         store
             .commit(Transaction {
-                writes: vec![Write::PutLease(issued.clone())],
+                writes: vec![super::super::Write::PutLease(issued.clone())],
                 audit: Some(get_draft(0)),
                 ..Default::default()
             })
@@ -1725,14 +1447,17 @@ mod tests {
         let head = store.audit_head().unwrap().unwrap();
         // What sled may lose: a use of that lease, a new lease, then a group with a change
         // the trail cannot replay.
+        // Revisions past the stored counter: the group that assigned them is lost with it.
         let mut used = issued.clone();
         used.uses = 1;
-        let new = lease_record(8, 0);
+        used.rev = Revision(40);
+        let mut new = lease_record(8, 0);
+        new.rev = Revision(41);
         let (a, a_bytes) = frame_bytes(&head, 1);
         let (b, b_bytes) = frame_bytes(&a, 2);
         let (c, c_bytes) = frame_bytes(&b, 3);
-        let use_redo = lease_redo(&[Write::UpdateLease(used.clone())]).unwrap();
-        let new_redo = lease_redo(&[Write::PutLease(new.clone())]).unwrap();
+        let use_redo = lease_redo(&[Change::UpdateLease(used.clone())]).unwrap();
+        let new_redo = lease_redo(&[Change::NewLease(new.clone())]).unwrap();
         let replayable = auditlog::STATE_BEARING | auditlog::REPLAYABLE;
         store
             .log
@@ -1760,11 +1485,24 @@ mod tests {
         let store = SledStore::open(dir.path()).unwrap();
         assert_eq!(
             store.lease_by_token(&issued.token_hash).unwrap(),
-            Some(used)
+            Some(used.clone())
         );
         assert_eq!(store.lease_by_id(new.id).unwrap(), Some(new.clone()));
         assert_eq!(store.audit_head().unwrap(), Some(b));
         assert_eq!(applied_position(&store.tree).unwrap(), a.seq + 1);
+        // Revisions go on after the replayed ones: none is assigned twice.
+        store.start_audit_chain(chain_key()).await.unwrap();
+        let mut again = used.clone();
+        again.uses = 2;
+        store
+            .commit(Transaction {
+                writes: vec![super::super::Write::UpdateLease(again)],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let stored = store.lease_by_token(&issued.token_hash).unwrap().unwrap();
+        assert!(stored.rev > new.rev, "{:?}", stored.rev);
         store.close().await.unwrap();
     }
 

@@ -28,6 +28,7 @@ fn secret(t: &str, n: &str) -> SecretRecord {
         updated_at: Time::from_micros(1),
         hint: "…".into(),
         revoked_at: None,
+        rev: Default::default(),
     }
 }
 
@@ -44,6 +45,7 @@ fn envelope(id: SecretId, version: u32) -> EnvelopeRecord {
         nonce: [0; 12],
         ciphertext: vec![1, 2, 3],
         created_at: Time::from_micros(1),
+        rev: Default::default(),
     }
 }
 
@@ -62,7 +64,21 @@ fn lease(s: &SecretRecord, hash: u8, expires_at: i64) -> LeaseRecord {
         max_uses: 1,
         uses: 0,
         revoked: false,
+        rev: Default::default(),
     }
+}
+
+/// A record read back, without the revision the store gave it (to compare with what was
+/// written).
+fn plain<T: codec::Revisioned>(read: Option<T>) -> Option<T> {
+    read.map(|mut r| {
+        r.set_revision(Revision(0));
+        r
+    })
+}
+
+fn plain_all<T: codec::Revisioned>(read: Vec<T>) -> Vec<T> {
+    read.into_iter().filter_map(|r| plain(Some(r))).collect()
 }
 
 fn draft(action: Action) -> AuditDraft {
@@ -218,8 +234,14 @@ async fn records_round_trip(store: &dyn Store) {
         .await
         .unwrap();
     assert!(c.audit_seq.is_some());
-    assert_eq!(store.secret(&s.tenant, &s.name).unwrap(), Some(s.clone()));
-    assert_eq!(store.envelope(s.id, 1).unwrap(), Some(envelope(s.id, 1)));
+    assert_eq!(
+        plain(store.secret(&s.tenant, &s.name).unwrap()),
+        Some(s.clone())
+    );
+    assert_eq!(
+        plain(store.envelope(s.id, 1).unwrap()),
+        Some(envelope(s.id, 1))
+    );
     assert_eq!(store.secret(&tenant("t1x"), &s.name).unwrap(), None);
 
     for n in ["b", "c", "d"] {
@@ -279,11 +301,7 @@ async fn records_round_trip(store: &dyn Store) {
 
 async fn guards_reject_stale_reads(store: &dyn Store) {
     let s = secret("t2", "a");
-    let absent = Guard::Secret {
-        tenant: s.tenant.clone(),
-        name: s.name.clone(),
-        expect: None,
-    };
+    let absent = Guard::secret(&s.tenant, &s.name, None);
     let create = Transaction {
         guards: vec![absent.clone()],
         writes: vec![Write::PutSecret(s.clone())],
@@ -300,19 +318,16 @@ async fn guards_reject_stale_reads(store: &dyn Store) {
 
     let mut rotated = s.clone();
     rotated.version = 2;
-    let rotate = |expect: SecretRecord| Transaction {
-        guards: vec![Guard::Secret {
-            tenant: s.tenant.clone(),
-            name: s.name.clone(),
-            expect: Some(expect),
-        }],
+    let rotate = |read: SecretRecord| Transaction {
+        guards: vec![Guard::secret(&s.tenant, &s.name, Some(&read))],
         writes: vec![Write::PutSecret(rotated.clone())],
         audit: None,
     };
-    store.commit(rotate(s.clone())).await.unwrap();
+    let read = store.secret(&s.tenant, &s.name).unwrap().unwrap();
+    store.commit(rotate(read.clone())).await.unwrap();
     // A second writer that read version 1 loses.
     assert!(matches!(
-        store.commit(rotate(s.clone())).await,
+        store.commit(rotate(read)).await,
         Err(StoreError::Conflict)
     ));
     assert_eq!(
@@ -378,12 +393,8 @@ async fn envelopes_are_destroyed(store: &dyn Store) {
     let current = store.envelope(other.id, 1).unwrap().unwrap();
     let mut rewrapped = current.clone();
     rewrapped.wrapped_key.key_version = 2;
-    let guarded = |expect: EnvelopeRecord| Transaction {
-        guards: vec![Guard::Envelope {
-            secret_id: other.id,
-            version: 1,
-            expect: Some(expect),
-        }],
+    let guarded = |read: EnvelopeRecord| Transaction {
+        guards: vec![Guard::envelope(other.id, 1, Some(&read))],
         writes: vec![Write::PutEnvelope(rewrapped.clone())],
         audit: None,
     };
@@ -392,7 +403,10 @@ async fn envelopes_are_destroyed(store: &dyn Store) {
         store.commit(guarded(current)).await,
         Err(StoreError::Conflict)
     ));
-    assert_eq!(store.envelope(other.id, 1).unwrap(), Some(rewrapped));
+    assert_eq!(
+        plain(store.envelope(other.id, 1).unwrap()),
+        plain(Some(rewrapped))
+    );
 }
 
 async fn leases_are_indexed(store: &dyn Store) {
@@ -410,10 +424,13 @@ async fn leases_are_indexed(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(
-        store.lease_by_token(&early.token_hash).unwrap(),
+        plain(store.lease_by_token(&early.token_hash).unwrap()),
         Some(early.clone())
     );
-    assert_eq!(store.lease_by_id(late.id).unwrap(), Some(late.clone()));
+    assert_eq!(
+        plain(store.lease_by_id(late.id).unwrap()),
+        Some(late.clone())
+    );
     assert_eq!(store.lease_by_id(LeaseId::generate()).unwrap(), None);
     assert!(
         store
@@ -422,11 +439,11 @@ async fn leases_are_indexed(store: &dyn Store) {
             .is_empty()
     );
     assert_eq!(
-        store.expired_leases(Time::from_micros(101), 10).unwrap(),
+        plain_all(store.expired_leases(Time::from_micros(101), 10).unwrap()),
         vec![early.clone()]
     );
     assert_eq!(
-        store.expired_leases(Time::from_micros(400), 1).unwrap(),
+        plain_all(store.expired_leases(Time::from_micros(400), 1).unwrap()),
         vec![early.clone()]
     );
     assert_eq!(
@@ -439,17 +456,15 @@ async fn leases_are_indexed(store: &dyn Store) {
 
     let mut used = early.clone();
     used.uses = 1;
-    let consume = |expect: LeaseRecord| Transaction {
-        guards: vec![Guard::Lease {
-            token_hash: early.token_hash,
-            expect: Some(expect),
-        }],
+    let consume = |read: LeaseRecord| Transaction {
+        guards: vec![Guard::lease(early.token_hash, Some(&read))],
         writes: vec![Write::PutLease(used.clone())],
         audit: Some(draft(Action::Get)),
     };
-    store.commit(consume(early.clone())).await.unwrap();
+    let read = store.lease_by_token(&early.token_hash).unwrap().unwrap();
+    store.commit(consume(read.clone())).await.unwrap();
     assert!(matches!(
-        store.commit(consume(early.clone())).await,
+        store.commit(consume(read)).await,
         Err(StoreError::Conflict)
     ));
 
@@ -463,7 +478,7 @@ async fn leases_are_indexed(store: &dyn Store) {
     assert_eq!(store.lease_by_token(&early.token_hash).unwrap(), None);
     assert_eq!(store.lease_by_id(early.id).unwrap(), None);
     assert_eq!(
-        store.expired_leases(Time::from_micros(400), 10).unwrap(),
+        plain_all(store.expired_leases(Time::from_micros(400), 10).unwrap()),
         vec![late]
     );
 }
@@ -517,11 +532,7 @@ async fn racing_creates_of_one_name_let_exactly_one_win(store: Arc<dyn Store>) {
             tokio::spawn(async move {
                 let s = secret("race", "one-name");
                 let tx = Transaction {
-                    guards: vec![Guard::Secret {
-                        tenant: s.tenant.clone(),
-                        name: s.name.clone(),
-                        expect: None,
-                    }],
+                    guards: vec![Guard::secret(&s.tenant, &s.name, None)],
                     writes: vec![Write::PutSecret(s.clone())],
                     audit: Some(draft(Action::Store)),
                 };
@@ -756,7 +767,7 @@ async fn sled_adapter_reopens_with_the_next_sequence_number() {
     let store = SledStore::open(dir.path()).unwrap();
     assert_eq!(store.durable_audit_seq(), 4);
     store.start_audit_chain(chain_key()).await.unwrap();
-    assert_eq!(store.secret(&s.tenant, &s.name).unwrap(), Some(s));
+    assert_eq!(plain(store.secret(&s.tenant, &s.name).unwrap()), Some(s));
     let c = store
         .commit(Transaction::audit_only(draft(Action::List)))
         .await

@@ -1,0 +1,634 @@
+//! The commit core every engine shares.
+//!
+//! An engine adapter reads what the core asks, writes a whole group of transactions
+//! atomically and durably, and recovers after a crash ([`Adapter`]). Everything else a commit
+//! means is decided here, once, for every engine:
+//!
+//! - **Guards**: each names the [`Revision`] of a record its caller read (or that the record
+//!   was absent). The core checks it against the engine's state overlaid with the changes of
+//!   the earlier transactions of the same group; a guard that no longer holds fails the
+//!   transaction with [`StoreError::Conflict`] and nothing of it is written.
+//! - **Revisions**: every record a transaction writes gets the transaction's revision, one
+//!   larger than any before it.
+//! - **The audit chain**: each entry's sequence number (gap-free, in commit order), its time
+//!   (never decreasing, whatever the clock does), its link to the entry before, and the MAC
+//!   of the anchor a prune leaves.
+//! - **Group commit**: one writer thread takes the commits that queue (up to [`MAX_GROUP`]),
+//!   applies them one after another, has the adapter write the group, and answers them all
+//!   only once it is durable. A group that fails before anything of it was written leaves no
+//!   trace: the chain goes on from where it stood and the next group tries again. A group
+//!   whose outcome is unknown fails the store for good (see [`Store::failed_for_good`]).
+//!
+//! [`Store::failed_for_good`]: super::Store::failed_for_good
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::{Committed, Guard, MetaKey, StoreError, Transaction, Write};
+use crate::chain::{ChainKey, GENESIS};
+use crate::model::{
+    AuditAnchor, AuditRecord, ChainHash, EnvelopeRecord, LeaseRecord, Revision, SecretId,
+    SecretName, SecretRecord, TenantId, Time, TokenHash,
+};
+
+/// Most transactions in one group.
+pub const MAX_GROUP: usize = 512;
+/// Commits that may wait for the writer before callers are slowed down.
+const QUEUE_DEPTH: usize = 4096;
+/// Durable audit entries buffered for each live subscriber.
+const FEED_CAPACITY: usize = 1024;
+
+/// A record a guard can name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RecordKey {
+    /// The secret `tenant`/`name`.
+    Secret(TenantId, SecretName),
+    /// The envelope of one secret version.
+    Envelope(SecretId, u32),
+    /// The lease with this token hash.
+    Lease(TokenHash),
+    /// A meta value.
+    Meta(MetaKey),
+}
+
+/// A change as the core resolved it: what an adapter writes. Records carry the revision
+/// the core assigned.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Insert or replace a secret's record.
+    Secret(SecretRecord),
+    /// Insert or replace a version's envelope.
+    Envelope(EnvelopeRecord),
+    /// Delete the envelope of one version (its wrapped data key is gone).
+    DeleteEnvelope(SecretId, u32),
+    /// Insert a new lease (and its indexes).
+    NewLease(LeaseRecord),
+    /// Replace a lease whose id, token hash and expiry are unchanged.
+    UpdateLease(LeaseRecord),
+    /// Delete a lease (and its indexes).
+    DeleteLease(LeaseRecord),
+    /// Set a meta value.
+    Meta(MetaKey, Revision, Vec<u8>),
+    /// Move the chain's anchor to the entry it names, and drop the entries up to it.
+    Anchor(AuditAnchor),
+}
+
+impl Change {
+    /// True for changes to leases, which are short-lived and never secret material.
+    pub fn is_lease(&self) -> bool {
+        matches!(
+            self,
+            Change::NewLease(_) | Change::UpdateLease(_) | Change::DeleteLease(_)
+        )
+    }
+}
+
+/// One transaction of a group, resolved: its changes and its sealed audit entry.
+#[derive(Debug)]
+pub struct Resolved {
+    /// Record changes, in the order the transaction gave them.
+    pub changes: Vec<Change>,
+    /// The audit entry, with its sequence number, time and chain link.
+    pub audit: Option<AuditRecord>,
+}
+
+/// What an adapter writes at once: the group's transactions whose guards held, in commit
+/// order.
+#[derive(Debug)]
+pub struct Group {
+    /// The transactions.
+    pub transactions: Vec<Resolved>,
+    /// The largest revision the group assigned (to keep, so that none is assigned twice).
+    pub last_revision: Revision,
+}
+
+/// What an engine adapter does for the core. Reads see the engine's durable state (the
+/// core overlays the group's own changes); [`Adapter::write_group`] is the only write.
+pub trait Adapter: Send + 'static {
+    /// Fails if the engine takes no writes now (for example, a damaged audit trail).
+    fn check_writable(&self) -> Result<(), StoreError>;
+    /// The stored revision of a record (`None`: absent).
+    fn revision(&self, key: &RecordKey) -> Result<Option<Revision>, StoreError>;
+    /// The versions of a secret's envelopes, as stored.
+    fn envelope_versions(&self, secret_id: SecretId) -> Result<Vec<u32>, StoreError>;
+    /// The chain's anchor, as stored.
+    fn anchor(&self) -> Result<Option<AuditAnchor>, StoreError>;
+    /// A durable audit entry.
+    fn audit_entry(&self, seq: u64) -> Result<Option<AuditRecord>, StoreError>;
+    /// Writes the group atomically and durably, and lets readers see it. An error that
+    /// wrote nothing is [`StoreError::Transient`] or [`StoreError::TrailDamaged`]; any other
+    /// leaves the outcome unknown.
+    fn write_group(&mut self, group: &Group) -> Result<(), StoreError>;
+    /// Makes everything durable before the store closes.
+    fn close(&mut self) -> Result<(), StoreError>;
+}
+
+/// Where the chain and the revisions stand: what the next commit builds on.
+#[derive(Debug, Clone, Copy)]
+pub struct Position {
+    /// Sequence number of the next audit entry.
+    pub next_seq: u64,
+    /// Time of the last entry (the next is not earlier).
+    pub last_time: Time,
+    /// Hash of the last entry (or the anchor's, or [`GENESIS`]).
+    pub prev_hash: ChainHash,
+    /// The next revision to assign.
+    pub next_revision: u64,
+}
+
+impl Position {
+    /// The position after `head` (the latest entry), else after `anchor`, else the start;
+    /// revisions go on after `last_revision`.
+    pub fn after(
+        head: Option<&AuditRecord>,
+        anchor: Option<&AuditAnchor>,
+        last_revision: Revision,
+    ) -> Self {
+        let (next_seq, last_time, prev_hash) = match (head, anchor) {
+            (Some(head), _) => (head.seq + 1, head.time, head.hash),
+            (None, Some(anchor)) => (anchor.seq + 1, Time::from_micros(i64::MIN), anchor.hash),
+            (None, None) => (1, Time::from_micros(i64::MIN), GENESIS),
+        };
+        Self {
+            next_seq,
+            last_time,
+            prev_hash,
+            next_revision: last_revision.0 + 1,
+        }
+    }
+}
+
+/// What every handle of the store can see of the writer.
+pub struct Status {
+    /// False once a write's outcome is unknown: only a restart clears it.
+    sound: AtomicBool,
+    /// The last group failed before it wrote anything (cleared by the next that succeeds).
+    failing: AtomicBool,
+    durable_seq: AtomicU64,
+    feed: broadcast::Sender<Arc<AuditRecord>>,
+}
+
+impl Status {
+    /// True unless the store failed for good or the last group failed.
+    pub fn writable(&self) -> bool {
+        self.sound.load(Ordering::Acquire) && !self.failing.load(Ordering::Acquire)
+    }
+
+    /// True once a write's outcome was unknown.
+    pub fn failed_for_good(&self) -> bool {
+        !self.sound.load(Ordering::Acquire)
+    }
+
+    /// The sequence number of the latest durable audit entry.
+    pub fn durable_seq(&self) -> u64 {
+        self.durable_seq.load(Ordering::Acquire)
+    }
+
+    /// Durable audit entries from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<AuditRecord>> {
+        self.feed.subscribe()
+    }
+
+    fn fail_for_good(&self) {
+        self.sound.store(false, Ordering::Release);
+    }
+}
+
+type Reply = oneshot::Sender<Result<Committed, StoreError>>;
+
+/// Work run on the writer thread between groups, with the adapter.
+pub type Between<A> = Box<dyn FnOnce(&mut A) + Send>;
+
+enum Message<A> {
+    Commit(Box<Transaction>, Reply),
+    StartChain(Arc<ChainKey>, oneshot::Sender<()>),
+    Between(Between<A>),
+    Close(oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// The handle of the writer thread: commits go in, durable answers come out.
+pub struct Committer<A> {
+    jobs: mpsc::Sender<Message<A>>,
+    status: Arc<Status>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl<A: Adapter> Committer<A> {
+    /// Starts the writer thread on `adapter`, whose durable state ends at `position`.
+    pub fn start(adapter: A, position: Position) -> Result<Self, StoreError> {
+        let (feed, _) = broadcast::channel(FEED_CAPACITY);
+        let status = Arc::new(Status {
+            sound: AtomicBool::new(true),
+            failing: AtomicBool::new(false),
+            durable_seq: AtomicU64::new(position.next_seq - 1),
+            feed,
+        });
+        let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
+        let writer = Writer {
+            adapter,
+            status: status.clone(),
+            chain: None,
+            position,
+            poisoned: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name("byokd-store-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::Engine(format!("spawn writer thread: {e}")))?;
+        Ok(Self {
+            jobs,
+            status,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// What every handle can see of the writer.
+    pub fn status(&self) -> &Status {
+        &self.status
+    }
+
+    /// Applies `tx` atomically if its guards hold, and returns once it is durable.
+    pub async fn commit(&self, tx: Transaction) -> Result<Committed, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Message::Commit(Box::new(tx), reply)).await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Installs the audit chain's key.
+    pub async fn start_chain(&self, key: Arc<ChainKey>) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Message::StartChain(key, reply)).await?;
+        answer.await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Runs `work` on the writer thread once the groups before it are durable, while no
+    /// other group is written.
+    pub async fn between(&self, work: Between<A>) -> Result<(), StoreError> {
+        self.send(Message::Between(work)).await
+    }
+
+    /// Stops the writer once the groups before are durable, and waits for it.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let result = match self.send(Message::Close(reply)).await {
+            Ok(()) => answer.await.map_err(|_| StoreError::Closed)?,
+            Err(_) => Ok(()),
+        };
+        let thread = self.thread.lock().map(|mut t| t.take()).unwrap_or(None);
+        if let Some(thread) = thread {
+            tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .map_err(|e| StoreError::Engine(format!("join writer: {e}")))?
+                .map_err(|_| StoreError::Engine("writer thread panicked".into()))?;
+        }
+        result
+    }
+
+    async fn send(&self, message: Message<A>) -> Result<(), StoreError> {
+        self.jobs
+            .send(message)
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+}
+
+/// A transaction applied in the open group, waiting for the group's write.
+struct Applied {
+    reply: Reply,
+    result: Result<Resolved, StoreError>,
+}
+
+/// The group's changes not yet written: a record's new revision (`None`: deleted). Later
+/// transactions of the group check their guards through it.
+#[derive(Default)]
+struct Overlay(HashMap<RecordKey, Option<Revision>>);
+
+/// State owned by the writer thread.
+struct Writer<A> {
+    adapter: A,
+    status: Arc<Status>,
+    chain: Option<Arc<ChainKey>>,
+    position: Position,
+    poisoned: bool,
+}
+
+impl<A: Adapter> Writer<A> {
+    fn run(mut self, mut rx: mpsc::Receiver<Message<A>>) {
+        while let Some(first) = rx.blocking_recv() {
+            // Where the chain stood before the group, should the group write nothing.
+            let before = self.position;
+            let mut group: Vec<Applied> = Vec::new();
+            let mut overlay = Overlay::default();
+            let mut after = None;
+            let mut next = Some(first);
+            while let Some(message) = next.take() {
+                match message {
+                    Message::Commit(tx, reply) => {
+                        let result = self.apply(*tx, &mut overlay);
+                        group.push(Applied { reply, result });
+                    }
+                    Message::StartChain(key, reply) => {
+                        self.chain = Some(key);
+                        let _ = reply.send(());
+                    }
+                    // Barriers: the group before them is durable before they run.
+                    other @ (Message::Between(_) | Message::Close(_)) => {
+                        after = Some(other);
+                        break;
+                    }
+                }
+                if group.len() < MAX_GROUP {
+                    next = rx.try_recv().ok();
+                }
+            }
+            self.write(&mut group, before);
+            if let Some(seq) = group
+                .iter()
+                .rev()
+                .find_map(|a| a.result.as_ref().ok()?.audit.as_ref().map(|r| r.seq))
+            {
+                self.status.durable_seq.store(seq, Ordering::Release);
+            }
+            for applied in group {
+                let result = applied.result.map(|resolved| {
+                    let audit_seq = resolved.audit.as_ref().map(|r| r.seq);
+                    if let Some(record) = resolved.audit {
+                        // No subscriber is fine; a lagging one is told so by the channel.
+                        let _ = self.status.feed.send(Arc::new(record));
+                    }
+                    Committed { audit_seq }
+                });
+                // The caller may have gone away (cancelled RPC); the commit stands regardless.
+                let _ = applied.reply.send(result);
+            }
+            match after {
+                Some(Message::Between(work)) => work(&mut self.adapter),
+                Some(Message::Close(reply)) => {
+                    let _ = reply.send(self.adapter.close());
+                    return;
+                }
+                _ => {}
+            }
+        }
+        if let Err(e) = self.adapter.close() {
+            tracing::error!(error = %e, "final store flush failed");
+        }
+    }
+
+    /// Has the adapter write the group's transactions that succeeded; if that fails, they
+    /// fail with it.
+    fn write(&mut self, group: &mut [Applied], before: Position) {
+        let transactions: Vec<Resolved> = group
+            .iter_mut()
+            .filter_map(|a| {
+                let resolved = a.result.as_mut().ok()?;
+                Some(Resolved {
+                    changes: std::mem::take(&mut resolved.changes),
+                    audit: resolved.audit.take(),
+                })
+            })
+            .collect();
+        if transactions.is_empty() {
+            return;
+        }
+        let group_write = Group {
+            transactions,
+            last_revision: Revision(self.position.next_revision - 1),
+        };
+        let started = std::time::Instant::now();
+        let written = if self.poisoned {
+            Err(StoreError::Poisoned)
+        } else {
+            self.adapter.write_group(&group_write)
+        };
+        crate::metrics::global()
+            .flush_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.status.failing.store(
+            matches!(written, Err(StoreError::Transient(_))),
+            Ordering::Release,
+        );
+        let mut written_back = group_write.transactions.into_iter();
+        let Err(e) = written else {
+            for applied in group.iter_mut() {
+                if let Ok(resolved) = &mut applied.result
+                    && let Some(w) = written_back.next()
+                {
+                    *resolved = w;
+                }
+            }
+            return;
+        };
+        let nothing_written = matches!(e, StoreError::Transient(_) | StoreError::TrailDamaged(_));
+        if nothing_written {
+            // The group failed as a whole and left no trace: the chain goes on from where it
+            // stood, and the next group tries again.
+            tracing::warn!(error = %e, "store write failed before anything was written");
+            self.position = before;
+        } else if !self.poisoned {
+            tracing::error!(error = %e, "store write or flush failed; refusing further writes");
+            self.poisoned = true;
+            self.status.fail_for_good();
+        }
+        for applied in group.iter_mut() {
+            if applied.result.is_ok() {
+                applied.result = Err(if nothing_written {
+                    copy_unwritten(&e)
+                } else {
+                    StoreError::Engine(format!("write: {e}"))
+                });
+            }
+        }
+    }
+
+    /// Checks `tx`'s guards and resolves its writes and audit entry. Nothing of a
+    /// transaction that fails is kept.
+    fn apply(&mut self, tx: Transaction, overlay: &mut Overlay) -> Result<Resolved, StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        self.adapter.check_writable()?;
+        for guard in &tx.guards {
+            if self.current(&guard.key, overlay)? != guard.expect {
+                return Err(StoreError::Conflict);
+            }
+        }
+        let revision = Revision(self.position.next_revision);
+        let mut changes = Vec::with_capacity(tx.writes.len());
+        let mut touched = Vec::new();
+        for write in tx.writes {
+            self.resolve(write, revision, overlay, &mut changes, &mut touched)?;
+        }
+        let audit = match tx.audit {
+            Some(draft) => {
+                let chain = self.chain.as_ref().ok_or(StoreError::ChainNotStarted)?;
+                // Entry times never go backwards along the sequence, even if the clock does.
+                let time = Time::now().max(self.position.last_time);
+                let seq = self.position.next_seq;
+                let prev_hash = self.position.prev_hash;
+                Some(AuditRecord {
+                    seq,
+                    time,
+                    hash: chain.link(&prev_hash, seq, time, &draft),
+                    prev_hash,
+                    entry: draft,
+                })
+            }
+            None => None,
+        };
+        overlay.0.extend(touched);
+        if !changes.is_empty() {
+            self.position.next_revision += 1;
+        }
+        if let Some(record) = &audit {
+            self.position.next_seq = record.seq + 1;
+            self.position.last_time = record.time;
+            self.position.prev_hash = record.hash;
+        }
+        Ok(Resolved { changes, audit })
+    }
+
+    /// The revision of `key` counting the group's changes so far.
+    fn current(&self, key: &RecordKey, overlay: &Overlay) -> Result<Option<Revision>, StoreError> {
+        match overlay.0.get(key) {
+            Some(revision) => Ok(*revision),
+            None => self.adapter.revision(key),
+        }
+    }
+
+    /// Turns one write into changes, noting the records it touches.
+    fn resolve(
+        &self,
+        write: Write,
+        revision: Revision,
+        overlay: &Overlay,
+        changes: &mut Vec<Change>,
+        touched: &mut Vec<(RecordKey, Option<Revision>)>,
+    ) -> Result<(), StoreError> {
+        let mut put = |key: RecordKey, change: Change| {
+            touched.push((key, Some(revision)));
+            changes.push(change);
+        };
+        match write {
+            Write::PutSecret(mut s) => {
+                s.rev = revision;
+                put(
+                    RecordKey::Secret(s.tenant.clone(), s.name.clone()),
+                    Change::Secret(s),
+                );
+            }
+            Write::PutEnvelope(mut e) => {
+                e.rev = revision;
+                put(
+                    RecordKey::Envelope(e.secret_id, e.version),
+                    Change::Envelope(e),
+                );
+            }
+            Write::PutLease(mut l) => {
+                l.rev = revision;
+                put(RecordKey::Lease(l.token_hash), Change::NewLease(l));
+            }
+            Write::UpdateLease(mut l) => {
+                l.rev = revision;
+                put(RecordKey::Lease(l.token_hash), Change::UpdateLease(l));
+            }
+            Write::PutMeta(key, value) => {
+                put(RecordKey::Meta(key), Change::Meta(key, revision, value));
+            }
+            Write::DeleteLease(l) => {
+                touched.push((RecordKey::Lease(l.token_hash), None));
+                changes.push(Change::DeleteLease(l));
+            }
+            Write::DestroyEnvelopes { secret_id, keep } => {
+                let mut versions = self.adapter.envelope_versions(secret_id)?;
+                for (key, revision) in &overlay.0 {
+                    if let RecordKey::Envelope(id, version) = key
+                        && *id == secret_id
+                    {
+                        versions.retain(|v| v != version);
+                        if revision.is_some() {
+                            versions.push(*version);
+                        }
+                    }
+                }
+                versions.sort_unstable();
+                for version in versions {
+                    if keep != Some(version) {
+                        touched.push((RecordKey::Envelope(secret_id, version), None));
+                        changes.push(Change::DeleteEnvelope(secret_id, version));
+                    }
+                }
+            }
+            Write::PruneAudit { through } => changes.push(Change::Anchor(self.anchor(through)?)),
+        }
+        Ok(())
+    }
+
+    /// The anchor of a prune through entry `through`, with a MAC so that it cannot be moved
+    /// without the audit key.
+    fn anchor(&self, through: u64) -> Result<AuditAnchor, StoreError> {
+        let chain = self.chain.as_ref().ok_or(StoreError::ChainNotStarted)?;
+        // A forged anchor is evidence: moving it would replace it with an authentic one.
+        if let Some(current) = self.adapter.anchor()?
+            && !chain.is_authentic(&current)
+        {
+            return Err(StoreError::Corrupt {
+                key: "the audit chain's anchor".into(),
+                reason: "the audit chain's anchor is not authentic; not pruning over it".into(),
+            });
+        }
+        // Entries of earlier groups only: `through` names an entry already durable.
+        let last = self
+            .adapter
+            .audit_entry(through)?
+            .ok_or(StoreError::PruneOutOfRange(through))?;
+        Ok(chain.anchor(last.seq, last.hash))
+    }
+}
+
+/// A copy of an error that wrote nothing, for each commit of the group it failed.
+fn copy_unwritten(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::TrailDamaged(damage) => StoreError::TrailDamaged(damage.clone()),
+        StoreError::Transient(why) => StoreError::Transient(why.clone()),
+        other => StoreError::Transient(other.to_string()),
+    }
+}
+
+impl Guard {
+    /// The secret `tenant`/`name` is still as read (`None`: still absent).
+    pub fn secret(tenant: &TenantId, name: &SecretName, read: Option<&SecretRecord>) -> Self {
+        Self {
+            key: RecordKey::Secret(tenant.clone(), name.clone()),
+            expect: read.map(|s| s.rev),
+        }
+    }
+
+    /// The lease with this token hash is still as read.
+    pub fn lease(token_hash: TokenHash, read: Option<&LeaseRecord>) -> Self {
+        Self {
+            key: RecordKey::Lease(token_hash),
+            expect: read.map(|l| l.rev),
+        }
+    }
+
+    /// The envelope of one secret version is still as read.
+    pub fn envelope(secret_id: SecretId, version: u32, read: Option<&EnvelopeRecord>) -> Self {
+        Self {
+            key: RecordKey::Envelope(secret_id, version),
+            expect: read.map(|e| e.rev),
+        }
+    }
+
+    /// A meta value is still at the revision read (`None`: still absent).
+    pub fn meta(key: MetaKey, read: Option<Revision>) -> Self {
+        Self {
+            key: RecordKey::Meta(key),
+            expect: read,
+        }
+    }
+}
