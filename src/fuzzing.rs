@@ -12,7 +12,10 @@ use crate::model::{
 
 /// Decodes `bytes` as every kind of stored record, as the store would read them.
 pub fn decode_stored_record(bytes: &[u8]) {
+    use crate::store::MetaValue;
     crate::store::decode_any_record(bytes);
+    let _ = crate::rotation::KeyringState::from_bytes(bytes);
+    let _ = crate::keyring::StoredKey::from_bytes(bytes);
 }
 
 /// Splits `bytes` into a segment file, its offset file and its index file (each but the

@@ -12,7 +12,9 @@ use crate::backup::{BackupHeader, BackupReader};
 use crate::config::Config;
 use crate::model::{Action, AuditDraft, AuditRecord, SecretName, TenantId, Time};
 use crate::server::{Initialise, Keys, ServeError, open_keys, open_store};
-use crate::store::{MetaKey, RepairPlan, Store, StoreError, Transaction, Write};
+use crate::store::{
+    RepairNote, RepairPlan, Store, StoreError, Transaction, Write, load_meta, put_meta,
+};
 
 /// Verifies the audit chain of the configured data directory (needs its master key).
 pub async fn verify_audit(
@@ -121,8 +123,8 @@ pub async fn repair_audit(config: &Config, apply: bool) -> Result<Repair, ServeE
     }
     let store = open_store(&config.store, &config.data_dir)?;
     let result = async {
-        let note = match store.meta(MetaKey::RepairPending)? {
-            Some(note) if !note.is_empty() => String::from_utf8_lossy(&note).into_owned(),
+        let note = match load_meta::<RepairNote>(&*store)? {
+            Some(note) if !note.value.0.is_empty() => note.value.0,
             _ => return Ok(Repair::NothingToDo),
         };
         let keys = existing_keys(config, &*store).await?;
@@ -131,7 +133,7 @@ pub async fn repair_audit(config: &Config, apply: bool) -> Result<Repair, ServeE
         entry.reason = note.clone();
         let committed = store
             .commit(Transaction {
-                writes: vec![Write::PutMeta(MetaKey::RepairPending, Vec::new())],
+                writes: vec![put_meta(&RepairNote(String::new()))?],
                 audit: Some(entry),
                 ..Default::default()
             })

@@ -13,7 +13,7 @@ use crate::keyring::{
     AwsSettings, Keyring, KeyringError, MasterKeySpec, StoredKey, WrapContext, make_key_check,
 };
 use crate::model::{Action, AuditDraft, EnvelopeRecord, SecretId, Time};
-use crate::store::{Guard, MetaKey, Store, StoreError, Transaction, Write};
+use crate::store::{Guard, MetaKey, Store, StoreError, Transaction, Write, load_meta, put_meta};
 
 /// The data directory's master key versions and its rotation job, kept in the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,19 +64,25 @@ pub struct RotationJob {
     pub cursor: Option<(SecretId, u32)>,
 }
 
+crate::postcard_meta!(KeyringState, MetaKey::Keyring);
+// The audit seed, wrapped by the keyring (rewrapped when a rotation finishes).
+crate::postcard_meta!(StoredKey, MetaKey::AuditSeed);
+
 impl KeyringState {
     /// The state stored in `store`, if any.
     pub fn load(store: &dyn Store) -> Result<Option<Self>, RotationError> {
-        store
-            .meta(MetaKey::Keyring)?
-            .map(|bytes| postcard::from_bytes(&bytes).map_err(|_| RotationError::CorruptState))
-            .transpose()
+        Ok(load_meta::<Self>(store)?.map(|meta| meta.value))
+    }
+
+    /// The state stored in `store`, with the guard that it is still the one read.
+    fn load_for_update(store: &dyn Store) -> Result<(Self, Guard), RotationError> {
+        let meta = load_meta::<Self>(store)?.ok_or(RotationError::CorruptState)?;
+        Ok((meta.value.clone(), meta.guard()))
     }
 
     /// The write that stores this state.
     pub fn write(&self) -> Result<Write, RotationError> {
-        let bytes = postcard::to_stdvec(self).map_err(|_| RotationError::CorruptState)?;
-        Ok(Write::PutMeta(MetaKey::Keyring, bytes))
+        Ok(put_meta(self)?)
     }
 
     /// The record of `version`.
@@ -154,7 +160,7 @@ impl Rotator {
         mut audit: AuditDraft,
     ) -> Result<RotationJob, RotationError> {
         let _guard = self.control.lock().await;
-        let mut state = KeyringState::load(&*self.store)?.ok_or(RotationError::CorruptState)?;
+        let (mut state, read) = KeyringState::load_for_update(&*self.store)?;
         if let Some(job) = state.rotation.as_ref().filter(|_| state.rotating()) {
             return Err(RotationError::InProgress(job.id.clone()));
         }
@@ -198,9 +204,9 @@ impl Rotator {
         self.keyring.add(version, key.clone(), false);
         self.store
             .commit(Transaction {
+                guards: vec![read],
                 writes: vec![state.write()?],
                 audit: Some(audit),
-                ..Default::default()
             })
             .await?;
         self.keyring.add(version, key, true);
@@ -250,7 +256,7 @@ impl Rotator {
     /// Rewraps one batch, or finishes the pass or the job. False when there is nothing left.
     async fn step(&self) -> Result<bool, RotationError> {
         let _guard = self.control.lock().await;
-        let mut state = KeyringState::load(&*self.store)?.ok_or(RotationError::CorruptState)?;
+        let (mut state, read) = KeyringState::load_for_update(&*self.store)?;
         let Some(mut job) = state.rotation.clone().filter(|_| state.rotating()) else {
             return Ok(false);
         };
@@ -265,13 +271,13 @@ impl Rotator {
                 job.pass_rewrapped = 0;
                 job.cursor = None;
                 state.rotation = Some(job);
-                self.commit(vec![state.write()?], Vec::new(), None).await?;
+                self.commit(vec![state.write()?], vec![read], None).await?;
                 return Ok(true);
             }
-            self.finish(state, job).await?;
+            self.finish(state, read, job).await?;
             return Ok(false);
         };
-        let mut guards = Vec::new();
+        let mut guards = vec![read];
         let mut writes = Vec::new();
         for envelope in batch {
             if envelope.wrapped_key.key_version == job.target {
@@ -318,21 +324,21 @@ impl Rotator {
     async fn finish(
         &self,
         mut state: KeyringState,
+        read: Guard,
         mut job: RotationJob,
     ) -> Result<(), RotationError> {
         let mut writes = Vec::new();
-        if let Some(bytes) = self.store.meta(MetaKey::AuditSeed)? {
-            let seed: StoredKey =
-                postcard::from_bytes(&bytes).map_err(|_| RotationError::CorruptState)?;
+        let mut guards = vec![read];
+        if let Some(meta) = load_meta::<StoredKey>(&*self.store)? {
+            let seed = &meta.value;
             if seed.wrapped.key_version != job.target {
                 let key = seed.unwrap(&self.keyring, &WrapContext::AuditSeed).await?;
                 let wrapped = self
                     .keyring
                     .wrap_with(job.target, &key, &WrapContext::AuditSeed)
                     .await?;
-                let bytes = postcard::to_stdvec(&StoredKey { wrapped })
-                    .map_err(|_| RotationError::CorruptState)?;
-                writes.push(Write::PutMeta(MetaKey::AuditSeed, bytes));
+                writes.push(put_meta(&StoredKey { wrapped })?);
+                guards.push(meta.guard());
             }
         }
         let now = Time::now();
@@ -352,7 +358,7 @@ impl Rotator {
             "rotation {} done: {} data keys rewrapped to master key version {}; retired versions {retired:?}",
             job.id, job.rewrapped, job.target
         );
-        self.commit(writes, Vec::new(), Some(audit)).await?;
+        self.commit(writes, guards, Some(audit)).await?;
         for version in &retired {
             self.keyring.remove(*version);
         }

@@ -27,7 +27,10 @@ use crate::model::PrincipalId;
 use crate::quota::Quotas;
 use crate::rotation::{KeyVersion, KeyringState, RotationSettings, Rotator};
 use crate::service::VaultService;
-use crate::store::{Engine, MetaKey, Store, StoreError, Transaction, Write};
+use crate::store::{
+    Engine, Guard, MetaKey, MetaValue, RepairNote, Store, StoreError, Transaction, load_meta,
+    put_meta,
+};
 use crate::vault::{Vault, VaultParts};
 
 /// Id of the admin principal created when no principals are configured.
@@ -259,10 +262,7 @@ async fn serve(
         &config.data_dir,
     )
     .await?;
-    if store
-        .meta(MetaKey::RepairPending)?
-        .is_some_and(|note| !note.is_empty())
-    {
+    if load_meta::<RepairNote>(&*store)?.is_some_and(|note| !note.value.0.is_empty()) {
         return Err(ServeError::RepairPending);
     }
     let (version, key_id) = keys.keyring.current();
@@ -749,13 +749,12 @@ pub async fn open_keys(
                 }],
                 rotation: None,
             };
-            store
-                .commit(Transaction {
-                    writes: vec![state.write().map_err(rotation_error)?],
-                    ..Default::default()
-                })
-                .await?;
-            state
+            // Another process (or task) initialising the same store at once may win: then
+            // its keyring is the one.
+            match create_meta(store, &state).await? {
+                Some(theirs) => theirs,
+                None => state,
+            }
         }
     };
     let mut keys = BTreeMap::new();
@@ -798,20 +797,21 @@ pub async fn open_keys(
             "the configured master key is not the current one; call RotateMasterKey to move to it"
         );
     }
-    let seed = match stored_key(store, MetaKey::AuditSeed)? {
-        Some(stored) => stored
-            .unwrap(&keyring, &WrapContext::AuditSeed)
-            .await
-            .map_err(|e| key_error(&config.spec, &keyring.current().1, e))?,
+    let stored = match load_meta::<StoredKey>(store)? {
+        Some(stored) => stored.value,
         None if initialise == Initialise::Never => {
             return Err(ServeError::NotInitialised(data_dir.to_path_buf()));
         }
         None => {
-            let (stored, seed) = StoredKey::generate(&keyring, &WrapContext::AuditSeed).await?;
-            put_stored_key(store, MetaKey::AuditSeed, &stored).await?;
-            seed
+            let (stored, _) = StoredKey::generate(&keyring, &WrapContext::AuditSeed).await?;
+            // The seed of another process initialising the store at once, if it won.
+            create_meta(store, &stored).await?.unwrap_or(stored)
         }
     };
+    let seed = stored
+        .unwrap(&keyring, &WrapContext::AuditSeed)
+        .await
+        .map_err(|e| key_error(&config.spec, &keyring.current().1, e))?;
     Ok(Keys {
         keyring,
         chain: Arc::new(ChainKey::derive(&seed)),
@@ -845,31 +845,29 @@ fn rotation_error(e: crate::rotation::RotationError) -> ServeError {
     }
 }
 
-fn stored_key(store: &dyn Store, key: MetaKey) -> Result<Option<StoredKey>, ServeError> {
-    store
-        .meta(key)?
-        .map(|bytes| {
-            postcard::from_bytes::<StoredKey>(&bytes)
-                .map_err(|_| ServeError::CorruptMeta { what: "stored key" })
+/// Stores `value` if the store holds none yet. If another process (or task) stored one
+/// first, nothing is written and theirs is returned.
+async fn create_meta<T: MetaValue>(store: &dyn Store, value: &T) -> Result<Option<T>, ServeError> {
+    let created = store
+        .commit(Transaction {
+            guards: vec![Guard::meta(T::KEY, None)],
+            writes: vec![put_meta(value)?],
+            audit: None,
         })
-        .transpose()
+        .await;
+    match created {
+        Ok(_) => Ok(None),
+        Err(StoreError::Conflict) => Ok(load_meta::<T>(store)?.map(|meta| meta.value)),
+        Err(e) => Err(e.into()),
+    }
 }
 
-async fn put_stored_key(
-    store: &dyn Store,
-    key: MetaKey,
-    value: &StoredKey,
-) -> Result<(), ServeError> {
-    let bytes =
-        postcard::to_stdvec(value).map_err(|_| ServeError::CorruptMeta { what: "stored key" })?;
-    store
-        .commit(Transaction {
-            writes: vec![Write::PutMeta(key, bytes)],
-            ..Default::default()
-        })
-        .await?;
-    Ok(())
-}
+/// The SHA-256 of the bootstrap admin's token (stored as its 32 bytes).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+struct BootstrapAdmin(auth::TokenDigest);
+
+crate::postcard_meta!(BootstrapAdmin, MetaKey::BootstrapAdmin);
 
 /// With no principals configured: an admin principal whose token was printed once, at the
 /// first start (or now, if asked to reset it).
@@ -881,23 +879,41 @@ async fn bootstrap_principals(
     let corrupt = || ServeError::CorruptMeta {
         what: "bootstrap-admin",
     };
-    let digest: auth::TokenDigest = match store.meta(MetaKey::BootstrapAdmin)? {
-        Some(bytes) if !reset => bytes.try_into().map_err(|_| corrupt())?,
-        _ => {
+    let stored = load_meta::<BootstrapAdmin>(store)?;
+    let digest: auth::TokenDigest = match stored {
+        Some(stored) if !reset => stored.value.0,
+        stored => {
             let token = crate::crypto::random_token(auth::PRINCIPAL_TOKEN_PREFIX)
                 .map_err(ServeError::Rng)?;
             let digest = auth::token_digest(token.expose_secret());
-            store
+            let replaced = store
                 .commit(Transaction {
-                    writes: vec![Write::PutMeta(MetaKey::BootstrapAdmin, digest.to_vec())],
-                    ..Default::default()
+                    guards: vec![Guard::meta(
+                        MetaKey::BootstrapAdmin,
+                        stored.map(|s| s.revision),
+                    )],
+                    writes: vec![put_meta(&BootstrapAdmin(digest))?],
+                    audit: None,
                 })
-                .await?;
-            announce(Announcement::BootstrapToken {
-                principal: BOOTSTRAP_PRINCIPAL,
-                token: token.expose_secret(),
-            });
-            digest
+                .await;
+            match replaced {
+                Ok(_) => {
+                    announce(Announcement::BootstrapToken {
+                        principal: BOOTSTRAP_PRINCIPAL,
+                        token: token.expose_secret(),
+                    });
+                    digest
+                }
+                // Another process initialising the store at once created it: its token is
+                // the one (it printed it).
+                Err(StoreError::Conflict) if !reset => {
+                    load_meta::<BootstrapAdmin>(store)?
+                        .ok_or(StoreError::Conflict)?
+                        .value
+                        .0
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     };
     tracing::warn!(

@@ -58,15 +58,31 @@ impl LocalMasterKey {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(io)?;
                 }
+                // Written whole under another name, then linked into place (which fails if
+                // the name exists): a process creating the key at the same moment either
+                // wins, or finds this one complete and loads it.
                 let key = SymmetricKey::generate().map_err(KeyringError::Crypto)?;
-                let mut file = OpenOptions::new()
+                let mut partial = path.as_os_str().to_owned();
+                partial.push(format!(".{}.partial", uuid::Uuid::new_v4().simple()));
+                let partial = std::path::PathBuf::from(partial);
+                let written = OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
-                    .open(path)
-                    .map_err(io)?;
-                file.write_all(key.expose_secret()).map_err(io)?;
-                file.sync_all().map_err(io)?;
+                    .open(&partial)
+                    .and_then(|mut file| {
+                        file.write_all(key.expose_secret())?;
+                        file.sync_all()
+                    })
+                    .and_then(|()| std::fs::hard_link(&partial, path));
+                let _ = std::fs::remove_file(&partial);
+                match written {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                        return Self::load_or_create(path, false);
+                    }
+                    Err(e) => return Err(io(e)),
+                }
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::File::open(dir)
                         .and_then(|d| d.sync_all())

@@ -140,6 +140,82 @@ impl MetaKey {
     }
 }
 
+/// A typed meta value: its key and its encoding, in one place. Read with [`load_meta`],
+/// written with [`put_meta`].
+pub trait MetaValue: Sized {
+    /// Where it is kept.
+    const KEY: MetaKey;
+    /// Its stored bytes.
+    fn to_bytes(&self) -> Result<Vec<u8>, StoreError>;
+    /// The value of stored bytes, if they decode.
+    fn from_bytes(bytes: &[u8]) -> Option<Self>;
+}
+
+/// A meta value as read, with the revision a guard names.
+#[derive(Debug, Clone)]
+pub struct Meta<T> {
+    /// Its revision.
+    pub revision: Revision,
+    /// The value.
+    pub value: T,
+}
+
+impl<T: MetaValue> Meta<T> {
+    /// The guard that the value is still the one read.
+    pub fn guard(&self) -> Guard {
+        Guard::meta(T::KEY, Some(self.revision))
+    }
+}
+
+/// The meta value `T`, if stored.
+pub fn load_meta<T: MetaValue>(store: &dyn Store) -> Result<Option<Meta<T>>, StoreError> {
+    let Some((revision, bytes)) = store.meta(T::KEY)? else {
+        return Ok(None);
+    };
+    let value = T::from_bytes(&bytes).ok_or_else(|| StoreError::Corrupt {
+        key: format!("meta value {}", T::KEY.name()),
+        reason: "undecodable".into(),
+    })?;
+    Ok(Some(Meta { revision, value }))
+}
+
+/// The write that stores `value`.
+pub fn put_meta<T: MetaValue>(value: &T) -> Result<Write, StoreError> {
+    Ok(Write::PutMeta(T::KEY, value.to_bytes()?))
+}
+
+/// Implements [`MetaValue`] for a type stored as its postcard encoding.
+#[macro_export]
+macro_rules! postcard_meta {
+    ($t:ty, $key:expr) => {
+        impl $crate::store::MetaValue for $t {
+            const KEY: $crate::store::MetaKey = $key;
+            fn to_bytes(&self) -> Result<Vec<u8>, $crate::store::StoreError> {
+                postcard::to_stdvec(self)
+                    .map_err(|e| $crate::store::StoreError::Engine(format!("encode: {e}")))
+            }
+            fn from_bytes(bytes: &[u8]) -> Option<Self> {
+                postcard::from_bytes(bytes).ok()
+            }
+        }
+    };
+}
+
+/// What `byokd audit repair` cut, until its `Repair` entry is in the trail (empty: none
+/// pending), as UTF-8 text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepairNote(pub String);
+
+impl MetaValue for RepairNote {
+    const KEY: MetaKey = MetaKey::RepairPending;
+    fn to_bytes(&self) -> Result<Vec<u8>, StoreError> {
+        Ok(self.0.as_bytes().to_vec())
+    }
+    fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        Some(Self(String::from_utf8_lossy(bytes).into_owned()))
+    }
+}
+
 /// An index of the audit trail: the sequence numbers of the entries with one value of one
 /// field, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -304,8 +380,8 @@ pub trait Store: Send + Sync {
     /// with [`StoreError::ChainNotStarted`].
     async fn start_audit_chain(&self, key: Arc<ChainKey>) -> Result<(), StoreError>;
 
-    /// A meta value.
-    fn meta(&self, key: MetaKey) -> Result<Option<Vec<u8>>, StoreError>;
+    /// A meta value's stored bytes and revision (callers read it typed, with [`load_meta`]).
+    fn meta(&self, key: MetaKey) -> Result<Option<(Revision, Vec<u8>)>, StoreError>;
 
     /// Applies `tx` atomically if its guards hold, and returns once it is durable.
     async fn commit(&self, tx: Transaction) -> Result<Committed, StoreError>;
@@ -343,8 +419,6 @@ pub(crate) fn decode_any_record(bytes: &[u8]) {
     let _ = codec::decode_record::<LeaseRecord>(&key, bytes);
     let _ = codec::decode::<AuditRecord>(&key, bytes);
     let _ = codec::decode::<AuditAnchor>(&key, bytes);
-    let _ = postcard::from_bytes::<crate::rotation::KeyringState>(bytes);
-    let _ = postcard::from_bytes::<crate::keyring::StoredKey>(bytes);
 }
 
 /// Opens an audit trail made of the given files' bytes (for the fuzz targets): first the

@@ -42,7 +42,8 @@ use super::auditlog::{self, AuditLog, Frame, NewFrame};
 use super::codec::{self, encode};
 use super::commit::{Adapter, Change, Committer, Group, Position, RecordKey};
 use super::{
-    AuditIndex, Committed, ExportSink, MetaKey, Store, StoreError, TrailDamage, Transaction,
+    AuditIndex, Committed, ExportSink, MetaKey, MetaValue, Store, StoreError, TrailDamage,
+    Transaction,
 };
 use crate::chain::ChainKey;
 use crate::model::{
@@ -268,6 +269,22 @@ fn applied_position(tree: &sled::Tree) -> Result<u64, StoreError> {
         }
         None => Ok(0),
     }
+}
+
+/// A meta value and its revision (0 for a value written before revisions).
+fn meta_value(
+    tree: &sled::Tree,
+    key: MetaKey,
+) -> Result<Option<(Revision, sled::IVec)>, StoreError> {
+    let Some(value) = tree.get(codec::meta_key(key)).map_err(engine)? else {
+        return Ok(None);
+    };
+    let revision_key = codec::meta_revision_key(key);
+    let revision = match tree.get(&revision_key).map_err(engine)? {
+        Some(bytes) => Revision(codec::decode_u64(&revision_key, &bytes)?),
+        None => Revision(0),
+    };
+    Ok(Some((revision, value)))
 }
 
 /// The largest revision assigned (0: none recorded).
@@ -639,7 +656,15 @@ impl SledStore {
             if applied_position(&tree)? > kept {
                 batch.insert(codec::AUDIT_APPLIED_META, &kept.to_be_bytes());
             }
-            batch.insert(codec::meta_key(MetaKey::RepairPending), note.as_bytes());
+            // Written as a commit would write it: a new revision for the note.
+            let revision = stored_revision(&tree)?.0 + 1;
+            let note = super::RepairNote(note.to_string());
+            batch.insert(codec::meta_key(MetaKey::RepairPending), note.to_bytes()?);
+            batch.insert(
+                codec::meta_revision_key(MetaKey::RepairPending),
+                &revision.to_be_bytes(),
+            );
+            batch.insert(codec::REVISION_META, &revision.to_be_bytes());
             tree.apply_batch(batch).map_err(engine)?;
             db.flush().map_err(engine)?;
         }
@@ -839,12 +864,8 @@ impl Store for SledStore {
         self.committer.status().subscribe()
     }
 
-    fn meta(&self, key: MetaKey) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .tree
-            .get(codec::meta_key(key))
-            .map_err(engine)?
-            .map(|v| v.to_vec()))
+    fn meta(&self, key: MetaKey) -> Result<Option<(Revision, Vec<u8>)>, StoreError> {
+        Ok(meta_value(&self.tree, key)?.map(|(revision, value)| (revision, value.to_vec())))
     }
 
     async fn start_audit_chain(&self, key: Arc<ChainKey>) -> Result<(), StoreError> {
@@ -949,19 +970,7 @@ impl Adapter for SledAdapter {
             RecordKey::Envelope(id, version) => codec::envelope_key(*id, *version),
             RecordKey::Lease(hash) => codec::lease_key(hash),
             RecordKey::Meta(meta) => {
-                if self
-                    .tree
-                    .get(codec::meta_key(*meta))
-                    .map_err(engine)?
-                    .is_none()
-                {
-                    return Ok(None);
-                }
-                let key = codec::meta_revision_key(*meta);
-                return match self.tree.get(&key).map_err(engine)? {
-                    Some(bytes) => Ok(Some(Revision(codec::decode_u64(&key, &bytes)?))),
-                    None => Ok(Some(Revision(0))),
-                };
+                return Ok(meta_value(&self.tree, *meta)?.map(|(revision, _)| revision));
             }
         };
         match self.tree.get(&stored_key).map_err(engine)? {
@@ -1398,8 +1407,10 @@ mod tests {
         SledStore::apply_repair(dir.path(), &plan, &dir.path().join("q"), "test repair").unwrap();
         let store = SledStore::open_with(dir.path(), DEFAULT_CACHE_BYTES, 2048).unwrap();
         assert_eq!(
-            store.meta(MetaKey::RepairPending).unwrap().as_deref(),
-            Some(&b"test repair"[..])
+            super::super::load_meta::<super::super::RepairNote>(&store)
+                .unwrap()
+                .map(|note| note.value),
+            Some(super::super::RepairNote("test repair".into()))
         );
         assert_eq!(
             store.audit_head().unwrap().map(|h| h.seq + 1),
