@@ -10,10 +10,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use byokd::audit::{self, AuditFilter};
 use byokd::chain::ChainKey;
 use byokd::crypto::SymmetricKey;
 use byokd::model::{Action, AuditDraft, Outcome, PrincipalId, SecretName, TenantId};
+use byokd::store::AuditFilter;
 use byokd::store::{SledStore, Store, Transaction};
 
 const TENANTS: u64 = 1000;
@@ -92,8 +92,8 @@ fn main() {
         );
     });
 
-    let mid_time = store
-        .audit_entry(entries / 2)
+    let mid_time = runtime
+        .block_on(store.audit_entry(entries / 2))
         .expect("read")
         .expect("entry")
         .time;
@@ -145,11 +145,13 @@ fn main() {
     let mut json = Vec::new();
     for (label, filter) in &shapes {
         let indexed = time_samples(|s| {
-            let page = audit::query(&*store, &filter(s), 1, u64::MAX, PAGE).expect("query");
+            let page = runtime
+                .block_on(store.audit_query(&filter(s), 1, u64::MAX, PAGE))
+                .expect("query");
             assert!(!page.entries.is_empty(), "{label}: no results");
         });
         let scanned = time_samples(|s| {
-            let found = full_scan(&*store, &filter(s));
+            let found = runtime.block_on(full_scan(&*store, &filter(s)));
             assert!(found > 0, "{label}: no results by scan");
         });
         let ratio = scanned.as_secs_f64() / indexed.as_secs_f64();
@@ -187,11 +189,11 @@ fn time_samples(f: impl Fn(u64)) -> Duration {
 
 /// The baseline: the first page of `filter` by reading the trail from the start, as a store
 /// without indexes would.
-fn full_scan(store: &dyn Store, filter: &AuditFilter) -> usize {
+async fn full_scan(store: &dyn Store, filter: &AuditFilter) -> usize {
     let mut found = 0;
     let mut next = 1;
     loop {
-        let chunk = store.audit_entries(next, 1024).expect("scan");
+        let chunk = store.audit_entries(next, 1024).await.expect("scan");
         let Some(last) = chunk.last() else {
             return found;
         };

@@ -1,5 +1,5 @@
-//! Reading and checking the audit trail: filtered queries through indexes, hash-chain
-//! verification, and the retention policy's plan.
+//! Checking the audit trail: page tokens of queries (which the store answers, see
+//! `store::query`), hash-chain verification, and the retention policy's plan.
 //!
 //! Entries are written by the store, in the same atomic batch as the change they record, with
 //! their chain link and index entries (see `store` and `chain`). This module only reads.
@@ -13,21 +13,15 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::chain::{self, ChainKey};
-use crate::model::peer_host;
-use crate::model::{
-    Action, AuditRecord, ChainHash, Outcome, PrincipalId, SecretName, TenantId, Time,
-};
-use crate::store::{AuditIndex, Store, StoreError};
+use crate::model::{AuditRecord, ChainHash, Time};
+use crate::store::query::{SCAN_CHUNK, first_at_or_after, seq_range};
+pub use crate::store::{AuditFilter, AuditPage};
+use crate::store::{Store, StoreError};
 
 /// Default number of entries in a page.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// Largest page a caller may ask for.
 pub const MAX_PAGE_SIZE: usize = 1000;
-/// Most entries one query examines before it returns what it has with a token to resume:
-/// filtered queries that no index serves cost bounded work per call.
-const SCAN_BUDGET: usize = 20_000;
-/// Entries read from the store at a time.
-const SCAN_CHUNK: usize = 512;
 
 /// Errors of audit queries and checks.
 #[derive(Debug, thiserror::Error)]
@@ -41,76 +35,6 @@ pub enum AuditError {
     /// The request was abandoned (its caller went away or its deadline passed).
     #[error("abandoned")]
     Abandoned,
-}
-
-/// Which entries to return; `None` matches anything.
-#[derive(Debug, Clone, Default)]
-pub struct AuditFilter {
-    /// Entries about this tenant.
-    pub tenant: Option<TenantId>,
-    /// Entries about this secret name.
-    pub name: Option<SecretName>,
-    /// Entries by this principal.
-    pub principal: Option<PrincipalId>,
-    /// Entries of this RPC.
-    pub action: Option<Action>,
-    /// Entries from this peer: a host (any port) or a full `host:port`.
-    pub peer: Option<String>,
-    /// Entries with this outcome.
-    pub outcome: Option<Outcome>,
-    /// Entries at or after this time.
-    pub since: Option<Time>,
-    /// Entries before this time.
-    pub until: Option<Time>,
-}
-
-impl AuditFilter {
-    /// True if `record` matches every set criterion.
-    pub fn matches(&self, record: &AuditRecord) -> bool {
-        let e = &record.entry;
-        self.tenant
-            .as_ref()
-            .is_none_or(|t| e.tenant.as_ref() == Some(t))
-            && self
-                .name
-                .as_ref()
-                .is_none_or(|n| e.name.as_ref() == Some(n))
-            && self
-                .principal
-                .as_ref()
-                .is_none_or(|p| e.principal.as_ref() == Some(p))
-            && self.action.is_none_or(|a| e.action == a)
-            && self.outcome.is_none_or(|o| e.outcome == o)
-            && self.peer.as_ref().is_none_or(|want| {
-                e.peer
-                    .as_ref()
-                    .is_some_and(|peer| peer == want || peer_host(peer) == *want)
-            })
-            && self.since.is_none_or(|t| record.time >= t)
-            && self.until.is_none_or(|t| record.time < t)
-    }
-
-    /// The most selective index that serves this filter, if any.
-    fn index(&self) -> Option<AuditIndex> {
-        match (&self.tenant, &self.name, &self.principal, &self.peer) {
-            (Some(t), Some(n), _, _) => Some(AuditIndex::Secret(t.clone(), n.clone())),
-            (_, _, Some(p), _) => Some(AuditIndex::Principal(p.clone())),
-            (_, _, _, Some(peer)) => Some(AuditIndex::PeerHost(peer_host(peer))),
-            (Some(t), None, None, None) => Some(AuditIndex::Tenant(t.clone())),
-            (None, _, None, None) => None,
-        }
-    }
-}
-
-/// A page of results.
-#[derive(Debug, Clone)]
-pub struct AuditPage {
-    /// Matching entries, oldest first.
-    pub entries: Vec<AuditRecord>,
-    /// Where the next page starts.
-    pub resume_at: u64,
-    /// False when the query reached the end of the trail (as of this call).
-    pub more: bool,
 }
 
 impl AuditPage {
@@ -131,122 +55,6 @@ pub fn decode_page_token(token: &str) -> Result<u64, AuditError> {
         .map_err(|_| AuditError::InvalidPageToken)?;
     let bytes: [u8; 8] = bytes.try_into().map_err(|_| AuditError::InvalidPageToken)?;
     Ok(u64::from_be_bytes(bytes))
-}
-
-/// Sequence numbers a query considers, in order, each with its entry (`None`: not readable).
-type Candidates<'a> = Box<dyn Iterator<Item = Result<(u64, Option<AuditRecord>), StoreError>> + 'a>;
-
-/// Up to `page_size` entries matching `filter`, from sequence number `from` on, and no entry
-/// after `until_seq`.
-pub fn query(
-    store: &dyn Store,
-    filter: &AuditFilter,
-    from: u64,
-    until_seq: u64,
-    page_size: usize,
-) -> Result<AuditPage, AuditError> {
-    let (lo, hi) = seq_range(store, filter.since, filter.until)?;
-    let hi = hi.min(until_seq.saturating_add(1));
-    let mut next = from.max(lo);
-    let index = filter.index();
-    let mut entries = Vec::new();
-    let mut scanned = 0;
-    while next < hi {
-        // Candidates in sequence order with their entries: index hits are read one by one,
-        // only as far as the page needs them; a scan reads a chunk at once.
-        let (exhausted, candidates): (bool, Candidates<'_>) = match &index {
-            Some(index) => {
-                let seqs = store.audit_index(index, next, SCAN_CHUNK)?;
-                let exhausted = seqs.len() < SCAN_CHUNK;
-                let read = seqs
-                    .into_iter()
-                    .map(|seq| Ok((seq, store.audit_entry(seq)?)));
-                (exhausted, Box::new(read))
-            }
-            None => {
-                let chunk = store.audit_entries(next, SCAN_CHUNK)?;
-                let exhausted = chunk.len() < SCAN_CHUNK;
-                (
-                    exhausted,
-                    Box::new(chunk.into_iter().map(|r| Ok((r.seq, Some(r))))),
-                )
-            }
-        };
-        for candidate in candidates {
-            let (seq, record) = candidate?;
-            if seq >= hi {
-                next = hi;
-                break;
-            }
-            next = seq + 1;
-            scanned += 1;
-            if let Some(record) = record
-                && filter.matches(&record)
-            {
-                entries.push(record);
-                if entries.len() == page_size {
-                    return Ok(AuditPage {
-                        entries,
-                        resume_at: next,
-                        more: next < hi,
-                    });
-                }
-            }
-        }
-        if exhausted {
-            next = hi;
-        } else if scanned >= SCAN_BUDGET {
-            break;
-        }
-    }
-    Ok(AuditPage {
-        entries,
-        resume_at: next,
-        more: next < hi,
-    })
-}
-
-/// The sequence numbers `[lo, hi)` of the entries with `since <= time < until`.
-fn seq_range(
-    store: &dyn Store,
-    since: Option<Time>,
-    until: Option<Time>,
-) -> Result<(u64, u64), AuditError> {
-    let Some(head) = store.audit_head()? else {
-        return Ok((1, 1));
-    };
-    let first = store
-        .audit_entries(0, 1)?
-        .first()
-        .map_or(head.seq, |r| r.seq);
-    let end = head.seq + 1;
-    let lo = match since {
-        Some(t) => first_at_or_after(store, t, first, end)?,
-        None => first,
-    };
-    let hi = match until {
-        Some(t) => first_at_or_after(store, t, first, end)?,
-        None => end,
-    };
-    Ok((lo, hi.max(lo)))
-}
-
-/// The smallest seq in `[lo, hi)` whose entry's time is at or after `t` (`hi` if none).
-fn first_at_or_after(
-    store: &dyn Store,
-    t: Time,
-    mut lo: u64,
-    mut hi: u64,
-) -> Result<u64, AuditError> {
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        // The first entry at or after `mid` (there are no gaps unless the trail was tampered with).
-        match store.audit_entries(mid, 1)?.first() {
-            Some(r) if r.time < t => lo = r.seq + 1,
-            _ => hi = mid,
-        }
-    }
-    Ok(lo)
 }
 
 /// Outcome of a chain verification.
@@ -299,7 +107,7 @@ pub struct RecordedHead {
 /// Checks the chain from `from` to `to` (0: to the head) under `key`, and, if given, that
 /// the trail still reaches `recorded` unchanged; within `budget` (past its entries, the
 /// report says where to resume).
-pub fn verify(
+pub async fn verify(
     store: &dyn Store,
     key: &ChainKey,
     from: u64,
@@ -307,12 +115,12 @@ pub fn verify(
     recorded: Option<RecordedHead>,
     budget: &Budget,
 ) -> Result<Verification, AuditError> {
-    let head = match store.audit_head() {
+    let head = match store.audit_head().await {
         Ok(head) => head.map(|r| (r.seq, r.hash)),
         Err(StoreError::Corrupt { .. }) => None,
         Err(e) => return Err(e.into()),
     };
-    let anchor = store.audit_anchor()?;
+    let anchor = store.audit_anchor().await?;
     let anchor_seq = anchor.as_ref().map_or(0, |a| a.seq);
     let mut report = Verification {
         checked: 0,
@@ -338,7 +146,7 @@ pub fn verify(
     };
     if from > expected {
         let start = from - 1;
-        match read_entry(store, start)? {
+        match read_entry(store, start).await? {
             Some(r) if r.seq == start && key.is_intact(&r) => {
                 prev = r.hash;
                 expected = from;
@@ -372,10 +180,10 @@ pub fn verify(
             let left = budget.max_entries - report.checked;
             SCAN_CHUNK.min(usize::try_from(left).unwrap_or(SCAN_CHUNK))
         };
-        let chunk = match store.audit_entries(expected, want) {
+        let chunk = match store.audit_entries(expected, want).await {
             Ok(chunk) => chunk,
             // Some entry in this chunk does not decode: find it one at a time.
-            Err(StoreError::Corrupt { .. }) => match read_entry(store, expected)? {
+            Err(StoreError::Corrupt { .. }) => match read_entry(store, expected).await? {
                 Some(r) => vec![r],
                 None => {
                     return broken(
@@ -394,7 +202,7 @@ pub fn verify(
             if r.seq != expected {
                 // Retention may have pruned entries since this verification began: an
                 // authentic anchor that now ends right before this entry stands for them.
-                match store.audit_anchor()? {
+                match store.audit_anchor().await? {
                     Some(a) if a.seq >= expected && a.seq + 1 == r.seq && key.is_authentic(&a) => {
                         report.anchor_seq = a.seq;
                         prev = a.hash;
@@ -454,8 +262,8 @@ pub fn verify(
 }
 
 /// One entry, with "does not decode" reported as absent-or-altered rather than as an error.
-fn read_entry(store: &dyn Store, seq: u64) -> Result<Option<AuditRecord>, AuditError> {
-    match store.audit_entry(seq) {
+async fn read_entry(store: &dyn Store, seq: u64) -> Result<Option<AuditRecord>, AuditError> {
+    match store.audit_entry(seq).await {
         Ok(r) => Ok(r),
         Err(StoreError::Corrupt { .. }) => Ok(None),
         Err(e) => Err(e.into()),
@@ -464,19 +272,19 @@ fn read_entry(store: &dyn Store, seq: u64) -> Result<Option<AuditRecord>, AuditE
 
 /// The last seq to prune so that entries older than `cutoff` go, at most `max` at a time;
 /// `None` if nothing is that old.
-pub fn prune_through(
+pub async fn prune_through(
     store: &dyn Store,
     cutoff: Time,
     max: u64,
 ) -> Result<Option<(u64, u64)>, AuditError> {
-    let Some(first) = store.audit_entries(0, 1)?.into_iter().next() else {
+    let Some(first) = store.audit_entries(0, 1).await?.into_iter().next() else {
         return Ok(None);
     };
     if first.time >= cutoff {
         return Ok(None);
     }
-    let (_, end) = seq_range(store, None, None)?;
-    let keep_from = first_at_or_after(store, cutoff, first.seq, end)?;
+    let (_, end) = seq_range(store, None, None).await?;
+    let keep_from = first_at_or_after(store, cutoff, first.seq, end).await?;
     let through = (keep_from - 1).min(first.seq + max - 1);
     Ok(Some((first.seq, through)))
 }

@@ -50,6 +50,7 @@ pub async fn verify_audit(
             recorded,
             &audit::Budget::default(),
         )
+        .await
         .map_err(audit_error)
     }
     .await;
@@ -123,7 +124,7 @@ pub async fn repair_audit(config: &Config, apply: bool) -> Result<Repair, ServeE
     }
     let store = open_store(&config.store, &config.data_dir)?;
     let result = async {
-        let note = match load_meta::<RepairNote>(&*store)? {
+        let note = match load_meta::<RepairNote>(&*store).await? {
             Some(note) if !note.value.0.is_empty() => note.value.0,
             _ => return Ok(Repair::NothingToDo),
         };
@@ -156,12 +157,12 @@ pub async fn export_audit(
     out: &mut dyn std::io::Write,
 ) -> Result<u64, ServeError> {
     let store = open_store(engine, data_dir)?;
-    let result = write_jsonl(&*store, since, out);
+    let result = write_jsonl(&*store, since, out).await;
     store.close().await?;
     result
 }
 
-fn write_jsonl(
+async fn write_jsonl(
     store: &dyn Store,
     since: Option<Time>,
     out: &mut dyn std::io::Write,
@@ -173,8 +174,9 @@ fn write_jsonl(
     let mut from = 0;
     let mut count = 0;
     loop {
-        let page = audit::query(store, &filter, from, u64::MAX, audit::MAX_PAGE_SIZE)
-            .map_err(audit_error)?;
+        let page = store
+            .audit_query(&filter, from, u64::MAX, audit::MAX_PAGE_SIZE)
+            .await?;
         for record in &page.entries {
             let line = serde_json::to_string(&ExportedEntry::from(record))
                 .map_err(|e| ServeError::Export(e.to_string()))?;
@@ -380,7 +382,7 @@ async fn replay_revocations(
 ) -> Result<Vec<(TenantId, SecretName)>, ServeError> {
     let mut replayed = Vec::new();
     for (seq, tenant, name) in secrets {
-        let Some(current) = store.secret(tenant, name)? else {
+        let Some(current) = store.secret(tenant, name).await? else {
             continue;
         };
         if current.state == crate::model::SecretState::Revoked {
@@ -474,6 +476,7 @@ pub async fn restore(
                 recorded,
                 &audit::Budget::default(),
             )
+            .await
             .map_err(audit_error)?;
             if let Some((seq, why)) = report.broken {
                 return Err(ServeError::Restore(format!(

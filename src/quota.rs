@@ -153,13 +153,13 @@ impl Quotas {
 
     /// The usage of every tenant in `store`: its envelopes (one per active secret) and its
     /// lease records.
-    pub fn count(store: &dyn Store) -> Result<HashMap<TenantId, Usage>, StoreError> {
+    pub async fn count(store: &dyn Store) -> Result<HashMap<TenantId, Usage>, StoreError> {
         const PAGE: usize = 1024;
         let mut usage: HashMap<TenantId, Usage> = HashMap::new();
         let mut seen: Option<SecretId> = None;
         let mut after = None;
         loop {
-            let page = store.envelopes_after(after, PAGE)?;
+            let page = store.envelopes_after(after, PAGE).await?;
             for envelope in &page {
                 let tenant = usage.entry(envelope.tenant.clone()).or_default();
                 // Versions of one secret follow each other; a rotation may briefly keep two.
@@ -174,7 +174,10 @@ impl Quotas {
                 _ => break,
             }
         }
-        for lease in store.expired_leases(Time::from_micros(i64::MAX), usize::MAX)? {
+        for lease in store
+            .expired_leases(Time::from_micros(i64::MAX), usize::MAX)
+            .await?
+        {
             usage.entry(lease.tenant).or_default().leases += 1;
         }
         Ok(usage)

@@ -70,13 +70,15 @@ crate::postcard_meta!(StoredKey, MetaKey::AuditSeed);
 
 impl KeyringState {
     /// The state stored in `store`, if any.
-    pub fn load(store: &dyn Store) -> Result<Option<Self>, RotationError> {
-        Ok(load_meta::<Self>(store)?.map(|meta| meta.value))
+    pub async fn load(store: &dyn Store) -> Result<Option<Self>, RotationError> {
+        Ok(load_meta::<Self>(store).await?.map(|meta| meta.value))
     }
 
     /// The state stored in `store`, with the guard that it is still the one read.
-    fn load_for_update(store: &dyn Store) -> Result<(Self, Guard), RotationError> {
-        let meta = load_meta::<Self>(store)?.ok_or(RotationError::CorruptState)?;
+    async fn load_for_update(store: &dyn Store) -> Result<(Self, Guard), RotationError> {
+        let meta = load_meta::<Self>(store)
+            .await?
+            .ok_or(RotationError::CorruptState)?;
         Ok((meta.value.clone(), meta.guard()))
     }
 
@@ -160,7 +162,7 @@ impl Rotator {
         mut audit: AuditDraft,
     ) -> Result<RotationJob, RotationError> {
         let _guard = self.control.lock().await;
-        let (mut state, read) = KeyringState::load_for_update(&*self.store)?;
+        let (mut state, read) = KeyringState::load_for_update(&*self.store).await?;
         if let Some(job) = state.rotation.as_ref().filter(|_| state.rotating()) {
             return Err(RotationError::InProgress(job.id.clone()));
         }
@@ -180,7 +182,7 @@ impl Rotator {
             target: version,
             started_at: Time::now(),
             finished_at: None,
-            total: self.store.envelope_count()?,
+            total: self.store.envelope_count().await?,
             rewrapped: 0,
             pass: 1,
             pass_rewrapped: 0,
@@ -216,8 +218,10 @@ impl Rotator {
     }
 
     /// The job `id`, or the latest one.
-    pub fn status(&self, id: Option<&str>) -> Result<RotationJob, RotationError> {
-        let state = KeyringState::load(&*self.store)?.ok_or(RotationError::CorruptState)?;
+    pub async fn status(&self, id: Option<&str>) -> Result<RotationJob, RotationError> {
+        let state = KeyringState::load(&*self.store)
+            .await?
+            .ok_or(RotationError::CorruptState)?;
         match (state.rotation, id) {
             (Some(job), None) => Ok(job),
             (Some(job), Some(id)) if job.id == id => Ok(job),
@@ -256,13 +260,14 @@ impl Rotator {
     /// Rewraps one batch, or finishes the pass or the job. False when there is nothing left.
     async fn step(&self) -> Result<bool, RotationError> {
         let _guard = self.control.lock().await;
-        let (mut state, read) = KeyringState::load_for_update(&*self.store)?;
+        let (mut state, read) = KeyringState::load_for_update(&*self.store).await?;
         let Some(mut job) = state.rotation.clone().filter(|_| state.rotating()) else {
             return Ok(false);
         };
         let batch = self
             .store
-            .envelopes_after(job.cursor, self.settings.batch.max(1))?;
+            .envelopes_after(job.cursor, self.settings.batch.max(1))
+            .await?;
         let Some(last) = batch.last().map(|e| (e.secret_id, e.version)) else {
             if job.pass_rewrapped > 0 {
                 // Something was still wrapped by an older version: go over everything again,
@@ -329,7 +334,7 @@ impl Rotator {
     ) -> Result<(), RotationError> {
         let mut writes = Vec::new();
         let mut guards = vec![read];
-        if let Some(meta) = load_meta::<StoredKey>(&*self.store)? {
+        if let Some(meta) = load_meta::<StoredKey>(&*self.store).await? {
             let seed = &meta.value;
             if seed.wrapped.key_version != job.target {
                 let key = seed.unwrap(&self.keyring, &WrapContext::AuditSeed).await?;

@@ -262,13 +262,16 @@ async fn serve(
         &config.data_dir,
     )
     .await?;
-    if load_meta::<RepairNote>(&*store)?.is_some_and(|note| !note.value.0.is_empty()) {
+    if load_meta::<RepairNote>(&*store)
+        .await?
+        .is_some_and(|note| !note.value.0.is_empty())
+    {
         return Err(ServeError::RepairPending);
     }
     let (version, key_id) = keys.keyring.current();
     tracing::info!(version, key_id, "master key verified");
     store.start_audit_chain(keys.chain.clone()).await?;
-    match store.audit_head()? {
+    match store.audit_head().await? {
         Some(head) => tracing::info!(
             seq = head.seq,
             hash = %hex::encode(head.hash),
@@ -303,12 +306,7 @@ async fn serve(
     ));
     rotator.resume(&keys.state);
     let started = std::time::Instant::now();
-    let usage = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || Quotas::count(&*store))
-            .await
-            .map_err(|e| ServeError::Startup(format!("counting usage: {e}")))??
-    };
+    let usage = Quotas::count(&*store).await?;
     tracing::info!(
         tenants = usage.len(),
         ms = started.elapsed().as_millis() as u64,
@@ -620,8 +618,11 @@ async fn serve_ops(
 
 async fn render_metrics(vault: Arc<Vault>) -> axum::response::Response {
     use axum::response::IntoResponse;
+    let runtime = tokio::runtime::Handle::current();
     let text = tokio::task::spawn_blocking(move || {
-        let snapshot = vault.metrics_snapshot().map_err(|e| e.to_string())?;
+        let snapshot = runtime
+            .block_on(vault.metrics_snapshot())
+            .map_err(|e| e.to_string())?;
         crate::metrics::render(&snapshot).map_err(|e| e.to_string())
     })
     .await;
@@ -725,7 +726,7 @@ pub async fn open_keys(
     initialise: Initialise,
     data_dir: &Path,
 ) -> Result<Keys, ServeError> {
-    let state = match KeyringState::load(store).map_err(rotation_error)? {
+    let state = match KeyringState::load(store).await.map_err(rotation_error)? {
         Some(state) => state,
         None if initialise == Initialise::Never => {
             return Err(ServeError::NotInitialised(data_dir.to_path_buf()));
@@ -797,7 +798,7 @@ pub async fn open_keys(
             "the configured master key is not the current one; call RotateMasterKey to move to it"
         );
     }
-    let stored = match load_meta::<StoredKey>(store)? {
+    let stored = match load_meta::<StoredKey>(store).await? {
         Some(stored) => stored.value,
         None if initialise == Initialise::Never => {
             return Err(ServeError::NotInitialised(data_dir.to_path_buf()));
@@ -857,7 +858,7 @@ async fn create_meta<T: MetaValue>(store: &dyn Store, value: &T) -> Result<Optio
         .await;
     match created {
         Ok(_) => Ok(None),
-        Err(StoreError::Conflict) => Ok(load_meta::<T>(store)?.map(|meta| meta.value)),
+        Err(StoreError::Conflict) => Ok(load_meta::<T>(store).await?.map(|meta| meta.value)),
         Err(e) => Err(e.into()),
     }
 }
@@ -879,7 +880,7 @@ async fn bootstrap_principals(
     let corrupt = || ServeError::CorruptMeta {
         what: "bootstrap-admin",
     };
-    let stored = load_meta::<BootstrapAdmin>(store)?;
+    let stored = load_meta::<BootstrapAdmin>(store).await?;
     let digest: auth::TokenDigest = match stored {
         Some(stored) if !reset => stored.value.0,
         stored => {
@@ -907,7 +908,8 @@ async fn bootstrap_principals(
                 // Another process initialising the store at once created it: its token is
                 // the one (it printed it).
                 Err(StoreError::Conflict) if !reset => {
-                    load_meta::<BootstrapAdmin>(store)?
+                    load_meta::<BootstrapAdmin>(store)
+                        .await?
                         .ok_or(StoreError::Conflict)?
                         .value
                         .0

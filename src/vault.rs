@@ -34,7 +34,7 @@ use crate::pending::Pending;
 use crate::quota::{Delta, QuotaError, Quotas};
 use crate::ratelimit::Buckets;
 use crate::rotation::{KeyringState, RotationError, RotationJob, Rotator};
-use crate::store::{Guard, Store, StoreError, Transaction, Write};
+use crate::store::{Guard, Redemption, Store, StoreError, Transaction, Write};
 
 /// Associated-data label of a sealed secret value.
 const VALUE_AAD_LABEL: &str = "byokd/v1/secret-value";
@@ -495,7 +495,7 @@ pub async fn check_envelopes(store: &dyn Store, keyring: &Keyring) -> Result<u64
     let mut after = None;
     let mut checked = 0;
     loop {
-        let page = store.envelopes_after(after, 256)?;
+        let page = store.envelopes_after(after, 256).await?;
         let Some(last) = page.last() else {
             return Ok(checked);
         };
@@ -676,6 +676,7 @@ impl Vault {
             );
         }
         let state = KeyringState::load(&*self.store)
+            .await
             .map_err(|e| format!("keyring state: {e}"))?
             .ok_or("no keyring state")?;
         let (current, key_id) = self.keyring.current();
@@ -692,7 +693,7 @@ impl Vault {
     }
 
     /// Values for the metrics endpoint, read now.
-    pub fn metrics_snapshot(&self) -> Result<crate::metrics::Snapshot, VaultError> {
+    pub async fn metrics_snapshot(&self) -> Result<crate::metrics::Snapshot, VaultError> {
         let (cache_hits, cache_misses) = self.cache.stats();
         let (volume_free_bytes, volume_size_bytes) = self.quotas.disk();
         Ok(crate::metrics::Snapshot {
@@ -700,7 +701,7 @@ impl Vault {
             volume_free_bytes,
             volume_size_bytes,
             volume_reserve_bytes: self.quotas.reserve_bytes(),
-            store_bytes: self.store.size_on_disk()?,
+            store_bytes: self.store.size_on_disk().await?,
             audit_head_seq: self.store.durable_audit_seq(),
             cache_hits,
             cache_misses,
@@ -720,6 +721,7 @@ impl Vault {
             audit.reason = "backup started".into();
             self.record(audit.settle()).await?;
             let state = KeyringState::load(&*self.store)
+                .await
                 .map_err(VaultError::Rotation)?
                 .ok_or(VaultError::Rotation(RotationError::CorruptState))?;
             let file = tempfile::Builder::new()
@@ -730,7 +732,7 @@ impl Vault {
                 .as_file()
                 .try_clone()
                 .map_err(|e| VaultError::Backup(BackupError::Io(e)))?;
-            let head = self.store.audit_head()?;
+            let head = self.store.audit_head().await?;
             let header = BackupHeader {
                 created_at: Time::now().to_rfc3339(),
                 byokd_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -815,7 +817,7 @@ impl Vault {
         let provider = Provider::parse(input.provider)?;
         let labels = Labels::parse(input.labels)?;
         check_value_len("value", input.value.len())?;
-        if self.store.secret(&tenant, &name)?.is_some() {
+        if self.store.secret(&tenant, &name).await?.is_some() {
             return Err(VaultError::AlreadyExists);
         }
         let now = Time::now();
@@ -877,7 +879,8 @@ impl Vault {
             principal.require_tenant(&tenant)?;
             let record = self
                 .store
-                .secret(&tenant, &name)?
+                .secret(&tenant, &name)
+                .await?
                 .ok_or(VaultError::SecretNotFound)?;
             audit.secret(&record);
             self.record(audit.settle()).await?;
@@ -910,7 +913,10 @@ impl Vault {
                 "" => None,
                 token => Some(decode_list_token(token)?),
             };
-            let mut page = self.store.list_secrets(&tenant, after.as_ref(), size + 1)?;
+            let mut page = self
+                .store
+                .list_secrets(&tenant, after.as_ref(), size + 1)
+                .await?;
             let next = if page.len() > size {
                 page.truncate(size);
                 page.last().map(|s| URL_SAFE_NO_PAD.encode(s.name.as_str()))
@@ -957,7 +963,7 @@ impl Vault {
         };
         let (ttl, max_uses) = self.policy.grant(input.ttl, input.max_uses)?;
         for _ in 0..MAX_ATTEMPTS {
-            let secret = self.active_secret(&tenant, &name)?;
+            let secret = self.active_secret(&tenant, &name).await?;
             let token = LeaseToken::generate().map_err(VaultError::Crypto)?;
             let now = Time::now();
             let lease = LeaseRecord {
@@ -1004,18 +1010,18 @@ impl Vault {
     /// Redeems a lease token: the plaintext, consuming one use.
     pub async fn get(&self, caller: &Caller, token: &str) -> Result<Redeemed, VaultError> {
         let mut audit = self.begin(caller, Action::Get);
-        // The lease the token names, read before anything decides, so that a refused request
-        // is audited with its target (and a redemption reads it once).
+        // The lease the token names (with its secret and envelope: one read), read before
+        // anything decides, so that a refused request is audited with its target.
         let token_hash = lease::presented_token_hash(token);
         let first = match &token_hash {
-            Ok(hash) => match self.store.lease_by_token(hash) {
+            Ok(hash) => match self.store.redemption(hash).await {
                 Ok(found) => found,
                 Err(e) => return self.conclude(caller, audit, Err(e.into())).await,
             },
             Err(_) => None,
         };
-        if let Some(lease) = &first {
-            audit.lease(lease);
+        if let Some(read) = &first {
+            audit.lease(&read.lease);
         }
         let limit = self.limits.failed_get_rate_limit;
         let keys = caller.failure_keys();
@@ -1044,32 +1050,32 @@ impl Vault {
         &self,
         caller: &Caller,
         token_hash: Result<TokenHash, LeaseError>,
-        first: Option<LeaseRecord>,
+        first: Option<Redemption>,
         audit: &mut AuditDraft,
     ) -> Result<Redeemed, VaultError> {
         let principal = caller.authorize(Operation::Get)?;
         let token_hash = token_hash?;
         let mut first = Some(first);
         for _ in 0..MAX_ATTEMPTS {
-            let lease = match first.take() {
+            let Redemption {
+                lease,
+                secret,
+                envelope,
+            } = match first.take() {
                 Some(read) => read,
-                None => self.store.lease_by_token(&token_hash)?,
+                None => self.store.redemption(&token_hash).await?,
             }
             .ok_or(LeaseError::NoSuchLease)?;
             audit.lease(&lease);
             if !principal.may_access(&lease.tenant) {
                 return Err(LeaseError::WrongTenant.into());
             }
-            let secret = self.store.secret(&lease.tenant, &lease.name)?;
             lease::check_redeemable(&lease, secret.as_ref(), &principal.id, Time::now())?;
             let Some(secret) = secret else {
                 // check_redeemable fails when the secret is absent.
                 return Err(LeaseError::SecretRevoked.into());
             };
-            let envelope = self
-                .store
-                .envelope(secret.id, secret.version)?
-                .ok_or(VaultError::Decrypt(DecryptFailure::MissingEnvelope))?;
+            let envelope = envelope.ok_or(VaultError::Decrypt(DecryptFailure::MissingEnvelope))?;
             let value = self.open(&secret, &envelope).await?;
             let mut used = lease.clone();
             used.uses += 1;
@@ -1128,7 +1134,7 @@ impl Vault {
         principal.require_tenant(&tenant)?;
         check_value_len("value", value.len())?;
         for _ in 0..MAX_ATTEMPTS {
-            let current = self.active_secret(&tenant, &name)?;
+            let current = self.active_secret(&tenant, &name).await?;
             let mut next = current.clone();
             next.version = current
                 .version
@@ -1138,7 +1144,7 @@ impl Vault {
             next.hint = value_hint(value.expose_secret());
             let envelope = self.seal(&next, &value).await?;
             audit.secret(&next);
-            let before = self.value_bytes(&current)?;
+            let before = self.value_bytes(&current).await?;
             let reservation = self.quotas.reserve(
                 &tenant,
                 Delta {
@@ -1205,7 +1211,8 @@ impl Vault {
         for _ in 0..MAX_ATTEMPTS {
             let current = self
                 .store
-                .secret(&tenant, &name)?
+                .secret(&tenant, &name)
+                .await?
                 .ok_or(VaultError::SecretNotFound)?;
             audit.secret(&current);
             if current.state == SecretState::Revoked {
@@ -1220,7 +1227,7 @@ impl Vault {
             tombstone.state = SecretState::Revoked;
             tombstone.revoked_at = Some(now);
             tombstone.updated_at = now;
-            let freed = self.value_bytes(&current)?;
+            let freed = self.value_bytes(&current).await?;
             let tx = Transaction {
                 guards: vec![Guard::secret(&tenant, &name, Some(&current))],
                 writes: vec![
@@ -1271,7 +1278,7 @@ impl Vault {
         let mut found = match &id {
             Ok(id) => {
                 audit.lease_id = Some(*id);
-                let found = self.store.lease_by_id(*id)?;
+                let found = self.store.lease_by_id(*id).await?;
                 if let Some(lease) = &found {
                     audit.lease(lease);
                 }
@@ -1289,7 +1296,7 @@ impl Vault {
             let lease = if attempt == 0 {
                 found.take()
             } else {
-                self.store.lease_by_id(id)?
+                self.store.lease_by_id(id).await?
             };
             let lease = match lease {
                 // A lease in another tenant is reported as absent, not as forbidden.
@@ -1349,7 +1356,7 @@ impl Vault {
     }
 
     /// A page of audit entries, read on a blocking thread once a scan place is free (a
-    /// query reads up to `audit`'s scan budget of entries: CPU and disk work).
+    /// query reads up to the store's scan budget of entries: CPU and disk work).
     async fn scan(
         &self,
         filter: AuditFilter,
@@ -1363,9 +1370,9 @@ impl Vault {
             .await
             // Never closed.
             .map_err(|_| VaultError::Contention)?;
-        let store = self.store.clone();
+        let (store, runtime) = (self.store.clone(), tokio::runtime::Handle::current());
         let page = tokio::task::spawn_blocking(move || {
-            audit::query(&*store, &filter, from, u64::MAX, size)
+            runtime.block_on(store.audit_query(&filter, from, u64::MAX, size))
         })
         .await
         .map_err(VaultError::Background)??;
@@ -1418,8 +1425,9 @@ impl Vault {
                 stop: Some(audit.stop_flag()),
             };
             // Hashing the trail is CPU work: keep it off the async workers.
+            let runtime = tokio::runtime::Handle::current();
             let report = tokio::task::spawn_blocking(move || {
-                audit::verify(&*store, &key, from, to, recorded, &budget)
+                runtime.block_on(audit::verify(&*store, &key, from, to, recorded, &budget))
             })
             .await
             .map_err(VaultError::Background)??;
@@ -1465,7 +1473,7 @@ impl Vault {
                 }
                 seq => seq,
             };
-            if let Some(anchor) = self.store.audit_anchor()?
+            if let Some(anchor) = self.store.audit_anchor().await?
                 && from <= anchor.seq
             {
                 return Err(VaultError::Pruned {
@@ -1528,6 +1536,7 @@ impl Vault {
             let job = self
                 .rotator
                 .status(job_id.as_deref())
+                .await
                 .map_err(VaultError::Rotation)?;
             audit.version = Some(job.target);
             self.record(audit.settle()).await?;
@@ -1578,7 +1587,8 @@ impl Vault {
     pub async fn prune_audit(&self, keep: Duration) -> Result<u64, VaultError> {
         let cutoff = Time::now().minus(keep);
         let mut total = 0;
-        while let Some((first, through)) = audit::prune_through(&*self.store, cutoff, PRUNE_BATCH)?
+        while let Some((first, through)) =
+            audit::prune_through(&*self.store, cutoff, PRUNE_BATCH).await?
         {
             let mut entry = AuditDraft::new(Action::Prune, None, None);
             entry.reason = format!(
@@ -1601,7 +1611,7 @@ impl Vault {
         let now = Time::now();
         let mut total = 0;
         loop {
-            let expired = self.store.expired_leases(now, GC_BATCH)?;
+            let expired = self.store.expired_leases(now, GC_BATCH).await?;
             let count = expired.len();
             if count == 0 {
                 return Ok(total);
@@ -1639,14 +1649,15 @@ impl Vault {
     }
 
     /// The secret `tenant`/`name`, if it exists and is active.
-    fn active_secret(
+    async fn active_secret(
         &self,
         tenant: &TenantId,
         name: &SecretName,
     ) -> Result<SecretRecord, VaultError> {
         let secret = self
             .store
-            .secret(tenant, name)?
+            .secret(tenant, name)
+            .await?
             .ok_or(VaultError::SecretNotFound)?;
         if secret.state == SecretState::Revoked {
             return Err(VaultError::SecretRevoked);
@@ -1656,10 +1667,11 @@ impl Vault {
 
     /// Commits a successful read-only operation's audit entry.
     /// The bytes of a secret's current sealed value (what its quota counts).
-    fn value_bytes(&self, secret: &SecretRecord) -> Result<i64, VaultError> {
+    async fn value_bytes(&self, secret: &SecretRecord) -> Result<i64, VaultError> {
         Ok(self
             .store
-            .envelope(secret.id, secret.version)?
+            .envelope(secret.id, secret.version)
+            .await?
             .map_or(0, |e| e.ciphertext.len() as i64))
     }
 
@@ -2042,7 +2054,7 @@ impl Watcher {
             if self.next > durable {
                 return true;
             }
-            match self.store.audit_anchor() {
+            match self.store.audit_anchor().await {
                 Ok(Some(anchor)) if self.next <= anchor.seq => {
                     let _ = self.tx.try_send(WatchEvent::Pruned {
                         resume_at: anchor.seq + 1,
@@ -2058,17 +2070,20 @@ impl Watcher {
                     return false;
                 }
             }
-            let page =
-                match audit::query(&*self.store, &self.filter, self.next, durable, WATCH_BUFFER) {
-                    Ok(page) => page,
-                    Err(e) => {
-                        tracing::error!(error = %e, "audit stream could not read the store");
-                        let _ = self.tx.try_send(WatchEvent::Ended {
-                            resume_at: self.next,
-                        });
-                        return false;
-                    }
-                };
+            let page = match self
+                .store
+                .audit_query(&self.filter, self.next, durable, WATCH_BUFFER)
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::error!(error = %e, "audit stream could not read the store");
+                    let _ = self.tx.try_send(WatchEvent::Ended {
+                        resume_at: self.next,
+                    });
+                    return false;
+                }
+            };
             for record in page.entries {
                 let seq = record.seq;
                 if !self.send(WatchEvent::Entry(Box::new(record))).await {

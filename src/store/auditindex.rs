@@ -221,14 +221,14 @@ fn write(path: &Path, map: &HashMap<Vec<u8>, Vec<u32>>) -> Result<SegmentIndex, 
     out.extend_from_slice(&crc32fast::hash(&directory).to_le_bytes());
     out.extend_from_slice(MAGIC);
 
-    let file = super::auditlog::write_file_synced(path, &out).map_err(|e| e.to_string())?;
+    let file = super::files::write_file_synced(path, &out).map_err(|e| e.to_string())?;
     Ok(SegmentIndex::Sealed { file, blocks })
 }
 
 /// Opens a sealed index file: its footer and directory (checked), not its blocks.
 pub fn load(path: &Path) -> Result<SegmentIndex, String> {
     let io = |e: std::io::Error| e.to_string();
-    let file = super::auditlog::open_file(path, false).map_err(io)?;
+    let file = super::files::open_file(path, false).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
     if len < FOOTER as u64 {
         return Err("index file too short".into());

@@ -28,14 +28,14 @@
 //! published, nor before the first position kept after a prune.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::auditindex::{self, Indexer, SegmentIndex};
+use super::files::{open_file, write_file_synced};
 use super::{StoreError, TrailDamage};
 
 /// A segment is sealed once it holds this many bytes.
@@ -179,15 +179,6 @@ fn poisoned<T>(_: T) -> StoreError {
 
 fn segment_path(dir: &Path, first: u64, ext: &str) -> PathBuf {
     dir.join(format!("{first:020}.{ext}"))
-}
-
-pub(super) fn open_file(path: &Path, create: bool) -> std::io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(create)
-        .mode(0o600)
-        .open(path)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -444,19 +435,6 @@ fn gap(dir: &Path, first: u64, offset: u64, last: u64, next: u64) -> StoreError 
         format!("the segment holds entries up to {last} but the next one starts at entry {next}")
     };
     damage(dir, first, offset, reason, (last + 1).min(next))
-}
-
-/// Writes `bytes` to `path` through `<path>.tmp` (synced, then renamed over `path`; a leftover
-/// `.tmp` is removed at open). The caller syncs the directory.
-pub(super) fn write_file_synced(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let mut file = open_file(Path::new(&tmp), true)?;
-    file.set_len(0)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(file)
 }
 
 fn write_index(dir: &Path, first: u64, offsets: &[u64]) -> Result<File, StoreError> {

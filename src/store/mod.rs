@@ -15,6 +15,8 @@ mod auditlog;
 mod codec;
 mod commit;
 mod engine;
+mod files;
+pub mod query;
 pub mod sled;
 
 use std::sync::Arc;
@@ -30,6 +32,7 @@ use crate::model::{
 pub use self::auditlog::DEFAULT_SEGMENT_BYTES as DEFAULT_AUDIT_SEGMENT_BYTES;
 pub use self::commit::RecordKey;
 pub use self::engine::{Engine, KINDS};
+pub use self::query::{AuditFilter, AuditPage};
 pub use self::sled::{DEFAULT_CACHE_BYTES, RepairPlan, SledStore};
 
 /// Errors of the storage layer.
@@ -168,8 +171,8 @@ impl<T: MetaValue> Meta<T> {
 }
 
 /// The meta value `T`, if stored.
-pub fn load_meta<T: MetaValue>(store: &dyn Store) -> Result<Option<Meta<T>>, StoreError> {
-    let Some((revision, bytes)) = store.meta(T::KEY)? else {
+pub async fn load_meta<T: MetaValue>(store: &dyn Store) -> Result<Option<Meta<T>>, StoreError> {
+    let Some((revision, bytes)) = store.meta(T::KEY).await? else {
         return Ok(None);
     };
     let value = T::from_bytes(&bytes).ok_or_else(|| StoreError::Corrupt {
@@ -302,6 +305,17 @@ pub struct Committed {
     pub audit_seq: Option<u64>,
 }
 
+/// A lease with what its redemption needs, read from one state of the store.
+#[derive(Debug, Clone)]
+pub struct Redemption {
+    /// The lease.
+    pub lease: LeaseRecord,
+    /// Its secret, if it still exists.
+    pub secret: Option<SecretRecord>,
+    /// The envelope of the secret's current version, if it exists.
+    pub envelope: Option<EnvelopeRecord>,
+}
+
 /// The storage backend.
 ///
 /// Reads see every committed transaction. A commit returns only after its changes, and every
@@ -309,14 +323,14 @@ pub struct Committed {
 #[async_trait::async_trait]
 pub trait Store: Send + Sync {
     /// The secret `tenant`/`name`.
-    fn secret(
+    async fn secret(
         &self,
         tenant: &TenantId,
         name: &SecretName,
     ) -> Result<Option<SecretRecord>, StoreError>;
 
     /// Up to `limit` secrets of `tenant` ordered by name, starting after `after`.
-    fn list_secrets(
+    async fn list_secrets(
         &self,
         tenant: &TenantId,
         after: Option<&SecretName>,
@@ -324,50 +338,70 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<SecretRecord>, StoreError>;
 
     /// The envelope of one secret version.
-    fn envelope(
+    async fn envelope(
         &self,
         secret_id: SecretId,
         version: u32,
     ) -> Result<Option<EnvelopeRecord>, StoreError>;
 
     /// Up to `limit` envelopes after `after` (secret id, version), in storage order.
-    fn envelopes_after(
+    async fn envelopes_after(
         &self,
         after: Option<(SecretId, u32)>,
         limit: usize,
     ) -> Result<Vec<EnvelopeRecord>, StoreError>;
 
     /// How many envelopes exist.
-    fn envelope_count(&self) -> Result<u64, StoreError>;
+    async fn envelope_count(&self) -> Result<u64, StoreError>;
 
     /// The lease with this token hash.
-    fn lease_by_token(&self, token_hash: &TokenHash) -> Result<Option<LeaseRecord>, StoreError>;
+    async fn lease_by_token(
+        &self,
+        token_hash: &TokenHash,
+    ) -> Result<Option<LeaseRecord>, StoreError>;
+
+    /// The lease with this token hash, its secret and the envelope of the secret's current
+    /// version, all as of one state of the store (a `Get` costs one read).
+    async fn redemption(&self, token_hash: &TokenHash) -> Result<Option<Redemption>, StoreError>;
 
     /// The lease with this id.
-    fn lease_by_id(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError>;
+    async fn lease_by_id(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError>;
 
     /// Up to `limit` leases that expired before `now`, oldest expiry first.
-    fn expired_leases(&self, now: Time, limit: usize) -> Result<Vec<LeaseRecord>, StoreError>;
+    async fn expired_leases(&self, now: Time, limit: usize)
+    -> Result<Vec<LeaseRecord>, StoreError>;
 
     /// Up to `limit` audit entries with `seq >= from`, in order.
-    fn audit_entries(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+    async fn audit_entries(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
 
     /// The audit entry `seq`.
-    fn audit_entry(&self, seq: u64) -> Result<Option<AuditRecord>, StoreError>;
+    async fn audit_entry(&self, seq: u64) -> Result<Option<AuditRecord>, StoreError>;
 
     /// The latest audit entry.
-    fn audit_head(&self) -> Result<Option<AuditRecord>, StoreError>;
+    async fn audit_head(&self) -> Result<Option<AuditRecord>, StoreError>;
 
     /// The chain's anchor, if entries were ever pruned.
-    fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError>;
+    async fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError>;
 
     /// Up to `limit` sequence numbers `>= from` in `index`, ascending.
-    fn audit_index(
+    async fn audit_index(
         &self,
         index: &AuditIndex,
         from: u64,
         limit: usize,
     ) -> Result<Vec<u64>, StoreError>;
+
+    /// Up to `page_size` entries matching `filter`, from `from` on and none after
+    /// `until_seq`, examining a bounded number of entries per call (the page says where to
+    /// resume). An engine with secondary indexes answers it in one request; one without
+    /// walks the trail's indexes ([`query::walk`]).
+    async fn audit_query(
+        &self,
+        filter: &AuditFilter,
+        from: u64,
+        until_seq: u64,
+        page_size: usize,
+    ) -> Result<AuditPage, StoreError>;
 
     /// The sequence number of the latest audit entry known to be durable.
     fn durable_audit_seq(&self) -> u64;
@@ -381,7 +415,7 @@ pub trait Store: Send + Sync {
     async fn start_audit_chain(&self, key: Arc<ChainKey>) -> Result<(), StoreError>;
 
     /// A meta value's stored bytes and revision (callers read it typed, with [`load_meta`]).
-    fn meta(&self, key: MetaKey) -> Result<Option<(Revision, Vec<u8>)>, StoreError>;
+    async fn meta(&self, key: MetaKey) -> Result<Option<(Revision, Vec<u8>)>, StoreError>;
 
     /// Applies `tx` atomically if its guards hold, and returns once it is durable.
     async fn commit(&self, tx: Transaction) -> Result<Committed, StoreError>;
@@ -390,7 +424,7 @@ pub trait Store: Send + Sync {
     async fn close(&self) -> Result<(), StoreError>;
 
     /// Bytes the store occupies on disk.
-    fn size_on_disk(&self) -> Result<u64, StoreError>;
+    async fn size_on_disk(&self) -> Result<u64, StoreError>;
 
     /// False while the store refuses writes: after a failed write or flush, or while the
     /// audit trail is damaged.

@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::{broadcast, oneshot};
 
@@ -42,8 +42,8 @@ use super::auditlog::{self, AuditLog, Frame, NewFrame};
 use super::codec::{self, encode};
 use super::commit::{Adapter, Change, Committer, Group, Position, RecordKey};
 use super::{
-    AuditIndex, Committed, ExportSink, MetaKey, MetaValue, Store, StoreError, TrailDamage,
-    Transaction,
+    AuditFilter, AuditIndex, AuditPage, Committed, ExportSink, MetaKey, MetaValue, Redemption,
+    Store, StoreError, TrailDamage, Transaction, query,
 };
 use crate::chain::ChainKey;
 use crate::model::{
@@ -54,6 +54,8 @@ use crate::model::{
 /// A store in a sled database directory.
 pub struct SledStore {
     tree: sled::Tree,
+    /// Odd while the writer applies a group to the tree (see [`SledAdapter::writes`]).
+    writes: Arc<AtomicU64>,
     committer: Committer<SledAdapter>,
     db: sled::Db,
     log: Arc<AuditLog>,
@@ -517,13 +519,16 @@ impl SledStore {
         // sequence goes on after its last entry (and verification against a recorded head
         // tells the difference).
         position.next_seq = position.next_seq.max(log.next_position()?);
+        let writes = Arc::new(AtomicU64::new(0));
         let adapter = SledAdapter {
             db: db.clone(),
             tree: tree.clone(),
             log: log.clone(),
+            writes: writes.clone(),
         };
         let store = Self {
             tree,
+            writes,
             committer: Committer::start(adapter, position)?,
             db,
             log,
@@ -723,7 +728,7 @@ fn decode_frame(frame: &Frame) -> Result<AuditRecord, StoreError> {
 
 #[async_trait::async_trait]
 impl Store for SledStore {
-    fn secret(
+    async fn secret(
         &self,
         tenant: &TenantId,
         name: &SecretName,
@@ -731,7 +736,7 @@ impl Store for SledStore {
         self.get(&codec::secret_key(tenant, name))
     }
 
-    fn list_secrets(
+    async fn list_secrets(
         &self,
         tenant: &TenantId,
         after: Option<&SecretName>,
@@ -753,7 +758,7 @@ impl Store for SledStore {
         Ok(out)
     }
 
-    fn envelope(
+    async fn envelope(
         &self,
         secret_id: SecretId,
         version: u32,
@@ -761,7 +766,7 @@ impl Store for SledStore {
         self.get(&codec::envelope_key(secret_id, version))
     }
 
-    fn envelopes_after(
+    async fn envelopes_after(
         &self,
         after: Option<(SecretId, u32)>,
         limit: usize,
@@ -781,7 +786,7 @@ impl Store for SledStore {
         Ok(out)
     }
 
-    fn envelope_count(&self) -> Result<u64, StoreError> {
+    async fn envelope_count(&self) -> Result<u64, StoreError> {
         let mut count = 0;
         for entry in self.tree.scan_prefix([codec::ENVELOPE]) {
             entry.map_err(engine)?;
@@ -790,11 +795,14 @@ impl Store for SledStore {
         Ok(count)
     }
 
-    fn lease_by_token(&self, token_hash: &TokenHash) -> Result<Option<LeaseRecord>, StoreError> {
+    async fn lease_by_token(
+        &self,
+        token_hash: &TokenHash,
+    ) -> Result<Option<LeaseRecord>, StoreError> {
         self.get(&codec::lease_key(token_hash))
     }
 
-    fn lease_by_id(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
+    async fn lease_by_id(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
         let key = codec::lease_id_key(id);
         let Some(hash) = self.tree.get(&key).map_err(engine)? else {
             return Ok(None);
@@ -803,10 +811,41 @@ impl Store for SledStore {
             key: codec::describe_key(&key),
             reason: "index entry is not a token hash".into(),
         })?;
-        self.lease_by_token(&TokenHash(hash))
+        self.lease_by_token(&TokenHash(hash)).await
     }
 
-    fn expired_leases(&self, now: Time, limit: usize) -> Result<Vec<LeaseRecord>, StoreError> {
+    async fn redemption(&self, token_hash: &TokenHash) -> Result<Option<Redemption>, StoreError> {
+        // One state: no group was written to the tree between the first read and the last.
+        loop {
+            let before = self.writes.load(Ordering::Acquire);
+            if before % 2 == 1 {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let Some(lease) = self.get::<LeaseRecord>(&codec::lease_key(token_hash))? else {
+                return Ok(None);
+            };
+            let secret =
+                self.get::<SecretRecord>(&codec::secret_key(&lease.tenant, &lease.name))?;
+            let envelope = match &secret {
+                Some(s) => self.get(&codec::envelope_key(s.id, s.version))?,
+                None => None,
+            };
+            if self.writes.load(Ordering::Acquire) == before {
+                return Ok(Some(Redemption {
+                    lease,
+                    secret,
+                    envelope,
+                }));
+            }
+        }
+    }
+
+    async fn expired_leases(
+        &self,
+        now: Time,
+        limit: usize,
+    ) -> Result<Vec<LeaseRecord>, StoreError> {
         let start = vec![codec::LEASE_EXPIRY];
         let end = codec::lease_expiry_key(now, &TokenHash([0; 32]));
         let mut out = Vec::new();
@@ -816,14 +855,14 @@ impl Store for SledStore {
                 key: codec::describe_key(&key),
                 reason: "malformed expiry index key".into(),
             })?;
-            if let Some(lease) = self.lease_by_token(&hash)? {
+            if let Some(lease) = self.lease_by_token(&hash).await? {
                 out.push(lease);
             }
         }
         Ok(out)
     }
 
-    fn audit_entries(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+    async fn audit_entries(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
         self.log
             .read(from, limit, false)?
             .iter()
@@ -831,22 +870,22 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn audit_entry(&self, seq: u64) -> Result<Option<AuditRecord>, StoreError> {
+    async fn audit_entry(&self, seq: u64) -> Result<Option<AuditRecord>, StoreError> {
         match self.log.read(seq, 1, false)?.first() {
             Some(frame) if frame.position == seq => decode_frame(frame).map(Some),
             _ => Ok(None),
         }
     }
 
-    fn audit_head(&self) -> Result<Option<AuditRecord>, StoreError> {
+    async fn audit_head(&self) -> Result<Option<AuditRecord>, StoreError> {
         self.log.head()?.as_ref().map(decode_frame).transpose()
     }
 
-    fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError> {
+    async fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError> {
         anchor(&self.tree)
     }
 
-    fn audit_index(
+    async fn audit_index(
         &self,
         index: &AuditIndex,
         from: u64,
@@ -854,6 +893,16 @@ impl Store for SledStore {
     ) -> Result<Vec<u64>, StoreError> {
         self.log
             .lookup(&codec::audit_index_prefix(index), from, limit)
+    }
+
+    async fn audit_query(
+        &self,
+        filter: &AuditFilter,
+        from: u64,
+        until_seq: u64,
+        page_size: usize,
+    ) -> Result<AuditPage, StoreError> {
+        query::walk(self, filter, from, until_seq, page_size).await
     }
 
     fn durable_audit_seq(&self) -> u64 {
@@ -864,7 +913,7 @@ impl Store for SledStore {
         self.committer.status().subscribe()
     }
 
-    fn meta(&self, key: MetaKey) -> Result<Option<(Revision, Vec<u8>)>, StoreError> {
+    async fn meta(&self, key: MetaKey) -> Result<Option<(Revision, Vec<u8>)>, StoreError> {
         Ok(meta_value(&self.tree, key)?.map(|(revision, value)| (revision, value.to_vec())))
     }
 
@@ -876,7 +925,7 @@ impl Store for SledStore {
         self.committer.commit(tx).await
     }
 
-    fn size_on_disk(&self) -> Result<u64, StoreError> {
+    async fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk().map_err(engine)? + self.log.size_on_disk()?)
     }
 
@@ -941,6 +990,9 @@ struct SledAdapter {
     db: sled::Db,
     tree: sled::Tree,
     log: Arc<AuditLog>,
+    /// Counts the groups applied to the tree twice, once before and once after: a reader
+    /// that sees the same even count before and after its reads read one state.
+    writes: Arc<AtomicU64>,
 }
 
 /// An audit entry's frame parts: its stored bytes, its index keys and its redo (lease
@@ -1045,13 +1097,16 @@ impl Adapter for SledAdapter {
                 Some(last.to_be_bytes().to_vec()),
             ));
         }
-        if needs_flush {
+        self.writes.fetch_add(1, Ordering::AcqRel);
+        let written = if needs_flush {
             pending.extend(revision);
             pending.extend(applied);
-            self.write_batch(pending)?;
+            self.write_batch(pending)
         } else {
-            self.write_in_order(revision.into_iter().chain(pending).chain(applied))?;
-        }
+            self.write_in_order(revision.into_iter().chain(pending).chain(applied))
+        };
+        self.writes.fetch_add(1, Ordering::AcqRel);
+        written?;
         if let Some(through) = pruned {
             self.log.set_start(through.saturating_add(1));
         }
@@ -1220,7 +1275,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        for record in store.audit_entries(0, usize::MAX).unwrap() {
+        for record in store.audit_entries(0, usize::MAX).await.unwrap() {
             for key in per_entry_index_keys(&record) {
                 store.tree.insert(key, Vec::new()).unwrap();
             }
@@ -1235,7 +1290,7 @@ mod tests {
         for space in codec::LEGACY_INDEX_SPACES {
             assert!(store.tree.scan_prefix([space]).next().is_none());
         }
-        check_indexes_against_entries(&store);
+        check_indexes_against_entries(&store).await;
         store.close().await.unwrap();
     }
 
@@ -1275,7 +1330,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let head = store.audit_head().unwrap().unwrap();
+        let head = store.audit_head().await.unwrap().unwrap();
         assert_eq!(applied_position(&store.tree).unwrap(), head.seq);
         // What a crash can leave: an answered audit-only entry, then a group whose records
         // sled lost (a state-bearing entry and an audit-only one after it).
@@ -1298,7 +1353,7 @@ mod tests {
         drop(store);
 
         let store = SledStore::open(dir.path()).unwrap();
-        assert_eq!(store.audit_head().unwrap(), Some(a.clone()));
+        assert_eq!(store.audit_head().await.unwrap(), Some(a.clone()));
         assert_eq!(store.durable_audit_seq(), a.seq);
         store.start_audit_chain(chain_key()).await.unwrap();
         let next = store
@@ -1306,7 +1361,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(next.audit_seq, Some(b.seq));
-        let all = store.audit_entries(0, usize::MAX).unwrap();
+        let all = store.audit_entries(0, usize::MAX).await.unwrap();
         assert!(all.windows(2).all(|w| w[1].prev_hash == w[0].hash));
         assert_eq!(all.len(), 7);
         store.close().await.unwrap();
@@ -1363,7 +1418,7 @@ mod tests {
             .await
             .unwrap();
         assert!(store.writable());
-        let all = store.audit_entries(0, usize::MAX).unwrap();
+        let all = store.audit_entries(0, usize::MAX).await.unwrap();
         assert_eq!(all.last().map(|r| r.seq), committed.audit_seq);
         assert!(all.windows(2).all(|w| w[1].seq == w[0].seq + 1));
         assert!(all.windows(2).all(|w| w[1].prev_hash == w[0].hash));
@@ -1408,12 +1463,13 @@ mod tests {
         let store = SledStore::open_with(dir.path(), DEFAULT_CACHE_BYTES, 2048).unwrap();
         assert_eq!(
             super::super::load_meta::<super::super::RepairNote>(&store)
+                .await
                 .unwrap()
                 .map(|note| note.value),
             Some(super::super::RepairNote("test repair".into()))
         );
         assert_eq!(
-            store.audit_head().unwrap().map(|h| h.seq + 1),
+            store.audit_head().await.unwrap().map(|h| h.seq + 1),
             Some(damage.first_lost)
         );
         store.close().await.unwrap();
@@ -1455,7 +1511,7 @@ mod tests {
             })
             .await
             .unwrap();
-        let head = store.audit_head().unwrap().unwrap();
+        let head = store.audit_head().await.unwrap().unwrap();
         // What sled may lose: a use of that lease, a new lease, then a group with a change
         // the trail cannot replay.
         // Revisions past the stored counter: the group that assigned them is lost with it.
@@ -1495,11 +1551,11 @@ mod tests {
 
         let store = SledStore::open(dir.path()).unwrap();
         assert_eq!(
-            store.lease_by_token(&issued.token_hash).unwrap(),
+            store.lease_by_token(&issued.token_hash).await.unwrap(),
             Some(used.clone())
         );
-        assert_eq!(store.lease_by_id(new.id).unwrap(), Some(new.clone()));
-        assert_eq!(store.audit_head().unwrap(), Some(b));
+        assert_eq!(store.lease_by_id(new.id).await.unwrap(), Some(new.clone()));
+        assert_eq!(store.audit_head().await.unwrap(), Some(b));
         assert_eq!(applied_position(&store.tree).unwrap(), a.seq + 1);
         // Revisions go on after the replayed ones: none is assigned twice.
         store.start_audit_chain(chain_key()).await.unwrap();
@@ -1512,7 +1568,11 @@ mod tests {
             })
             .await
             .unwrap();
-        let stored = store.lease_by_token(&issued.token_hash).unwrap().unwrap();
+        let stored = store
+            .lease_by_token(&issued.token_hash)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(stored.rev > new.rev, "{:?}", stored.rev);
         store.close().await.unwrap();
     }
@@ -1530,7 +1590,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let entries = store.audit_entries(0, usize::MAX).unwrap();
+        let entries = store.audit_entries(0, usize::MAX).await.unwrap();
         store.close().await.unwrap();
         drop(store);
 
@@ -1548,9 +1608,9 @@ mod tests {
             db.flush().unwrap();
         }
         let store = SledStore::open(dir.path()).unwrap();
-        assert_eq!(store.audit_entries(0, usize::MAX).unwrap(), entries);
+        assert_eq!(store.audit_entries(0, usize::MAX).await.unwrap(), entries);
         assert!(store.tree.scan_prefix([codec::AUDIT]).next().is_none());
-        check_indexes_against_entries(&store);
+        check_indexes_against_entries(&store).await;
         store.start_audit_chain(chain_key()).await.unwrap();
         let next = store
             .commit(Transaction::audit_only(varied_draft(300)))
@@ -1558,7 +1618,7 @@ mod tests {
             .unwrap();
         assert_eq!(next.audit_seq, Some(301));
         assert_eq!(
-            store.audit_entry(301).unwrap().unwrap().prev_hash,
+            store.audit_entry(301).await.unwrap().unwrap().prev_hash,
             entries.last().unwrap().hash
         );
         store.close().await.unwrap();
@@ -1575,12 +1635,12 @@ mod tests {
             .unwrap()
             .count();
         assert!(segments > 4, "{segments} files");
-        let entries = store.audit_entries(0, usize::MAX).unwrap();
+        let entries = store.audit_entries(0, usize::MAX).await.unwrap();
         store.close().await.unwrap();
         drop(store);
         let store = SledStore::open_with(dir.path(), DEFAULT_CACHE_BYTES, 2048).unwrap();
-        assert_eq!(store.audit_entries(0, usize::MAX).unwrap(), entries);
-        check_indexes_against_entries(&store);
+        assert_eq!(store.audit_entries(0, usize::MAX).await.unwrap(), entries);
+        check_indexes_against_entries(&store).await;
         store.close().await.unwrap();
     }
 }

@@ -116,6 +116,8 @@ pub(crate) async fn suite(subject: &dyn Subject) {
     let store = subject.fresh().await;
     check_adapter(store.clone()).await;
     revisions_increase_and_guard_every_record(&*store).await;
+    redemptions_read_lease_secret_and_current_envelope(&*store).await;
+    audit_queries_match_a_filtered_scan(&*store).await;
     close(&store).await;
     let first = subject.fresh().await;
     let second = subject.another_handle(&first).await;
@@ -218,8 +220,8 @@ pub(crate) fn varied_draft(i: u64) -> AuditDraft {
 
 /// Checks every index a varied entry can be in against the entries themselves, from several
 /// starting points and page sizes.
-pub(crate) fn check_indexes_against_entries(store: &dyn Store) {
-    let all = store.audit_entries(0, usize::MAX).unwrap();
+pub(crate) async fn check_indexes_against_entries(store: &dyn Store) {
+    let all = store.audit_entries(0, usize::MAX).await.unwrap();
     let mut indexes = vec![AuditIndex::Tenant(tenant("nope"))];
     for e in all.iter().map(|r| &r.entry) {
         let mut of_entry = Vec::new();
@@ -268,7 +270,7 @@ pub(crate) fn check_indexes_against_entries(store: &dyn Store) {
                     .take(limit)
                     .collect();
                 assert_eq!(
-                    store.audit_index(index, from, limit).unwrap(),
+                    store.audit_index(index, from, limit).await.unwrap(),
                     want,
                     "{index:?} from {from} limit {limit}"
                 );
@@ -285,7 +287,7 @@ async fn audit_indexes_span_blocks(store: &dyn Store) {
             .await
             .unwrap();
     }
-    check_indexes_against_entries(store);
+    check_indexes_against_entries(store).await;
 }
 
 async fn records_round_trip(store: &dyn Store) {
@@ -302,14 +304,14 @@ async fn records_round_trip(store: &dyn Store) {
         .unwrap();
     assert!(c.audit_seq.is_some());
     assert_eq!(
-        plain(store.secret(&s.tenant, &s.name).unwrap()),
+        plain(store.secret(&s.tenant, &s.name).await.unwrap()),
         Some(s.clone())
     );
     assert_eq!(
-        plain(store.envelope(s.id, 1).unwrap()),
+        plain(store.envelope(s.id, 1).await.unwrap()),
         Some(envelope(s.id, 1))
     );
-    assert_eq!(store.secret(&tenant("t1x"), &s.name).unwrap(), None);
+    assert_eq!(store.secret(&tenant("t1x"), &s.name).await.unwrap(), None);
 
     for n in ["b", "c", "d"] {
         store
@@ -330,17 +332,18 @@ async fn records_round_trip(store: &dyn Store) {
             .collect::<Vec<_>>()
     };
     assert_eq!(
-        names(store.list_secrets(&tenant("t1"), None, 10).unwrap()),
+        names(store.list_secrets(&tenant("t1"), None, 10).await.unwrap()),
         ["a", "b", "c", "d"]
     );
     assert_eq!(
-        names(store.list_secrets(&tenant("t1"), None, 2).unwrap()),
+        names(store.list_secrets(&tenant("t1"), None, 2).await.unwrap()),
         ["a", "b"]
     );
     assert_eq!(
         names(
             store
                 .list_secrets(&tenant("t1"), Some(&name("b")), 10)
+                .await
                 .unwrap()
         ),
         ["c", "d"]
@@ -348,6 +351,7 @@ async fn records_round_trip(store: &dyn Store) {
     assert!(
         store
             .list_secrets(&tenant("t"), None, 10)
+            .await
             .unwrap()
             .is_empty()
     );
@@ -362,12 +366,13 @@ async fn records_round_trip(store: &dyn Store) {
     assert_eq!(
         store
             .meta(MetaKey::Keyring)
+            .await
             .unwrap()
             .map(|(_, v)| v)
             .as_deref(),
         Some(&b"check"[..])
     );
-    assert_eq!(store.meta(MetaKey::BootstrapAdmin).unwrap(), None);
+    assert_eq!(store.meta(MetaKey::BootstrapAdmin).await.unwrap(), None);
 }
 
 async fn guards_reject_stale_reads(store: &dyn Store) {
@@ -379,13 +384,16 @@ async fn guards_reject_stale_reads(store: &dyn Store) {
         audit: Some(draft(Action::Store)),
     };
     store.commit(create.clone()).await.unwrap();
-    let before = store.audit_entries(0, usize::MAX).unwrap().len();
+    let before = store.audit_entries(0, usize::MAX).await.unwrap().len();
     // The same create again: the name is now taken, so nothing is written, not even the audit.
     assert!(matches!(
         store.commit(create).await,
         Err(StoreError::Conflict)
     ));
-    assert_eq!(store.audit_entries(0, usize::MAX).unwrap().len(), before);
+    assert_eq!(
+        store.audit_entries(0, usize::MAX).await.unwrap().len(),
+        before
+    );
 
     let mut rotated = s.clone();
     rotated.version = 2;
@@ -394,7 +402,7 @@ async fn guards_reject_stale_reads(store: &dyn Store) {
         writes: vec![Write::PutSecret(rotated.clone())],
         audit: None,
     };
-    let read = store.secret(&s.tenant, &s.name).unwrap().unwrap();
+    let read = store.secret(&s.tenant, &s.name).await.unwrap().unwrap();
     store.commit(rotate(read.clone())).await.unwrap();
     // A second writer that read version 1 loses.
     assert!(matches!(
@@ -402,7 +410,12 @@ async fn guards_reject_stale_reads(store: &dyn Store) {
         Err(StoreError::Conflict)
     ));
     assert_eq!(
-        store.secret(&s.tenant, &s.name).unwrap().unwrap().version,
+        store
+            .secret(&s.tenant, &s.name)
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
         2
     );
 }
@@ -434,10 +447,10 @@ async fn envelopes_are_destroyed(store: &dyn Store) {
         ))
         .await
         .unwrap();
-    assert_eq!(store.envelope(s.id, 1).unwrap(), None);
-    assert_eq!(store.envelope(s.id, 2).unwrap(), None);
-    assert!(store.envelope(s.id, 3).unwrap().is_some());
-    assert!(store.envelope(other.id, 1).unwrap().is_some());
+    assert_eq!(store.envelope(s.id, 1).await.unwrap(), None);
+    assert_eq!(store.envelope(s.id, 2).await.unwrap(), None);
+    assert!(store.envelope(s.id, 3).await.unwrap().is_some());
+    assert!(store.envelope(other.id, 1).await.unwrap().is_some());
     store
         .commit(put(
             vec![Write::DestroyEnvelopes {
@@ -448,20 +461,23 @@ async fn envelopes_are_destroyed(store: &dyn Store) {
         ))
         .await
         .unwrap();
-    assert_eq!(store.envelope(s.id, 3).unwrap(), None);
-    assert!(store.envelope(other.id, 1).unwrap().is_some());
+    assert_eq!(store.envelope(s.id, 3).await.unwrap(), None);
+    assert!(store.envelope(other.id, 1).await.unwrap().is_some());
 
     // Walking all envelopes in order, and guarding one.
-    let all = store.envelopes_after(None, usize::MAX).unwrap();
-    assert_eq!(all.len() as u64, store.envelope_count().unwrap());
+    let all = store.envelopes_after(None, usize::MAX).await.unwrap();
+    assert_eq!(all.len() as u64, store.envelope_count().await.unwrap());
     assert!(all.iter().any(|e| e.secret_id == other.id));
     let first = (all[0].secret_id, all[0].version);
     assert_eq!(
-        store.envelopes_after(Some(first), usize::MAX).unwrap(),
+        store
+            .envelopes_after(Some(first), usize::MAX)
+            .await
+            .unwrap(),
         all[1..]
     );
-    assert_eq!(store.envelopes_after(None, 1).unwrap(), all[..1]);
-    let current = store.envelope(other.id, 1).unwrap().unwrap();
+    assert_eq!(store.envelopes_after(None, 1).await.unwrap(), all[..1]);
+    let current = store.envelope(other.id, 1).await.unwrap().unwrap();
     let mut rewrapped = current.clone();
     rewrapped.wrapped_key.key_version = 2;
     let guarded = |read: EnvelopeRecord| Transaction {
@@ -475,7 +491,7 @@ async fn envelopes_are_destroyed(store: &dyn Store) {
         Err(StoreError::Conflict)
     ));
     assert_eq!(
-        plain(store.envelope(other.id, 1).unwrap()),
+        plain(store.envelope(other.id, 1).await.unwrap()),
         plain(Some(rewrapped))
     );
 }
@@ -495,31 +511,43 @@ async fn leases_are_indexed(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(
-        plain(store.lease_by_token(&early.token_hash).unwrap()),
+        plain(store.lease_by_token(&early.token_hash).await.unwrap()),
         Some(early.clone())
     );
     assert_eq!(
-        plain(store.lease_by_id(late.id).unwrap()),
+        plain(store.lease_by_id(late.id).await.unwrap()),
         Some(late.clone())
     );
-    assert_eq!(store.lease_by_id(LeaseId::generate()).unwrap(), None);
+    assert_eq!(store.lease_by_id(LeaseId::generate()).await.unwrap(), None);
     assert!(
         store
             .expired_leases(Time::from_micros(100), 10)
+            .await
             .unwrap()
             .is_empty()
     );
     assert_eq!(
-        plain_all(store.expired_leases(Time::from_micros(101), 10).unwrap()),
+        plain_all(
+            store
+                .expired_leases(Time::from_micros(101), 10)
+                .await
+                .unwrap()
+        ),
         vec![early.clone()]
     );
     assert_eq!(
-        plain_all(store.expired_leases(Time::from_micros(400), 1).unwrap()),
+        plain_all(
+            store
+                .expired_leases(Time::from_micros(400), 1)
+                .await
+                .unwrap()
+        ),
         vec![early.clone()]
     );
     assert_eq!(
         store
             .expired_leases(Time::from_micros(400), 10)
+            .await
             .unwrap()
             .len(),
         2
@@ -532,7 +560,11 @@ async fn leases_are_indexed(store: &dyn Store) {
         writes: vec![Write::PutLease(used.clone())],
         audit: Some(draft(Action::Get)),
     };
-    let read = store.lease_by_token(&early.token_hash).unwrap().unwrap();
+    let read = store
+        .lease_by_token(&early.token_hash)
+        .await
+        .unwrap()
+        .unwrap();
     store.commit(consume(read.clone())).await.unwrap();
     assert!(matches!(
         store.commit(consume(read)).await,
@@ -546,16 +578,21 @@ async fn leases_are_indexed(store: &dyn Store) {
         })
         .await
         .unwrap();
-    assert_eq!(store.lease_by_token(&early.token_hash).unwrap(), None);
-    assert_eq!(store.lease_by_id(early.id).unwrap(), None);
+    assert_eq!(store.lease_by_token(&early.token_hash).await.unwrap(), None);
+    assert_eq!(store.lease_by_id(early.id).await.unwrap(), None);
     assert_eq!(
-        plain_all(store.expired_leases(Time::from_micros(400), 10).unwrap()),
+        plain_all(
+            store
+                .expired_leases(Time::from_micros(400), 10)
+                .await
+                .unwrap()
+        ),
         vec![late]
     );
 }
 
 async fn audit_sequence_has_no_gaps(store: Arc<dyn Store>) {
-    let start = store.audit_entries(0, usize::MAX).unwrap();
+    let start = store.audit_entries(0, usize::MAX).await.unwrap();
     let first_new = start.last().map_or(1, |e| e.seq + 1);
     let tasks: Vec<_> = (0..64)
         .map(|i| {
@@ -580,13 +617,13 @@ async fn audit_sequence_has_no_gaps(store: Arc<dyn Store>) {
     seqs.sort_unstable();
     let expected: Vec<u64> = (first_new..first_new + 64).collect();
     assert_eq!(seqs, expected);
-    let all = store.audit_entries(0, usize::MAX).unwrap();
+    let all = store.audit_entries(0, usize::MAX).await.unwrap();
     assert!(
         all.windows(2)
             .all(|w| w[0].seq + 1 == w[1].seq && w[0].time <= w[1].time)
     );
     assert_eq!(all.first().unwrap().seq, 1);
-    let page = store.audit_entries(first_new, 10).unwrap();
+    let page = store.audit_entries(first_new, 10).await.unwrap();
     assert_eq!(page.len(), 10);
     assert_eq!(page[0].seq, first_new);
     assert_eq!(page[0].entry.outcome, Outcome::NotFound);
@@ -595,7 +632,7 @@ async fn audit_sequence_has_no_gaps(store: Arc<dyn Store>) {
 /// Sixteen commits guarded on the same absent name, at once: exactly one creates it (with
 /// its audit entry); every other one is a conflict that writes nothing, not even its entry.
 async fn racing_creates_of_one_name_let_exactly_one_win(store: Arc<dyn Store>) {
-    let before = store.audit_entries(0, usize::MAX).unwrap().len();
+    let before = store.audit_entries(0, usize::MAX).await.unwrap().len();
     let barrier = Arc::new(tokio::sync::Barrier::new(16));
     let tasks: Vec<_> = (0..16)
         .map(|_| {
@@ -623,10 +660,11 @@ async fn racing_creates_of_one_name_let_exactly_one_win(store: Arc<dyn Store>) {
     assert_eq!(winners.len(), 1, "{winners:?}");
     let stored = store
         .secret(&tenant("race"), &name("one-name"))
+        .await
         .unwrap()
         .unwrap();
     assert_eq!(stored.id, winners[0].0);
-    let after = store.audit_entries(0, usize::MAX).unwrap();
+    let after = store.audit_entries(0, usize::MAX).await.unwrap();
     assert_eq!(after.len(), before + 1);
     assert_eq!(Some(after.last().unwrap().seq), winners[0].1);
 }
@@ -635,7 +673,7 @@ async fn racing_creates_of_one_name_let_exactly_one_win(store: Arc<dyn Store>) {
 /// stays one gap-free chain in commit order, with times that never go back.
 async fn the_chain_holds_after_two_waves_of_64_concurrent_commits(store: Arc<dyn Store>) {
     let key = chain_key();
-    let first_new = store.audit_head().unwrap().map_or(1, |h| h.seq + 1);
+    let first_new = store.audit_head().await.unwrap().map_or(1, |h| h.seq + 1);
     for wave in 0..2 {
         let tasks: Vec<_> = (0..64)
             .map(|i| {
@@ -657,10 +695,10 @@ async fn the_chain_holds_after_two_waves_of_64_concurrent_commits(store: Arc<dyn
             t.await.unwrap();
         }
     }
-    let all = store.audit_entries(first_new, usize::MAX).unwrap();
+    let all = store.audit_entries(first_new, usize::MAX).await.unwrap();
     assert_eq!(all.len(), 128);
     assert_eq!(all[0].seq, first_new);
-    let before = store.audit_entry(first_new - 1).unwrap().unwrap();
+    let before = store.audit_entry(first_new - 1).await.unwrap().unwrap();
     assert_eq!(all[0].prev_hash, before.hash);
     for pair in all.windows(2) {
         assert_eq!(pair[1].seq, pair[0].seq + 1);
@@ -671,6 +709,7 @@ async fn the_chain_holds_after_two_waves_of_64_concurrent_commits(store: Arc<dyn
     assert_eq!(
         store
             .list_secrets(&tenant("waves"), None, 1000)
+            .await
             .unwrap()
             .len(),
         64
@@ -679,14 +718,14 @@ async fn the_chain_holds_after_two_waves_of_64_concurrent_commits(store: Arc<dyn
 
 async fn audit_entries_are_chained_and_indexed(store: &dyn Store) {
     let key = chain_key();
-    let all = store.audit_entries(0, usize::MAX).unwrap();
+    let all = store.audit_entries(0, usize::MAX).await.unwrap();
     assert_eq!(all[0].prev_hash, crate::chain::GENESIS);
     for pair in all.windows(2) {
         assert_eq!(pair[1].prev_hash, pair[0].hash);
     }
     assert!(all.iter().all(|r| key.is_intact(r)));
-    assert_eq!(store.audit_head().unwrap().as_ref(), all.last());
-    assert_eq!(store.audit_entry(2).unwrap().as_ref(), all.get(1));
+    assert_eq!(store.audit_head().await.unwrap().as_ref(), all.last());
+    assert_eq!(store.audit_entry(2).await.unwrap().as_ref(), all.get(1));
     assert_eq!(store.durable_audit_seq(), all.last().unwrap().seq);
 
     let mut d = draft(Action::Get);
@@ -712,19 +751,28 @@ async fn audit_entries_are_chained_and_indexed(store: &dyn Store) {
         AuditIndex::PeerHost("10.1.2.3".into()),
     ];
     for index in &indexes {
-        assert_eq!(store.audit_index(index, 0, 10).unwrap(), seqs, "{index:?}");
-        assert_eq!(store.audit_index(index, seqs[1], 10).unwrap(), &seqs[1..]);
-        assert_eq!(store.audit_index(index, 0, 1).unwrap(), &seqs[..1]);
+        assert_eq!(
+            store.audit_index(index, 0, 10).await.unwrap(),
+            seqs,
+            "{index:?}"
+        );
+        assert_eq!(
+            store.audit_index(index, seqs[1], 10).await.unwrap(),
+            &seqs[1..]
+        );
+        assert_eq!(store.audit_index(index, 0, 1).await.unwrap(), &seqs[..1]);
     }
     assert!(
         store
             .audit_index(&AuditIndex::Tenant(tenant("id")), 0, 10)
+            .await
             .unwrap()
             .is_empty()
     );
     assert!(
         store
             .audit_index(&AuditIndex::Secret(tenant("idx"), name("kk")), 0, 10)
+            .await
             .unwrap()
             .is_empty()
     );
@@ -748,7 +796,7 @@ async fn durable_entries_are_fed_to_subscribers(store: &dyn Store) {
 
 async fn pruning_moves_the_anchor(store: &dyn Store) {
     let key = chain_key();
-    let before = store.audit_entries(0, usize::MAX).unwrap();
+    let before = store.audit_entries(0, usize::MAX).await.unwrap();
     let through = before[4].seq;
     assert!(matches!(
         store
@@ -767,18 +815,118 @@ async fn pruning_moves_the_anchor(store: &dyn Store) {
         })
         .await
         .unwrap();
-    let after = store.audit_entries(0, usize::MAX).unwrap();
+    let after = store.audit_entries(0, usize::MAX).await.unwrap();
     assert_eq!(after[0].seq, through + 1);
     assert_eq!(after.len(), before.len() - 5 + 1);
-    let anchor = store.audit_anchor().unwrap().unwrap();
+    let anchor = store.audit_anchor().await.unwrap().unwrap();
     assert_eq!((anchor.seq, anchor.hash), (through, before[4].hash));
     assert!(key.is_authentic(&anchor));
     assert_eq!(after[0].prev_hash, anchor.hash);
     // Pruned entries are gone from the indexes too.
     let peer = AuditIndex::PeerHost("127.0.0.1".into());
-    let remaining = store.audit_index(&peer, 0, usize::MAX).unwrap();
+    let remaining = store.audit_index(&peer, 0, usize::MAX).await.unwrap();
     assert!(!remaining.is_empty() && remaining.iter().all(|&s| s > through));
-    check_indexes_against_entries(store);
+    check_indexes_against_entries(store).await;
+}
+
+/// A redemption reads the lease, its secret and the envelope of the secret's current
+/// version together; it follows a rotation, and a lease whose secret is gone has none.
+async fn redemptions_read_lease_secret_and_current_envelope(store: &dyn Store) {
+    let s = secret("redeem", "a");
+    let l = lease(&s, 91, i64::MAX);
+    store
+        .commit(put(
+            vec![
+                Write::PutSecret(s.clone()),
+                Write::PutEnvelope(envelope(s.id, 1)),
+                Write::PutLease(l.clone()),
+            ],
+            Action::Store,
+        ))
+        .await
+        .unwrap();
+    let read = store.redemption(&l.token_hash).await.unwrap().unwrap();
+    assert_eq!(plain(Some(read.lease)), Some(l.clone()));
+    assert_eq!(plain(read.secret), Some(s.clone()));
+    assert_eq!(plain(read.envelope), Some(envelope(s.id, 1)));
+    let mut rotated = s.clone();
+    rotated.version = 2;
+    store
+        .commit(put(
+            vec![
+                Write::PutSecret(rotated.clone()),
+                Write::PutEnvelope(envelope(s.id, 2)),
+                Write::DestroyEnvelopes {
+                    secret_id: s.id,
+                    keep: Some(2),
+                },
+            ],
+            Action::Rotate,
+        ))
+        .await
+        .unwrap();
+    let read = store.redemption(&l.token_hash).await.unwrap().unwrap();
+    assert_eq!(plain(read.secret), Some(rotated));
+    assert_eq!(plain(read.envelope), Some(envelope(s.id, 2)));
+    assert!(
+        store
+            .redemption(&TokenHash([92; 32]))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let orphan = lease(&secret("redeem", "never-stored"), 93, i64::MAX);
+    store
+        .commit(put(vec![Write::PutLease(orphan.clone())], Action::Lease))
+        .await
+        .unwrap();
+    let read = store.redemption(&orphan.token_hash).await.unwrap().unwrap();
+    assert!(read.secret.is_none() && read.envelope.is_none());
+}
+
+/// An audit query answers what filtering every entry would, page by page.
+async fn audit_queries_match_a_filtered_scan(store: &dyn Store) {
+    let all = store.audit_entries(0, usize::MAX).await.unwrap();
+    let head = all.last().map_or(0, |r| r.seq);
+    let filters = [
+        AuditFilter::default(),
+        AuditFilter {
+            tenant: Some(tenant("t1")),
+            ..Default::default()
+        },
+        AuditFilter {
+            tenant: Some(tenant("t1")),
+            name: Some(name("a")),
+            ..Default::default()
+        },
+        AuditFilter {
+            action: Some(Action::List),
+            ..Default::default()
+        },
+        AuditFilter {
+            peer: Some("127.0.0.1".into()),
+            since: all.get(all.len() / 2).map(|r| r.time),
+            ..Default::default()
+        },
+    ];
+    for filter in &filters {
+        let want: Vec<u64> = all
+            .iter()
+            .filter(|r| filter.matches(r))
+            .map(|r| r.seq)
+            .collect();
+        let mut got = Vec::new();
+        let mut from = 0;
+        loop {
+            let page = store.audit_query(filter, from, head, 7).await.unwrap();
+            got.extend(page.entries.iter().map(|r| r.seq));
+            if !page.more {
+                break;
+            }
+            from = page.resume_at;
+        }
+        assert_eq!(got, want, "{filter:?}");
+    }
 }
 
 /// Every record a commit writes gets a revision larger than any before; a guard holds only
@@ -797,9 +945,9 @@ async fn revisions_increase_and_guard_every_record(store: &dyn Store) {
         ))
         .await
         .unwrap();
-    let first = store.secret(&s.tenant, &s.name).unwrap().unwrap();
-    let env = store.envelope(s.id, 1).unwrap().unwrap();
-    let leased = store.lease_by_token(&l.token_hash).unwrap().unwrap();
+    let first = store.secret(&s.tenant, &s.name).await.unwrap().unwrap();
+    let env = store.envelope(s.id, 1).await.unwrap().unwrap();
+    let leased = store.lease_by_token(&l.token_hash).await.unwrap().unwrap();
     // One transaction, one revision, whatever it wrote.
     assert!(first.rev > Revision(0));
     assert_eq!((env.rev, leased.rev), (first.rev, first.rev));
@@ -807,7 +955,7 @@ async fn revisions_increase_and_guard_every_record(store: &dyn Store) {
         .commit(put(vec![Write::PutSecret(s.clone())], Action::Rotate))
         .await
         .unwrap();
-    let second = store.secret(&s.tenant, &s.name).unwrap().unwrap();
+    let second = store.secret(&s.tenant, &s.name).await.unwrap().unwrap();
     assert!(second.rev > first.rev);
 
     let guarded = |guard: Guard| Transaction {
@@ -832,7 +980,7 @@ async fn revisions_increase_and_guard_every_record(store: &dyn Store) {
             "{guard:?}"
         );
     }
-    assert_eq!(store.meta(MetaKey::BootstrapAdmin).unwrap(), None);
+    assert_eq!(store.meta(MetaKey::BootstrapAdmin).await.unwrap(), None);
     for guard in [
         Guard::secret(&s.tenant, &s.name, Some(&second)),
         Guard::envelope(s.id, 1, Some(&env)),
@@ -841,7 +989,7 @@ async fn revisions_increase_and_guard_every_record(store: &dyn Store) {
         store.commit(guarded(guard)).await.unwrap();
     }
     // A meta value: created once when absent, then replaced only at the revision read.
-    let (created, _) = store.meta(MetaKey::BootstrapAdmin).unwrap().unwrap();
+    let (created, _) = store.meta(MetaKey::BootstrapAdmin).await.unwrap().unwrap();
     assert!(created > second.rev);
     assert!(conflict(
         store
@@ -859,7 +1007,7 @@ async fn revisions_increase_and_guard_every_record(store: &dyn Store) {
     ));
     // Within one group, a later transaction sees an earlier one's revision: of two commits
     // guarded on the same read, sent together, exactly one wins.
-    let current = store.secret(&s.tenant, &s.name).unwrap().unwrap();
+    let current = store.secret(&s.tenant, &s.name).await.unwrap().unwrap();
     let rewrite = || {
         store.commit(Transaction {
             guards: vec![Guard::secret(&s.tenant, &s.name, Some(&current))],
@@ -906,10 +1054,11 @@ async fn concurrent_first_starts_initialise_once(handles: [Arc<dyn Store>; 2]) {
     // What both handles read back is what each was given.
     for store in [&a, &b] {
         let stored = crate::rotation::KeyringState::load(&**store)
+            .await
             .unwrap()
             .unwrap();
         assert_eq!(stored.versions, first.state.versions);
-        assert!(store.meta(MetaKey::AuditSeed).unwrap().is_some());
+        assert!(store.meta(MetaKey::AuditSeed).await.unwrap().is_some());
     }
     // The key file the winner created is the one both use.
     assert_eq!(std::fs::read_dir(keys.path()).unwrap().count(), 1);
@@ -936,7 +1085,7 @@ async fn sled_adapter_indexes_survive_reopening() {
                 .unwrap();
             i += 1;
         }
-        check_indexes_against_entries(&store);
+        check_indexes_against_entries(&store).await;
         store.close().await.unwrap();
     }
 }
@@ -959,18 +1108,24 @@ async fn sled_adapter_reopens_with_the_next_sequence_number() {
             .commit(put(vec![Write::PutSecret(s.clone())], Action::Store))
             .await
             .unwrap();
-        last_hash = store.audit_head().unwrap().unwrap().hash;
+        last_hash = store.audit_head().await.unwrap().unwrap().hash;
         store.close().await.unwrap();
     }
     let store = SledStore::open(dir.path()).unwrap();
     assert_eq!(store.durable_audit_seq(), 4);
     store.start_audit_chain(chain_key()).await.unwrap();
-    assert_eq!(plain(store.secret(&s.tenant, &s.name).unwrap()), Some(s));
+    assert_eq!(
+        plain(store.secret(&s.tenant, &s.name).await.unwrap()),
+        Some(s)
+    );
     let c = store
         .commit(Transaction::audit_only(draft(Action::List)))
         .await
         .unwrap();
     assert_eq!(c.audit_seq, Some(5));
-    assert_eq!(store.audit_entry(5).unwrap().unwrap().prev_hash, last_hash);
+    assert_eq!(
+        store.audit_entry(5).await.unwrap().unwrap().prev_hash,
+        last_hash
+    );
     store.close().await.unwrap();
 }

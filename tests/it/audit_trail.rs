@@ -38,7 +38,7 @@ async fn history() -> TestDir {
 /// Applies `edit` to the stored audit entries of a stopped server's directory.
 async fn tamper(dir: &TestDir, edit: impl FnOnce(&SledStore, Vec<AuditRecord>)) {
     let store = SledStore::open(&dir.data().join("db")).unwrap();
-    let entries = store.audit_entries(0, usize::MAX).unwrap();
+    let entries = store.audit_entries(0, usize::MAX).await.unwrap();
     edit(&store, entries);
     store.close().await.unwrap();
 }

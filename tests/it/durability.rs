@@ -178,8 +178,8 @@ async fn a_ciphertext_moved_to_another_record_or_altered_does_not_decrypt() {
     let (a_id, b_id, c_id) = (id_of(&a), id_of(&b), id_of(&c));
 
     let server = with_store_offline(&dir, server, async |store| {
-        let env_a = store.envelope(a_id, 1).unwrap().unwrap();
-        let env_b = store.envelope(b_id, 1).unwrap().unwrap();
+        let env_a = store.envelope(a_id, 1).await.unwrap().unwrap();
+        let env_b = store.envelope(b_id, 1).await.unwrap().unwrap();
         // Swap the sealed values and wrapped keys of a and b, keeping each record's own
         // secret id and version: exactly what an attacker with write access to the database
         // could do.
@@ -192,7 +192,7 @@ async fn a_ciphertext_moved_to_another_record_or_altered_does_not_decrypt() {
         new_b.nonce = env_a.nonce;
         new_b.ciphertext = env_a.ciphertext;
         // And flip one bit of c's ciphertext.
-        let mut new_c = store.envelope(c_id, 1).unwrap().unwrap();
+        let mut new_c = store.envelope(c_id, 1).await.unwrap().unwrap();
         new_c.ciphertext[0] ^= 1;
         store
             .commit(Transaction {
@@ -254,9 +254,9 @@ async fn rotate_and_revoke_destroy_the_old_data_keys() {
     }
     let id = id_of(&meta);
     let server = with_store_offline(&dir, server, async |store| {
-        assert!(store.envelope(id, 1).unwrap().is_none());
-        assert!(store.envelope(id, 2).unwrap().is_none());
-        assert!(store.envelope(id, 3).unwrap().is_some());
+        assert!(store.envelope(id, 1).await.unwrap().is_none());
+        assert!(store.envelope(id, 2).await.unwrap().is_none());
+        assert!(store.envelope(id, 3).await.unwrap().is_some());
     })
     .await;
     server
@@ -267,13 +267,14 @@ async fn rotate_and_revoke_destroy_the_old_data_keys() {
         .unwrap();
     let other_id = id_of(&other);
     let _server = with_store_offline(&dir, server, async |store| {
-        assert!(store.envelope(id, 3).unwrap().is_none());
-        assert!(store.envelope(other_id, 1).unwrap().is_some());
+        assert!(store.envelope(id, 3).await.unwrap().is_none());
+        assert!(store.envelope(other_id, 1).await.unwrap().is_some());
         let tomb = store
             .secret(
                 &TenantId::parse("acme").unwrap(),
                 &SecretName::parse("k").unwrap(),
             )
+            .await
             .unwrap()
             .unwrap();
         assert_eq!(tomb.version, 3);

@@ -102,8 +102,8 @@ async fn kms_rejects_a_data_key_whose_encryption_context_was_tampered_with() {
             SecretId::parse("id", &a.id).unwrap(),
             SecretId::parse("id", &b.id).unwrap(),
         );
-        let mut moved = store.envelope(b_id, 1).unwrap().unwrap();
-        moved.wrapped_key = store.envelope(a_id, 1).unwrap().unwrap().wrapped_key;
+        let mut moved = store.envelope(b_id, 1).await.unwrap().unwrap();
+        moved.wrapped_key = store.envelope(a_id, 1).await.unwrap().unwrap().wrapped_key;
         store
             .commit(Transaction {
                 writes: vec![Write::PutEnvelope(moved)],
