@@ -110,3 +110,94 @@ fn only_the_keyring_talks_to_aws() {
         assert_only(crate_path, &["keyring/aws.rs"]);
     }
 }
+
+/// The modules each library module's code (tests aside) imports: `crate::a` names `a` (and
+/// `a::b` for a module of `store`), `super::b` names its sibling `b`.
+fn imports() -> Vec<(String, Vec<String>)> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut out = Vec::new();
+    for file in sources(&src) {
+        let relative = file.strip_prefix(&src).expect("under src");
+        let path = relative.to_string_lossy().replace('\\', "/");
+        if path.starts_with("bin/") || path == "main.rs" || path == "lib.rs" {
+            continue;
+        }
+        if path.ends_with("/tests.rs") {
+            continue;
+        }
+        let module = path
+            .trim_end_matches(".rs")
+            .trim_end_matches("/mod")
+            .replace('/', "::");
+        let parent = module.rsplit_once("::").map(|(p, _)| p.to_string());
+        let text = std::fs::read_to_string(&file).expect("source");
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        let mut named = Vec::new();
+        for line in code.lines().map(str::trim_start) {
+            if line.starts_with("//") {
+                continue;
+            }
+            for (at, _) in line.match_indices("crate::") {
+                let rest = &line[at + "crate::".len()..];
+                let mut parts = rest
+                    .split(|c: char| !(c == '_' || c.is_ascii_lowercase() || c == ':'))
+                    .next()
+                    .unwrap_or_default()
+                    .split("::")
+                    .filter(|p| !p.is_empty());
+                if let Some(first) = parts.next() {
+                    named.push(first.to_string());
+                    if first == "store"
+                        && let Some(second) = parts.next()
+                    {
+                        named.push(format!("store::{second}"));
+                    }
+                }
+            }
+            for (at, _) in line.match_indices("super::") {
+                let rest = &line[at + "super::".len()..];
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| *c == '_' || c.is_ascii_lowercase())
+                    .collect();
+                if let (false, Some(parent)) = (name.is_empty(), &parent) {
+                    named.push(format!("{parent}::{name}"));
+                }
+            }
+        }
+        named.sort();
+        named.dedup();
+        out.push((module, named));
+    }
+    out
+}
+
+/// No two modules import each other, neither among the top-level modules nor among the
+/// modules of `store` (ARCHITECTURE.md: the store is the bottom layer, and in it the commit
+/// core, the adapters and the trail's parts depend one way).
+#[test]
+fn no_two_modules_import_each_other() {
+    let graph = imports();
+    let top = |m: &str| m.split("::").next().unwrap_or(m).to_string();
+    let mut edges = std::collections::BTreeSet::new();
+    for (module, named) in &graph {
+        for other in named {
+            if top(other) != top(module) {
+                edges.insert((top(module), top(other)));
+            } else if other != module && module.contains("::") == other.contains("::") {
+                edges.insert((module.clone(), other.clone()));
+            }
+        }
+    }
+    let mutual: Vec<_> = edges
+        .iter()
+        .filter(|(a, b)| a < b && edges.contains(&(b.clone(), a.clone())))
+        .collect();
+    assert!(
+        mutual.is_empty(),
+        "modules importing each other: {mutual:?}"
+    );
+    // The check sees imports at all: the store's adapter imports the commit core.
+    assert!(edges.contains(&("store::sled".into(), "store::commit".into())));
+    assert!(edges.contains(&("vault".into(), "store".into())));
+}
