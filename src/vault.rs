@@ -962,7 +962,9 @@ impl Vault {
             }
         };
         let (ttl, max_uses) = self.policy.grant(input.ttl, input.max_uses)?;
-        for _ in 0..MAX_ATTEMPTS {
+        let mut attempts = Attempts::default();
+        loop {
+            attempts.next()?;
             let secret = self.active_secret(&tenant, &name).await?;
             let token = LeaseToken::generate().map_err(VaultError::Crypto)?;
             let now = Time::now();
@@ -1004,7 +1006,6 @@ impl Vault {
                 return Ok(done);
             }
         }
-        Err(VaultError::Contention)
     }
 
     /// Redeems a lease token: the plaintext, consuming one use.
@@ -1056,7 +1057,9 @@ impl Vault {
         let principal = caller.authorize(Operation::Get)?;
         let token_hash = token_hash?;
         let mut first = Some(first);
-        for _ in 0..MAX_ATTEMPTS {
+        let mut attempts = Attempts::default();
+        loop {
+            attempts.next()?;
             let Redemption {
                 lease,
                 secret,
@@ -1102,7 +1105,6 @@ impl Vault {
                 return Ok(done);
             }
         }
-        Err(VaultError::Contention)
     }
 
     /// Replaces a secret's value with a new version and destroys the previous one.
@@ -1133,7 +1135,9 @@ impl Vault {
         let (tenant, name) = target?;
         principal.require_tenant(&tenant)?;
         check_value_len("value", value.len())?;
-        for _ in 0..MAX_ATTEMPTS {
+        let mut attempts = Attempts::default();
+        loop {
+            attempts.next()?;
             let current = self.active_secret(&tenant, &name).await?;
             let mut next = current.clone();
             next.version = current
@@ -1171,7 +1175,6 @@ impl Vault {
                 return Ok(done);
             }
         }
-        Err(VaultError::Contention)
     }
 
     /// Revokes a secret (destroying every version) or one lease. Revoking twice succeeds.
@@ -1208,7 +1211,9 @@ impl Vault {
         let (tenant, name) = target?;
         principal.require_tenant(&tenant)?;
         audit.reason = Reason::parse(reason)?.as_str().to_string();
-        for _ in 0..MAX_ATTEMPTS {
+        let mut attempts = Attempts::default();
+        loop {
+            attempts.next()?;
             let current = self
                 .store
                 .secret(&tenant, &name)
@@ -1262,7 +1267,6 @@ impl Vault {
                 return Ok(done);
             }
         }
-        Err(VaultError::Contention)
     }
 
     async fn revoke_lease(
@@ -1275,7 +1279,7 @@ impl Vault {
         // The lease it names, before authorization decides, so that a denied request is
         // audited with its target.
         let id = LeaseId::parse("lease_id", id);
-        let mut found = match &id {
+        let found = match &id {
             Ok(id) => {
                 audit.lease_id = Some(*id);
                 let found = self.store.lease_by_id(*id).await?;
@@ -1292,11 +1296,13 @@ impl Vault {
         let principal = caller.authorize(Operation::RevokeLease)?;
         audit.reason = Reason::parse(reason)?.as_str().to_string();
         let id = id?;
-        for attempt in 0..MAX_ATTEMPTS {
-            let lease = if attempt == 0 {
-                found.take()
-            } else {
-                self.store.lease_by_id(id).await?
+        let mut first = Some(found);
+        let mut attempts = Attempts::default();
+        loop {
+            attempts.next()?;
+            let lease = match first.take() {
+                Some(read) => read,
+                None => self.store.lease_by_id(id).await?,
             };
             let lease = match lease {
                 // A lease in another tenant is reported as absent, not as forbidden.
@@ -1331,7 +1337,6 @@ impl Vault {
                 return Ok(done);
             }
         }
-        Err(VaultError::Contention)
     }
 
     /// A page of the audit trail.
@@ -1640,6 +1645,8 @@ impl Vault {
 
     /// Commits `tx` and returns `Some(value)` once it is durable, or `None` if a guard no
     /// longer held: another writer changed what the caller read, so it must read again.
+    /// Commits `tx`: `value` once it is durable, `None` if its guards no longer held (another
+    /// request changed what the caller read: read again, see [`Attempts`]).
     async fn commit_or_retry<T>(&self, tx: Transaction, value: T) -> Result<Option<T>, VaultError> {
         match self.store.commit(tx).await {
             Ok(_) => Ok(Some(value)),
@@ -1809,6 +1816,23 @@ fn wrap_context(record: &SecretRecord) -> WrapContext {
         tenant: record.tenant.clone(),
         secret_id: record.id,
         version: record.version,
+    }
+}
+
+/// Counts the attempts of a read-decide-commit operation, whose commit is guarded on what it
+/// read: each lost race reads again, at most [`MAX_ATTEMPTS`] times, then the caller gets
+/// [`VaultError::Contention`].
+#[derive(Default)]
+struct Attempts(usize);
+
+impl Attempts {
+    /// Starts the next attempt, if one is left.
+    fn next(&mut self) -> Result<(), VaultError> {
+        if self.0 == MAX_ATTEMPTS {
+            return Err(VaultError::Contention);
+        }
+        self.0 += 1;
+        Ok(())
     }
 }
 
