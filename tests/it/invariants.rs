@@ -69,7 +69,7 @@ fn only_the_service_layer_knows_tonic_and_prost() {
     const SERVICE_LAYER: &[&str] = &[
         "api.rs",
         "service.rs",
-        "server.rs",
+        "server/",
         "admission.rs",
         "connection.rs",
         "rpcmetrics.rs",

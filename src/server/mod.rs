@@ -33,8 +33,18 @@ use crate::store::{
 };
 use crate::vault::{Vault, VaultParts};
 
-/// Id of the admin principal created when no principals are configured.
-pub const BOOTSTRAP_PRINCIPAL: &str = "bootstrap-admin";
+mod ops;
+mod process;
+mod startup;
+
+use self::ops::serve_ops;
+pub(crate) use self::process::{create_private_dir, raise_open_files_limit};
+use self::process::{descriptor_ceiling, harden_process, make_private};
+use self::startup::bootstrap_principals;
+#[cfg(test)]
+use self::startup::rotated_from;
+pub use self::startup::{BOOTSTRAP_PRINCIPAL, Initialise, Keys, open_keys, open_store};
+
 /// How long in-flight requests may run after a shutdown signal before they are cut off.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -237,15 +247,6 @@ fn remove_stale_backups(data_dir: &Path) {
             }
         }
     }
-}
-
-/// Opens the store of a data directory with the configured engine.
-pub fn open_store(engine: &Engine, data_dir: &Path) -> Result<Arc<dyn Store>, ServeError> {
-    raise_open_files_limit();
-    let path = engine.location(data_dir);
-    engine
-        .open_at(&path)
-        .map_err(|source| ServeError::OpenStore { path, source })
 }
 
 async fn serve(
@@ -490,6 +491,10 @@ async fn serve(
     result
 }
 
+/// Streams one connection may have the server reset for its errors before it is closed
+/// (hyper's default, which tonic switches off unless told).
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
 /// The health service name that only says the process runs and is not shutting down (for
 /// liveness probes: a KMS outage must not get the process restarted).
 pub const LIVENESS: &str = "liveness";
@@ -549,390 +554,6 @@ async fn monitor_health(
     }
 }
 
-/// Streams one connection may have the server reset for its errors before it is closed
-/// (hyper's default, which tonic switches off unless told).
-const MAX_LOCAL_ERROR_RESETS: usize = 1024;
-
-/// The ops listener: `GET /metrics` (Prometheus text, HTTP/1.1) and `grpc.health.v1`
-/// (plaintext HTTP/2) on one port, until shutdown. Carries no secrets and needs no token;
-/// its connections are under the same watch as the main port's, and its requests under
-/// admission (health `Watch` and scrapes in small pools).
-async fn serve_ops(
-    incoming: Incoming,
-    admission: AdmissionLayer,
-    max_streams: u32,
-    vault: Arc<Vault>,
-    health: tonic_health::pb::health_server::HealthServer<
-        impl tonic_health::pb::health_server::Health,
-    >,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    use tokio_stream::StreamExt;
-    let metrics = axum::routing::get(move || {
-        let vault = vault.clone();
-        async move { render_metrics(vault).await }
-    });
-    let router = tonic::service::Routes::new(health)
-        .prepare()
-        .into_axum_router()
-        .route("/metrics", metrics)
-        .fallback(|| async { (http::StatusCode::NOT_FOUND, "not found\n") });
-    let app = tower::ServiceBuilder::new()
-        .layer(admission)
-        .map_response(|response: axum::response::Response| response.map(tonic::body::Body::new))
-        .service(router);
-    let mut incoming = std::pin::pin!(incoming);
-    loop {
-        let accepted = tokio::select! {
-            accepted = incoming.next() => accepted,
-            _ = stop.wait_for(|stopped| *stopped) => return,
-        };
-        let Some(Ok(io)) = accepted else {
-            continue;
-        };
-        let info = io.info();
-        let app = tower::ServiceExt::map_request(
-            app.clone(),
-            move |mut request: http::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(info.clone());
-                request
-            },
-        );
-        tokio::spawn(async move {
-            let mut builder =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            builder
-                .http2()
-                .max_concurrent_streams(max_streams)
-                .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS);
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            if let Err(e) = builder
-                .serve_connection(hyper_util::rt::TokioIo::new(io), service)
-                .await
-            {
-                tracing::debug!(error = %e, "ops connection ended");
-            }
-        });
-    }
-}
-
-async fn render_metrics(vault: Arc<Vault>) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let runtime = tokio::runtime::Handle::current();
-    let text = tokio::task::spawn_blocking(move || {
-        let snapshot = runtime
-            .block_on(vault.metrics_snapshot())
-            .map_err(|e| e.to_string())?;
-        crate::metrics::render(&snapshot).map_err(|e| e.to_string())
-    })
-    .await;
-    match text {
-        Ok(Ok(text)) => (
-            [(http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-            text,
-        )
-            .into_response(),
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "metrics: cannot read the vault's state");
-            (http::StatusCode::INTERNAL_SERVER_ERROR, "internal error\n").into_response()
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "metrics task failed");
-            (http::StatusCode::INTERNAL_SERVER_ERROR, "internal error\n").into_response()
-        }
-    }
-}
-
-/// True if `current` is the configured master key, or (for a local key) a version that a
-/// rotation created from it: `<path>.v<N>`, written next to the configured file.
-/// A recorded local key file that is gone may have moved with its data (a restore into
-/// another directory or host): the configured key file, or the file of the recorded name
-/// beside it (`<path>.v<N>` of a rotation), stands in for it if its key id is the one
-/// recorded. Key ids come from the key material, so no other key can pass.
-async fn moved_local_key(
-    config: &MasterKeyConfig,
-    recorded: &MasterKeySpec,
-    key_id: &str,
-) -> Option<Arc<dyn crate::keyring::MasterKey>> {
-    let (MasterKeySpec::Local { path: configured }, MasterKeySpec::Local { path: recorded }) =
-        (&config.spec, recorded)
-    else {
-        return None;
-    };
-    let mut candidates = vec![configured.clone()];
-    if let (Some(dir), Some(name)) = (configured.parent(), recorded.file_name()) {
-        candidates.push(dir.join(name));
-    }
-    for path in candidates {
-        let spec = MasterKeySpec::Local { path: path.clone() };
-        if let Ok((key, _)) = spec.open(&config.aws, false).await
-            && key.key_id() == key_id
-        {
-            tracing::info!(
-                recorded = %recorded.display(),
-                found = %path.display(),
-                key_id,
-                "a master key file moved with its data; using it where the config points"
-            );
-            return Some(key);
-        }
-    }
-    None
-}
-
-fn rotated_from(current: &MasterKeySpec, configured: &MasterKeySpec) -> bool {
-    match (current, configured) {
-        (MasterKeySpec::Local { path: current }, MasterKeySpec::Local { path: configured }) => {
-            let (current, configured) = (current.as_os_str(), configured.as_os_str());
-            current == configured
-                || current
-                    .to_str()
-                    .zip(configured.to_str())
-                    .and_then(|(c, base)| c.strip_prefix(base)?.strip_prefix(".v"))
-                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        }
-        _ => current == configured,
-    }
-}
-
-/// Whether `open_keys` may initialise a new data directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Initialise {
-    /// Create the key-check record, the audit seed and (for a local key) the key file if
-    /// this is a new data directory.
-    IfNew,
-    /// Only open what exists (offline tools, backups).
-    Never,
-}
-
-/// The keys of a data directory, verified against it.
-pub struct Keys {
-    /// The master key versions.
-    pub keyring: Arc<Keyring>,
-    /// The audit chain's key.
-    pub chain: Arc<ChainKey>,
-    /// The stored keyring state (versions, rotation job).
-    pub state: KeyringState,
-}
-
-/// Opens the master key versions recorded in the data directory and proves each is the one
-/// recorded (by unwrapping its key-check record): a wrong, missing or unreachable key stops
-/// startup here rather than failing requests later. A new data directory is initialised with
-/// the configured key (creating a local key file if absent). Then unwraps (or creates) the
-/// audit seed and derives the audit chain's key from it.
-pub async fn open_keys(
-    config: &MasterKeyConfig,
-    store: &dyn Store,
-    initialise: Initialise,
-    data_dir: &Path,
-) -> Result<Keys, ServeError> {
-    let state = match KeyringState::load(store).await.map_err(rotation_error)? {
-        Some(state) => state,
-        None if initialise == Initialise::Never => {
-            return Err(ServeError::NotInitialised(data_dir.to_path_buf()));
-        }
-        None => {
-            let (key, created) = config.spec.open(&config.aws, true).await?;
-            if created {
-                tracing::info!(key = %config.spec, key_id = key.key_id(), "created local master key");
-            }
-            let check = make_key_check(&*key)
-                .await
-                .map_err(|e| key_error(&config.spec, key.key_id(), e))?;
-            let state = KeyringState {
-                current: 1,
-                versions: vec![KeyVersion {
-                    version: 1,
-                    spec: config.spec.clone(),
-                    key_id: key.key_id().to_string(),
-                    check,
-                    retired_at: None,
-                }],
-                rotation: None,
-            };
-            // Another process (or task) initialising the same store at once may win: then
-            // its keyring is the one.
-            match create_meta(store, &state).await? {
-                Some(theirs) => theirs,
-                None => state,
-            }
-        }
-    };
-    let mut keys = BTreeMap::new();
-    for v in state.versions.iter().filter(|v| v.retired_at.is_none()) {
-        let key = match v.spec.open(&config.aws, false).await {
-            Ok((key, _)) => key,
-            Err(KeyringError::Io { path, source })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                match moved_local_key(config, &v.spec, &v.key_id).await {
-                    Some(key) => key,
-                    None => {
-                        return Err(ServeError::MasterKeyMissing {
-                            path,
-                            expected: v.key_id.clone(),
-                        });
-                    }
-                }
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if key.key_id() != v.key_id {
-            return Err(ServeError::WrongMasterKey {
-                expected: v.key_id.clone(),
-                found: key.key_id().to_string(),
-            });
-        }
-        verify_key_check(&*key, &v.check)
-            .await
-            .map_err(|e| key_error(&v.spec, &v.key_id, e))?;
-        keys.insert(v.version, key);
-    }
-    let keyring = Arc::new(Keyring::new(keys, state.current));
-    if state
-        .version(state.current)
-        .is_some_and(|v| !rotated_from(&v.spec, &config.spec))
-    {
-        tracing::warn!(
-            configured = %config.spec,
-            "the configured master key is not the current one; call RotateMasterKey to move to it"
-        );
-    }
-    let stored = match load_meta::<StoredKey>(store).await? {
-        Some(stored) => stored.value,
-        None if initialise == Initialise::Never => {
-            return Err(ServeError::NotInitialised(data_dir.to_path_buf()));
-        }
-        None => {
-            let (stored, _) = StoredKey::generate(&keyring, &WrapContext::AuditSeed).await?;
-            // The seed of another process initialising the store at once, if it won.
-            create_meta(store, &stored).await?.unwrap_or(stored)
-        }
-    };
-    let seed = stored
-        .unwrap(&keyring, &WrapContext::AuditSeed)
-        .await
-        .map_err(|e| key_error(&config.spec, &keyring.current().1, e))?;
-    Ok(Keys {
-        keyring,
-        chain: Arc::new(ChainKey::derive(&seed)),
-        state,
-    })
-}
-
-/// A key that failed its startup check, explained.
-fn key_error(spec: &MasterKeySpec, key_id: &str, e: KeyringError) -> ServeError {
-    match e {
-        KeyringError::Unwrap | KeyringError::ForeignKey { .. } => ServeError::KeyCheckFailed {
-            key_id: key_id.to_string(),
-        },
-        KeyringError::Unavailable(detail) => ServeError::KeyUnreachable {
-            key: spec.to_string(),
-            detail,
-        },
-        KeyringError::KeyUnusable(detail) => ServeError::KeyUnusable {
-            key: spec.to_string(),
-            detail,
-        },
-        other => other.into(),
-    }
-}
-
-fn rotation_error(e: crate::rotation::RotationError) -> ServeError {
-    match e {
-        crate::rotation::RotationError::Store(e) => ServeError::Store(e),
-        crate::rotation::RotationError::Keyring(e) => ServeError::Keyring(e),
-        _ => ServeError::CorruptMeta { what: "keyring" },
-    }
-}
-
-/// Stores `value` if the store holds none yet. If another process (or task) stored one
-/// first, nothing is written and theirs is returned.
-async fn create_meta<T: MetaValue>(store: &dyn Store, value: &T) -> Result<Option<T>, ServeError> {
-    let created = store
-        .commit(Transaction {
-            guards: vec![Guard::meta(T::KEY, None)],
-            writes: vec![put_meta(value)?],
-            audit: None,
-        })
-        .await;
-    match created {
-        Ok(_) => Ok(None),
-        Err(StoreError::Conflict) => Ok(load_meta::<T>(store).await?.map(|meta| meta.value)),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// The SHA-256 of the bootstrap admin's token (stored as its 32 bytes).
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(transparent)]
-struct BootstrapAdmin(auth::TokenDigest);
-
-crate::postcard_meta!(BootstrapAdmin, MetaKey::BootstrapAdmin);
-
-/// With no principals configured: an admin principal whose token was printed once, at the
-/// first start (or now, if asked to reset it).
-async fn bootstrap_principals(
-    store: &dyn Store,
-    reset: bool,
-    announce: &Announcer,
-) -> Result<Principals, ServeError> {
-    let corrupt = || ServeError::CorruptMeta {
-        what: "bootstrap-admin",
-    };
-    let stored = load_meta::<BootstrapAdmin>(store).await?;
-    let digest: auth::TokenDigest = match stored {
-        Some(stored) if !reset => stored.value.0,
-        stored => {
-            let token = crate::crypto::random_token(auth::PRINCIPAL_TOKEN_PREFIX)
-                .map_err(ServeError::Rng)?;
-            let digest = auth::token_digest(token.expose_secret());
-            let replaced = store
-                .commit(Transaction {
-                    guards: vec![Guard::meta(
-                        MetaKey::BootstrapAdmin,
-                        stored.map(|s| s.revision),
-                    )],
-                    writes: vec![put_meta(&BootstrapAdmin(digest))?],
-                    audit: None,
-                })
-                .await;
-            match replaced {
-                Ok(_) => {
-                    announce(Announcement::BootstrapToken {
-                        principal: BOOTSTRAP_PRINCIPAL,
-                        token: token.expose_secret(),
-                    });
-                    digest
-                }
-                // Another process initialising the store at once created it: its token is
-                // the one (it printed it).
-                Err(StoreError::Conflict) if !reset => {
-                    load_meta::<BootstrapAdmin>(store)
-                        .await?
-                        .ok_or(StoreError::Conflict)?
-                        .value
-                        .0
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    };
-    tracing::warn!(
-        principal = BOOTSTRAP_PRINCIPAL,
-        "no principals configured: serving the bootstrap admin only; configure [[principal]] tables for production"
-    );
-    let id = PrincipalId::parse(BOOTSTRAP_PRINCIPAL).map_err(|_| corrupt())?;
-    Ok(Principals::new(vec![Principal {
-        id,
-        token_sha256: Some(digest),
-        cert_ids: Default::default(),
-        roles: [Role::Admin].into_iter().collect(),
-        tenants: TenantScope::All,
-        rate_limit: None,
-    }]))
-}
-
 async fn prune_audit(vault: Arc<Vault>, policy: AuditRetention) {
     let mut tick = tokio::time::interval(policy.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -944,23 +565,6 @@ async fn prune_audit(vault: Arc<Vault>, policy: AuditRetention) {
             Err(e) => tracing::warn!(error = %e, "audit retention failed"),
         }
     }
-}
-
-/// File descriptors kept for the store (segment files, sled, the seals' temporary files):
-/// connections may not take them.
-const STORE_FD_RESERVE: u64 = 256;
-
-/// The descriptor number at which connections are refused, logged.
-fn descriptor_ceiling() -> Option<u64> {
-    let ceiling = crate::connection::descriptor_ceiling(STORE_FD_RESERVE);
-    if let Some(ceiling) = ceiling {
-        tracing::info!(
-            ceiling,
-            reserve = STORE_FD_RESERVE,
-            "connections are refused once this many files are open (the open-files limit less the store's reserve)"
-        );
-    }
-    ceiling
 }
 
 /// Records the requests admission refused for the unauthenticated rate: one audit entry per
@@ -1012,114 +616,6 @@ fn tls_config(tls: &TlsConfig) -> Result<ServerTlsConfig, ServeError> {
             .client_auth_optional(!tls.client_cert_required);
     }
     Ok(config)
-}
-
-/// Keeps secrets out of core dumps: no core files, and not dumpable (which also keeps other
-/// processes of the same user from ptrace-attaching).
-fn harden_process() {
-    use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
-    // Everything byokd creates (sled's files too) is its user's alone.
-    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    let no_core = Rlimit {
-        current: Some(0),
-        maximum: Some(0),
-    };
-    if let Err(e) = setrlimit(Resource::Core, no_core) {
-        tracing::warn!(error = %e, "could not disable core dumps (RLIMIT_CORE)");
-    }
-    if let Err(e) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
-        tracing::warn!(error = %e, "could not mark the process non-dumpable (PR_SET_DUMPABLE)");
-    }
-}
-
-/// Most the soft limit on open files is raised to (Linux's default `fs.nr_open`).
-const OPEN_FILES_CEILING: u64 = 1 << 20;
-
-/// Raises the soft limit on open files to the hard one: every sealed audit segment keeps three
-/// files open (entries, offsets, index: about a hundred per GB of trail), which outgrows the
-/// usual soft limit of 1024 long before the hard limit.
-pub(crate) fn raise_open_files_limit() {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let limit = getrlimit(Resource::Nofile);
-    let wanted = limit
-        .maximum
-        .unwrap_or(OPEN_FILES_CEILING)
-        .min(OPEN_FILES_CEILING);
-    if limit.current.is_some_and(|current| current >= wanted) {
-        return;
-    }
-    let raised = Rlimit {
-        current: Some(wanted),
-        maximum: limit.maximum,
-    };
-    match setrlimit(Resource::Nofile, raised) {
-        Ok(()) => tracing::debug!(soft = wanted, "raised the open files limit"),
-        Err(e) => tracing::warn!(
-            error = %e,
-            soft = ?limit.current,
-            "could not raise the open files limit (RLIMIT_NOFILE)"
-        ),
-    }
-}
-
-/// Takes group and other permissions off the data directory and the store in it (a
-/// directory created by hand, or files an older byokd or sled left 0644): 0700 directories,
-/// files readable by byokd's user only. Other files there (a master key file) keep their
-/// mode: their own checks refuse them if others may read them, because by then others may
-/// have. Symbolic links inside are left alone.
-fn make_private(data_dir: &Path) -> Result<(), ServeError> {
-    use std::os::unix::fs::PermissionsExt;
-    let error = |path: &Path, source| ServeError::DataDir {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut tightened = 0u64;
-    let mut pending = vec![data_dir.to_path_buf()];
-    let store = data_dir.join("db");
-    while let Some(path) = pending.pop() {
-        if path != data_dir && !path.starts_with(&store) {
-            continue;
-        }
-        let meta = if path == data_dir {
-            std::fs::metadata(&path)
-        } else {
-            std::fs::symlink_metadata(&path)
-        }
-        .map_err(|e| error(&path, e))?;
-        if meta.file_type().is_symlink() {
-            continue;
-        }
-        let mode = meta.permissions().mode();
-        if mode & 0o077 != 0 {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o700))
-                .map_err(|e| error(&path, e))?;
-            tightened += 1;
-        }
-        if meta.is_dir() {
-            for entry in std::fs::read_dir(&path).map_err(|e| error(&path, e))? {
-                pending.push(entry.map_err(|e| error(&path, e))?.path());
-            }
-        }
-    }
-    if tightened > 0 {
-        tracing::warn!(
-            paths = tightened,
-            dir = %data_dir.display(),
-            "the data directory was readable by others: took group and other permissions off"
-        );
-    }
-    Ok(())
-}
-
-pub(crate) fn create_private_dir(path: &Path) -> Result<(), ServeError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .map_err(|source| ServeError::DataDir {
-            path: path.to_path_buf(),
-            source,
-        })
 }
 
 #[cfg(test)]

@@ -1,0 +1,331 @@
+//! Operations on secrets: Store, Describe, List, Rotate and Revoke.
+
+use super::*;
+
+impl Vault {
+    /// Stores a new secret at version 1.
+    pub async fn store(
+        &self,
+        caller: &Caller,
+        input: StoreInput,
+    ) -> Result<SecretRecord, VaultError> {
+        operation!(self, caller, Action::Store, |audit| {
+            self.try_store(caller, input, &mut audit).await
+        })
+    }
+
+    pub(super) async fn try_store(
+        &self,
+        caller: &Caller,
+        input: StoreInput,
+        audit: &mut AuditDraft,
+    ) -> Result<SecretRecord, VaultError> {
+        let target = secret_ref(caller, audit, input.tenant, input.name);
+        let principal = caller.authorize(Operation::Store)?;
+        let (tenant, name) = target?;
+        principal.require_tenant(&tenant)?;
+        let provider = Provider::parse(input.provider)?;
+        let labels = Labels::parse(input.labels)?;
+        check_value_len("value", input.value.len())?;
+        if self.store.secret(&tenant, &name).await?.is_some() {
+            return Err(VaultError::AlreadyExists);
+        }
+        let now = Time::now();
+        let record = SecretRecord {
+            id: SecretId::generate(),
+            tenant,
+            name,
+            provider,
+            labels,
+            version: 1,
+            state: SecretState::Active,
+            created_at: now,
+            updated_at: now,
+            hint: value_hint(input.value.expose_secret()),
+            revoked_at: None,
+            rev: Default::default(),
+        };
+        let envelope = self.seal(&record, &input.value).await?;
+        audit.secret(&record);
+        let reservation = self.quotas.reserve(
+            &record.tenant,
+            Delta {
+                secrets: 1,
+                value_bytes: envelope.ciphertext.len() as i64,
+                leases: 0,
+            },
+        )?;
+        let tx = Transaction {
+            guards: vec![Guard::secret(&record.tenant, &record.name, None)],
+            writes: vec![
+                Write::PutSecret(record.clone()),
+                Write::PutEnvelope(envelope),
+            ],
+            audit: Some(audit.clone()),
+        };
+        match self.store.commit(tx).await {
+            Ok(_) => {
+                reservation.keep();
+                Ok(record)
+            }
+            // Another Store of the same name committed first.
+            Err(StoreError::Conflict) => Err(VaultError::AlreadyExists),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Metadata of one secret.
+    pub async fn describe(
+        &self,
+        caller: &Caller,
+        tenant: String,
+        name: String,
+    ) -> Result<SecretRecord, VaultError> {
+        operation!(self, caller, Action::Describe, |audit| {
+            let target = secret_ref(caller, &mut audit, tenant, name);
+            let principal = caller.authorize(Operation::Describe)?;
+            let (tenant, name) = target?;
+            principal.require_tenant(&tenant)?;
+            let record = self
+                .store
+                .secret(&tenant, &name)
+                .await?
+                .ok_or(VaultError::SecretNotFound)?;
+            audit.secret(&record);
+            self.record(audit.settle()).await?;
+            Ok(record)
+        })
+    }
+
+    /// A page of a tenant's secrets, and the token of the next page.
+    pub async fn list(
+        &self,
+        caller: &Caller,
+        tenant: String,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<(Vec<SecretRecord>, Option<String>), VaultError> {
+        operation!(self, caller, Action::List, |audit| {
+            let tenant = TenantId::parse(tenant);
+            match &tenant {
+                Ok(t) => audit.tenant = Some(t.clone()),
+                Err(_) => caller.note_invalid("tenant"),
+            }
+            let principal = caller.authorize(Operation::List)?;
+            let tenant = tenant?;
+            principal.require_tenant(&tenant)?;
+            let size = page_size_or(page_size, DEFAULT_LIST_PAGE_SIZE, MAX_LIST_PAGE_SIZE)?;
+            let after = match page_token.as_str() {
+                "" => None,
+                token => Some(decode_list_token(token)?),
+            };
+            let mut page = self
+                .store
+                .list_secrets(&tenant, after.as_ref(), size + 1)
+                .await?;
+            let next = if page.len() > size {
+                page.truncate(size);
+                page.last().map(|s| URL_SAFE_NO_PAD.encode(s.name.as_str()))
+            } else {
+                None
+            };
+            self.record(audit.settle()).await?;
+            Ok((page, next))
+        })
+    }
+
+    /// Replaces a secret's value with a new version and destroys the previous one.
+    pub async fn rotate(
+        &self,
+        caller: &Caller,
+        tenant: String,
+        name: String,
+        value: Plaintext,
+    ) -> Result<SecretRecord, VaultError> {
+        operation!(self, caller, Action::Rotate, |audit| {
+            self.try_rotate(caller, tenant, name, value, &mut audit)
+                .await
+        })
+    }
+
+    pub(super) async fn try_rotate(
+        &self,
+        caller: &Caller,
+        tenant: String,
+        name: String,
+        value: Plaintext,
+        audit: &mut AuditDraft,
+    ) -> Result<SecretRecord, VaultError> {
+        let target = secret_ref(caller, audit, tenant, name);
+        let principal = caller.authorize(Operation::Rotate)?;
+        let (tenant, name) = target?;
+        principal.require_tenant(&tenant)?;
+        check_value_len("value", value.len())?;
+        let mut attempts = Attempts::default();
+        loop {
+            attempts.next()?;
+            let current = self.active_secret(&tenant, &name).await?;
+            let mut next = current.clone();
+            next.version = current
+                .version
+                .checked_add(1)
+                .ok_or_else(|| ValidationError::new("name", "secret has no versions left"))?;
+            next.updated_at = Time::now();
+            next.hint = value_hint(value.expose_secret());
+            let envelope = self.seal(&next, &value).await?;
+            audit.secret(&next);
+            let before = self.value_bytes(&current).await?;
+            let reservation = self.quotas.reserve(
+                &tenant,
+                Delta {
+                    value_bytes: envelope.ciphertext.len() as i64 - before,
+                    ..Delta::default()
+                },
+            )?;
+            let tx = Transaction {
+                guards: vec![Guard::secret(&tenant, &name, Some(&current))],
+                writes: vec![
+                    Write::PutSecret(next.clone()),
+                    Write::DestroyEnvelopes {
+                        secret_id: next.id,
+                        keep: Some(next.version),
+                    },
+                    Write::PutEnvelope(envelope),
+                ],
+                audit: Some(audit.clone()),
+            };
+            if let Some(done) = self.commit_or_retry(tx, next).await? {
+                reservation.keep();
+                // The previous version's data key is destroyed: drop it from memory too.
+                self.cache.evict_secret(done.id);
+                return Ok(done);
+            }
+        }
+    }
+
+    /// Revokes a secret (destroying every version) or one lease. Revoking twice succeeds.
+    pub async fn revoke(
+        &self,
+        caller: &Caller,
+        target: RevokeTarget,
+        reason: String,
+    ) -> Result<Revoked, VaultError> {
+        operation!(self, caller, Action::Revoke, |audit| {
+            match target {
+                RevokeTarget::Missing => caller.authorize(Operation::RevokeLease).and_then(|_| {
+                    Err(ValidationError::new("target", "set secret or lease_id").into())
+                }),
+                RevokeTarget::Secret { tenant, name } => {
+                    self.revoke_secret(caller, tenant, name, reason, &mut audit)
+                        .await
+                }
+                RevokeTarget::Lease(id) => self.revoke_lease(caller, &id, reason, &mut audit).await,
+            }
+        })
+    }
+
+    pub(super) async fn revoke_secret(
+        &self,
+        caller: &Caller,
+        tenant: String,
+        name: String,
+        reason: String,
+        audit: &mut Pending,
+    ) -> Result<Revoked, VaultError> {
+        let target = secret_ref(caller, audit, tenant, name);
+        let principal = caller.authorize(Operation::RevokeSecret)?;
+        let (tenant, name) = target?;
+        principal.require_tenant(&tenant)?;
+        audit.reason = Reason::parse(reason)?.as_str().to_string();
+        let mut attempts = Attempts::default();
+        loop {
+            attempts.next()?;
+            let current = self
+                .store
+                .secret(&tenant, &name)
+                .await?
+                .ok_or(VaultError::SecretNotFound)?;
+            audit.secret(&current);
+            if current.state == SecretState::Revoked {
+                self.record(audit.settle()).await?;
+                return Ok(Revoked {
+                    already_revoked: true,
+                    secret: Some(current),
+                });
+            }
+            let now = Time::now();
+            let mut tombstone = current.clone();
+            tombstone.state = SecretState::Revoked;
+            tombstone.revoked_at = Some(now);
+            tombstone.updated_at = now;
+            let freed = self.value_bytes(&current).await?;
+            let tx = Transaction {
+                guards: vec![Guard::secret(&tenant, &name, Some(&current))],
+                writes: vec![
+                    Write::PutSecret(tombstone.clone()),
+                    Write::DestroyEnvelopes {
+                        secret_id: current.id,
+                        keep: None,
+                    },
+                ],
+                audit: Some(audit.clone()),
+            };
+            if let Some(done) = self
+                .commit_or_retry(
+                    tx,
+                    Revoked {
+                        already_revoked: false,
+                        secret: Some(tombstone),
+                    },
+                )
+                .await?
+            {
+                // Every data key of the secret is destroyed: none may be served from memory.
+                self.cache.evict_secret(current.id);
+                self.quotas.committed(
+                    &tenant,
+                    Delta {
+                        secrets: -1,
+                        value_bytes: -freed,
+                        leases: 0,
+                    },
+                );
+                return Ok(done);
+            }
+        }
+    }
+
+    /// The secret `tenant`/`name`, if it exists and is active.
+    pub(super) async fn active_secret(
+        &self,
+        tenant: &TenantId,
+        name: &SecretName,
+    ) -> Result<SecretRecord, VaultError> {
+        let secret = self
+            .store
+            .secret(tenant, name)
+            .await?
+            .ok_or(VaultError::SecretNotFound)?;
+        if secret.state == SecretState::Revoked {
+            return Err(VaultError::SecretRevoked);
+        }
+        Ok(secret)
+    }
+
+    /// Commits a successful read-only operation's audit entry.
+    /// The bytes of a secret's current sealed value (what its quota counts).
+    pub(super) async fn value_bytes(&self, secret: &SecretRecord) -> Result<i64, VaultError> {
+        Ok(self
+            .store
+            .envelope(secret.id, secret.version)
+            .await?
+            .map_or(0, |e| e.ciphertext.len() as i64))
+    }
+}
+
+pub(super) fn decode_list_token(token: &str) -> Result<SecretName, ValidationError> {
+    let invalid = || ValidationError::new("page_token", "not a token returned by List");
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
+    let name = String::from_utf8(bytes).map_err(|_| invalid())?;
+    SecretName::parse(name).map_err(|_| invalid())
+}
