@@ -514,98 +514,29 @@ impl Config {
     fn resolve(file: FileConfig, base: &Path, overrides: Overrides) -> Result<Self, ConfigError> {
         let listen = match (overrides.listen, &file.listen) {
             (Some(addr), _) => addr,
-            (None, Some(text)) => text.parse().map_err(|_| {
-                ConfigError::Invalid(format!(
-                    "listen: {text:?} is not an address like 127.0.0.1:50051"
-                ))
-            })?,
-            (None, None) => DEFAULT_LISTEN
-                .parse()
-                .map_err(|_| ConfigError::Invalid("default listen address".into()))?,
+            (None, Some(text)) => address("listen", text, "127.0.0.1:50051")?,
+            (None, None) => address("listen", DEFAULT_LISTEN, "127.0.0.1:50051")?,
         };
         let data_dir = overrides
             .data_dir
             .or_else(|| file.data_dir.map(|d| base.join(d)))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let master_key = master_key(file.master_key, overrides.master_key, base, &data_dir)?;
-        let lease = LeasePolicy {
-            default_ttl: file.lease.default_ttl.unwrap_or(DEFAULT_TTL),
-            max_ttl: file.lease.max_ttl.unwrap_or(DEFAULT_MAX_TTL),
-            max_uses: file.lease.max_uses.unwrap_or(DEFAULT_MAX_USES),
-        };
-        if lease.max_ttl.is_zero() || lease.default_ttl.is_zero() {
-            return Err(ConfigError::Invalid(
-                "lease: default_ttl and max_ttl must be positive".into(),
-            ));
-        }
-        if lease.default_ttl > lease.max_ttl {
-            return Err(ConfigError::Invalid(
-                "lease: default_ttl must not exceed max_ttl".into(),
-            ));
-        }
-        if lease.max_uses == 0 {
-            return Err(ConfigError::Invalid(
-                "lease: max_uses must be at least 1".into(),
-            ));
-        }
-        let gc_interval = file.lease.gc_interval.unwrap_or(DEFAULT_GC_INTERVAL);
-        if gc_interval.is_zero() {
-            return Err(ConfigError::Invalid(
-                "lease: gc_interval must be positive".into(),
-            ));
-        }
-        let audit_retention = match (file.audit.retention, file.audit.prune_interval) {
-            (Some(keep), interval) => {
-                let interval = interval.unwrap_or(DEFAULT_PRUNE_INTERVAL);
-                if keep.is_zero() || interval.is_zero() {
-                    return Err(ConfigError::Invalid(
-                        "audit: retention and prune_interval must be positive".into(),
-                    ));
-                }
-                Some(AuditRetention { keep, interval })
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::Invalid(
-                    "audit: prune_interval needs retention".into(),
-                ));
-            }
-            (None, None) => None,
-        };
         let request_timeout = file.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT);
         if request_timeout.is_zero() {
             return Err(ConfigError::Invalid(
                 "request_timeout must be positive".into(),
             ));
         }
-        let tls = file.tls.map(|t| TlsConfig {
-            client_cert_required: t.client_cert_required.unwrap_or(t.client_ca.is_some()),
-            cert: base.join(t.cert),
-            key: base.join(t.key),
-            client_ca: t.client_ca.map(|c| base.join(c)),
-        });
-        if tls
-            .as_ref()
-            .is_some_and(|t| t.client_cert_required && t.client_ca.is_none())
-        {
-            return Err(ConfigError::Invalid(
-                "tls: client_cert_required needs client_ca".into(),
-            ));
-        }
-        if tls.is_none() && !listen.ip().is_loopback() && !file.danger_allow_plaintext_non_loopback
-        {
-            return Err(ConfigError::Invalid(format!(
-                "refusing to serve plaintext on {listen}, which is not a loopback address: configure [tls], \
-                 or set danger_allow_plaintext_non_loopback = true if something else encrypts the traffic"
-            )));
-        }
-        let limits = limits(file.limits)?;
+        let tls = tls(
+            file.tls,
+            base,
+            listen,
+            file.danger_allow_plaintext_non_loopback,
+        )?;
         let metrics_listen = match (overrides.metrics_listen, &file.metrics.listen) {
             (Some(addr), _) => Some(addr),
-            (None, Some(text)) => Some(text.parse().map_err(|_| {
-                ConfigError::Invalid(format!(
-                    "metrics.listen: {text:?} is not an address like 127.0.0.1:9464"
-                ))
-            })?),
+            (None, Some(text)) => Some(address("metrics.listen", text, "127.0.0.1:9464")?),
             (None, None) => None,
         };
         let health_interval = file
@@ -617,72 +548,14 @@ impl Config {
                 "metrics.health_interval: must be positive".into(),
             ));
         }
-        let metrics = metrics_listen.map(|listen| MetricsConfig { listen });
-        let store_cache_bytes = match file.store.cache_size_mb {
-            None => crate::store::DEFAULT_CACHE_BYTES,
-            Some(mb @ 16..=1_048_576) => mb * 1024 * 1024,
-            Some(_) => {
-                return Err(ConfigError::Invalid(
-                    "store.cache_size_mb: between 16 and 1048576".into(),
-                ));
-            }
-        };
-        let audit_segment_bytes = match file.store.audit_segment_kb {
-            None => crate::store::DEFAULT_AUDIT_SEGMENT_BYTES,
-            Some(kb @ 64..=1_048_576) => kb * 1024,
-            Some(_) => {
-                return Err(ConfigError::Invalid(
-                    "store.audit_segment_kb: between 64 and 1048576".into(),
-                ));
-            }
-        };
-        let store = crate::store::Engine::of_kind(
-            file.store.kind.as_deref().unwrap_or("sled"),
-            store_cache_bytes,
-            audit_segment_bytes,
-        )
-        .map_err(ConfigError::Invalid)?;
-        let quotas = crate::quota::QuotaLimits {
-            max_secrets_per_tenant: file
-                .quotas
-                .max_secrets_per_tenant
-                .unwrap_or(DEFAULT_MAX_SECRETS_PER_TENANT),
-            max_value_bytes_per_tenant: file
-                .quotas
-                .max_value_mb_per_tenant
-                .unwrap_or(DEFAULT_MAX_VALUE_MB_PER_TENANT)
-                .saturating_mul(1024 * 1024),
-            max_leases_per_tenant: file
-                .quotas
-                .max_leases_per_tenant
-                .unwrap_or(DEFAULT_MAX_LEASES_PER_TENANT),
-            max_value_bytes_total: file
-                .quotas
-                .max_value_mb_total
-                .unwrap_or(DEFAULT_MAX_VALUE_MB_TOTAL)
-                .saturating_mul(1024 * 1024),
-            min_free_bytes: file
-                .store
-                .min_free_mb
-                .unwrap_or(DEFAULT_MIN_FREE_MB)
-                .saturating_mul(1024 * 1024),
-        };
-        if quotas.max_secrets_per_tenant == 0
-            || quotas.max_value_bytes_per_tenant == 0
-            || quotas.max_leases_per_tenant == 0
-            || quotas.max_value_bytes_total == 0
-        {
-            return Err(ConfigError::Invalid(
-                "quotas: each must be at least 1".into(),
-            ));
-        }
+        let (lease, gc_interval) = lease_policy(&file.lease)?;
         Ok(Self {
-            quotas,
-            store,
-            metrics,
+            quotas: quota_limits(&file.quotas, &file.store)?,
+            store: store_engine(&file.store)?,
+            metrics: metrics_listen.map(|listen| MetricsConfig { listen }),
             health_interval,
             tls,
-            limits,
+            limits: limits(file.limits)?,
             listen,
             data_dir,
             log_format: overrides.log_format.or(file.log_format).unwrap_or_default(),
@@ -690,10 +563,160 @@ impl Config {
             lease,
             gc_interval,
             request_timeout,
-            audit_retention,
+            audit_retention: audit_retention(&file.audit)?,
             principals: principals(file.principal)?,
         })
     }
+}
+
+/// The socket address in `text`, for the setting `field`.
+fn address(field: &str, text: &str, example: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| {
+        ConfigError::Invalid(format!(
+            "{field}: {text:?} is not an address like {example}"
+        ))
+    })
+}
+
+/// `[lease]`: the lease policy and the collection interval.
+fn lease_policy(file: &LeaseFile) -> Result<(LeasePolicy, Duration), ConfigError> {
+    let lease = LeasePolicy {
+        default_ttl: file.default_ttl.unwrap_or(DEFAULT_TTL),
+        max_ttl: file.max_ttl.unwrap_or(DEFAULT_MAX_TTL),
+        max_uses: file.max_uses.unwrap_or(DEFAULT_MAX_USES),
+    };
+    if lease.max_ttl.is_zero() || lease.default_ttl.is_zero() {
+        return Err(ConfigError::Invalid(
+            "lease: default_ttl and max_ttl must be positive".into(),
+        ));
+    }
+    if lease.default_ttl > lease.max_ttl {
+        return Err(ConfigError::Invalid(
+            "lease: default_ttl must not exceed max_ttl".into(),
+        ));
+    }
+    if lease.max_uses == 0 {
+        return Err(ConfigError::Invalid(
+            "lease: max_uses must be at least 1".into(),
+        ));
+    }
+    let gc_interval = file.gc_interval.unwrap_or(DEFAULT_GC_INTERVAL);
+    if gc_interval.is_zero() {
+        return Err(ConfigError::Invalid(
+            "lease: gc_interval must be positive".into(),
+        ));
+    }
+    Ok((lease, gc_interval))
+}
+
+/// `[audit]`: retention, if configured.
+fn audit_retention(file: &AuditFile) -> Result<Option<AuditRetention>, ConfigError> {
+    match (file.retention, file.prune_interval) {
+        (Some(keep), interval) => {
+            let interval = interval.unwrap_or(DEFAULT_PRUNE_INTERVAL);
+            if keep.is_zero() || interval.is_zero() {
+                return Err(ConfigError::Invalid(
+                    "audit: retention and prune_interval must be positive".into(),
+                ));
+            }
+            Ok(Some(AuditRetention { keep, interval }))
+        }
+        (None, Some(_)) => Err(ConfigError::Invalid(
+            "audit: prune_interval needs retention".into(),
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
+/// `[tls]`, and the refusal to serve plaintext beyond loopback without it.
+fn tls(
+    file: Option<TlsFile>,
+    base: &Path,
+    listen: SocketAddr,
+    allow_plaintext: bool,
+) -> Result<Option<TlsConfig>, ConfigError> {
+    let tls = file.map(|t| TlsConfig {
+        client_cert_required: t.client_cert_required.unwrap_or(t.client_ca.is_some()),
+        cert: base.join(t.cert),
+        key: base.join(t.key),
+        client_ca: t.client_ca.map(|c| base.join(c)),
+    });
+    if tls
+        .as_ref()
+        .is_some_and(|t| t.client_cert_required && t.client_ca.is_none())
+    {
+        return Err(ConfigError::Invalid(
+            "tls: client_cert_required needs client_ca".into(),
+        ));
+    }
+    if tls.is_none() && !listen.ip().is_loopback() && !allow_plaintext {
+        return Err(ConfigError::Invalid(format!(
+            "refusing to serve plaintext on {listen}, which is not a loopback address: configure [tls], \
+             or set danger_allow_plaintext_non_loopback = true if something else encrypts the traffic"
+        )));
+    }
+    Ok(tls)
+}
+
+/// `[store]`: the engine and its settings.
+fn store_engine(file: &StoreFile) -> Result<crate::store::Engine, ConfigError> {
+    let cache_bytes = match file.cache_size_mb {
+        None => crate::store::DEFAULT_CACHE_BYTES,
+        Some(mb @ 16..=1_048_576) => mb * 1024 * 1024,
+        Some(_) => {
+            return Err(ConfigError::Invalid(
+                "store.cache_size_mb: between 16 and 1048576".into(),
+            ));
+        }
+    };
+    let audit_segment_bytes = match file.audit_segment_kb {
+        None => crate::store::DEFAULT_AUDIT_SEGMENT_BYTES,
+        Some(kb @ 64..=1_048_576) => kb * 1024,
+        Some(_) => {
+            return Err(ConfigError::Invalid(
+                "store.audit_segment_kb: between 64 and 1048576".into(),
+            ));
+        }
+    };
+    crate::store::Engine::of_kind(
+        file.kind.as_deref().unwrap_or("sled"),
+        cache_bytes,
+        audit_segment_bytes,
+    )
+    .map_err(ConfigError::Invalid)
+}
+
+/// `[quotas]`, with the free space `[store]` keeps on the volume.
+fn quota_limits(
+    file: &QuotasFile,
+    store: &StoreFile,
+) -> Result<crate::quota::QuotaLimits, ConfigError> {
+    let mb = |n: u64| n.saturating_mul(1024 * 1024);
+    let quotas = crate::quota::QuotaLimits {
+        max_secrets_per_tenant: file
+            .max_secrets_per_tenant
+            .unwrap_or(DEFAULT_MAX_SECRETS_PER_TENANT),
+        max_value_bytes_per_tenant: mb(file
+            .max_value_mb_per_tenant
+            .unwrap_or(DEFAULT_MAX_VALUE_MB_PER_TENANT)),
+        max_leases_per_tenant: file
+            .max_leases_per_tenant
+            .unwrap_or(DEFAULT_MAX_LEASES_PER_TENANT),
+        max_value_bytes_total: mb(file
+            .max_value_mb_total
+            .unwrap_or(DEFAULT_MAX_VALUE_MB_TOTAL)),
+        min_free_bytes: mb(store.min_free_mb.unwrap_or(DEFAULT_MIN_FREE_MB)),
+    };
+    if quotas.max_secrets_per_tenant == 0
+        || quotas.max_value_bytes_per_tenant == 0
+        || quotas.max_leases_per_tenant == 0
+        || quotas.max_value_bytes_total == 0
+    {
+        return Err(ConfigError::Invalid(
+            "quotas: each must be at least 1".into(),
+        ));
+    }
+    Ok(quotas)
 }
 
 fn master_key(
