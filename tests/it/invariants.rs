@@ -94,7 +94,7 @@ fn only_the_service_layer_knows_tonic_and_prost() {
 
 #[test]
 fn only_the_sled_adapter_knows_sled_and_only_store_names_it() {
-    assert_only("sled", &["store/sled.rs"]);
+    assert_only("sled", &["store/sled/"]);
     assert_only("SledStore", &["store/"]);
 }
 

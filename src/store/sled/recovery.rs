@@ -1,0 +1,182 @@
+//! What `open` checks and repairs after a crash: the trail against the records (the position
+//! they reflect, the prune anchor), lease changes applied again from the trail, and the
+//! revision counter.
+
+use super::*;
+
+/// [`LeaseRedoRef`] read back (the same encoding).
+#[derive(serde::Deserialize)]
+pub(super) enum LeaseRedo {
+    Put(LeaseRecord),
+    Update(LeaseRecord),
+    Delete(LeaseRecord),
+    PutAt(u64, LeaseRecord),
+    UpdateAt(u64, LeaseRecord),
+}
+
+impl LeaseRedo {
+    /// The change, and the revision it carries.
+    fn into_change(self) -> (Change, u64) {
+        let at = |revision: u64, mut lease: LeaseRecord| {
+            lease.rev = Revision(revision);
+            lease
+        };
+        match self {
+            LeaseRedo::Put(l) => (Change::NewLease(l), 0),
+            LeaseRedo::Update(l) => (Change::UpdateLease(l), 0),
+            LeaseRedo::Delete(l) => (Change::DeleteLease(l), 0),
+            LeaseRedo::PutAt(r, l) => (Change::NewLease(at(r, l)), r),
+            LeaseRedo::UpdateAt(r, l) => (Change::UpdateLease(at(r, l)), r),
+        }
+    }
+}
+
+/// The last audit position whose transaction's records the tree holds (0: none recorded).
+pub(super) fn applied_position(tree: &sled::Tree) -> Result<u64, StoreError> {
+    match tree.get(codec::AUDIT_APPLIED_META).map_err(engine)? {
+        Some(bytes) => {
+            let bytes: [u8; 8] = bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                key: codec::describe_key(codec::AUDIT_APPLIED_META),
+                reason: "not a position".into(),
+            })?;
+            Ok(u64::from_be_bytes(bytes))
+        }
+        None => Ok(0),
+    }
+}
+
+/// A meta value and its revision (0 for a value written before revisions).
+pub(super) fn meta_value(
+    tree: &sled::Tree,
+    key: MetaKey,
+) -> Result<Option<(Revision, sled::IVec)>, StoreError> {
+    let Some(value) = tree.get(codec::meta_key(key)).map_err(engine)? else {
+        return Ok(None);
+    };
+    let revision_key = codec::meta_revision_key(key);
+    let revision = match tree.get(&revision_key).map_err(engine)? {
+        Some(bytes) => Revision(codec::decode_u64(&revision_key, &bytes)?),
+        None => Revision(0),
+    };
+    Ok(Some((revision, value)))
+}
+
+/// The largest revision assigned (0: none recorded).
+pub(super) fn stored_revision(tree: &sled::Tree) -> Result<Revision, StoreError> {
+    match tree.get(codec::REVISION_META).map_err(engine)? {
+        Some(bytes) => Ok(Revision(codec::decode_u64(codec::REVISION_META, &bytes)?)),
+        None => Ok(Revision(0)),
+    }
+}
+
+/// The chain's anchor, if entries were ever pruned.
+pub(super) fn anchor(tree: &sled::Tree) -> Result<Option<AuditAnchor>, StoreError> {
+    match tree.get(codec::AUDIT_ANCHOR_META).map_err(engine)? {
+        Some(bytes) => Ok(Some(codec::decode(codec::AUDIT_ANCHOR_META, &bytes)?)),
+        None => Ok(None),
+    }
+}
+
+/// The first entry the trail must hold: the one after the prune anchor.
+pub(super) fn expected_first(anchor: Option<&AuditAnchor>) -> u64 {
+    anchor.map_or(1, |a| a.seq + 1)
+}
+
+/// The trail starts where the anchor says: a first segment that starts later is missing.
+pub(super) fn check_trail_start(
+    log: &AuditLog,
+    anchor: Option<&AuditAnchor>,
+) -> Result<(), StoreError> {
+    let expected = expected_first(anchor);
+    match log.first_position()? {
+        Some(first) if first > expected => Err(StoreError::TrailDamaged(Box::new(TrailDamage {
+            location: format!("{} (its start)", log.dir().display()),
+            reason: format!(
+                "the trail starts at entry {first}, but entries from {expected} on were never pruned (a segment is missing)"
+            ),
+            first_lost: expected,
+        }))),
+        _ => Ok(()),
+    }
+}
+
+/// Recovers after a crash: entries after `applied` are from groups whose batch sled lost.
+/// Lease changes carried in their frames are applied again; at the first entry whose
+/// transaction changed other records, the trail is cut: that group was never answered, nor
+/// was anything after it (see the module documentation). Audit-only entries before it stay.
+pub(super) fn recover_trail(
+    db: &sled::Db,
+    tree: &sled::Tree,
+    log: &AuditLog,
+    applied: u64,
+) -> Result<(), StoreError> {
+    let last = log.last_position()?;
+    if last.unwrap_or(0) < applied {
+        let end = last.map_or(1, |l| l + 1);
+        return Err(StoreError::TrailDamaged(Box::new(TrailDamage {
+            location: format!("{} (its end)", log.dir().display()),
+            reason: format!(
+                "the trail ends before entry {end}, but the records reflect entries through {applied}"
+            ),
+            first_lost: end,
+        })));
+    }
+    let Some(last) = last else {
+        return Ok(());
+    };
+    let mut from = applied + 1;
+    let mut staged = Pending::new();
+    let mut replayed = 0u64;
+    let mut revision = stored_revision(tree)?;
+    let mut kept = applied;
+    'frames: loop {
+        let frames = log.read(from, 4096, true)?;
+        let Some(end) = frames.last().map(|f| f.position) else {
+            break;
+        };
+        for frame in &frames {
+            if frame.flags & auditlog::STATE_BEARING != 0 {
+                if frame.flags & auditlog::REPLAYABLE == 0 {
+                    tracing::warn!(
+                        from = frame.position,
+                        through = last,
+                        "dropping audit entries of transactions that were not committed \
+                         before a crash"
+                    );
+                    log.truncate_after(frame.position - 1)?;
+                    break 'frames;
+                }
+                let key = codec::audit_key(frame.position);
+                let redo: Vec<LeaseRedo> = codec::decode(&key, &frame.redo)?;
+                for write in redo {
+                    let (change, at) = write.into_change();
+                    stage_lease(&change, &mut staged)?;
+                    revision = revision.max(Revision(at));
+                }
+                replayed += 1;
+            }
+            kept = frame.position;
+        }
+        from = end + 1;
+    }
+    if kept > applied {
+        let mut batch = sled::Batch::default();
+        for (key, value) in staged {
+            match value {
+                Some(v) => batch.insert(key, v),
+                None => batch.remove(key),
+            }
+        }
+        batch.insert(codec::AUDIT_APPLIED_META, &kept.to_be_bytes());
+        batch.insert(codec::REVISION_META, &revision.0.to_be_bytes());
+        tree.apply_batch(batch).map_err(engine)?;
+        db.flush().map_err(engine)?;
+        if replayed > 0 {
+            tracing::info!(
+                entries = replayed,
+                "applied lease changes again from the audit trail"
+            );
+        }
+    }
+    Ok(())
+}
