@@ -829,11 +829,15 @@ async fn pruning_moves_the_anchor(store: &dyn Store) {
     check_indexes_against_entries(store).await;
 }
 
-/// A redemption reads the lease, its secret and the envelope of the secret's current
-/// version together; it follows a rotation, and a lease whose secret is gone has none.
-async fn redemptions_read_lease_secret_and_current_envelope(store: &dyn Store) {
-    let s = secret("redeem", "a");
-    let l = lease(&s, 91, i64::MAX);
+/// A secret `tenant`/`a` at version 1 with its envelope and a lease on it (token hash bytes
+/// `hash`), committed together.
+async fn stored_with_lease(
+    store: &dyn Store,
+    tenant: &str,
+    hash: u8,
+) -> (SecretRecord, LeaseRecord) {
+    let s = secret(tenant, "a");
+    let l = lease(&s, hash, i64::MAX);
     store
         .commit(put(
             vec![
@@ -845,6 +849,13 @@ async fn redemptions_read_lease_secret_and_current_envelope(store: &dyn Store) {
         ))
         .await
         .unwrap();
+    (s, l)
+}
+
+/// A redemption reads the lease, its secret and the envelope of the secret's current
+/// version together; it follows a rotation, and a lease whose secret is gone has none.
+async fn redemptions_read_lease_secret_and_current_envelope(store: &dyn Store) {
+    let (s, l) = stored_with_lease(store, "redeem", 91).await;
     let read = store.redemption(&l.token_hash).await.unwrap().unwrap();
     assert_eq!(plain(Some(read.lease)), Some(l.clone()));
     assert_eq!(plain(read.secret), Some(s.clone()));
@@ -932,19 +943,7 @@ async fn audit_queries_match_a_filtered_scan(store: &dyn Store) {
 /// Every record a commit writes gets a revision larger than any before; a guard holds only
 /// for the revision read, for each kind of record, meta values included.
 async fn revisions_increase_and_guard_every_record(store: &dyn Store) {
-    let s = secret("rev", "a");
-    let l = lease(&s, 77, i64::MAX);
-    store
-        .commit(put(
-            vec![
-                Write::PutSecret(s.clone()),
-                Write::PutEnvelope(envelope(s.id, 1)),
-                Write::PutLease(l.clone()),
-            ],
-            Action::Store,
-        ))
-        .await
-        .unwrap();
+    let (s, l) = stored_with_lease(store, "rev", 77).await;
     let first = store.secret(&s.tenant, &s.name).await.unwrap().unwrap();
     let env = store.envelope(s.id, 1).await.unwrap().unwrap();
     let leased = store.lease_by_token(&l.token_hash).await.unwrap().unwrap();

@@ -25,10 +25,8 @@ impl Vault {
         input: LeaseInput,
         audit: &mut AuditDraft,
     ) -> Result<IssuedLease, VaultError> {
-        let target = secret_ref(caller, audit, input.tenant, input.name);
-        let principal = caller.authorize(Operation::Lease)?;
-        let (tenant, name) = target?;
-        principal.require_tenant(&tenant)?;
+        let (principal, tenant, name) =
+            authorize_secret(caller, audit, Operation::Lease, input.tenant, input.name)?;
         let audience = match input.audience.as_str() {
             "" => None,
             id => {

@@ -191,6 +191,23 @@ fn secret_ref(
     Ok((tenant?, name?))
 }
 
+/// The secret a request names, for `operation`: noted in its audit entry as far as it is valid,
+/// then the caller authorized (so that a denied request is audited with the target it
+/// named), then the target's validity and the principal's tenant checked, in that order.
+fn authorize_secret<'c>(
+    caller: &'c Caller,
+    audit: &mut AuditDraft,
+    operation: Operation,
+    tenant: String,
+    name: String,
+) -> Result<(&'c Principal, TenantId, SecretName), VaultError> {
+    let target = secret_ref(caller, audit, tenant, name);
+    let principal = caller.authorize(operation)?;
+    let (tenant, name) = target?;
+    principal.require_tenant(&tenant)?;
+    Ok((principal, tenant, name))
+}
+
 impl Vault {
     /// A vault made of `parts`.
     pub fn new(parts: VaultParts) -> Self {

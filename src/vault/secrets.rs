@@ -20,10 +20,8 @@ impl Vault {
         input: StoreInput,
         audit: &mut AuditDraft,
     ) -> Result<SecretRecord, VaultError> {
-        let target = secret_ref(caller, audit, input.tenant, input.name);
-        let principal = caller.authorize(Operation::Store)?;
-        let (tenant, name) = target?;
-        principal.require_tenant(&tenant)?;
+        let (_, tenant, name) =
+            authorize_secret(caller, audit, Operation::Store, input.tenant, input.name)?;
         let provider = Provider::parse(input.provider)?;
         let labels = Labels::parse(input.labels)?;
         check_value_len("value", input.value.len())?;
@@ -82,10 +80,8 @@ impl Vault {
         name: String,
     ) -> Result<SecretRecord, VaultError> {
         operation!(self, caller, Action::Describe, |audit| {
-            let target = secret_ref(caller, &mut audit, tenant, name);
-            let principal = caller.authorize(Operation::Describe)?;
-            let (tenant, name) = target?;
-            principal.require_tenant(&tenant)?;
+            let (_, tenant, name) =
+                authorize_secret(caller, &mut audit, Operation::Describe, tenant, name)?;
             let record = self
                 .store
                 .secret(&tenant, &name)
@@ -156,10 +152,7 @@ impl Vault {
         value: Plaintext,
         audit: &mut AuditDraft,
     ) -> Result<SecretRecord, VaultError> {
-        let target = secret_ref(caller, audit, tenant, name);
-        let principal = caller.authorize(Operation::Rotate)?;
-        let (tenant, name) = target?;
-        principal.require_tenant(&tenant)?;
+        let (_, tenant, name) = authorize_secret(caller, audit, Operation::Rotate, tenant, name)?;
         check_value_len("value", value.len())?;
         let mut attempts = Attempts::default();
         loop {
@@ -232,10 +225,8 @@ impl Vault {
         reason: String,
         audit: &mut Pending,
     ) -> Result<Revoked, VaultError> {
-        let target = secret_ref(caller, audit, tenant, name);
-        let principal = caller.authorize(Operation::RevokeSecret)?;
-        let (tenant, name) = target?;
-        principal.require_tenant(&tenant)?;
+        let (_, tenant, name) =
+            authorize_secret(caller, audit, Operation::RevokeSecret, tenant, name)?;
         audit.reason = Reason::parse(reason)?.as_str().to_string();
         let mut attempts = Attempts::default();
         loop {
