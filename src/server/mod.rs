@@ -1,10 +1,8 @@
 //! Startup and shutdown: wires the store, the master key and the principals into a vault,
 //! and serves it over gRPC with health checking and server reflection.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,22 +13,14 @@ use tonic_health::ServingStatus;
 
 use crate::admission::{Admission, AdmissionLayer};
 use crate::api;
-use crate::auth::{self, Principal, Principals, Role, TenantScope};
-use crate::chain::ChainKey;
-use crate::config::{AuditRetention, Config, MasterKeyConfig, TlsConfig};
+use crate::auth::Principals;
+use crate::config::{AuditRetention, Config, TlsConfig};
 use crate::connection::{ConnTimeouts, Incoming};
-use crate::keyring::{
-    DataKeyCache, Keyring, KeyringError, MasterKeySpec, StoredKey, WrapContext, make_key_check,
-    verify_key_check,
-};
-use crate::model::PrincipalId;
+use crate::keyring::{DataKeyCache, KeyringError};
 use crate::quota::Quotas;
-use crate::rotation::{KeyVersion, KeyringState, RotationSettings, Rotator};
+use crate::rotation::{RotationSettings, Rotator};
 use crate::service::VaultService;
-use crate::store::{
-    Engine, Guard, MetaKey, MetaValue, RepairNote, Store, StoreError, Transaction, load_meta,
-    put_meta,
-};
+use crate::store::{RepairNote, Store, StoreError, load_meta};
 use crate::vault::{Vault, VaultParts};
 
 mod ops;
@@ -621,6 +611,7 @@ fn tls_config(tls: &TlsConfig) -> Result<ServerTlsConfig, ServeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keyring::MasterKeySpec;
 
     #[test]
     fn a_rotated_local_key_counts_as_the_configured_one() {

@@ -1,7 +1,12 @@
 //! The ops listener: health and Prometheus metrics over plain HTTP, for orchestrators and
 //! scrapers, apart from the gRPC port.
 
-use super::*;
+use crate::admission::AdmissionLayer;
+use crate::connection::Incoming;
+use crate::vault::Vault;
+use std::sync::Arc;
+
+use super::MAX_LOCAL_ERROR_RESETS;
 
 /// The ops listener: `GET /metrics` (Prometheus text, HTTP/1.1) and `grpc.health.v1`
 /// (plaintext HTTP/2) on one port, until shutdown. Carries no secrets and needs no token;

@@ -1,6 +1,9 @@
 //! Process settings: no core dumps, the open-files limit, a private data directory.
 
-use super::*;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::Path;
+
+use super::ServeError;
 
 /// File descriptors kept for the store (segment files, sled, the seals' temporary files):
 /// connections may not take them.

@@ -2,7 +2,22 @@
 //! configured store, proving the master key versions it records (initialising a new one), the
 //! audit chain's key, and the bootstrap admin when no principals are configured.
 
-use super::*;
+use crate::auth::{self, Principal, Principals, Role, TenantScope};
+use crate::chain::ChainKey;
+use crate::config::MasterKeyConfig;
+use crate::keyring::{
+    Keyring, KeyringError, MasterKeySpec, StoredKey, WrapContext, make_key_check, verify_key_check,
+};
+use crate::model::PrincipalId;
+use crate::rotation::{KeyVersion, KeyringState};
+use crate::store::{
+    Engine, Guard, MetaKey, MetaValue, Store, StoreError, Transaction, load_meta, put_meta,
+};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{Announcement, Announcer, ServeError, raise_open_files_limit};
 
 /// Id of the admin principal created when no principals are configured.
 pub const BOOTSTRAP_PRINCIPAL: &str = "bootstrap-admin";

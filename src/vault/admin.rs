@@ -1,6 +1,15 @@
 //! Administration: backups and master key rotation.
 
-use super::*;
+use crate::auth::Operation;
+use crate::backup::{BackupError, BackupHeader, BackupWriter};
+use crate::crypto::{self, Sealed};
+use crate::keyring::{Keyring, WrapContext};
+use crate::model::{Action, Time, ValidationError};
+use crate::rotation::{KeyringState, RotationError, RotationJob};
+use crate::store::Store;
+use std::sync::Arc;
+
+use super::{BACKUP_TEMP_PREFIX, BackupFile, Caller, DecryptFailure, Vault, VaultError, value_aad};
 
 impl Vault {
     /// Takes a backup: every record but leases, from one consistent state, into a

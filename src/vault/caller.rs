@@ -1,7 +1,11 @@
 //! Who is calling: the authenticated principal (or why there is none), its peer, and what
 //! its request named that was not valid.
 
-use super::*;
+use crate::auth::{AuthError, Operation, Principal};
+use crate::model::{Action, AuditDraft};
+use std::time::Instant;
+
+use super::VaultError;
 /// Who is calling: the authentication result and where from. Authentication failures are
 /// kept, not raised, so that the operation can audit them.
 pub struct Caller {

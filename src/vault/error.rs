@@ -1,7 +1,17 @@
 //! What can go wrong in a vault operation, and how each failure is reported: its audit outcome
 //! and the message a caller may see (internal causes are logged, never returned).
 
-use super::*;
+use crate::audit::AuditError;
+use crate::auth::AuthError;
+use crate::backup::BackupError;
+use crate::crypto::CryptoError;
+use crate::keyring::KeyringError;
+use crate::lease::LeaseError;
+use crate::model::{Outcome, ValidationError};
+use crate::quota::QuotaError;
+use crate::rotation::RotationError;
+use crate::store::StoreError;
+
 /// Why an operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {

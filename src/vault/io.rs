@@ -1,7 +1,12 @@
 //! The inputs and results of the vault's operations, in domain types (the service layer
 //! converts the wire messages to and from them).
 
-use super::*;
+use crate::backup::BackupHeader;
+use crate::crypto::Plaintext;
+use crate::lease::{LeaseToken, RequestedTtl};
+use crate::model::{AuditRecord, LeaseRecord, SecretRecord};
+use std::collections::HashMap;
+
 /// Input of Store, as received.
 pub struct StoreInput {
     /// Tenant.

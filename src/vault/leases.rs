@@ -1,6 +1,19 @@
 //! Leases: issuing one, redeeming it (Get), revoking one, and collecting expired ones.
 
-use super::*;
+use crate::auth::Operation;
+use crate::lease::{self, LeaseError, LeaseToken};
+use crate::model::{
+    Action, AuditDraft, LeaseId, LeaseRecord, PrincipalId, Reason, TenantId, Time, TokenHash,
+    ValidationError,
+};
+use crate::pending::Pending;
+use crate::quota::Delta;
+use crate::store::{Guard, Redemption, Transaction, Write};
+
+use super::{
+    Attempts, Caller, DecryptFailure, GC_BATCH, IssuedLease, LeaseInput, Redeemed, Revoked, Vault,
+    VaultError, authorize_secret,
+};
 
 impl Vault {
     /// Failed lease redemptions so far (each one also audited).

@@ -5,36 +5,29 @@
 //! that records it (see `store` for how a stale read is caught). A failed operation commits an
 //! audit entry of its own; if that cannot be written, the operation fails (fail closed).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use std::time::Duration;
 
-use std::time::{Duration, Instant};
-
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::watch;
 
 use crate::admission::RefusedReport;
-use crate::audit::{self, AuditError, AuditFilter, AuditPage, RecordedHead, Verification};
 use crate::auth::{AuthError, CertIdentity, Operation, Principal, Principals};
-use crate::backup::{BackupError, BackupHeader, BackupWriter};
 use crate::chain::ChainKey;
 use crate::config::Limits;
-use crate::crypto::{self, CryptoError, Plaintext, Sealed, SymmetricKey};
+use crate::crypto::{self, Plaintext, Sealed, SymmetricKey};
 use crate::keyring::{DataKeyCache, Keyring, KeyringError, WrapContext};
-use crate::lease::{self, LeaseError, LeasePolicy, LeaseToken, RequestedTtl};
+use crate::lease::LeasePolicy;
 use crate::model::{
-    Action, AuditDraft, AuditRecord, ChainHash, EnvelopeRecord, Labels, LeaseId, LeaseRecord,
-    Outcome, PrincipalId, Provider, Reason, SecretId, SecretName, SecretRecord, SecretState,
-    TenantId, Time, TokenHash, ValidationError, check_value_len, value_hint,
+    Action, AuditDraft, EnvelopeRecord, Outcome, PrincipalId, SecretId, SecretName, SecretRecord,
+    TenantId, Time, ValidationError,
 };
 use crate::pending::Pending;
-use crate::quota::{Delta, QuotaError, Quotas};
+use crate::quota::Quotas;
 use crate::ratelimit::Buckets;
-use crate::rotation::{KeyringState, RotationError, RotationJob, Rotator};
-use crate::store::{Guard, Redemption, Store, StoreError, Transaction, Write};
+use crate::rotation::{KeyringState, Rotator};
+use crate::store::{Store, StoreError, Transaction};
 
 /// Associated-data label of a sealed secret value.
 const VALUE_AAD_LABEL: &str = "byokd/v1/secret-value";

@@ -1,6 +1,21 @@
 //! Operations on secrets: Store, Describe, List, Rotate and Revoke.
 
-use super::*;
+use crate::auth::Operation;
+use crate::crypto::Plaintext;
+use crate::model::{
+    Action, AuditDraft, Labels, Provider, Reason, SecretId, SecretName, SecretRecord, SecretState,
+    TenantId, Time, ValidationError, check_value_len, value_hint,
+};
+use crate::pending::Pending;
+use crate::quota::Delta;
+use crate::store::{Guard, StoreError, Transaction, Write};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use super::{
+    Attempts, Caller, DEFAULT_LIST_PAGE_SIZE, MAX_LIST_PAGE_SIZE, RevokeTarget, Revoked,
+    StoreInput, Vault, VaultError, authorize_secret, page_size_or,
+};
 
 impl Vault {
     /// Stores a new secret at version 1.

@@ -1,6 +1,18 @@
 //! The audit trail's operations: queries, chain verification and retention.
 
-use super::*;
+use crate::audit::{self, AuditFilter, AuditPage, RecordedHead, Verification};
+use crate::auth::{AuthError, Operation, Principal};
+use crate::model::{
+    Action, AuditDraft, ChainHash, Outcome, PrincipalId, SecretName, TenantId, Time,
+    ValidationError,
+};
+use crate::store::{Transaction, Write};
+use std::time::Duration;
+
+use super::{
+    AuditFilterInput, AuditInput, Caller, MAX_VERIFY_PAGE, PRUNE_BATCH, Vault, VaultError,
+    VerifyInput, page_size_or,
+};
 
 impl Vault {
     /// A page of the audit trail.

@@ -1,7 +1,18 @@
 //! WatchAudit: a stream of the trail's entries as they become durable, resumable from a
 //! sequence number, with a bounded number of watchers per principal and in all.
 
-use super::*;
+use crate::audit::AuditFilter;
+use crate::auth::Operation;
+use crate::model::{Action, AuditRecord, PrincipalId};
+use crate::store::Store;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use super::{
+    Caller, Vault, VaultError, WATCH_BUFFER, WatchEvent, WatchInput, audit_filter,
+    note_filter_target,
+};
 
 impl Vault {
     /// Streams matching audit entries: those from `from_seq` on, then new ones as they become

@@ -1,7 +1,11 @@
 //! Stores written by earlier versions: audit entries and index keys that were kept in the
 //! tree move to the trail's own files.
 
-use super::*;
+use crate::store::StoreError;
+use crate::store::auditlog::{AuditLog, NewFrame};
+use crate::store::codec::{self};
+
+use super::engine;
 
 /// The seq of an audit entry's key in exports (`a` + seq): audit entries travel in backups
 /// as they were once stored in the tree.

@@ -29,7 +29,6 @@
 //! The writer calls the blocking `Db::flush`, never `flush_async`: concurrent `flush_async`
 //! calls deadlock in sled 0.34 (sled issue #1308).
 
-use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
@@ -40,7 +39,7 @@ use tokio::sync::{broadcast, oneshot};
 use super::auditindex;
 use super::auditlog::{self, AuditLog, Frame, NewFrame};
 use super::codec::{self, encode};
-use super::commit::{Adapter, Change, Committer, Group, Position, RecordKey};
+use super::commit::{Committer, Position};
 use super::{
     AuditFilter, AuditIndex, AuditPage, Committed, ExportSink, MetaKey, MetaValue, Redemption,
     Store, StoreError, TrailDamage, Transaction, query,
@@ -55,9 +54,12 @@ mod migrations;
 mod recovery;
 mod writer;
 
-use self::migrations::*;
-use self::recovery::*;
-use self::writer::*;
+use self::migrations::{audit_key_seq, migrate_legacy_entries, plain_frame, remove_index_keys};
+use self::recovery::{
+    anchor, applied_position, check_trail_start, expected_first, meta_value, recover_trail,
+    stored_revision,
+};
+use self::writer::{Pending, SledAdapter, stage_lease};
 
 /// A store in a sled database directory.
 pub struct SledStore {
@@ -644,7 +646,9 @@ impl Store for SledStore {
 
 #[cfg(test)]
 mod tests {
+    use super::writer::lease_redo;
     use super::*;
+    use crate::store::commit::Change;
     use crate::store::tests::{chain_key, check_indexes_against_entries, varied_draft};
 
     /// The index keys stores kept in the tree per entry before posting blocks: index prefix

@@ -2,7 +2,13 @@
 //! they reflect, the prune anchor), lease changes applied again from the trail, and the
 //! revision counter.
 
-use super::*;
+use crate::model::{AuditAnchor, LeaseRecord, Revision};
+use crate::store::auditlog::{self, AuditLog};
+use crate::store::codec::{self};
+use crate::store::commit::Change;
+use crate::store::{MetaKey, StoreError, TrailDamage};
+
+use super::{Pending, engine, stage_lease};
 
 /// [`LeaseRedoRef`] read back (the same encoding).
 #[derive(serde::Deserialize)]

@@ -1,7 +1,16 @@
 //! The sled adapter's side of the commit core: what a group becomes on disk (its frames in
 //! the trail, then its records in the tree), the lease changes a frame carries, and exports.
 
-use super::*;
+use crate::model::{AuditAnchor, AuditRecord, LeaseRecord, Revision, SecretId};
+use crate::store::auditlog::{self, AuditLog, NewFrame};
+use crate::store::codec::{self, encode};
+use crate::store::commit::{Adapter, Change, Group, RecordKey};
+use crate::store::{ExportSink, StoreError};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::{anchor, decode_frame, engine, meta_value};
 
 /// What the writer copied while writes waited, and the part of the trail left to copy.
 pub(super) struct RecordsExported {
