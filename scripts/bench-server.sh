@@ -2,7 +2,7 @@
 # Sourced by scripts/bench.sh, scripts/cpu-per-request.sh and scripts/attack.sh: builds the
 # release binaries and defines start_server, which starts a fresh byokd on a loopback port in
 # a temporary directory, with an admin principal and the per-principal limits out of the way
-# (the benchmarks measure throughput, not those limits), and stop_server.
+# (the benchmarks measure throughput, not those limits), stop_server, and quotas_lifted.
 # start_server [BIN] (default target/release/byokd; BYOKD_OPEN_FILES=N runs it under that
 # limit on open files; BYOKD_EXTRA_CONFIG is appended to its config; BYOKD_DATA_DIR puts its data elsewhere) sets: work (the directory), server (its pid), target (its URL), token
 # (the admin's bearer token). Both are undone on exit.
@@ -22,6 +22,15 @@ stop_server() {
   work=""
 }
 trap stop_server EXIT
+# A [quotas] section lifting every tenant quota, for the throughput benchmarks (a store
+# workload fills one tenant): printed only for a build that has quotas (an older build would
+# refuse the section), found, as in memory.sh, by the setting's name in the binary.
+quotas_lifted() {
+  if grep -q max_leases_per_tenant "${1:-target/release/byokd}"; then
+    printf '\n[quotas]\nmax_secrets_per_tenant = 1000000000\nmax_value_mb_per_tenant = 1000000\n'
+    printf 'max_leases_per_tenant = 1000000000\nmax_value_mb_total = 1000000\n'
+  fi
+}
 start_server() {
   local bin="${1:-target/release/byokd}"
   work="$(mktemp -d)"

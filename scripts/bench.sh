@@ -13,7 +13,7 @@ duration="${1:-10s}"
 rounds="${2:-3}"
 # shellcheck source=scripts/bench-server.sh
 . scripts/bench-server.sh
-start_server
+BYOKD_EXTRA_CONFIG="${BYOKD_EXTRA_CONFIG:-}$(quotas_lifted)" start_server
 out="bench-results"
 mkdir -p "$out"
 bench() { target/release/byokd-bench --target "$target" --token "$token" "$@"; }

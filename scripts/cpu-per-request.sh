@@ -13,7 +13,8 @@ duration="${1:-8s}"
 workloads="${2:-get lease+get store}"
 # shellcheck source=scripts/bench-server.sh
 . scripts/bench-server.sh
-start_server "${BYOKD_SERVER_BIN:-}"
+bin="${BYOKD_SERVER_BIN:-target/release/byokd}"
+BYOKD_EXTRA_CONFIG="${BYOKD_EXTRA_CONFIG:-}$(quotas_lifted "$bin")" start_server "$bin"
 ticks="$(getconf CLK_TCK)"
 cpu() { awk '{print $14 + $15}' "/proc/$server/stat"; }
 for w in $workloads; do
