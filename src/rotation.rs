@@ -79,7 +79,8 @@ impl KeyringState {
         let meta = load_meta::<Self>(store)
             .await?
             .ok_or(RotationError::CorruptState)?;
-        Ok((meta.value.clone(), meta.guard()))
+        let read = meta.guard();
+        Ok((meta.value, read))
     }
 
     /// The write that stores this state.

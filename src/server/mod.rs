@@ -297,7 +297,12 @@ async fn serve(
     ));
     rotator.resume(&keys.state);
     let started = std::time::Instant::now();
-    let usage = Quotas::count(&*store).await?;
+    let usage = {
+        let store = store.clone();
+        crate::store::on_blocking_thread(async move { Quotas::count(&*store).await })
+            .await
+            .map_err(|e| ServeError::Startup(format!("counting usage: {e}")))??
+    };
     tracing::info!(
         tenants = usage.len(),
         ms = started.elapsed().as_millis() as u64,

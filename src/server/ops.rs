@@ -73,11 +73,8 @@ pub(super) async fn serve_ops(
 
 pub(super) async fn render_metrics(vault: Arc<Vault>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let runtime = tokio::runtime::Handle::current();
-    let text = tokio::task::spawn_blocking(move || {
-        let snapshot = runtime
-            .block_on(vault.metrics_snapshot())
-            .map_err(|e| e.to_string())?;
+    let text = crate::store::on_blocking_thread(async move {
+        let snapshot = vault.metrics_snapshot().await.map_err(|e| e.to_string())?;
         crate::metrics::render(&snapshot).map_err(|e| e.to_string())
     })
     .await;

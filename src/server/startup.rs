@@ -8,7 +8,7 @@ use crate::config::MasterKeyConfig;
 use crate::keyring::{
     Keyring, KeyringError, MasterKeySpec, StoredKey, WrapContext, make_key_check, verify_key_check,
 };
-use crate::model::PrincipalId;
+use crate::model::{PrincipalId, Revision};
 use crate::rotation::{KeyVersion, KeyringState};
 use crate::store::{
     Engine, Guard, MetaKey, MetaValue, Store, StoreError, Transaction, load_meta, put_meta,
@@ -240,16 +240,29 @@ pub(super) async fn create_meta<T: MetaValue>(
     store: &dyn Store,
     value: &T,
 ) -> Result<Option<T>, ServeError> {
-    let created = store
+    replace_meta(store, value, None).await
+}
+
+/// Stores `value` if the stored one is still at revision `read` (`None`: there is none yet).
+/// If another process (or task) changed it first, nothing is written and theirs is returned.
+async fn replace_meta<T: MetaValue>(
+    store: &dyn Store,
+    value: &T,
+    read: Option<Revision>,
+) -> Result<Option<T>, ServeError> {
+    let written = store
         .commit(Transaction {
-            guards: vec![Guard::meta(T::KEY, None)],
+            guards: vec![Guard::meta(T::KEY, read)],
             writes: vec![put_meta(value)?],
             audit: None,
         })
         .await;
-    match created {
+    match written {
         Ok(_) => Ok(None),
-        Err(StoreError::Conflict) => Ok(load_meta::<T>(store).await?.map(|meta| meta.value)),
+        Err(StoreError::Conflict) => {
+            let theirs = load_meta::<T>(store).await?.ok_or(StoreError::Conflict)?;
+            Ok(Some(theirs.value))
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -278,18 +291,9 @@ pub(super) async fn bootstrap_principals(
             let token = crate::crypto::random_token(auth::PRINCIPAL_TOKEN_PREFIX)
                 .map_err(ServeError::Rng)?;
             let digest = auth::token_digest(token.expose_secret());
-            let replaced = store
-                .commit(Transaction {
-                    guards: vec![Guard::meta(
-                        MetaKey::BootstrapAdmin,
-                        stored.map(|s| s.revision),
-                    )],
-                    writes: vec![put_meta(&BootstrapAdmin(digest))?],
-                    audit: None,
-                })
-                .await;
-            match replaced {
-                Ok(_) => {
+            let read = stored.map(|s| s.revision);
+            match replace_meta(store, &BootstrapAdmin(digest), read).await? {
+                None => {
                     announce(Announcement::BootstrapToken {
                         principal: BOOTSTRAP_PRINCIPAL,
                         token: token.expose_secret(),
@@ -298,14 +302,9 @@ pub(super) async fn bootstrap_principals(
                 }
                 // Another process initialising the store at once created it: its token is
                 // the one (it printed it).
-                Err(StoreError::Conflict) if !reset => {
-                    load_meta::<BootstrapAdmin>(store)
-                        .await?
-                        .ok_or(StoreError::Conflict)?
-                        .value
-                        .0
-                }
-                Err(e) => return Err(e.into()),
+                Some(theirs) if !reset => theirs.0,
+                // Another reset at once: this one's token was never stored.
+                Some(_) => return Err(StoreError::Conflict.into()),
             }
         }
     };

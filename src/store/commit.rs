@@ -296,10 +296,11 @@ impl<A: Adapter> Committer<A> {
     }
 }
 
-/// A transaction applied in the open group, waiting for the group's write.
-struct Applied {
+/// A commit of the open group, waiting for the group's write: the place of its transaction
+/// in the group, or why it failed.
+struct Waiting {
     reply: Reply,
-    result: Result<Resolved, StoreError>,
+    result: Result<usize, StoreError>,
 }
 
 /// The group's changes not yet written: a record's new revision (`None`: deleted). Later
@@ -321,15 +322,22 @@ impl<A: Adapter> Writer<A> {
         while let Some(first) = rx.blocking_recv() {
             // Where the chain stood before the group, should the group write nothing.
             let before = self.position;
-            let mut group: Vec<Applied> = Vec::new();
+            let mut group = Group {
+                transactions: Vec::new(),
+                last_revision: Revision(0),
+            };
+            let mut waiting: Vec<Waiting> = Vec::new();
             let mut overlay = Overlay::default();
             let mut after = None;
             let mut next = Some(first);
             while let Some(message) = next.take() {
                 match message {
                     Message::Commit(tx, reply) => {
-                        let result = self.apply(*tx, &mut overlay);
-                        group.push(Applied { reply, result });
+                        let result = self.apply(*tx, &mut overlay).map(|resolved| {
+                            group.transactions.push(resolved);
+                            group.transactions.len() - 1
+                        });
+                        waiting.push(Waiting { reply, result });
                     }
                     Message::StartChain(key, reply) => {
                         self.chain = Some(key);
@@ -341,29 +349,36 @@ impl<A: Adapter> Writer<A> {
                         break;
                     }
                 }
-                if group.len() < MAX_GROUP {
+                if waiting.len() < MAX_GROUP {
                     next = rx.try_recv().ok();
                 }
             }
-            self.write(&mut group, before);
-            if let Some(seq) = group
-                .iter()
-                .rev()
-                .find_map(|a| a.result.as_ref().ok()?.audit.as_ref().map(|r| r.seq))
-            {
+            let mut audits: Vec<Option<AuditRecord>> = match self.write(&mut group, before) {
+                Ok(()) => group.transactions.into_iter().map(|t| t.audit).collect(),
+                Err(e) => {
+                    for w in &mut waiting {
+                        if w.result.is_ok() {
+                            w.result = Err(copy_failure(&e));
+                        }
+                    }
+                    Vec::new()
+                }
+            };
+            if let Some(seq) = audits.iter().rev().find_map(|a| a.as_ref().map(|r| r.seq)) {
                 self.status.durable_seq.store(seq, Ordering::Release);
             }
-            for applied in group {
-                let result = applied.result.map(|resolved| {
-                    let audit_seq = resolved.audit.as_ref().map(|r| r.seq);
-                    if let Some(record) = resolved.audit {
+            for w in waiting {
+                let result = w.result.map(|at| {
+                    let record = audits[at].take();
+                    let audit_seq = record.as_ref().map(|r| r.seq);
+                    if let Some(record) = record {
                         // No subscriber is fine; a lagging one is told so by the channel.
                         let _ = self.status.feed.send(Arc::new(record));
                     }
                     Committed { audit_seq }
                 });
                 // The caller may have gone away (cancelled RPC); the commit stands regardless.
-                let _ = applied.reply.send(result);
+                let _ = w.reply.send(result);
             }
             match after {
                 Some(Message::Between(work)) => work(&mut self.adapter),
@@ -379,31 +394,19 @@ impl<A: Adapter> Writer<A> {
         }
     }
 
-    /// Has the adapter write the group's transactions that succeeded; if that fails, they
-    /// fail with it.
-    fn write(&mut self, group: &mut [Applied], before: Position) {
-        let transactions: Vec<Resolved> = group
-            .iter_mut()
-            .filter_map(|a| {
-                let resolved = a.result.as_mut().ok()?;
-                Some(Resolved {
-                    changes: std::mem::take(&mut resolved.changes),
-                    audit: resolved.audit.take(),
-                })
-            })
-            .collect();
-        if transactions.is_empty() {
-            return;
+    /// Has the adapter write the group's transactions, if any. On failure, returns the error
+    /// each of them fails with: one that wrote nothing leaves the chain where it stood
+    /// (`before`); any other fails the store for good.
+    fn write(&mut self, group: &mut Group, before: Position) -> Result<(), StoreError> {
+        if group.transactions.is_empty() {
+            return Ok(());
         }
-        let group_write = Group {
-            transactions,
-            last_revision: Revision(self.position.next_revision - 1),
-        };
+        group.last_revision = Revision(self.position.next_revision - 1);
         let started = std::time::Instant::now();
         let written = if self.poisoned {
             Err(StoreError::Poisoned)
         } else {
-            self.adapter.write_group(&group_write)
+            self.adapter.write_group(group)
         };
         crate::metrics::global()
             .flush_duration
@@ -412,37 +415,22 @@ impl<A: Adapter> Writer<A> {
             matches!(written, Err(StoreError::Transient(_))),
             Ordering::Release,
         );
-        let mut written_back = group_write.transactions.into_iter();
         let Err(e) = written else {
-            for applied in group.iter_mut() {
-                if let Ok(resolved) = &mut applied.result
-                    && let Some(w) = written_back.next()
-                {
-                    *resolved = w;
-                }
-            }
-            return;
+            return Ok(());
         };
-        let nothing_written = matches!(e, StoreError::Transient(_) | StoreError::TrailDamaged(_));
-        if nothing_written {
+        if matches!(e, StoreError::Transient(_) | StoreError::TrailDamaged(_)) {
             // The group failed as a whole and left no trace: the chain goes on from where it
             // stood, and the next group tries again.
             tracing::warn!(error = %e, "store write failed before anything was written");
             self.position = before;
-        } else if !self.poisoned {
+            return Err(e);
+        }
+        if !self.poisoned {
             tracing::error!(error = %e, "store write or flush failed; refusing further writes");
             self.poisoned = true;
             self.status.fail_for_good();
         }
-        for applied in group.iter_mut() {
-            if applied.result.is_ok() {
-                applied.result = Err(if nothing_written {
-                    copy_unwritten(&e)
-                } else {
-                    StoreError::Engine(format!("write: {e}"))
-                });
-            }
-        }
+        Err(StoreError::Engine(format!("write: {e}")))
     }
 
     /// Checks `tx`'s guards and resolves its writes and audit entry. Nothing of a
@@ -590,12 +578,14 @@ impl<A: Adapter> Writer<A> {
     }
 }
 
-/// A copy of an error that wrote nothing, for each commit of the group it failed.
-fn copy_unwritten(e: &StoreError) -> StoreError {
+/// A copy of the error a group's write failed with (see `Writer::write`), for each of its
+/// commits.
+fn copy_failure(e: &StoreError) -> StoreError {
     match e {
         StoreError::TrailDamaged(damage) => StoreError::TrailDamaged(damage.clone()),
         StoreError::Transient(why) => StoreError::Transient(why.clone()),
-        other => StoreError::Transient(other.to_string()),
+        StoreError::Engine(why) => StoreError::Engine(why.clone()),
+        other => StoreError::Engine(other.to_string()),
     }
 }
 

@@ -7,8 +7,10 @@
 //! check-then-act safe: if a guard no longer holds, nothing is written and the caller gets
 //! [`StoreError::Conflict`] to re-read and decide again.
 //!
-//! `sled.rs` is the one adapter today, opened (like any adapter) only through `engine.rs`,
-//! which `[store] kind` chooses; `tests` holds the suite every adapter must pass.
+//! The rules every engine shares (guards, revisions, audit sequencing and chain links, group
+//! commit) live in `commit.rs`. `sled/` is the one engine adapter today, opened (like any
+//! adapter) only through `engine.rs`, which `[store] kind` chooses; `tests` holds the suite
+//! every engine must pass.
 
 mod auditindex;
 mod auditlog;
@@ -439,6 +441,17 @@ pub trait Store: Send + Sync {
     /// writes wait, then the audit trail up to its head at that moment (append-only, read
     /// without holding writes). Returns how many records were passed.
     async fn export(&self, sink: ExportSink) -> Result<u64, StoreError>;
+}
+
+/// Runs `work` (store reads that may block for long, such as scans and counts, or CPU work
+/// over them, such as hashing the trail) on a blocking thread, off the async workers.
+pub async fn on_blocking_thread<F>(work: F) -> Result<F::Output, tokio::task::JoinError>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || runtime.block_on(work)).await
 }
 
 /// Receives the records of an export; an error stops it.

@@ -6,7 +6,7 @@ use crate::model::{
     Action, AuditDraft, ChainHash, Outcome, PrincipalId, SecretName, TenantId, Time,
     ValidationError,
 };
-use crate::store::{Transaction, Write};
+use crate::store::{Transaction, Write, on_blocking_thread};
 use std::time::Duration;
 
 use super::{
@@ -48,12 +48,13 @@ impl Vault {
             .await
             // Never closed.
             .map_err(|_| VaultError::Contention)?;
-        let (store, runtime) = (self.store.clone(), tokio::runtime::Handle::current());
-        let page = tokio::task::spawn_blocking(move || {
-            runtime.block_on(store.audit_query(&filter, from, u64::MAX, size))
-        })
-        .await
-        .map_err(VaultError::Background)??;
+        let store = self.store.clone();
+        let page =
+            on_blocking_thread(
+                async move { store.audit_query(&filter, from, u64::MAX, size).await },
+            )
+            .await
+            .map_err(VaultError::Background)??;
         Ok(page)
     }
 
@@ -102,9 +103,8 @@ impl Vault {
                 stop: Some(audit.stop_flag()),
             };
             // Hashing the trail is CPU work: keep it off the async workers.
-            let runtime = tokio::runtime::Handle::current();
-            let report = tokio::task::spawn_blocking(move || {
-                runtime.block_on(audit::verify(&*store, &key, from, to, recorded, &budget))
+            let report = on_blocking_thread(async move {
+                audit::verify(&*store, &key, from, to, recorded, &budget).await
             })
             .await
             .map_err(VaultError::Background)??;

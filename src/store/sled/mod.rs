@@ -39,7 +39,7 @@ use tokio::sync::{broadcast, oneshot};
 use super::auditindex;
 use super::auditlog::{self, AuditLog, Frame, NewFrame};
 use super::codec::{self, encode};
-use super::commit::{Committer, Position};
+use super::commit::{Change, Committer, Position};
 use super::{
     AuditFilter, AuditIndex, AuditPage, Committed, ExportSink, MetaKey, MetaValue, Redemption,
     Store, StoreError, TrailDamage, Transaction, query,
@@ -59,7 +59,7 @@ use self::recovery::{
     anchor, applied_position, check_trail_start, expected_first, meta_value, recover_trail,
     stored_revision,
 };
-use self::writer::{Pending, SledAdapter, stage_lease};
+use self::writer::{Pending, SledAdapter, batch_of, stage, stage_lease};
 
 /// A store in a sled database directory.
 pub struct SledStore {
@@ -310,26 +310,31 @@ impl SledStore {
         {
             let db = open_db(dir, DEFAULT_CACHE_BYTES)?;
             let tree = db.open_tree("byokd").map_err(engine)?;
-            let mut batch = sled::Batch::default();
+            let mut pending = Pending::new();
             for prefix in [codec::LEASE, codec::LEASE_ID, codec::LEASE_EXPIRY] {
                 for entry in tree.scan_prefix([prefix]) {
-                    batch.remove(entry.map_err(engine)?.0);
+                    pending.insert(entry.map_err(engine)?.0.to_vec(), None);
                 }
             }
             let kept = plan.damage.first_lost.saturating_sub(1);
             if applied_position(&tree)? > kept {
-                batch.insert(codec::AUDIT_APPLIED_META, &kept.to_be_bytes());
+                pending.insert(
+                    codec::AUDIT_APPLIED_META.to_vec(),
+                    Some(kept.to_be_bytes().to_vec()),
+                );
             }
-            // Written as a commit would write it: a new revision for the note.
-            let revision = stored_revision(&tree)?.0 + 1;
-            let note = super::RepairNote(note.to_string());
-            batch.insert(codec::meta_key(MetaKey::RepairPending), note.to_bytes()?);
-            batch.insert(
-                codec::meta_revision_key(MetaKey::RepairPending),
-                &revision.to_be_bytes(),
+            // Written as a commit would write it: with a new revision.
+            let revision = Revision(stored_revision(&tree)?.0 + 1);
+            let note = super::RepairNote(note.to_string()).to_bytes()?;
+            stage(
+                &Change::Meta(MetaKey::RepairPending, revision, note),
+                &mut pending,
+            )?;
+            pending.insert(
+                codec::REVISION_META.to_vec(),
+                Some(revision.0.to_be_bytes().to_vec()),
             );
-            batch.insert(codec::REVISION_META, &revision.to_be_bytes());
-            tree.apply_batch(batch).map_err(engine)?;
+            tree.apply_batch(batch_of(pending)).map_err(engine)?;
             db.flush().map_err(engine)?;
         }
         AuditLog::cut_before(&dir.join(AUDIT_DIR), plan.damage.first_lost, quarantine)
@@ -648,7 +653,6 @@ impl Store for SledStore {
 mod tests {
     use super::writer::lease_redo;
     use super::*;
-    use crate::store::commit::Change;
     use crate::store::tests::{chain_key, check_indexes_against_entries, varied_draft};
 
     /// The index keys stores kept in the tree per entry before posting blocks: index prefix

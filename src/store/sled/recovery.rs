@@ -8,7 +8,7 @@ use crate::store::codec::{self};
 use crate::store::commit::Change;
 use crate::store::{MetaKey, StoreError, TrailDamage};
 
-use super::{Pending, engine, stage_lease};
+use super::{Pending, batch_of, engine, stage_lease};
 
 /// [`LeaseRedoRef`] read back (the same encoding).
 #[derive(serde::Deserialize)]
@@ -39,14 +39,13 @@ impl LeaseRedo {
 
 /// The last audit position whose transaction's records the tree holds (0: none recorded).
 pub(super) fn applied_position(tree: &sled::Tree) -> Result<u64, StoreError> {
-    match tree.get(codec::AUDIT_APPLIED_META).map_err(engine)? {
-        Some(bytes) => {
-            let bytes: [u8; 8] = bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-                key: codec::describe_key(codec::AUDIT_APPLIED_META),
-                reason: "not a position".into(),
-            })?;
-            Ok(u64::from_be_bytes(bytes))
-        }
+    stored_u64(tree, codec::AUDIT_APPLIED_META)
+}
+
+/// The number (u64 big-endian) kept under `key`; 0 if there is none.
+fn stored_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
+    match tree.get(key).map_err(engine)? {
+        Some(bytes) => codec::decode_u64(key, &bytes),
         None => Ok(0),
     }
 }
@@ -59,20 +58,13 @@ pub(super) fn meta_value(
     let Some(value) = tree.get(codec::meta_key(key)).map_err(engine)? else {
         return Ok(None);
     };
-    let revision_key = codec::meta_revision_key(key);
-    let revision = match tree.get(&revision_key).map_err(engine)? {
-        Some(bytes) => Revision(codec::decode_u64(&revision_key, &bytes)?),
-        None => Revision(0),
-    };
-    Ok(Some((revision, value)))
+    let revision = stored_u64(tree, &codec::meta_revision_key(key))?;
+    Ok(Some((Revision(revision), value)))
 }
 
 /// The largest revision assigned (0: none recorded).
 pub(super) fn stored_revision(tree: &sled::Tree) -> Result<Revision, StoreError> {
-    match tree.get(codec::REVISION_META).map_err(engine)? {
-        Some(bytes) => Ok(Revision(codec::decode_u64(codec::REVISION_META, &bytes)?)),
-        None => Ok(Revision(0)),
-    }
+    stored_u64(tree, codec::REVISION_META).map(Revision)
 }
 
 /// The chain's anchor, if entries were ever pruned.
@@ -166,16 +158,15 @@ pub(super) fn recover_trail(
         from = end + 1;
     }
     if kept > applied {
-        let mut batch = sled::Batch::default();
-        for (key, value) in staged {
-            match value {
-                Some(v) => batch.insert(key, v),
-                None => batch.remove(key),
-            }
-        }
-        batch.insert(codec::AUDIT_APPLIED_META, &kept.to_be_bytes());
-        batch.insert(codec::REVISION_META, &revision.0.to_be_bytes());
-        tree.apply_batch(batch).map_err(engine)?;
+        staged.insert(
+            codec::AUDIT_APPLIED_META.to_vec(),
+            Some(kept.to_be_bytes().to_vec()),
+        );
+        staged.insert(
+            codec::REVISION_META.to_vec(),
+            Some(revision.0.to_be_bytes().to_vec()),
+        );
+        tree.apply_batch(batch_of(staged)).map_err(engine)?;
         db.flush().map_err(engine)?;
         if replayed > 0 {
             tracing::info!(

@@ -248,6 +248,18 @@ impl Framed {
     }
 }
 
+/// Staged changes as one sled batch.
+pub(super) fn batch_of(pending: Pending) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for (key, value) in pending {
+        match value {
+            Some(v) => batch.insert(key, v),
+            None => batch.remove(key),
+        }
+    }
+    batch
+}
+
 /// Stages one resolved change as keys.
 pub(super) fn stage(change: &Change, pending: &mut Pending) -> Result<(), StoreError> {
     match change {
@@ -315,14 +327,7 @@ impl SledAdapter {
 
     /// Applies the group's changes to the tree as one atomic batch.
     fn write_batch(&mut self, pending: Pending) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for (key, value) in pending {
-            match value {
-                Some(v) => batch.insert(key, v),
-                None => batch.remove(key),
-            }
-        }
-        self.tree.apply_batch(batch).map_err(engine)
+        self.tree.apply_batch(batch_of(pending)).map_err(engine)
     }
 
     /// Applies the group's changes one key at a time, for a group whose record changes the
