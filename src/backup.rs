@@ -1,30 +1,37 @@
-//! The backup file format: every store record except leases, as the store holds them
-//! (values still sealed by their data keys, data keys still wrapped by the master key), with
-//! the audit chain, in one self-checking file.
+//! The backup file format: every store record except leases (values still sealed by their
+//! data keys, data keys still wrapped by the master key), with the audit chain, in one
+//! self-checking file.
 //!
 //! ```text
 //! "BYOKDBAK" | format: u32 | header length: u32 | header (JSON)
-//! { key length: u32 | key | value length: u32 | value }*
+//! { tag length: u32 | tag | value length: u32 | value }*
 //! u32::MAX (end) | record count: u64 | SHA-256 of everything before it: 32 bytes
 //! ```
-//! All integers are big-endian. The format does no IO of its own: it reads and writes any
-//! `Read`/`Write`.
+//! All integers are big-endian. Format 2 holds the engine-neutral records of
+//! [`crate::store::Record`] (a tag naming the kind, then its bytes), so that a backup of one
+//! engine restores into any other. Format 1, written before, held sled's keys and values: it
+//! is still read, as the same records. The format does no IO of its own: it reads and writes
+//! any `Read`/`Write`.
 
 use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::store::Record;
+
 /// The first bytes of a backup.
 pub const MAGIC: &[u8; 8] = b"BYOKDBAK";
-/// The format this build writes and reads.
-pub const FORMAT: u32 = 1;
+/// The format this build writes.
+pub const FORMAT: u32 = 2;
+/// Backups written before the records were engine-neutral: sled's keys and values.
+const FORMAT_ENGINE_KEYS: u32 = 1;
 /// Largest key or value accepted when reading (a corrupt length must not allocate gigabytes).
 const MAX_FIELD: u32 = 64 * 1024 * 1024;
 const END: u32 = u32::MAX;
 
-/// One stored record: raw key and value.
-pub type Record = (Vec<u8>, Vec<u8>);
+/// One entry of the file as it is framed: tag (or, in format 1, key) and value.
+pub type Entry = (Vec<u8>, Vec<u8>);
 
 /// Why a backup could not be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -94,8 +101,16 @@ impl<W: Write> BackupWriter<W> {
     }
 
     /// Adds one record.
-    pub fn record(&mut self, key: &[u8], value: &[u8]) -> Result<(), BackupError> {
-        self.field(key)?;
+    pub fn record(&mut self, record: &Record) -> Result<(), BackupError> {
+        let (tag, value) = record
+            .encode()
+            .map_err(|e| BackupError::Format(e.to_string()))?;
+        self.entry(&tag, &value)
+    }
+
+    /// Adds one entry as it is framed (see [`BackupReader::next_entry`]).
+    pub fn entry(&mut self, tag: &[u8], value: &[u8]) -> Result<(), BackupError> {
+        self.field(tag)?;
         self.field(value)?;
         self.records += 1;
         Ok(())
@@ -117,6 +132,7 @@ impl<W: Write> BackupWriter<W> {
 /// [`BackupReader::next_record`] has returned `None` without error.
 pub struct BackupReader<R: Read> {
     input: R,
+    format: u32,
     hash: Sha256,
     records: u64,
     header: BackupHeader,
@@ -127,6 +143,7 @@ impl<R: Read> BackupReader<R> {
     pub fn new(input: R) -> Result<Self, BackupError> {
         let mut reader = Self {
             input,
+            format: FORMAT,
             hash: Sha256::new(),
             records: 0,
             header: BackupHeader {
@@ -142,9 +159,9 @@ impl<R: Read> BackupReader<R> {
         if &magic != MAGIC {
             return Err(BackupError::Format("unknown".into()));
         }
-        let format = reader.u32()?;
-        if format != FORMAT {
-            return Err(BackupError::Format(format.to_string()));
+        reader.format = reader.u32()?;
+        if ![FORMAT, FORMAT_ENGINE_KEYS].contains(&reader.format) {
+            return Err(BackupError::Format(reader.format.to_string()));
         }
         let len = reader.u32()?;
         let header = reader.field(len)?;
@@ -185,8 +202,30 @@ impl<R: Read> BackupReader<R> {
         Ok(buf)
     }
 
-    /// The next record, or `None` at the end once the count and hash check out.
+    /// The file's format.
+    pub fn format(&self) -> u32 {
+        self.format
+    }
+
+    /// The next record, or `None` at the end once the count and hash check out. Entries of
+    /// format 1 that carry no record (see [`Record::from_engine_key`]) are passed over.
     pub fn next_record(&mut self) -> Result<Option<Record>, BackupError> {
+        while let Some((tag, value)) = self.next_entry()? {
+            let record = if self.format == FORMAT_ENGINE_KEYS {
+                Record::from_engine_key(&tag, &value)
+            } else {
+                Record::decode(&tag, &value).map(Some)
+            };
+            if let Some(record) = record.map_err(|e| BackupError::Corrupt(e.to_string()))? {
+                return Ok(Some(record));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The next entry as it is framed, or `None` at the end once the count and hash check
+    /// out.
+    pub fn next_entry(&mut self) -> Result<Option<Entry>, BackupError> {
         let len = self.u32()?;
         if len == END {
             let mut count = [0; 8];
@@ -215,7 +254,8 @@ impl<R: Read> BackupReader<R> {
         Ok(Some((key, value)))
     }
 
-    /// Reads to the end, checking everything; returns the number of records.
+    /// Reads to the end, checking everything (each record decodes); returns the number of
+    /// entries.
     pub fn verify(mut self) -> Result<u64, BackupError> {
         while self.next_record()?.is_some() {}
         Ok(self.records)
@@ -225,6 +265,8 @@ impl<R: Read> BackupReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Revision;
+    use crate::store::MetaKey;
 
     fn header() -> BackupHeader {
         BackupHeader {
@@ -238,8 +280,13 @@ mod tests {
 
     fn sample() -> Vec<u8> {
         let mut w = BackupWriter::new(Vec::new(), &header()).unwrap();
-        w.record(b"s1", b"value one").unwrap();
-        w.record(b"a\x00\x01", b"").unwrap();
+        w.record(&Record::Meta(
+            MetaKey::AuditSeed,
+            Revision(4),
+            b"seed".to_vec(),
+        ))
+        .unwrap();
+        w.entry(b"a\x00\x01", b"").unwrap();
         w.finish().unwrap().0
     }
 
@@ -248,31 +295,69 @@ mod tests {
         let bytes = sample();
         let mut r = BackupReader::new(&bytes[..]).unwrap();
         assert_eq!(r.header(), &header());
-        assert_eq!(
+        assert_eq!(r.format(), FORMAT);
+        assert!(matches!(
             r.next_record().unwrap(),
-            Some((b"s1".to_vec(), b"value one".to_vec()))
-        );
+            Some(Record::Meta(MetaKey::AuditSeed, Revision(4), v)) if v == b"seed"
+        ));
         assert_eq!(
-            r.next_record().unwrap(),
+            r.next_entry().unwrap(),
             Some((b"a\x00\x01".to_vec(), Vec::new()))
         );
-        assert_eq!(r.next_record().unwrap(), None);
-        assert_eq!(BackupReader::new(&bytes[..]).unwrap().verify().unwrap(), 2);
+        assert_eq!(r.next_entry().unwrap(), None);
+        // The second entry is no record of format 2.
+        let err = BackupReader::new(&bytes[..]).unwrap().verify();
+        assert!(matches!(err, Err(BackupError::Corrupt(_))), "{err:?}");
+    }
+
+    /// A backup of format 1 (sled's keys, from the fuzz seeds: written by an earlier
+    /// version) reads as records, and those records written as format 2 read back the same.
+    #[test]
+    fn a_format_1_backup_reads_as_the_records_format_2_holds() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fuzz/seeds/backup_file/three-secrets.bak"
+        );
+        let old = std::fs::read(path).unwrap();
+        let mut reader = BackupReader::new(&old[..]).unwrap();
+        assert_eq!(reader.format(), FORMAT_ENGINE_KEYS);
+        let mut writer = BackupWriter::new(Vec::new(), reader.header()).unwrap();
+        let mut records = Vec::new();
+        while let Some(record) = reader.next_record().unwrap() {
+            writer.record(&record).unwrap();
+            records.push(record.encode().unwrap());
+        }
+        let (new, count) = writer.finish().unwrap();
+        let mut tags: Vec<_> = records.iter().map(|(t, _)| t.clone()).collect();
+        tags.dedup();
+        assert!(count >= 8 && tags.len() >= 4, "{count} {tags:?}");
+        let mut reader = BackupReader::new(&new[..]).unwrap();
+        assert_eq!(reader.format(), FORMAT);
+        for want in records {
+            let got = reader.next_record().unwrap().unwrap().encode().unwrap();
+            assert_eq!(got, want);
+        }
+        assert!(reader.next_record().unwrap().is_none());
     }
 
     #[test]
     fn every_flipped_byte_and_every_truncation_is_detected() {
+        let check = |mut r: BackupReader<&[u8]>| -> Result<u64, BackupError> {
+            while r.next_entry()?.is_some() {}
+            Ok(r.records)
+        };
         let bytes = sample();
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 0x01;
-            let result = BackupReader::new(&bad[..]).and_then(|r| r.verify());
+            let result = BackupReader::new(&bad[..]).and_then(check);
             assert!(result.is_err(), "flipped byte {i} went unnoticed");
-            let cut = BackupReader::new(&bytes[..i]).and_then(|r| r.verify());
+            let cut = BackupReader::new(&bytes[..i]).and_then(check);
             assert!(cut.is_err(), "truncation at {i} went unnoticed");
         }
+        assert_eq!(BackupReader::new(&bytes[..]).and_then(check).unwrap(), 2);
         let mut longer = bytes.clone();
         longer.push(0);
-        assert!(BackupReader::new(&longer[..]).unwrap().verify().is_err());
+        assert!(BackupReader::new(&longer[..]).and_then(check).is_err());
     }
 }

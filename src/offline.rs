@@ -418,7 +418,7 @@ async fn replay_revocations(
 }
 
 /// Loads the backup `input` into the configured data directory, which must hold no data.
-/// The records go to a staging database first; it becomes the data directory's database only
+/// The records go to a staging store first (through [`crate::store::Store::import`]); it becomes the data directory's database only
 /// after the backup's checksum, the master key's key check, the whole audit chain (up to the
 /// head the backup names) and the decryption of every stored value succeed.
 pub async fn restore(
@@ -459,13 +459,20 @@ pub async fn restore(
     };
     crate::server::raise_open_files_limit();
     let result = async {
-        let records = tokio::task::block_in_place(|| {
-            config
-                .store
-                .import_at(&staging, || reader.next_record().map_err(|e| e.to_string()))
-        })
-        .map_err(|e| restore_error(&e))?;
         let store = config.store.open_at(&staging)?;
+        let records = store
+            .import(Box::new(move || {
+                reader.next_record().map_err(|e| e.to_string())
+            }))
+            .await
+            .map_err(|e| restore_error(&e));
+        let records = match records {
+            Ok(records) => records,
+            Err(e) => {
+                let _ = store.close().await;
+                return Err(e);
+            }
+        };
         let checked = async {
             let keys = existing_keys(config, &*store).await?;
             let report = audit::verify(

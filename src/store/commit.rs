@@ -18,6 +18,8 @@
 //!   only once it is durable. A group that fails before anything of it was written leaves no
 //!   trace: the chain goes on from where it stood and the next group tries again. A group
 //!   whose outcome is unknown fails the store for good (see [`Store::failed_for_good`]).
+//! - **Import**: an export's records go into an empty store as groups the adapter writes
+//!   like any other; the chain then goes on from the last imported entry.
 //!
 //! [`Store::failed_for_good`]: super::Store::failed_for_good
 
@@ -28,13 +30,15 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::{Committed, Guard, MetaKey, StoreError, Transaction, Write};
+use super::{Committed, Guard, ImportSource, MetaKey, Record, StoreError, Transaction, Write};
 use crate::chain::{ChainKey, GENESIS};
 use crate::model::{
     AuditAnchor, AuditRecord, ChainHash, EnvelopeRecord, LeaseRecord, Revision, SecretId,
     SecretName, SecretRecord, TenantId, Time, TokenHash,
 };
 
+/// Records an import writes in one group.
+const IMPORT_GROUP: usize = 4096;
 /// Most transactions in one group.
 pub const MAX_GROUP: usize = 512;
 /// Commits that may wait for the writer before callers are slowed down.
@@ -207,6 +211,7 @@ enum Message<A> {
     Commit(Box<Transaction>, Reply),
     StartChain(Arc<ChainKey>, oneshot::Sender<()>),
     Between(Between<A>),
+    Import(ImportSource, oneshot::Sender<Result<u64, StoreError>>),
     Close(oneshot::Sender<Result<(), StoreError>>),
 }
 
@@ -269,6 +274,13 @@ impl<A: Adapter> Committer<A> {
     /// other group is written.
     pub async fn between(&self, work: Between<A>) -> Result<(), StoreError> {
         self.send(Message::Between(work)).await
+    }
+
+    /// Loads an export's records into the empty store (see [`super::Store::import`]).
+    pub async fn import(&self, source: ImportSource) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Message::Import(source, reply)).await?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Stops the writer once the groups before are durable, and waits for it.
@@ -344,7 +356,7 @@ impl<A: Adapter> Writer<A> {
                         let _ = reply.send(());
                     }
                     // Barriers: the group before them is durable before they run.
-                    other @ (Message::Between(_) | Message::Close(_)) => {
+                    other @ (Message::Between(_) | Message::Import(..) | Message::Close(_)) => {
                         after = Some(other);
                         break;
                     }
@@ -382,6 +394,9 @@ impl<A: Adapter> Writer<A> {
             }
             match after {
                 Some(Message::Between(work)) => work(&mut self.adapter),
+                Some(Message::Import(source, reply)) => {
+                    let _ = reply.send(self.import(source));
+                }
                 Some(Message::Close(reply)) => {
                     let _ = reply.send(self.adapter.close());
                     return;
@@ -554,6 +569,109 @@ impl<A: Adapter> Writer<A> {
             Write::PruneAudit { through } => changes.push(Change::Anchor(self.anchor(through)?)),
         }
         Ok(())
+    }
+
+    /// Loads an import into the store, which must be empty; on failure the store takes no
+    /// more writes (a partial import must not be served).
+    fn import(&mut self, source: ImportSource) -> Result<u64, StoreError> {
+        let empty = self.position.next_seq == 1
+            && self.position.next_revision == 1
+            && self.adapter.anchor()?.is_none();
+        if !empty {
+            return Err(StoreError::Export(
+                "the store already holds records; import only into an empty one".into(),
+            ));
+        }
+        let loaded = self.load(source);
+        if loaded.is_err() && !self.poisoned {
+            self.poisoned = true;
+            self.status.fail_for_good();
+        }
+        loaded
+    }
+
+    /// Writes the records `source` yields in groups of [`IMPORT_GROUP`]: the group's audit
+    /// entries, each as a transaction of its own, then its other records as one. Audit
+    /// entries must follow each other (and the anchor, if any); their chain links are
+    /// checked by whoever verifies the trail after (a restore does, against the chain key).
+    fn load(&mut self, mut source: ImportSource) -> Result<u64, StoreError> {
+        let mut count = 0;
+        let mut group = Group {
+            transactions: Vec::new(),
+            last_revision: Revision(0),
+        };
+        let mut records = Vec::new();
+        let (mut first, mut last, mut head, mut anchor) = (None, None, None, None);
+        loop {
+            let next = source().map_err(StoreError::Export)?;
+            let end = next.is_none();
+            if let Some(record) = next {
+                count += 1;
+                let change = match record {
+                    Record::Audit(entry) => {
+                        if let Some(last) = last
+                            && entry.seq != last + 1
+                        {
+                            return Err(StoreError::Export(format!(
+                                "audit entry {} does not follow entry {last}",
+                                entry.seq
+                            )));
+                        }
+                        first.get_or_insert(entry.seq);
+                        last = Some(entry.seq);
+                        group.transactions.push(Resolved {
+                            changes: Vec::new(),
+                            audit: Some(entry),
+                        });
+                        continue;
+                    }
+                    Record::Secret(s) => Change::Secret(s),
+                    Record::Envelope(e) => Change::Envelope(e),
+                    Record::Meta(key, revision, value) => Change::Meta(key, revision, value),
+                    Record::Anchor(a) => {
+                        anchor = Some(a.clone());
+                        Change::Anchor(a)
+                    }
+                };
+                let revision = match &change {
+                    Change::Secret(s) => s.rev,
+                    Change::Envelope(e) => e.rev,
+                    Change::Meta(_, revision, _) => *revision,
+                    _ => Revision(0),
+                };
+                group.last_revision = group.last_revision.max(revision);
+                records.push(change);
+            }
+            if end || records.len() + group.transactions.len() >= IMPORT_GROUP {
+                if !records.is_empty() {
+                    group.transactions.push(Resolved {
+                        changes: std::mem::take(&mut records),
+                        audit: None,
+                    });
+                }
+                if !group.transactions.is_empty() {
+                    self.adapter.write_group(&group)?;
+                    let mut newest = group.transactions.iter_mut().rev();
+                    head = newest.find_map(|t| t.audit.take()).or(head);
+                    group.transactions.clear();
+                }
+            }
+            if end {
+                break;
+            }
+        }
+        let start = anchor.as_ref().map_or(1, |a: &AuditAnchor| a.seq + 1);
+        if first.is_some_and(|first| first != start) {
+            return Err(StoreError::Export(format!(
+                "the audit entries start at {} instead of {start}",
+                first.unwrap_or_default()
+            )));
+        }
+        self.position = Position::after(head.as_ref(), anchor.as_ref(), group.last_revision);
+        self.status
+            .durable_seq
+            .store(self.position.next_seq - 1, Ordering::Release);
+        Ok(count)
     }
 
     /// The anchor of a prune through entry `through`, with a MAC so that it cannot be moved

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use super::sled::{DEFAULT_CACHE_BYTES, RepairPlan, SledStore};
 use super::{DEFAULT_AUDIT_SEGMENT_BYTES, Store, StoreError};
-use crate::backup::Record;
 
 /// The engines `[store] kind` may name.
 pub const KINDS: &[&str] = &["sled"];
@@ -66,18 +65,6 @@ impl Engine {
                 cache_bytes,
                 audit_segment_bytes,
             )?)),
-        }
-    }
-
-    /// Loads exported records (a backup's) into a new store at `location`, which must hold
-    /// none yet. Returns how many were loaded.
-    pub fn import_at(
-        &self,
-        location: &Path,
-        next: impl FnMut() -> Result<Option<Record>, String>,
-    ) -> Result<u64, StoreError> {
-        match self {
-            Engine::Sled { .. } => SledStore::import(location, next),
         }
     }
 

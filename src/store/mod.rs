@@ -19,6 +19,7 @@ mod commit;
 mod engine;
 mod files;
 pub mod query;
+mod records;
 pub mod sled;
 
 use std::sync::Arc;
@@ -35,6 +36,7 @@ pub use self::auditlog::DEFAULT_SEGMENT_BYTES as DEFAULT_AUDIT_SEGMENT_BYTES;
 pub use self::commit::RecordKey;
 pub use self::engine::{Engine, KINDS};
 pub use self::query::{AuditFilter, AuditPage};
+pub use self::records::Record;
 pub use self::sled::{DEFAULT_CACHE_BYTES, RepairPlan, SledStore};
 
 /// Errors of the storage layer.
@@ -135,6 +137,18 @@ pub enum MetaKey {
 }
 
 impl MetaKey {
+    const ALL: [MetaKey; 4] = [
+        MetaKey::Keyring,
+        MetaKey::AuditSeed,
+        MetaKey::BootstrapAdmin,
+        MetaKey::RepairPending,
+    ];
+
+    /// The key of this name.
+    fn named(name: &str) -> Option<MetaKey> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
     fn name(self) -> &'static str {
         match self {
             MetaKey::Keyring => "keyring",
@@ -437,10 +451,16 @@ pub trait Store: Send + Sync {
     fn failed_for_good(&self) -> bool;
 
     /// Passes every record except leases (which a restore must not bring back) to `sink`,
-    /// as raw key and value, from one consistent state: the records in key order while
-    /// writes wait, then the audit trail up to its head at that moment (append-only, read
-    /// without holding writes). Returns how many records were passed.
+    /// from one consistent state: the records while writes wait, then the audit trail up to
+    /// its head at that moment (append-only, read without holding writes). Returns how many
+    /// records were passed.
     async fn export(&self, sink: ExportSink) -> Result<u64, StoreError>;
+
+    /// Loads the records of an export (in the order [`Store::export`] gives them, or any
+    /// order that keeps audit entries in seq order) into this store, which must hold no
+    /// record and no audit entry yet. Returns how many records it loaded, once they are
+    /// durable. A failed import leaves the store refusing writes: discard it.
+    async fn import(&self, source: ImportSource) -> Result<u64, StoreError>;
 }
 
 /// Runs `work` (store reads that may block for long, such as scans and counts, or CPU work
@@ -455,7 +475,10 @@ where
 }
 
 /// Receives the records of an export; an error stops it.
-pub type ExportSink = Box<dyn FnMut(&[u8], &[u8]) -> Result<(), String> + Send>;
+pub type ExportSink = Box<dyn FnMut(Record) -> Result<(), String> + Send>;
+
+/// Yields the records of an import, until `None`; an error stops it.
+pub type ImportSource = Box<dyn FnMut() -> Result<Option<Record>, String> + Send>;
 
 /// Decodes `bytes` as each kind of stored record (for the fuzz targets): an error is fine, a
 /// panic is a bug.

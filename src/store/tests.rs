@@ -118,6 +118,7 @@ pub(crate) async fn suite(subject: &dyn Subject) {
     revisions_increase_and_guard_every_record(&*store).await;
     redemptions_read_lease_secret_and_current_envelope(&*store).await;
     audit_queries_match_a_filtered_scan(&*store).await;
+    an_export_imports_into_an_empty_store(&*store, subject).await;
     close(&store).await;
     let first = subject.fresh().await;
     let second = subject.another_handle(&first).await;
@@ -938,6 +939,118 @@ async fn audit_queries_match_a_filtered_scan(store: &dyn Store) {
         }
         assert_eq!(got, want, "{filter:?}");
     }
+}
+
+/// An export loads into an empty store through `import`: the same records with their
+/// revisions, the same trail (anchor, entries, indexes), no lease; the chain and the
+/// revisions go on from there. A store that holds records refuses an import; an import that
+/// fails half-way leaves its store refusing writes.
+async fn an_export_imports_into_an_empty_store(store: &dyn Store, subject: &dyn Subject) {
+    let (_, lease) = stored_with_lease(store, "export", 93).await;
+    store
+        .commit(put(
+            vec![Write::PutMeta(MetaKey::BootstrapAdmin, b"admin".to_vec())],
+            Action::Store,
+        ))
+        .await
+        .unwrap();
+    let exported = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = exported.clone();
+    let count = store
+        .export(Box::new(move |record| {
+            sink.lock().unwrap().push(record.encode().unwrap());
+            Ok(())
+        }))
+        .await
+        .unwrap();
+    let exported = std::mem::take(&mut *exported.lock().unwrap());
+    assert_eq!(count, exported.len() as u64);
+    let records = || exported.iter().map(|(t, b)| Record::decode(t, b).unwrap());
+    let source = |skip: Option<u64>| -> ImportSource {
+        let mut records: Vec<Record> = records()
+            .filter(|r| !matches!(r, Record::Audit(e) if Some(e.seq) == skip))
+            .collect();
+        records.reverse();
+        Box::new(move || Ok(records.pop()))
+    };
+    let fresh = subject.fresh().await;
+    let loaded = fresh.import(source(None)).await.unwrap();
+    assert_eq!(loaded, count);
+    let mut kinds = [0; 5];
+    for record in records() {
+        match record {
+            Record::Secret(s) => {
+                kinds[0] += 1;
+                assert_eq!(fresh.secret(&s.tenant, &s.name).await.unwrap(), Some(s));
+            }
+            Record::Envelope(e) => {
+                kinds[1] += 1;
+                let read = fresh.envelope(e.secret_id, e.version).await.unwrap();
+                assert_eq!(read, Some(e));
+            }
+            Record::Meta(key, revision, value) => {
+                kinds[2] += 1;
+                assert_eq!(fresh.meta(key).await.unwrap(), Some((revision, value)));
+            }
+            Record::Anchor(a) => {
+                kinds[3] += 1;
+                assert_eq!(fresh.audit_anchor().await.unwrap(), Some(a));
+            }
+            Record::Audit(_) => kinds[4] += 1,
+        }
+    }
+    assert!(kinds.iter().all(|&n| n > 0), "{kinds:?}");
+    let entries = store.audit_entries(0, usize::MAX).await.unwrap();
+    assert_eq!(fresh.audit_entries(0, usize::MAX).await.unwrap(), entries);
+    let peer = AuditIndex::PeerHost("127.0.0.1".into());
+    assert_eq!(
+        fresh.audit_index(&peer, 0, usize::MAX).await.unwrap(),
+        store.audit_index(&peer, 0, usize::MAX).await.unwrap()
+    );
+    assert!(
+        fresh
+            .lease_by_token(&lease.token_hash)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The chain goes on from the imported head; revisions from the largest imported.
+    fresh.start_audit_chain(chain_key()).await.unwrap();
+    let head = entries.last().unwrap().clone();
+    let next = secret("export", "after-import");
+    let committed = fresh
+        .commit(put(vec![Write::PutSecret(next.clone())], Action::Store))
+        .await
+        .unwrap();
+    assert_eq!(committed.audit_seq, Some(head.seq + 1));
+    let entry = fresh.audit_entry(head.seq + 1).await.unwrap().unwrap();
+    assert_eq!(entry.prev_hash, head.hash);
+    let newest = fresh
+        .secret(&next.tenant, &next.name)
+        .await
+        .unwrap()
+        .unwrap();
+    let largest = records()
+        .filter_map(|r| match r {
+            Record::Secret(s) => Some(s.rev),
+            Record::Envelope(e) => Some(e.rev),
+            Record::Meta(_, revision, _) => Some(revision),
+            _ => None,
+        })
+        .max()
+        .unwrap();
+    assert!(newest.rev > largest);
+    // Not into a store that holds records (and that store stays writable).
+    let again = fresh.import(Box::new(|| Ok(None))).await;
+    assert!(matches!(again, Err(StoreError::Export(_))), "{again:?}");
+    assert!(fresh.writable());
+    close(&fresh).await;
+    // Entries that do not follow each other stop the import, and the store with it.
+    let broken = subject.fresh().await;
+    let refused = broken.import(source(Some(head.seq - 1))).await;
+    assert!(matches!(refused, Err(StoreError::Export(_))), "{refused:?}");
+    assert!(!broken.writable());
+    close(&broken).await;
 }
 
 /// Every record a commit writes gets a revision larger than any before; a guard holds only

@@ -56,13 +56,13 @@ impl Vault {
             // A backup nobody waits for any more stops copying.
             let stop = audit.stop_flag();
             self.store
-                .export(Box::new(move |key, value| {
+                .export(Box::new(move |record| {
                     if stop.load(std::sync::atomic::Ordering::Acquire) {
                         return Err("the backup was abandoned".into());
                     }
                     let mut guard = sink_writer.lock().map_err(|_| "poisoned".to_string())?;
                     let w = guard.as_mut().ok_or("finished")?;
-                    w.record(key, value).map_err(|e| e.to_string())
+                    w.record(&record).map_err(|e| e.to_string())
                 }))
                 .await?;
             let writer =

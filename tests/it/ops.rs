@@ -98,6 +98,21 @@ async fn backup_wipe_restore_every_secret_is_readable_and_the_chain_verifies() {
     assert!(out.contains("backup written to"), "{out}");
     assert!(out.contains("keep that key"), "{out}");
     writer.await.unwrap();
+    // The file holds engine-neutral records (kinds, not one engine's keys), and no lease.
+    let mut reader =
+        byokd::backup::BackupReader::new(std::fs::File::open(&backup).unwrap()).unwrap();
+    assert_eq!(reader.format(), byokd::backup::FORMAT);
+    let mut kinds = std::collections::BTreeSet::new();
+    while let Some((tag, _)) = reader.next_entry().unwrap() {
+        let tag = String::from_utf8(tag).unwrap();
+        kinds.insert(tag.split('/').next().unwrap().to_string());
+    }
+    let want = ["anchor", "audit", "envelope", "meta", "secret"];
+    assert!(
+        kinds.iter().all(|k| want.contains(&k.as_str())),
+        "{kinds:?}"
+    );
+    assert!(kinds.len() >= 4, "{kinds:?}");
     // No plaintext value is in the backup file.
     let bytes = std::fs::read(&backup).unwrap();
     for v in expected.values() {
@@ -245,16 +260,16 @@ async fn restore_refuses_a_tampered_backup_a_wrong_master_key_and_non_admins() {
     );
 }
 
-/// Rewrites a backup through `edit` (key, value) -> value, with a good checksum: what someone
+/// Rewrites a backup through `edit` (tag, value) -> value, with a good checksum: what someone
 /// who can write the backup file, but holds no key, can make of it.
 fn rewrite_backup(from: &Path, to: &Path, edit: impl Fn(&[u8], Vec<u8>) -> Vec<u8>) {
     use byokd::backup::{BackupReader, BackupWriter};
     let mut reader = BackupReader::new(std::fs::File::open(from).unwrap()).unwrap();
     let header = reader.header().clone();
     let mut writer = BackupWriter::new(std::fs::File::create(to).unwrap(), &header).unwrap();
-    while let Some((key, value)) = reader.next_record().unwrap() {
-        let value = edit(&key, value);
-        writer.record(&key, &value).unwrap();
+    while let Some((tag, value)) = reader.next_entry().unwrap() {
+        let value = edit(&tag, value);
+        writer.entry(&tag, &value).unwrap();
     }
     writer.finish().unwrap();
 }
@@ -278,9 +293,7 @@ async fn restore_refuses_a_backup_whose_chain_or_values_do_not_check_out() {
     rewrite_backup(&backup, &edited, |key, value| {
         let (from, to): (&[u8], &[u8]) = (b"chained-3", b"chained-X");
         match value.windows(from.len()).position(|w| w == from) {
-            Some(at) if key.first() == Some(&b'a') => {
-                [&value[..at], to, &value[at + from.len()..]].concat()
-            }
+            Some(at) if key == b"audit" => [&value[..at], to, &value[at + from.len()..]].concat(),
             _ => value,
         }
     });
@@ -294,7 +307,7 @@ async fn restore_refuses_a_backup_whose_chain_or_values_do_not_check_out() {
     // the version's creation time, a varint of 8 bytes).
     let altered = dir.path().join("altered-value.bak");
     rewrite_backup(&backup, &altered, |key, mut value| {
-        if key.first() == Some(&b'e') {
+        if key == b"envelope" {
             let at = value.len() - 12;
             value[at] ^= 0x01;
         }

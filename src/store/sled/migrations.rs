@@ -7,9 +7,9 @@ use crate::store::codec::{self};
 
 use super::engine;
 
-/// The seq of an audit entry's key in exports (`a` + seq): audit entries travel in backups
-/// as they were once stored in the tree.
-pub(super) fn audit_key_seq(key: &[u8]) -> Option<u64> {
+/// The seq of an audit entry's key in the tree (`a` + seq), where stores kept them before
+/// the trail had its own files.
+fn audit_key_seq(key: &[u8]) -> Option<u64> {
     match key {
         [codec::AUDIT, seq @ ..] => Some(u64::from_be_bytes(seq.try_into().ok()?)),
         _ => None,

@@ -37,12 +37,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::{broadcast, oneshot};
 
 use super::auditindex;
-use super::auditlog::{self, AuditLog, Frame, NewFrame};
+use super::auditlog::{self, AuditLog, Frame};
 use super::codec::{self, encode};
 use super::commit::{Change, Committer, Position};
 use super::{
-    AuditFilter, AuditIndex, AuditPage, Committed, ExportSink, MetaKey, MetaValue, Redemption,
-    Store, StoreError, TrailDamage, Transaction, query,
+    AuditFilter, AuditIndex, AuditPage, Committed, ExportSink, ImportSource, MetaKey, MetaValue,
+    Record, Redemption, Store, StoreError, TrailDamage, Transaction, query,
 };
 use crate::chain::ChainKey;
 use crate::model::{
@@ -54,7 +54,7 @@ mod migrations;
 mod recovery;
 mod writer;
 
-use self::migrations::{audit_key_seq, migrate_legacy_entries, plain_frame, remove_index_keys};
+use self::migrations::{migrate_legacy_entries, remove_index_keys};
 use self::recovery::{
     anchor, applied_position, check_trail_start, expected_first, meta_value, recover_trail,
     stored_revision,
@@ -195,63 +195,6 @@ impl SledStore {
         };
         store.start_scrub();
         Ok(store)
-    }
-
-    /// Loads exported records (see [`Store::export`]) into a new database in `dir`, which
-    /// must hold none yet, and flushes them. `next` yields records until `None`. Returns how
-    /// many were loaded.
-    pub fn import(
-        dir: &Path,
-        mut next: impl FnMut() -> Result<Option<crate::backup::Record>, String>,
-    ) -> Result<u64, StoreError> {
-        let db = open_db(dir, DEFAULT_CACHE_BYTES)?;
-        let tree = db.open_tree("byokd").map_err(engine)?;
-        let log = AuditLog::open(
-            &dir.join(AUDIT_DIR),
-            auditlog::DEFAULT_SEGMENT_BYTES,
-            indexer(),
-        )?;
-        if !tree.is_empty() || log.next_position()? != 1 {
-            return Err(StoreError::Export(format!(
-                "{} already holds data",
-                dir.display()
-            )));
-        }
-        let mut count = 0u64;
-        let mut batch = sled::Batch::default();
-        let mut entries: Vec<(u64, Vec<u8>)> = Vec::new();
-        let append = |entries: &mut Vec<(u64, Vec<u8>)>| {
-            let frames: Vec<NewFrame<'_>> =
-                entries.iter().map(|(p, v)| plain_frame(*p, v)).collect();
-            let result = log.append(&frames);
-            entries.clear();
-            result
-        };
-        while let Some((key, value)) = next().map_err(StoreError::Export)? {
-            count += 1;
-            if let Some(seq) = audit_key_seq(&key) {
-                // Audit entries come in order; they go to the trail.
-                entries.push((seq, value));
-                if entries.len() >= 4096 {
-                    append(&mut entries)?;
-                }
-                continue;
-            }
-            batch.insert(key, value);
-            if count.is_multiple_of(10_000) {
-                tree.apply_batch(std::mem::take(&mut batch))
-                    .map_err(engine)?;
-            }
-        }
-        append(&mut entries)?;
-        log.sync()?;
-        // Every imported entry's records are in the tree.
-        if let Some(last) = log.last_position()? {
-            batch.insert(codec::AUDIT_APPLIED_META, &last.to_be_bytes());
-        }
-        tree.apply_batch(batch).map_err(engine)?;
-        db.flush().map_err(engine)?;
-        Ok(count)
     }
 
     /// Reads the sealed segments whole on a thread of their own (open only checks their
@@ -627,8 +570,7 @@ impl Store for SledStore {
                     )));
                 }
                 for frame in frames.iter().take_while(|f| f.position <= last) {
-                    sink(&codec::audit_key(frame.position), &frame.payload)
-                        .map_err(StoreError::Export)?;
+                    sink(Record::Audit(decode_frame(frame)?)).map_err(StoreError::Export)?;
                     count += 1;
                     from = frame.position + 1;
                 }
@@ -643,6 +585,10 @@ impl Store for SledStore {
         Ok(exported.count + trail)
     }
 
+    async fn import(&self, source: ImportSource) -> Result<u64, StoreError> {
+        self.committer.import(source).await
+    }
+
     async fn close(&self) -> Result<(), StoreError> {
         self.stop_scrub.store(true, Ordering::Release);
         self.committer.close().await
@@ -651,8 +597,10 @@ impl Store for SledStore {
 
 #[cfg(test)]
 mod tests {
+    use super::migrations::plain_frame;
     use super::writer::lease_redo;
     use super::*;
+    use crate::store::auditlog::NewFrame;
     use crate::store::tests::{chain_key, check_indexes_against_entries, varied_draft};
 
     /// The index keys stores kept in the tree per entry before posting blocks: index prefix

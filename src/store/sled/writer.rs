@@ -5,7 +5,7 @@ use crate::model::{AuditAnchor, AuditRecord, LeaseRecord, Revision, SecretId};
 use crate::store::auditlog::{self, AuditLog, NewFrame};
 use crate::store::codec::{self, encode};
 use crate::store::commit::{Adapter, Change, Group, RecordKey};
-use crate::store::{ExportSink, StoreError};
+use crate::store::{ExportSink, Record, StoreError};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -306,14 +306,13 @@ impl SledAdapter {
         let mut count = 0;
         for entry in self.tree.iter() {
             let (key, value) = entry.map_err(engine)?;
-            if matches!(
-                key.first(),
-                Some(&codec::LEASE | &codec::LEASE_ID | &codec::LEASE_EXPIRY)
-            ) || key == codec::AUDIT_APPLIED_META
-            {
+            let Some(mut record) = Record::from_engine_key(&key, &value)? else {
                 continue;
+            };
+            if let Record::Meta(meta, revision, _) = &mut record {
+                *revision = meta_value(&self.tree, *meta)?.map_or(Revision(0), |(r, _)| r);
             }
-            sink(&key, &value).map_err(StoreError::Export)?;
+            sink(record).map_err(StoreError::Export)?;
             count += 1;
         }
         let first = self.log.read(0, 1, false)?.first().map(|f| f.position);
