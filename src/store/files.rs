@@ -1,5 +1,5 @@
 //! The files of the audit trail: opened with the trail's mode, and replaced whole, synced.
-//! Both the segment files (`auditlog.rs`) and their indexes (`auditindex.rs`) use them.
+//! Both the segment files (`auditlog/`) and their indexes (`auditindex.rs`) use them.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;

@@ -1,5 +1,5 @@
 //! The sled adapter: records in one sled tree, the audit trail in segment files beside it
-//! (`auditlog.rs`).
+//! (`auditlog/`).
 //!
 //! Reads go straight to sled or the segment files from the calling task. Commits go to the
 //! commit core (`commit.rs`), which checks guards, assigns revisions and chains the audit
