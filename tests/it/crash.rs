@@ -439,7 +439,14 @@ async fn admin(addr: std::net::SocketAddr, s: Shared, mut rng: Rng) {
     if !s.running() {
         return;
     }
-    let mut admin = connect(addr, Some(ADMIN)).await;
+    // The server may be killed between the check above and the connection.
+    let mut admin = match try_connect(addr, Some(ADMIN)).await {
+        Ok(admin) => admin,
+        Err(e) => {
+            assert!(s.killed.load(Ordering::SeqCst), "connect: {e:?}");
+            return;
+        }
+    };
     match admin.rotate_master_key(pb::RotateMasterKeyRequest {}).await {
         Err(status) if status.code() == Code::FailedPrecondition => {}
         result => {

@@ -468,14 +468,21 @@ pub type Client = VaultClient<InterceptedService<Channel, Auth>>;
 
 /// A client of the server at `addr` authenticating with `token` (None: no credentials).
 pub async fn connect(addr: SocketAddr, token: Option<&str>) -> Client {
+    try_connect(addr, token).await.expect("connect")
+}
+
+/// [`connect`], for a server that may have been killed meanwhile.
+pub async fn try_connect(
+    addr: SocketAddr,
+    token: Option<&str>,
+) -> Result<Client, tonic::transport::Error> {
     let channel = Channel::from_shared(format!("http://{addr}"))
         .expect("uri")
         .connect_timeout(Duration::from_secs(20))
         .connect()
-        .await
-        .expect("connect");
+        .await?;
     let auth = Auth(token.map(|t| format!("Bearer {t}").parse().expect("ascii token")));
-    VaultClient::with_interceptor(channel, auth)
+    Ok(VaultClient::with_interceptor(channel, auth))
 }
 
 /// The interceptor that authenticates as `token`.
