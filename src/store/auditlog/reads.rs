@@ -8,6 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 impl AuditLog {
+    /// The segments that may hold positions `>= from`, in order.
+    fn segments_from(&self, from: u64) -> Result<Vec<Arc<Segment>>, StoreError> {
+        let map = self.segments.read().map_err(poisoned)?;
+        let begin = map.range(..=from).next_back().map_or(from, |(&k, _)| k);
+        Ok(map.range(begin..).map(|(_, s)| s.clone()).collect())
+    }
+
     /// Up to `limit` positions `>= from` of the entries readers may see that carry the index
     /// key `key`, in order.
     pub fn lookup(&self, key: &[u8], from: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
@@ -41,11 +48,7 @@ impl AuditLog {
     ) -> Result<Attempt<Vec<u64>>, StoreError> {
         let from = from.max(self.start.load(Ordering::Acquire)).max(1);
         let last = self.visible.load(Ordering::Acquire);
-        let segments: Vec<Arc<Segment>> = {
-            let map = self.segments.read().map_err(poisoned)?;
-            let begin = map.range(..=from).next_back().map_or(from, |(&k, _)| k);
-            map.range(begin..).map(|(_, s)| s.clone()).collect()
-        };
+        let segments = self.segments_from(from)?;
         let mut out = Vec::new();
         for segment in segments {
             if out.len() >= limit || segment.first > last {
@@ -126,11 +129,7 @@ impl AuditLog {
         } else {
             self.visible.load(Ordering::Acquire)
         };
-        let segments: Vec<Arc<Segment>> = {
-            let map = self.segments.read().map_err(poisoned)?;
-            let begin = map.range(..=from).next_back().map_or(from, |(&k, _)| k);
-            map.range(begin..).map(|(_, s)| s.clone()).collect()
-        };
+        let segments = self.segments_from(from)?;
         let mut out = Vec::new();
         for segment in segments {
             if out.len() >= limit {
