@@ -18,6 +18,10 @@
 //!   only once it is durable. A group that fails before anything of it was written leaves no
 //!   trace: the chain goes on from where it stood and the next group tries again. A group
 //!   whose outcome is unknown fails the store for good (see [`Store::failed_for_good`]).
+//! - **Several writers**: an engine that other processes write too starts each group under
+//!   its writers' lock and tells the core where the chain and the revisions stand
+//!   ([`Adapter::begin_group`]), so that all of them extend one chain (tested with two
+//!   committers on one in-memory engine in `commit/tests.rs`).
 //! - **Import**: an export's records go into an empty store as groups the adapter writes
 //!   like any other; the chain then goes on from the last imported entry.
 //!
@@ -129,6 +133,17 @@ pub trait Adapter: Send + 'static {
     fn write_group(&mut self, group: &Group) -> Result<(), StoreError>;
     /// Makes everything durable before the store closes.
     fn close(&mut self) -> Result<(), StoreError>;
+    /// Starts a group, before its first guard is read. An engine that other processes write
+    /// too takes its writers' lock here (held until [`Adapter::end_group`], so that the
+    /// group's guard reads and its write see no other writer) and returns where the chain and
+    /// the revisions stand now: another process may have moved them since this one last
+    /// wrote. `None` (the default): only this process writes, and the core's own position
+    /// holds. An error fails the group's commits.
+    fn begin_group(&mut self) -> Result<Option<Position>, StoreError> {
+        Ok(None)
+    }
+    /// Ends the group [`Adapter::begin_group`] started, whether it wrote or not.
+    fn end_group(&mut self) {}
 }
 
 /// Where the chain and the revisions stand: what the next commit builds on.
@@ -333,7 +348,9 @@ impl<A: Adapter> Writer<A> {
     fn run(mut self, mut rx: mpsc::Receiver<Message<A>>) {
         while let Some(first) = rx.blocking_recv() {
             // Where the chain stood before the group, should the group write nothing.
-            let before = self.position;
+            let mut before = self.position;
+            // Whether the adapter started the group (see `Adapter::begin_group`).
+            let mut started: Option<Result<(), StoreError>> = None;
             let mut group = Group {
                 transactions: Vec::new(),
                 last_revision: Revision(0),
@@ -345,10 +362,23 @@ impl<A: Adapter> Writer<A> {
             while let Some(message) = next.take() {
                 match message {
                     Message::Commit(tx, reply) => {
-                        let result = self.apply(*tx, &mut overlay).map(|resolved| {
-                            group.transactions.push(resolved);
-                            group.transactions.len() - 1
-                        });
+                        let begun = match &started {
+                            None => {
+                                let begun = self.begin_group();
+                                if let Ok(Some(position)) = &begun {
+                                    (before, self.position) = (*position, *position);
+                                }
+                                started.insert(begun.map(drop))
+                            }
+                            Some(begun) => begun,
+                        };
+                        let result = match begun {
+                            Ok(()) => self.apply(*tx, &mut overlay).map(|resolved| {
+                                group.transactions.push(resolved);
+                                group.transactions.len() - 1
+                            }),
+                            Err(e) => Err(copy_failure(e)),
+                        };
                         waiting.push(Waiting { reply, result });
                     }
                     Message::StartChain(key, reply) => {
@@ -376,6 +406,9 @@ impl<A: Adapter> Writer<A> {
                     Vec::new()
                 }
             };
+            if started.is_some_and(|begun| begun.is_ok()) {
+                self.adapter.end_group();
+            }
             if let Some(seq) = audits.iter().rev().find_map(|a| a.as_ref().map(|r| r.seq)) {
                 self.status.durable_seq.store(seq, Ordering::Release);
             }
@@ -446,6 +479,14 @@ impl<A: Adapter> Writer<A> {
             self.status.fail_for_good();
         }
         Err(StoreError::Engine(format!("write: {e}")))
+    }
+
+    /// Has the adapter start a group (see [`Adapter::begin_group`]).
+    fn begin_group(&mut self) -> Result<Option<Position>, StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        self.adapter.begin_group()
     }
 
     /// Checks `tx`'s guards and resolves its writes and audit entry. Nothing of a
@@ -740,3 +781,6 @@ impl Guard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -16,7 +16,7 @@ fn name(s: &str) -> SecretName {
     SecretName::parse(s).unwrap()
 }
 
-fn secret(t: &str, n: &str) -> SecretRecord {
+pub(crate) fn secret(t: &str, n: &str) -> SecretRecord {
     SecretRecord {
         id: SecretId::generate(),
         tenant: tenant(t),
@@ -86,7 +86,7 @@ fn draft(action: Action) -> AuditDraft {
     AuditDraft::new(action, None, Some("127.0.0.1:1".into()))
 }
 
-fn put(writes: Vec<Write>, action: Action) -> Transaction {
+pub(crate) fn put(writes: Vec<Write>, action: Action) -> Transaction {
     Transaction {
         guards: Vec::new(),
         writes,
