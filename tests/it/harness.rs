@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -284,7 +285,11 @@ impl TestServer {
         let log_path = cwd.join(format!("server-{}.log", unique()));
         let mut args = args.to_vec();
         args.extend(["--listen", "127.0.0.1:0"]);
+        // A process group of its own, so that every process it is made of (byokd under
+        // strace, or behind a shell prelude) ends with it: killing strace alone leaves its
+        // tracee running.
         let mut child = byokd_command_with(cwd, &args, &log_path, prelude)
+            .process_group(0)
             .spawn()
             .expect("spawn byokd");
         let stdout = child.stdout.take().expect("stdout");
@@ -313,7 +318,7 @@ impl TestServer {
                     banner.push(line);
                 }
                 Err(_) => {
-                    let _ = child.kill();
+                    kill_group(&child);
                     let status = child.wait();
                     panic!(
                         "byokd did not start ({status:?}); log:\n{}",
@@ -365,7 +370,7 @@ impl TestServer {
                 return status;
             }
             if std::time::Instant::now() > deadline {
-                let _ = child.kill();
+                kill_group(&child);
                 let _ = child.wait();
                 panic!(
                     "byokd did not stop within a minute of SIGTERM; log:\n{}",
@@ -379,15 +384,24 @@ impl TestServer {
     /// SIGKILL: no shutdown, no final flush.
     pub fn kill9(mut self) {
         let mut child = self.child.take().expect("running");
-        child.kill().expect("kill -9");
+        kill_group(&child);
         let _ = child.wait();
     }
+}
+
+/// SIGKILL to the server's process group (see `TestServer::start_with`).
+fn kill_group(child: &Child) {
+    let group = format!("-{}", child.id());
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &group])
+        .stderr(Stdio::null())
+        .status();
 }
 
 impl Drop for TestServer {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
+            kill_group(&child);
             let _ = child.wait();
         }
         // Every server of the whole run logs at trace level: none of its logs may contain a
