@@ -615,6 +615,16 @@ impl<A: Adapter> Writer<A> {
     /// Loads an import into the store, which must be empty; on failure the store takes no
     /// more writes (a partial import must not be served).
     fn import(&mut self, source: ImportSource) -> Result<u64, StoreError> {
+        // One group as far as other writers go: the whole import runs under their lock.
+        if let Some(position) = self.begin_group()? {
+            self.position = position;
+        }
+        let imported = self.import_begun(source);
+        self.adapter.end_group();
+        imported
+    }
+
+    fn import_begun(&mut self, source: ImportSource) -> Result<u64, StoreError> {
         let empty = self.position.next_seq == 1
             && self.position.next_revision == 1
             && self.adapter.anchor()?.is_none();

@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use super::{Adapter, Change, Committer, Group, Position, RecordKey};
 use crate::model::{Action, AuditAnchor, AuditRecord, Revision, SecretId};
 use crate::store::tests::{chain_key, put, secret};
-use crate::store::{Guard, StoreError, Transaction, Write};
+use crate::store::{Guard, Record, StoreError, Transaction, Write};
 
 /// What the engine holds: record revisions, envelope versions and the trail.
 #[derive(Default)]
@@ -195,4 +195,61 @@ async fn two_processes_on_one_engine_keep_one_chain_through_begin_group() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_begin_group_two_processes_fork_the_chain() {
     assert!(!two_writers(false).await);
+}
+
+/// An import into a shared engine runs under the writers' lock and against the engine's
+/// position: another process's next commit follows the imported head and revisions, and a
+/// process that has written nothing itself is refused an import into the engine others wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_on_a_shared_engine_is_where_the_other_writers_go_on() {
+    let start = |engine: &Arc<Shared>| {
+        let handle = Handle {
+            engine: engine.clone(),
+            shared: true,
+        };
+        Committer::start(handle, Position::after(None, None, Revision(0))).unwrap()
+    };
+    // A trail of three entries and a secret, made on another engine.
+    let source = Arc::new(Shared::default());
+    let maker = start(&source);
+    maker.start_chain(chain_key()).await.unwrap();
+    for i in 0..3 {
+        let s = secret("t", &format!("made-{i}"));
+        maker
+            .commit(put(vec![Write::PutSecret(s)], Action::Store))
+            .await
+            .unwrap();
+    }
+    maker.close().await.unwrap();
+    let trail = source.state.lock().unwrap().trail.clone();
+    let mut imported = secret("t", "imported");
+    imported.rev = Revision(3);
+
+    let engine = Arc::new(Shared::default());
+    let (a, b) = (start(&engine), start(&engine));
+    let mut records: Vec<Record> = trail.iter().cloned().map(Record::Audit).collect();
+    records.push(Record::Secret(imported));
+    records.reverse();
+    let loaded = a.import(Box::new(move || Ok(records.pop()))).await.unwrap();
+    assert_eq!(loaded, 4);
+    b.start_chain(chain_key()).await.unwrap();
+    let committed = b
+        .commit(put(
+            vec![Write::PutSecret(secret("t", "next"))],
+            Action::Store,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(committed.audit_seq, Some(4));
+    let state = engine.state.lock().unwrap();
+    assert_eq!(state.trail[3].prev_hash, trail[2].hash);
+    assert_eq!(state.last_revision, Revision(4));
+    drop(state);
+    // A third process, which has written nothing itself, finds the engine not empty.
+    let c = start(&engine);
+    let again = c.import(Box::new(|| Ok(None))).await;
+    assert!(matches!(again, Err(StoreError::Export(_))), "{again:?}");
+    for committer in [a, b, c] {
+        committer.close().await.unwrap();
+    }
 }
