@@ -241,10 +241,11 @@ async fn an_import_on_a_shared_engine_is_where_the_other_writers_go_on() {
         .await
         .unwrap();
     assert_eq!(committed.audit_seq, Some(4));
-    let state = engine.state.lock().unwrap();
-    assert_eq!(state.trail[3].prev_hash, trail[2].hash);
-    assert_eq!(state.last_revision, Revision(4));
-    drop(state);
+    {
+        let state = engine.state.lock().unwrap();
+        assert_eq!(state.trail[3].prev_hash, trail[2].hash);
+        assert_eq!(state.last_revision, Revision(4));
+    }
     // A third process, which has written nothing itself, finds the engine not empty.
     let c = start(&engine);
     let again = c.import(Box::new(|| Ok(None))).await;
