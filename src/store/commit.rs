@@ -362,16 +362,11 @@ impl<A: Adapter> Writer<A> {
             while let Some(message) = next.take() {
                 match message {
                     Message::Commit(tx, reply) => {
-                        let begun = match &started {
-                            None => {
-                                let begun = self.begin_group();
-                                if let Ok(Some(position)) = &begun {
-                                    (before, self.position) = (*position, *position);
-                                }
-                                started.insert(begun.map(drop))
-                            }
-                            Some(begun) => begun,
-                        };
+                        let begun = started.get_or_insert_with(|| {
+                            let begun = self.begin_group();
+                            before = self.position;
+                            begun
+                        });
                         let result = match begun {
                             Ok(()) => self.apply(*tx, &mut overlay).map(|resolved| {
                                 group.transactions.push(resolved);
@@ -481,12 +476,16 @@ impl<A: Adapter> Writer<A> {
         Err(StoreError::Engine(format!("write: {e}")))
     }
 
-    /// Has the adapter start a group (see [`Adapter::begin_group`]).
-    fn begin_group(&mut self) -> Result<Option<Position>, StoreError> {
+    /// Has the adapter start a group (see [`Adapter::begin_group`]); the group builds on
+    /// the position the adapter names, if it names one.
+    fn begin_group(&mut self) -> Result<(), StoreError> {
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
-        self.adapter.begin_group()
+        if let Some(position) = self.adapter.begin_group()? {
+            self.position = position;
+        }
+        Ok(())
     }
 
     /// Checks `tx`'s guards and resolves its writes and audit entry. Nothing of a
@@ -616,9 +615,7 @@ impl<A: Adapter> Writer<A> {
     /// more writes (a partial import must not be served).
     fn import(&mut self, source: ImportSource) -> Result<u64, StoreError> {
         // One group as far as other writers go: the whole import runs under their lock.
-        if let Some(position) = self.begin_group()? {
-            self.position = position;
-        }
+        self.begin_group()?;
         let imported = self.import_begun(source);
         self.adapter.end_group();
         imported
