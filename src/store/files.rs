@@ -1,10 +1,19 @@
-//! The files of the audit trail: opened with the trail's mode, and replaced whole, synced.
+//! The files of the audit trail: its directories and files made with the trail's modes, and
+//! files replaced whole, synced.
 //! Both the segment files (`auditlog/`) and their indexes (`auditindex.rs`) use them.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
+
+/// Creates the directory `path` (and its parents), mode 0700, if it is not there.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}
 
 /// Opens `path` for reading and writing (creating it, mode 0600, if asked).
 pub fn open_file(path: &Path, create: bool) -> std::io::Result<File> {

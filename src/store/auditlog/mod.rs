@@ -34,13 +34,13 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::{DirBuilderExt, FileExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::auditindex::{Indexer, SegmentIndex};
-use super::files::open_file;
+use super::files::{create_private_dir, open_file};
 use super::{StoreError, TrailDamage};
 
 mod frames;
@@ -169,11 +169,7 @@ impl AuditLog {
         indexer: Indexer,
         acknowledged: u64,
     ) -> Result<Self, StoreError> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io)?;
+        create_private_dir(dir).map_err(io)?;
         let firsts = list_segments(dir)?;
         let mut segments = BTreeMap::new();
         let mut tail_len = 0;

@@ -10,9 +10,9 @@ use super::{
     AuditLog, Frame, NONE, NewFrame, corrupt, index_error, io, poisoned, segment_path, sync_dir,
 };
 use crate::store::auditindex::SegmentIndex;
-use crate::store::files::open_file;
+use crate::store::files::{create_private_dir, open_file};
 use crate::store::{StoreError, TrailDamage};
-use std::os::unix::fs::{DirBuilderExt, FileExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,18 +39,20 @@ impl AuditLog {
         }
     }
 
+    /// The first position of the segment after `segment` (`None`: it is the active one).
+    fn next_segment(&self, segment: &Segment) -> Result<Option<u64>, StoreError> {
+        let segments = self.segments.read().map_err(poisoned)?;
+        Ok(segments
+            .range(segment.first + 1..)
+            .next()
+            .map(|(&first, _)| first))
+    }
+
     /// Reads a segment whole and checks it against its offsets: damage is an error; offsets
     /// that do not fit a sound sealed segment are written again (they are derived from it):
     /// `Ok(true)` then.
     pub(super) fn examine(&self, segment: &Arc<Segment>) -> Result<bool, StoreError> {
-        let next = self
-            .segments
-            .read()
-            .map_err(poisoned)?
-            .range(segment.first + 1..)
-            .next()
-            .map(|(&first, _)| first);
-        let Some(next) = next else {
+        let Some(next) = self.next_segment(segment)? else {
             // The active segment: its offsets come from a scan at open and the appends since;
             // the file must still say the same.
             let _tail = self.tail.lock().map_err(poisoned)?;
@@ -101,13 +103,8 @@ impl AuditLog {
 
     /// Builds a segment's audit index again from the segment (after a damaged index block).
     pub(super) fn reindex(&self, segment: &Arc<Segment>) -> Result<(), StoreError> {
-        let sealed = self
-            .segments
-            .read()
-            .map_err(poisoned)?
-            .range(segment.first + 1..)
-            .next()
-            .is_some();
+        // A segment with a successor is sealed.
+        let sealed = self.next_segment(segment)?.is_some();
         let found = scan(&segment.file, segment.first, Some(&self.indexer));
         let index = if sealed {
             let path = segment_path(&self.dir, segment.first, "ndx");
@@ -223,11 +220,7 @@ impl AuditLog {
         first_lost: u64,
         quarantine: &Path,
     ) -> Result<Vec<PathBuf>, StoreError> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(quarantine)
-            .map_err(io)?;
+        create_private_dir(quarantine).map_err(io)?;
         let firsts = list_segments(dir)?;
         let mut copied = Vec::new();
         for (i, &first) in firsts.iter().enumerate() {
