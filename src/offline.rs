@@ -418,9 +418,10 @@ async fn replay_revocations(
 }
 
 /// Loads the backup `input` into the configured data directory, which must hold no data.
-/// The records go to a staging store first (through [`crate::store::Store::import`]); it becomes the data directory's database only
-/// after the backup's checksum, the master key's key check, the whole audit chain (up to the
-/// head the backup names) and the decryption of every stored value succeed.
+/// The records go to a staging store first (through [`crate::store::Store::import`]); it
+/// becomes the data directory's database only after the backup's checksum, the master key's
+/// key check, the whole audit chain (up to the head the backup names) and the decryption of
+/// every stored value succeed.
 pub async fn restore(
     config: &Config,
     input: &Path,

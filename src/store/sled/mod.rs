@@ -56,8 +56,8 @@ mod writer;
 
 use self::migrations::{migrate_legacy_entries, remove_index_keys};
 use self::recovery::{
-    anchor, applied_position, check_trail_start, expected_first, meta_value, recover_trail,
-    stored_revision,
+    anchor, applied_position, check_trail_start, expected_first, meta_revision, meta_value,
+    recover_trail, stored_revision,
 };
 use self::writer::{Pending, SledAdapter, batch_of, stage, stage_lease};
 

@@ -58,8 +58,12 @@ pub(super) fn meta_value(
     let Some(value) = tree.get(codec::meta_key(key)).map_err(engine)? else {
         return Ok(None);
     };
-    let revision = stored_u64(tree, &codec::meta_revision_key(key))?;
-    Ok(Some((Revision(revision), value)))
+    Ok(Some((meta_revision(tree, key)?, value)))
+}
+
+/// The revision of a meta value (0: absent, or written before revisions).
+pub(super) fn meta_revision(tree: &sled::Tree, key: MetaKey) -> Result<Revision, StoreError> {
+    stored_u64(tree, &codec::meta_revision_key(key)).map(Revision)
 }
 
 /// The largest revision assigned (0: none recorded).

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{anchor, decode_frame, engine, meta_value};
+use super::{anchor, decode_frame, engine, meta_revision, meta_value};
 
 /// What the writer copied while writes waited, and the part of the trail left to copy.
 pub(super) struct RecordsExported {
@@ -310,7 +310,7 @@ impl SledAdapter {
                 continue;
             };
             if let Record::Meta(meta, revision, _) = &mut record {
-                *revision = meta_value(&self.tree, *meta)?.map_or(Revision(0), |(r, _)| r);
+                *revision = meta_revision(&self.tree, *meta)?;
             }
             sink(record).map_err(StoreError::Export)?;
             count += 1;
