@@ -110,23 +110,12 @@ impl Record {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Labels, Provider, SecretId, SecretName, SecretState, TenantId, Time};
 
+    /// The suite's secret `acme`/`k`, with revision `rev`.
     fn secret(rev: u64) -> SecretRecord {
-        SecretRecord {
-            id: SecretId::generate(),
-            tenant: TenantId::parse("acme").unwrap(),
-            name: SecretName::parse("k").unwrap(),
-            provider: Provider::parse("openai").unwrap(),
-            labels: Labels::default(),
-            version: 1,
-            state: SecretState::Active,
-            created_at: Time::from_micros(1),
-            updated_at: Time::from_micros(1),
-            hint: String::new(),
-            revoked_at: None,
-            rev: Revision(rev),
-        }
+        let mut s = crate::store::tests::secret("acme", "k");
+        s.rev = Revision(rev);
+        s
     }
 
     #[test]
