@@ -160,7 +160,6 @@ impl Attempts {
     }
 }
 
-/// Parses a tenant and name, noting each in the audit draft as soon as it is valid.
 /// Parses the secret a request names into its audit entry, as far as it is valid (an invalid
 /// part is noted as invalid, never copied). Called before authorization, so that a denied
 /// request is audited with the target it named; the caller raises the validation error after
@@ -374,8 +373,6 @@ impl Vault {
         self.shutdown.send_replace(true);
     }
 
-    /// Commits `tx` and returns `Some(value)` once it is durable, or `None` if a guard no
-    /// longer held: another writer changed what the caller read, so it must read again.
     /// Commits `tx`: `value` once it is durable, `None` if its guards no longer held (another
     /// request changed what the caller read: read again, see [`Attempts`]).
     async fn commit_or_retry<T>(&self, tx: Transaction, value: T) -> Result<Option<T>, VaultError> {
