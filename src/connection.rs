@@ -13,6 +13,10 @@
 //!   - a response makes no progress for the stall timeout: a frame handed to the transport is
 //!     not taken (the peer grants no HTTP/2 flow-control credit), or the socket accepts no
 //!     bytes (the peer reads nothing).
+//!
+//!   It also gathers what the transport writes until a flush, and puts the first flush of a
+//!   batch off by one turn of its task, so that the responses of one commit group leave in
+//!   one write instead of one each (BENCHMARKS.md, "Responses that leave together").
 //! - [`Tracked`] is a response body under that watch: it hands the transport at most
 //!   [`PIECE`] bytes at a time (so that a response the peer does not read is seen as stalled
 //!   instead of disappearing into the transport's buffers), holds the admission permit of its
@@ -43,6 +47,8 @@ use crate::auth::CertIdentity;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// The most of a response body handed to the transport at once.
 pub const PIECE: usize = 16 * 1024;
+/// The most a connection buffers before it writes to its socket.
+const OUT_BUFFER: usize = 64 * 1024;
 
 /// How long a connection may go without doing something useful.
 #[derive(Debug, Clone, Copy)]
@@ -368,6 +374,10 @@ pub struct Guarded {
     timer: Pin<Box<Sleep>>,
     timer_armed: bool,
     open_gauge: bool,
+    /// Bytes the transport wrote that the socket has not taken yet (see [`Guarded::poll_flush`]).
+    out: Vec<u8>,
+    /// The flush asked for `out` was put off once already.
+    flush_deferred: bool,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -444,6 +454,47 @@ impl Guarded {
         (fatal, look)
     }
 
+    /// Hands `out` to the socket; `Pending` while the socket takes no more.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.out.is_empty() {
+            let result = Pin::new(&mut self.stream).poll_write(cx, &self.out);
+            match ready!(self.written(cx, result)) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    self.out.drain(..n);
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Takes `bufs` into `out`, as much as fits (at least one byte, once `out` is drained).
+    fn poll_buffer(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        if self.out.len() + total > OUT_BUFFER && !self.out.is_empty() {
+            ready!(self.poll_drain(cx))?;
+        }
+        let room = OUT_BUFFER.saturating_sub(self.out.len()).max(1);
+        let mut taken = 0;
+        for buf in bufs {
+            let n = buf.len().min(room - taken);
+            self.out.extend_from_slice(&buf[..n]);
+            taken += n;
+            if taken == room {
+                break;
+            }
+        }
+        Poll::Ready(Ok(taken))
+    }
+
     fn written<T>(
         &mut self,
         cx: &mut Context<'_>,
@@ -483,16 +534,27 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        let result = Pin::new(&mut this.stream).poll_write(cx, buf);
-        this.written(cx, result)
+        self.poll_buffer(cx, &[io::IoSlice::new(buf)])
     }
 
+    /// Writes what the transport buffered. The first flush of a batch is put off once (the
+    /// connection's task yields): responses that other tasks finish meanwhile (a commit group
+    /// answers many at once) then leave in the same write, instead of one system call and
+    /// one wake-up of the peer for each.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let this = &mut *self;
+        if !this.out.is_empty() && !this.flush_deferred {
+            this.flush_deferred = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        ready!(this.poll_drain(cx))?;
+        this.flush_deferred = false;
+        Pin::new(&mut this.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 
@@ -501,13 +563,11 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        let result = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        this.written(cx, result)
+        self.poll_buffer(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        true
     }
 }
 
@@ -605,6 +665,8 @@ impl Stream for Incoming {
                 timer: Box::pin(tokio::time::sleep_until(opened + this.timeouts.handshake)),
                 timer_armed: false,
                 open_gauge: this.open_gauge,
+                out: Vec::new(),
+                flush_deferred: false,
                 _permit: permit,
             })));
         }
@@ -620,4 +682,118 @@ pub fn descriptor_ceiling(reserve: u64) -> Option<u64> {
     use rustix::process::{Resource, getrlimit};
     let limit = getrlimit(Resource::Nofile).current?;
     Some(limit.saturating_sub(reserve).max(limit / 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Waker;
+    use tokio::io::AsyncReadExt;
+
+    /// A connection accepted on loopback, and its peer.
+    async fn pair() -> (Guarded, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let timeouts = ConnTimeouts {
+            handshake: Duration::from_secs(60),
+            idle: Duration::from_secs(60),
+            stall: Duration::from_secs(60),
+        };
+        let mut incoming = Incoming::new(listener, 4, None, timeouts, false);
+        let guarded = std::future::poll_fn(|cx| Pin::new(&mut incoming).poll_next(cx))
+            .await
+            .unwrap()
+            .unwrap();
+        (guarded, peer)
+    }
+
+    fn poll_flush(conn: &mut Guarded) -> Poll<io::Result<()>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        Pin::new(conn).poll_flush(&mut cx)
+    }
+
+    fn poll_write(conn: &mut Guarded, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        Pin::new(conn).poll_write(&mut cx, buf)
+    }
+
+    /// Whatever the peer can read now, without waiting.
+    async fn readable_now(peer: &mut TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::time::timeout(Duration::from_millis(50), peer.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => return got,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_before_a_deferred_flush_leave_together() {
+        let (mut conn, mut peer) = pair().await;
+        assert!(matches!(
+            poll_write(&mut conn, b"first "),
+            Poll::Ready(Ok(6))
+        ));
+        // The first flush yields: nothing has left yet.
+        assert!(poll_flush(&mut conn).is_pending());
+        assert!(readable_now(&mut peer).await.is_empty());
+        // What another task adds meanwhile leaves with it, at the next flush.
+        assert!(matches!(
+            poll_write(&mut conn, b"second"),
+            Poll::Ready(Ok(6))
+        ));
+        assert!(matches!(poll_flush(&mut conn), Poll::Ready(Ok(()))));
+        assert_eq!(readable_now(&mut peer).await, b"first second");
+        // A flush with nothing buffered does not yield.
+        assert!(matches!(poll_flush(&mut conn), Poll::Ready(Ok(()))));
+        // The next batch is put off once again.
+        assert!(matches!(
+            poll_write(&mut conn, b"third"),
+            Poll::Ready(Ok(5))
+        ));
+        assert!(poll_flush(&mut conn).is_pending());
+        assert!(matches!(poll_flush(&mut conn), Poll::Ready(Ok(()))));
+        assert_eq!(readable_now(&mut peer).await, b"third");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_reads_nothing_stops_the_writer_with_at_most_a_buffer_held() {
+        let (mut conn, _peer) = pair().await;
+        let chunk = vec![7u8; 256 * 1024];
+        let mut accepted = 0usize;
+        let blocked = loop {
+            match poll_write(&mut conn, &chunk) {
+                Poll::Ready(Ok(n)) => {
+                    assert!(n > 0 && n <= OUT_BUFFER);
+                    accepted += n;
+                    assert!(accepted < 256 * 1024 * 1024, "the socket never pushed back");
+                }
+                Poll::Ready(Err(e)) => panic!("write failed: {e}"),
+                Poll::Pending => break true,
+            }
+        };
+        assert!(blocked);
+        assert!(conn.out.len() <= OUT_BUFFER);
+        assert!(conn.write_blocked_since.is_some());
+        assert!(poll_flush(&mut conn).is_pending());
+    }
+
+    #[tokio::test]
+    async fn shutdown_sends_what_was_buffered() {
+        let (mut conn, mut peer) = pair().await;
+        assert!(matches!(
+            poll_write(&mut conn, b"last words"),
+            Poll::Ready(Ok(10))
+        ));
+        std::future::poll_fn(|cx| Pin::new(&mut conn).poll_shutdown(cx))
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"last words");
+    }
 }
