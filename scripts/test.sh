@@ -7,6 +7,12 @@
 # outside one: PEP 668), whose bin/ comes first on PATH for the tests. strace (to count the
 # server's syncs) comes from apt.
 #
+# PostgreSQL, for the tests of the PostgreSQL engine: BYOKD_TEST_DATABASE_URL if it is set
+# (a role that may create databases; each test creates its own and drops it). Otherwise the
+# machine's PostgreSQL cluster, started if it is down and installed from Debian's packages if
+# there is none, with a role byokd_test (a fresh password each run) for the tests to use over
+# 127.0.0.1. Under CI=true a test that finds no PostgreSQL fails instead of skipping.
+#
 # The run has a time limit (BYOKD_TEST_TIMEOUT, default 40m, as for `timeout`): past it the
 # tests still running are named (libtest reports those running over 60 s) and the run fails.
 set -euo pipefail
@@ -37,6 +43,37 @@ fi
 if ! command -v strace >/dev/null 2>&1; then
   apt_install strace
 fi
+
+# Runs psql as the cluster's superuser (peer authentication on the local socket).
+as_postgres() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi
+}
+if [ -z "${BYOKD_TEST_DATABASE_URL:-}" ]; then
+  if ! command -v pg_lsclusters >/dev/null 2>&1; then
+    apt_install postgresql
+  fi
+  cluster="$(pg_lsclusters -h | sort -k1,1V | tail -n 1)"
+  if [ -z "$cluster" ]; then
+    version="$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -V | tail -n 1)"
+    pg_createcluster "$version" main >/dev/null
+    cluster="$(pg_lsclusters -h | sort -k1,1V | tail -n 1)"
+  fi
+  read -r pg_version pg_name pg_port pg_status _ <<< "$cluster"
+  if [ "$pg_status" != online ]; then
+    pg_ctlcluster --skip-systemctl-redirect "$pg_version" "$pg_name" start
+  fi
+  pg_password="$(head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  as_postgres psql -q -p "$pg_port" -v ON_ERROR_STOP=1 -v password="$pg_password" <<'SQL'
+SELECT 'CREATE ROLE byokd_test LOGIN CREATEDB' WHERE NOT EXISTS
+  (SELECT FROM pg_roles WHERE rolname = 'byokd_test') \gexec
+ALTER ROLE byokd_test PASSWORD :'password';
+SQL
+  export BYOKD_TEST_DATABASE_URL="postgres://byokd_test:$pg_password@127.0.0.1:$pg_port/postgres"
+fi
+# Databases left by a run that was killed.
+psql "$BYOKD_TEST_DATABASE_URL" -qAt -c \
+  "SELECT datname FROM pg_database WHERE datname LIKE 'byokd_test_%'" 2>/dev/null \
+  | while read -r db; do psql "$BYOKD_TEST_DATABASE_URL" -q -c "DROP DATABASE IF EXISTS \"$db\"" || true; done
 
 limit=${BYOKD_TEST_TIMEOUT:-40m}
 out=$(mktemp)

@@ -790,4 +790,4 @@ impl Guard {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

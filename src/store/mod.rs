@@ -18,6 +18,7 @@ mod codec;
 mod commit;
 mod engine;
 mod files;
+pub mod postgres;
 pub mod query;
 mod records;
 pub mod sled;

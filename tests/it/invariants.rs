@@ -99,6 +99,13 @@ fn only_the_sled_adapter_knows_sled_and_only_store_names_it() {
 }
 
 #[test]
+fn only_the_postgres_adapter_knows_postgres() {
+    for crate_path in ["postgres", "tokio_postgres"] {
+        assert_only(crate_path, &["store/postgres/"]);
+    }
+}
+
+#[test]
 fn only_the_keyring_talks_to_aws() {
     for crate_path in [
         "aws_sdk_kms",

@@ -117,20 +117,30 @@ impl Adapter for Handle {
     }
 }
 
-/// Two committers on one engine, 2 x 64 concurrent commits each, and 16 racing creates of one
-/// name: where `shared`, one chain (seqs 1..=n in commit order, each entry linked to the one
-/// before and intact, times never decreasing), revisions never assigned twice, and exactly
-/// one create wins. Returns whether all of that held.
-async fn two_writers(shared: bool) -> bool {
-    let engine = Arc::new(Shared::default());
+/// What a test reads back from an engine once its writers closed.
+pub(crate) struct Written {
+    /// The audit trail, in seq order.
+    pub trail: Vec<AuditRecord>,
+    /// The revisions of the records written.
+    pub revisions: Vec<Revision>,
+    /// The engine's revision counter.
+    pub last_revision: Revision,
+}
+
+/// Two committers on one engine (each on an adapter `adapter` makes), 2 x 64 concurrent
+/// commits each, and 16 racing creates of one name: where the engine is shared, one chain
+/// (seqs 1..=n in commit order, each entry linked to the one before and intact, times never
+/// decreasing), revisions never assigned twice, and exactly one create wins. Returns whether
+/// all of that held in what `written` reads back.
+pub(crate) async fn two_writers<A: Adapter>(
+    adapter: impl Fn() -> A,
+    written: impl FnOnce() -> Written,
+) -> bool {
     let key = chain_key();
     let mut committers = Vec::new();
     for _ in 0..2 {
-        let handle = Handle {
-            engine: engine.clone(),
-            shared,
-        };
-        let committer = Committer::start(handle, Position::after(None, None, Revision(0))).unwrap();
+        let committer =
+            Committer::start(adapter(), Position::after(None, None, Revision(0))).unwrap();
         committer.start_chain(key.clone()).await.unwrap();
         committers.push(Arc::new(committer));
     }
@@ -170,31 +180,52 @@ async fn two_writers(shared: bool) -> bool {
     for committer in &committers {
         committer.close().await.unwrap();
     }
-    let state = engine.state.lock().unwrap();
-    let trail = &state.trail;
+    let Written {
+        trail,
+        revisions,
+        last_revision,
+    } = written();
     let one_chain = trail.iter().enumerate().all(|(i, r)| {
         r.seq == i as u64 + 1
             && key.is_intact(r)
             && (i == 0 || (r.prev_hash == trail[i - 1].hash && r.time >= trail[i - 1].time))
     });
-    let revisions: BTreeSet<Revision> = state.revisions.values().copied().collect();
+    let distinct: BTreeSet<Revision> = revisions.iter().copied().collect();
     one_chain
         && trail.len() == 128 + won
         && won == 1
-        && revisions.len() == state.revisions.len()
-        && state.last_revision == Revision(revisions.len() as u64)
+        && distinct.len() == revisions.len()
+        && last_revision == Revision(revisions.len() as u64)
+}
+
+/// [`two_writers`] on the in-memory engine; `shared`: its adapters take the writers' lock.
+async fn two_writers_in_memory(shared: bool) -> bool {
+    let engine = Arc::new(Shared::default());
+    let handle = || Handle {
+        engine: engine.clone(),
+        shared,
+    };
+    let written = || {
+        let state = engine.state.lock().unwrap();
+        Written {
+            trail: state.trail.clone(),
+            revisions: state.revisions.values().copied().collect(),
+            last_revision: state.last_revision,
+        }
+    };
+    two_writers(handle, written).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_one_engine_keep_one_chain_through_begin_group() {
-    assert!(two_writers(true).await);
+    assert!(two_writers_in_memory(true).await);
 }
 
 /// The check above fails without the hook: each committer then builds on its own position,
 /// and the chain forks (this guards the test itself).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_begin_group_two_processes_fork_the_chain() {
-    assert!(!two_writers(false).await);
+    assert!(!two_writers_in_memory(false).await);
 }
 
 /// An import into a shared engine runs under the writers' lock and against the engine's

@@ -1,0 +1,103 @@
+//! The PostgreSQL schema and its migrations.
+//!
+//! Migrations are numbered and applied in order, each once, in one transaction under a
+//! transaction-scoped advisory lock named after the schema: replicas that start at once (or
+//! `byokd migrate` beside them) apply each migration exactly once and none sees a half-made
+//! schema. They are expand/contract: a migration only adds what the running version does not
+//! use yet, and what an older version still uses is dropped only once no replica runs it,
+//! so that two versions can run side by side during a rolling deploy. A database that already
+//! has migrations this build does not know (a newer version ran) is used as it is.
+
+use postgres::GenericClient;
+
+use crate::store::StoreError;
+
+use super::pg_error;
+
+/// One step of the schema.
+pub struct Migration {
+    /// Its number: migrations apply in this order.
+    pub version: i32,
+    /// What it does.
+    pub name: &'static str,
+    /// Its statements, with `{schema}` for the schema's name.
+    sql: &'static str,
+}
+
+/// Every migration this build knows, in order.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "records, audit trail and commit position",
+    sql: include_str!("migrations/0001.sql"),
+}];
+
+/// What [`migrate`] found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrated {
+    /// The migrations it applied now.
+    pub applied: Vec<i32>,
+    /// The latest migration in the database afterwards (a newer build's may be later than
+    /// any this build knows).
+    pub latest: i32,
+}
+
+/// Checks that `schema` is a plain identifier (it is spliced into statements).
+pub fn check_schema_name(schema: &str) -> Result<(), StoreError> {
+    let mut chars = schema.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    if first_ok
+        && schema.len() <= 63
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        Ok(())
+    } else {
+        Err(StoreError::Engine(format!(
+            "schema name {schema:?}: use 1 to 63 lowercase letters, digits and underscores, \
+             not starting with a digit"
+        )))
+    }
+}
+
+/// Applies the migrations `schema` lacks, creating the schema if needed.
+pub fn migrate(client: &mut impl GenericClient, schema: &str) -> Result<Migrated, StoreError> {
+    check_schema_name(schema)?;
+    let mut tx = client.transaction().map_err(pg_error)?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('byokd-migrate:' || $1))",
+        &[&schema],
+    )
+    .map_err(pg_error)?;
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+         CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
+             version integer PRIMARY KEY,
+             name text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         );"
+    ))
+    .map_err(pg_error)?;
+    let row = tx
+        .query_one(
+            &format!("SELECT coalesce(max(version), 0) FROM {schema}.schema_migrations"),
+            &[],
+        )
+        .map_err(pg_error)?;
+    let recorded: i32 = row.get(0);
+    let mut latest = recorded;
+    let mut applied = Vec::new();
+    for migration in MIGRATIONS.iter().filter(|m| m.version > recorded) {
+        tx.batch_execute(&migration.sql.replace("{schema}", schema))
+            .map_err(pg_error)?;
+        tx.execute(
+            &format!("INSERT INTO {schema}.schema_migrations (version, name) VALUES ($1, $2)"),
+            &[&migration.version, &migration.name],
+        )
+        .map_err(pg_error)?;
+        applied.push(migration.version);
+        latest = migration.version;
+    }
+    tx.commit().map_err(pg_error)?;
+    Ok(Migrated { applied, latest })
+}

@@ -1,0 +1,69 @@
+//! A database of its own for each test on PostgreSQL, in the server that
+//! `BYOKD_TEST_DATABASE_URL` names (`scripts/test.sh` provides one). Without it a test is
+//! skipped, and says so, except under `CI=true`, where it fails.
+
+use postgres::NoTls;
+
+/// A fresh database, dropped when this is.
+pub struct TestDatabase {
+    server: postgres::Config,
+    name: String,
+    /// Connects to the test's database.
+    pub config: postgres::Config,
+}
+
+/// Runs `work` on a thread of its own: the blocking client may not run on an async worker.
+pub fn blocking<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| match s.spawn(work).join() {
+        Ok(value) => value,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
+}
+
+impl TestDatabase {
+    /// A new empty database, or `None` (the test is skipped) when no PostgreSQL is given.
+    pub fn create() -> Option<Self> {
+        let Ok(url) = std::env::var("BYOKD_TEST_DATABASE_URL") else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true and no PostgreSQL: set BYOKD_TEST_DATABASE_URL (scripts/test.sh does)"
+            );
+            eprintln!("skipped: BYOKD_TEST_DATABASE_URL is not set (scripts/test.sh sets it)");
+            return None;
+        };
+        let server: postgres::Config = url.parse().expect("BYOKD_TEST_DATABASE_URL");
+        let name = format!("byokd_test_{}", uuid::Uuid::new_v4().simple());
+        blocking(|| {
+            let mut client = server.connect(NoTls).expect("connect to the test server");
+            client
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .expect("create the test database");
+        });
+        let mut config = server.clone();
+        config.dbname(&name);
+        Some(Self {
+            server,
+            name,
+            config,
+        })
+    }
+
+    /// A connection to the test's database.
+    pub fn connect(&self) -> postgres::Client {
+        self.config
+            .connect(NoTls)
+            .expect("connect to the test database")
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let (server, name) = (&self.server, &self.name);
+        blocking(|| {
+            if let Ok(mut client) = server.connect(NoTls) {
+                let _ =
+                    client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+            }
+        });
+    }
+}

@@ -1,0 +1,212 @@
+//! The PostgreSQL engine against a real server (see `testing`): migrations, and the commit
+//! core on it with two processes writing one database.
+
+use postgres::NoTls;
+
+use super::PgAdapter;
+use super::schema::{self, MIGRATIONS, Migrated};
+use super::testing::{TestDatabase, blocking};
+use crate::model::{Action, AuditRecord, Revision};
+use crate::store::Write;
+use crate::store::commit::tests::{Written, two_writers};
+use crate::store::commit::{Committer, Position};
+use crate::store::tests::{chain_key, put, secret};
+
+const SCHEMA: &str = "byokd";
+
+fn migrated(db: &TestDatabase) {
+    let mut client = db.connect();
+    schema::migrate(&mut client, SCHEMA).unwrap();
+}
+
+fn adapter(db: &TestDatabase) -> PgAdapter {
+    let config = db.config.clone();
+    blocking(move || PgAdapter::connect(config, SCHEMA).unwrap())
+}
+
+/// The trail, the secrets' revisions and the revision counter, as the database holds them.
+fn written(db: &TestDatabase) -> Written {
+    blocking(|| {
+        let mut client = db.connect();
+        let trail = client
+            .query(
+                &format!("SELECT seq, record FROM {SCHEMA}.audit ORDER BY seq"),
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let seq: i64 = r.get(0);
+                crate::store::codec::decode::<AuditRecord>(
+                    &crate::store::codec::audit_key(seq as u64),
+                    r.get(1),
+                )
+                .unwrap()
+            })
+            .collect();
+        let revisions = client
+            .query(&format!("SELECT rev FROM {SCHEMA}.secrets"), &[])
+            .unwrap()
+            .iter()
+            .map(|r| Revision(r.get::<_, i64>(0) as u64))
+            .collect();
+        let last: i64 = client
+            .query_one(&format!("SELECT last_revision FROM {SCHEMA}.position"), &[])
+            .unwrap()
+            .get(0);
+        Written {
+            trail,
+            revisions,
+            last_revision: Revision(last as u64),
+        }
+    })
+}
+
+#[test]
+fn migrations_apply_once_even_when_several_processes_start_at_once() {
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    let results: Vec<Migrated> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut client = db.connect();
+                    schema::migrate(&mut client, SCHEMA).unwrap()
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let latest = MIGRATIONS.last().unwrap().version;
+    let all: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
+    assert_eq!(
+        results.iter().filter(|m| m.applied == all).count(),
+        1,
+        "{results:?}"
+    );
+    assert!(
+        results
+            .iter()
+            .all(|m| m.latest == latest && (m.applied.is_empty() || m.applied == all))
+    );
+    let mut client = db.connect();
+    let recorded: i64 = client
+        .query_one(
+            &format!("SELECT count(*) FROM {SCHEMA}.schema_migrations"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, MIGRATIONS.len() as i64);
+    // Run again: nothing to do.
+    let again = schema::migrate(&mut client, SCHEMA).unwrap();
+    assert_eq!(
+        again,
+        Migrated {
+            applied: vec![],
+            latest
+        }
+    );
+    // A newer build's migration in the database: this build uses the schema as it is.
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {SCHEMA}.schema_migrations (version, name) VALUES (9999, 'newer')"
+            ),
+            &[],
+        )
+        .unwrap();
+    let newer = schema::migrate(&mut client, SCHEMA).unwrap();
+    assert_eq!(
+        newer,
+        Migrated {
+            applied: vec![],
+            latest: 9999
+        }
+    );
+}
+
+#[test]
+fn a_schema_name_that_is_not_a_plain_identifier_is_refused() {
+    for bad in [
+        "",
+        "Byokd",
+        "1byokd",
+        "byokd; drop table x",
+        "by-okd",
+        &"a".repeat(64),
+    ] {
+        assert!(schema::check_schema_name(bad).is_err(), "{bad:?}");
+    }
+    for good in ["byokd", "_b", "byokd_2", &"a".repeat(63)] {
+        assert!(schema::check_schema_name(good).is_ok(), "{good:?}");
+    }
+}
+
+#[test]
+fn a_server_without_fsync_is_refused() {
+    assert!(super::refuse_unsafe("on").is_ok());
+    let refused = super::refuse_unsafe("off").unwrap_err().to_string();
+    assert!(refused.contains("fsync = off"), "{refused}");
+    // The live check passes on the test server (which runs with fsync on).
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    let mut client = db.connect();
+    super::check_durable(&mut client).unwrap();
+    let synchronous: String = client
+        .query_one("SHOW synchronous_commit", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(synchronous, "on");
+}
+
+/// The commit core's two-process case (`commit/tests.rs`) on PostgreSQL: two committers,
+/// each with its own connection, one database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_database_keep_one_chain() {
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    blocking(|| migrated(&db));
+    assert!(two_writers(|| adapter(&db), || written(&db)).await);
+}
+
+/// A connection lost between groups fails the next group with nothing written (UNAVAILABLE
+/// to its callers), and the group after reconnects and goes on where the chain stood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_fails_one_group_and_the_next_reconnects() {
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    blocking(|| migrated(&db));
+    let committer =
+        Committer::start(adapter(&db), Position::after(None, None, Revision(0))).unwrap();
+    committer.start_chain(chain_key()).await.unwrap();
+    let store = |name: &str| put(vec![Write::PutSecret(secret("t", name))], Action::Store);
+    let first = committer.commit(store("a")).await.unwrap();
+    assert_eq!(first.audit_seq, Some(1));
+    let name = db.config.get_dbname().unwrap().to_string();
+    blocking(|| {
+        let server = db.config.clone();
+        let mut client = server.connect(NoTls).unwrap();
+        let ended = client
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&name],
+            )
+            .unwrap();
+        assert_eq!(ended.len(), 1, "the writer's one connection");
+    });
+    let lost = committer.commit(store("b")).await;
+    assert!(matches!(&lost, Err(e) if e.is_unavailable()), "{lost:?}");
+    let next = committer.commit(store("c")).await.unwrap();
+    assert_eq!(next.audit_seq, Some(2));
+    assert!(!committer.status().failed_for_good());
+    committer.close().await.unwrap();
+    let written = written(&db);
+    assert_eq!(written.trail.len(), 2);
+    assert_eq!(written.trail[1].prev_hash, written.trail[0].hash);
+}
