@@ -87,8 +87,10 @@ impl Statements {
             ))?,
             audit_entry: p(format!("SELECT record FROM {s}.audit WHERE seq = $1"))?,
             put_secret: p(format!(
-                "INSERT INTO {s}.secrets (tenant, name, id, rev, record) VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (tenant, name) DO UPDATE SET id = $3, rev = $4, record = $5"
+                "INSERT INTO {s}.secrets (tenant, name, id, version, rev, record)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (tenant, name)
+                 DO UPDATE SET id = $3, version = $4, rev = $5, record = $6"
             ))?,
             put_envelope: p(format!(
                 "INSERT INTO {s}.envelopes (secret_id, version, rev, record) VALUES ($1, $2, $3, $4)
@@ -98,9 +100,9 @@ impl Statements {
                 "DELETE FROM {s}.envelopes WHERE secret_id = $1 AND version = $2"
             ))?,
             put_lease: p(format!(
-                "INSERT INTO {s}.leases (token_hash, id, expires_at, rev, record)
-                 VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (token_hash) DO UPDATE SET rev = $4, record = $5"
+                "INSERT INTO {s}.leases (token_hash, id, tenant, name, expires_at, rev, record)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (token_hash) DO UPDATE SET rev = $6, record = $7"
             ))?,
             delete_lease: p(format!("DELETE FROM {s}.leases WHERE token_hash = $1"))?,
             put_meta: p(format!(
@@ -183,6 +185,13 @@ impl PgAdapter {
         }
     }
 
+    /// Where the chain and the revisions stand now (read as a group would, without writing).
+    pub fn position(&mut self) -> Result<Position, StoreError> {
+        let position = self.begin_group()?;
+        self.end_group();
+        position.ok_or_else(|| before_commit("no position"))
+    }
+
     /// Writes the group's rows in the open transaction.
     fn write_rows(&self, group: &Group) -> Result<(), StoreError> {
         let mut rows = Vec::new();
@@ -211,10 +220,10 @@ impl PgAdapter {
 
 /// A row to write, encoded.
 enum Row {
-    Secret(String, String, uuid::Uuid, i64, Vec<u8>),
+    Secret(String, String, uuid::Uuid, i32, i64, Vec<u8>),
     Envelope(uuid::Uuid, i32, i64, Vec<u8>),
     DeleteEnvelope(uuid::Uuid, i32),
-    Lease(Vec<u8>, uuid::Uuid, i64, i64, Vec<u8>),
+    Lease(Vec<u8>, uuid::Uuid, String, String, i64, i64, Vec<u8>),
     DeleteLease(Vec<u8>),
     Meta(&'static str, i64, Vec<u8>),
     Anchor(i64, Vec<u8>),
@@ -228,6 +237,7 @@ impl Row {
                 s.tenant.as_str().to_string(),
                 s.name.as_str().to_string(),
                 uuid(s.id),
+                s.version as i32,
                 stored(s.rev),
                 codec::encode_record(s)?,
             ),
@@ -241,6 +251,8 @@ impl Row {
             Change::NewLease(l) | Change::UpdateLease(l) => Row::Lease(
                 l.token_hash.0.to_vec(),
                 uuid::Uuid::from_bytes(*l.id.as_bytes()),
+                l.tenant.as_str().to_string(),
+                l.name.as_str().to_string(),
                 l.expires_at.as_micros(),
                 stored(l.rev),
                 codec::encode_record(l)?,
@@ -255,8 +267,8 @@ impl Row {
 
     fn write(&self, client: &mut Client, sql: &Statements) -> Result<(), postgres::Error> {
         match self {
-            Row::Secret(tenant, name, id, rev, record) => {
-                client.execute(&sql.put_secret, &[tenant, name, id, rev, record])?
+            Row::Secret(tenant, name, id, version, rev, record) => {
+                client.execute(&sql.put_secret, &[tenant, name, id, version, rev, record])?
             }
             Row::Envelope(id, version, rev, record) => {
                 client.execute(&sql.put_envelope, &[id, version, rev, record])?
@@ -264,9 +276,10 @@ impl Row {
             Row::DeleteEnvelope(id, version) => {
                 client.execute(&sql.delete_envelope, &[id, version])?
             }
-            Row::Lease(hash, id, expires, rev, record) => {
-                client.execute(&sql.put_lease, &[hash, id, expires, rev, record])?
-            }
+            Row::Lease(hash, id, tenant, name, expires, rev, record) => client.execute(
+                &sql.put_lease,
+                &[hash, id, tenant, name, expires, rev, record],
+            )?,
             Row::DeleteLease(hash) => client.execute(&sql.delete_lease, &[hash])?,
             Row::Meta(name, rev, value) => client.execute(&sql.put_meta, &[name, rev, value])?,
             Row::Anchor(seq, record) => {

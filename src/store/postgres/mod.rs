@@ -1,17 +1,20 @@
 //! The PostgreSQL engine, for several byokd replicas on one database (being built, issue
-//! 17): the schema and its migrations ([`schema`]) and the commit core's adapter
-//! ([`PgAdapter`]), whose groups of every process extend one audit chain. The store's reads,
-//! its configuration (`[store] kind = "postgres"`) and the server's use of it come next;
+//! 17): the schema and its migrations ([`schema`]), the commit core's adapter
+//! ([`PgAdapter`]), whose groups of every process extend one audit chain, and the store
+//! ([`PgStore`]), which passes the shared store suite with two handles as two processes.
+//! Its configuration (`[store] kind = "postgres"`) and the server's use of it come next;
 //! nothing outside `store/` uses this module yet.
 
 mod adapter;
 pub mod schema;
+mod store;
 #[cfg(test)]
 pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
 
 pub use adapter::PgAdapter;
+pub use store::PgStore;
 
 use crate::store::StoreError;
 

@@ -10,6 +10,8 @@ pub struct TestDatabase {
     name: String,
     /// Connects to the test's database.
     pub config: postgres::Config,
+    /// The same, as a URL.
+    pub url: String,
 }
 
 /// Runs `work` on a thread of its own: the blocking client may not run on an async worker.
@@ -41,10 +43,12 @@ impl TestDatabase {
         });
         let mut config = server.clone();
         config.dbname(&name);
+        let url = with_dbname(&url, &name);
         Some(Self {
             server,
             name,
             config,
+            url,
         })
     }
 
@@ -66,4 +70,23 @@ impl Drop for TestDatabase {
             }
         });
     }
+}
+
+/// `url` with its database name replaced by `name` (the path of a `postgres://` URL).
+fn with_dbname(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_end = base
+        .find("://")
+        .map(|scheme| scheme + 3)
+        .and_then(|start| base[start..].find('/').map(|slash| start + slash))
+        .unwrap_or(base.len());
+    let mut out = format!("{}/{name}", &base[..authority_end]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
 }

@@ -3,14 +3,17 @@
 
 use postgres::NoTls;
 
-use super::PgAdapter;
+use std::str::FromStr;
+
 use super::schema::{self, MIGRATIONS, Migrated};
 use super::testing::{TestDatabase, blocking};
+use super::{PgAdapter, PgStore};
 use crate::model::{Action, AuditRecord, Revision};
+use crate::store::Store;
 use crate::store::Write;
 use crate::store::commit::tests::{Written, two_writers};
 use crate::store::commit::{Committer, Position};
-use crate::store::tests::{chain_key, put, secret};
+use crate::store::tests::{Subject, chain_key, put, secret, suite};
 
 const SCHEMA: &str = "byokd";
 
@@ -209,4 +212,53 @@ async fn a_lost_connection_fails_one_group_and_the_next_reconnects() {
     let written = written(&db);
     assert_eq!(written.trail.len(), 2);
     assert_eq!(written.trail[1].prev_hash, written.trail[0].hash);
+}
+
+/// Stores on PostgreSQL for the shared suite: each fresh store in a schema of its own in one
+/// test database; another handle is a second `PgStore` (a second process) on the same schema.
+struct PgSubject {
+    db: TestDatabase,
+    opened: std::sync::Mutex<Vec<(std::sync::Arc<dyn Store>, String)>>,
+}
+
+impl PgSubject {
+    async fn open(&self, schema: &str) -> std::sync::Arc<dyn Store> {
+        let config = tokio_postgres::Config::from_str(&self.db.url).unwrap();
+        std::sync::Arc::new(PgStore::open(config, schema, 4).await.unwrap())
+    }
+}
+
+#[async_trait::async_trait]
+impl Subject for PgSubject {
+    async fn fresh(&self) -> std::sync::Arc<dyn Store> {
+        let schema = format!("s{}", self.opened.lock().unwrap().len());
+        let store = self.open(&schema).await;
+        self.opened.lock().unwrap().push((store.clone(), schema));
+        store
+    }
+
+    async fn another_handle(&self, store: &std::sync::Arc<dyn Store>) -> std::sync::Arc<dyn Store> {
+        let schema = {
+            let opened = self.opened.lock().unwrap();
+            let found = opened
+                .iter()
+                .find(|(s, _)| std::sync::Arc::ptr_eq(s, store));
+            found.map(|(_, schema)| schema.clone()).unwrap()
+        };
+        let other = self.open(&schema).await;
+        self.opened.lock().unwrap().push((other.clone(), schema));
+        other
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_passes_the_suite() {
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    let subject = PgSubject {
+        db,
+        opened: Default::default(),
+    };
+    suite(&subject).await;
 }

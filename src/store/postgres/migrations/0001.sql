@@ -10,10 +10,12 @@ CREATE TABLE {schema}.position (
 );
 INSERT INTO {schema}.position (one, last_revision) VALUES (true, 0);
 
+-- Names compare bytewise (COLLATE "C"), as every engine lists them.
 CREATE TABLE {schema}.secrets (
-    tenant text NOT NULL,
-    name text NOT NULL,
+    tenant text COLLATE "C" NOT NULL,
+    name text COLLATE "C" NOT NULL,
     id uuid NOT NULL UNIQUE,
+    version integer NOT NULL,
     rev bigint NOT NULL,
     record bytea NOT NULL,
     PRIMARY KEY (tenant, name)
@@ -27,9 +29,12 @@ CREATE TABLE {schema}.envelopes (
     PRIMARY KEY (secret_id, version)
 );
 
+-- A lease names its secret by tenant and name (a redemption reads both in one join).
 CREATE TABLE {schema}.leases (
     token_hash bytea PRIMARY KEY,
     id uuid NOT NULL UNIQUE,
+    tenant text COLLATE "C" NOT NULL,
+    name text COLLATE "C" NOT NULL,
     expires_at bigint NOT NULL,
     rev bigint NOT NULL,
     record bytea NOT NULL

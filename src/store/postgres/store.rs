@@ -1,0 +1,527 @@
+//! [`PgStore`]: the `Store` on PostgreSQL. Reads go through a pool of connections
+//! (tokio-postgres with deadpool), each one statement (a `Get`'s redemption is one join);
+//! commits go through the commit core on its writer thread with [`PgAdapter`].
+
+use std::sync::Arc;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::broadcast;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{IsolationLevel, NoTls, Row};
+
+use super::PgAdapter;
+use super::schema;
+use crate::chain::ChainKey;
+use crate::model::{
+    AuditAnchor, AuditRecord, EnvelopeRecord, LeaseId, LeaseRecord, Revision, SecretId, SecretName,
+    SecretRecord, TenantId, Time, TokenHash,
+};
+use crate::store::codec::{self, Revisioned};
+use crate::store::commit::Committer;
+use crate::store::query::{self, AuditFilter, AuditPage};
+use crate::store::{
+    AuditIndex, Committed, ExportSink, ImportSource, MetaKey, Record, Redemption, Store,
+    StoreError, Transaction,
+};
+
+/// The store on PostgreSQL.
+pub struct PgStore {
+    pool: Pool,
+    sql: Reads,
+    committer: Committer<PgAdapter>,
+}
+
+/// The read statements, for one schema.
+struct Reads {
+    secret: String,
+    secrets_first: String,
+    secrets_after: String,
+    envelope: String,
+    envelopes_first: String,
+    envelopes_after: String,
+    envelope_count: String,
+    lease_by_token: String,
+    lease_by_id: String,
+    redemption: String,
+    expired_leases: String,
+    audit_entries: String,
+    audit_entry: String,
+    audit_head: String,
+    anchor: String,
+    audit_index: String,
+    meta: String,
+    metas: String,
+    all_secrets: String,
+    all_envelopes: String,
+    size: String,
+}
+
+impl Reads {
+    fn new(s: &str) -> Self {
+        Self {
+            secret: format!("SELECT record FROM {s}.secrets WHERE tenant = $1 AND name = $2"),
+            secrets_first: format!(
+                "SELECT record FROM {s}.secrets WHERE tenant = $1 ORDER BY name LIMIT $2"
+            ),
+            secrets_after: format!(
+                "SELECT record FROM {s}.secrets WHERE tenant = $1 AND name > $2
+                 ORDER BY name LIMIT $3"
+            ),
+            envelope: format!(
+                "SELECT record FROM {s}.envelopes WHERE secret_id = $1 AND version = $2"
+            ),
+            envelopes_first: format!(
+                "SELECT record FROM {s}.envelopes ORDER BY secret_id, version LIMIT $1"
+            ),
+            envelopes_after: format!(
+                "SELECT record FROM {s}.envelopes WHERE (secret_id, version) > ($1, $2)
+                 ORDER BY secret_id, version LIMIT $3"
+            ),
+            envelope_count: format!("SELECT count(*) FROM {s}.envelopes"),
+            lease_by_token: format!("SELECT record FROM {s}.leases WHERE token_hash = $1"),
+            lease_by_id: format!("SELECT record FROM {s}.leases WHERE id = $1"),
+            redemption: format!(
+                "SELECT l.record, s.record, e.record FROM {s}.leases l
+                 LEFT JOIN {s}.secrets s ON s.tenant = l.tenant AND s.name = l.name
+                 LEFT JOIN {s}.envelopes e ON e.secret_id = s.id AND e.version = s.version
+                 WHERE l.token_hash = $1"
+            ),
+            expired_leases: format!(
+                "SELECT record FROM {s}.leases WHERE expires_at < $1
+                 ORDER BY expires_at, token_hash LIMIT $2"
+            ),
+            audit_entries: format!(
+                "SELECT seq, record FROM {s}.audit WHERE seq >= $1 ORDER BY seq LIMIT $2"
+            ),
+            audit_entry: format!("SELECT seq, record FROM {s}.audit WHERE seq = $1"),
+            audit_head: format!("SELECT seq, record FROM {s}.audit ORDER BY seq DESC LIMIT 1"),
+            anchor: format!("SELECT record FROM {s}.anchor"),
+            audit_index: format!(
+                "SELECT seq FROM {s}.audit WHERE index_keys @> ARRAY[$1::bytea] AND seq >= $2
+                 ORDER BY seq LIMIT $3"
+            ),
+            meta: format!("SELECT rev, value FROM {s}.meta WHERE name = $1"),
+            metas: format!("SELECT name, rev, value FROM {s}.meta ORDER BY name"),
+            all_secrets: format!("SELECT record FROM {s}.secrets ORDER BY tenant, name"),
+            all_envelopes: format!("SELECT record FROM {s}.envelopes ORDER BY secret_id, version"),
+            size: format!(
+                "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = '{s}' AND c.relkind = 'r'"
+            ),
+        }
+    }
+}
+
+/// A failed read: UNAVAILABLE while the server cannot be reached, INTERNAL otherwise.
+fn read_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Transient(format!("PostgreSQL: {e}"))
+}
+
+fn uuid(id: [u8; 16]) -> uuid::Uuid {
+    uuid::Uuid::from_bytes(id)
+}
+
+fn limit(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn record<T: Revisioned>(key: &[u8], row: &Row, column: usize) -> Result<T, StoreError> {
+    codec::decode_record(key, row.get::<_, &[u8]>(column))
+}
+
+fn audit(row: &Row) -> Result<AuditRecord, StoreError> {
+    let seq: i64 = row.get(0);
+    codec::decode(&codec::audit_key(seq as u64), row.get::<_, &[u8]>(1))
+}
+
+impl PgStore {
+    /// Opens the store in `schema` of the database `config` names: applies the migrations
+    /// it lacks, connects the writer (refusing a server with `fsync = off`) and a pool of
+    /// up to `pool_size` connections for reads.
+    pub async fn open(
+        config: tokio_postgres::Config,
+        schema: &str,
+        pool_size: usize,
+    ) -> Result<Self, StoreError> {
+        schema::check_schema_name(schema)?;
+        let blocking_config = postgres::Config::from(config.clone());
+        let name = schema.to_string();
+        // The blocking client runs a runtime of its own: not on an async worker, nor inside
+        // `block_on`.
+        let (adapter, position) = tokio::task::spawn_blocking(move || {
+            let mut client = blocking_config
+                .connect(postgres::NoTls)
+                .map_err(read_error)?;
+            schema::migrate(&mut client, &name)?;
+            let mut adapter = PgAdapter::connect(blocking_config, &name)?;
+            let position = adapter.position()?;
+            Ok::<_, StoreError>((adapter, position))
+        })
+        .await
+        .map_err(|e| StoreError::Engine(format!("open: {e}")))??;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .build()
+            .map_err(|e| StoreError::Engine(format!("PostgreSQL pool: {e}")))?;
+        Ok(Self {
+            pool,
+            sql: Reads::new(schema),
+            committer: Committer::start(adapter, position)?,
+        })
+    }
+
+    async fn rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let client = self.pool.get().await.map_err(read_error)?;
+        let statement = client.prepare_cached(sql).await.map_err(read_error)?;
+        client.query(&statement, params).await.map_err(read_error)
+    }
+
+    async fn row(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        Ok(self.rows(sql, params).await?.into_iter().next())
+    }
+
+    async fn records<T: Revisioned>(
+        &self,
+        key: &[u8],
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<T>, StoreError> {
+        let rows = self.rows(sql, params).await?;
+        rows.iter().map(|r| record(key, r, 0)).collect()
+    }
+
+    /// Every record but leases, then the trail, from one snapshot of the database.
+    async fn export_snapshot(&self, mut sink: ExportSink) -> Result<u64, StoreError> {
+        let mut client = self.pool.get().await.map_err(read_error)?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(read_error)?;
+        let mut count = 0u64;
+        let mut pass = |record: Record| {
+            count += 1;
+            sink(record).map_err(StoreError::Export)
+        };
+        for row in tx
+            .query(&self.sql.all_secrets, &[])
+            .await
+            .map_err(read_error)?
+        {
+            pass(Record::Secret(record(b"secret", &row, 0)?))?;
+        }
+        for row in tx
+            .query(&self.sql.all_envelopes, &[])
+            .await
+            .map_err(read_error)?
+        {
+            pass(Record::Envelope(record(b"envelope", &row, 0)?))?;
+        }
+        for row in tx.query(&self.sql.metas, &[]).await.map_err(read_error)? {
+            let name: &str = row.get(0);
+            let Some(key) = MetaKey::named(name) else {
+                return Err(StoreError::Corrupt {
+                    key: "meta".into(),
+                    reason: format!("unknown meta value {name:?}"),
+                });
+            };
+            pass(Record::Meta(
+                key,
+                Revision(row.get::<_, i64>(1) as u64),
+                row.get(2),
+            ))?;
+        }
+        if let Some(row) = tx
+            .query_opt(&self.sql.anchor, &[])
+            .await
+            .map_err(read_error)?
+        {
+            let anchor: AuditAnchor = codec::decode(codec::AUDIT_ANCHOR_META, row.get(0))?;
+            pass(Record::Anchor(anchor))?;
+        }
+        let mut from = 0i64;
+        loop {
+            let rows = tx
+                .query(&self.sql.audit_entries, &[&from, &4096i64])
+                .await
+                .map_err(read_error)?;
+            let Some(last) = rows.last() else { break };
+            from = last.get::<_, i64>(0) + 1;
+            for row in &rows {
+                pass(Record::Audit(audit(row)?))?;
+            }
+        }
+        tx.commit().await.map_err(read_error)?;
+        Ok(count)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    async fn secret(
+        &self,
+        tenant: &TenantId,
+        name: &SecretName,
+    ) -> Result<Option<SecretRecord>, StoreError> {
+        let key = codec::secret_key(tenant, name);
+        let rows = self
+            .records(&key, &self.sql.secret, &[&tenant.as_str(), &name.as_str()])
+            .await?;
+        Ok(rows.into_iter().next())
+    }
+
+    async fn list_secrets(
+        &self,
+        tenant: &TenantId,
+        after: Option<&SecretName>,
+        limit_to: usize,
+    ) -> Result<Vec<SecretRecord>, StoreError> {
+        let key = codec::secret_prefix(tenant);
+        match after {
+            Some(name) => {
+                self.records(
+                    &key,
+                    &self.sql.secrets_after,
+                    &[&tenant.as_str(), &name.as_str(), &limit(limit_to)],
+                )
+                .await
+            }
+            None => {
+                self.records(
+                    &key,
+                    &self.sql.secrets_first,
+                    &[&tenant.as_str(), &limit(limit_to)],
+                )
+                .await
+            }
+        }
+    }
+
+    async fn envelope(
+        &self,
+        secret_id: SecretId,
+        version: u32,
+    ) -> Result<Option<EnvelopeRecord>, StoreError> {
+        let key = codec::envelope_key(secret_id, version);
+        let rows = self
+            .records(
+                &key,
+                &self.sql.envelope,
+                &[&uuid(*secret_id.as_bytes()), &(version as i32)],
+            )
+            .await?;
+        Ok(rows.into_iter().next())
+    }
+
+    async fn envelopes_after(
+        &self,
+        after: Option<(SecretId, u32)>,
+        limit_to: usize,
+    ) -> Result<Vec<EnvelopeRecord>, StoreError> {
+        match after {
+            Some((id, version)) => {
+                self.records(
+                    b"envelope",
+                    &self.sql.envelopes_after,
+                    &[&uuid(*id.as_bytes()), &(version as i32), &limit(limit_to)],
+                )
+                .await
+            }
+            None => {
+                self.records(b"envelope", &self.sql.envelopes_first, &[&limit(limit_to)])
+                    .await
+            }
+        }
+    }
+
+    async fn envelope_count(&self) -> Result<u64, StoreError> {
+        let row = self.row(&self.sql.envelope_count, &[]).await?;
+        Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+    }
+
+    async fn lease_by_token(
+        &self,
+        token_hash: &TokenHash,
+    ) -> Result<Option<LeaseRecord>, StoreError> {
+        let rows = self
+            .records(
+                &codec::lease_key(token_hash),
+                &self.sql.lease_by_token,
+                &[&token_hash.0.as_slice()],
+            )
+            .await?;
+        Ok(rows.into_iter().next())
+    }
+
+    async fn redemption(&self, token_hash: &TokenHash) -> Result<Option<Redemption>, StoreError> {
+        let key = codec::lease_key(token_hash);
+        let Some(row) = self
+            .row(&self.sql.redemption, &[&token_hash.0.as_slice()])
+            .await?
+        else {
+            return Ok(None);
+        };
+        let lease: LeaseRecord = record(&key, &row, 0)?;
+        let secret: Option<SecretRecord> = row
+            .get::<_, Option<&[u8]>>(1)
+            .map(|b| codec::decode_record(b"secret", b))
+            .transpose()?;
+        let envelope: Option<EnvelopeRecord> = row
+            .get::<_, Option<&[u8]>>(2)
+            .map(|b| codec::decode_record(b"envelope", b))
+            .transpose()?;
+        Ok(Some(Redemption {
+            lease,
+            secret,
+            envelope,
+        }))
+    }
+
+    async fn lease_by_id(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
+        let rows = self
+            .records(b"lease", &self.sql.lease_by_id, &[&uuid(*id.as_bytes())])
+            .await?;
+        Ok(rows.into_iter().next())
+    }
+
+    async fn expired_leases(
+        &self,
+        now: Time,
+        limit_to: usize,
+    ) -> Result<Vec<LeaseRecord>, StoreError> {
+        self.records(
+            b"lease",
+            &self.sql.expired_leases,
+            &[&now.as_micros(), &limit(limit_to)],
+        )
+        .await
+    }
+
+    async fn audit_entries(
+        &self,
+        from: u64,
+        limit_to: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = self
+            .rows(
+                &self.sql.audit_entries,
+                &[&(from.min(i64::MAX as u64) as i64), &limit(limit_to)],
+            )
+            .await?;
+        rows.iter().map(audit).collect()
+    }
+
+    async fn audit_entry(&self, seq: u64) -> Result<Option<AuditRecord>, StoreError> {
+        let Ok(seq) = i64::try_from(seq) else {
+            return Ok(None);
+        };
+        let row = self.row(&self.sql.audit_entry, &[&seq]).await?;
+        row.as_ref().map(audit).transpose()
+    }
+
+    async fn audit_head(&self) -> Result<Option<AuditRecord>, StoreError> {
+        let row = self.row(&self.sql.audit_head, &[]).await?;
+        row.as_ref().map(audit).transpose()
+    }
+
+    async fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError> {
+        let row = self.row(&self.sql.anchor, &[]).await?;
+        row.map(|r| codec::decode(codec::AUDIT_ANCHOR_META, r.get::<_, &[u8]>(0)))
+            .transpose()
+    }
+
+    async fn audit_index(
+        &self,
+        index: &AuditIndex,
+        from: u64,
+        limit_to: usize,
+    ) -> Result<Vec<u64>, StoreError> {
+        let rows = self
+            .rows(
+                &self.sql.audit_index,
+                &[
+                    &codec::audit_index_prefix(index),
+                    &(from.min(i64::MAX as u64) as i64),
+                    &limit(limit_to),
+                ],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
+    }
+
+    async fn audit_query(
+        &self,
+        filter: &AuditFilter,
+        from: u64,
+        until_seq: u64,
+        page_size: usize,
+    ) -> Result<AuditPage, StoreError> {
+        query::walk(self, filter, from, until_seq, page_size).await
+    }
+
+    fn durable_audit_seq(&self) -> u64 {
+        self.committer.status().durable_seq()
+    }
+
+    fn subscribe_audit(&self) -> broadcast::Receiver<Arc<AuditRecord>> {
+        self.committer.status().subscribe()
+    }
+
+    async fn start_audit_chain(&self, key: Arc<ChainKey>) -> Result<(), StoreError> {
+        self.committer.start_chain(key).await
+    }
+
+    async fn meta(&self, key: MetaKey) -> Result<Option<(Revision, Vec<u8>)>, StoreError> {
+        let row = self.row(&self.sql.meta, &[&key.name()]).await?;
+        Ok(row.map(|r| (Revision(r.get::<_, i64>(0) as u64), r.get(1))))
+    }
+
+    async fn commit(&self, tx: Transaction) -> Result<Committed, StoreError> {
+        self.committer.commit(tx).await
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        let closed = self.committer.close().await;
+        self.pool.close();
+        closed
+    }
+
+    async fn size_on_disk(&self) -> Result<u64, StoreError> {
+        let row = self.row(&self.sql.size, &[]).await?;
+        Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+    }
+
+    fn writable(&self) -> bool {
+        self.committer.status().writable()
+    }
+
+    fn failed_for_good(&self) -> bool {
+        self.committer.status().failed_for_good()
+    }
+
+    async fn export(&self, sink: ExportSink) -> Result<u64, StoreError> {
+        self.export_snapshot(sink).await
+    }
+
+    async fn import(&self, source: ImportSource) -> Result<u64, StoreError> {
+        self.committer.import(source).await
+    }
+}
