@@ -23,6 +23,10 @@ pub const ENV_LOG: &str = "BYOKD_LOG";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// Data directory by default, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "byokd-data";
+/// Connections a PostgreSQL store opens for reads, by default.
+pub const DEFAULT_POOL_SIZE: usize = 16;
+/// The variable that gives the PostgreSQL URL when `[store]` has none.
+pub const ENV_DATABASE_URL: &str = "BYOKD_DATABASE_URL";
 /// Name of the local master key file inside the data directory, by default.
 pub const DEFAULT_MASTER_KEY_FILE: &str = "master.key";
 /// How often expired leases are removed, by default.
@@ -290,6 +294,8 @@ pub struct Overrides {
     pub master_key: Option<PathBuf>,
     /// `--metrics-listen`.
     pub metrics_listen: Option<SocketAddr>,
+    /// `BYOKD_DATABASE_URL`: the PostgreSQL URL when `[store]` gives none.
+    pub database_url: Option<crate::store::DatabaseUrl>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -328,6 +334,9 @@ struct StoreFile {
     cache_size_mb: Option<u64>,
     audit_segment_kb: Option<u64>,
     min_free_mb: Option<u64>,
+    url: Option<String>,
+    schema: Option<String>,
+    pool_size: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -487,11 +496,19 @@ impl Config {
             }
             None => (FileConfig::default(), PathBuf::new()),
         };
+        let url_in_file = file.store.url.is_some();
         let config = Self::resolve(file, &base, overrides.clone())?;
         if let Some(path) = &overrides.config
             && !config.principals.is_empty()
         {
             check_private(path, "config file holding principal token hashes")?;
+        }
+        if let (Some(path), crate::store::Engine::Postgres { url, .. }) =
+            (&overrides.config, &config.store)
+            && url_in_file
+            && url.has_password()
+        {
+            check_private(path, "config file holding a database password")?;
         }
         Ok(config)
     }
@@ -549,9 +566,18 @@ impl Config {
             ));
         }
         let (lease, gc_interval) = lease_policy(&file.lease)?;
+        let store = store_engine(&file.store, overrides.database_url.as_ref())?;
+        let principals = principals(file.principal)?;
+        if matches!(store, crate::store::Engine::Postgres { .. }) && principals.is_empty() {
+            return Err(ConfigError::Invalid(
+                "store: kind = \"postgres\" needs [[principal]] entries: replicas share one \
+                 database, so there is no bootstrap admin token"
+                    .into(),
+            ));
+        }
         Ok(Self {
             quotas: quota_limits(&file.quotas, &file.store)?,
-            store: store_engine(&file.store)?,
+            store,
             metrics: metrics_listen.map(|listen| MetricsConfig { listen }),
             health_interval,
             tls,
@@ -564,7 +590,7 @@ impl Config {
             gc_interval,
             request_timeout,
             audit_retention: audit_retention(&file.audit)?,
-            principals: principals(file.principal)?,
+            principals,
         })
     }
 }
@@ -658,8 +684,60 @@ fn tls(
     Ok(tls)
 }
 
-/// `[store]`: the engine and its settings.
-fn store_engine(file: &StoreFile) -> Result<crate::store::Engine, ConfigError> {
+/// `[store]`: the engine and its settings. `database_url` (from `BYOKD_DATABASE_URL`) stands
+/// in for a missing `url`.
+fn store_engine(
+    file: &StoreFile,
+    database_url: Option<&crate::store::DatabaseUrl>,
+) -> Result<crate::store::Engine, ConfigError> {
+    let invalid = |m: &str| Err(ConfigError::Invalid(m.into()));
+    match file.kind.as_deref().unwrap_or("sled") {
+        "sled" => {
+            if file.url.is_some() || file.schema.is_some() || file.pool_size.is_some() {
+                return invalid("store: url, schema and pool_size are for kind = \"postgres\"");
+            }
+            sled_engine(file)
+        }
+        "postgres" => {
+            if file.cache_size_mb.is_some() || file.audit_segment_kb.is_some() {
+                return invalid(
+                    "store: cache_size_mb and audit_segment_kb are for kind = \"sled\"",
+                );
+            }
+            let url = match (&file.url, database_url) {
+                (Some(text), _) => {
+                    crate::store::DatabaseUrl::parse(text).map_err(ConfigError::Invalid)?
+                }
+                (None, Some(url)) => url.clone(),
+                (None, None) => {
+                    return invalid(
+                        "store: kind = \"postgres\" needs url (or the BYOKD_DATABASE_URL \
+                         variable)",
+                    );
+                }
+            };
+            let schema = file.schema.clone().unwrap_or_else(|| "byokd".into());
+            crate::store::postgres::schema::check_schema_name(&schema)
+                .map_err(|e| ConfigError::Invalid(format!("store.schema: {e}")))?;
+            let pool_size = match file.pool_size {
+                None => DEFAULT_POOL_SIZE,
+                Some(n @ 1..=1024) => n,
+                Some(_) => return invalid("store.pool_size: between 1 and 1024"),
+            };
+            Ok(crate::store::Engine::Postgres {
+                url,
+                schema,
+                pool_size,
+            })
+        }
+        other => Err(ConfigError::Invalid(crate::store::Engine::unknown_kind(
+            other,
+        ))),
+    }
+}
+
+/// `[store]` for kind = "sled".
+fn sled_engine(file: &StoreFile) -> Result<crate::store::Engine, ConfigError> {
     let cache_bytes = match file.cache_size_mb {
         None => crate::store::DEFAULT_CACHE_BYTES,
         Some(mb @ 16..=1_048_576) => mb * 1024 * 1024,
@@ -678,12 +756,10 @@ fn store_engine(file: &StoreFile) -> Result<crate::store::Engine, ConfigError> {
             ));
         }
     };
-    crate::store::Engine::of_kind(
-        file.kind.as_deref().unwrap_or("sled"),
+    Ok(crate::store::Engine::Sled {
         cache_bytes,
         audit_segment_bytes,
-    )
-    .map_err(ConfigError::Invalid)
+    })
 }
 
 /// `[quotas]`, with the free space `[store]` keeps on the volume.
@@ -1019,6 +1095,101 @@ mod tests {
     }
 
     #[test]
+    fn a_postgres_store_needs_a_url_and_principals_and_takes_no_sled_settings() {
+        let principal = format!(
+            "[[principal]]\nid = \"a\"\ntoken_sha256 = \"{HASH_A}\"\nroles = [\"admin\"]\n\
+             tenants = [\"*\"]\n"
+        );
+        let c = load(&format!(
+            "[store]\nkind = \"postgres\"\nurl = \"postgres://byokd:pw@db:5432/byokd\"\n\
+             schema = \"vault\"\npool_size = 4\n{principal}"
+        ))
+        .unwrap();
+        match &c.store {
+            crate::store::Engine::Postgres {
+                url,
+                schema,
+                pool_size,
+            } => {
+                assert!(url.has_password());
+                assert_eq!((schema.as_str(), *pool_size), ("vault", 4));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!format!("{c:?}").contains(":pw@"));
+        let defaults = load(&format!(
+            "[store]\nkind = \"postgres\"\nurl = \"postgres://byokd@db/byokd\"\n{principal}"
+        ))
+        .unwrap();
+        assert!(matches!(
+            defaults.store,
+            crate::store::Engine::Postgres { ref schema, pool_size: DEFAULT_POOL_SIZE, .. }
+                if schema == "byokd"
+        ));
+        // The URL from BYOKD_DATABASE_URL when the file has none.
+        let file = Config::parse_file(
+            Path::new("t"),
+            &format!("[store]\nkind = \"postgres\"\n{principal}"),
+        )
+        .unwrap();
+        let overrides = Overrides {
+            database_url: Some(crate::store::DatabaseUrl::parse("postgres://e@db/x").unwrap()),
+            ..Overrides::default()
+        };
+        assert!(matches!(
+            Config::resolve(file, Path::new(""), overrides)
+                .unwrap()
+                .store,
+            crate::store::Engine::Postgres { .. }
+        ));
+        for (text, says) in [
+            (
+                "[store]\nkind = \"postgres\"\n".to_string() + &principal,
+                "needs url",
+            ),
+            (
+                "[store]\nkind = \"postgres\"\nurl = \"postgres://b@db/x\"\n".into(),
+                "needs [[principal]]",
+            ),
+            (
+                "[store]\nkind = \"postgres\"\nurl = \"mysql://b:secret@db/x\"\n".to_string()
+                    + &principal,
+                "not a PostgreSQL URL",
+            ),
+            (
+                "[store]\nkind = \"postgres\"\nurl = \"postgres://b@db/x\"\ncache_size_mb = 64\n"
+                    .to_string()
+                    + &principal,
+                "are for kind = \"sled\"",
+            ),
+            (
+                "[store]\nkind = \"postgres\"\nurl = \"postgres://b@db/x\"\nschema = \"A-b\"\n"
+                    .to_string()
+                    + &principal,
+                "store.schema",
+            ),
+            (
+                "[store]\nkind = \"postgres\"\nurl = \"postgres://b@db/x\"\npool_size = 0\n"
+                    .to_string()
+                    + &principal,
+                "pool_size",
+            ),
+            (
+                "[store]\nurl = \"postgres://b@db/x\"\n".into(),
+                "are for kind = \"postgres\"",
+            ),
+        ] {
+            match load(&text) {
+                Err(ConfigError::Invalid(why)) => {
+                    assert!(why.contains(says), "{text}: {why}");
+                    assert!(!why.contains("secret"), "{why}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn defaults_need_no_file() {
         let c = Config::load(Overrides::default()).unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
@@ -1197,6 +1368,7 @@ mod tests {
                 config: None,
                 master_key: None,
                 metrics_listen: None,
+                database_url: None,
             },
         )
         .unwrap();

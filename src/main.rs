@@ -189,6 +189,16 @@ impl Location {
         log_format: Option<LogFormat>,
         metrics_listen: Option<SocketAddr>,
     ) -> Result<Config, ExitCode> {
+        let database_url = match std::env::var(config::ENV_DATABASE_URL) {
+            Ok(text) => match byokd::store::DatabaseUrl::parse(&text) {
+                Ok(url) => Some(url),
+                Err(e) => {
+                    eprintln!("byokd: {}: {e}", config::ENV_DATABASE_URL);
+                    return Err(ExitCode::from(EXIT_CONFIG));
+                }
+            },
+            Err(_) => None,
+        };
         Config::load(Overrides {
             config: self.config,
             listen,
@@ -196,6 +206,7 @@ impl Location {
             log_format,
             master_key: self.master_key,
             metrics_listen,
+            database_url,
         })
         .map_err(|e| {
             eprintln!("byokd: {e}");

@@ -23,7 +23,7 @@ pub async fn verify_audit(
     to: u64,
     recorded: Option<RecordedHead>,
 ) -> Result<Verification, ServeError> {
-    let store = match open_store(&config.store, &config.data_dir) {
+    let store = match open_store(&config.store, &config.data_dir).await {
         Ok(store) => store,
         // A trail too damaged to open is a broken chain, not a failure to check it.
         Err(ServeError::OpenStore {
@@ -91,7 +91,11 @@ pub enum Repair {
 /// entry chained after the last entry kept records what was lost. Needs the master key.
 pub async fn repair_audit(config: &Config, apply: bool) -> Result<Repair, ServeError> {
     crate::server::raise_open_files_limit();
-    let db = config.store.location(&config.data_dir);
+    let db = sled_location(
+        config,
+        "byokd audit repair mends the sled engine's trail files; a PostgreSQL store keeps its \
+         trail in tables, which PostgreSQL itself keeps intact",
+    )?;
     let open_error = |source| ServeError::OpenStore {
         path: db.clone(),
         source,
@@ -122,7 +126,7 @@ pub async fn repair_audit(config: &Config, apply: bool) -> Result<Repair, ServeE
             .map_err(open_error)?;
         tracing::warn!(%note, "audit trail cut");
     }
-    let store = open_store(&config.store, &config.data_dir)?;
+    let store = open_store(&config.store, &config.data_dir).await?;
     let result = async {
         let note = match load_meta::<RepairNote>(&*store).await? {
             Some(note) if !note.value.0.is_empty() => note.value.0,
@@ -156,7 +160,7 @@ pub async fn export_audit(
     since: Option<Time>,
     out: &mut dyn std::io::Write,
 ) -> Result<u64, ServeError> {
-    let store = open_store(engine, data_dir)?;
+    let store = open_store(engine, data_dir).await?;
     let result = write_jsonl(&*store, since, out).await;
     store.close().await?;
     result
@@ -428,7 +432,11 @@ pub async fn restore(
     later: LaterChanges,
 ) -> Result<RestoreSummary, ServeError> {
     let restore_error = |e: &dyn std::fmt::Display| ServeError::Restore(e.to_string());
-    let db = config.store.location(&config.data_dir);
+    let db = sled_location(
+        config,
+        "byokd restore into a PostgreSQL database is not built yet: restore into a sled data \
+         directory",
+    )?;
     if db.exists() {
         return Err(ServeError::Restore(format!(
             "{} already holds a database; restore only into an empty data directory",
@@ -534,6 +542,18 @@ pub async fn restore(
         let _ = std::fs::remove_dir_all(&staging);
     }
     result
+}
+
+/// The sled store's directory, for the commands that work on it alone; for another engine,
+/// an error that says why (`why`).
+fn sled_location(config: &Config, why: &str) -> Result<std::path::PathBuf, ServeError> {
+    config
+        .store
+        .location(&config.data_dir)
+        .ok_or_else(|| ServeError::OpenStore {
+            path: config.data_dir.clone(),
+            source: crate::store::StoreError::Engine(why.to_string()),
+        })
 }
 
 #[cfg(test)]

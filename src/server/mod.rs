@@ -208,7 +208,7 @@ pub async fn run(
             source,
         },
     )?;
-    let store = open_store(&config.store, &config.data_dir)?;
+    let store = open_store(&config.store, &config.data_dir).await?;
     let result = serve(config, options, store.clone(), announce, shutdown).await;
     let closed = store.close().await.map_err(ServeError::from);
     tracing::info!("store closed");

@@ -22,13 +22,18 @@ use super::{Announcement, Announcer, ServeError, raise_open_files_limit};
 /// Id of the admin principal created when no principals are configured.
 pub const BOOTSTRAP_PRINCIPAL: &str = "bootstrap-admin";
 
-/// Opens the store of a data directory with the configured engine.
-pub fn open_store(engine: &Engine, data_dir: &Path) -> Result<Arc<dyn Store>, ServeError> {
+/// Opens the store of a data directory (or the database) with the configured engine.
+pub async fn open_store(engine: &Engine, data_dir: &Path) -> Result<Arc<dyn Store>, ServeError> {
     raise_open_files_limit();
-    let path = engine.location(data_dir);
     engine
-        .open_at(&path)
-        .map_err(|source| ServeError::OpenStore { path, source })
+        .open(data_dir)
+        .await
+        .map_err(|source| ServeError::OpenStore {
+            path: engine
+                .location(data_dir)
+                .unwrap_or_else(|| data_dir.to_path_buf()),
+            source,
+        })
 }
 
 /// True if `current` is the configured master key, or (for a local key) a version that a

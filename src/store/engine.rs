@@ -4,14 +4,17 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use zeroize::Zeroizing;
+
+use super::postgres::PgStore;
 use super::sled::{DEFAULT_CACHE_BYTES, RepairPlan, SledStore};
 use super::{DEFAULT_AUDIT_SEGMENT_BYTES, Store, StoreError};
 
 /// The engines `[store] kind` may name.
-pub const KINDS: &[&str] = &["sled"];
+pub const KINDS: &[&str] = &["sled", "postgres"];
 
 /// A configured engine and its settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Engine {
     /// The embedded default: sled for the records and segment files for the audit trail, in
     /// `<data_dir>/db`.
@@ -21,6 +24,55 @@ pub enum Engine {
         /// Size at which the audit trail starts a new segment, in bytes.
         audit_segment_bytes: u64,
     },
+    /// A PostgreSQL database that several byokd processes may share.
+    Postgres {
+        /// Where the database is (with its credentials).
+        url: DatabaseUrl,
+        /// The schema byokd's tables are in.
+        schema: String,
+        /// The most connections this process opens for reads (besides its writer's one).
+        pool_size: usize,
+    },
+}
+
+/// A PostgreSQL connection URL: it may hold a password, so it is never printed and is
+/// cleared from memory when dropped.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(Zeroizing<String>);
+
+impl DatabaseUrl {
+    /// The URL `text`, checked to be one PostgreSQL's client accepts.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.parse::<tokio_postgres::Config>() {
+            Ok(_) if text.starts_with("postgres://") || text.starts_with("postgresql://") => {
+                Ok(Self(Zeroizing::new(text.to_string())))
+            }
+            _ => Err(
+                "store.url: not a PostgreSQL URL like postgres://byokd@db.internal:5432/byokd \
+                 (the error is not shown: the URL may hold a password)"
+                    .into(),
+            ),
+        }
+    }
+
+    /// Whether the URL holds a password (the file it is in must then be private).
+    pub fn has_password(&self) -> bool {
+        self.0
+            .parse::<tokio_postgres::Config>()
+            .is_ok_and(|c| c.get_password().is_some())
+    }
+
+    fn config(&self) -> Result<tokio_postgres::Config, StoreError> {
+        self.0
+            .parse()
+            .map_err(|_| StoreError::Engine("store.url is not a PostgreSQL URL".into()))
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatabaseUrl(..)")
+    }
 }
 
 impl Default for Engine {
@@ -33,28 +85,39 @@ impl Default for Engine {
 }
 
 impl Engine {
-    /// The engine `kind` names, with sled's settings; `Err` names the kinds there are.
-    pub fn of_kind(kind: &str, cache_bytes: u64, audit_segment_bytes: u64) -> Result<Self, String> {
-        match kind {
-            "sled" => Ok(Engine::Sled {
-                cache_bytes,
-                audit_segment_bytes,
-            }),
-            other => Err(format!(
-                "store.kind: unknown engine {other:?}; the engines are: {}",
-                KINDS.join(", ")
+    /// The message for a `kind` that names no engine: it names the kinds there are.
+    pub fn unknown_kind(kind: &str) -> String {
+        format!(
+            "store.kind: unknown engine {kind:?}; the engines are: {}",
+            KINDS.join(", ")
+        )
+    }
+
+    /// Where the store of `data_dir` lives: a directory for sled; `None` for an engine
+    /// elsewhere.
+    pub fn location(&self, data_dir: &Path) -> Option<PathBuf> {
+        match self {
+            Engine::Sled { .. } => Some(data_dir.join("db")),
+            Engine::Postgres { .. } => None,
+        }
+    }
+
+    /// Opens (or creates) the store of `data_dir` (sled) or of the database (PostgreSQL,
+    /// applying the migrations it lacks).
+    pub async fn open(&self, data_dir: &Path) -> Result<Arc<dyn Store>, StoreError> {
+        match self {
+            Engine::Sled { .. } => self.open_at(&data_dir.join("db")),
+            Engine::Postgres {
+                url,
+                schema,
+                pool_size,
+            } => Ok(Arc::new(
+                PgStore::open(url.config()?, schema, *pool_size).await?,
             )),
         }
     }
 
-    /// Where the store of `data_dir` lives.
-    pub fn location(&self, data_dir: &Path) -> PathBuf {
-        match self {
-            Engine::Sled { .. } => data_dir.join("db"),
-        }
-    }
-
-    /// Opens (or creates) the store at `location`.
+    /// Opens (or creates) a sled store at `location` (a restore's staging directory).
     pub fn open_at(&self, location: &Path) -> Result<Arc<dyn Store>, StoreError> {
         match *self {
             Engine::Sled {
@@ -65,6 +128,9 @@ impl Engine {
                 cache_bytes,
                 audit_segment_bytes,
             )?)),
+            Engine::Postgres { .. } => Err(StoreError::Engine(
+                "a PostgreSQL store has no location in the data directory".into(),
+            )),
         }
     }
 
@@ -73,6 +139,11 @@ impl Engine {
     pub fn plan_repair_at(&self, location: &Path) -> Result<Option<RepairPlan>, StoreError> {
         match self {
             Engine::Sled { .. } => SledStore::plan_repair(location),
+            Engine::Postgres { .. } => Err(StoreError::Engine(
+                "byokd audit repair mends the sled engine's trail files; PostgreSQL keeps the \
+                 trail in its own durable tables"
+                    .into(),
+            )),
         }
     }
 
@@ -87,6 +158,7 @@ impl Engine {
     ) -> Result<Vec<PathBuf>, StoreError> {
         match self {
             Engine::Sled { .. } => SledStore::apply_repair(location, plan, quarantine, note),
+            Engine::Postgres { .. } => self.plan_repair_at(location).map(|_| Vec::new()),
         }
     }
 }
@@ -97,17 +169,30 @@ mod tests {
 
     #[test]
     fn an_unknown_kind_names_the_kinds_there_are() {
-        assert_eq!(
-            Engine::of_kind("sled", 1, 2).unwrap(),
-            Engine::Sled {
-                cache_bytes: 1,
-                audit_segment_bytes: 2
-            }
-        );
-        let err = Engine::of_kind("postgres-ish", 1, 2).unwrap_err();
+        let err = Engine::unknown_kind("postgres-ish");
         assert!(
-            err.contains("\"postgres-ish\"") && err.contains("sled"),
+            err.contains("\"postgres-ish\"") && err.contains("sled") && err.contains("postgres"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_database_url_is_never_printed() {
+        let url = DatabaseUrl::parse("postgres://byokd:hunter2@db.internal:5432/byokd").unwrap();
+        assert!(url.has_password());
+        assert_eq!(format!("{url:?}"), "DatabaseUrl(..)");
+        let engine = Engine::Postgres {
+            url,
+            schema: "byokd".into(),
+            pool_size: 16,
+        };
+        assert!(!format!("{engine:?}").contains("hunter2"));
+        let bad = DatabaseUrl::parse("mysql://root:hunter2@db/x").unwrap_err();
+        assert!(!bad.contains("hunter2"), "{bad}");
+        assert!(
+            !DatabaseUrl::parse("postgres://byokd@db/x")
+                .unwrap()
+                .has_password()
         );
     }
 }

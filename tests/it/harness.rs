@@ -1132,3 +1132,67 @@ pub async fn verify_against(server: &TestServer, head: (u64, &str)) -> pb::Verif
         .expect("VerifyAudit")
         .into_inner()
 }
+
+/// A database of its own on the PostgreSQL server that `BYOKD_TEST_DATABASE_URL` names
+/// (`scripts/test.sh` provides one), dropped at the end; `None` (the test is skipped, which
+/// fails under CI) without one.
+pub struct PgDatabase {
+    server: String,
+    name: String,
+    /// The database's URL.
+    pub url: String,
+}
+
+impl PgDatabase {
+    pub fn create() -> Option<Self> {
+        let Ok(server) = std::env::var("BYOKD_TEST_DATABASE_URL") else {
+            must_not_skip("no PostgreSQL: BYOKD_TEST_DATABASE_URL is not set");
+            return None;
+        };
+        let name = format!("byokd_test_it_{}", unique());
+        let name = format!("{name}_{}", std::process::id());
+        psql(&server, &format!("CREATE DATABASE {name}"));
+        let (base, query) = match server.split_once('?') {
+            Some((base, query)) => (base, format!("?{query}")),
+            None => (server.as_str(), String::new()),
+        };
+        let authority = base.find("://").map_or(0, |s| s + 3);
+        let path = base[authority..]
+            .find('/')
+            .map_or(base.len(), |p| authority + p);
+        let url = format!("{}/{name}{query}", &base[..path]);
+        Some(Self { server, name, url })
+    }
+
+    /// `[store]` and a shared local master key for a replica on this database: every
+    /// replica must open the same key file.
+    pub fn replica_config(&self, key: &Path) -> String {
+        format!(
+            "[store]\nkind = \"postgres\"\nurl = \"{}\"\npool_size = 4\n\n[master_key]\nkind = \"local\"\npath = \"{}\"\n",
+            self.url,
+            key.display()
+        )
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        psql(
+            &self.server,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+/// Runs one statement with psql against `url`.
+fn psql(url: &str, sql: &str) {
+    let out = Command::new("psql")
+        .args([url, "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success() || sql.starts_with("DROP"),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -19,6 +19,7 @@ mod ops;
 mod quotas;
 mod reflection;
 mod refusals;
+mod replicas;
 mod rotation;
 mod streams;
 mod tamper;

@@ -2,8 +2,8 @@
 //! 17): the schema and its migrations ([`schema`]), the commit core's adapter
 //! ([`PgAdapter`]), whose groups of every process extend one audit chain, and the store
 //! ([`PgStore`]), which passes the shared store suite with two handles as two processes.
-//! Its configuration (`[store] kind = "postgres"`) and the server's use of it come next;
-//! nothing outside `store/` uses this module yet.
+//! `[store] kind = "postgres"` opens it (through `store::Engine`); `tests/it/replicas.rs`
+//! runs two byokd processes on one database.
 
 mod adapter;
 pub mod schema;

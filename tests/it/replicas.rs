@@ -1,0 +1,205 @@
+//! Several byokd processes on one PostgreSQL database (`[store] kind = "postgres"`): what one
+//! replica writes, the others read at once, a single-use lease is redeemed once whichever
+//! replicas race for it, and all of them extend and verify one audit chain.
+
+use crate::harness::*;
+use byokd::api::v1 as pb;
+use tonic::Code;
+
+/// Replicas on one database, and what they share (kept until the test ends).
+struct Replicas {
+    servers: Vec<(TestDir, TestServer)>,
+    _key_dir: tempfile::TempDir,
+    // Dropped last: the servers close their connections first.
+    _db: PgDatabase,
+}
+
+/// Two replicas on one fresh database, sharing one local master key file; `None` without
+/// PostgreSQL.
+fn replicas() -> Option<Replicas> {
+    let db = PgDatabase::create()?;
+    let shared = tempfile::tempdir().expect("tempdir");
+    let key = shared.path().join("master.key");
+    // The losers of the races below are failed redemptions: not what is measured here.
+    let config = db.replica_config(&key)
+        + "\n[limits]\nfailed_get_rate_limit = { per_second = 1000000, burst = 1000000 }\n";
+    let mut servers = Vec::new();
+    // One after the other: the first creates the key file and the keyring.
+    for _ in 0..2 {
+        let dir = TestDir::with_config(&config);
+        let server = dir.start();
+        servers.push((dir, server));
+    }
+    Some(Replicas {
+        servers,
+        _key_dir: shared,
+        _db: db,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_one_replica_writes_the_other_reads_at_once() {
+    let Some(replicas) = replicas() else {
+        return;
+    };
+    let servers = &replicas.servers;
+    let (a, b) = (&servers[0].1, &servers[1].1);
+    let mut on_a = a.as_(ADMIN).await;
+    let mut on_b = b.as_(ADMIN).await;
+    store(&mut on_a, "acme", "openai", b"sk-replicated-value-0001").await;
+    // Described, leased and read on B right away.
+    let described = on_b
+        .describe(secret_ref("acme", "openai"))
+        .await
+        .expect("describe on B")
+        .into_inner();
+    assert_eq!(described.version, 1);
+    let value = lease_and_get(b, "acme", "openai").await.expect("get on B");
+    assert_eq!(value.value, b"sk-replicated-value-0001");
+    // A lease issued on B is redeemed on A.
+    let grant = lease_ok(
+        &mut b.as_(ORCHESTRATOR).await,
+        lease_req("acme", "openai", 5),
+    )
+    .await;
+    remember_secret(grant.token.as_bytes());
+    let got = redeem(a, AGENT, &grant.token).await.expect("get on A");
+    assert_eq!(got.value, b"sk-replicated-value-0001");
+    // A rotation on B is what A serves next; a revocation on A is in force on B.
+    on_b.rotate(pb::RotateRequest {
+        tenant: "acme".into(),
+        name: "openai".into(),
+        value: b"sk-replicated-value-0002".to_vec(),
+    })
+    .await
+    .expect("rotate on B");
+    let value = lease_and_get(a, "acme", "openai").await.expect("get on A");
+    assert_eq!(value.value, b"sk-replicated-value-0002");
+    let grant = lease_ok(
+        &mut b.as_(ORCHESTRATOR).await,
+        lease_req("acme", "openai", 5),
+    )
+    .await;
+    remember_secret(grant.token.as_bytes());
+    on_a.revoke(revoke_secret("acme", "openai", "replica test"))
+        .await
+        .expect("revoke on A");
+    assert_status(redeem(b, AGENT, &grant.token).await, Code::NotFound, "");
+    let lease = b
+        .as_(ORCHESTRATOR)
+        .await
+        .lease(lease_req("acme", "openai", 1))
+        .await;
+    assert_status(lease, Code::FailedPrecondition, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_use_lease_raced_from_two_replicas_is_redeemed_once() {
+    let Some(replicas) = replicas() else {
+        return;
+    };
+    let servers = &replicas.servers;
+    let (a, b) = (&servers[0].1, &servers[1].1);
+    store(
+        &mut a.as_(ADMIN).await,
+        "acme",
+        "raced",
+        b"sk-raced-value-000001",
+    )
+    .await;
+    let mut orchestrator = a.as_(ORCHESTRATOR).await;
+    let (agent_a, agent_b) = (a.as_(AGENT).await, b.as_(AGENT).await);
+    const RACES: usize = 1000;
+    let mut wins = 0;
+    for _ in 0..RACES {
+        let grant = lease_ok(&mut orchestrator, lease_req("acme", "raced", 1)).await;
+        remember_secret(grant.token.as_bytes());
+        let (mut x, mut y) = (agent_a.clone(), agent_b.clone());
+        let (ra, rb) = tokio::join!(x.get(get_req(&grant.token)), y.get(get_req(&grant.token)));
+        let won: Vec<bool> = [ra, rb]
+            .into_iter()
+            .map(|r| match r {
+                Ok(v) => {
+                    assert_eq!(v.into_inner().value, b"sk-raced-value-000001");
+                    true
+                }
+                Err(s) => {
+                    assert_eq!(s.code(), Code::NotFound, "{s:?}");
+                    false
+                }
+            })
+            .collect();
+        assert_eq!(won.iter().filter(|w| **w).count(), 1, "{won:?}");
+        wins += 1;
+    }
+    assert_eq!(wins, RACES);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_writing_at_once_extend_one_chain_that_each_verifies() {
+    let Some(replicas) = replicas() else {
+        return;
+    };
+    let servers = &replicas.servers;
+    let mut tasks = Vec::new();
+    for (i, (_, server)) in servers.iter().enumerate() {
+        for j in 0..32 {
+            let mut client = server.as_(ADMIN).await;
+            tasks.push(tokio::spawn(async move {
+                client
+                    .store(store_req(
+                        "acme",
+                        &format!("r{i}-{j}"),
+                        b"sk-chain-value-000001",
+                    ))
+                    .await
+                    .map(drop)
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap().expect("store");
+    }
+    // Each replica verifies the whole chain, and finds there the head the other one reported
+    // (each VerifyAudit is itself audited, so the heads move on by one entry each time).
+    let (a, b) = (&servers[0].1, &servers[1].1);
+    let on_a = verify(a, None).await;
+    let on_b = verify(b, Some(on_a.clone())).await;
+    assert_eq!(
+        on_b.0,
+        on_a.0 + 1,
+        "B's head is A's plus A's VerifyAudit entry"
+    );
+    let again_on_a = verify(a, Some(on_b.clone())).await;
+    assert_eq!(again_on_a.0, on_b.0 + 1);
+    let heads = [on_a];
+    // 64 stores, each one entry, after the start-up entries of both replicas.
+    assert!(heads[0].0 >= 64, "{heads:?}");
+    let entries = audit_all(&servers[1].1, pb::AuditRequest::default()).await;
+    let stores = entries.iter().filter(|e| e.action == "Store").count();
+    assert_eq!(stores, 64);
+    let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "gap-free: {seqs:?}"
+    );
+}
+
+/// VerifyAudit of the whole chain on `server`, which must find `expected` (a head another
+/// replica reported) in it: the head it reports.
+async fn verify(server: &TestServer, expected: Option<(u64, String)>) -> (u64, String) {
+    let (expected_head_seq, expected_head_hash) = expected.unwrap_or_default();
+    let report = server
+        .as_(AUDITOR)
+        .await
+        .verify_audit(pb::VerifyAuditRequest {
+            expected_head_seq,
+            expected_head_hash,
+            ..Default::default()
+        })
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(report.ok && report.first_bad_seq == 0, "{report:?}");
+    (report.head_seq, report.head_hash)
+}
