@@ -10,8 +10,8 @@
 # PostgreSQL, for the tests of the PostgreSQL engine: BYOKD_TEST_DATABASE_URL if it is set
 # (a role that may create databases; each test creates its own and drops it). Otherwise the
 # machine's PostgreSQL cluster, started if it is down and installed from Debian's packages if
-# there is none, with a role byokd_test (a fresh password each run) for the tests to use over
-# 127.0.0.1. Under CI=true a test that finds no PostgreSQL fails instead of skipping.
+# there is none, with a role byokd_test (its password kept in the tools directory) for the
+# tests to use over 127.0.0.1. Under CI=true a test that finds no PostgreSQL fails instead of skipping.
 #
 # The run has a time limit (BYOKD_TEST_TIMEOUT, default 40m, as for `timeout`): past it the
 # tests still running are named (libtest reports those running over 60 s) and the run fails.
@@ -62,7 +62,14 @@ if [ -z "${BYOKD_TEST_DATABASE_URL:-}" ]; then
   if [ "$pg_status" != online ]; then
     pg_ctlcluster --skip-systemctl-redirect "$pg_version" "$pg_name" start
   fi
-  pg_password="$(head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  # The role's password, made once and kept beside the test tools (so that a later
+  # `cargo test` can reuse BYOKD_TEST_DATABASE_URL as this run prints it).
+  pg_secret="${BYOKD_TEST_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/byokd-tests}/pg-password"
+  if [ ! -s "$pg_secret" ]; then
+    mkdir -p "$(dirname "$pg_secret")"
+    (umask 077 && head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$pg_secret")
+  fi
+  pg_password="$(cat "$pg_secret")"
   as_postgres psql -q -p "$pg_port" -v ON_ERROR_STOP=1 -v password="$pg_password" <<'SQL'
 SELECT 'CREATE ROLE byokd_test LOGIN CREATEDB' WHERE NOT EXISTS
   (SELECT FROM pg_roles WHERE rolname = 'byokd_test') \gexec

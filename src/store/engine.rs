@@ -4,9 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use zeroize::Zeroizing;
-
-use super::postgres::PgStore;
+use super::postgres::{DatabaseUrl, PgStore};
 use super::sled::{DEFAULT_CACHE_BYTES, RepairPlan, SledStore};
 use super::{DEFAULT_AUDIT_SEGMENT_BYTES, Store, StoreError};
 
@@ -33,46 +31,6 @@ pub enum Engine {
         /// The most connections this process opens for reads (besides its writer's one).
         pool_size: usize,
     },
-}
-
-/// A PostgreSQL connection URL: it may hold a password, so it is never printed and is
-/// cleared from memory when dropped.
-#[derive(Clone, PartialEq, Eq)]
-pub struct DatabaseUrl(Zeroizing<String>);
-
-impl DatabaseUrl {
-    /// The URL `text`, checked to be one PostgreSQL's client accepts.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        match text.parse::<tokio_postgres::Config>() {
-            Ok(_) if text.starts_with("postgres://") || text.starts_with("postgresql://") => {
-                Ok(Self(Zeroizing::new(text.to_string())))
-            }
-            _ => Err(
-                "store.url: not a PostgreSQL URL like postgres://byokd@db.internal:5432/byokd \
-                 (the error is not shown: the URL may hold a password)"
-                    .into(),
-            ),
-        }
-    }
-
-    /// Whether the URL holds a password (the file it is in must then be private).
-    pub fn has_password(&self) -> bool {
-        self.0
-            .parse::<tokio_postgres::Config>()
-            .is_ok_and(|c| c.get_password().is_some())
-    }
-
-    fn config(&self) -> Result<tokio_postgres::Config, StoreError> {
-        self.0
-            .parse()
-            .map_err(|_| StoreError::Engine("store.url is not a PostgreSQL URL".into()))
-    }
-}
-
-impl std::fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DatabaseUrl(..)")
-    }
 }
 
 impl Default for Engine {

@@ -35,7 +35,8 @@ use crate::model::{
 
 pub use self::auditlog::DEFAULT_SEGMENT_BYTES as DEFAULT_AUDIT_SEGMENT_BYTES;
 pub use self::commit::RecordKey;
-pub use self::engine::{DatabaseUrl, Engine, KINDS};
+pub use self::engine::{Engine, KINDS};
+pub use self::postgres::DatabaseUrl;
 pub use self::query::{AuditFilter, AuditPage};
 pub use self::records::Record;
 pub use self::sled::{DEFAULT_CACHE_BYTES, RepairPlan, SledStore};

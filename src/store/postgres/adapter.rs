@@ -9,10 +9,16 @@
 //!
 //! A statement that fails before the commit leaves nothing written (the transaction is
 //! rolled back): the group's commits fail with UNAVAILABLE and the next group reconnects if
-//! the connection was lost. A commit whose answer is lost leaves the outcome unknown, and the
-//! core then fails the store for good.
+//! the connection was lost. A commit whose answer is lost is resolved before it is answered:
+//! on a new connection the adapter looks for the group's witness (its last audit entry, byte
+//! for byte, or the revision of a record it wrote). Found: the group committed and is
+//! answered as durable. Not found: nothing of it was written (its transaction died with its
+//! connection) and its callers get UNAVAILABLE. Only when the database stays unreachable for
+//! [`RESOLVE_FOR`] is the outcome unknown, and the core fails the store for good.
 
 use std::cell::{Cell, RefCell};
+
+use std::time::{Duration, Instant};
 
 use postgres::{Client, NoTls, Statement};
 
@@ -20,6 +26,29 @@ use crate::model::{AuditAnchor, AuditRecord, Revision, SecretId};
 use crate::store::StoreError;
 use crate::store::codec;
 use crate::store::commit::{Adapter, Change, Group, Position, RecordKey};
+
+/// How long a commit whose answer was lost is looked for before its outcome is unknown.
+pub const RESOLVE_FOR: Duration = Duration::from_secs(30);
+
+/// A fault to inject at the next commit (tests only).
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The connection drops before COMMIT is sent: the transaction is rolled back.
+    DropBeforeCommit,
+    /// COMMIT succeeds but its answer is lost.
+    LoseAnswer,
+}
+
+/// What shows that a group committed.
+enum Witness {
+    /// Its last audit entry, as encoded.
+    Entry(i64, Vec<u8>),
+    /// A record it wrote, at the group's revision.
+    Record(RecordKey, Revision),
+    /// Nothing to look for (only deletions): the state is as if it committed.
+    None,
+}
 
 /// The commit core's adapter: one connection, owned by the writer thread.
 pub struct PgAdapter {
@@ -30,6 +59,8 @@ pub struct PgAdapter {
     /// A group's transaction is open on `conn`, from `begin_group` to its commit (or to the
     /// rollback in `end_group`).
     open: Cell<bool>,
+    #[cfg(test)]
+    pub(crate) fault: Cell<Option<Fault>>,
 }
 
 /// A connection and the statements prepared on it.
@@ -155,6 +186,8 @@ impl PgAdapter {
             schema: schema.to_string(),
             conn: RefCell::new(None),
             open: Cell::new(false),
+            #[cfg(test)]
+            fault: Cell::new(None),
         };
         adapter.with(|_, _| Ok(()))?;
         Ok(adapter)
@@ -294,6 +327,85 @@ impl Row {
     }
 }
 
+impl PgAdapter {
+    /// Sends COMMIT (or, in tests, the fault asked for).
+    fn commit(&self, client: &mut Client) -> Result<(), postgres::Error> {
+        #[cfg(test)]
+        match self.fault.take() {
+            Some(Fault::DropBeforeCommit) => {
+                // The server rolls back a transaction whose connection ends.
+                return client
+                    .batch_execute("SELECT pg_terminate_backend(pg_backend_pid())")
+                    .and_then(|()| client.batch_execute("COMMIT"));
+            }
+            Some(Fault::LoseAnswer) => {
+                client.batch_execute("COMMIT")?;
+                return client.batch_execute("SELECT pg_terminate_backend(pg_backend_pid())");
+            }
+            None => {}
+        }
+        client.batch_execute("COMMIT")
+    }
+
+    /// Whether the group `witness` names committed, looked for on new connections until
+    /// [`RESOLVE_FOR`] passes.
+    fn resolve(&self, witness: &Witness) -> Result<bool, String> {
+        let deadline = Instant::now() + RESOLVE_FOR;
+        loop {
+            let found = self.with(|client, sql| match witness {
+                Witness::Entry(seq, bytes) => Ok(client
+                    .query_opt(&sql.audit_entry, &[seq])?
+                    .is_some_and(|row| row.get::<_, &[u8]>(0) == bytes.as_slice())),
+                Witness::Record(key, revision) => {
+                    let row = match key {
+                        RecordKey::Secret(tenant, name) => client
+                            .query_opt(&sql.secret_rev, &[&tenant.as_str(), &name.as_str()])?,
+                        RecordKey::Envelope(id, version) => client
+                            .query_opt(&sql.envelope_rev, &[&uuid(*id), &(*version as i32)])?,
+                        RecordKey::Lease(hash) => {
+                            client.query_opt(&sql.lease_rev, &[&hash.0.as_slice()])?
+                        }
+                        RecordKey::Meta(meta) => {
+                            client.query_opt(&sql.meta_rev, &[&meta.name()])?
+                        }
+                    };
+                    Ok(row.is_some_and(|r| r.get::<_, i64>(0) == stored(*revision)))
+                }
+                Witness::None => Ok(true),
+            });
+            match found {
+                Ok(found) => return Ok(found),
+                Err(e) if Instant::now() >= deadline => return Err(e.to_string()),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+}
+
+/// What shows that `group` committed.
+fn witness(group: &Group) -> Witness {
+    if let Some(entry) = group
+        .transactions
+        .iter()
+        .rev()
+        .find_map(|t| t.audit.as_ref())
+        && let Ok(bytes) = codec::encode(entry)
+    {
+        return Witness::Entry(entry.seq as i64, bytes);
+    }
+    for change in group.transactions.iter().flat_map(|t| &t.changes) {
+        let (key, revision) = match change {
+            Change::Secret(s) => (RecordKey::Secret(s.tenant.clone(), s.name.clone()), s.rev),
+            Change::Envelope(e) => (RecordKey::Envelope(e.secret_id, e.version), e.rev),
+            Change::NewLease(l) | Change::UpdateLease(l) => (RecordKey::Lease(l.token_hash), l.rev),
+            Change::Meta(key, revision, _) => (RecordKey::Meta(*key), *revision),
+            Change::DeleteEnvelope(..) | Change::DeleteLease(_) | Change::Anchor(_) => continue,
+        };
+        return Witness::Record(key, revision);
+    }
+    Witness::None
+}
+
 impl Adapter for PgAdapter {
     fn check_writable(&self) -> Result<(), StoreError> {
         Ok(())
@@ -330,27 +442,48 @@ impl Adapter for PgAdapter {
     }
 
     /// Writes the group's rows and commits. Until the commit is sent, a failure rolls back
-    /// and nothing is written; a commit whose answer does not come leaves the outcome
-    /// unknown.
+    /// and nothing is written; a commit whose answer does not come is resolved (see the
+    /// module documentation).
     fn write_group(&mut self, group: &Group) -> Result<(), StoreError> {
         if !self.open.get() {
             return Err(before_commit("no group is open"));
         }
         self.write_rows(group)?;
         self.open.set(false);
-        let mut conn = self.conn.borrow_mut();
-        let Some(c) = conn.as_mut() else {
-            return Err(before_commit("the connection was lost during the group"));
-        };
-        match c.client.batch_execute("COMMIT") {
-            Ok(()) => Ok(()),
-            // The server answered: the transaction ended without committing.
-            Err(e) if e.as_db_error().is_some() => Err(before_commit(e)),
-            Err(e) => {
+        let committed = {
+            let mut conn = self.conn.borrow_mut();
+            let Some(c) = conn.as_mut() else {
+                return Err(before_commit("the connection was lost during the group"));
+            };
+            let result = self.commit(&mut c.client);
+            // Only an ERROR on a live connection says the transaction rolled back; a lost
+            // connection (or a FATAL that ends it) says nothing of the outcome.
+            let lost = result.as_ref().is_err_and(|e| {
+                c.client.is_closed()
+                    || e.as_db_error()
+                        .is_none_or(|d| matches!(d.severity(), "FATAL" | "PANIC"))
+            });
+            if lost {
                 *conn = None;
-                Err(StoreError::Engine(format!(
-                    "PostgreSQL: the outcome of a commit is unknown: {e}"
-                )))
+            }
+            result.map_err(|e| (e, lost))
+        };
+        match committed {
+            Ok(()) => Ok(()),
+            // The server answered on a live connection: the transaction ended without
+            // committing.
+            Err((e, false)) => Err(before_commit(e)),
+            Err((e, true)) => {
+                tracing::warn!(error = %e, "the answer to a commit was lost; looking for it");
+                match self.resolve(&witness(group)) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(before_commit(format!(
+                        "the connection was lost before the commit took effect: {e}"
+                    ))),
+                    Err(why) => Err(StoreError::Engine(format!(
+                        "PostgreSQL: the outcome of a commit is unknown ({e}), and stays so: {why}"
+                    ))),
+                }
             }
         }
     }

@@ -16,6 +16,8 @@ mod tests;
 pub use adapter::PgAdapter;
 pub use store::PgStore;
 
+use zeroize::Zeroizing;
+
 use crate::store::StoreError;
 
 /// A failed statement outside a group, as a store error.
@@ -45,5 +47,45 @@ fn refuse_unsafe(fsync: &str) -> Result<(), StoreError> {
             "PostgreSQL runs with fsync = {fsync}: a commit it acknowledges can be lost in a \
              crash, so byokd does not use it (set fsync = on)"
         )))
+    }
+}
+
+/// A PostgreSQL connection URL: it may hold a password, so it is never printed and is
+/// cleared from memory when dropped.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(Zeroizing<String>);
+
+impl DatabaseUrl {
+    /// The URL `text`, checked to be one PostgreSQL's client accepts.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.parse::<tokio_postgres::Config>() {
+            Ok(_) if text.starts_with("postgres://") || text.starts_with("postgresql://") => {
+                Ok(Self(Zeroizing::new(text.to_string())))
+            }
+            _ => Err(
+                "store.url: not a PostgreSQL URL like postgres://byokd@db.internal:5432/byokd \
+                 (the error is not shown: the URL may hold a password)"
+                    .into(),
+            ),
+        }
+    }
+
+    /// Whether the URL holds a password (the file it is in must then be private).
+    pub fn has_password(&self) -> bool {
+        self.0
+            .parse::<tokio_postgres::Config>()
+            .is_ok_and(|c| c.get_password().is_some())
+    }
+
+    pub(crate) fn config(&self) -> Result<tokio_postgres::Config, StoreError> {
+        self.0
+            .parse()
+            .map_err(|_| StoreError::Engine("store.url is not a PostgreSQL URL".into()))
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatabaseUrl(..)")
     }
 }

@@ -262,3 +262,62 @@ async fn postgres_passes_the_suite() {
     };
     suite(&subject).await;
 }
+
+/// A commit whose answer is lost is looked for before it is answered: found, it is durable
+/// and the chain goes on after it; not found (the connection dropped before COMMIT), its
+/// callers get UNAVAILABLE and the next commit takes its place. The store never fails for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_is_lost_is_resolved_before_it_is_answered() {
+    use super::adapter::Fault;
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    blocking(|| migrated(&db));
+    let faults = [(Fault::LoseAnswer, true), (Fault::DropBeforeCommit, false)];
+    for (fault, committed) in faults {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let adapter = adapter(&db);
+        // The fault is set from the writer thread, between groups.
+        let committer =
+            Committer::start(adapter, Position::after(None, None, Revision(0))).unwrap();
+        committer.start_chain(chain_key()).await.unwrap();
+        let before = written(&db).trail.len() as u64;
+        committer
+            .between(Box::new(move |a: &mut PgAdapter| {
+                a.fault.set(Some(fault));
+                let _ = tx.send(());
+            }))
+            .await
+            .unwrap();
+        rx.recv().unwrap();
+        let name = format!("{fault:?}");
+        let result = committer
+            .commit(put(
+                vec![Write::PutSecret(secret("t", &name))],
+                Action::Store,
+            ))
+            .await;
+        if committed {
+            assert_eq!(result.unwrap().audit_seq, Some(before + 1), "{fault:?}");
+        } else {
+            assert!(
+                matches!(&result, Err(e) if e.is_unavailable()),
+                "{fault:?}: {result:?}"
+            );
+        }
+        assert!(!committer.status().failed_for_good(), "{fault:?}");
+        let next = committer
+            .commit(put(
+                vec![Write::PutSecret(secret("t", &format!("{name}-next")))],
+                Action::Store,
+            ))
+            .await
+            .unwrap();
+        let expected = before + if committed { 2 } else { 1 };
+        assert_eq!(next.audit_seq, Some(expected), "{fault:?}");
+        committer.close().await.unwrap();
+        let trail = written(&db).trail;
+        assert_eq!(trail.len() as u64, expected, "{fault:?}");
+        assert!(trail.windows(2).all(|w| w[1].prev_hash == w[0].hash));
+    }
+}
