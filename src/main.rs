@@ -62,6 +62,12 @@ enum Command {
     },
     /// Generate a principal token and the `token_sha256` line for the config file.
     NewToken,
+    /// Apply the schema migrations the configured PostgreSQL database lacks (each replica
+    /// also does at start; safe while replicas run and when several run it at once).
+    Migrate {
+        #[command(flatten)]
+        location: Location,
+    },
     /// Take an online backup from the running server (admin token) into a file: every record
     /// but leases, still encrypted, with the audit chain. Useless without the master key.
     Backup {
@@ -309,6 +315,17 @@ fn main() -> ExitCode {
                         "rotated after the backup, restored with its older value (rotate it again): {tenant}/{name}"
                     );
                 }
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Migrate { location } => {
+            init_logging_quiet();
+            let config = match location.load(None, None, None) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            run_async(byokd::offline::migrate(&config), |done| {
+                println!("{done}");
                 ExitCode::SUCCESS
             })
         }

@@ -544,6 +544,34 @@ pub async fn restore(
     result
 }
 
+/// `byokd migrate`: applies the schema migrations the configured database lacks. What it
+/// did, for the operator.
+pub async fn migrate(config: &Config) -> Result<String, ServeError> {
+    let migrated = config
+        .store
+        .migrate()
+        .await
+        .map_err(|source| ServeError::OpenStore {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+    Ok(match (migrated, &config.store) {
+        (Some(m), crate::store::Engine::Postgres { schema, .. }) if m.applied.is_empty() => {
+            format!("schema {schema} is up to date (migration {})", m.latest)
+        }
+        (Some(m), crate::store::Engine::Postgres { schema, .. }) => format!(
+            "schema {schema}: applied migrations {} (now at {})",
+            m.applied
+                .iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            m.latest
+        ),
+        _ => "nothing to do: the sled engine migrates a data directory when it opens it".into(),
+    })
+}
+
 /// The sled store's directory, for the commands that work on it alone; for another engine,
 /// an error that says why (`why`).
 fn sled_location(config: &Config, why: &str) -> Result<std::path::PathBuf, ServeError> {

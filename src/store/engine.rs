@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::postgres::{DatabaseUrl, PgStore};
+use super::postgres::{self, DatabaseUrl, Migrated, PgStore};
 use super::sled::{DEFAULT_CACHE_BYTES, RepairPlan, SledStore};
 use super::{DEFAULT_AUDIT_SEGMENT_BYTES, Store, StoreError};
 
@@ -72,6 +72,15 @@ impl Engine {
             } => Ok(Arc::new(
                 PgStore::open(url.config()?, schema, *pool_size).await?,
             )),
+        }
+    }
+
+    /// Applies the schema migrations the database lacks (`byokd migrate`); `None` for sled,
+    /// which migrates a store when it opens it.
+    pub async fn migrate(&self) -> Result<Option<Migrated>, StoreError> {
+        match self {
+            Engine::Sled { .. } => Ok(None),
+            Engine::Postgres { url, schema, .. } => postgres::migrate(url, schema).await.map(Some),
         }
     }
 

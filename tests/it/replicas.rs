@@ -203,3 +203,60 @@ async fn verify(server: &TestServer, expected: Option<(u64, String)>) -> (u64, S
     assert!(report.ok && report.first_bad_seq == 0, "{report:?}");
     (report.head_seq, report.head_hash)
 }
+
+/// `byokd migrate`: several at once on a fresh database apply each migration once and all
+/// succeed; run again, it has nothing to do; a server then starts on the schema; with sled
+/// there is nothing to migrate.
+#[test]
+fn byokd_migrate_applies_the_schema_once_however_many_run_it() {
+    let Some(db) = PgDatabase::create() else {
+        return;
+    };
+    let shared = tempfile::tempdir().expect("tempdir");
+    let dir = TestDir::with_config(&db.replica_config(&shared.path().join("master.key")));
+    let config = dir.config().to_string_lossy().into_owned();
+    let runs: Vec<(i32, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| byokd(dir.path(), &["migrate", "--config", &config], "")))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(runs.iter().all(|(code, _)| *code == 0), "{runs:?}");
+    let applied = runs
+        .iter()
+        .filter(|(_, out)| out.contains("schema byokd: applied migrations 1"))
+        .count();
+    let up_to_date = runs
+        .iter()
+        .filter(|(_, out)| out.contains("schema byokd is up to date"))
+        .count();
+    assert_eq!((applied, up_to_date), (1, 2), "{runs:?}");
+    let (code, again) = byokd(dir.path(), &["migrate", "--config", &config], "");
+    assert_eq!(code, 0, "{again}");
+    assert!(again.contains("is up to date"), "{again}");
+    let server = dir.start();
+    drop(server);
+    // No password in what it prints when the database cannot be reached.
+    let unreachable = TestDir::with_config(
+        "[store]\nkind = \"postgres\"\nurl = \"postgres://byokd:hunter2@127.0.0.1:1/byokd\"\n",
+    );
+    let (code, out) = byokd(
+        unreachable.path(),
+        &[
+            "migrate",
+            "--config",
+            &unreachable.config().to_string_lossy(),
+        ],
+        "",
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(!out.contains("hunter2"), "{out}");
+    let sled = TestDir::new();
+    let (code, out) = byokd(
+        sled.path(),
+        &["migrate", "--config", &sled.config().to_string_lossy()],
+        "",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("nothing to do"), "{out}");
+}

@@ -14,6 +14,7 @@ pub(crate) mod testing;
 mod tests;
 
 pub use adapter::PgAdapter;
+pub use schema::Migrated;
 pub use store::PgStore;
 
 use zeroize::Zeroizing;
@@ -88,4 +89,21 @@ impl std::fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("DatabaseUrl(..)")
     }
+}
+
+/// Applies the migrations `schema` of the database at `url` lacks (`byokd migrate`; a
+/// store also does at open).
+pub async fn migrate(url: &DatabaseUrl, schema: &str) -> Result<Migrated, StoreError> {
+    let config = postgres::Config::from(url.config()?);
+    let schema = schema.to_string();
+    // The blocking client runs a runtime of its own: not on an async worker.
+    tokio::task::spawn_blocking(move || {
+        let mut client = config
+            .connect(postgres::NoTls)
+            .map_err(|e| StoreError::Transient(format!("connect to PostgreSQL: {e}")))?;
+        check_durable(&mut client)?;
+        schema::migrate(&mut client, &schema)
+    })
+    .await
+    .map_err(|e| StoreError::Engine(format!("migrate: {e}")))?
 }
