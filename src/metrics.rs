@@ -88,6 +88,8 @@ pub struct Metrics {
     pub connections_dropped: Family<ReasonLabels, Counter>,
     /// Connections open now.
     pub connections_open: Gauge,
+    /// Times the PostgreSQL store's audit feed had to LISTEN again.
+    pub store_listen_reconnects: Counter,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -101,6 +103,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     admission_refused: Family::default(),
     connections_dropped: Family::default(),
     connections_open: Gauge::default(),
+    store_listen_reconnects: Counter::default(),
 });
 
 /// The process-wide metrics.
@@ -193,6 +196,11 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
         m.rpc_duration.clone(),
     );
     registry.register("leases_issued", "Leases issued", m.leases_issued.clone());
+    registry.register(
+        "store_listen_reconnects",
+        "Times the PostgreSQL store's live audit feed connected and LISTENed again",
+        m.store_listen_reconnects.clone(),
+    );
     registry.register(
         "lease_redemptions",
         "Lease redemptions (Get), by result",

@@ -1175,6 +1175,19 @@ impl PgDatabase {
     }
 }
 
+impl PgDatabase {
+    /// Ends every connection to the database, as a failover would.
+    pub fn terminate_connections(&self) {
+        psql(
+            &self.server,
+            &format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}'",
+                self.name
+            ),
+        );
+    }
+}
+
 impl Drop for PgDatabase {
     fn drop(&mut self) {
         psql(

@@ -11,7 +11,7 @@ struct Replicas {
     servers: Vec<(TestDir, TestServer)>,
     _key_dir: tempfile::TempDir,
     // Dropped last: the servers close their connections first.
-    _db: PgDatabase,
+    db: PgDatabase,
 }
 
 /// Two replicas on one fresh database, sharing one local master key file; `None` without
@@ -33,7 +33,7 @@ fn replicas() -> Option<Replicas> {
     Some(Replicas {
         servers,
         _key_dir: shared,
-        _db: db,
+        db,
     })
 }
 
@@ -259,4 +259,78 @@ fn byokd_migrate_applies_the_schema_once_however_many_run_it() {
     );
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("nothing to do"), "{out}");
+}
+
+/// WatchAudit on one replica streams the other's entries too, in order and without gaps,
+/// and goes on after the database ends its LISTEN connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_audit_on_one_replica_streams_every_replicas_entries_in_order() {
+    use tokio_stream::StreamExt;
+    let Some(replicas) = replicas() else {
+        return;
+    };
+    let (a, b) = (&replicas.servers[0].1, &replicas.servers[1].1);
+    let mut watch = b
+        .as_(AUDITOR)
+        .await
+        .watch_audit(pb::WatchAuditRequest {
+            action: "Store".into(),
+            // A Store refused during the failover is audited too (and then retried).
+            outcome: "OK".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch on B")
+        .into_inner();
+    let mut on_a = a.as_(ADMIN).await;
+    let mut on_b = b.as_(ADMIN).await;
+    let mut stored = Vec::new();
+    let mut seen = Vec::new();
+    let mut seqs = Vec::new();
+    // First only A writes: B learns of A's entries from the database alone. Then, after a
+    // failover-like end of every connection, both write.
+    for phase in 0..2 {
+        if phase == 1 {
+            replicas.db.terminate_connections();
+        }
+        for i in 0..10 {
+            let client = if phase == 0 || i % 2 == 0 {
+                &mut on_a
+            } else {
+                &mut on_b
+            };
+            let name = format!("w{phase}-{i}");
+            // Right after the failover a replica's pooled connection may still be found
+            // dead: UNAVAILABLE, retry (as a client does).
+            let mut attempts = 0;
+            while let Err(status) = client
+                .store(store_req("acme", &name, b"sk-watched-value-0001"))
+                .await
+            {
+                attempts += 1;
+                assert!(
+                    status.code() == Code::Unavailable && attempts < 3,
+                    "{status:?}"
+                );
+            }
+            stored.push(name);
+        }
+        while seen.len() < stored.len() {
+            let entry = tokio::time::timeout(std::time::Duration::from_secs(20), watch.next())
+                .await
+                .expect("an entry within 20 s")
+                .expect("stream open")
+                .expect("entry");
+            seqs.push(entry.seq);
+            seen.push(entry.name);
+        }
+    }
+    assert_eq!(seen, stored);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    // B's feed noticed that its LISTEN connection ended, and listened again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !b.log().contains("audit feed: the LISTEN connection ended") {
+        assert!(std::time::Instant::now() < deadline, "no reconnect logged");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }

@@ -91,6 +91,7 @@ struct Statements {
     prune: Statement,
     append: Statement,
     set_revision: Statement,
+    notify: Statement,
 }
 
 impl Statements {
@@ -150,6 +151,11 @@ impl Statements {
             ))?,
             set_revision: p(format!(
                 "UPDATE {s}.position SET last_revision = greatest(last_revision, $1)"
+            ))?,
+            // Delivered to the listeners (every replica's live feed) only if the group commits.
+            notify: p(format!(
+                "SELECT pg_notify('{}', $1)",
+                super::feed::channel(s)
             ))?,
         })
     }
@@ -246,6 +252,14 @@ impl PgAdapter {
                 row.write(client, sql)?;
             }
             client.execute(&sql.set_revision, &[&stored(group.last_revision)])?;
+            if let Some(last) = group
+                .transactions
+                .iter()
+                .rev()
+                .find_map(|t| t.audit.as_ref())
+            {
+                client.execute(&sql.notify, &[&last.seq.to_string()])?;
+            }
             Ok(())
         })
     }
@@ -494,17 +508,34 @@ impl Adapter for PgAdapter {
 
     /// Opens the group's transaction, takes the writers' lock, and reads where the chain
     /// and the revisions stand now.
+    ///
+    /// A connection found dead here (the server restarted or failed over since the last
+    /// group) is made again once: nothing of the group was written yet.
     fn begin_group(&mut self) -> Result<Option<Position>, StoreError> {
         self.end_group();
-        let begun = self.with(|client, sql| {
-            client.batch_execute("BEGIN")?;
-            self.open.set(true);
-            client.execute(&sql.lock, &[])?;
-            let head = client.query_opt(&sql.head, &[])?;
-            let anchor = client.query_opt(&sql.anchor, &[])?;
-            let last: i64 = client.query_one(&sql.last_revision, &[])?.get(0);
-            Ok((head, anchor, last))
-        });
+        let begin = |adapter: &Self| {
+            adapter.with(|client, sql| {
+                client.batch_execute("BEGIN")?;
+                adapter.open.set(true);
+                client.execute(&sql.lock, &[])?;
+                let head = client.query_opt(&sql.head, &[])?;
+                let anchor = client.query_opt(&sql.anchor, &[])?;
+                let last: i64 = client.query_one(&sql.last_revision, &[])?.get(0);
+                Ok((head, anchor, last))
+            })
+        };
+        let mut begun = begin(self);
+        if begun.is_err()
+            && self
+                .conn
+                .borrow()
+                .as_ref()
+                .is_none_or(|c| c.client.is_closed())
+        {
+            self.open.set(false);
+            *self.conn.borrow_mut() = None;
+            begun = begin(self);
+        }
         let position = begun.and_then(|(head, anchor, last)| {
             let head = head.map(|r| decode_audit(r.get(0), r.get(1))).transpose()?;
             let anchor = anchor.map(|r| decode_anchor(r.get(0))).transpose()?;

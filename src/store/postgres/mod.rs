@@ -6,6 +6,7 @@
 //! runs two byokd processes on one database.
 
 mod adapter;
+mod feed;
 pub mod schema;
 mod store;
 #[cfg(test)]

@@ -10,6 +10,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, NoTls, Row};
 
 use super::PgAdapter;
+use super::feed::Feed;
 use super::schema;
 use crate::chain::ChainKey;
 use crate::model::{
@@ -24,11 +25,16 @@ use crate::store::{
     StoreError, Transaction,
 };
 
+/// Live subscribers' buffer of entries.
+const FEED_CAPACITY: usize = 1024;
+
 /// The store on PostgreSQL.
 pub struct PgStore {
     pool: Pool,
     sql: Reads,
     committer: Committer<PgAdapter>,
+    /// Every replica's entries as they commit (see `feed.rs`).
+    feed: Feed,
 }
 
 /// The read statements, for one schema.
@@ -161,7 +167,7 @@ impl PgStore {
         .await
         .map_err(|e| StoreError::Engine(format!("open: {e}")))??;
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -171,21 +177,43 @@ impl PgStore {
             .max_size(pool_size.max(1))
             .build()
             .map_err(|e| StoreError::Engine(format!("PostgreSQL pool: {e}")))?;
+        let committer = Committer::start(adapter, position)?;
+        let feed = Feed::start(
+            config,
+            pool.clone(),
+            schema,
+            position.next_seq - 1,
+            FEED_CAPACITY,
+            committer.status().subscribe(),
+        );
         Ok(Self {
             pool,
             sql: Reads::new(schema),
-            committer: Committer::start(adapter, position)?,
+            committer,
+            feed,
         })
     }
 
+    /// Runs a read. A pooled connection found dead (the server restarted or failed over
+    /// since it was last used) is left for a new one, once: reads can be repeated.
     async fn rows(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
-        let client = self.pool.get().await.map_err(read_error)?;
-        let statement = client.prepare_cached(sql).await.map_err(read_error)?;
-        client.query(&statement, params).await.map_err(read_error)
+        let mut retried = false;
+        loop {
+            let client = self.pool.get().await.map_err(read_error)?;
+            let result = match client.prepare_cached(sql).await {
+                Ok(statement) => client.query(&statement, params).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(rows) => return Ok(rows),
+                Err(_) if !retried && client.is_closed() => retried = true,
+                Err(e) => return Err(read_error(e)),
+            }
+        }
     }
 
     async fn row(
@@ -477,12 +505,14 @@ impl Store for PgStore {
         query::walk(self, filter, from, until_seq, page_size).await
     }
 
+    /// The latest entry of any replica this process knows to be committed.
     fn durable_audit_seq(&self) -> u64 {
-        self.committer.status().durable_seq()
+        self.committer.status().durable_seq().max(self.feed.head())
     }
 
+    /// Every replica's entries, in order, as they commit.
     fn subscribe_audit(&self) -> broadcast::Receiver<Arc<AuditRecord>> {
-        self.committer.status().subscribe()
+        self.feed.subscribe()
     }
 
     async fn start_audit_chain(&self, key: Arc<ChainKey>) -> Result<(), StoreError> {
@@ -500,6 +530,7 @@ impl Store for PgStore {
 
     async fn close(&self) -> Result<(), StoreError> {
         let closed = self.committer.close().await;
+        self.feed.stop();
         self.pool.close();
         closed
     }

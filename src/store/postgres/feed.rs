@@ -1,0 +1,202 @@
+//! The live audit feed of a store that several processes write: every replica's entries, in
+//! seq order, as they commit.
+//!
+//! Each group that appends entries sends a NOTIFY in its transaction (so it is delivered only
+//! if the group commits). A follower task LISTENs on a connection of its own and, woken by a
+//! notification, by this process's own commits or by a one-second tick, reads the entries
+//! after the last one it passed on from the table, which is the source of truth. After a lost
+//! connection it connects and LISTENs again and then reads what it missed: a notification
+//! sent meanwhile costs nothing. Entries become visible in seq order (groups commit one after
+//! another under the writers' lock), so what it passes on has no gaps.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::sync::{Notify, broadcast, watch};
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::model::AuditRecord;
+use crate::store::StoreError;
+use crate::store::codec;
+
+/// Entries read per statement.
+const PAGE: i64 = 1024;
+/// How often the table is read without a notification.
+const TICK: Duration = Duration::from_secs(1);
+/// The longest wait between attempts to reconnect.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The feed: subscribers, the latest entry passed on, and the follower task.
+pub(super) struct Feed {
+    sender: broadcast::Sender<Arc<AuditRecord>>,
+    head: Arc<AtomicU64>,
+    stop: watch::Sender<bool>,
+}
+
+/// The channel a schema's groups notify.
+pub(super) fn channel(schema: &str) -> String {
+    format!("byokd_audit_{schema}")
+}
+
+impl Feed {
+    /// Starts following the trail of `schema` after entry `head`; `own` carries this
+    /// process's own commits (a wake-up only: entries are read from the table).
+    pub(super) fn start(
+        config: tokio_postgres::Config,
+        pool: Pool,
+        schema: &str,
+        head: u64,
+        capacity: usize,
+        own: broadcast::Receiver<Arc<AuditRecord>>,
+    ) -> Self {
+        let (sender, _) = broadcast::channel(capacity);
+        let head = Arc::new(AtomicU64::new(head));
+        let (stop, stopped) = watch::channel(false);
+        let follower = Follower {
+            config,
+            pool,
+            channel: channel(schema),
+            read: format!(
+                "SELECT seq, record FROM {schema}.audit WHERE seq > $1 ORDER BY seq LIMIT $2"
+            ),
+            sender: sender.clone(),
+            head: head.clone(),
+            stopped,
+        };
+        tokio::spawn(follower.run(own));
+        Self { sender, head, stop }
+    }
+
+    /// Entries from now on.
+    pub(super) fn subscribe(&self) -> broadcast::Receiver<Arc<AuditRecord>> {
+        self.sender.subscribe()
+    }
+
+    /// The latest entry passed on.
+    pub(super) fn head(&self) -> u64 {
+        self.head.load(Ordering::Acquire)
+    }
+
+    /// Stops the follower.
+    pub(super) fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+struct Follower {
+    config: tokio_postgres::Config,
+    pool: Pool,
+    channel: String,
+    read: String,
+    sender: broadcast::Sender<Arc<AuditRecord>>,
+    head: Arc<AtomicU64>,
+    stopped: watch::Receiver<bool>,
+}
+
+impl Follower {
+    async fn run(mut self, mut own: broadcast::Receiver<Arc<AuditRecord>>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let notified = Arc::new(Notify::new());
+            let (client, pump) = match self.listen(notified.clone()).await {
+                Ok(listening) => listening,
+                Err(e) => {
+                    tracing::warn!(error = %e, "audit feed: cannot LISTEN; trying again");
+                    crate::metrics::global().store_listen_reconnects.inc();
+                    if self.pause(backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            loop {
+                if let Err(e) = self.pass_on().await {
+                    tracing::warn!(error = %e, "audit feed: cannot read the trail");
+                }
+                tokio::select! {
+                    () = notified.notified() => {}
+                    _ = own.recv() => {}
+                    () = tokio::time::sleep(TICK) => {}
+                    _ = self.stopped.changed() => {
+                        pump.abort();
+                        return;
+                    }
+                }
+                if pump.is_finished() {
+                    tracing::warn!("audit feed: the LISTEN connection ended; reconnecting");
+                    crate::metrics::global().store_listen_reconnects.inc();
+                    break;
+                }
+            }
+            drop(client);
+        }
+    }
+
+    /// Connects and LISTENs; the connection's messages wake `notified`.
+    async fn listen(
+        &self,
+        notified: Arc<Notify>,
+    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+        let (client, mut connection) = self.config.connect(NoTls).await?;
+        let pump = tokio::spawn(async move {
+            loop {
+                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(_))) => notified.notify_one(),
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return,
+                }
+            }
+        });
+        if let Err(e) = client
+            .batch_execute(&format!("LISTEN {}", self.channel))
+            .await
+        {
+            pump.abort();
+            return Err(e);
+        }
+        Ok((client, pump))
+    }
+
+    /// Passes on the entries after the last one passed on.
+    async fn pass_on(&self) -> Result<(), StoreError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Transient(format!("PostgreSQL: {e}")))?;
+        let statement = client
+            .prepare_cached(&self.read)
+            .await
+            .map_err(|e| StoreError::Transient(format!("PostgreSQL: {e}")))?;
+        loop {
+            let last = self.head.load(Ordering::Acquire);
+            let rows = client
+                .query(&statement, &[&(last as i64), &PAGE])
+                .await
+                .map_err(|e| StoreError::Transient(format!("PostgreSQL: {e}")))?;
+            for row in &rows {
+                let seq: i64 = row.get(0);
+                let record: AuditRecord =
+                    codec::decode(&codec::audit_key(seq as u64), row.get::<_, &[u8]>(1))?;
+                self.head.fetch_max(record.seq, Ordering::AcqRel);
+                // No subscriber is fine; a lagging one is told so by the channel.
+                let _ = self.sender.send(Arc::new(record));
+            }
+            if (rows.len() as i64) < PAGE {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Waits `pause`; true if the feed is stopping.
+    async fn pause(&mut self, pause: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(pause) => *self.stopped.borrow(),
+            _ = self.stopped.changed() => true,
+        }
+    }
+}
