@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::postgres::{self, DatabaseUrl, Migrated, PgStore};
+use super::postgres::{DatabaseUrl, Migrated, PgStore, migrate as migrate_postgres};
 use super::sled::{DEFAULT_CACHE_BYTES, RepairPlan, SledStore};
 use super::{DEFAULT_AUDIT_SEGMENT_BYTES, Store, StoreError};
 
@@ -80,7 +80,7 @@ impl Engine {
     pub async fn migrate(&self) -> Result<Option<Migrated>, StoreError> {
         match self {
             Engine::Sled { .. } => Ok(None),
-            Engine::Postgres { url, schema, .. } => postgres::migrate(url, schema).await.map(Some),
+            Engine::Postgres { url, schema, .. } => migrate_postgres(url, schema).await.map(Some),
         }
     }
 
