@@ -90,6 +90,21 @@ pub struct Metrics {
     pub connections_open: Gauge,
     /// Times the PostgreSQL store's audit feed had to LISTEN again.
     pub store_listen_reconnects: Counter,
+    /// Commits per group the store wrote at once.
+    pub group_commits: Histogram,
+    /// Time a group waited for its turn in the commit order (the engine's writers' lock and
+    /// the position read under it; next to nothing for an engine only this process writes).
+    pub commit_order_wait: Histogram,
+    /// The PostgreSQL store's read connections, by state.
+    pub store_pool: Family<PoolLabels, Gauge>,
+}
+
+/// Labels of the read pool's connections: `open`, `idle`, or `waiting` (callers waiting for
+/// one).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// The state.
+    pub state: &'static str,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -104,6 +119,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     connections_dropped: Family::default(),
     connections_open: Gauge::default(),
     store_listen_reconnects: Counter::default(),
+    group_commits: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+    commit_order_wait: latency_histogram(),
+    store_pool: Family::default(),
 });
 
 /// The process-wide metrics.
@@ -196,6 +214,22 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
         m.rpc_duration.clone(),
     );
     registry.register("leases_issued", "Leases issued", m.leases_issued.clone());
+    registry.register(
+        "store_group_commits",
+        "Commits per group the store wrote at once (one durable write each group)",
+        m.group_commits.clone(),
+    );
+    registry.register_with_unit(
+        "store_commit_order_wait",
+        "Time each group waited for its turn in the commit order shared by every replica",
+        Unit::Seconds,
+        m.commit_order_wait.clone(),
+    );
+    registry.register(
+        "store_pool_connections",
+        "The PostgreSQL store's read connections: open, idle, and callers waiting for one",
+        m.store_pool.clone(),
+    );
     registry.register(
         "store_listen_reconnects",
         "Times the PostgreSQL store's live audit feed connected and LISTENed again",

@@ -445,6 +445,9 @@ impl<A: Adapter> Writer<A> {
             return Ok(());
         }
         group.last_revision = Revision(self.position.next_revision - 1);
+        crate::metrics::global()
+            .group_commits
+            .observe(group.transactions.len() as f64);
         let started = std::time::Instant::now();
         let written = if self.poisoned {
             Err(StoreError::Poisoned)
@@ -482,7 +485,12 @@ impl<A: Adapter> Writer<A> {
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
-        if let Some(position) = self.adapter.begin_group()? {
+        let started = std::time::Instant::now();
+        let begun = self.adapter.begin_group();
+        crate::metrics::global()
+            .commit_order_wait
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(position) = begun? {
             self.position = position;
         }
         Ok(())

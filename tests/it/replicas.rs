@@ -334,3 +334,52 @@ async fn watch_audit_on_one_replica_streams_every_replicas_entries_in_order() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// What an operator of replicas watches: commit group sizes, the wait for the cluster-wide
+/// commit order, the read pool, LISTEN reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_reports_its_commit_groups_order_wait_and_pool() {
+    let Some(db) = PgDatabase::create() else {
+        return;
+    };
+    let shared = tempfile::tempdir().expect("tempdir");
+    let dir = TestDir::with_config(
+        &(db.replica_config(&shared.path().join("master.key"))
+            + "\n[metrics]\nlisten = \"127.0.0.1:0\"\n"),
+    );
+    let server = dir.start();
+    let mut admin = server.as_(ADMIN).await;
+    for i in 0..5 {
+        store(
+            &mut admin,
+            "acme",
+            &format!("m{i}"),
+            b"sk-metrics-value-0001",
+        )
+        .await;
+    }
+    let ops = ops_addr(&server);
+    // The pool's gauges follow the feed's one-second tick.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = scrape(&ops).await;
+        let open = "byokd_store_pool_connections{state=\"open\"}";
+        if text.contains(open) && sample(&text, open) >= 1.0 {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    // Five Stores and the start-up's commits, each group at least one commit.
+    assert!(
+        sample(&text, "byokd_store_group_commits_count") >= 5.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "byokd_store_group_commits_sum")
+            >= sample(&text, "byokd_store_group_commits_count")
+    );
+    assert!(sample(&text, "byokd_store_commit_order_wait_seconds_count") >= 5.0);
+    assert!(sample(&text, "byokd_store_pool_connections{state=\"idle\"}") >= 0.0);
+    assert_eq!(sample(&text, "byokd_store_listen_reconnects_total"), 0.0);
+}

@@ -117,6 +117,7 @@ impl Follower {
                 if let Err(e) = self.pass_on().await {
                     tracing::warn!(error = %e, "audit feed: cannot read the trail");
                 }
+                self.gauge_pool();
                 tokio::select! {
                     () = notified.notified() => {}
                     _ = own.recv() => {}
@@ -190,6 +191,19 @@ impl Follower {
                 return Ok(());
             }
         }
+    }
+
+    /// Sets the read pool's gauges (the feed's tick is their clock).
+    fn gauge_pool(&self) {
+        let status = self.pool.status();
+        let pool = &crate::metrics::global().store_pool;
+        let set = |state, n: usize| {
+            pool.get_or_create(&crate::metrics::PoolLabels { state })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        };
+        set("open", status.size);
+        set("idle", status.available);
+        set("waiting", status.waiting);
     }
 
     /// Waits `pause`; true if the feed is stopping.
