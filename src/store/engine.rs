@@ -33,6 +33,11 @@ pub enum Engine {
     },
 }
 
+/// Where a sled store lives in its data directory.
+fn sled_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("db")
+}
+
 impl Default for Engine {
     fn default() -> Self {
         Engine::Sled {
@@ -55,7 +60,7 @@ impl Engine {
     /// elsewhere.
     pub fn location(&self, data_dir: &Path) -> Option<PathBuf> {
         match self {
-            Engine::Sled { .. } => Some(data_dir.join("db")),
+            Engine::Sled { .. } => Some(sled_dir(data_dir)),
             Engine::Postgres { .. } => None,
         }
     }
@@ -64,7 +69,7 @@ impl Engine {
     /// applying the migrations it lacks).
     pub async fn open(&self, data_dir: &Path) -> Result<Arc<dyn Store>, StoreError> {
         match self {
-            Engine::Sled { .. } => self.open_at(&data_dir.join("db")),
+            Engine::Sled { .. } => self.open_at(&sled_dir(data_dir)),
             Engine::Postgres {
                 url,
                 schema,

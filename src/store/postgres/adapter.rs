@@ -27,6 +27,8 @@ use crate::store::StoreError;
 use crate::store::codec;
 use crate::store::commit::{Adapter, Change, Group, Position, RecordKey};
 
+use super::unavailable;
+
 /// How long a commit whose answer was lost is looked for before its outcome is unknown.
 pub const RESOLVE_FOR: Duration = Duration::from_secs(30);
 
@@ -177,11 +179,6 @@ fn decode_anchor(bytes: &[u8]) -> Result<AuditAnchor, StoreError> {
     codec::decode(codec::AUDIT_ANCHOR_META, bytes)
 }
 
-/// An error of a statement before the commit: nothing of the group is written.
-fn before_commit(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Transient(format!("PostgreSQL: {e}"))
-}
-
 impl PgAdapter {
     /// An adapter on the database `config` names, in `schema` (migrated already). Connects
     /// now, and refuses a server that does not make commits durable.
@@ -211,16 +208,16 @@ impl PgAdapter {
         }
         if conn.is_none() {
             if self.open.get() {
-                return Err(before_commit("the connection was lost during the group"));
+                return Err(unavailable("the connection was lost during the group"));
             }
-            let mut client = self.config.connect(NoTls).map_err(before_commit)?;
+            let mut client = self.config.connect(NoTls).map_err(unavailable)?;
             super::check_durable(&mut client)?;
-            let sql = Statements::prepare(&mut client, &self.schema).map_err(before_commit)?;
+            let sql = Statements::prepare(&mut client, &self.schema).map_err(unavailable)?;
             *conn = Some(Connection { client, sql });
         }
         match conn.as_mut() {
-            Some(c) => work(&mut c.client, &c.sql).map_err(before_commit),
-            None => Err(before_commit("no connection")),
+            Some(c) => work(&mut c.client, &c.sql).map_err(unavailable),
+            None => Err(unavailable("no connection")),
         }
     }
 
@@ -228,7 +225,7 @@ impl PgAdapter {
     pub fn position(&mut self) -> Result<Position, StoreError> {
         let position = self.begin_group()?;
         self.end_group();
-        position.ok_or_else(|| before_commit("no position"))
+        position.ok_or_else(|| unavailable("no position"))
     }
 
     /// Writes the group's rows in the open transaction.
@@ -460,14 +457,14 @@ impl Adapter for PgAdapter {
     /// module documentation).
     fn write_group(&mut self, group: &Group) -> Result<(), StoreError> {
         if !self.open.get() {
-            return Err(before_commit("no group is open"));
+            return Err(unavailable("no group is open"));
         }
         self.write_rows(group)?;
         self.open.set(false);
         let committed = {
             let mut conn = self.conn.borrow_mut();
             let Some(c) = conn.as_mut() else {
-                return Err(before_commit("the connection was lost during the group"));
+                return Err(unavailable("the connection was lost during the group"));
             };
             let result = self.commit(&mut c.client);
             // Only an ERROR on a live connection says the transaction rolled back; a lost
@@ -486,12 +483,12 @@ impl Adapter for PgAdapter {
             Ok(()) => Ok(()),
             // The server answered on a live connection: the transaction ended without
             // committing.
-            Err((e, false)) => Err(before_commit(e)),
+            Err((e, false)) => Err(unavailable(e)),
             Err((e, true)) => {
                 tracing::warn!(error = %e, "the answer to a commit was lost; looking for it");
                 match self.resolve(&witness(group)) {
                     Ok(true) => Ok(()),
-                    Ok(false) => Err(before_commit(format!(
+                    Ok(false) => Err(unavailable(format!(
                         "the connection was lost before the commit took effect: {e}"
                     ))),
                     Err(why) => Err(StoreError::Engine(format!(

@@ -21,6 +21,8 @@ use crate::model::AuditRecord;
 use crate::store::StoreError;
 use crate::store::codec;
 
+use super::unavailable;
+
 /// Entries read per statement.
 const PAGE: i64 = 1024;
 /// How often the table is read without a notification.
@@ -164,21 +166,17 @@ impl Follower {
 
     /// Passes on the entries after the last one passed on.
     async fn pass_on(&self) -> Result<(), StoreError> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Transient(format!("PostgreSQL: {e}")))?;
+        let client = self.pool.get().await.map_err(unavailable)?;
         let statement = client
             .prepare_cached(&self.read)
             .await
-            .map_err(|e| StoreError::Transient(format!("PostgreSQL: {e}")))?;
+            .map_err(unavailable)?;
         loop {
             let last = self.head.load(Ordering::Acquire);
             let rows = client
                 .query(&statement, &[&(last as i64), &PAGE])
                 .await
-                .map_err(|e| StoreError::Transient(format!("PostgreSQL: {e}")))?;
+                .map_err(unavailable)?;
             for row in &rows {
                 let seq: i64 = row.get(0);
                 let record: AuditRecord =

@@ -27,6 +27,12 @@ fn pg_error(e: postgres::Error) -> StoreError {
     StoreError::Engine(format!("PostgreSQL: {e}"))
 }
 
+/// A failure that wrote nothing (a read, a lost connection, a statement before COMMIT): its
+/// callers get UNAVAILABLE, and the next attempt may succeed.
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Transient(format!("PostgreSQL: {e}"))
+}
+
 /// Refuses a server that would acknowledge a commit it can lose in a crash, and makes this
 /// session's commits wait for the server's write-ahead log to be on disk.
 fn check_durable(client: &mut postgres::Client) -> Result<(), StoreError> {
@@ -92,19 +98,20 @@ impl std::fmt::Debug for DatabaseUrl {
     }
 }
 
-/// Applies the migrations `schema` of the database at `url` lacks (`byokd migrate`; a
-/// store also does at open).
+/// Applies the migrations `schema` of the database at `url` lacks (`byokd migrate`).
 pub async fn migrate(url: &DatabaseUrl, schema: &str) -> Result<Migrated, StoreError> {
     let config = postgres::Config::from(url.config()?);
     let schema = schema.to_string();
     // The blocking client runs a runtime of its own: not on an async worker.
-    tokio::task::spawn_blocking(move || {
-        let mut client = config
-            .connect(postgres::NoTls)
-            .map_err(|e| StoreError::Transient(format!("connect to PostgreSQL: {e}")))?;
-        check_durable(&mut client)?;
-        schema::migrate(&mut client, &schema)
-    })
-    .await
-    .map_err(|e| StoreError::Engine(format!("migrate: {e}")))?
+    tokio::task::spawn_blocking(move || migrate_blocking(&config, &schema))
+        .await
+        .map_err(|e| StoreError::Engine(format!("migrate: {e}")))?
+}
+
+/// [`migrate`] on the calling (blocking) thread, on a connection of its own; refuses a
+/// server that does not make commits durable. A store does this at open.
+fn migrate_blocking(config: &postgres::Config, schema: &str) -> Result<Migrated, StoreError> {
+    let mut client = config.connect(postgres::NoTls).map_err(unavailable)?;
+    check_durable(&mut client)?;
+    schema::migrate(&mut client, schema)
 }

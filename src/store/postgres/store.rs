@@ -9,9 +9,9 @@ use tokio::sync::broadcast;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, NoTls, Row};
 
-use super::PgAdapter;
 use super::feed::Feed;
 use super::schema;
+use super::{PgAdapter, migrate_blocking, unavailable};
 use crate::chain::ChainKey;
 use crate::model::{
     AuditAnchor, AuditRecord, EnvelopeRecord, LeaseId, LeaseRecord, Revision, SecretId, SecretName,
@@ -119,11 +119,6 @@ impl Reads {
     }
 }
 
-/// A failed read: UNAVAILABLE while the server cannot be reached, INTERNAL otherwise.
-fn read_error(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Transient(format!("PostgreSQL: {e}"))
-}
-
 fn uuid(id: [u8; 16]) -> uuid::Uuid {
     uuid::Uuid::from_bytes(id)
 }
@@ -156,10 +151,7 @@ impl PgStore {
         // The blocking client runs a runtime of its own: not on an async worker, nor inside
         // `block_on`.
         let (adapter, position) = tokio::task::spawn_blocking(move || {
-            let mut client = blocking_config
-                .connect(postgres::NoTls)
-                .map_err(read_error)?;
-            schema::migrate(&mut client, &name)?;
+            migrate_blocking(&blocking_config, &name)?;
             let mut adapter = PgAdapter::connect(blocking_config, &name)?;
             let position = adapter.position()?;
             Ok::<_, StoreError>((adapter, position))
@@ -203,7 +195,7 @@ impl PgStore {
     ) -> Result<Vec<Row>, StoreError> {
         let mut retried = false;
         loop {
-            let client = self.pool.get().await.map_err(read_error)?;
+            let client = self.pool.get().await.map_err(unavailable)?;
             let result = match client.prepare_cached(sql).await {
                 Ok(statement) => client.query(&statement, params).await,
                 Err(e) => Err(e),
@@ -211,7 +203,7 @@ impl PgStore {
             match result {
                 Ok(rows) => return Ok(rows),
                 Err(_) if !retried && client.is_closed() => retried = true,
-                Err(e) => return Err(read_error(e)),
+                Err(e) => return Err(unavailable(e)),
             }
         }
     }
@@ -222,6 +214,16 @@ impl PgStore {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, StoreError> {
         Ok(self.rows(sql, params).await?.into_iter().next())
+    }
+
+    /// The record a read finds, if any.
+    async fn find_record<T: Revisioned>(
+        &self,
+        key: &[u8],
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<T>, StoreError> {
+        Ok(self.records(key, sql, params).await?.into_iter().next())
     }
 
     async fn records<T: Revisioned>(
@@ -236,14 +238,14 @@ impl PgStore {
 
     /// Every record but leases, then the trail, from one snapshot of the database.
     async fn export_snapshot(&self, mut sink: ExportSink) -> Result<u64, StoreError> {
-        let mut client = self.pool.get().await.map_err(read_error)?;
+        let mut client = self.pool.get().await.map_err(unavailable)?;
         let tx = client
             .build_transaction()
             .isolation_level(IsolationLevel::RepeatableRead)
             .read_only(true)
             .start()
             .await
-            .map_err(read_error)?;
+            .map_err(unavailable)?;
         let mut count = 0u64;
         let mut pass = |record: Record| {
             count += 1;
@@ -252,18 +254,18 @@ impl PgStore {
         for row in tx
             .query(&self.sql.all_secrets, &[])
             .await
-            .map_err(read_error)?
+            .map_err(unavailable)?
         {
             pass(Record::Secret(record(b"secret", &row, 0)?))?;
         }
         for row in tx
             .query(&self.sql.all_envelopes, &[])
             .await
-            .map_err(read_error)?
+            .map_err(unavailable)?
         {
             pass(Record::Envelope(record(b"envelope", &row, 0)?))?;
         }
-        for row in tx.query(&self.sql.metas, &[]).await.map_err(read_error)? {
+        for row in tx.query(&self.sql.metas, &[]).await.map_err(unavailable)? {
             let name: &str = row.get(0);
             let Some(key) = MetaKey::named(name) else {
                 return Err(StoreError::Corrupt {
@@ -280,7 +282,7 @@ impl PgStore {
         if let Some(row) = tx
             .query_opt(&self.sql.anchor, &[])
             .await
-            .map_err(read_error)?
+            .map_err(unavailable)?
         {
             let anchor: AuditAnchor = codec::decode(codec::AUDIT_ANCHOR_META, row.get(0))?;
             pass(Record::Anchor(anchor))?;
@@ -290,14 +292,14 @@ impl PgStore {
             let rows = tx
                 .query(&self.sql.audit_entries, &[&from, &4096i64])
                 .await
-                .map_err(read_error)?;
+                .map_err(unavailable)?;
             let Some(last) = rows.last() else { break };
             from = last.get::<_, i64>(0) + 1;
             for row in &rows {
                 pass(Record::Audit(audit(row)?))?;
             }
         }
-        tx.commit().await.map_err(read_error)?;
+        tx.commit().await.map_err(unavailable)?;
         Ok(count)
     }
 }
@@ -310,10 +312,8 @@ impl Store for PgStore {
         name: &SecretName,
     ) -> Result<Option<SecretRecord>, StoreError> {
         let key = codec::secret_key(tenant, name);
-        let rows = self
-            .records(&key, &self.sql.secret, &[&tenant.as_str(), &name.as_str()])
-            .await?;
-        Ok(rows.into_iter().next())
+        self.find_record(&key, &self.sql.secret, &[&tenant.as_str(), &name.as_str()])
+            .await
     }
 
     async fn list_secrets(
@@ -349,14 +349,12 @@ impl Store for PgStore {
         version: u32,
     ) -> Result<Option<EnvelopeRecord>, StoreError> {
         let key = codec::envelope_key(secret_id, version);
-        let rows = self
-            .records(
-                &key,
-                &self.sql.envelope,
-                &[&uuid(*secret_id.as_bytes()), &(version as i32)],
-            )
-            .await?;
-        Ok(rows.into_iter().next())
+        self.find_record(
+            &key,
+            &self.sql.envelope,
+            &[&uuid(*secret_id.as_bytes()), &(version as i32)],
+        )
+        .await
     }
 
     async fn envelopes_after(
@@ -389,14 +387,12 @@ impl Store for PgStore {
         &self,
         token_hash: &TokenHash,
     ) -> Result<Option<LeaseRecord>, StoreError> {
-        let rows = self
-            .records(
-                &codec::lease_key(token_hash),
-                &self.sql.lease_by_token,
-                &[&token_hash.0.as_slice()],
-            )
-            .await?;
-        Ok(rows.into_iter().next())
+        self.find_record(
+            &codec::lease_key(token_hash),
+            &self.sql.lease_by_token,
+            &[&token_hash.0.as_slice()],
+        )
+        .await
     }
 
     async fn redemption(&self, token_hash: &TokenHash) -> Result<Option<Redemption>, StoreError> {
@@ -424,10 +420,8 @@ impl Store for PgStore {
     }
 
     async fn lease_by_id(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
-        let rows = self
-            .records(b"lease", &self.sql.lease_by_id, &[&uuid(*id.as_bytes())])
-            .await?;
-        Ok(rows.into_iter().next())
+        self.find_record(b"lease", &self.sql.lease_by_id, &[&uuid(*id.as_bytes())])
+            .await
     }
 
     async fn expired_leases(
