@@ -194,6 +194,8 @@ pub struct Snapshot {
     pub cache_hits: u64,
     /// Data key cache lookups that did not.
     pub cache_misses: u64,
+    /// Data keys the cache holds now.
+    pub cache_keys: u64,
     /// Whether the vault currently serves (store and master key available).
     pub serving: bool,
 }
@@ -329,6 +331,13 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
         None,
         ConstCounter::new(snapshot.cache_misses),
     );
+    register_const(
+        &mut registry,
+        "data_key_cache_keys",
+        "Unwrapped data keys the cache holds",
+        None,
+        gauge(snapshot.cache_keys),
+    );
     let lookups = snapshot.cache_hits + snapshot.cache_misses;
     let ratio = if lookups == 0 {
         0.0
@@ -388,6 +397,7 @@ mod tests {
             audit_head_seq: 42,
             cache_hits: 3,
             cache_misses: 1,
+            cache_keys: 2,
             serving: true,
         })
         .unwrap();
@@ -399,6 +409,7 @@ mod tests {
             "byokd_store_size_bytes 4096",
             "byokd_audit_head_seq 42",
             "byokd_data_key_cache_hit_ratio 0.75",
+            "byokd_data_key_cache_keys 2",
             "byokd_serving 1",
             "# EOF",
         ] {

@@ -4,7 +4,8 @@
 //! Keys are shared as `Arc<SymmetricKey>` (no copy of the material); the last holder's drop
 //! zeroizes them, so evicting an entry zeroizes its key once no request still uses it.
 //! Rotate and Revoke evict a secret's keys at once, and an unwrap that started before such an
-//! eviction does not put its key back.
+//! eviction does not put its key back. Other processes sharing the store evict them when
+//! the audit feed brings the Rotate or Revoke (`Vault::follow_destroyed_keys`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -127,6 +128,24 @@ impl DataKeyCache {
         inner.order.retain(|(id, _)| *id != secret);
     }
 
+    /// Drops every cached key (when evictions may have been missed).
+    pub fn clear(&self) {
+        let mut inner = self.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        inner.keys.clear();
+        inner.order.clear();
+    }
+
+    /// Keys held now (expired ones included until a lookup or an eviction drops them).
+    pub fn len(&self) -> usize {
+        self.lock().keys.len()
+    }
+
+    /// True when no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// (hits, misses) so far.
     pub fn stats(&self) -> (u64, u64) {
         (
@@ -200,6 +219,13 @@ mod tests {
         // An unwrap that started before the eviction does not repopulate.
         c.insert(a, 2, key(), before);
         assert!(c.get(a, 2).is_none());
+        assert_eq!(c.len(), 1);
+        // Clearing drops everything, and also wins over an insert that started before it.
+        let before = c.generation();
+        c.clear();
+        assert!(c.is_empty() && c.get(b, 1).is_none());
+        c.insert(b, 1, key(), before);
+        assert!(c.is_empty());
     }
 
     #[test]

@@ -322,6 +322,7 @@ async fn serve(
         scratch_dir: config.data_dir.clone(),
     }));
     let gc = tokio::spawn(collect_leases(vault.clone(), config.gc_interval));
+    let evictions = tokio::spawn(vault.clone().follow_destroyed_keys());
     let retention = config
         .audit_retention
         .map(|policy| tokio::spawn(prune_audit(vault.clone(), policy)));
@@ -475,6 +476,7 @@ async fn serve(
         }
     };
     gc.abort();
+    evictions.abort();
     refusals.abort();
     if let Some(task) = retention {
         task.abort();

@@ -332,6 +332,7 @@ impl Vault {
             audit_head_seq: self.store.durable_audit_seq(),
             cache_hits,
             cache_misses,
+            cache_keys: self.cache.len() as u64,
             serving: self.store.writable()
                 && self.serving.load(std::sync::atomic::Ordering::Relaxed),
         })
@@ -452,6 +453,30 @@ impl Vault {
             created_at: Time::now(),
             rev: Default::default(),
         })
+    }
+
+    /// Follows the store's audit feed and drops the cached data keys of every secret that a
+    /// Rotate or Revoke committed by any process sharing the store destroyed keys of (each
+    /// replica has a cache of its own). A Get does not depend on it, as it opens the version
+    /// the store names as current; this keeps destroyed keys out of memory. When entries were
+    /// missed (the feed lagged), the whole cache is dropped. Runs until the store closes.
+    pub async fn follow_destroyed_keys(self: Arc<Self>) {
+        let mut feed = self.store.subscribe_audit();
+        loop {
+            match feed.recv().await {
+                Ok(record) => {
+                    let entry = &record.entry;
+                    if matches!(entry.action, Action::Rotate | Action::Revoke)
+                        && entry.outcome == Outcome::Ok
+                        && let Some(id) = entry.secret_id
+                    {
+                        self.cache.evict_secret(id);
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.cache.clear(),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
     }
 
     /// Opens the envelope of `record`'s current version. The envelope must belong to it: the

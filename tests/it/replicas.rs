@@ -22,7 +22,8 @@ fn replicas() -> Option<Replicas> {
     let key = shared.path().join("master.key");
     // The losers of the races below are failed redemptions: not what is measured here.
     let config = db.replica_config(&key)
-        + "\n[limits]\nfailed_get_rate_limit = { per_second = 1000000, burst = 1000000 }\n";
+        + "\n[limits]\nfailed_get_rate_limit = { per_second = 1000000, burst = 1000000 }\n"
+        + "\n[metrics]\nlisten = \"127.0.0.1:0\"\n";
     let mut servers = Vec::new();
     // One after the other: the first creates the key file and the keyring.
     for _ in 0..2 {
@@ -91,6 +92,61 @@ async fn what_one_replica_writes_the_other_reads_at_once() {
         .lease(lease_req("acme", "openai", 1))
         .await;
     assert_status(lease, Code::FailedPrecondition, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotate_or_revoke_on_one_replica_drops_the_keys_the_other_cached() {
+    let Some(replicas) = replicas() else {
+        return;
+    };
+    let servers = &replicas.servers;
+    let (a, b) = (&servers[0].1, &servers[1].1);
+    let cached_on_b = || async { sample(&scrape(&ops_addr(b)).await, "byokd_data_key_cache_keys") };
+    let mut on_a = a.as_(ADMIN).await;
+    store(&mut on_a, "acme", "openai", b"sk-cached-value-000000001").await;
+    store(&mut on_a, "acme", "other", b"sk-cached-value-000000002").await;
+    for name in ["openai", "other"] {
+        lease_and_get(b, "acme", name).await.expect("get on B");
+    }
+    assert_eq!(cached_on_b().await, 2.0, "B holds both data keys");
+    // A Rotate on A destroys version 1's key: B drops it (and only it) from memory.
+    on_a.rotate(pb::RotateRequest {
+        tenant: "acme".into(),
+        name: "openai".into(),
+        value: b"sk-cached-value-000000003".to_vec(),
+    })
+    .await
+    .expect("rotate on A");
+    wait_for_cached(b, 1.0).await;
+    let value = lease_and_get(b, "acme", "openai").await.expect("get on B");
+    assert_eq!(value.value, b"sk-cached-value-000000003");
+    assert_eq!(cached_on_b().await, 2.0);
+    // A Revoke on A: B holds no key of that secret any more.
+    on_a.revoke(revoke_secret("acme", "openai", "cache test"))
+        .await
+        .expect("revoke on A");
+    wait_for_cached(b, 1.0).await;
+    let value = lease_and_get(b, "acme", "other").await.expect("get on B");
+    assert_eq!(value.value, b"sk-cached-value-000000002");
+}
+
+/// Waits (up to 10 s) until `server` holds `keys` data keys in its cache.
+async fn wait_for_cached(server: &TestServer, keys: f64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let held = sample(
+            &scrape(&ops_addr(server)).await,
+            "byokd_data_key_cache_keys",
+        );
+        if held == keys {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cache holds {held} keys, not {keys}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
