@@ -91,6 +91,9 @@ pub struct MasterKeyConfig {
 pub const DEFAULT_CACHE_SIZE: usize = 10_000;
 /// How long a data key stays cached, by default.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
+/// How long the background jobs' runner keeps its turn without renewing it, by default.
+pub const DEFAULT_JOB_TURN: Duration = Duration::from_secs(15);
+
 /// Envelopes rewrapped per commit, by default.
 pub const DEFAULT_REWRAP_BATCH: usize = 128;
 
@@ -118,6 +121,9 @@ pub struct Config {
     pub lease: LeasePolicy,
     /// Interval of expired-lease collection.
     pub gc_interval: Duration,
+    /// How long the process that runs background jobs keeps its turn without renewing it
+    /// (`[store] job_turn`; see `runner`): how soon another takes over when it dies.
+    pub job_turn: Duration,
     /// Per-request timeout.
     pub request_timeout: Duration,
     /// Audit retention; `None` keeps every entry forever.
@@ -337,6 +343,8 @@ struct StoreFile {
     url: Option<String>,
     schema: Option<String>,
     pool_size: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    job_turn: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -588,6 +596,7 @@ impl Config {
             master_key,
             lease,
             gc_interval,
+            job_turn: job_turn(&file.store)?,
             request_timeout,
             audit_retention: audit_retention(&file.audit)?,
             principals,
@@ -682,6 +691,19 @@ fn tls(
         )));
     }
     Ok(tls)
+}
+
+/// `[store] job_turn`: between 3 s and 10 min (renewed every third of it).
+fn job_turn(file: &StoreFile) -> Result<Duration, ConfigError> {
+    match file.job_turn {
+        None => Ok(DEFAULT_JOB_TURN),
+        Some(turn) if (Duration::from_secs(3)..=Duration::from_secs(600)).contains(&turn) => {
+            Ok(turn)
+        }
+        Some(_) => Err(ConfigError::Invalid(
+            "store.job_turn: between 3s and 10m".into(),
+        )),
+    }
 }
 
 /// `[store]`: the engine and its settings. `database_url` (from `BYOKD_DATABASE_URL`) stands

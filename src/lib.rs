@@ -27,6 +27,7 @@ pub mod quota;
 pub mod ratelimit;
 pub mod rotation;
 pub mod rpcmetrics;
+pub mod runner;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -97,6 +97,10 @@ pub struct Metrics {
     pub commit_order_wait: Histogram,
     /// The PostgreSQL store's read connections, by state.
     pub store_pool: Family<PoolLabels, Gauge>,
+    /// Times this process took the turn to run background work (see `runner`).
+    pub turns_taken: Counter,
+    /// 1 while this process holds that turn.
+    pub turn_held: Gauge,
 }
 
 /// Labels of the read pool's connections: `open`, `idle`, or `waiting` (callers waiting for
@@ -122,6 +126,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     group_commits: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
     commit_order_wait: latency_histogram(),
     store_pool: Family::default(),
+    turns_taken: Counter::default(),
+    turn_held: Gauge::default(),
 });
 
 /// The process-wide metrics.
@@ -236,6 +242,17 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
         "store_listen_reconnects",
         "Times the PostgreSQL store's live audit feed connected and LISTENed again",
         m.store_listen_reconnects.clone(),
+    );
+    registry.register(
+        "background_turns_taken",
+        "Times this process took the turn to run background work (summed over replicas: the \
+         leader changes)",
+        m.turns_taken.clone(),
+    );
+    registry.register(
+        "background_turn_held",
+        "1 while this process holds the turn to run background work",
+        m.turn_held.clone(),
     );
     registry.register(
         "lease_redemptions",

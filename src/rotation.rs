@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::keyring::{
     AwsSettings, Keyring, KeyringError, MasterKeySpec, StoredKey, WrapContext, make_key_check,
+    verify_key_check,
 };
 use crate::model::{Action, AuditDraft, EnvelopeRecord, SecretId, Time};
+use crate::runner::Runner;
 use crate::store::{Guard, MetaKey, Store, StoreError, Transaction, Write, load_meta, put_meta};
 
 /// The data directory's master key versions and its rotation job, kept in the store.
@@ -134,6 +136,9 @@ pub struct RotationSettings {
     pub batch: usize,
     /// A pause after each batch: paces the rewrap (KMS request quotas, a busy disk).
     pub pause: std::time::Duration,
+    /// Whether a rotation may create the new version's local key file. Not when processes
+    /// share the store: each must find the same file, put there by the operator.
+    pub create_local: bool,
 }
 
 /// Starts, runs and reports rotation jobs.
@@ -141,19 +146,68 @@ pub struct Rotator {
     store: Arc<dyn Store>,
     keyring: Arc<Keyring>,
     settings: RotationSettings,
+    /// Whose turn it is to run the rewrap job; its commits carry the turn's fence.
+    runner: Arc<Runner>,
     /// Serializes job starts (and a job's bookkeeping against a new start).
     control: tokio::sync::Mutex<()>,
+    /// Whether this process runs the job now.
+    running: std::sync::atomic::AtomicBool,
 }
 
 impl Rotator {
-    /// A rotator over `store` and `keyring`.
-    pub fn new(store: Arc<dyn Store>, keyring: Arc<Keyring>, settings: RotationSettings) -> Self {
+    /// A rotator over `store` and `keyring`, running the job when `runner` holds the turn.
+    pub fn new(
+        store: Arc<dyn Store>,
+        keyring: Arc<Keyring>,
+        settings: RotationSettings,
+        runner: Arc<Runner>,
+    ) -> Self {
         Self {
             store,
             keyring,
             settings,
+            runner,
             control: tokio::sync::Mutex::new(()),
+            running: Default::default(),
         }
+    }
+
+    /// Brings this process's keyring to `state`, which another process sharing the store may
+    /// have changed (a rotation started or finished there): opens the versions it lacks, each
+    /// proven by its key-check record, makes `state.current` current and forgets retired ones.
+    pub async fn follow(&self, state: &KeyringState) -> Result<(), RotationError> {
+        let held = self.keyring.versions();
+        for v in &state.versions {
+            if v.retired_at.is_some() {
+                if held.contains(&v.version) && v.version != state.current {
+                    self.keyring.remove(v.version);
+                }
+                continue;
+            }
+            if held.contains(&v.version) {
+                continue;
+            }
+            let (key, _) = v.spec.open(&self.settings.aws, false).await?;
+            if key.key_id() != v.key_id {
+                return Err(RotationError::Keyring(KeyringError::ForeignKey {
+                    found: key.key_id().to_string(),
+                    version: v.version,
+                }));
+            }
+            verify_key_check(&*key, &v.check).await?;
+            tracing::info!(version = v.version, key = %v.spec, "master key version opened");
+            self.keyring.add(v.version, key, false);
+        }
+        self.keyring.make_current(state.current);
+        Ok(())
+    }
+
+    /// [`follow`](Self::follow)s the stored state.
+    pub async fn follow_stored(&self) -> Result<(), RotationError> {
+        let state = KeyringState::load(&*self.store)
+            .await?
+            .ok_or(RotationError::CorruptState)?;
+        self.follow(&state).await
     }
 
     /// Creates the next master key version from the configured master key, makes it current,
@@ -176,7 +230,9 @@ impl Rotator {
             }
             aws @ MasterKeySpec::AwsKms { .. } => aws.clone(),
         };
-        let (key, _) = spec.open(&self.settings.aws, true).await?;
+        let (key, _) = spec
+            .open(&self.settings.aws, self.settings.create_local)
+            .await?;
         let check = make_key_check(&*key).await?;
         let job = RotationJob {
             id: uuid::Uuid::new_v4().to_string(),
@@ -214,7 +270,7 @@ impl Rotator {
             .await?;
         self.keyring.add(version, key, true);
         tracing::info!(version, job = %job.id, "master key rotation started");
-        tokio::spawn(self.clone().run());
+        self.spawn(false);
         Ok(job)
     }
 
@@ -232,23 +288,33 @@ impl Rotator {
         }
     }
 
-    /// Continues an unfinished job (after a restart).
-    pub fn resume(self: &Arc<Self>, state: &KeyringState) {
-        if state.rotating() {
-            tracing::info!("resuming the unfinished master key rotation");
-            tokio::spawn(self.clone().run());
+    /// Runs the unfinished job, if there is one, while this process holds the turn (called
+    /// after a start, and on every turn of the background runner: a job whose runner died
+    /// resumes in whichever process holds the turn next).
+    pub fn resume(self: &Arc<Self>) {
+        self.spawn(true);
+    }
+
+    fn spawn(self: &Arc<Self>, resuming: bool) {
+        if self.runner.fence().is_some()
+            && !self.running.swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            tokio::spawn(self.clone().run(resuming));
         }
     }
 
-    async fn run(self: Arc<Self>) {
+    async fn run(self: Arc<Self>, mut resuming: bool) {
         loop {
             match self.step().await {
                 Ok(true) => {
+                    if std::mem::take(&mut resuming) {
+                        tracing::info!("resuming the unfinished master key rotation");
+                    }
                     if !self.settings.pause.is_zero() {
                         tokio::time::sleep(self.settings.pause).await;
                     }
                 }
-                Ok(false) => return,
+                Ok(false) => break,
                 Err(e) => {
                     // Transient (KMS unavailable, store busy): try again shortly.
                     tracing::warn!(error = %e, "master key rewrap step failed; retrying");
@@ -256,15 +322,23 @@ impl Rotator {
                 }
             }
         }
+        self.running
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
-    /// Rewraps one batch, or finishes the pass or the job. False when there is nothing left.
+    /// Rewraps one batch, or finishes the pass or the job. False when there is nothing left
+    /// or this process does not hold the turn.
     async fn step(&self) -> Result<bool, RotationError> {
         let _guard = self.control.lock().await;
+        if self.runner.fence().is_none() {
+            return Ok(false);
+        }
         let (mut state, read) = KeyringState::load_for_update(&*self.store).await?;
         let Some(mut job) = state.rotation.clone().filter(|_| state.rotating()) else {
             return Ok(false);
         };
+        // The job may have been started by another process: its target version too.
+        self.follow(&state).await?;
         let batch = self
             .store
             .envelopes_after(job.cursor, self.settings.batch.max(1))
@@ -384,12 +458,14 @@ impl Rotator {
         Ok(())
     }
 
+    /// Commits a step of the job, fenced by the turn (a lost turn reads as a conflict).
     async fn commit(
         &self,
         writes: Vec<Write>,
-        guards: Vec<Guard>,
+        mut guards: Vec<Guard>,
         audit: Option<AuditDraft>,
     ) -> Result<(), RotationError> {
+        guards.push(self.runner.fence().ok_or(StoreError::Conflict)?);
         self.store
             .commit(Transaction {
                 guards,

@@ -261,6 +261,19 @@ impl Keyring {
         }
     }
 
+    /// Wraps new data keys with `version` from now on, if this keyring has it.
+    pub fn make_current(&self, version: u32) {
+        let mut v = self.write();
+        if v.keys.contains_key(&version) {
+            v.current = version;
+        }
+    }
+
+    /// The versions this keyring holds.
+    pub fn versions(&self) -> Vec<u32> {
+        self.read().keys.keys().copied().collect()
+    }
+
     /// Forgets `version` (after every data key was rewrapped away from it).
     pub fn remove(&self, version: u32) {
         self.write().keys.remove(&version);

@@ -19,6 +19,7 @@ use crate::connection::{ConnTimeouts, Incoming};
 use crate::keyring::{DataKeyCache, KeyringError};
 use crate::quota::Quotas;
 use crate::rotation::{RotationSettings, Rotator};
+use crate::runner::Runner;
 use crate::service::VaultService;
 use crate::store::{RepairNote, Store, StoreError, load_meta};
 use crate::vault::{Vault, VaultParts};
@@ -285,6 +286,7 @@ async fn serve(
     };
     let ceiling = descriptor_ceiling();
 
+    let runner = Runner::new(store.clone(), config.job_turn, config.store.shared());
     let rotator = Arc::new(Rotator::new(
         store.clone(),
         keys.keyring.clone(),
@@ -293,9 +295,10 @@ async fn serve(
             aws: config.master_key.aws,
             batch: config.master_key.rewrap_batch,
             pause: config.master_key.rewrap_pause,
+            create_local: !config.store.shared(),
         },
+        runner.clone(),
     ));
-    rotator.resume(&keys.state);
     let started = std::time::Instant::now();
     let usage = {
         let store = store.clone();
@@ -314,18 +317,27 @@ async fn serve(
         store,
         keyring: keys.keyring,
         cache: DataKeyCache::new(config.master_key.cache),
-        rotator,
+        rotator: rotator.clone(),
         chain: keys.chain,
         principals,
         policy: config.lease,
         limits: config.limits,
         scratch_dir: config.data_dir.clone(),
     }));
-    let gc = tokio::spawn(collect_leases(vault.clone(), config.gc_interval));
-    let evictions = tokio::spawn(vault.clone().follow_destroyed_keys());
+    // Whether this process holds the turn to run background work is known before it serves.
+    if let Err(e) = runner.step().await {
+        tracing::warn!(error = %e, "could not take the background turn; trying again later");
+    }
+    let turns = tokio::spawn(take_turns(runner.clone(), rotator.clone(), config.job_turn));
+    let gc = tokio::spawn(collect_leases(
+        vault.clone(),
+        runner.clone(),
+        config.gc_interval,
+    ));
+    let evictions = tokio::spawn(vault.clone().follow_keys());
     let retention = config
         .audit_retention
-        .map(|policy| tokio::spawn(prune_audit(vault.clone(), policy)));
+        .map(|policy| tokio::spawn(prune_audit(vault.clone(), runner.clone(), policy)));
     let refusals = tokio::spawn(record_refused(
         vault.clone(),
         admission.clone(),
@@ -476,6 +488,7 @@ async fn serve(
         }
     };
     gc.abort();
+    turns.abort();
     evictions.abort();
     refusals.abort();
     if let Some(task) = retention {
@@ -551,12 +564,30 @@ async fn monitor_health(
     }
 }
 
-async fn prune_audit(vault: Arc<Vault>, policy: AuditRetention) {
+/// Takes or renews the turn to run background work (see `runner`) every third of its length,
+/// and while this process holds it, runs an unfinished master-key rewrap.
+async fn take_turns(runner: Arc<Runner>, rotator: Arc<Rotator>, turn: Duration) {
+    let mut tick = tokio::time::interval(turn / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match runner.step().await {
+            Ok(true) => rotator.resume(),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "could not renew or take the background turn"),
+        }
+    }
+}
+
+async fn prune_audit(vault: Arc<Vault>, runner: Arc<Runner>, policy: AuditRetention) {
     let mut tick = tokio::time::interval(policy.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match vault.prune_audit(policy.keep).await {
+        let Some(fence) = runner.fence() else {
+            continue;
+        };
+        match vault.prune_audit(policy.keep, fence).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(pruned = n, "audit entries past retention pruned"),
             Err(e) => tracing::warn!(error = %e, "audit retention failed"),
@@ -580,12 +611,15 @@ async fn record_refused(vault: Arc<Vault>, admission: Arc<Admission>, every: Dur
     }
 }
 
-async fn collect_leases(vault: Arc<Vault>, every: Duration) {
+async fn collect_leases(vault: Arc<Vault>, runner: Arc<Runner>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match vault.collect_expired_leases().await {
+        let Some(fence) = runner.fence() else {
+            continue;
+        };
+        match vault.collect_expired_leases(fence).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(removed = n, "expired leases collected"),
             Err(e) => tracing::warn!(error = %e, "expired lease collection failed"),

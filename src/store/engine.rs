@@ -48,6 +48,12 @@ impl Default for Engine {
 }
 
 impl Engine {
+    /// Whether several processes may use the store at once (sled's data directory is locked
+    /// by the one process that opened it).
+    pub fn shared(&self) -> bool {
+        matches!(self, Engine::Postgres { .. })
+    }
+
     /// The message for a `kind` that names no engine: it names the kinds there are.
     pub fn unknown_kind(kind: &str) -> String {
         format!(

@@ -136,14 +136,21 @@ pub enum MetaKey {
     /// What `byokd audit repair` cut, until its `Repair` entry is in the trail (empty: none
     /// pending). The server refuses to start while one is pending.
     RepairPending,
+    /// Which process holds the turn to run background work, until when
+    /// ([`crate::runner::Turn`]).
+    RunnerTurn,
+    /// The process that last took that turn ([`crate::runner::Epoch`]): the jobs' fence.
+    RunnerEpoch,
 }
 
 impl MetaKey {
-    const ALL: [MetaKey; 4] = [
+    const ALL: [MetaKey; 6] = [
         MetaKey::Keyring,
         MetaKey::AuditSeed,
         MetaKey::BootstrapAdmin,
         MetaKey::RepairPending,
+        MetaKey::RunnerTurn,
+        MetaKey::RunnerEpoch,
     ];
 
     /// The key of this name.
@@ -157,6 +164,8 @@ impl MetaKey {
             MetaKey::AuditSeed => "audit-seed",
             MetaKey::BootstrapAdmin => "bootstrap-admin",
             MetaKey::RepairPending => "audit-repair",
+            MetaKey::RunnerTurn => "runner-turn",
+            MetaKey::RunnerEpoch => "runner-epoch",
         }
     }
 }

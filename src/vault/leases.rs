@@ -262,8 +262,9 @@ impl Vault {
         }
     }
 
-    /// Deletes every lease that has expired, a batch per commit. Returns how many.
-    pub async fn collect_expired_leases(&self) -> Result<usize, VaultError> {
+    /// Deletes every lease that has expired, a batch per commit, each carrying `fence` (see
+    /// `runner`). Returns how many.
+    pub async fn collect_expired_leases(&self, fence: Guard) -> Result<usize, VaultError> {
         let now = Time::now();
         let mut total = 0;
         loop {
@@ -274,8 +275,9 @@ impl Vault {
             }
             let tenants: Vec<TenantId> = expired.iter().map(|l| l.tenant.clone()).collect();
             let tx = Transaction {
+                guards: vec![fence.clone()],
                 writes: expired.into_iter().map(Write::DeleteLease).collect(),
-                ..Default::default()
+                audit: None,
             };
             self.store.commit(tx).await?;
             for tenant in &tenants {

@@ -455,26 +455,37 @@ impl Vault {
         })
     }
 
-    /// Follows the store's audit feed and drops the cached data keys of every secret that a
-    /// Rotate or Revoke committed by any process sharing the store destroyed keys of (each
-    /// replica has a cache of its own). A Get does not depend on it, as it opens the version
-    /// the store names as current; this keeps destroyed keys out of memory. When entries were
-    /// missed (the feed lagged), the whole cache is dropped. Runs until the store closes.
-    pub async fn follow_destroyed_keys(self: Arc<Self>) {
+    /// Follows the store's audit feed, for what other processes sharing the store changed:
+    /// drops the cached data keys of every secret whose keys a Rotate or Revoke destroyed
+    /// (each replica has a cache of its own), and brings the keyring to the stored state when
+    /// a master-key rotation started or finished. A Get does not depend on the first, as it
+    /// opens the version the store names as current: this keeps destroyed keys out of memory.
+    /// When entries were missed (the feed lagged), the whole cache is dropped and the keyring
+    /// reread. Runs until the store closes.
+    pub async fn follow_keys(self: Arc<Self>) {
+        use tokio::sync::broadcast::error::RecvError;
         let mut feed = self.store.subscribe_audit();
         loop {
-            match feed.recv().await {
+            let keyring_changed = match feed.recv().await {
                 Ok(record) => {
                     let entry = &record.entry;
+                    let ok = entry.outcome == Outcome::Ok;
                     if matches!(entry.action, Action::Rotate | Action::Revoke)
-                        && entry.outcome == Outcome::Ok
+                        && ok
                         && let Some(id) = entry.secret_id
                     {
                         self.cache.evict_secret(id);
                     }
+                    ok && matches!(entry.action, Action::RotateMasterKey | Action::Rewrap)
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.cache.clear(),
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                Err(RecvError::Lagged(_)) => {
+                    self.cache.clear();
+                    true
+                }
+                Err(RecvError::Closed) => return,
+            };
+            if keyring_changed && let Err(e) = self.rotator.follow_stored().await {
+                tracing::error!(error = %e, "could not open the master key versions another process added");
             }
         }
     }
@@ -495,16 +506,22 @@ impl Vault {
             None => {
                 tracing::trace!(secret_id = %record.id, version = record.version, "data key unwrapped by the master key");
                 let generation = self.cache.generation();
-                let key = self
-                    .keyring
-                    .unwrap(&envelope.wrapped_key, &wrap_context(record))
-                    .await
-                    .map_err(|e| match e {
-                        KeyringError::Unwrap | KeyringError::ForeignKey { .. } => {
-                            VaultError::Decrypt(DecryptFailure::Unwrap(e))
-                        }
-                        other => VaultError::Keyring(other),
-                    })?;
+                let context = wrap_context(record);
+                let mut unwrapped = self.keyring.unwrap(&envelope.wrapped_key, &context).await;
+                if matches!(unwrapped, Err(KeyringError::ForeignKey { .. })) {
+                    // Wrapped by a master-key version another process sharing the store added
+                    // and this one has not opened yet: open it, then try again.
+                    if let Err(e) = self.rotator.follow_stored().await {
+                        tracing::warn!(error = %e, "could not open the stored master key versions");
+                    }
+                    unwrapped = self.keyring.unwrap(&envelope.wrapped_key, &context).await;
+                }
+                let key = unwrapped.map_err(|e| match e {
+                    KeyringError::Unwrap | KeyringError::ForeignKey { .. } => {
+                        VaultError::Decrypt(DecryptFailure::Unwrap(e))
+                    }
+                    other => VaultError::Keyring(other),
+                })?;
                 let key = Arc::new(key);
                 self.cache
                     .insert(record.id, record.version, key.clone(), generation);

@@ -6,7 +6,7 @@ use crate::model::{
     Action, AuditDraft, ChainHash, Outcome, PrincipalId, SecretName, TenantId, Time,
     ValidationError,
 };
-use crate::store::{Transaction, Write, on_blocking_thread};
+use crate::store::{Guard, Transaction, Write, on_blocking_thread};
 use std::time::Duration;
 
 use super::{
@@ -122,8 +122,9 @@ impl Vault {
     }
 
     /// Prunes audit entries older than `keep`, moving the chain's anchor past them, and
-    /// records each prune in the trail. Returns how many entries went.
-    pub async fn prune_audit(&self, keep: Duration) -> Result<u64, VaultError> {
+    /// records each prune in the trail; every commit carries `fence` (see `runner`). Returns
+    /// how many entries went.
+    pub async fn prune_audit(&self, keep: Duration, fence: Guard) -> Result<u64, VaultError> {
         let cutoff = Time::now().minus(keep);
         let mut total = 0;
         while let Some((first, through)) =
@@ -135,9 +136,9 @@ impl Vault {
                 humantime::format_duration(keep)
             );
             let tx = Transaction {
+                guards: vec![fence.clone()],
                 writes: vec![Write::PruneAudit { through }],
                 audit: Some(entry),
-                ..Default::default()
             };
             self.store.commit(tx).await?;
             total += through - first + 1;

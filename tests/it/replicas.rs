@@ -17,13 +17,20 @@ struct Replicas {
 /// Two replicas on one fresh database, sharing one local master key file; `None` without
 /// PostgreSQL.
 fn replicas() -> Option<Replicas> {
+    replicas_with(|config| config)
+}
+
+/// [`replicas`], with their configuration changed by `adjust` first.
+fn replicas_with(adjust: impl Fn(String) -> String) -> Option<Replicas> {
     let db = PgDatabase::create()?;
     let shared = tempfile::tempdir().expect("tempdir");
     let key = shared.path().join("master.key");
     // The losers of the races below are failed redemptions: not what is measured here.
-    let config = db.replica_config(&key)
-        + "\n[limits]\nfailed_get_rate_limit = { per_second = 1000000, burst = 1000000 }\n"
-        + "\n[metrics]\nlisten = \"127.0.0.1:0\"\n";
+    let config = adjust(
+        db.replica_config(&key)
+            + "\n[limits]\nfailed_get_rate_limit = { per_second = 1000000, burst = 1000000 }\n"
+            + "\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    );
     let mut servers = Vec::new();
     // One after the other: the first creates the key file and the keyring.
     for _ in 0..2 {
@@ -147,6 +154,74 @@ async fn wait_for_cached(server: &TestServer, keys: f64) {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_work_runs_on_one_replica_and_a_rewrap_resumes_on_another_when_it_dies() {
+    use crate::rotation::{assert_all_readable, rotate, status, value, wait_done};
+    // Turns of 3 s; a rewrap paced at one key per 50 ms, so that the kill lands inside it.
+    let Some(mut replicas) = replicas_with(|config| {
+        config
+            .replace("pool_size = 4\n", "pool_size = 4\njob_turn = \"3s\"\n")
+            .replace(
+                "[master_key]\n",
+                "[master_key]\nrewrap_batch = 1\nrewrap_pause = \"50ms\"\n",
+            )
+    }) else {
+        return;
+    };
+    let held = |server: &TestServer| {
+        let ops = ops_addr(server);
+        async move { sample(&scrape(&ops).await, "byokd_background_turn_held") }
+    };
+    {
+        let (a, b) = (&replicas.servers[0].1, &replicas.servers[1].1);
+        // A started first and took the turn; B waits for it to lapse.
+        assert_eq!((held(a).await, held(b).await), (1.0, 0.0));
+        let mut admin = a.as_(ADMIN).await;
+        for i in 0..60 {
+            store(&mut admin, "acme", &format!("k{i}"), &value(i)).await;
+        }
+    }
+    // With several replicas, the operator gives every one the new version's key file first.
+    let key_v2 = replicas._key_dir.path().join("master.key.v2");
+    std::fs::write(&key_v2, [0x5a; 32]).unwrap();
+    std::fs::set_permissions(&key_v2, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // Started on B, which does not hold the turn: A runs the job.
+    let job = rotate(&replicas.servers[1].1).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let progress = loop {
+        let s = status(&replicas.servers[1].1, &job.job_id).await;
+        assert!(!s.done, "the job finished before A could be killed: {s:?}");
+        if s.rewrapped >= 5 {
+            break s.rewrapped;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A did not run the job"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let (_dir_a, a) = replicas.servers.remove(0);
+    assert!(a.log().contains("this process took the turn"));
+    a.kill9();
+    // B takes the lapsed turn and finishes the job where A left it.
+    let b = &replicas.servers[0].1;
+    let done = wait_done(b, &job.job_id).await;
+    assert!(
+        done.rewrapped >= progress && done.rewrapped >= 60,
+        "{done:?}"
+    );
+    assert_eq!(held(b).await, 1.0);
+    let text = scrape(&ops_addr(b)).await;
+    assert_eq!(sample(&text, "byokd_background_turns_taken_total"), 1.0);
+    assert!(
+        b.log()
+            .contains("resuming the unfinished master key rotation")
+    );
+    // Every value, its data key now wrapped by version 2, reads on B.
+    assert_all_readable(b, 60).await;
+    verify(b, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

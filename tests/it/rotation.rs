@@ -10,11 +10,11 @@ use tonic::Code;
 
 use crate::harness::*;
 
-fn value(i: usize) -> Vec<u8> {
+pub(crate) fn value(i: usize) -> Vec<u8> {
     format!("sk-rotation-{i:04}-0123456789abcdefghijkl").into_bytes()
 }
 
-async fn assert_all_readable(server: &TestServer, n: usize) {
+pub(crate) async fn assert_all_readable(server: &TestServer, n: usize) {
     for i in 0..n {
         assert_eq!(
             lease_and_get(server, "acme", &format!("k{i}"))
@@ -27,7 +27,7 @@ async fn assert_all_readable(server: &TestServer, n: usize) {
     }
 }
 
-async fn rotate(server: &TestServer) -> pb::RotateMasterKeyResponse {
+pub(crate) async fn rotate(server: &TestServer) -> pb::RotateMasterKeyResponse {
     server
         .as_(ADMIN)
         .await
@@ -37,7 +37,7 @@ async fn rotate(server: &TestServer) -> pb::RotateMasterKeyResponse {
         .into_inner()
 }
 
-async fn status(server: &TestServer, job_id: &str) -> pb::RotationStatus {
+pub(crate) async fn status(server: &TestServer, job_id: &str) -> pb::RotationStatus {
     server
         .as_(ADMIN)
         .await
@@ -49,7 +49,7 @@ async fn status(server: &TestServer, job_id: &str) -> pb::RotationStatus {
         .into_inner()
 }
 
-async fn wait_done(server: &TestServer, job_id: &str) -> pb::RotationStatus {
+pub(crate) async fn wait_done(server: &TestServer, job_id: &str) -> pb::RotationStatus {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let s = status(server, job_id).await;
