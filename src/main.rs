@@ -301,7 +301,7 @@ fn main() -> ExitCode {
                 println!(
                     "restored {} records into {}: audit chain verified ({} entries, head seq {}), {} secret versions decrypted; the backup was taken at {}",
                     summary.records,
-                    config.data_dir.display(),
+                    config.store.describe(&config.data_dir),
                     summary.audit_entries,
                     summary.header.audit_head_seq,
                     summary.versions_checked,

@@ -432,22 +432,8 @@ pub async fn restore(
     later: LaterChanges,
 ) -> Result<RestoreSummary, ServeError> {
     let restore_error = |e: &dyn std::fmt::Display| ServeError::Restore(e.to_string());
-    let db = sled_location(
-        config,
-        "byokd restore into a PostgreSQL database is not built yet: restore into a sled data \
-         directory",
-    )?;
-    if db.exists() {
-        return Err(ServeError::Restore(format!(
-            "{} already holds a database; restore only into an empty data directory",
-            db.display()
-        )));
-    }
-    crate::server::create_private_dir(&config.data_dir)?;
-    let staging = config.data_dir.join("db.restoring");
-    if staging.exists() {
-        // Left by an interrupted restore: never served, safe to discard.
-        std::fs::remove_dir_all(&staging).map_err(|e| restore_error(&e))?;
+    if config.store.location(&config.data_dir).is_some() {
+        crate::server::create_private_dir(&config.data_dir)?;
     }
     let file = std::fs::File::open(input)
         .map_err(|e| ServeError::Restore(format!("{}: {e}", input.display())))?;
@@ -467,8 +453,12 @@ pub async fn restore(
         })
     };
     crate::server::raise_open_files_limit();
+    let store = config
+        .store
+        .open_staging(&config.data_dir)
+        .await
+        .map_err(|e| restore_error(&e))?;
     let result = async {
-        let store = config.store.open_at(&staging)?;
         let records = store
             .import(Box::new(move || {
                 reader.next_record().map_err(|e| e.to_string())
@@ -526,8 +516,11 @@ pub async fn restore(
         .await;
         store.close().await?;
         let (audit_entries, versions_checked, revocations_replayed, rotated_after) = checked?;
-        std::fs::rename(&staging, &db).map_err(|e| restore_error(&e))?;
-        sync_parent(&db).map_err(|e| restore_error(&e))?;
+        config
+            .store
+            .promote_staging(&config.data_dir)
+            .await
+            .map_err(|e| restore_error(&e))?;
         Ok(RestoreSummary {
             records,
             audit_entries,
@@ -538,8 +531,10 @@ pub async fn restore(
         })
     }
     .await;
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
+    if result.is_err()
+        && let Err(e) = config.store.discard_staging(&config.data_dir).await
+    {
+        tracing::warn!(error = %e, "could not discard the restore's staging store");
     }
     result
 }

@@ -270,7 +270,7 @@ impl Rotator {
             .await?;
         self.keyring.add(version, key, true);
         tracing::info!(version, job = %job.id, "master key rotation started");
-        self.spawn(false);
+        self.spawn();
         Ok(job)
     }
 
@@ -291,25 +291,31 @@ impl Rotator {
     /// Runs the unfinished job, if there is one, while this process holds the turn (called
     /// after a start, and on every turn of the background runner: a job whose runner died
     /// resumes in whichever process holds the turn next).
-    pub fn resume(self: &Arc<Self>) {
-        self.spawn(true);
+    pub async fn resume(self: &Arc<Self>) -> Result<(), RotationError> {
+        if self.runner.fence().is_none() || self.running.load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Ok(());
+        }
+        let state = KeyringState::load(&*self.store).await?;
+        if let Some(job) = state.filter(|s| s.rotating()).and_then(|s| s.rotation) {
+            tracing::info!(job = %job.id, "resuming the unfinished master key rotation");
+            self.spawn();
+        }
+        Ok(())
     }
 
-    fn spawn(self: &Arc<Self>, resuming: bool) {
+    fn spawn(self: &Arc<Self>) {
         if self.runner.fence().is_some()
             && !self.running.swap(true, std::sync::atomic::Ordering::AcqRel)
         {
-            tokio::spawn(self.clone().run(resuming));
+            tokio::spawn(self.clone().run());
         }
     }
 
-    async fn run(self: Arc<Self>, mut resuming: bool) {
+    async fn run(self: Arc<Self>) {
         loop {
             match self.step().await {
                 Ok(true) => {
-                    if std::mem::take(&mut resuming) {
-                        tracing::info!("resuming the unfinished master key rotation");
-                    }
                     if !self.settings.pause.is_zero() {
                         tokio::time::sleep(self.settings.pause).await;
                     }

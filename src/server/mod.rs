@@ -325,8 +325,12 @@ async fn serve(
         scratch_dir: config.data_dir.clone(),
     }));
     // Whether this process holds the turn to run background work is known before it serves.
-    if let Err(e) = runner.step().await {
-        tracing::warn!(error = %e, "could not take the background turn; trying again later");
+    match runner.step().await {
+        Ok(true) => rotator.resume().await.map_err(startup::rotation_error)?,
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "could not take the background turn; trying again later")
+        }
     }
     let turns = tokio::spawn(take_turns(runner.clone(), rotator.clone(), config.job_turn));
     let gc = tokio::spawn(collect_leases(
@@ -572,7 +576,11 @@ async fn take_turns(runner: Arc<Runner>, rotator: Arc<Rotator>, turn: Duration) 
     loop {
         tick.tick().await;
         match runner.step().await {
-            Ok(true) => rotator.resume(),
+            Ok(true) => {
+                if let Err(e) = rotator.resume().await {
+                    tracing::warn!(error = %e, "could not resume the master key rotation");
+                }
+            }
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "could not renew or take the background turn"),
         }

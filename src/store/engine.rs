@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::postgres::{DatabaseUrl, Migrated, PgStore, migrate as migrate_postgres};
+use super::postgres::{
+    DatabaseUrl, Migrated, PgStore, Staging, migrate as migrate_postgres, staging as pg_staging,
+};
 use super::sled::{DEFAULT_CACHE_BYTES, RepairPlan, SledStore};
 use super::{DEFAULT_AUDIT_SEGMENT_BYTES, Store, StoreError};
 
@@ -38,6 +40,15 @@ fn sled_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("db")
 }
 
+/// Where a restore fills and checks a sled store before it becomes `db`.
+fn sled_staging_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("db.restoring")
+}
+
+fn engine_io(e: std::io::Error) -> StoreError {
+    StoreError::Engine(e.to_string())
+}
+
 impl Default for Engine {
     fn default() -> Self {
         Engine::Sled {
@@ -68,6 +79,15 @@ impl Engine {
         match self {
             Engine::Sled { .. } => Some(sled_dir(data_dir)),
             Engine::Postgres { .. } => None,
+        }
+    }
+
+    /// Where the store is, for the operator: the data directory, or the database's schema
+    /// (never the URL, which may hold a password).
+    pub fn describe(&self, data_dir: &Path) -> String {
+        match self {
+            Engine::Sled { .. } => data_dir.display().to_string(),
+            Engine::Postgres { schema, .. } => format!("the PostgreSQL schema {schema}"),
         }
     }
 
@@ -109,6 +129,72 @@ impl Engine {
             Engine::Postgres { .. } => Err(StoreError::Engine(
                 "a PostgreSQL store has no location in the data directory".into(),
             )),
+        }
+    }
+
+    /// Opens a new, empty store for a restore into this engine's store, which must hold
+    /// nothing: a staging directory in `data_dir` (sled), a staging schema (PostgreSQL).
+    /// Whatever an interrupted restore left there is discarded. [`promote_staging`] makes it
+    /// the store once it is filled, checked and closed; [`discard_staging`] drops it.
+    ///
+    /// [`promote_staging`]: Self::promote_staging
+    /// [`discard_staging`]: Self::discard_staging
+    pub async fn open_staging(&self, data_dir: &Path) -> Result<Arc<dyn Store>, StoreError> {
+        match self {
+            Engine::Sled { .. } => {
+                let db = sled_dir(data_dir);
+                if db.exists() {
+                    return Err(StoreError::Engine(format!(
+                        "{} already holds a database; restore only into an empty data directory",
+                        db.display()
+                    )));
+                }
+                let staging = sled_staging_dir(data_dir);
+                if staging.exists() {
+                    // Left by an interrupted restore: never served, safe to discard.
+                    std::fs::remove_dir_all(&staging).map_err(engine_io)?;
+                }
+                self.open_at(&staging)
+            }
+            Engine::Postgres {
+                url,
+                schema,
+                pool_size,
+            } => {
+                let staging = pg_staging(url, schema, Staging::Begin).await?;
+                Ok(Arc::new(
+                    PgStore::open(url.config()?, &staging, *pool_size).await?,
+                ))
+            }
+        }
+    }
+
+    /// Makes the (closed) staging store of [`open_staging`](Self::open_staging) the store.
+    pub async fn promote_staging(&self, data_dir: &Path) -> Result<(), StoreError> {
+        match self {
+            Engine::Sled { .. } => {
+                let db = sled_dir(data_dir);
+                std::fs::rename(sled_staging_dir(data_dir), &db).map_err(engine_io)?;
+                std::fs::File::open(data_dir)
+                    .and_then(|dir| dir.sync_all())
+                    .map_err(engine_io)
+            }
+            Engine::Postgres { url, schema, .. } => {
+                pg_staging(url, schema, Staging::Promote).await.map(drop)
+            }
+        }
+    }
+
+    /// Drops the staging store of a restore that failed.
+    pub async fn discard_staging(&self, data_dir: &Path) -> Result<(), StoreError> {
+        match self {
+            Engine::Sled { .. } => match std::fs::remove_dir_all(sled_staging_dir(data_dir)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(engine_io(e)),
+                _ => Ok(()),
+            },
+            Engine::Postgres { url, schema, .. } => {
+                pg_staging(url, schema, Staging::Discard).await.map(drop)
+            }
         }
     }
 

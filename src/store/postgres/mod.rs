@@ -115,3 +115,40 @@ fn migrate_blocking(config: &postgres::Config, schema: &str) -> Result<Migrated,
     check_durable(&mut client)?;
     schema::migrate(&mut client, schema)
 }
+
+/// A restore into `schema` of the database at `url`, staged in a schema of its own: what it
+/// does before, on success and on failure (each on a connection of its own).
+pub enum Staging {
+    /// Fails unless `schema` holds nothing, then drops a staging schema an interrupted
+    /// restore left.
+    Begin,
+    /// Makes the staging schema `schema` (if `schema` still holds nothing).
+    Promote,
+    /// Drops the staging schema.
+    Discard,
+}
+
+/// Runs `step` of a restore into `schema`; returns the staging schema's name.
+pub async fn staging(url: &DatabaseUrl, schema: &str, step: Staging) -> Result<String, StoreError> {
+    let config = postgres::Config::from(url.config()?);
+    let schema = schema.to_string();
+    tokio::task::spawn_blocking(move || {
+        let staging = schema::staging_name(&schema)?;
+        let mut client = config.connect(postgres::NoTls).map_err(unavailable)?;
+        match step {
+            Staging::Begin => {
+                if schema::holds_records(&mut client, &schema)? {
+                    return Err(StoreError::Engine(format!(
+                        "schema {schema} already holds records; restore only into an empty one"
+                    )));
+                }
+                schema::drop_schema(&mut client, &staging)?;
+            }
+            Staging::Promote => schema::promote_staging(&mut client, &schema)?,
+            Staging::Discard => schema::drop_schema(&mut client, &staging)?,
+        }
+        Ok(staging)
+    })
+    .await
+    .map_err(|e| StoreError::Engine(format!("restore: {e}")))?
+}

@@ -101,3 +101,62 @@ pub fn migrate(client: &mut impl GenericClient, schema: &str) -> Result<Migrated
     tx.commit().map_err(pg_error)?;
     Ok(Migrated { applied, latest })
 }
+
+/// The schema a restore into `schema` fills and checks first.
+pub fn staging_name(schema: &str) -> Result<String, StoreError> {
+    let staging = format!("{schema}_restoring");
+    check_schema_name(&staging)?;
+    Ok(staging)
+}
+
+/// Whether `schema` holds any record, meta value or audit entry (a schema that does not
+/// exist, or that `byokd migrate` only created, holds none).
+pub fn holds_records(client: &mut impl GenericClient, schema: &str) -> Result<bool, StoreError> {
+    let exists: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&schema],
+        )
+        .map_err(pg_error)?
+        .get(0);
+    if !exists {
+        return Ok(false);
+    }
+    let any = ["meta", "secrets", "envelopes", "anchor", "audit"]
+        .iter()
+        .map(|table| format!("EXISTS (SELECT 1 FROM {schema}.{table})"))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    Ok(client
+        .query_one(&format!("SELECT {any}"), &[])
+        .map_err(pg_error)?
+        .get(0))
+}
+
+/// Drops `schema` and everything in it, if it exists.
+pub fn drop_schema(client: &mut impl GenericClient, schema: &str) -> Result<(), StoreError> {
+    client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .map_err(pg_error)
+}
+
+/// Makes the restore's staging schema `schema`, in one transaction, under the migration lock
+/// (so that no process creates `schema` meanwhile), if `schema` still holds nothing.
+pub fn promote_staging(client: &mut postgres::Client, schema: &str) -> Result<(), StoreError> {
+    let staging = staging_name(schema)?;
+    let mut tx = client.transaction().map_err(pg_error)?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('byokd-migrate:' || $1))",
+        &[&schema],
+    )
+    .map_err(pg_error)?;
+    if holds_records(&mut tx, schema)? {
+        return Err(StoreError::Engine(format!(
+            "schema {schema} holds records now: a restore goes only into an empty one"
+        )));
+    }
+    drop_schema(&mut tx, schema)?;
+    tx.batch_execute(&format!("ALTER SCHEMA {staging} RENAME TO {schema}"))
+        .map_err(pg_error)?;
+    tx.commit().map_err(pg_error)
+}
