@@ -14,7 +14,7 @@ use crate::harness::*;
 
 /// `byokd restore` of `backup` into `dir`'s data directory, accepting that later
 /// revocations come back.
-fn restore(dir: &TestDir, backup: &Path) -> (i32, String) {
+pub(crate) fn restore(dir: &TestDir, backup: &Path) -> (i32, String) {
     restore_with(dir, backup, &["--without-later-revocations"])
 }
 

@@ -520,23 +520,10 @@ async fn a_replica_reports_its_commit_groups_order_wait_and_pool() {
 /// sled data directory. Every value reads and the chain verifies against the same head.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sled_backup_restores_into_postgresql_and_back() {
+    use crate::ops::restore;
     use crate::rotation::{assert_all_readable, value};
     let Some(db) = PgDatabase::create() else {
         return;
-    };
-    let restore = |dir: &TestDir, backup: &std::path::Path| {
-        byokd(
-            dir.path(),
-            &[
-                "restore",
-                "--config",
-                &dir.config().to_string_lossy(),
-                "--in",
-                &backup.to_string_lossy(),
-                "--without-later-revocations",
-            ],
-            ADMIN,
-        )
     };
     let sled = TestDir::new();
     let server = sled.start();
@@ -627,24 +614,10 @@ async fn a_failed_restore_into_postgresql_leaves_the_schema_empty() {
     let damaged = sled.path().join("damaged.backup");
     std::fs::write(&damaged, bytes).unwrap();
     let pg = TestDir::with_config(&db.replica_config(&sled.data().join("master.key")));
-    let restore = |file: &std::path::Path| {
-        byokd(
-            pg.path(),
-            &[
-                "restore",
-                "--config",
-                &pg.config().to_string_lossy(),
-                "--in",
-                &file.to_string_lossy(),
-                "--without-later-revocations",
-            ],
-            ADMIN,
-        )
-    };
-    let (code, out) = restore(&damaged);
+    let (code, out) = crate::ops::restore(&pg, &damaged);
     assert_ne!(code, 0, "{out}");
     // Nothing was left behind: the intact file restores into the same database.
-    let (code, out) = restore(&backup);
+    let (code, out) = crate::ops::restore(&pg, &backup);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("into the PostgreSQL schema byokd"), "{out}");
     let replica = pg.start();
