@@ -11,7 +11,10 @@
 # (a role that may create databases; each test creates its own and drops it). Otherwise the
 # machine's PostgreSQL cluster, started if it is down and installed from Debian's packages if
 # there is none, with a role byokd_test (its password kept in the tools directory) for the
-# tests to use over 127.0.0.1. Under CI=true a test that finds no PostgreSQL fails instead of skipping.
+# tests to use over 127.0.0.1, and TLS with a test CA (BYOKD_TEST_PG_CA; with an external
+# BYOKD_TEST_DATABASE_URL, set it to a CA whose certificate the server serves for the name
+# localhost). Under CI=true a test that finds no PostgreSQL (or no CA) fails instead of
+# skipping.
 #
 # The run has a time limit (BYOKD_TEST_TIMEOUT, default 40m, as for `timeout`): past it the
 # tests still running are named (libtest reports those running over 60 s) and the run fails.
@@ -76,6 +79,28 @@ SELECT 'CREATE ROLE byokd_test LOGIN CREATEDB' WHERE NOT EXISTS
 ALTER ROLE byokd_test PASSWORD :'password';
 SQL
   export BYOKD_TEST_DATABASE_URL="postgres://byokd_test:$pg_password@127.0.0.1:$pg_port/postgres"
+  # TLS, for the tests of sslmode=verify-full: a test CA and a certificate it signs for the
+  # name localhost (made once, kept in the cluster owner's home), which the cluster serves.
+  # shellcheck disable=SC2016 # expanded by the postgres user's shell
+  pg_tls="$(as_postgres sh -c 'echo "$HOME"')/byokd-test-tls"
+  if ! as_postgres test -s "$pg_tls/server.pem"; then
+    # shellcheck disable=SC2016 # a script for the postgres user, given its directory as $1
+    as_postgres sh -euc '
+      mkdir -p "$1" && cd "$1"
+      ec="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+      openssl req -x509 $ec -days 3650 -subj "/CN=byokd test CA" -keyout ca.key -out ca.pem \
+        -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null
+      openssl req $ec -subj "/CN=localhost" -keyout server.key -out server.csr 2>/dev/null
+      printf "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n" > server.ext
+      openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+        -extfile server.ext -out server.pem 2>/dev/null
+      chmod 600 ca.key server.key && chmod 644 ca.pem server.pem && chmod 755 .' _ "$pg_tls"
+  fi
+  for setting in "ssl = on" "ssl_cert_file = '$pg_tls/server.pem'" "ssl_key_file = '$pg_tls/server.key'"; do
+    as_postgres psql -q -p "$pg_port" -v ON_ERROR_STOP=1 -c "ALTER SYSTEM SET $setting"
+  done
+  as_postgres psql -q -p "$pg_port" -v ON_ERROR_STOP=1 -c "SELECT pg_reload_conf()" >/dev/null
+  export BYOKD_TEST_PG_CA="$pg_tls/ca.pem"
 fi
 # Databases left by a run that was killed.
 psql "$BYOKD_TEST_DATABASE_URL" -qAt -c \

@@ -101,7 +101,7 @@ impl Engine {
                 schema,
                 pool_size,
             } => Ok(Arc::new(
-                PgStore::open(url.config()?, schema, *pool_size).await?,
+                PgStore::open(url.target()?, schema, *pool_size).await?,
             )),
         }
     }
@@ -163,7 +163,7 @@ impl Engine {
             } => {
                 let staging = pg_staging(url, schema, Staging::Begin).await?;
                 Ok(Arc::new(
-                    PgStore::open(url.config()?, &staging, *pool_size).await?,
+                    PgStore::open(url.target()?, &staging, *pool_size).await?,
                 ))
             }
         }

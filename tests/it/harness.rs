@@ -1176,6 +1176,33 @@ impl PgDatabase {
 }
 
 impl PgDatabase {
+    /// The database's URL with `host` for the host and `params` (such as `sslmode=...`)
+    /// added.
+    pub fn url_with(&self, host: &str, params: &str) -> String {
+        let url = self.url.replacen("@127.0.0.1:", &format!("@{host}:"), 1);
+        let joint = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{joint}{params}")
+    }
+
+    /// What `sql` returns on the server's maintenance database, unaligned, one row a line.
+    pub fn query(&self, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args([&self.server, "-qAt", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .expect("run psql");
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Ends every connection to the database, as a failover would.
     pub fn terminate_connections(&self) {
         psql(

@@ -16,6 +16,7 @@ mod invariants;
 mod kms;
 mod leases;
 mod ops;
+mod pg_tls;
 mod quotas;
 mod reflection;
 mod refusals;

@@ -20,7 +20,10 @@ use std::cell::{Cell, RefCell};
 
 use std::time::{Duration, Instant};
 
-use postgres::{Client, NoTls, Statement};
+use postgres::{Client, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::Target;
 
 use crate::model::{AuditAnchor, AuditRecord, Revision, SecretId};
 use crate::store::StoreError;
@@ -55,6 +58,7 @@ enum Witness {
 /// The commit core's adapter: one connection, owned by the writer thread.
 pub struct PgAdapter {
     config: postgres::Config,
+    tls: MakeRustlsConnect,
     schema: String,
     /// Reads come through `&self` (the writer thread owns the adapter alone).
     conn: RefCell<Option<Connection>>,
@@ -182,10 +186,11 @@ fn decode_anchor(bytes: &[u8]) -> Result<AuditAnchor, StoreError> {
 impl PgAdapter {
     /// An adapter on the database `config` names, in `schema` (migrated already). Connects
     /// now, and refuses a server that does not make commits durable.
-    pub fn connect(config: postgres::Config, schema: &str) -> Result<Self, StoreError> {
+    pub fn connect(target: Target, schema: &str) -> Result<Self, StoreError> {
         super::schema::check_schema_name(schema)?;
         let adapter = Self {
-            config,
+            config: target.blocking(),
+            tls: target.tls,
             schema: schema.to_string(),
             conn: RefCell::new(None),
             open: Cell::new(false),
@@ -210,7 +215,7 @@ impl PgAdapter {
             if self.open.get() {
                 return Err(unavailable("the connection was lost during the group"));
             }
-            let mut client = self.config.connect(NoTls).map_err(unavailable)?;
+            let mut client = self.config.connect(self.tls.clone()).map_err(unavailable)?;
             super::check_durable(&mut client)?;
             let sql = Statements::prepare(&mut client, &self.schema).map_err(unavailable)?;
             *conn = Some(Connection { client, sql });

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use tokio::sync::{Notify, broadcast, watch};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
+
+use super::Target;
 
 use crate::model::AuditRecord;
 use crate::store::StoreError;
@@ -46,7 +48,7 @@ impl Feed {
     /// Starts following the trail of `schema` after entry `head`; `own` carries this
     /// process's own commits (a wake-up only: entries are read from the table).
     pub(super) fn start(
-        config: tokio_postgres::Config,
+        target: Target,
         pool: Pool,
         schema: &str,
         head: u64,
@@ -57,7 +59,7 @@ impl Feed {
         let head = Arc::new(AtomicU64::new(head));
         let (stop, stopped) = watch::channel(false);
         let follower = Follower {
-            config,
+            target,
             pool,
             channel: channel(schema),
             read: format!(
@@ -88,7 +90,7 @@ impl Feed {
 }
 
 struct Follower {
-    config: tokio_postgres::Config,
+    target: Target,
     pool: Pool,
     channel: String,
     read: String,
@@ -144,7 +146,7 @@ impl Follower {
         &self,
         notified: Arc<Notify>,
     ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
-        let (client, mut connection) = self.config.connect(NoTls).await?;
+        let (client, mut connection) = self.target.config.connect(self.target.tls.clone()).await?;
         let pump = tokio::spawn(async move {
             loop {
                 match std::future::poll_fn(|cx| connection.poll_message(cx)).await {

@@ -13,10 +13,12 @@ mod store;
 pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 pub use adapter::PgAdapter;
 pub use schema::Migrated;
 pub use store::PgStore;
+pub use tls::Target;
 
 use zeroize::Zeroizing;
 
@@ -66,7 +68,8 @@ pub struct DatabaseUrl(Zeroizing<String>);
 impl DatabaseUrl {
     /// The URL `text`, checked to be one PostgreSQL's client accepts.
     pub fn parse(text: &str) -> Result<Self, String> {
-        match text.parse::<tokio_postgres::Config>() {
+        let (rest, _) = tls::split(text)?;
+        match rest.parse::<tokio_postgres::Config>() {
             Ok(_) if text.starts_with("postgres://") || text.starts_with("postgresql://") => {
                 Ok(Self(Zeroizing::new(text.to_string())))
             }
@@ -80,15 +83,26 @@ impl DatabaseUrl {
 
     /// Whether the URL holds a password (the file it is in must then be private).
     pub fn has_password(&self) -> bool {
-        self.0
-            .parse::<tokio_postgres::Config>()
-            .is_ok_and(|c| c.get_password().is_some())
+        tls::split(&self.0)
+            .ok()
+            .and_then(|(rest, _)| rest.parse::<tokio_postgres::Config>().ok())
+            .is_some_and(|c| c.get_password().is_some())
     }
 
-    pub(crate) fn config(&self) -> Result<tokio_postgres::Config, StoreError> {
-        self.0
+    /// Where to connect, and how (see [`tls`]).
+    pub(crate) fn target(&self) -> Result<Target, StoreError> {
+        let (rest, protection) = tls::split(&self.0).map_err(StoreError::Engine)?;
+        let rest = Zeroizing::new(rest);
+        let config = rest
             .parse()
-            .map_err(|_| StoreError::Engine("store.url is not a PostgreSQL URL".into()))
+            .map_err(|_| StoreError::Engine("store.url is not a PostgreSQL URL".into()))?;
+        if protection == tls::Protection::Plain && !local(&config) {
+            tracing::warn!(
+                "connecting to PostgreSQL on another host without TLS: add \
+                 sslmode=verify-full to store.url"
+            );
+        }
+        Target::new(config, &protection)
     }
 }
 
@@ -98,20 +112,36 @@ impl std::fmt::Debug for DatabaseUrl {
     }
 }
 
+/// Whether every host of `config` is this machine (a socket, or a loopback address).
+fn local(config: &tokio_postgres::Config) -> bool {
+    config.get_hosts().iter().all(|host| match host {
+        tokio_postgres::config::Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        tokio_postgres::config::Host::Unix(_) => true,
+    })
+}
+
 /// Applies the migrations `schema` of the database at `url` lacks (`byokd migrate`).
 pub async fn migrate(url: &DatabaseUrl, schema: &str) -> Result<Migrated, StoreError> {
-    let config = postgres::Config::from(url.config()?);
+    let target = url.target()?;
     let schema = schema.to_string();
     // The blocking client runs a runtime of its own: not on an async worker.
-    tokio::task::spawn_blocking(move || migrate_blocking(&config, &schema))
+    tokio::task::spawn_blocking(move || migrate_blocking(&target, &schema))
         .await
         .map_err(|e| StoreError::Engine(format!("migrate: {e}")))?
 }
 
 /// [`migrate`] on the calling (blocking) thread, on a connection of its own; refuses a
 /// server that does not make commits durable. A store does this at open.
-fn migrate_blocking(config: &postgres::Config, schema: &str) -> Result<Migrated, StoreError> {
-    let mut client = config.connect(postgres::NoTls).map_err(unavailable)?;
+fn migrate_blocking(target: &Target, schema: &str) -> Result<Migrated, StoreError> {
+    let mut client = target
+        .blocking()
+        .connect(target.tls.clone())
+        .map_err(unavailable)?;
     check_durable(&mut client)?;
     schema::migrate(&mut client, schema)
 }
@@ -130,11 +160,14 @@ pub enum Staging {
 
 /// Runs `step` of a restore into `schema`; returns the staging schema's name.
 pub async fn staging(url: &DatabaseUrl, schema: &str, step: Staging) -> Result<String, StoreError> {
-    let config = postgres::Config::from(url.config()?);
+    let target = url.target()?;
     let schema = schema.to_string();
     tokio::task::spawn_blocking(move || {
         let staging = schema::staging_name(&schema)?;
-        let mut client = config.connect(postgres::NoTls).map_err(unavailable)?;
+        let mut client = target
+            .blocking()
+            .connect(target.tls.clone())
+            .map_err(unavailable)?;
         match step {
             Staging::Begin => {
                 if schema::holds_records(&mut client, &schema)? {

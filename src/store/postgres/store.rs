@@ -7,11 +7,11 @@ use std::sync::Arc;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::broadcast;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{IsolationLevel, NoTls, Row};
+use tokio_postgres::{IsolationLevel, Row};
 
 use super::feed::Feed;
 use super::schema;
-use super::{PgAdapter, migrate_blocking, unavailable};
+use super::{PgAdapter, Target, migrate_blocking, unavailable};
 use crate::chain::ChainKey;
 use crate::model::{
     AuditAnchor, AuditRecord, EnvelopeRecord, LeaseId, LeaseRecord, Revision, SecretId, SecretName,
@@ -137,30 +137,26 @@ fn audit(row: &Row) -> Result<AuditRecord, StoreError> {
 }
 
 impl PgStore {
-    /// Opens the store in `schema` of the database `config` names: applies the migrations
+    /// Opens the store in `schema` of the database `target` names: applies the migrations
     /// it lacks, connects the writer (refusing a server with `fsync = off`) and a pool of
     /// up to `pool_size` connections for reads.
-    pub async fn open(
-        config: tokio_postgres::Config,
-        schema: &str,
-        pool_size: usize,
-    ) -> Result<Self, StoreError> {
+    pub async fn open(target: Target, schema: &str, pool_size: usize) -> Result<Self, StoreError> {
         schema::check_schema_name(schema)?;
-        let blocking_config = postgres::Config::from(config.clone());
         let name = schema.to_string();
+        let writer = target.clone();
         // The blocking client runs a runtime of its own: not on an async worker, nor inside
         // `block_on`.
         let (adapter, position) = tokio::task::spawn_blocking(move || {
-            migrate_blocking(&blocking_config, &name)?;
-            let mut adapter = PgAdapter::connect(blocking_config, &name)?;
+            migrate_blocking(&writer, &name)?;
+            let mut adapter = PgAdapter::connect(writer, &name)?;
             let position = adapter.position()?;
             Ok::<_, StoreError>((adapter, position))
         })
         .await
         .map_err(|e| StoreError::Engine(format!("open: {e}")))??;
         let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
+            target.config.clone(),
+            target.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -171,7 +167,7 @@ impl PgStore {
             .map_err(|e| StoreError::Engine(format!("PostgreSQL pool: {e}")))?;
         let committer = Committer::start(adapter, position)?;
         let feed = Feed::start(
-            config,
+            target,
             pool.clone(),
             schema,
             position.next_seq - 1,

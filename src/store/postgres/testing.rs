@@ -53,6 +53,12 @@ impl TestDatabase {
     }
 
     /// A connection to the test's database.
+    /// Where the store of the test's database connects (without TLS).
+    pub fn target(&self) -> super::Target {
+        let config = self.url.parse().expect("the test database's URL");
+        super::Target::plain(config).expect("a target without TLS")
+    }
+
     pub fn connect(&self) -> postgres::Client {
         self.config
             .connect(NoTls)

@@ -3,8 +3,6 @@
 
 use postgres::NoTls;
 
-use std::str::FromStr;
-
 use super::schema::{self, MIGRATIONS, Migrated};
 use super::testing::{TestDatabase, blocking};
 use super::{PgAdapter, PgStore};
@@ -23,8 +21,8 @@ fn migrated(db: &TestDatabase) {
 }
 
 fn adapter(db: &TestDatabase) -> PgAdapter {
-    let config = db.config.clone();
-    blocking(move || PgAdapter::connect(config, SCHEMA).unwrap())
+    let target = db.target();
+    blocking(move || PgAdapter::connect(target, SCHEMA).unwrap())
 }
 
 /// The trail, the secrets' revisions and the revision counter, as the database holds them.
@@ -229,8 +227,7 @@ struct PgSubject {
 
 impl PgSubject {
     async fn open(&self, schema: &str) -> std::sync::Arc<dyn Store> {
-        let config = tokio_postgres::Config::from_str(&self.db.url).unwrap();
-        std::sync::Arc::new(PgStore::open(config, schema, 4).await.unwrap())
+        std::sync::Arc::new(PgStore::open(self.db.target(), schema, 4).await.unwrap())
     }
 }
 
