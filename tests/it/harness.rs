@@ -1149,6 +1149,11 @@ impl PgDatabase {
             must_not_skip("no PostgreSQL: BYOKD_TEST_DATABASE_URL is not set");
             return None;
         };
+        Some(Self::create_on(server))
+    }
+
+    /// A new database on the server at `server` (a URL whose role may create databases).
+    pub fn create_on(server: String) -> Self {
         let name = format!("byokd_test_it_{}", unique());
         let name = format!("{name}_{}", std::process::id());
         psql(&server, &format!("CREATE DATABASE {name}"));
@@ -1161,7 +1166,7 @@ impl PgDatabase {
             .find('/')
             .map_or(base.len(), |p| authority + p);
         let url = format!("{}/{name}{query}", &base[..path]);
-        Some(Self { server, name, url })
+        Self { server, name, url }
     }
 
     /// `[store]` and a shared local master key for a replica on this database: every
@@ -1235,4 +1240,124 @@ fn psql(url: &str, sql: &str) {
         "psql {sql}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A PostgreSQL server of the test's own (initdb in a temporary directory, on a free
+/// loopback port, trust authentication), that the test may stop and start: the machine's
+/// cluster serves every other test at once. Stopped and removed on drop.
+pub struct PrivatePostgres {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    /// `None` (the test says it skipped, except under `CI=true`) without PostgreSQL's
+    /// server binaries.
+    pub fn start() -> Option<Self> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|versions| {
+                versions
+                    .filter_map(|v| v.ok().map(|v| v.path().join("bin")))
+                    .filter(|bin| bin.join("initdb").exists())
+                    .max()
+            });
+        let Some(bin) = bin else {
+            must_not_skip("no PostgreSQL server binaries under /usr/lib/postgresql");
+            return None;
+        };
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|out| out.stdout.trim_ascii() == b"0");
+        if !root {
+            must_not_skip("a private PostgreSQL runs as the postgres user: run the tests as root");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let pg = Self { bin, dir, port };
+        Command::new("chown")
+            .args(["postgres:postgres", &pg.dir.path().to_string_lossy()])
+            .status()
+            .expect("chown");
+        let data = pg.data();
+        pg.as_postgres(
+            "initdb",
+            &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"],
+        );
+        pg.up();
+        Some(pg)
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").to_string_lossy().into_owned()
+    }
+
+    /// Runs one of the server's programs as the postgres user (the server refuses root).
+    fn as_postgres(&self, program: &str, args: &[&str]) {
+        let program = self.bin.join(program);
+        let out = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(&program)
+            .args(args)
+            .output()
+            .expect("run a PostgreSQL program");
+        assert!(
+            out.status.success(),
+            "{} {args:?}: {}{}",
+            program.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub fn up(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=60",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("server.log");
+        self.as_postgres(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-o",
+                &options,
+                "-l",
+                &log.to_string_lossy(),
+                "-w",
+                "start",
+            ],
+        );
+    }
+
+    /// Stops the server at once, as a crash would (`pg_ctl stop -m immediate`): no shutdown
+    /// checkpoint, clients cut off; the next start recovers from the write-ahead log.
+    pub fn crash(&self) {
+        self.as_postgres("pg_ctl", &["-D", &self.data(), "-m", "immediate", "stop"]);
+    }
+
+    /// A new database on it.
+    pub fn database(&self) -> PgDatabase {
+        let server = format!("postgres://postgres@127.0.0.1:{}/postgres", self.port);
+        PgDatabase::create_on(server)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", &self.data(), "-m", "immediate", "stop"])
+            .output();
+    }
 }

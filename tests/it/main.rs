@@ -20,6 +20,7 @@ mod pg_tls;
 mod quotas;
 mod reflection;
 mod refusals;
+mod replica_kill;
 mod replicas;
 mod rotation;
 mod streams;

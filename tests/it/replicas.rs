@@ -7,11 +7,11 @@ use byokd::api::v1 as pb;
 use tonic::Code;
 
 /// Replicas on one database, and what they share (kept until the test ends).
-struct Replicas {
-    servers: Vec<(TestDir, TestServer)>,
-    _key_dir: tempfile::TempDir,
+pub(crate) struct Replicas {
+    pub(crate) servers: Vec<(TestDir, TestServer)>,
+    pub(crate) _key_dir: tempfile::TempDir,
     // Dropped last: the servers close their connections first.
-    db: PgDatabase,
+    pub(crate) db: PgDatabase,
 }
 
 /// Two replicas on one fresh database, sharing one local master key file; `None` without
@@ -21,8 +21,12 @@ fn replicas() -> Option<Replicas> {
 }
 
 /// [`replicas`], with their configuration changed by `adjust` first.
-fn replicas_with(adjust: impl Fn(String) -> String) -> Option<Replicas> {
-    let db = PgDatabase::create()?;
+pub(crate) fn replicas_with(adjust: impl Fn(String) -> String) -> Option<Replicas> {
+    Some(replicas_on(PgDatabase::create()?, adjust))
+}
+
+/// [`replicas_with`] on `db`.
+pub(crate) fn replicas_on(db: PgDatabase, adjust: impl Fn(String) -> String) -> Replicas {
     let shared = tempfile::tempdir().expect("tempdir");
     let key = shared.path().join("master.key");
     // The losers of the races below are failed redemptions: not what is measured here.
@@ -38,11 +42,11 @@ fn replicas_with(adjust: impl Fn(String) -> String) -> Option<Replicas> {
         let server = dir.start();
         servers.push((dir, server));
     }
-    Some(Replicas {
+    Replicas {
         servers,
         _key_dir: shared,
         db,
-    })
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,7 +322,7 @@ async fn replicas_writing_at_once_extend_one_chain_that_each_verifies() {
 
 /// VerifyAudit of the whole chain on `server`, which must find `expected` (a head another
 /// replica reported) in it: the head it reports.
-async fn verify(server: &TestServer, expected: Option<(u64, String)>) -> (u64, String) {
+pub(crate) async fn verify(server: &TestServer, expected: Option<(u64, String)>) -> (u64, String) {
     let (expected_head_seq, expected_head_hash) = expected.unwrap_or_default();
     let report = server
         .as_(AUDITOR)
