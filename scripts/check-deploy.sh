@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Checks deploy/ without a container engine or a cluster:
-#   - the example config (deploy/byokd.toml) parses and agrees with every deployment on ports,
-#     paths and file names;
+#   - the example configs (deploy/byokd.toml, and deploy/byokd-postgres.toml for replicas on
+#     PostgreSQL) parse and agree with every deployment on ports, paths and file names;
 #   - systemd: `systemd-analyze verify` of the unit, `systemd-analyze security --offline` with
 #     an exposure threshold, the sysusers.d file;
 #   - Kubernetes: yamllint, schema validation in strict mode (kubernetes-validate, schemas
 #     bundled in the package, no network at run time) of every manifest and of the
-#     `kubectl kustomize` rendering, and the security settings the manifests promise;
+#     `kubectl kustomize` renderings (the single node's StatefulSet in deploy/kubernetes, the
+#     replicas' Deployment in deploy/kubernetes-postgres, which must run the same pod), and
+#     the security settings the manifests promise;
 #   - the Dockerfile: hadolint;
 #   - this script: shellcheck;
 #   - with a byokd binary (BYOKD_BIN, or target/release|debug/byokd): the system calls byokd
@@ -177,10 +179,10 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
-section "yamllint deploy/kubernetes"
+section "yamllint deploy/kubernetes deploy/kubernetes-postgres"
 if "$VENV/bin/yamllint" -s -d '{extends: default, rules: {line-length: {max: 100},
     document-start: disable, comments: {min-spaces-from-content: 1},
-    truthy: {check-keys: false}}}' deploy/kubernetes; then
+    truthy: {check-keys: false}}}' deploy/kubernetes deploy/kubernetes-postgres; then
   echo ok
 else
   fail "yamllint"
@@ -188,13 +190,20 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 section "Kubernetes schemas (strict)"
-mapfile -t MANIFESTS < <(find deploy/kubernetes -name '*.yaml' ! -name kustomization.yaml | sort)
+mapfile -t MANIFESTS < <(find deploy/kubernetes deploy/kubernetes-postgres -name '*.yaml' \
+  ! -name kustomization.yaml | sort)
 if command -v kubectl >/dev/null; then
   if kubectl kustomize deploy/kubernetes > "$TMP/rendered.yaml"; then
     echo "kubectl kustomize: $(grep -c '^kind:' "$TMP/rendered.yaml") objects"
     MANIFESTS+=("$TMP/rendered.yaml")
   else
     fail "kubectl kustomize deploy/kubernetes"
+  fi
+  if kubectl kustomize deploy/kubernetes-postgres > "$TMP/rendered-postgres.yaml"; then
+    echo "kubectl kustomize (postgres): $(grep -c '^kind:' "$TMP/rendered-postgres.yaml") objects"
+    MANIFESTS+=("$TMP/rendered-postgres.yaml")
+  else
+    fail "kubectl kustomize deploy/kubernetes-postgres"
   fi
 fi
 for v in "${K8S_VERSIONS[@]}"; do
@@ -207,7 +216,7 @@ done
 
 # ---------------------------------------------------------------------------------------------
 section "consistency: config, manifests, Dockerfile, unit"
-"$PY" - "$TMP/rendered.yaml" <<'PY' || fail "consistency checks"
+"$PY" - "$TMP/rendered.yaml" "$TMP/rendered-postgres.yaml" <<'PY' || fail "consistency checks"
 import os
 import re
 import sys
@@ -385,6 +394,81 @@ if os.path.exists(rendered) and os.path.getsize(rendered):
     got = sorted((d["kind"], d["metadata"]["name"]) for d in docs(rendered))
     want = sorted(o for o in objs if o[0] != "Secret")
     check(got == want, f"kustomize rendering: {got} != {want}")
+
+# Several replicas on PostgreSQL: a Deployment with the StatefulSet's pod, no volume.
+with open("deploy/byokd-postgres.toml", "rb") as f:
+    pg_config = tomllib.load(f)
+pg_store = pg_config.get("store", {})
+check(pg_store.get("kind") == "postgres", "byokd-postgres.toml: store.kind is not postgres")
+check("url" not in pg_store,
+      "byokd-postgres.toml: the URL (and its password) belongs in BYOKD_DATABASE_URL")
+for key in ("listen", "data_dir", "tls", "metrics", "principal"):
+    check(pg_config.get(key) == config.get(key), f"byokd-postgres.toml: {key} differs")
+check(pg_config["master_key"].get("path", "/etc/byokd/") .startswith("/etc/byokd/"),
+      "byokd-postgres.toml: master_key.path is not in /etc/byokd")
+kp = "deploy/kubernetes-postgres/"
+pobjs = {}
+for name in sorted(os.listdir(kp)):
+    if name.endswith(".yaml") and name != "kustomization.yaml":
+        for d in docs(kp + name):
+            pobjs[(d["kind"], d["metadata"]["name"])] = d
+pkust = docs(kp + "kustomization.yaml")[0]
+check(sorted(pkust["resources"]) == ["../kubernetes", "deployment.yaml", "pdb.yaml"],
+      f"kubernetes-postgres/kustomization.yaml: resources {pkust['resources']}")
+dep = pobjs[("Deployment", "byokd")]["spec"]
+dpod = dep["template"]["spec"]
+check(dep["replicas"] >= 3, "Deployment: fewer than 3 replicas")
+check(dep["strategy"]["type"] == "RollingUpdate"
+      and dep["strategy"]["rollingUpdate"]["maxUnavailable"] == 1, "Deployment: strategy")
+check(dep["selector"] == spec["selector"], "Deployment: selector differs from the StatefulSet's")
+check(dep["template"]["metadata"] == spec["template"]["metadata"], "Deployment: pod metadata")
+
+
+def without(d, *keys):
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+# The same pod as the single node's (security, probes, ports, init container), but for where
+# replicas are placed, their volumes and what a container mounts or reads from the Secret.
+check(without(dpod, "topologySpreadConstraints", "volumes", "containers")
+      == without(pod, "volumes", "containers"),
+      "Deployment: the pod differs from the StatefulSet's")
+dmain = next(c for c in dpod["containers"] if c["name"] == "byokd")
+check(without(dmain, "env", "resources") == without(main, "resources"),
+      "Deployment: the byokd container differs from the StatefulSet's")
+check("memory" in dmain["resources"]["limits"], "Deployment: memory limit")
+env = {e["name"]: e for e in dmain.get("env", [])}
+check(env.get("BYOKD_DATABASE_URL", {}).get("valueFrom", {}).get("secretKeyRef")
+      == {"name": "byokd-database", "key": "url"},
+      "Deployment: BYOKD_DATABASE_URL from the Secret byokd-database, key url")
+dvols = {v["name"]: v for v in dpod["volumes"]}
+check(all("persistentVolumeClaim" not in v for v in dvols.values())
+      and "volumeClaimTemplates" not in dep, "Deployment: a replica holds no persistent volume")
+check("emptyDir" in dvols[mounts[data_dir]["name"]], "Deployment: data_dir is not an emptyDir")
+check(without(dvols, mounts[data_dir]["name"]) == without(vols, mounts[data_dir]["name"]),
+      "Deployment: the Secret and /etc/byokd volumes differ from the StatefulSet's")
+pdb = pobjs[("PodDisruptionBudget", "byokd")]["spec"]
+check(pdb["selector"] == dep["selector"] and pdb.get("maxUnavailable") == 1,
+      "PodDisruptionBudget: one replica at a time, of this Deployment")
+pg_secret = pobjs[("Secret", "byokd")]["stringData"]
+with open("deploy/byokd-postgres.toml") as f:
+    check(pg_secret["byokd.toml"] == f.read(),
+          "kubernetes-postgres/secret.example.yaml: byokd.toml differs from deploy/byokd-postgres.toml")
+check("sslmode=verify-full" in pobjs[("Secret", "byokd-database")]["stringData"]["url"],
+      "kubernetes-postgres/secret.example.yaml: the example URL does not verify the server")
+rendered = sys.argv[2]
+if os.path.exists(rendered) and os.path.getsize(rendered):
+    robjs = {(d["kind"], d["metadata"]["name"]): d for d in docs(rendered)}
+    want = sorted([o for o in objs if o[0] not in ("Secret", "StatefulSet")
+                   and o != ("Service", "byokd-headless")]
+                  + [("Deployment", "byokd"), ("PodDisruptionBudget", "byokd")])
+    check(sorted(robjs) == want, f"kustomize rendering (postgres): {sorted(robjs)} != {want}")
+    egress = robjs.get(("NetworkPolicy", "byokd"), {}).get("spec", {}).get("egress", [])
+    check(5432 in {p["port"] for r in egress for p in r["ports"]},
+          "NetworkPolicy (postgres): no egress to PostgreSQL (5432)")
+    image = robjs[("Deployment", "byokd")]["spec"]["template"]["spec"]["containers"][0]["image"]
+    check(image == main["image"].split(":")[0] + ":" + kust["images"][0]["newTag"],
+          f"kustomize rendering (postgres): image {image}")
 
 for e in errors:
     print("  " + e, file=sys.stderr)
