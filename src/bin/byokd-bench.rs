@@ -8,6 +8,9 @@
 //!     --concurrency 64 --duration 10s [--connections 4] [--rate 2000] [--rounds 3] [--json out.json]
 //! ```
 //!
+//! `--target` may name several replicas (comma-separated): the connections go to each in
+//! turn, and stream i uses connection i mod connections, so the streams spread evenly.
+//!
 //! With `--rounds N` the workloads run N times in turn (each for `--duration`) and each one's
 //! ratio is the median of its ratios to the baseline of the same round.
 //!
@@ -42,7 +45,8 @@ static STORED: AtomicU64 = AtomicU64::new(0);
     about = "Load generator for byokd, with a no-op baseline in the same run"
 )]
 struct Args {
-    /// byokd's address, e.g. http://127.0.0.1:50051.
+    /// byokd's address, e.g. http://127.0.0.1:50051; several replicas' addresses,
+    /// comma-separated, spread the connections (and so the streams) over them in turn.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     target: String,
     /// Bearer token of a principal with the roles the workloads need.
@@ -54,7 +58,7 @@ struct Args {
     /// Concurrent request streams.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// HTTP/2 connections the streams share.
+    /// HTTP/2 connections the streams share (at least one per target).
     #[arg(long, default_value_t = 4)]
     connections: usize,
     /// How long each workload runs (per round).
@@ -590,11 +594,13 @@ fn print_reports(reports: &[Report], args: &Args) -> Result<(), BoxError> {
     Ok(())
 }
 
-async fn channels(target: &str, count: usize) -> Result<Vec<Channel>, BoxError> {
+/// `count` connections (at least one per target), to the comma-separated `targets` in turn.
+async fn channels(targets: &str, count: usize) -> Result<Vec<Channel>, BoxError> {
+    let targets: Vec<&str> = targets.split(',').map(str::trim).collect();
     let mut out = Vec::new();
-    for _ in 0..count.max(1) {
+    for i in 0..count.max(targets.len()) {
         out.push(
-            Endpoint::from_shared(target.to_string())?
+            Endpoint::from_shared(targets[i % targets.len()].to_string())?
                 .tcp_nodelay(true)
                 .connect()
                 .await?,
