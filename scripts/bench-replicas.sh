@@ -7,6 +7,8 @@
 # PostgreSQL comes as for the tests (scripts/postgres.sh); each configuration gets a schema of
 # its own in a scratch database, dropped at the end. Results: bench-results/replicas-<time>/.
 # Usage: scripts/bench-replicas.sh [duration per workload, default 5s]
+# BYOKD_BIN runs another byokd build (default target/release/byokd); BYOKD_BENCH_CONFIGS
+# names the configurations to run (default: sled x1 x1c1 x2 x3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/postgres.sh
@@ -73,7 +75,7 @@ roles = ["admin"]
 tenants = ["*"]
 TOML
     chmod 600 "$dir/byokd.toml"
-    BYOKD_LOG=warn target/release/byokd serve --config "$dir/byokd.toml" \
+    BYOKD_LOG=warn "${BYOKD_BIN:-target/release/byokd}" serve --config "$dir/byokd.toml" \
       --listen 127.0.0.1:0 > "$dir/out" 2> "$dir/log" &
     pids+=($!)
     for _ in $(seq 100); do grep -q "listening on" "$dir/out" 2>/dev/null && break; sleep 0.1; done
@@ -130,10 +132,14 @@ run() {
   stop_servers
 }
 
-run sled 1 sled get,lease+get,store 64
-run x1 1 "postgres-x1" get,lease+get,store 64
-run x1c1 1 "postgres-x1" store 1
-run x2 2 "postgres-x2" get,lease+get,store 64
-run x3 3 "postgres-x3" get,lease+get,store 64
+for config in ${BYOKD_BENCH_CONFIGS:-sled x1 x1c1 x2 x3}; do
+  case $config in
+    sled) run sled 1 sled get,lease+get,store 64 ;;
+    x1) run x1 1 "postgres-x1" get,lease+get,store 64 ;;
+    x1c1) run x1c1 1 "postgres-x1" store 1 ;;
+    x2) run x2 2 "postgres-x2" get,lease+get,store 64 ;;
+    x3) run x3 3 "postgres-x3" get,lease+get,store 64 ;;
+  esac
+done
 cat "$summary"
 echo "results: $out"

@@ -121,6 +121,11 @@ pub trait Adapter: Send + 'static {
     fn check_writable(&self) -> Result<(), StoreError>;
     /// The stored revision of a record (`None`: absent).
     fn revision(&self, key: &RecordKey) -> Result<Option<Revision>, StoreError>;
+    /// The stored revisions of `keys`, in their order. An engine that answers them in one
+    /// request overrides this (the default reads them one by one).
+    fn revisions(&self, keys: &[RecordKey]) -> Result<Vec<Option<Revision>>, StoreError> {
+        keys.iter().map(|key| self.revision(key)).collect()
+    }
     /// The versions of a secret's envelopes, as stored.
     fn envelope_versions(&self, secret_id: SecretId) -> Result<Vec<u32>, StoreError>;
     /// The chain's anchor, as stored.
@@ -330,10 +335,15 @@ struct Waiting {
     result: Result<usize, StoreError>,
 }
 
-/// The group's changes not yet written: a record's new revision (`None`: deleted). Later
-/// transactions of the group check their guards through it.
+/// What the group's guards are checked against: its changes not yet written (a record's new
+/// revision, `None`: deleted), then the stored revisions read when the group began.
 #[derive(Default)]
-struct Overlay(HashMap<RecordKey, Option<Revision>>);
+struct Overlay {
+    /// What the group's transactions so far wrote.
+    written: HashMap<RecordKey, Option<Revision>>,
+    /// The stored revisions read at the group's start.
+    stored: HashMap<RecordKey, Option<Revision>>,
+}
 
 /// State owned by the writer thread.
 struct Writer<A> {
@@ -357,38 +367,59 @@ impl<A: Adapter> Writer<A> {
             };
             let mut waiting: Vec<Waiting> = Vec::new();
             let mut overlay = Overlay::default();
+            // The commits that queued (up to MAX_GROUP), up to a barrier.
+            let mut commits = Vec::new();
             let mut after = None;
             let mut next = Some(first);
             while let Some(message) = next.take() {
                 match message {
-                    Message::Commit(tx, reply) => {
-                        let begun = started.get_or_insert_with(|| {
-                            let begun = self.begin_group();
-                            before = self.position;
-                            begun
-                        });
-                        let result = match begun {
-                            Ok(()) => self.apply(*tx, &mut overlay).map(|resolved| {
-                                group.transactions.push(resolved);
-                                group.transactions.len() - 1
-                            }),
-                            Err(e) => Err(copy_failure(e)),
-                        };
-                        waiting.push(Waiting { reply, result });
-                    }
-                    Message::StartChain(key, reply) => {
+                    Message::Commit(tx, reply) => commits.push((tx, reply)),
+                    Message::StartChain(key, reply) if commits.is_empty() => {
                         self.chain = Some(key);
                         let _ = reply.send(());
                     }
-                    // Barriers: the group before them is durable before they run.
-                    other @ (Message::Between(_) | Message::Import(..) | Message::Close(_)) => {
+                    // Barriers: the group before them is durable before they run (a chain
+                    // started after commits of the group does not apply to them).
+                    other => {
                         after = Some(other);
                         break;
                     }
                 }
-                if waiting.len() < MAX_GROUP {
+                if commits.len() < MAX_GROUP {
                     next = rx.try_recv().ok();
                 }
+            }
+            if !commits.is_empty() {
+                let begun = self.begin_group();
+                before = self.position;
+                // The stored revisions of every record the group's guards name, read at
+                // once (an engine reads them in one request).
+                let stored = match &begun {
+                    Ok(()) => {
+                        let keys: Vec<RecordKey> = commits
+                            .iter()
+                            .flat_map(|(tx, _)| tx.guards.iter().map(|g| g.key.clone()))
+                            .collect::<std::collections::HashSet<_>>()
+                            .into_iter()
+                            .collect();
+                        self.adapter.revisions(&keys).map(|revisions| {
+                            keys.into_iter().zip(revisions).collect::<HashMap<_, _>>()
+                        })
+                    }
+                    Err(e) => Err(copy_failure(e)),
+                };
+                overlay.stored = stored.as_ref().ok().cloned().unwrap_or_default();
+                for (tx, reply) in commits {
+                    let result = match (&begun, &stored) {
+                        (Ok(()), Ok(_)) => self.apply(*tx, &mut overlay).map(|resolved| {
+                            group.transactions.push(resolved);
+                            group.transactions.len() - 1
+                        }),
+                        (Err(e), _) | (_, Err(e)) => Err(copy_failure(e)),
+                    };
+                    waiting.push(Waiting { reply, result });
+                }
+                started = Some(begun);
             }
             let mut audits: Vec<Option<AuditRecord>> = match self.write(&mut group, before) {
                 Ok(()) => group.transactions.into_iter().map(|t| t.audit).collect(),
@@ -531,7 +562,7 @@ impl<A: Adapter> Writer<A> {
             }
             None => None,
         };
-        overlay.0.extend(touched);
+        overlay.written.extend(touched);
         if !changes.is_empty() {
             self.position.next_revision += 1;
         }
@@ -545,7 +576,7 @@ impl<A: Adapter> Writer<A> {
 
     /// The revision of `key` counting the group's changes so far.
     fn current(&self, key: &RecordKey, overlay: &Overlay) -> Result<Option<Revision>, StoreError> {
-        match overlay.0.get(key) {
+        match overlay.written.get(key).or_else(|| overlay.stored.get(key)) {
             Some(revision) => Ok(*revision),
             None => self.adapter.revision(key),
         }
@@ -596,7 +627,7 @@ impl<A: Adapter> Writer<A> {
             }
             Write::DestroyEnvelopes { secret_id, keep } => {
                 let mut versions = self.adapter.envelope_versions(secret_id)?;
-                for (key, revision) in &overlay.0 {
+                for (key, revision) in &overlay.written {
                     if let RecordKey::Envelope(id, version) = key
                         && *id == secret_id
                     {

@@ -77,10 +77,7 @@ struct Connection {
 
 /// Every statement the adapter runs, prepared once per connection.
 struct Statements {
-    lock: Statement,
-    head: Statement,
     anchor: Statement,
-    last_revision: Statement,
     secret_rev: Statement,
     envelope_rev: Statement,
     lease_rev: Statement,
@@ -98,20 +95,24 @@ struct Statements {
     append: Statement,
     set_revision: Statement,
     notify: Statement,
+    /// BEGIN and the writers' lock, in one simple query.
+    begin: String,
+    /// The head entry, the anchor and the revision counter, in one row.
+    position: Statement,
+    lease_revs: Statement,
+    secret_revs: Statement,
+    put_leases: Statement,
+    delete_leases: Statement,
+    /// `INSERT INTO audit` of n entries at once, by n (prepared when first needed).
+    appends: RefCell<std::collections::HashMap<usize, Statement>>,
+    schema: String,
 }
 
 impl Statements {
     fn prepare(client: &mut Client, s: &str) -> Result<Self, postgres::Error> {
         let mut p = |sql: String| client.prepare(&sql);
         Ok(Self {
-            lock: p(format!(
-                "SELECT pg_advisory_xact_lock(hashtext('byokd-commit:{s}'))"
-            ))?,
-            head: p(format!(
-                "SELECT seq, record FROM {s}.audit ORDER BY seq DESC LIMIT 1"
-            ))?,
             anchor: p(format!("SELECT record FROM {s}.anchor"))?,
-            last_revision: p(format!("SELECT last_revision FROM {s}.position"))?,
             secret_rev: p(format!(
                 "SELECT rev FROM {s}.secrets WHERE tenant = $1 AND name = $2"
             ))?,
@@ -163,7 +164,56 @@ impl Statements {
                 "SELECT pg_notify('{}', $1)",
                 super::feed::channel(s)
             ))?,
+            begin: format!("BEGIN; SELECT pg_advisory_xact_lock(hashtext('byokd-commit:{s}'))"),
+            position: p(format!(
+                "SELECT h.seq, h.record, (SELECT record FROM {s}.anchor), p.last_revision
+                 FROM {s}.position p
+                 LEFT JOIN LATERAL (SELECT seq, record FROM {s}.audit ORDER BY seq DESC LIMIT 1) h
+                 ON true"
+            ))?,
+            lease_revs: p(format!(
+                "SELECT token_hash, rev FROM {s}.leases WHERE token_hash = ANY($1)"
+            ))?,
+            secret_revs: p(format!(
+                "SELECT s.tenant, s.name, s.rev FROM {s}.secrets s
+                 JOIN unnest($1::text[], $2::text[]) AS k(tenant, name)
+                 ON s.tenant = k.tenant AND s.name = k.name"
+            ))?,
+            put_leases: p(format!(
+                "INSERT INTO {s}.leases (token_hash, id, tenant, name, expires_at, rev, record)
+                 SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::text[], $4::text[],
+                                      $5::int8[], $6::int8[], $7::bytea[])
+                 ON CONFLICT (token_hash) DO UPDATE SET rev = excluded.rev, record = excluded.record"
+            ))?,
+            delete_leases: p(format!("DELETE FROM {s}.leases WHERE token_hash = ANY($1)"))?,
+            appends: RefCell::default(),
+            schema: s.to_string(),
         })
+    }
+
+    /// The statement that appends `n` audit entries.
+    fn append_many(&self, client: &mut Client, n: usize) -> Result<Statement, postgres::Error> {
+        if let Some(statement) = self.appends.borrow().get(&n) {
+            return Ok(statement.clone());
+        }
+        let values = (0..n)
+            .map(|i| {
+                format!(
+                    "(${}, ${}, ${}, ${})",
+                    4 * i + 1,
+                    4 * i + 2,
+                    4 * i + 3,
+                    4 * i + 4
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let statement = client.prepare(&format!(
+            "INSERT INTO {}.audit (seq, time, index_keys, record) VALUES {values}",
+            self.schema
+        ))?;
+        self.appends.borrow_mut().insert(n, statement.clone());
+        Ok(statement)
     }
 }
 
@@ -249,10 +299,29 @@ impl PgAdapter {
                 ));
             }
         }
+        // Leases and audit entries, the rows every Lease and Get writes, go in one statement
+        // each; a lease written twice in the group is written as it ends.
+        let mut leases: Vec<&Row> = Vec::new();
+        let mut audit: Vec<&Row> = Vec::new();
+        let mut others: Vec<&Row> = Vec::new();
+        for row in &rows {
+            match row {
+                Row::Lease(hash, ..) | Row::DeleteLease(hash) => {
+                    leases.retain(
+                        |r| !matches!(r, Row::Lease(h, ..) | Row::DeleteLease(h) if h == hash),
+                    );
+                    leases.push(row);
+                }
+                Row::Audit(..) => audit.push(row),
+                _ => others.push(row),
+            }
+        }
         self.with(|client, sql| {
-            for row in &rows {
+            for row in others {
                 row.write(client, sql)?;
             }
+            write_leases(client, sql, &leases)?;
+            write_audit(client, sql, &audit)?;
             client.execute(&sql.set_revision, &[&stored(group.last_revision)])?;
             if let Some(last) = group
                 .transactions
@@ -265,6 +334,86 @@ impl PgAdapter {
             Ok(())
         })
     }
+}
+
+/// The columns of leases upserted at once (`put_leases`).
+#[derive(Default)]
+struct LeaseColumns<'a> {
+    hash: Vec<&'a [u8]>,
+    id: Vec<uuid::Uuid>,
+    tenant: Vec<&'a str>,
+    name: Vec<&'a str>,
+    expires: Vec<i64>,
+    rev: Vec<i64>,
+    record: Vec<&'a [u8]>,
+}
+
+/// Upserts and deletes `leases` (each token hash once), a statement for each.
+fn write_leases(
+    client: &mut Client,
+    sql: &Statements,
+    leases: &[&Row],
+) -> Result<(), postgres::Error> {
+    let mut put = LeaseColumns::default();
+    let mut delete: Vec<&[u8]> = Vec::new();
+    for row in leases {
+        match row {
+            Row::Lease(hash, id, tenant, name, expires, rev, record) => {
+                put.hash.push(hash);
+                put.id.push(*id);
+                put.tenant.push(tenant);
+                put.name.push(name);
+                put.expires.push(*expires);
+                put.rev.push(*rev);
+                put.record.push(record);
+            }
+            Row::DeleteLease(hash) => delete.push(hash),
+            _ => {}
+        }
+    }
+    if !put.hash.is_empty() {
+        client.execute(
+            &sql.put_leases,
+            &[
+                &put.hash,
+                &put.id,
+                &put.tenant,
+                &put.name,
+                &put.expires,
+                &put.rev,
+                &put.record,
+            ],
+        )?;
+    }
+    if !delete.is_empty() {
+        client.execute(&sql.delete_leases, &[&delete])?;
+    }
+    Ok(())
+}
+
+/// Appends the audit entries `rows`, in statements of up to 256 entries.
+fn write_audit(
+    client: &mut Client,
+    sql: &Statements,
+    rows: &[&Row],
+) -> Result<(), postgres::Error> {
+    for chunk in rows.chunks(256) {
+        let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> =
+            Vec::with_capacity(4 * chunk.len());
+        for row in chunk {
+            if let Row::Audit(seq, time, keys, record) = row {
+                params.extend([
+                    seq as &(dyn postgres::types::ToSql + Sync),
+                    time,
+                    keys,
+                    record,
+                ]);
+            }
+        }
+        let statement = sql.append_many(client, params.len() / 4)?;
+        client.execute(&statement, &params)?;
+    }
+    Ok(())
 }
 
 /// A row to write, encoded.
@@ -441,6 +590,54 @@ impl Adapter for PgAdapter {
         Ok(row.map(|r| Revision(r.get::<_, i64>(0) as u64)))
     }
 
+    /// Leases' and secrets' revisions in one statement each; others one by one.
+    fn revisions(&self, keys: &[RecordKey]) -> Result<Vec<Option<Revision>>, StoreError> {
+        let hashes: Vec<&[u8]> = keys
+            .iter()
+            .filter_map(|k| match k {
+                RecordKey::Lease(hash) => Some(hash.0.as_slice()),
+                _ => None,
+            })
+            .collect();
+        let (tenants, names): (Vec<&str>, Vec<&str>) = keys
+            .iter()
+            .filter_map(|k| match k {
+                RecordKey::Secret(tenant, name) => Some((tenant.as_str(), name.as_str())),
+                _ => None,
+            })
+            .unzip();
+        let (leases, secrets) = self.with(|client, sql| {
+            let leases = if hashes.is_empty() {
+                Vec::new()
+            } else {
+                client.query(&sql.lease_revs, &[&hashes])?
+            };
+            let secrets = if tenants.is_empty() {
+                Vec::new()
+            } else {
+                client.query(&sql.secret_revs, &[&tenants, &names])?
+            };
+            Ok((leases, secrets))
+        })?;
+        let leases: std::collections::HashMap<&[u8], i64> =
+            leases.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let secrets: std::collections::HashMap<(&str, &str), i64> = secrets
+            .iter()
+            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+            .collect();
+        keys.iter()
+            .map(|key| match key {
+                RecordKey::Lease(hash) => Ok(leases
+                    .get(hash.0.as_slice())
+                    .map(|rev| Revision(*rev as u64))),
+                RecordKey::Secret(tenant, name) => Ok(secrets
+                    .get(&(tenant.as_str(), name.as_str()))
+                    .map(|rev| Revision(*rev as u64))),
+                other => self.revision(other),
+            })
+            .collect()
+    }
+
     fn envelope_versions(&self, secret_id: SecretId) -> Result<Vec<u32>, StoreError> {
         let rows =
             self.with(|client, sql| client.query(&sql.envelope_versions, &[&uuid(secret_id)]))?;
@@ -517,13 +714,16 @@ impl Adapter for PgAdapter {
         self.end_group();
         let begin = |adapter: &Self| {
             adapter.with(|client, sql| {
-                client.batch_execute("BEGIN")?;
+                // One round trip for BEGIN and the lock, one for where things stand.
                 adapter.open.set(true);
-                client.execute(&sql.lock, &[])?;
-                let head = client.query_opt(&sql.head, &[])?;
-                let anchor = client.query_opt(&sql.anchor, &[])?;
-                let last: i64 = client.query_one(&sql.last_revision, &[])?.get(0);
-                Ok((head, anchor, last))
+                client.batch_execute(&sql.begin)?;
+                let row = client.query_one(&sql.position, &[])?;
+                Ok((
+                    row.get::<_, Option<i64>>(0),
+                    row.get::<_, Option<Vec<u8>>>(1),
+                    row.get::<_, Option<Vec<u8>>>(2),
+                    row.get::<_, i64>(3),
+                ))
             })
         };
         let mut begun = begin(self);
@@ -538,9 +738,12 @@ impl Adapter for PgAdapter {
             *self.conn.borrow_mut() = None;
             begun = begin(self);
         }
-        let position = begun.and_then(|(head, anchor, last)| {
-            let head = head.map(|r| decode_audit(r.get(0), r.get(1))).transpose()?;
-            let anchor = anchor.map(|r| decode_anchor(r.get(0))).transpose()?;
+        let position = begun.and_then(|(seq, head, anchor, last)| {
+            let head = match (seq, head) {
+                (Some(seq), Some(bytes)) => Some(decode_audit(seq, &bytes)?),
+                _ => None,
+            };
+            let anchor = anchor.map(|bytes| decode_anchor(&bytes)).transpose()?;
             Ok(Position::after(
                 head.as_ref(),
                 anchor.as_ref(),
