@@ -727,13 +727,9 @@ impl Adapter for PgAdapter {
             })
         };
         let mut begun = begin(self);
-        if begun.is_err()
-            && self
-                .conn
-                .borrow()
-                .as_ref()
-                .is_none_or(|c| c.client.is_closed())
-        {
+        if begun.is_err() {
+            // Nothing was written: once more on a new connection (the old one may have been
+            // ended, by a failover or an administrator, before its client noticed).
             self.open.set(false);
             *self.conn.borrow_mut() = None;
             begun = begin(self);

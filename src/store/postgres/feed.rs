@@ -2,9 +2,12 @@
 //! seq order, as they commit.
 //!
 //! Each group that appends entries sends a NOTIFY in its transaction (so it is delivered only
-//! if the group commits). A follower task LISTENs on a connection of its own and, woken by a
-//! notification, by this process's own commits or by a one-second tick, reads the entries
-//! after the last one it passed on from the table, which is the source of truth. After a lost
+//! if the group commits), naming its last entry. A follower task LISTENs on a connection of
+//! its own and, woken by a notification of entries it has not passed on or by a one-second
+//! tick, reads the entries after the last one it passed on from the table, which is the source
+//! of truth. This process's own commits, which come committed and in order, it passes on as
+//! they are when they follow the last entry passed on, and reads the table when they do not
+//! (another replica's entries came in between). After a lost
 //! connection it connects and LISTENs again and then reads what it missed: a notification
 //! sent meanwhile costs nothing. Entries become visible in seq order (groups commit one after
 //! another under the writers' lock), so what it passes on has no gaps.
@@ -104,7 +107,8 @@ impl Follower {
         let mut backoff = Duration::from_millis(100);
         loop {
             let notified = Arc::new(Notify::new());
-            let (client, pump) = match self.listen(notified.clone()).await {
+            let notified_up_to = Arc::new(AtomicU64::new(0));
+            let (client, pump) = match self.listen(notified.clone(), notified_up_to.clone()).await {
                 Ok(listening) => listening,
                 Err(e) => {
                     tracing::warn!(error = %e, "audit feed: cannot LISTEN; trying again");
@@ -117,20 +121,27 @@ impl Follower {
                 }
             };
             backoff = Duration::from_millis(100);
+            let mut read = true;
+            let mut own_open = true;
             loop {
-                if let Err(e) = self.pass_on().await {
+                if read && let Err(e) = self.pass_on().await {
                     tracing::warn!(error = %e, "audit feed: cannot read the trail");
                 }
                 self.gauge_pool();
-                tokio::select! {
-                    () = notified.notified() => {}
-                    _ = own.recv() => {}
-                    () = tokio::time::sleep(TICK) => {}
+                read = tokio::select! {
+                    () = notified.notified() => {
+                        notified_up_to.load(Ordering::Acquire) > self.head.load(Ordering::Acquire)
+                    }
+                    received = own.recv(), if own_open => {
+                        own_open = !matches!(received, Err(broadcast::error::RecvError::Closed));
+                        !self.pass_own(received, &mut own)
+                    }
+                    () = tokio::time::sleep(TICK) => true,
                     _ = self.stopped.changed() => {
                         pump.abort();
                         return;
                     }
-                }
+                };
                 if pump.is_finished() {
                     tracing::warn!("audit feed: the LISTEN connection ended; reconnecting");
                     crate::metrics::global().store_listen_reconnects.inc();
@@ -145,12 +156,18 @@ impl Follower {
     async fn listen(
         &self,
         notified: Arc<Notify>,
+        up_to: Arc<AtomicU64>,
     ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
         let (client, mut connection) = self.target.config.connect(self.target.tls.clone()).await?;
         let pump = tokio::spawn(async move {
             loop {
                 match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                    Some(Ok(AsyncMessage::Notification(_))) => notified.notify_one(),
+                    Some(Ok(AsyncMessage::Notification(n))) => {
+                        // The group's last entry (anything unreadable: read the table).
+                        let last = n.payload().parse().unwrap_or(u64::MAX);
+                        up_to.fetch_max(last, Ordering::AcqRel);
+                        notified.notify_one();
+                    }
                     Some(Ok(_)) => {}
                     Some(Err(_)) | None => return,
                 }
@@ -190,6 +207,41 @@ impl Follower {
             if (rows.len() as i64) < PAGE {
                 return Ok(());
             }
+        }
+    }
+
+    /// Passes on this process's own committed entries that follow the last one passed on
+    /// (`received`, then any queued behind it). False if the table must be read: an entry
+    /// does not follow on (another replica's came in between), or some were missed.
+    fn pass_own(
+        &self,
+        mut received: Result<Arc<AuditRecord>, broadcast::error::RecvError>,
+        own: &mut broadcast::Receiver<Arc<AuditRecord>>,
+    ) -> bool {
+        loop {
+            let record = match received {
+                Ok(record) => record,
+                Err(broadcast::error::RecvError::Closed) => return true,
+                Err(broadcast::error::RecvError::Lagged(_)) => return false,
+            };
+            let head = self.head.load(Ordering::Acquire);
+            if record.seq == head + 1 {
+                self.head.store(record.seq, Ordering::Release);
+                // No subscriber is fine; a lagging one is told so by the channel.
+                let _ = self.sender.send(record);
+            } else if record.seq > head {
+                return false;
+            }
+            received = match own.try_recv() {
+                Ok(record) => Ok(record),
+                Err(broadcast::error::TryRecvError::Empty) => return true,
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    Err(broadcast::error::RecvError::Closed)
+                }
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    Err(broadcast::error::RecvError::Lagged(n))
+                }
+            };
         }
     }
 
