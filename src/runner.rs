@@ -94,6 +94,12 @@ impl Runner {
             .map(|h| h.epoch)
     }
 
+    /// How often the holder renews its turn (and the others look whether it lapsed): a third
+    /// of its length.
+    pub fn renewal_period(&self) -> Duration {
+        self.turn / 3
+    }
+
     /// Turns this process has taken since it started.
     pub fn turns_taken(&self) -> u64 {
         self.taken.load(Ordering::Relaxed)

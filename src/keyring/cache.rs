@@ -5,7 +5,7 @@
 //! zeroizes them, so evicting an entry zeroizes its key once no request still uses it.
 //! Rotate and Revoke evict a secret's keys at once, and an unwrap that started before such an
 //! eviction does not put its key back. Other processes sharing the store evict them when
-//! the audit feed brings the Rotate or Revoke (`Vault::follow_destroyed_keys`).
+//! the audit feed brings the Rotate or Revoke (`Vault::follow_keys`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

@@ -332,7 +332,7 @@ async fn serve(
             tracing::warn!(error = %e, "could not take the background turn; trying again later")
         }
     }
-    let turns = tokio::spawn(take_turns(runner.clone(), rotator.clone(), config.job_turn));
+    let turns = tokio::spawn(take_turns(runner.clone(), rotator.clone()));
     let gc = tokio::spawn(collect_leases(
         vault.clone(),
         runner.clone(),
@@ -569,9 +569,11 @@ async fn monitor_health(
 }
 
 /// Takes or renews the turn to run background work (see `runner`) every third of its length,
-/// and while this process holds it, runs an unfinished master-key rewrap.
-async fn take_turns(runner: Arc<Runner>, rotator: Arc<Rotator>, turn: Duration) {
-    let mut tick = tokio::time::interval(turn / 3);
+/// and while this process holds it, runs an unfinished master-key rewrap. Its first step is
+/// one period after start-up's.
+async fn take_turns(runner: Arc<Runner>, rotator: Arc<Rotator>) {
+    let period = runner.renewal_period();
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

@@ -392,30 +392,23 @@ impl<A: Adapter> Writer<A> {
             if !commits.is_empty() {
                 let begun = self.begin_group();
                 before = self.position;
-                // The stored revisions of every record the group's guards name, read at
-                // once (an engine reads them in one request).
-                let stored = match &begun {
-                    Ok(()) => {
-                        let keys: Vec<RecordKey> = commits
-                            .iter()
-                            .flat_map(|(tx, _)| tx.guards.iter().map(|g| g.key.clone()))
-                            .collect::<std::collections::HashSet<_>>()
-                            .into_iter()
-                            .collect();
-                        self.adapter.revisions(&keys).map(|revisions| {
-                            keys.into_iter().zip(revisions).collect::<HashMap<_, _>>()
-                        })
-                    }
-                    Err(e) => Err(copy_failure(e)),
+                let failure = match &begun {
+                    Ok(()) => match self.guarded_revisions(&commits) {
+                        Ok(stored) => {
+                            overlay.stored = stored;
+                            None
+                        }
+                        Err(e) => Some(e),
+                    },
+                    Err(e) => Some(copy_failure(e)),
                 };
-                overlay.stored = stored.as_ref().ok().cloned().unwrap_or_default();
                 for (tx, reply) in commits {
-                    let result = match (&begun, &stored) {
-                        (Ok(()), Ok(_)) => self.apply(*tx, &mut overlay).map(|resolved| {
+                    let result = match &failure {
+                        None => self.apply(*tx, &mut overlay).map(|resolved| {
                             group.transactions.push(resolved);
                             group.transactions.len() - 1
                         }),
-                        (Err(e), _) | (_, Err(e)) => Err(copy_failure(e)),
+                        Some(e) => Err(copy_failure(e)),
                     };
                     waiting.push(Waiting { reply, result });
                 }
@@ -572,6 +565,22 @@ impl<A: Adapter> Writer<A> {
             self.position.prev_hash = record.hash;
         }
         Ok(Resolved { changes, audit })
+    }
+
+    /// The stored revisions of every record the guards of `commits` name, read at once (an
+    /// engine reads them in one request).
+    fn guarded_revisions(
+        &self,
+        commits: &[(Box<Transaction>, Reply)],
+    ) -> Result<HashMap<RecordKey, Option<Revision>>, StoreError> {
+        let keys: Vec<RecordKey> = commits
+            .iter()
+            .flat_map(|(tx, _)| tx.guards.iter().map(|g| g.key.clone()))
+            .collect::<std::collections::HashSet<_>>()
+            .into_iter()
+            .collect();
+        let revisions = self.adapter.revisions(&keys)?;
+        Ok(keys.into_iter().zip(revisions).collect())
     }
 
     /// The revision of `key` counting the group's changes so far.

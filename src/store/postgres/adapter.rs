@@ -21,7 +21,6 @@ use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
 
 use postgres::{Client, Statement};
-use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::Target;
 
@@ -57,8 +56,7 @@ enum Witness {
 
 /// The commit core's adapter: one connection, owned by the writer thread.
 pub struct PgAdapter {
-    config: postgres::Config,
-    tls: MakeRustlsConnect,
+    target: Target,
     schema: String,
     /// Reads come through `&self` (the writer thread owns the adapter alone).
     conn: RefCell<Option<Connection>>,
@@ -239,8 +237,7 @@ impl PgAdapter {
     pub fn connect(target: Target, schema: &str) -> Result<Self, StoreError> {
         super::schema::check_schema_name(schema)?;
         let adapter = Self {
-            config: target.blocking(),
-            tls: target.tls,
+            target,
             schema: schema.to_string(),
             conn: RefCell::new(None),
             open: Cell::new(false),
@@ -265,7 +262,7 @@ impl PgAdapter {
             if self.open.get() {
                 return Err(unavailable("the connection was lost during the group"));
             }
-            let mut client = self.config.connect(self.tls.clone()).map_err(unavailable)?;
+            let mut client = self.target.connect_blocking()?;
             super::check_durable(&mut client)?;
             let sql = Statements::prepare(&mut client, &self.schema).map_err(unavailable)?;
             *conn = Some(Connection { client, sql });

@@ -138,10 +138,7 @@ pub async fn migrate(url: &DatabaseUrl, schema: &str) -> Result<Migrated, StoreE
 /// [`migrate`] on the calling (blocking) thread, on a connection of its own; refuses a
 /// server that does not make commits durable. A store does this at open.
 fn migrate_blocking(target: &Target, schema: &str) -> Result<Migrated, StoreError> {
-    let mut client = target
-        .blocking()
-        .connect(target.tls.clone())
-        .map_err(unavailable)?;
+    let mut client = target.connect_blocking()?;
     check_durable(&mut client)?;
     schema::migrate(&mut client, schema)
 }
@@ -164,10 +161,7 @@ pub async fn staging(url: &DatabaseUrl, schema: &str, step: Staging) -> Result<S
     let schema = schema.to_string();
     tokio::task::spawn_blocking(move || {
         let staging = schema::staging_name(&schema)?;
-        let mut client = target
-            .blocking()
-            .connect(target.tls.clone())
-            .map_err(unavailable)?;
+        let mut client = target.connect_blocking()?;
         match step {
             Staging::Begin => {
                 if schema::holds_records(&mut client, &schema)? {

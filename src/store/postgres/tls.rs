@@ -146,9 +146,12 @@ impl Target {
         Self::new(config, &Protection::Plain)
     }
 
-    /// The blocking client's view of it.
-    pub fn blocking(&self) -> postgres::Config {
+    /// A blocking client connected to it (a store's writer, migrations, restores); a failure
+    /// to connect is UNAVAILABLE.
+    pub fn connect_blocking(&self) -> Result<postgres::Client, StoreError> {
         postgres::Config::from(self.config.clone())
+            .connect(self.tls.clone())
+            .map_err(super::unavailable)
     }
 }
 
