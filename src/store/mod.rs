@@ -388,7 +388,10 @@ pub trait Store: Send + Sync {
     ) -> Result<Option<LeaseRecord>, StoreError>;
 
     /// The lease with this token hash, its secret and the envelope of the secret's current
-    /// version, all as of one state of the store (a `Get` costs one read).
+    /// version, all as of one state of the store (a `Get` costs one read). An engine may
+    /// answer from copies it keeps instead, as long as a stale copy fails the guards of the
+    /// commit that uses it (and the read after that [`StoreError::Conflict`] is fresh), and
+    /// only copies that let the lease be redeemed are answered from.
     async fn redemption(&self, token_hash: &TokenHash) -> Result<Option<Redemption>, StoreError>;
 
     /// The lease with this id.

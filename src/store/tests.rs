@@ -33,7 +33,7 @@ pub(crate) fn secret(t: &str, n: &str) -> SecretRecord {
     }
 }
 
-fn envelope(id: SecretId, version: u32) -> EnvelopeRecord {
+pub(crate) fn envelope(id: SecretId, version: u32) -> EnvelopeRecord {
     EnvelopeRecord {
         secret_id: id,
         tenant: tenant("t"),
@@ -50,7 +50,7 @@ fn envelope(id: SecretId, version: u32) -> EnvelopeRecord {
     }
 }
 
-fn lease(s: &SecretRecord, hash: u8, expires_at: i64) -> LeaseRecord {
+pub(crate) fn lease(s: &SecretRecord, hash: u8, expires_at: i64) -> LeaseRecord {
     LeaseRecord {
         id: LeaseId::generate(),
         token_hash: TokenHash([hash; 32]),

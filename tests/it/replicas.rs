@@ -105,6 +105,61 @@ async fn what_one_replica_writes_the_other_reads_at_once() {
     assert_status(lease, Code::FailedPrecondition, "");
 }
 
+/// A lease B has redeemed is one B answers later Gets of from what it knows (its redemption
+/// cache, `store/postgres/redemptions.rs`): whatever ends it on A is in force on B at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_one_replica_knows_stops_working_there_when_another_ends_it() {
+    let Some(replicas) = replicas() else {
+        return;
+    };
+    let servers = &replicas.servers;
+    let (a, b) = (&servers[0].1, &servers[1].1);
+    let mut on_a = a.as_(ADMIN).await;
+    store(&mut on_a, "acme", "openai", b"sk-known-lease-value-0001").await;
+    let mut orchestrator_b = b.as_(ORCHESTRATOR).await;
+    // Redeemed on B twice: B knows the lease, its secret and its envelope.
+    let known = lease_ok(&mut orchestrator_b, lease_req("acme", "openai", 10)).await;
+    for _ in 0..2 {
+        let got = redeem(b, AGENT, &known.token).await.expect("get on B");
+        assert_eq!(got.value, b"sk-known-lease-value-0001");
+    }
+    // Rotated on A: B refuses the old lease and serves the new value on a new one.
+    on_a.rotate(pb::RotateRequest {
+        tenant: "acme".into(),
+        name: "openai".into(),
+        value: b"sk-known-lease-value-0002".to_vec(),
+    })
+    .await
+    .expect("rotate on A");
+    assert_status(redeem(b, AGENT, &known.token).await, Code::NotFound, "");
+    let rotated = lease_ok(&mut orchestrator_b, lease_req("acme", "openai", 10)).await;
+    for _ in 0..2 {
+        let got = redeem(b, AGENT, &rotated.token).await.expect("get on B");
+        assert_eq!(got.value, b"sk-known-lease-value-0002");
+    }
+    // Uses consumed on A count on B: a lease of 3 uses, 2 taken on B and 1 on A.
+    let counted = lease_ok(&mut orchestrator_b, lease_req("acme", "openai", 3)).await;
+    for _ in 0..2 {
+        redeem(b, AGENT, &counted.token).await.expect("get on B");
+    }
+    redeem(a, AGENT, &counted.token)
+        .await
+        .expect("last use on A");
+    assert_status(redeem(b, AGENT, &counted.token).await, Code::NotFound, "");
+    // The lease revoked on A.
+    on_a.revoke(revoke_lease(&rotated.lease_id))
+        .await
+        .expect("revoke the lease on A");
+    assert_status(redeem(b, AGENT, &rotated.token).await, Code::NotFound, "");
+    // The secret revoked on A.
+    let last = lease_ok(&mut orchestrator_b, lease_req("acme", "openai", 10)).await;
+    redeem(b, AGENT, &last.token).await.expect("get on B");
+    on_a.revoke(revoke_secret("acme", "openai", "known lease test"))
+        .await
+        .expect("revoke on A");
+    assert_status(redeem(b, AGENT, &last.token).await, Code::NotFound, "");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotate_or_revoke_on_one_replica_drops_the_keys_the_other_cached() {
     let Some(replicas) = replicas() else {

@@ -17,7 +17,7 @@
 //! [`RESOLVE_FOR`] is the outcome unknown, and the core fails the store for good.
 
 use std::cell::{Cell, RefCell};
-
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use postgres::{Client, Statement};
@@ -29,6 +29,7 @@ use crate::store::StoreError;
 use crate::store::codec;
 use crate::store::commit::{Adapter, Change, Group, Position, RecordKey};
 
+use super::redemptions::Redemptions;
 use super::unavailable;
 
 /// How long a commit whose answer was lost is looked for before its outcome is unknown.
@@ -63,6 +64,8 @@ pub struct PgAdapter {
     /// A group's transaction is open on `conn`, from `begin_group` to its commit (or to the
     /// rollback in `end_group`).
     open: Cell<bool>,
+    /// The store's cache of redemptions, told of every group that commits.
+    redemptions: Option<Arc<Redemptions>>,
     #[cfg(test)]
     pub(crate) fault: Cell<Option<Fault>>,
 }
@@ -241,11 +244,19 @@ impl PgAdapter {
             schema: schema.to_string(),
             conn: RefCell::new(None),
             open: Cell::new(false),
+            redemptions: None,
             #[cfg(test)]
             fault: Cell::new(None),
         };
         adapter.with(|_, _| Ok(()))?;
         Ok(adapter)
+    }
+
+    /// Tells `redemptions` of every group this adapter commits, before its commits are
+    /// answered.
+    pub(super) fn telling(mut self, redemptions: Arc<Redemptions>) -> Self {
+        self.redemptions = Some(redemptions);
+        self
     }
 
     /// Runs `work` on the connection, made again first if it was lost between groups. Within
@@ -678,7 +689,7 @@ impl Adapter for PgAdapter {
             }
             result.map_err(|e| (e, lost))
         };
-        match committed {
+        let outcome = match committed {
             Ok(()) => Ok(()),
             // The server answered on a live connection: the transaction ended without
             // committing.
@@ -695,7 +706,11 @@ impl Adapter for PgAdapter {
                     ))),
                 }
             }
+        };
+        if let (Ok(()), Some(redemptions)) = (&outcome, &self.redemptions) {
+            redemptions.committed(group);
         }
+        outcome
     }
 
     fn close(&mut self) -> Result<(), StoreError> {

@@ -7,6 +7,7 @@
 
 mod adapter;
 mod feed;
+mod redemptions;
 pub mod schema;
 mod store;
 #[cfg(test)]

@@ -10,6 +10,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, Row};
 
 use super::feed::Feed;
+use super::redemptions::Redemptions;
 use super::schema;
 use super::{PgAdapter, Target, migrate_blocking, unavailable};
 use crate::chain::ChainKey;
@@ -35,6 +36,8 @@ pub struct PgStore {
     committer: Committer<PgAdapter>,
     /// Every replica's entries as they commit (see `feed.rs`).
     feed: Feed,
+    /// Leases and secrets read or committed here (see `redemptions.rs`).
+    redemptions: Arc<Redemptions>,
 }
 
 /// The read statements, for one schema.
@@ -146,9 +149,11 @@ impl PgStore {
         let writer = target.clone();
         // The blocking client runs a runtime of its own: not on an async worker, nor inside
         // `block_on`.
+        let redemptions = Arc::new(Redemptions::default());
+        let told = redemptions.clone();
         let (adapter, position) = tokio::task::spawn_blocking(move || {
             migrate_blocking(&writer, &name)?;
-            let mut adapter = PgAdapter::connect(writer, &name)?;
+            let mut adapter = PgAdapter::connect(writer, &name)?.telling(told);
             let position = adapter.position()?;
             Ok::<_, StoreError>((adapter, position))
         })
@@ -179,6 +184,7 @@ impl PgStore {
             sql: Reads::new(schema),
             committer,
             feed,
+            redemptions,
         })
     }
 
@@ -391,7 +397,12 @@ impl Store for PgStore {
         .await
     }
 
+    /// From the cache when it knows the lease and its secret can redeem it (see
+    /// `redemptions.rs`); otherwise read, and kept.
     async fn redemption(&self, token_hash: &TokenHash) -> Result<Option<Redemption>, StoreError> {
+        if let Some(known) = self.redemptions.get(token_hash) {
+            return Ok(Some(known));
+        }
         let key = codec::lease_key(token_hash);
         let Some(row) = self
             .row(&self.sql.redemption, &[&token_hash.0.as_slice()])
@@ -408,11 +419,13 @@ impl Store for PgStore {
             .get::<_, Option<&[u8]>>(2)
             .map(|b| codec::decode_record(b"envelope", b))
             .transpose()?;
-        Ok(Some(Redemption {
+        let found = Redemption {
             lease,
             secret,
             envelope,
-        }))
+        };
+        self.redemptions.read(&found);
+        Ok(Some(found))
     }
 
     async fn lease_by_id(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
@@ -514,8 +527,14 @@ impl Store for PgStore {
         Ok(row.map(|r| (Revision(r.get::<_, i64>(0) as u64), r.get(1))))
     }
 
+    /// A commit whose guards failed forgets the records they name: the retry reads them.
     async fn commit(&self, tx: Transaction) -> Result<Committed, StoreError> {
-        self.committer.commit(tx).await
+        let guarded = Redemptions::guarded(&tx.guards);
+        let result = self.committer.commit(tx).await;
+        if let Err(StoreError::Conflict) = &result {
+            self.redemptions.forget(&guarded);
+        }
+        result
     }
 
     async fn close(&self) -> Result<(), StoreError> {
