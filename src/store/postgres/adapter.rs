@@ -17,6 +17,7 @@
 //! [`RESOLVE_FOR`] is the outcome unknown, and the core fails the store for good.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,7 @@ use crate::store::codec;
 use crate::store::commit::{Adapter, Change, Group, Position, RecordKey};
 
 use super::redemptions::Redemptions;
+use super::rows::{GroupRows, Writes, stored, uuid};
 use super::unavailable;
 
 /// How long a commit whose answer was lost is looked for before its outcome is unknown.
@@ -78,42 +80,26 @@ struct Connection {
 
 /// Every statement the adapter runs, prepared once per connection.
 struct Statements {
-    anchor: Statement,
     secret_rev: Statement,
     envelope_rev: Statement,
     lease_rev: Statement,
     meta_rev: Statement,
     envelope_versions: Statement,
+    anchor: Statement,
     audit_entry: Statement,
-    put_secret: Statement,
-    put_envelope: Statement,
-    delete_envelope: Statement,
-    put_lease: Statement,
-    delete_lease: Statement,
-    put_meta: Statement,
-    put_anchor: Statement,
-    prune: Statement,
-    append: Statement,
-    set_revision: Statement,
-    notify: Statement,
     /// BEGIN and the writers' lock, in one simple query.
     begin: String,
     /// The head entry, the anchor and the revision counter, in one row.
     position: Statement,
-    lease_revs: Statement,
-    secret_revs: Statement,
-    put_leases: Statement,
-    delete_leases: Statement,
-    /// `INSERT INTO audit` of n entries at once, by n (prepared when first needed).
-    appends: RefCell<std::collections::HashMap<usize, Statement>>,
-    schema: String,
+    /// The revisions of leases (by token hash) and of secrets (by tenant and name), at once.
+    revisions: Statement,
+    writes: Writes,
 }
 
 impl Statements {
     fn prepare(client: &mut Client, s: &str) -> Result<Self, postgres::Error> {
         let mut p = |sql: String| client.prepare(&sql);
         Ok(Self {
-            anchor: p(format!("SELECT record FROM {s}.anchor"))?,
             secret_rev: p(format!(
                 "SELECT rev FROM {s}.secrets WHERE tenant = $1 AND name = $2"
             ))?,
@@ -125,46 +111,8 @@ impl Statements {
             envelope_versions: p(format!(
                 "SELECT version FROM {s}.envelopes WHERE secret_id = $1 ORDER BY version"
             ))?,
+            anchor: p(format!("SELECT record FROM {s}.anchor"))?,
             audit_entry: p(format!("SELECT record FROM {s}.audit WHERE seq = $1"))?,
-            put_secret: p(format!(
-                "INSERT INTO {s}.secrets (tenant, name, id, version, rev, record)
-                 VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (tenant, name)
-                 DO UPDATE SET id = $3, version = $4, rev = $5, record = $6"
-            ))?,
-            put_envelope: p(format!(
-                "INSERT INTO {s}.envelopes (secret_id, version, rev, record) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (secret_id, version) DO UPDATE SET rev = $3, record = $4"
-            ))?,
-            delete_envelope: p(format!(
-                "DELETE FROM {s}.envelopes WHERE secret_id = $1 AND version = $2"
-            ))?,
-            put_lease: p(format!(
-                "INSERT INTO {s}.leases (token_hash, id, tenant, name, expires_at, rev, record)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 ON CONFLICT (token_hash) DO UPDATE SET rev = $6, record = $7"
-            ))?,
-            delete_lease: p(format!("DELETE FROM {s}.leases WHERE token_hash = $1"))?,
-            put_meta: p(format!(
-                "INSERT INTO {s}.meta (name, rev, value) VALUES ($1, $2, $3)
-                 ON CONFLICT (name) DO UPDATE SET rev = $2, value = $3"
-            ))?,
-            put_anchor: p(format!(
-                "INSERT INTO {s}.anchor (one, seq, record) VALUES (true, $1, $2)
-                 ON CONFLICT (one) DO UPDATE SET seq = $1, record = $2"
-            ))?,
-            prune: p(format!("DELETE FROM {s}.audit WHERE seq <= $1"))?,
-            append: p(format!(
-                "INSERT INTO {s}.audit (seq, time, index_keys, record) VALUES ($1, $2, $3, $4)"
-            ))?,
-            set_revision: p(format!(
-                "UPDATE {s}.position SET last_revision = greatest(last_revision, $1)"
-            ))?,
-            // Delivered to the listeners (every replica's live feed) only if the group commits.
-            notify: p(format!(
-                "SELECT pg_notify('{}', $1)",
-                super::feed::channel(s)
-            ))?,
             begin: format!("BEGIN; SELECT pg_advisory_xact_lock(hashtext('byokd-commit:{s}'))"),
             position: p(format!(
                 "SELECT h.seq, h.record, (SELECT record FROM {s}.anchor), p.last_revision
@@ -172,58 +120,17 @@ impl Statements {
                  LEFT JOIN LATERAL (SELECT seq, record FROM {s}.audit ORDER BY seq DESC LIMIT 1) h
                  ON true"
             ))?,
-            lease_revs: p(format!(
-                "SELECT token_hash, rev FROM {s}.leases WHERE token_hash = ANY($1)"
-            ))?,
-            secret_revs: p(format!(
-                "SELECT s.tenant, s.name, s.rev FROM {s}.secrets s
-                 JOIN unnest($1::text[], $2::text[]) AS k(tenant, name)
+            revisions: p(format!(
+                "SELECT token_hash, NULL::text, NULL::text, rev FROM {s}.leases
+                 WHERE token_hash = ANY($1::bytea[])
+                 UNION ALL
+                 SELECT NULL::bytea, s.tenant, s.name, s.rev FROM {s}.secrets s
+                 JOIN unnest($2::text[], $3::text[]) AS k(tenant, name)
                  ON s.tenant = k.tenant AND s.name = k.name"
             ))?,
-            put_leases: p(format!(
-                "INSERT INTO {s}.leases (token_hash, id, tenant, name, expires_at, rev, record)
-                 SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::text[], $4::text[],
-                                      $5::int8[], $6::int8[], $7::bytea[])
-                 ON CONFLICT (token_hash) DO UPDATE SET rev = excluded.rev, record = excluded.record"
-            ))?,
-            delete_leases: p(format!("DELETE FROM {s}.leases WHERE token_hash = ANY($1)"))?,
-            appends: RefCell::default(),
-            schema: s.to_string(),
+            writes: Writes::prepare(client, s)?,
         })
     }
-
-    /// The statement that appends `n` audit entries.
-    fn append_many(&self, client: &mut Client, n: usize) -> Result<Statement, postgres::Error> {
-        if let Some(statement) = self.appends.borrow().get(&n) {
-            return Ok(statement.clone());
-        }
-        let values = (0..n)
-            .map(|i| {
-                format!(
-                    "(${}, ${}, ${}, ${})",
-                    4 * i + 1,
-                    4 * i + 2,
-                    4 * i + 3,
-                    4 * i + 4
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        let statement = client.prepare(&format!(
-            "INSERT INTO {}.audit (seq, time, index_keys, record) VALUES {values}",
-            self.schema
-        ))?;
-        self.appends.borrow_mut().insert(n, statement.clone());
-        Ok(statement)
-    }
-}
-
-fn uuid(id: SecretId) -> uuid::Uuid {
-    uuid::Uuid::from_bytes(*id.as_bytes())
-}
-
-fn stored(revision: Revision) -> i64 {
-    revision.0 as i64
 }
 
 fn decode_audit(seq: i64, bytes: &[u8]) -> Result<AuditRecord, StoreError> {
@@ -291,212 +198,10 @@ impl PgAdapter {
         position.ok_or_else(|| unavailable("no position"))
     }
 
-    /// Writes the group's rows in the open transaction.
+    /// Writes the group's rows in the open transaction (see `rows.rs`).
     fn write_rows(&self, group: &Group) -> Result<(), StoreError> {
-        let mut rows = Vec::new();
-        for tx in &group.transactions {
-            for change in &tx.changes {
-                rows.push(Row::of(change)?);
-            }
-            if let Some(record) = &tx.audit {
-                rows.push(Row::Audit(
-                    record.seq as i64,
-                    record.time.as_micros(),
-                    codec::audit_index_prefixes(record),
-                    codec::encode(record)?,
-                ));
-            }
-        }
-        // Leases and audit entries, the rows every Lease and Get writes, go in one statement
-        // each; a lease written twice in the group is written as it ends.
-        let mut leases: Vec<&Row> = Vec::new();
-        let mut audit: Vec<&Row> = Vec::new();
-        let mut others: Vec<&Row> = Vec::new();
-        for row in &rows {
-            match row {
-                Row::Lease(hash, ..) | Row::DeleteLease(hash) => {
-                    leases.retain(
-                        |r| !matches!(r, Row::Lease(h, ..) | Row::DeleteLease(h) if h == hash),
-                    );
-                    leases.push(row);
-                }
-                Row::Audit(..) => audit.push(row),
-                _ => others.push(row),
-            }
-        }
-        self.with(|client, sql| {
-            for row in others {
-                row.write(client, sql)?;
-            }
-            write_leases(client, sql, &leases)?;
-            write_audit(client, sql, &audit)?;
-            client.execute(&sql.set_revision, &[&stored(group.last_revision)])?;
-            if let Some(last) = group
-                .transactions
-                .iter()
-                .rev()
-                .find_map(|t| t.audit.as_ref())
-            {
-                client.execute(&sql.notify, &[&last.seq.to_string()])?;
-            }
-            Ok(())
-        })
-    }
-}
-
-/// The columns of leases upserted at once (`put_leases`).
-#[derive(Default)]
-struct LeaseColumns<'a> {
-    hash: Vec<&'a [u8]>,
-    id: Vec<uuid::Uuid>,
-    tenant: Vec<&'a str>,
-    name: Vec<&'a str>,
-    expires: Vec<i64>,
-    rev: Vec<i64>,
-    record: Vec<&'a [u8]>,
-}
-
-/// Upserts and deletes `leases` (each token hash once), a statement for each.
-fn write_leases(
-    client: &mut Client,
-    sql: &Statements,
-    leases: &[&Row],
-) -> Result<(), postgres::Error> {
-    let mut put = LeaseColumns::default();
-    let mut delete: Vec<&[u8]> = Vec::new();
-    for row in leases {
-        match row {
-            Row::Lease(hash, id, tenant, name, expires, rev, record) => {
-                put.hash.push(hash);
-                put.id.push(*id);
-                put.tenant.push(tenant);
-                put.name.push(name);
-                put.expires.push(*expires);
-                put.rev.push(*rev);
-                put.record.push(record);
-            }
-            Row::DeleteLease(hash) => delete.push(hash),
-            _ => {}
-        }
-    }
-    if !put.hash.is_empty() {
-        client.execute(
-            &sql.put_leases,
-            &[
-                &put.hash,
-                &put.id,
-                &put.tenant,
-                &put.name,
-                &put.expires,
-                &put.rev,
-                &put.record,
-            ],
-        )?;
-    }
-    if !delete.is_empty() {
-        client.execute(&sql.delete_leases, &[&delete])?;
-    }
-    Ok(())
-}
-
-/// Appends the audit entries `rows`, in statements of up to 256 entries.
-fn write_audit(
-    client: &mut Client,
-    sql: &Statements,
-    rows: &[&Row],
-) -> Result<(), postgres::Error> {
-    for chunk in rows.chunks(256) {
-        let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> =
-            Vec::with_capacity(4 * chunk.len());
-        for row in chunk {
-            if let Row::Audit(seq, time, keys, record) = row {
-                params.extend([
-                    seq as &(dyn postgres::types::ToSql + Sync),
-                    time,
-                    keys,
-                    record,
-                ]);
-            }
-        }
-        let statement = sql.append_many(client, params.len() / 4)?;
-        client.execute(&statement, &params)?;
-    }
-    Ok(())
-}
-
-/// A row to write, encoded.
-enum Row {
-    Secret(String, String, uuid::Uuid, i32, i64, Vec<u8>),
-    Envelope(uuid::Uuid, i32, i64, Vec<u8>),
-    DeleteEnvelope(uuid::Uuid, i32),
-    Lease(Vec<u8>, uuid::Uuid, String, String, i64, i64, Vec<u8>),
-    DeleteLease(Vec<u8>),
-    Meta(&'static str, i64, Vec<u8>),
-    Anchor(i64, Vec<u8>),
-    Audit(i64, i64, Vec<Vec<u8>>, Vec<u8>),
-}
-
-impl Row {
-    fn of(change: &Change) -> Result<Self, StoreError> {
-        Ok(match change {
-            Change::Secret(s) => Row::Secret(
-                s.tenant.as_str().to_string(),
-                s.name.as_str().to_string(),
-                uuid(s.id),
-                s.version as i32,
-                stored(s.rev),
-                codec::encode_record(s)?,
-            ),
-            Change::Envelope(e) => Row::Envelope(
-                uuid(e.secret_id),
-                e.version as i32,
-                stored(e.rev),
-                codec::encode_record(e)?,
-            ),
-            Change::DeleteEnvelope(id, version) => Row::DeleteEnvelope(uuid(*id), *version as i32),
-            Change::NewLease(l) | Change::UpdateLease(l) => Row::Lease(
-                l.token_hash.0.to_vec(),
-                uuid::Uuid::from_bytes(*l.id.as_bytes()),
-                l.tenant.as_str().to_string(),
-                l.name.as_str().to_string(),
-                l.expires_at.as_micros(),
-                stored(l.rev),
-                codec::encode_record(l)?,
-            ),
-            Change::DeleteLease(l) => Row::DeleteLease(l.token_hash.0.to_vec()),
-            Change::Meta(key, revision, value) => {
-                Row::Meta(key.name(), stored(*revision), value.clone())
-            }
-            Change::Anchor(anchor) => Row::Anchor(anchor.seq as i64, codec::encode(anchor)?),
-        })
-    }
-
-    fn write(&self, client: &mut Client, sql: &Statements) -> Result<(), postgres::Error> {
-        match self {
-            Row::Secret(tenant, name, id, version, rev, record) => {
-                client.execute(&sql.put_secret, &[tenant, name, id, version, rev, record])?
-            }
-            Row::Envelope(id, version, rev, record) => {
-                client.execute(&sql.put_envelope, &[id, version, rev, record])?
-            }
-            Row::DeleteEnvelope(id, version) => {
-                client.execute(&sql.delete_envelope, &[id, version])?
-            }
-            Row::Lease(hash, id, tenant, name, expires, rev, record) => client.execute(
-                &sql.put_lease,
-                &[hash, id, tenant, name, expires, rev, record],
-            )?,
-            Row::DeleteLease(hash) => client.execute(&sql.delete_lease, &[hash])?,
-            Row::Meta(name, rev, value) => client.execute(&sql.put_meta, &[name, rev, value])?,
-            Row::Anchor(seq, record) => {
-                client.execute(&sql.put_anchor, &[seq, record])?;
-                client.execute(&sql.prune, &[seq])?
-            }
-            Row::Audit(seq, time, keys, record) => {
-                client.execute(&sql.append, &[seq, time, keys, record])?
-            }
-        };
-        Ok(())
+        let rows = GroupRows::of(group)?;
+        self.with(|client, sql| rows.write(client, &sql.writes))
     }
 }
 
@@ -598,41 +303,33 @@ impl Adapter for PgAdapter {
         Ok(row.map(|r| Revision(r.get::<_, i64>(0) as u64)))
     }
 
-    /// Leases' and secrets' revisions in one statement each; others one by one.
+    /// Leases' and secrets' revisions in one statement; others one by one.
     fn revisions(&self, keys: &[RecordKey]) -> Result<Vec<Option<Revision>>, StoreError> {
-        let hashes: Vec<&[u8]> = keys
-            .iter()
-            .filter_map(|k| match k {
-                RecordKey::Lease(hash) => Some(hash.0.as_slice()),
-                _ => None,
-            })
-            .collect();
-        let (tenants, names): (Vec<&str>, Vec<&str>) = keys
-            .iter()
-            .filter_map(|k| match k {
-                RecordKey::Secret(tenant, name) => Some((tenant.as_str(), name.as_str())),
-                _ => None,
-            })
-            .unzip();
-        let (leases, secrets) = self.with(|client, sql| {
-            let leases = if hashes.is_empty() {
-                Vec::new()
-            } else {
-                client.query(&sql.lease_revs, &[&hashes])?
+        let mut hashes: Vec<&[u8]> = Vec::new();
+        let (mut tenants, mut names): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+        for key in keys {
+            match key {
+                RecordKey::Lease(hash) => hashes.push(hash.0.as_slice()),
+                RecordKey::Secret(tenant, name) => {
+                    tenants.push(tenant.as_str());
+                    names.push(name.as_str());
+                }
+                RecordKey::Envelope(..) | RecordKey::Meta(_) => {}
+            }
+        }
+        let rows = if hashes.is_empty() && tenants.is_empty() {
+            Vec::new()
+        } else {
+            self.with(|client, sql| client.query(&sql.revisions, &[&hashes, &tenants, &names]))?
+        };
+        let mut leases: HashMap<&[u8], i64> = HashMap::new();
+        let mut secrets: HashMap<(&str, &str), i64> = HashMap::new();
+        for row in &rows {
+            match row.get::<_, Option<&[u8]>>(0) {
+                Some(hash) => leases.insert(hash, row.get(3)),
+                None => secrets.insert((row.get(1), row.get(2)), row.get(3)),
             };
-            let secrets = if tenants.is_empty() {
-                Vec::new()
-            } else {
-                client.query(&sql.secret_revs, &[&tenants, &names])?
-            };
-            Ok((leases, secrets))
-        })?;
-        let leases: std::collections::HashMap<&[u8], i64> =
-            leases.iter().map(|r| (r.get(0), r.get(1))).collect();
-        let secrets: std::collections::HashMap<(&str, &str), i64> = secrets
-            .iter()
-            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-            .collect();
+        }
         keys.iter()
             .map(|key| match key {
                 RecordKey::Lease(hash) => Ok(leases

@@ -8,6 +8,7 @@
 mod adapter;
 mod feed;
 mod redemptions;
+mod rows;
 pub mod schema;
 mod store;
 #[cfg(test)]
