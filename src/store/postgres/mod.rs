@@ -37,8 +37,16 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Transient(format!("PostgreSQL: {e}"))
 }
 
+/// What every session of byokd's sets first: each execution of a prepared statement is
+/// planned for its parameters and the tables as they are then. (By default a statement run
+/// five times may switch to a generic plan, and one chosen while a table was small keeps
+/// scanning it whole as it grows, until the next ANALYZE: measured, the writer then spent a
+/// CPU on reading the whole audit table in each group. BENCHMARKS.md.)
+const SESSION_SETTINGS: &str = "SET plan_cache_mode = force_custom_plan";
+
 /// Refuses a server that would acknowledge a commit it can lose in a crash, and makes this
-/// session's commits wait for the server's write-ahead log to be on disk.
+/// session's commits wait for the server's write-ahead log to be on disk (with
+/// [`SESSION_SETTINGS`]).
 fn check_durable(client: &mut postgres::Client) -> Result<(), StoreError> {
     let fsync: String = client
         .query_one("SHOW fsync", &[])
@@ -46,7 +54,7 @@ fn check_durable(client: &mut postgres::Client) -> Result<(), StoreError> {
         .get(0);
     refuse_unsafe(&fsync)?;
     client
-        .batch_execute("SET synchronous_commit = on")
+        .batch_execute(&format!("SET synchronous_commit = on; {SESSION_SETTINGS}"))
         .map_err(pg_error)
 }
 

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::broadcast;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, Row};
@@ -168,6 +168,14 @@ impl PgStore {
         );
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
+            .post_create(Hook::async_fn(|client, _| {
+                Box::pin(async move {
+                    client
+                        .batch_execute(super::SESSION_SETTINGS)
+                        .await
+                        .map_err(HookError::Backend)
+                })
+            }))
             .build()
             .map_err(|e| StoreError::Engine(format!("PostgreSQL pool: {e}")))?;
         let committer = Committer::start(adapter, position)?;
@@ -303,6 +311,15 @@ impl PgStore {
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(count)
+    }
+}
+
+#[cfg(test)]
+impl PgStore {
+    /// A setting of a pooled connection's session.
+    pub(super) async fn pooled_setting(&self, name: &str) -> Result<String, StoreError> {
+        let row = self.row("SELECT current_setting($1)", &[&name]).await?;
+        Ok(row.map(|r| r.get(0)).unwrap_or_default())
     }
 }
 

@@ -161,6 +161,26 @@ fn a_server_without_fsync_is_refused() {
         .unwrap()
         .get(0);
     assert_eq!(synchronous, "on");
+    let planning: String = client
+        .query_one("SHOW plan_cache_mode", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(planning, "force_custom_plan");
+}
+
+/// Reads plan each execution for its parameters, on every pooled connection as on the
+/// writer's (`SESSION_SETTINGS`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_session_plans_each_execution() {
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    let store = PgStore::open(db.target(), "byokd", 2).await.unwrap();
+    for _ in 0..4 {
+        let mode = store.pooled_setting("plan_cache_mode").await.unwrap();
+        assert_eq!(mode, "force_custom_plan");
+    }
+    store.close().await.unwrap();
 }
 
 /// The commit core's two-process case (`commit/tests.rs`) on PostgreSQL: two committers,
