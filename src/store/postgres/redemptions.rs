@@ -36,6 +36,8 @@ use crate::store::{Guard, Redemption};
 const MAX_LEASES: usize = 65_536;
 /// Secrets, with their current envelope, kept at most.
 const MAX_SECRETS: usize = 4_096;
+/// Sealed values kept at most, in bytes (values are up to 64 KiB; API keys are far smaller).
+const MAX_SEALED_BYTES: usize = 16 << 20;
 
 /// The leases and secrets this replica read or committed last.
 #[derive(Default)]
@@ -46,8 +48,67 @@ pub struct Redemptions {
 #[derive(Default)]
 struct Known {
     leases: HashMap<TokenHash, LeaseRecord>,
-    /// A secret and the envelope of its current version, read together.
-    secrets: HashMap<(TenantId, SecretName), (SecretRecord, EnvelopeRecord)>,
+    secrets: Secrets,
+}
+
+/// Secrets, each with the envelope of its current version (read together), and the bytes of
+/// their sealed values.
+#[derive(Default)]
+struct Secrets {
+    map: HashMap<(TenantId, SecretName), (SecretRecord, EnvelopeRecord)>,
+    sealed_bytes: usize,
+}
+
+impl Secrets {
+    fn get(&self, key: &(TenantId, SecretName)) -> Option<&(SecretRecord, EnvelopeRecord)> {
+        self.map.get(key)
+    }
+
+    /// Keeps `secret` unless a later revision of it is kept, dropping arbitrary others while
+    /// the bounds would be passed.
+    fn put(&mut self, secret: &SecretRecord, envelope: &EnvelopeRecord) {
+        let key = (secret.tenant.clone(), secret.name.clone());
+        if self
+            .map
+            .get(&key)
+            .is_some_and(|(held, _)| held.rev >= secret.rev)
+        {
+            return;
+        }
+        self.remove(&key);
+        let size = envelope.ciphertext.len();
+        while !self.map.is_empty()
+            && (self.map.len() >= MAX_SECRETS || self.sealed_bytes + size > MAX_SEALED_BYTES)
+        {
+            let Some(any) = self.map.keys().next().cloned() else {
+                break;
+            };
+            self.remove(&any);
+        }
+        if size <= MAX_SEALED_BYTES {
+            self.sealed_bytes += size;
+            self.map.insert(key, (secret.clone(), envelope.clone()));
+        }
+    }
+
+    fn remove(&mut self, key: &(TenantId, SecretName)) {
+        if let Some((_, envelope)) = self.map.remove(key) {
+            self.sealed_bytes -= envelope.ciphertext.len();
+        }
+    }
+
+    /// Forgets the secrets with these ids.
+    fn forget_ids(&mut self, ids: &HashSet<SecretId>) {
+        let mut freed = 0;
+        self.map.retain(|_, (secret, envelope)| {
+            let keep = !ids.contains(&secret.id);
+            if !keep {
+                freed += envelope.ciphertext.len();
+            }
+            keep
+        });
+        self.sealed_bytes -= freed;
+    }
 }
 
 impl Redemptions {
@@ -78,19 +139,7 @@ impl Redemptions {
             && envelope.secret_id == secret.id
             && envelope.version == secret.version
         {
-            let key = (secret.tenant.clone(), secret.name.clone());
-            let newer = known
-                .secrets
-                .get(&key)
-                .is_none_or(|(held, _)| held.rev < secret.rev);
-            if newer {
-                bounded_insert(
-                    &mut known.secrets,
-                    key,
-                    (secret.clone(), envelope.clone()),
-                    MAX_SECRETS,
-                );
-            }
+            known.secrets.put(secret, envelope);
         }
     }
 
@@ -120,9 +169,7 @@ impl Redemptions {
             }
         }
         if !envelopes_of.is_empty() {
-            known
-                .secrets
-                .retain(|_, (secret, _)| !envelopes_of.contains(&secret.id));
+            known.secrets.forget_ids(&envelopes_of);
         }
     }
 
@@ -137,7 +184,7 @@ impl Redemptions {
                 RecordKey::Secret(tenant, name) => {
                     known.secrets.remove(&(tenant.clone(), name.clone()));
                 }
-                RecordKey::Envelope(id, _) => known.secrets.retain(|_, (s, _)| s.id != *id),
+                RecordKey::Envelope(id, _) => known.secrets.forget_ids(&HashSet::from([*id])),
                 RecordKey::Meta(_) => {}
             }
         }
@@ -324,5 +371,31 @@ mod tests {
         }
         assert_eq!(map.len(), 4);
         assert_eq!(map.get(&9), Some(&9));
+    }
+
+    #[test]
+    fn sealed_values_kept_stay_within_their_bytes() {
+        let mut secrets = Secrets::default();
+        let value = 60 << 10;
+        for i in 0..(MAX_SEALED_BYTES / value + 50) {
+            let s = secret(
+                &suite::secret("t", &format!("s{i}")),
+                1,
+                1,
+                SecretState::Active,
+            );
+            let mut e = suite::envelope(s.id, 1);
+            e.ciphertext = vec![0; value];
+            secrets.put(&s, &e);
+            assert!(secrets.sealed_bytes <= MAX_SEALED_BYTES);
+        }
+        assert_eq!(secrets.map.len(), MAX_SEALED_BYTES / value);
+        let held: usize = secrets.map.values().map(|(_, e)| e.ciphertext.len()).sum();
+        assert_eq!(held, secrets.sealed_bytes);
+        let ids: HashSet<SecretId> = secrets.map.values().map(|(s, _)| s.id).take(3).collect();
+        secrets.forget_ids(&ids);
+        let held: usize = secrets.map.values().map(|(_, e)| e.ciphertext.len()).sum();
+        assert_eq!(held, secrets.sealed_bytes);
+        assert_eq!(secrets.map.len(), MAX_SEALED_BYTES / value - 3);
     }
 }
