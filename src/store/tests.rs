@@ -86,6 +86,17 @@ fn draft(action: Action) -> AuditDraft {
     AuditDraft::new(action, None, Some("127.0.0.1:1".into()))
 }
 
+/// A committed entry of `action`, outside any chain (for what follows the feed).
+pub(crate) fn audit_record(action: Action) -> AuditRecord {
+    AuditRecord {
+        seq: 1,
+        time: Time::from_micros(1),
+        entry: draft(action),
+        prev_hash: [0; 32],
+        hash: [0; 32],
+    }
+}
+
 pub(crate) fn put(writes: Vec<Write>, action: Action) -> Transaction {
     Transaction {
         guards: Vec::new(),

@@ -23,11 +23,13 @@
 //! [`StoreError::Conflict`]: crate::store::StoreError::Conflict
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::broadcast;
 
 use crate::model::{
-    EnvelopeRecord, LeaseRecord, SecretId, SecretName, SecretRecord, SecretState, TenantId,
-    TokenHash,
+    Action, AuditRecord, EnvelopeRecord, LeaseRecord, Outcome, SecretId, SecretName, SecretRecord,
+    SecretState, TenantId, TokenHash,
 };
 use crate::store::commit::{Change, Group, RecordKey};
 use crate::store::{Guard, Redemption};
@@ -186,6 +188,39 @@ impl Redemptions {
                 }
                 RecordKey::Envelope(id, _) => known.secrets.forget_ids(&HashSet::from([*id])),
                 RecordKey::Meta(_) => {}
+            }
+        }
+    }
+
+    /// Follows every replica's audit entries as they commit (the store's feed): forgets the
+    /// secret a Rotate or Revoke changed, so that no copy of a destroyed envelope stays in
+    /// memory, and every secret when a master-key rotation rewraps envelopes (a copy wrapped
+    /// by a version about to be retired would not open) or when entries were missed. Runs
+    /// until the feed closes.
+    pub async fn follow(self: Arc<Self>, mut feed: broadcast::Receiver<Arc<AuditRecord>>) {
+        loop {
+            match feed.recv().await {
+                Ok(record) => {
+                    let entry = &record.entry;
+                    if entry.outcome != Outcome::Ok {
+                        continue;
+                    }
+                    match entry.action {
+                        Action::Rotate | Action::Revoke => {
+                            if let Some(id) = entry.secret_id {
+                                self.lock().secrets.forget_ids(&HashSet::from([id]));
+                            }
+                        }
+                        Action::RotateMasterKey | Action::Rewrap => {
+                            self.lock().secrets = Secrets::default();
+                        }
+                        _ => {}
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    self.lock().secrets = Secrets::default();
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
             }
         }
     }
@@ -371,6 +406,62 @@ mod tests {
         }
         assert_eq!(map.len(), 4);
         assert_eq!(map.get(&9), Some(&9));
+    }
+
+    /// Another replica's Rotate or Revoke (as the feed brings it) drops the secret it
+    /// names; a master-key rewrap or a lagging feed drops every secret.
+    #[tokio::test]
+    async fn what_other_replicas_change_is_forgotten_as_the_feed_brings_it() {
+        let cache = Arc::new(Redemptions::default());
+        let (sender, feed) = broadcast::channel(4);
+        let following = tokio::spawn(cache.clone().follow(feed));
+        let base = [suite::secret("t", "a"), suite::secret("t", "b")];
+        let leases: Vec<LeaseRecord> = base
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let s = secret(b, 1, 1, SecretState::Active);
+                let l = lease(&s, i as u8, 2);
+                cache.read(&read(&l, &s));
+                l
+            })
+            .collect();
+        let entry = |action: Action, secret_id: Option<SecretId>| {
+            let mut record = crate::store::tests::audit_record(action);
+            record.entry.secret_id = secret_id;
+            Arc::new(record)
+        };
+        let known = |i: usize| cache.get(&leases[i].token_hash).is_some();
+        // A failed Rotate changed nothing; a Describe neither.
+        let mut failed = (*entry(Action::Rotate, Some(base[0].id))).clone();
+        failed.entry.outcome = Outcome::PermissionDenied;
+        sender.send(Arc::new(failed)).unwrap();
+        sender
+            .send(entry(Action::Describe, Some(base[0].id)))
+            .unwrap();
+        sender
+            .send(entry(Action::Revoke, Some(base[0].id)))
+            .unwrap();
+        let waited = async {
+            while known(0) {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), waited)
+            .await
+            .unwrap();
+        assert!(known(1));
+        sender.send(entry(Action::Rewrap, None)).unwrap();
+        let waited = async {
+            while known(1) {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), waited)
+            .await
+            .unwrap();
+        drop(sender);
+        following.await.unwrap();
     }
 
     #[test]

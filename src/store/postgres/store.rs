@@ -187,6 +187,7 @@ impl PgStore {
             FEED_CAPACITY,
             committer.status().subscribe(),
         );
+        tokio::spawn(redemptions.clone().follow(feed.subscribe()));
         Ok(Self {
             pool,
             sql: Reads::new(schema),
