@@ -245,35 +245,27 @@ impl GroupRows {
             client.execute(&sql.put_anchor, &[seq, record])?;
             client.execute(&sql.prune, &[seq])?;
         }
-        let mut put_leases = LeaseColumns::default();
-        let mut delete_leases: Vec<&[u8]> = Vec::new();
+        let mut all = Columns::default();
         for (hash, lease) in &self.leases {
             match lease {
-                Some(l) => put_leases.push(hash, l),
-                None => delete_leases.push(hash),
+                Some(l) => all.put_leases.push(hash, l),
+                None => all.delete_leases.push(hash),
             }
         }
-        let mut secrets = SecretColumns::default();
         for ((tenant, name), s) in &self.secrets {
-            secrets.push(tenant, name, s);
+            all.secrets.push(tenant, name, s);
         }
-        let mut put_envelopes = EnvelopeColumns::default();
-        let (mut gone_ids, mut gone_versions): (Vec<uuid::Uuid>, Vec<i32>) = (vec![], vec![]);
         for ((id, version), envelope) in &self.envelopes {
             match envelope {
-                Some((rev, record)) => put_envelopes.push(*id, *version, *rev, record),
+                Some((rev, record)) => all.put_envelopes.push(*id, *version, *rev, record),
                 None => {
-                    gone_ids.push(*id);
-                    gone_versions.push(*version);
+                    all.gone_ids.push(*id);
+                    all.gone_versions.push(*version);
                 }
             }
         }
-        let notify = self.entries.last().map(|e| e.seq.to_string());
-        let none = LeaseColumns::default();
-        let (no_secrets, no_envelopes) = (SecretColumns::default(), EnvelopeColumns::default());
-        let no_bytes: Vec<&[u8]> = Vec::new();
-        let (no_ids, no_versions): (Vec<uuid::Uuid>, Vec<i32>) = (vec![], vec![]);
-        let no_notify: Option<String> = None;
+        all.notify = self.entries.last().map(|e| e.seq.to_string());
+        let none = Columns::default();
         let chunks: Vec<&[EntryRow]> = if self.entries.is_empty() {
             vec![&[]]
         } else {
@@ -281,13 +273,13 @@ impl GroupRows {
         };
         let last = chunks.len() - 1;
         for (i, chunk) in chunks.into_iter().enumerate() {
-            // The records, the counter and the NOTIFY go with the last batch of entries.
-            let with_rows = i == last;
-            let (l, s, e) = if with_rows {
-                (&put_leases, &secrets, &put_envelopes)
-            } else {
-                (&none, &no_secrets, &no_envelopes)
-            };
+            // The records and the NOTIFY go with the last batch of entries.
+            let columns = if i == last { &all } else { &none };
+            let (l, s, e) = (
+                &columns.put_leases,
+                &columns.secrets,
+                &columns.put_envelopes,
+            );
             let mut params: Vec<&(dyn ToSql + Sync)> = vec![
                 &l.hash,
                 &l.id,
@@ -296,7 +288,7 @@ impl GroupRows {
                 &l.expires_at,
                 &l.rev,
                 &l.record,
-                if with_rows { &delete_leases } else { &no_bytes },
+                &columns.delete_leases,
                 &s.tenant,
                 &s.name,
                 &s.id,
@@ -307,14 +299,10 @@ impl GroupRows {
                 &e.version,
                 &e.rev,
                 &e.record,
-                if with_rows { &gone_ids } else { &no_ids },
-                if with_rows {
-                    &gone_versions
-                } else {
-                    &no_versions
-                },
+                &columns.gone_ids,
+                &columns.gone_versions,
                 &self.last_revision,
-                if with_rows { &notify } else { &no_notify },
+                &columns.notify,
             ];
             for entry in chunk {
                 params.extend([
@@ -329,6 +317,19 @@ impl GroupRows {
         }
         Ok(())
     }
+}
+
+/// The parameters of the group statement but the counter and the entries (see
+/// [`Writes::group`]); empty for a statement that only inserts entries.
+#[derive(Default)]
+struct Columns<'a> {
+    put_leases: LeaseColumns<'a>,
+    delete_leases: Vec<&'a [u8]>,
+    secrets: SecretColumns<'a>,
+    put_envelopes: EnvelopeColumns<'a>,
+    gone_ids: Vec<uuid::Uuid>,
+    gone_versions: Vec<i32>,
+    notify: Option<String>,
 }
 
 /// Leases' columns, for `unnest`.
