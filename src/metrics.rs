@@ -95,6 +95,8 @@ pub struct Metrics {
     /// Time a group waited for its turn in the commit order (the engine's writers' lock and
     /// the position read under it; next to nothing for an engine only this process writes).
     pub commit_order_wait: Histogram,
+    /// Commits refused because the store's write had stalled (see `store::commit::STALL`).
+    pub commits_refused_stalled: Counter,
     /// The PostgreSQL store's read connections, by state.
     pub store_pool: Family<PoolLabels, Gauge>,
     /// Times this process took the turn to run background work (see `runner`).
@@ -125,6 +127,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     store_listen_reconnects: Counter::default(),
     group_commits: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
     commit_order_wait: latency_histogram(),
+    commits_refused_stalled: Counter::default(),
     store_pool: Family::default(),
     turns_taken: Counter::default(),
     turn_held: Gauge::default(),
@@ -232,6 +235,12 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
         "Time each group waited for its turn in the commit order shared by every replica",
         Unit::Seconds,
         m.commit_order_wait.clone(),
+    );
+    registry.register(
+        "store_commits_refused_stalled",
+        "Commits refused with UNAVAILABLE because the store's write had not finished for a \
+         second (an engine that does not answer, a commit whose outcome is being looked for)",
+        m.commits_refused_stalled.clone(),
     );
     registry.register(
         "store_pool_connections",

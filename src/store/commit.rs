@@ -18,6 +18,12 @@
 //!   only once it is durable. A group that fails before anything of it was written leaves no
 //!   trace: the chain goes on from where it stood and the next group tries again. A group
 //!   whose outcome is unknown fails the store for good (see [`Store::failed_for_good`]).
+//! - **A stalled write**: once a group's write (from its start to its answer) has taken
+//!   longer than [`STALL`] (an engine that does not answer, a commit whose answer was lost
+//!   and is being looked for), commits are refused ([`StoreError::Transient`]: UNAVAILABLE,
+//!   nothing written) instead of waiting behind it: new ones at once, and those already
+//!   queued by a watchdog (`commit/queue.rs`) within [`STALL`] / 4. The commits of the
+//!   stalled group itself wait for its outcome.
 //! - **Several writers**: an engine that other processes write too starts each group under
 //!   its writers' lock and tells the core where the chain and the revisions stand
 //!   ([`Adapter::begin_group`]), so that all of them extend one chain (tested with two
@@ -31,6 +37,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -40,6 +47,7 @@ use crate::model::{
     AuditAnchor, AuditRecord, ChainHash, EnvelopeRecord, LeaseRecord, Revision, SecretId,
     SecretName, SecretRecord, TenantId, Time, TokenHash,
 };
+use queue::Queue;
 
 /// Records an import writes in one group.
 const IMPORT_GROUP: usize = 4096;
@@ -49,6 +57,10 @@ pub const MAX_GROUP: usize = 512;
 const QUEUE_DEPTH: usize = 4096;
 /// Durable audit entries buffered for each live subscriber.
 const FEED_CAPACITY: usize = 1024;
+mod queue;
+
+/// How long a group's write may take before commits are refused instead of queued behind it.
+pub const STALL: Duration = Duration::from_secs(1);
 
 /// A record a guard can name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -194,6 +206,10 @@ pub struct Status {
     failing: AtomicBool,
     durable_seq: AtomicU64,
     feed: broadcast::Sender<Arc<AuditRecord>>,
+    /// When the group being written started, in microseconds after `epoch` plus one (0: no
+    /// group is being written).
+    group_started: AtomicU64,
+    epoch: Instant,
 }
 
 impl Status {
@@ -220,6 +236,29 @@ impl Status {
     fn fail_for_good(&self) {
         self.sound.store(false, Ordering::Release);
     }
+
+    /// How long the group being written has taken so far, if one is.
+    fn writing_for(&self) -> Option<Duration> {
+        let started = self.group_started.load(Ordering::Acquire);
+        let started = self.epoch + Duration::from_micros(started.checked_sub(1)?);
+        Some(started.elapsed())
+    }
+
+    fn group_started(&self, at: Option<Instant>) {
+        let micros = at.map_or(0, |at| {
+            u64::try_from(at.duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX - 1) + 1
+        });
+        self.group_started.store(micros, Ordering::Release);
+    }
+}
+
+/// Why a commit is refused while the store's write is stalled.
+fn stalled(waited: Duration) -> StoreError {
+    crate::metrics::global().commits_refused_stalled.inc();
+    StoreError::Transient(format!(
+        "the store's current write has not finished after {} ms",
+        waited.as_millis()
+    ))
 }
 
 type Reply = oneshot::Sender<Result<Committed, StoreError>>;
@@ -251,8 +290,12 @@ impl<A: Adapter> Committer<A> {
             failing: AtomicBool::new(false),
             durable_seq: AtomicU64::new(position.next_seq - 1),
             feed,
+            group_started: AtomicU64::new(0),
+            epoch: Instant::now(),
         });
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
+        let queue = Queue::start(rx, status.clone())
+            .map_err(|e| StoreError::Engine(format!("spawn watchdog thread: {e}")))?;
         let writer = Writer {
             adapter,
             status: status.clone(),
@@ -262,7 +305,7 @@ impl<A: Adapter> Committer<A> {
         };
         let thread = std::thread::Builder::new()
             .name("byokd-store-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(queue))
             .map_err(|e| StoreError::Engine(format!("spawn writer thread: {e}")))?;
         Ok(Self {
             jobs,
@@ -276,8 +319,15 @@ impl<A: Adapter> Committer<A> {
         &self.status
     }
 
-    /// Applies `tx` atomically if its guards hold, and returns once it is durable.
+    /// Applies `tx` atomically if its guards hold, and returns once it is durable. Refused
+    /// (nothing written) once the group being written has taken longer than [`STALL`] and
+    /// `tx` is not in it.
     pub async fn commit(&self, tx: Transaction) -> Result<Committed, StoreError> {
+        if let Some(writing) = self.status.writing_for()
+            && writing > STALL
+        {
+            return Err(stalled(writing));
+        }
         let (reply, answer) = oneshot::channel();
         self.send(Message::Commit(Box::new(tx), reply)).await?;
         answer.await.map_err(|_| StoreError::Closed)?
@@ -355,8 +405,13 @@ struct Writer<A> {
 }
 
 impl<A: Adapter> Writer<A> {
-    fn run(mut self, mut rx: mpsc::Receiver<Message<A>>) {
-        while let Some(first) = rx.blocking_recv() {
+    fn run(mut self, queue: Arc<Queue<A>>) {
+        self.serve(&queue);
+        queue.stop();
+    }
+
+    fn serve(&mut self, queue: &Queue<A>) {
+        while let Some(first) = queue.recv() {
             // Where the chain stood before the group, should the group write nothing.
             let mut before = self.position;
             // Whether the adapter started the group (see `Adapter::begin_group`).
@@ -386,10 +441,12 @@ impl<A: Adapter> Writer<A> {
                     }
                 }
                 if commits.len() < MAX_GROUP {
-                    next = rx.try_recv().ok();
+                    next = queue.try_recv();
                 }
             }
+            let group_started = Instant::now();
             if !commits.is_empty() {
+                self.status.group_started(Some(group_started));
                 let begun = self.begin_group();
                 before = self.position;
                 let failure = match &begun {
@@ -427,6 +484,16 @@ impl<A: Adapter> Writer<A> {
             };
             if started.is_some_and(|begun| begun.is_ok()) {
                 self.adapter.end_group();
+            }
+            if !waiting.is_empty() {
+                self.status.group_started(None);
+                let took = group_started.elapsed();
+                if took > STALL {
+                    tracing::warn!(
+                        took_ms = took.as_millis() as u64,
+                        "a store write stalled; commits not in it were refused meanwhile"
+                    );
+                }
             }
             if let Some(seq) = audits.iter().rev().find_map(|a| a.as_ref().map(|r| r.seq)) {
                 self.status.durable_seq.store(seq, Ordering::Release);

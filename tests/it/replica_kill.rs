@@ -244,11 +244,12 @@ async fn acknowledged_writes_survive_postgresql_stopped_immediately_under_load()
         load.outage.store(true, Ordering::SeqCst);
         let resolving_before = resolving(&replicas.servers);
         pg.crash();
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Longer than the store's stall limit (1 s): a replica whose COMMIT was in flight
+        // when PostgreSQL stopped waits to learn whether it took effect (it never answers
+        // before it knows), but refuses the commits sent meanwhile once that wait passes
+        // the limit, instead of queueing them behind it.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
         let during = load.unavailable.load(Ordering::SeqCst);
-        // A replica whose COMMIT was in flight when PostgreSQL stopped waits to learn whether
-        // it took effect (it never answers before it knows), and the commits queued behind
-        // it wait too: then nothing of that replica is refused while the database is down.
         let resolved = resolving(&replicas.servers) > resolving_before;
         pg.up();
         // The replicas were not restarted: they reconnect by themselves.
@@ -259,13 +260,22 @@ async fn acknowledged_writes_survive_postgresql_stopped_immediately_under_load()
         )
         .await;
         load.finish(tasks, round).await;
+        assert!(during > 0, "nothing failed while PostgreSQL was down");
+        // A replica that looked for a commit's outcome through the outage refused the
+        // commits sent meanwhile instead of holding them.
+        let mut refused_stalled = 0.0;
+        for (_, server) in &replicas.servers {
+            let text = scrape(&ops_addr(server)).await;
+            refused_stalled += sample(&text, "byokd_store_commits_refused_stalled_total");
+        }
         assert!(
-            during > 0 || resolved,
-            "nothing failed while PostgreSQL was down, and no commit was being resolved"
+            !resolved || refused_stalled > 0.0,
+            "a replica stalled on a commit's outcome, but refused nothing meanwhile"
         );
         eprintln!(
             "round {round}: {during} requests answered UNAVAILABLE while PostgreSQL was down, \
-             {} in all",
+             {} in all (a commit's answer was lost and looked for: {resolved}; commits \
+             refused while a write stalled: {refused_stalled})",
             load.unavailable.load(Ordering::SeqCst)
         );
         check(&replicas.servers, &model).await;

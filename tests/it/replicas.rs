@@ -572,6 +572,10 @@ async fn a_replica_reports_its_commit_groups_order_wait_and_pool() {
     assert!(sample(&text, "byokd_store_commit_order_wait_seconds_count") >= 5.0);
     assert!(sample(&text, "byokd_store_pool_connections{state=\"idle\"}") >= 0.0);
     assert_eq!(sample(&text, "byokd_store_listen_reconnects_total"), 0.0);
+    assert_eq!(
+        sample(&text, "byokd_store_commits_refused_stalled_total"),
+        0.0
+    );
 }
 
 /// Moving a single node to PostgreSQL and back: `byokd backup` from the sled server, `byokd

@@ -285,3 +285,86 @@ async fn an_import_on_a_shared_engine_is_where_the_other_writers_go_on() {
         committer.close().await.unwrap();
     }
 }
+
+/// While a group's write has taken longer than `STALL` (here: another writer holds the
+/// engine's lock), commits not in it are refused: a new one at once, and one queued behind
+/// it by the watchdog (and never applied later), while a barrier queued with it still runs
+/// after the write. Commits behind a shorter wait are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_are_refused_while_a_write_stalls_not_queued_behind_it() {
+    use std::time::{Duration, Instant};
+    let engine = Arc::new(Shared::default());
+    let handle = Handle {
+        engine: engine.clone(),
+        shared: true,
+    };
+    let committer =
+        Arc::new(Committer::start(handle, Position::after(None, None, Revision(0))).unwrap());
+    committer.start_chain(chain_key()).await.unwrap();
+    let commit = |name: &'static str| {
+        let committer = committer.clone();
+        tokio::spawn(async move {
+            let tx = put(vec![Write::PutSecret(secret("t", name))], Action::Store);
+            committer.commit(tx).await
+        })
+    };
+    let lock = |locked: bool| {
+        *engine.locked.lock().unwrap() = locked;
+        engine.unlocked.notify_one();
+    };
+    type Answer = Result<
+        Result<Result<super::Committed, StoreError>, tokio::task::JoinError>,
+        tokio::time::error::Elapsed,
+    >;
+    let refused = |answer: &Answer| matches!(answer, Ok(Ok(Err(StoreError::Transient(_)))));
+    let stall = super::STALL;
+    // A wait shorter than the limit: both applied.
+    lock(true);
+    let (first, second) = (commit("short-first"), commit("short-second"));
+    tokio::time::sleep(stall / 2).await;
+    lock(false);
+    assert!(first.await.unwrap().is_ok() && second.await.unwrap().is_ok());
+
+    let start = Instant::now();
+    lock(true);
+    let stalled = commit("stalled");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let queued = commit("queued");
+    let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let barrier = {
+        let ran = ran.clone();
+        committer.between(Box::new(move |_: &mut Handle| {
+            ran.store(true, std::sync::atomic::Ordering::SeqCst)
+        }))
+    };
+    barrier.await.unwrap();
+    let queued = tokio::time::timeout_at((start + stall * 2).into(), queued).await;
+    assert!(refused(&queued), "a queued commit waited: {queued:?}");
+    let new = tokio::time::timeout(Duration::from_millis(100), commit("new")).await;
+    assert!(
+        refused(&new),
+        "a new commit was not refused at once: {new:?}"
+    );
+    lock(false);
+    assert!(stalled.await.unwrap().is_ok(), "the stalled group's commit");
+    assert!(commit("after").await.unwrap().is_ok());
+    assert!(
+        ran.load(std::sync::atomic::Ordering::SeqCst),
+        "the barrier was lost"
+    );
+    // What was refused wrote nothing, then or later.
+    let mut names: Vec<String> = engine
+        .state
+        .lock()
+        .unwrap()
+        .revisions
+        .keys()
+        .filter_map(|key| match key {
+            RecordKey::Secret(_, name) => Some(name.as_str().to_string()),
+            _ => None,
+        })
+        .collect();
+    names.sort();
+    assert_eq!(names, ["after", "short-first", "short-second", "stalled"]);
+    assert_eq!(engine.state.lock().unwrap().trail.len(), 4);
+}
