@@ -647,9 +647,10 @@ async fn health_turns_not_serving_when_the_store_can_no_longer_write() {
     );
     std::fs::create_dir(disk.0.path().join("data")).unwrap();
     std::os::unix::fs::symlink(disk.0.path().join("data"), dir.data()).unwrap();
-    // Room to give back once the disk is full.
+    // Room to give back once the disk is full: more than sled needs to start its next log
+    // segment (1 MiB was not always enough).
     let ballast = disk.0.path().join("ballast");
-    std::fs::write(&ballast, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&ballast, vec![0u8; 4 << 20]).unwrap();
     let server = dir.start();
     let ops = ops_addr(&server);
     assert_eq!(health(&ops, "").await.unwrap(), ServingStatus::Serving);
@@ -714,7 +715,14 @@ async fn health_turns_not_serving_when_the_store_can_no_longer_write() {
         {
             assert!(
                 std::time::Instant::now() < deadline,
-                "still refusing writes"
+                "still refusing writes; the server's log ends with:\n{}",
+                server
+                    .log()
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
