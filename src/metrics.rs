@@ -44,6 +44,13 @@ pub struct RedeemLabels {
     pub result: &'static str,
 }
 
+/// Labels of a redemption's read on PostgreSQL: where it was answered (`cache`, `database`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// `cache` (this replica's redemption cache) or `database`.
+    pub source: &'static str,
+}
+
 /// Labels of a refusal: why (a fixed name).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -97,6 +104,8 @@ pub struct Metrics {
     pub commit_order_wait: Histogram,
     /// Commits refused because the store's write had stalled (see `store::commit::STALL`).
     pub commits_refused_stalled: Counter,
+    /// The PostgreSQL store's reads of a lease to redeem, by where they were answered.
+    pub redemption_reads: Family<SourceLabels, Counter>,
     /// The PostgreSQL store's read connections, by state.
     pub store_pool: Family<PoolLabels, Gauge>,
     /// Times this process took the turn to run background work (see `runner`).
@@ -128,6 +137,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     group_commits: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
     commit_order_wait: latency_histogram(),
     commits_refused_stalled: Counter::default(),
+    redemption_reads: Family::default(),
     store_pool: Family::default(),
     turns_taken: Counter::default(),
     turn_held: Gauge::default(),
@@ -241,6 +251,12 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
         "Commits refused with UNAVAILABLE because the store's write had not finished for a \
          second (an engine that does not answer, a commit whose outcome is being looked for)",
         m.commits_refused_stalled.clone(),
+    );
+    registry.register(
+        "store_redemption_reads",
+        "The PostgreSQL store's reads of a lease to redeem (with its secret and envelope), by \
+         where they were answered: this replica's cache or the database",
+        m.redemption_reads.clone(),
     );
     registry.register(
         "store_pool_connections",

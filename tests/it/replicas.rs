@@ -123,6 +123,11 @@ async fn a_lease_one_replica_knows_stops_working_there_when_another_ends_it() {
         let got = redeem(b, AGENT, &known.token).await.expect("get on B");
         assert_eq!(got.value, b"sk-known-lease-value-0001");
     }
+    let cached = sample(
+        &scrape(&ops_addr(b)).await,
+        "byokd_store_redemption_reads_total{source=\"cache\"}",
+    );
+    assert!(cached >= 1.0, "B answered no Get from its cache");
     // Rotated on A: B refuses the old lease and serves the new value on a new one.
     on_a.rotate(pb::RotateRequest {
         tenant: "acme".into(),

@@ -418,9 +418,17 @@ impl Store for PgStore {
     /// From the cache when it knows the lease and its secret can redeem it (see
     /// `redemptions.rs`); otherwise read, and kept.
     async fn redemption(&self, token_hash: &TokenHash) -> Result<Option<Redemption>, StoreError> {
+        let reads = |source| {
+            crate::metrics::global()
+                .redemption_reads
+                .get_or_create(&crate::metrics::SourceLabels { source })
+                .inc();
+        };
         if let Some(known) = self.redemptions.get(token_hash) {
+            reads("cache");
             return Ok(Some(known));
         }
+        reads("database");
         let key = codec::lease_key(token_hash);
         let Some(row) = self
             .row(&self.sql.redemption, &[&token_hash.0.as_slice()])
