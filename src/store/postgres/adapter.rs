@@ -238,8 +238,10 @@ impl PgAdapter {
                     let row = match key {
                         RecordKey::Secret(tenant, name) => client
                             .query_opt(&sql.secret_rev, &[&tenant.as_str(), &name.as_str()])?,
-                        RecordKey::Envelope(id, version) => client
-                            .query_opt(&sql.envelope_rev, &[&uuid(*id), &(*version as i32)])?,
+                        RecordKey::Envelope(id, version) => client.query_opt(
+                            &sql.envelope_rev,
+                            &[&uuid(id.as_bytes()), &(*version as i32)],
+                        )?,
                         RecordKey::Lease(hash) => {
                             client.query_opt(&sql.lease_rev, &[&hash.0.as_slice()])?
                         }
@@ -294,9 +296,10 @@ impl Adapter for PgAdapter {
             RecordKey::Secret(tenant, name) => {
                 client.query_opt(&sql.secret_rev, &[&tenant.as_str(), &name.as_str()])
             }
-            RecordKey::Envelope(id, version) => {
-                client.query_opt(&sql.envelope_rev, &[&uuid(*id), &(*version as i32)])
-            }
+            RecordKey::Envelope(id, version) => client.query_opt(
+                &sql.envelope_rev,
+                &[&uuid(id.as_bytes()), &(*version as i32)],
+            ),
             RecordKey::Lease(hash) => client.query_opt(&sql.lease_rev, &[&hash.0.as_slice()]),
             RecordKey::Meta(meta) => client.query_opt(&sql.meta_rev, &[&meta.name()]),
         })?;
@@ -344,8 +347,9 @@ impl Adapter for PgAdapter {
     }
 
     fn envelope_versions(&self, secret_id: SecretId) -> Result<Vec<u32>, StoreError> {
-        let rows =
-            self.with(|client, sql| client.query(&sql.envelope_versions, &[&uuid(secret_id)]))?;
+        let rows = self.with(|client, sql| {
+            client.query(&sql.envelope_versions, &[&uuid(secret_id.as_bytes())])
+        })?;
         Ok(rows.iter().map(|r| r.get::<_, i32>(0) as u32).collect())
     }
 

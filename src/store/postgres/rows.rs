@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use postgres::types::ToSql;
 use postgres::{Client, Statement};
 
-use crate::model::{Revision, SecretId};
+use crate::model::Revision;
 use crate::store::StoreError;
 use crate::store::codec;
 use crate::store::commit::{Change, Group};
@@ -150,8 +150,9 @@ pub(super) struct GroupRows {
     last_revision: i64,
 }
 
-pub(super) fn uuid(id: SecretId) -> uuid::Uuid {
-    uuid::Uuid::from_bytes(*id.as_bytes())
+/// A secret's or a lease's id as PostgreSQL's `uuid`.
+pub(super) fn uuid(id: &[u8; 16]) -> uuid::Uuid {
+    uuid::Uuid::from_bytes(*id)
 }
 
 pub(super) fn stored(revision: Revision) -> i64 {
@@ -192,7 +193,7 @@ impl GroupRows {
                 self.secrets.insert(
                     (s.tenant.as_str().to_string(), s.name.as_str().to_string()),
                     SecretRow {
-                        id: uuid(s.id),
+                        id: uuid(s.id.as_bytes()),
                         version: s.version as i32,
                         rev: stored(s.rev),
                         record: codec::encode_record(s)?,
@@ -201,12 +202,13 @@ impl GroupRows {
             }
             Change::Envelope(e) => {
                 self.envelopes.insert(
-                    (uuid(e.secret_id), e.version as i32),
+                    (uuid(e.secret_id.as_bytes()), e.version as i32),
                     Some((stored(e.rev), codec::encode_record(e)?)),
                 );
             }
             Change::DeleteEnvelope(id, version) => {
-                self.envelopes.insert((uuid(*id), *version as i32), None);
+                self.envelopes
+                    .insert((uuid(id.as_bytes()), *version as i32), None);
             }
             Change::NewLease(l) | Change::UpdateLease(l) => {
                 self.leases.insert(

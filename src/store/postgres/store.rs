@@ -11,6 +11,7 @@ use tokio_postgres::{IsolationLevel, Row};
 
 use super::feed::Feed;
 use super::redemptions::Redemptions;
+use super::rows::uuid;
 use super::schema;
 use super::{PgAdapter, Target, migrate_blocking, unavailable};
 use crate::chain::ChainKey;
@@ -120,10 +121,6 @@ impl Reads {
             ),
         }
     }
-}
-
-fn uuid(id: [u8; 16]) -> uuid::Uuid {
-    uuid::Uuid::from_bytes(id)
 }
 
 fn limit(n: usize) -> i64 {
@@ -372,7 +369,7 @@ impl Store for PgStore {
         self.find_record(
             &key,
             &self.sql.envelope,
-            &[&uuid(*secret_id.as_bytes()), &(version as i32)],
+            &[&uuid(secret_id.as_bytes()), &(version as i32)],
         )
         .await
     }
@@ -387,7 +384,7 @@ impl Store for PgStore {
                 self.records(
                     b"envelope",
                     &self.sql.envelopes_after,
-                    &[&uuid(*id.as_bytes()), &(version as i32), &limit(limit_to)],
+                    &[&uuid(id.as_bytes()), &(version as i32), &limit(limit_to)],
                 )
                 .await
             }
@@ -455,7 +452,7 @@ impl Store for PgStore {
     }
 
     async fn lease_by_id(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
-        self.find_record(b"lease", &self.sql.lease_by_id, &[&uuid(*id.as_bytes())])
+        self.find_record(b"lease", &self.sql.lease_by_id, &[&uuid(id.as_bytes())])
             .await
     }
 
