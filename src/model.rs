@@ -760,7 +760,31 @@ pub struct AuditDraft {
     pub reason: String,
 }
 
+/// What a committed entry changed of the keys a process may hold copies of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeysChanged {
+    /// Nothing.
+    None,
+    /// A Rotate or Revoke of this secret destroyed data keys of it.
+    Secret(SecretId),
+    /// A master-key rotation started or rewrapped envelopes: the keyring changed.
+    MasterKey,
+}
+
 impl AuditDraft {
+    /// What this entry, committed, changed of the keys other processes may hold copies of
+    /// (a failed request changed nothing).
+    pub fn keys_changed(&self) -> KeysChanged {
+        if self.outcome != Outcome::Ok {
+            return KeysChanged::None;
+        }
+        match (self.action, self.secret_id) {
+            (Action::Rotate | Action::Revoke, Some(id)) => KeysChanged::Secret(id),
+            (Action::RotateMasterKey | Action::Rewrap, _) => KeysChanged::MasterKey,
+            _ => KeysChanged::None,
+        }
+    }
+
     /// A draft for `action` by `principal` from `peer`, outcome OK until told otherwise.
     pub fn new(action: Action, principal: Option<PrincipalId>, peer: Option<String>) -> Self {
         Self {

@@ -20,8 +20,8 @@ use crate::crypto::{self, Plaintext, Sealed, SymmetricKey};
 use crate::keyring::{DataKeyCache, Keyring, KeyringError, WrapContext};
 use crate::lease::LeasePolicy;
 use crate::model::{
-    Action, AuditDraft, EnvelopeRecord, Outcome, PrincipalId, SecretId, SecretName, SecretRecord,
-    TenantId, Time, ValidationError,
+    Action, AuditDraft, EnvelopeRecord, KeysChanged, Outcome, PrincipalId, SecretId, SecretName,
+    SecretRecord, TenantId, Time, ValidationError,
 };
 use crate::pending::Pending;
 use crate::quota::Quotas;
@@ -467,17 +467,14 @@ impl Vault {
         let mut feed = self.store.subscribe_audit();
         loop {
             let keyring_changed = match feed.recv().await {
-                Ok(record) => {
-                    let entry = &record.entry;
-                    let ok = entry.outcome == Outcome::Ok;
-                    if matches!(entry.action, Action::Rotate | Action::Revoke)
-                        && ok
-                        && let Some(id) = entry.secret_id
-                    {
+                Ok(record) => match record.entry.keys_changed() {
+                    KeysChanged::Secret(id) => {
                         self.cache.evict_secret(id);
+                        false
                     }
-                    ok && matches!(entry.action, Action::RotateMasterKey | Action::Rewrap)
-                }
+                    KeysChanged::MasterKey => true,
+                    KeysChanged::None => false,
+                },
                 Err(RecvError::Lagged(_)) => {
                     self.cache.clear();
                     true

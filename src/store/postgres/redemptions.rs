@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 
 use crate::model::{
-    Action, AuditRecord, EnvelopeRecord, LeaseRecord, Outcome, SecretId, SecretName, SecretRecord,
+    AuditRecord, EnvelopeRecord, KeysChanged, LeaseRecord, SecretId, SecretName, SecretRecord,
     SecretState, TenantId, TokenHash,
 };
 use crate::store::commit::{Change, Group, RecordKey};
@@ -200,23 +200,13 @@ impl Redemptions {
     pub async fn follow(self: Arc<Self>, mut feed: broadcast::Receiver<Arc<AuditRecord>>) {
         loop {
             match feed.recv().await {
-                Ok(record) => {
-                    let entry = &record.entry;
-                    if entry.outcome != Outcome::Ok {
-                        continue;
+                Ok(record) => match record.entry.keys_changed() {
+                    KeysChanged::Secret(id) => {
+                        self.lock().secrets.forget_ids(&HashSet::from([id]));
                     }
-                    match entry.action {
-                        Action::Rotate | Action::Revoke => {
-                            if let Some(id) = entry.secret_id {
-                                self.lock().secrets.forget_ids(&HashSet::from([id]));
-                            }
-                        }
-                        Action::RotateMasterKey | Action::Rewrap => {
-                            self.lock().secrets = Secrets::default();
-                        }
-                        _ => {}
-                    }
-                }
+                    KeysChanged::MasterKey => self.lock().secrets = Secrets::default(),
+                    KeysChanged::None => {}
+                },
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     self.lock().secrets = Secrets::default();
                 }
@@ -278,7 +268,7 @@ fn bounded_insert<K: std::hash::Hash + Eq + Clone, V>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Revision;
+    use crate::model::{Action, Outcome, Revision};
     use crate::store::commit::Resolved;
     use crate::store::tests as suite;
 
