@@ -49,6 +49,8 @@ use crate::model::{
 };
 use queue::Queue;
 
+mod queue;
+
 /// Records an import writes in one group.
 const IMPORT_GROUP: usize = 4096;
 /// Most transactions in one group.
@@ -57,7 +59,6 @@ pub const MAX_GROUP: usize = 512;
 const QUEUE_DEPTH: usize = 4096;
 /// Durable audit entries buffered for each live subscriber.
 const FEED_CAPACITY: usize = 1024;
-mod queue;
 
 /// How long a group's write may take before commits are refused instead of queued behind it.
 pub const STALL: Duration = Duration::from_secs(1);
@@ -444,9 +445,10 @@ impl<A: Adapter> Writer<A> {
                     next = queue.try_recv();
                 }
             }
-            let group_started = Instant::now();
+            // When the group's write started (none: the message was a barrier alone).
+            let group_started = (!commits.is_empty()).then(Instant::now);
             if !commits.is_empty() {
-                self.status.group_started(Some(group_started));
+                self.status.group_started(group_started);
                 let begun = self.begin_group();
                 before = self.position;
                 let failure = match &begun {
@@ -485,7 +487,7 @@ impl<A: Adapter> Writer<A> {
             if started.is_some_and(|begun| begun.is_ok()) {
                 self.adapter.end_group();
             }
-            if !waiting.is_empty() {
+            if let Some(group_started) = group_started {
                 self.status.group_started(None);
                 let took = group_started.elapsed();
                 if took > STALL {
