@@ -215,12 +215,22 @@ fn resolving(servers: &[(TestDir, TestServer)]) -> usize {
     servers
         .iter()
         .map(|(_, server)| {
-            std::fs::read_to_string(&server.log_path)
-                .unwrap_or_default()
+            server
+                .log()
                 .matches("the answer to a commit was lost")
                 .count()
         })
         .sum()
+}
+
+/// The commits the servers refused while a write of theirs stalled, in all.
+async fn refused_stalled(servers: &[(TestDir, TestServer)]) -> f64 {
+    let mut refused = 0.0;
+    for (_, server) in servers {
+        let text = scrape(&ops_addr(server)).await;
+        refused += sample(&text, "byokd_store_commits_refused_stalled_total");
+    }
+    refused
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -243,6 +253,7 @@ async fn acknowledged_writes_survive_postgresql_stopped_immediately_under_load()
             .await;
         load.outage.store(true, Ordering::SeqCst);
         let resolving_before = resolving(&replicas.servers);
+        let refused_before = refused_stalled(&replicas.servers).await;
         pg.crash();
         // Longer than the store's stall limit (1 s): a replica whose COMMIT was in flight
         // when PostgreSQL stopped waits to learn whether it took effect (it never answers
@@ -261,21 +272,17 @@ async fn acknowledged_writes_survive_postgresql_stopped_immediately_under_load()
         .await;
         load.finish(tasks, round).await;
         assert!(during > 0, "nothing failed while PostgreSQL was down");
-        // A replica that looked for a commit's outcome through the outage refused the
+        // A replica that looked for a commit's outcome through this outage refused the
         // commits sent meanwhile instead of holding them.
-        let mut refused_stalled = 0.0;
-        for (_, server) in &replicas.servers {
-            let text = scrape(&ops_addr(server)).await;
-            refused_stalled += sample(&text, "byokd_store_commits_refused_stalled_total");
-        }
+        let refused = refused_stalled(&replicas.servers).await - refused_before;
         assert!(
-            !resolved || refused_stalled > 0.0,
+            !resolved || refused > 0.0,
             "a replica stalled on a commit's outcome, but refused nothing meanwhile"
         );
         eprintln!(
             "round {round}: {during} requests answered UNAVAILABLE while PostgreSQL was down, \
              {} in all (a commit's answer was lost and looked for: {resolved}; commits \
-             refused while a write stalled: {refused_stalled})",
+             refused while a write stalled: {refused})",
             load.unavailable.load(Ordering::SeqCst)
         );
         check(&replicas.servers, &model).await;
