@@ -405,6 +405,7 @@ async fn replay_revocations(
         );
         store
             .commit(Transaction {
+                charges: Vec::new(),
                 guards: Vec::new(),
                 writes: vec![
                     Write::PutSecret(tombstone),

@@ -1,10 +1,12 @@
 //! Storage quotas: what one tenant may hold, and the free space kept for what must not fail.
 //!
 //! - Per tenant: active secrets, the bytes of their sealed values, and lease records (a lease
-//!   counts until it is collected after its expiry, used up or not). A request that would
-//!   take a tenant past one of them is refused (`RESOURCE_EXHAUSTED`); the usage is
-//!   reserved before the commit and given back if the commit fails, so concurrent requests
-//!   cannot overshoot together. Revocations and collection give usage back.
+//!   counts until it is collected after its expiry, used up or not); and the value bytes of
+//!   all tenants together. A request carries its change to the usage as a charge in its
+//!   transaction, and the store's commit core refuses one that would take a tenant past a
+//!   quota (`RESOURCE_EXHAUSTED`), against the usage the store holds: concurrent requests,
+//!   on one process or on several replicas, cannot overshoot together (see
+//!   `store/usage.rs`). Revocations and collection give usage back.
 //! - The volume: below `min_free_mb` of free space, requests that make the store grow
 //!   (Store, Rotate, Lease) are refused, so that revocations, redemptions and the audit
 //!   entries of every request still have room. Free space is read from the file system at
@@ -14,17 +16,14 @@
 //!   (`space-reserve`, half the reserve, at most [`MAX_SPACE_FILE`]), which byokd deletes
 //!   when it starts on a volume with less free space than that (saying so), so that the
 //!   store can open and revocations be audited; it is made again at a start with room.
-//!
-//! The usage is counted from the store when the vault starts, then kept in memory.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::model::{SecretId, TenantId, Time};
-use crate::store::{Store, StoreError};
+use crate::model::TenantId;
+pub use crate::store::usage::Delta;
+use crate::store::usage::{Charge, Limits, OverQuota};
 
 /// The file of empty space kept in the data directory.
 pub const SPACE_FILE: &str = "space-reserve";
@@ -86,47 +85,12 @@ pub struct QuotaLimits {
     pub min_free_bytes: u64,
 }
 
-/// What a tenant holds.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
-    /// Active secrets.
-    pub secrets: u64,
-    /// Bytes of their sealed values.
-    pub value_bytes: u64,
-    /// Lease records.
-    pub leases: u64,
-}
-
-/// A change in a tenant's usage.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Delta {
-    /// Secrets.
-    pub secrets: i64,
-    /// Value bytes.
-    pub value_bytes: i64,
-    /// Leases.
-    pub leases: i64,
-}
-
 /// Why a request was refused.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum QuotaError {
-    /// A tenant quota.
-    #[error("tenant {tenant} is at its quota of {limit} {what}")]
-    Tenant {
-        /// The tenant.
-        tenant: TenantId,
-        /// What is counted.
-        what: &'static str,
-        /// The quota.
-        limit: u64,
-    },
-    /// The vault's total of value bytes.
-    #[error("the vault holds its quota of {limit} value bytes in all")]
-    Total {
-        /// The quota.
-        limit: u64,
-    },
+    /// A tenant's quota, or all tenants' (held by the store at commit).
+    #[error(transparent)]
+    Over(#[from] OverQuota),
     /// The volume is nearly full.
     #[error(
         "storage is nearly full: only revocations and reads are served until an operator makes room"
@@ -134,130 +98,48 @@ pub enum QuotaError {
     VolumeNearlyFull,
 }
 
-/// The quotas and the usage they watch.
+/// The quotas, and the volume's free space.
 pub struct Quotas {
     limits: QuotaLimits,
-    usage: Mutex<HashMap<TenantId, Usage>>,
     disk: DiskSpace,
 }
 
 impl Quotas {
-    /// Quotas under `limits`, for a store in `data_dir` whose usage is `usage`.
-    pub fn new(limits: QuotaLimits, data_dir: PathBuf, usage: HashMap<TenantId, Usage>) -> Self {
+    /// Quotas under `limits`, for a store in `data_dir`.
+    pub fn new(limits: QuotaLimits, data_dir: PathBuf) -> Self {
         Self {
             limits,
-            usage: Mutex::new(usage),
             disk: DiskSpace::new(data_dir, limits.min_free_bytes),
         }
     }
 
-    /// The usage of every tenant in `store`: its envelopes (one per active secret) and its
-    /// lease records.
-    pub async fn count(store: &dyn Store) -> Result<HashMap<TenantId, Usage>, StoreError> {
-        const PAGE: usize = 1024;
-        let mut usage: HashMap<TenantId, Usage> = HashMap::new();
-        let mut seen: Option<SecretId> = None;
-        let mut after = None;
-        loop {
-            let page = store.envelopes_after(after, PAGE).await?;
-            for envelope in &page {
-                let tenant = usage.entry(envelope.tenant.clone()).or_default();
-                // Versions of one secret follow each other; a rotation may briefly keep two.
-                if seen != Some(envelope.secret_id) {
-                    tenant.secrets += 1;
-                    seen = Some(envelope.secret_id);
-                }
-                tenant.value_bytes += envelope.ciphertext.len() as u64;
-            }
-            match page.last() {
-                Some(last) if page.len() == PAGE => after = Some((last.secret_id, last.version)),
-                _ => break,
-            }
-        }
-        for lease in store
-            .expired_leases(Time::from_micros(i64::MAX), usize::MAX)
-            .await?
-        {
-            usage.entry(lease.tenant).or_default().leases += 1;
-        }
-        Ok(usage)
-    }
-
-    /// The usage of `tenant`.
-    pub fn usage(&self, tenant: &TenantId) -> Usage {
-        self.lock().get(tenant).copied().unwrap_or_default()
-    }
-
-    /// Reserves `delta` for `tenant` if it stays within the quotas (and, for a change that
-    /// makes the store grow, the volume has room): kept by [`Reservation::keep`] once the
-    /// change is committed, given back if dropped.
-    pub fn reserve(&self, tenant: &TenantId, delta: Delta) -> Result<Reservation<'_>, QuotaError> {
+    /// The charge of a change that makes the store grow (Store, Rotate, Lease) by `delta`
+    /// for `tenant`, held to the quotas when it commits; refused at once while the volume is
+    /// nearly full.
+    pub fn charge(&self, tenant: &TenantId, delta: Delta) -> Result<Charge, QuotaError> {
         if self.disk.nearly_full() {
             return Err(QuotaError::VolumeNearlyFull);
         }
-        let mut usage = self.lock();
-        let next = apply(usage.get(tenant).copied().unwrap_or_default(), delta);
-        let over = |grows: bool, value: u64, limit: u64, what| {
-            if grows && value > limit {
-                Err(QuotaError::Tenant {
-                    tenant: tenant.clone(),
-                    what,
-                    limit,
-                })
-            } else {
-                Ok(())
-            }
-        };
-        over(
-            delta.secrets > 0,
-            next.secrets,
-            self.limits.max_secrets_per_tenant,
-            "secrets",
-        )?;
-        over(
-            delta.value_bytes > 0,
-            next.value_bytes,
-            self.limits.max_value_bytes_per_tenant,
-            "value bytes",
-        )?;
-        if delta.value_bytes > 0 {
-            let others: u64 = usage
-                .iter()
-                .filter(|(t, _)| *t != tenant)
-                .map(|(_, u)| u.value_bytes)
-                .sum();
-            if others.saturating_add(next.value_bytes) > self.limits.max_value_bytes_total {
-                return Err(QuotaError::Total {
-                    limit: self.limits.max_value_bytes_total,
-                });
-            }
-        }
-        let current = usage.entry(tenant.clone()).or_default();
-        over(
-            delta.leases > 0,
-            next.leases,
-            self.limits.max_leases_per_tenant,
-            "leases",
-        )?;
-        *current = next;
-        Ok(Reservation {
-            quotas: self,
+        Ok(Charge {
             tenant: tenant.clone(),
             delta,
-            kept: false,
+            limits: Some(Limits {
+                secrets_per_tenant: self.limits.max_secrets_per_tenant,
+                value_bytes_per_tenant: self.limits.max_value_bytes_per_tenant,
+                leases_per_tenant: self.limits.max_leases_per_tenant,
+                value_bytes_total: self.limits.max_value_bytes_total,
+            }),
         })
     }
 
-    /// Applies a change already committed (usage given back: revocations, collection).
-    pub fn committed(&self, tenant: &TenantId, delta: Delta) {
-        let mut usage = self.lock();
-        let current = usage.entry(tenant.clone()).or_default();
-        *current = apply(*current, delta);
-    }
-
-    /// Lease records of every tenant together.
-    pub fn leases(&self) -> u64 {
-        self.lock().values().map(|u| u.leases).sum()
+    /// The charge of a change that gives usage back (revocations, collection): never
+    /// refused.
+    pub fn give_back(tenant: &TenantId, delta: Delta) -> Charge {
+        Charge {
+            tenant: tenant.clone(),
+            delta,
+            limits: None,
+        }
     }
 
     /// The reserve kept on the volume, in bytes.
@@ -272,53 +154,6 @@ impl Quotas {
             self.disk.free.load(Ordering::Relaxed),
             self.disk.total.load(Ordering::Relaxed),
         )
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, Usage>> {
-        self.usage.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-fn apply(usage: Usage, delta: Delta) -> Usage {
-    let add = |value: u64, delta: i64| {
-        if delta >= 0 {
-            value.saturating_add(delta.unsigned_abs())
-        } else {
-            value.saturating_sub(delta.unsigned_abs())
-        }
-    };
-    Usage {
-        secrets: add(usage.secrets, delta.secrets),
-        value_bytes: add(usage.value_bytes, delta.value_bytes),
-        leases: add(usage.leases, delta.leases),
-    }
-}
-
-/// Usage reserved for a change not yet committed; see [`Quotas::reserve`].
-pub struct Reservation<'a> {
-    quotas: &'a Quotas,
-    tenant: TenantId,
-    delta: Delta,
-    kept: bool,
-}
-
-impl Reservation<'_> {
-    /// The change was committed: the usage stays.
-    pub fn keep(mut self) {
-        self.kept = true;
-    }
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        if !self.kept {
-            let back = Delta {
-                secrets: -self.delta.secrets,
-                value_bytes: -self.delta.value_bytes,
-                leases: -self.delta.leases,
-            };
-            self.quotas.committed(&self.tenant, back);
-        }
     }
 }
 
@@ -392,79 +227,5 @@ impl DiskSpace {
                 tracing::info!(free_mb = free >> 20, "the data volume has room again");
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn quotas(secrets: u64) -> Quotas {
-        Quotas::new(
-            QuotaLimits {
-                max_secrets_per_tenant: secrets,
-                max_value_bytes_per_tenant: 1000,
-                max_leases_per_tenant: 10,
-                max_value_bytes_total: 1500,
-                min_free_bytes: 0,
-            },
-            std::env::temp_dir(),
-            HashMap::new(),
-        )
-    }
-
-    #[test]
-    fn reservations_are_kept_or_given_back_and_growth_stops_at_the_quota() {
-        let q = quotas(2);
-        let t = TenantId::parse("t").unwrap();
-        let one = Delta {
-            secrets: 1,
-            value_bytes: 100,
-            leases: 0,
-        };
-        q.reserve(&t, one).unwrap().keep();
-        drop(q.reserve(&t, one).unwrap());
-        assert_eq!(
-            q.usage(&t).secrets,
-            1,
-            "a dropped reservation is given back"
-        );
-        q.reserve(&t, one).unwrap().keep();
-        assert!(matches!(
-            q.reserve(&t, one),
-            Err(QuotaError::Tenant {
-                what: "secrets",
-                limit: 2,
-                ..
-            })
-        ));
-        // Giving back is never refused, and never goes below zero.
-        q.committed(
-            &t,
-            Delta {
-                secrets: -5,
-                value_bytes: -100,
-                leases: 0,
-            },
-        );
-        assert_eq!(
-            q.usage(&t),
-            Usage {
-                secrets: 0,
-                value_bytes: 100,
-                leases: 0
-            }
-        );
-        let big = Delta {
-            value_bytes: 901,
-            ..Delta::default()
-        };
-        assert!(matches!(
-            q.reserve(&t, big),
-            Err(QuotaError::Tenant {
-                what: "value bytes",
-                ..
-            })
-        ));
     }
 }

@@ -263,6 +263,7 @@ impl Rotator {
         self.keyring.add(version, key.clone(), false);
         self.store
             .commit(Transaction {
+                charges: Vec::new(),
                 guards: vec![read],
                 writes: vec![state.write()?],
                 audit: Some(audit),
@@ -474,6 +475,7 @@ impl Rotator {
         guards.push(self.runner.fence().ok_or(StoreError::Conflict)?);
         self.store
             .commit(Transaction {
+                charges: Vec::new(),
                 guards,
                 writes,
                 audit,

@@ -149,6 +149,7 @@ impl Runner {
         match self
             .store
             .commit(Transaction {
+                charges: Vec::new(),
                 guards,
                 writes,
                 audit: None,
@@ -223,6 +224,7 @@ mod tests {
     /// A commit that only a holder of `fence` may make.
     fn fenced(fence: Guard) -> Transaction {
         Transaction {
+            charges: Vec::new(),
             guards: vec![fence],
             writes: vec![Write::PutMeta(MetaKey::BootstrapAdmin, b"job".to_vec())],
             audit: None,

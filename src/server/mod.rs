@@ -299,19 +299,7 @@ async fn serve(
         },
         runner.clone(),
     ));
-    let started = std::time::Instant::now();
-    let usage = {
-        let store = store.clone();
-        crate::store::on_blocking_thread(async move { Quotas::count(&*store).await })
-            .await
-            .map_err(|e| ServeError::Startup(format!("counting usage: {e}")))??
-    };
-    tracing::info!(
-        tenants = usage.len(),
-        ms = started.elapsed().as_millis() as u64,
-        "tenant usage counted"
-    );
-    let quotas = Arc::new(Quotas::new(config.quotas, config.data_dir.clone(), usage));
+    let quotas = Arc::new(Quotas::new(config.quotas, config.data_dir.clone()));
     let vault = Arc::new(Vault::new(VaultParts {
         quotas,
         store,

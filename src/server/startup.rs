@@ -257,6 +257,7 @@ async fn replace_meta<T: MetaValue>(
 ) -> Result<Option<T>, ServeError> {
     let written = store
         .commit(Transaction {
+            charges: Vec::new(),
             guards: vec![Guard::meta(T::KEY, read)],
             writes: vec![put_meta(value)?],
             audit: None,

@@ -8,6 +8,11 @@
 //!   was absent). The core checks it against the engine's state overlaid with the changes of
 //!   the earlier transactions of the same group; a guard that no longer holds fails the
 //!   transaction with [`StoreError::Conflict`] and nothing of it is written.
+//! - **Quotas**: each transaction's [`Charge`](super::Charge)s (what it adds to or gives back from a
+//!   tenant's usage) are checked, after its guards, against the usage the engine holds
+//!   overlaid with the group's earlier charges (`usage.rs`); one that would take a tenant or
+//!   all tenants past a quota fails the transaction with [`StoreError::OverQuota`]. The
+//!   group's new usage is written with it, so every writer of the store counts the same.
 //! - **Revisions**: every record a transaction writes gets the transaction's revision, one
 //!   larger than any before it.
 //! - **The audit chain**: each entry's sequence number (gap-free, in commit order), its time
@@ -41,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use super::usage::{Ledger, Tally, Usage, UsageKey};
 use super::{Committed, Guard, ImportSource, MetaKey, Record, StoreError, Transaction, Write};
 use crate::chain::{ChainKey, GENESIS};
 use crate::model::{
@@ -125,6 +131,8 @@ pub struct Group {
     pub transactions: Vec<Resolved>,
     /// The largest revision the group assigned (to keep, so that none is assigned twice).
     pub last_revision: Revision,
+    /// The usage the group leaves, for each key its charges changed (written with it).
+    pub usage: Vec<(UsageKey, Usage)>,
 }
 
 /// What an engine adapter does for the core. Reads see the engine's durable state (the
@@ -139,6 +147,8 @@ pub trait Adapter: Send + 'static {
     fn revisions(&self, keys: &[RecordKey]) -> Result<Vec<Option<Revision>>, StoreError> {
         keys.iter().map(|key| self.revision(key)).collect()
     }
+    /// The stored usage of `keys`, in their order (a key never written: zero).
+    fn usage(&self, keys: &[UsageKey]) -> Result<Vec<Usage>, StoreError>;
     /// The versions of a secret's envelopes, as stored.
     fn envelope_versions(&self, secret_id: SecretId) -> Result<Vec<u32>, StoreError>;
     /// The chain's anchor, as stored.
@@ -420,9 +430,11 @@ impl<A: Adapter> Writer<A> {
             let mut group = Group {
                 transactions: Vec::new(),
                 last_revision: Revision(0),
+                usage: Vec::new(),
             };
             let mut waiting: Vec<Waiting> = Vec::new();
             let mut overlay = Overlay::default();
+            let mut ledger = Ledger::default();
             // The commits that queued (up to MAX_GROUP), up to a barrier.
             let mut commits = Vec::new();
             let mut after = None;
@@ -452,18 +464,19 @@ impl<A: Adapter> Writer<A> {
                 let begun = self.begin_group();
                 before = self.position;
                 let failure = match &begun {
-                    Ok(()) => match self.guarded_revisions(&commits) {
-                        Ok(stored) => {
+                    Ok(()) => self
+                        .guarded_revisions(&commits)
+                        .and_then(|stored| {
                             overlay.stored = stored;
-                            None
-                        }
-                        Err(e) => Some(e),
-                    },
+                            self.charged_usage(&commits)
+                        })
+                        .map(|stored| ledger.stored = stored)
+                        .err(),
                     Err(e) => Some(copy_failure(e)),
                 };
                 for (tx, reply) in commits {
                     let result = match &failure {
-                        None => self.apply(*tx, &mut overlay).map(|resolved| {
+                        None => self.apply(*tx, &mut overlay, &mut ledger).map(|resolved| {
                             group.transactions.push(resolved);
                             group.transactions.len() - 1
                         }),
@@ -472,6 +485,7 @@ impl<A: Adapter> Writer<A> {
                     waiting.push(Waiting { reply, result });
                 }
                 started = Some(begun);
+                group.usage = ledger.written();
             }
             let mut audits: Vec<Option<AuditRecord>> = match self.write(&mut group, before) {
                 Ok(()) => group.transactions.into_iter().map(|t| t.audit).collect(),
@@ -591,7 +605,12 @@ impl<A: Adapter> Writer<A> {
 
     /// Checks `tx`'s guards and resolves its writes and audit entry. Nothing of a
     /// transaction that fails is kept.
-    fn apply(&mut self, tx: Transaction, overlay: &mut Overlay) -> Result<Resolved, StoreError> {
+    fn apply(
+        &mut self,
+        tx: Transaction,
+        overlay: &mut Overlay,
+        ledger: &mut Ledger,
+    ) -> Result<Resolved, StoreError> {
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
@@ -601,6 +620,7 @@ impl<A: Adapter> Writer<A> {
                 return Err(StoreError::Conflict);
             }
         }
+        let charged = ledger.charge(&tx.charges)?;
         let revision = Revision(self.position.next_revision);
         let mut changes = Vec::with_capacity(tx.writes.len());
         let mut touched = Vec::new();
@@ -625,6 +645,7 @@ impl<A: Adapter> Writer<A> {
             None => None,
         };
         overlay.written.extend(touched);
+        ledger.apply(charged);
         if !changes.is_empty() {
             self.position.next_revision += 1;
         }
@@ -650,6 +671,20 @@ impl<A: Adapter> Writer<A> {
             .collect();
         let revisions = self.adapter.revisions(&keys)?;
         Ok(keys.into_iter().zip(revisions).collect())
+    }
+
+    /// The stored usage of every tenant the charges of `commits` name, and of all tenants
+    /// together, read at once.
+    fn charged_usage(
+        &self,
+        commits: &[(Box<Transaction>, Reply)],
+    ) -> Result<HashMap<UsageKey, Usage>, StoreError> {
+        let keys = Ledger::keys(commits.iter().flat_map(|(tx, _)| &tx.charges));
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let usage = self.adapter.usage(&keys)?;
+        Ok(keys.into_iter().zip(usage).collect())
     }
 
     /// The revision of `key` counting the group's changes so far.
@@ -764,7 +799,10 @@ impl<A: Adapter> Writer<A> {
         let mut group = Group {
             transactions: Vec::new(),
             last_revision: Revision(0),
+            usage: Vec::new(),
         };
+        // The usage the records bring, written with the last group.
+        let mut tally = Tally::default();
         let mut records = Vec::new();
         let (mut first, mut last, mut head, mut anchor) = (None, None, None, None);
         loop {
@@ -791,7 +829,10 @@ impl<A: Adapter> Writer<A> {
                         continue;
                     }
                     Record::Secret(s) => Change::Secret(s),
-                    Record::Envelope(e) => Change::Envelope(e),
+                    Record::Envelope(e) => {
+                        tally.envelope(&e);
+                        Change::Envelope(e)
+                    }
                     Record::Meta(key, revision, value) => Change::Meta(key, revision, value),
                     Record::Anchor(a) => {
                         anchor = Some(a.clone());
@@ -814,7 +855,10 @@ impl<A: Adapter> Writer<A> {
                         audit: None,
                     });
                 }
-                if !group.transactions.is_empty() {
+                if end && !tally.is_empty() {
+                    group.usage = std::mem::take(&mut tally).finish().into_iter().collect();
+                }
+                if !group.transactions.is_empty() || !group.usage.is_empty() {
                     self.adapter.write_group(&group)?;
                     let mut newest = group.transactions.iter_mut().rev();
                     head = newest.find_map(|t| t.audit.take()).or(head);

@@ -8,9 +8,9 @@
 //! [`StoreError::Conflict`] to re-read and decide again.
 //!
 //! The rules every engine shares (guards, revisions, audit sequencing and chain links, group
-//! commit) live in `commit.rs`. `sled/` is the one engine adapter today, opened (like any
-//! adapter) only through `engine.rs`, which `[store] kind` chooses; `tests` holds the suite
-//! every engine must pass.
+//! commit) live in `commit.rs`, and the quotas it holds tenants' usage to in `usage.rs`.
+//! `sled/` and `postgres/` are the engine adapters, opened only through `engine.rs`, which
+//! `[store] kind` chooses; `tests` holds the suite every engine must pass.
 
 mod auditindex;
 mod auditlog;
@@ -22,6 +22,7 @@ pub mod postgres;
 pub mod query;
 mod records;
 pub mod sled;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -40,6 +41,7 @@ pub use self::postgres::DatabaseUrl;
 pub use self::query::{AuditFilter, AuditPage};
 pub use self::records::Record;
 pub use self::sled::{DEFAULT_CACHE_BYTES, RepairPlan, SledStore};
+pub use self::usage::{Charge, OverQuota, Usage, UsageKey};
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +87,9 @@ pub enum StoreError {
     /// was left to start a new audit segment); nothing changed, and the next write tries again.
     #[error("write failed, nothing was written: {0}")]
     Transient(String),
+    /// A charge of the transaction would take a tenant past a quota; nothing was written.
+    #[error(transparent)]
+    OverQuota(#[from] OverQuota),
 }
 
 impl StoreError {
@@ -306,6 +311,9 @@ pub enum Write {
 /// An atomic unit of change.
 #[derive(Debug, Clone, Default)]
 pub struct Transaction {
+    /// What it adds to (or gives back from) tenants' usage: checked against their quotas with
+    /// the guards (see `usage.rs`).
+    pub charges: Vec<Charge>,
     /// All must hold, or nothing is written.
     pub guards: Vec<Guard>,
     /// Applied together.
@@ -318,6 +326,7 @@ impl Transaction {
     /// A transaction that only appends an audit entry.
     pub fn audit_only(entry: AuditDraft) -> Self {
         Self {
+            charges: Vec::new(),
             guards: Vec::new(),
             writes: Vec::new(),
             audit: Some(entry),
@@ -455,6 +464,9 @@ pub trait Store: Send + Sync {
 
     /// Bytes the store occupies on disk.
     async fn size_on_disk(&self) -> Result<u64, StoreError>;
+
+    /// What a tenant (or all together) holds, as of the latest commit this store knows.
+    async fn usage(&self, key: &UsageKey) -> Result<Usage, StoreError>;
 
     /// False while the store refuses writes: after a failed write or flush, or while the
     /// audit trail is damaged.

@@ -99,6 +99,7 @@ pub(crate) fn audit_record(action: Action) -> AuditRecord {
 
 pub(crate) fn put(writes: Vec<Write>, action: Action) -> Transaction {
     Transaction {
+        charges: Vec::new(),
         guards: Vec::new(),
         writes,
         audit: Some(draft(action)),
@@ -134,6 +135,11 @@ pub(crate) async fn suite(subject: &dyn Subject) {
     let first = subject.fresh().await;
     let second = subject.another_handle(&first).await;
     concurrent_first_starts_initialise_once([first.clone(), second.clone()]).await;
+    close(&second).await;
+    close(&first).await;
+    let first = subject.fresh().await;
+    let second = subject.another_handle(&first).await;
+    charges_on_two_handles_stop_exactly_at_the_quota([first.clone(), second.clone()]).await;
     close(&second).await;
     close(&first).await;
 }
@@ -391,6 +397,7 @@ async fn guards_reject_stale_reads(store: &dyn Store) {
     let s = secret("t2", "a");
     let absent = Guard::secret(&s.tenant, &s.name, None);
     let create = Transaction {
+        charges: Vec::new(),
         guards: vec![absent.clone()],
         writes: vec![Write::PutSecret(s.clone())],
         audit: Some(draft(Action::Store)),
@@ -410,6 +417,7 @@ async fn guards_reject_stale_reads(store: &dyn Store) {
     let mut rotated = s.clone();
     rotated.version = 2;
     let rotate = |read: SecretRecord| Transaction {
+        charges: Vec::new(),
         guards: vec![Guard::secret(&s.tenant, &s.name, Some(&read))],
         writes: vec![Write::PutSecret(rotated.clone())],
         audit: None,
@@ -493,6 +501,7 @@ async fn envelopes_are_destroyed(store: &dyn Store) {
     let mut rewrapped = current.clone();
     rewrapped.wrapped_key.key_version = 2;
     let guarded = |read: EnvelopeRecord| Transaction {
+        charges: Vec::new(),
         guards: vec![Guard::envelope(other.id, 1, Some(&read))],
         writes: vec![Write::PutEnvelope(rewrapped.clone())],
         audit: None,
@@ -568,6 +577,7 @@ async fn leases_are_indexed(store: &dyn Store) {
     let mut used = early.clone();
     used.uses = 1;
     let consume = |read: LeaseRecord| Transaction {
+        charges: Vec::new(),
         guards: vec![Guard::lease(early.token_hash, Some(&read))],
         writes: vec![Write::PutLease(used.clone())],
         audit: Some(draft(Action::Get)),
@@ -652,6 +662,7 @@ async fn racing_creates_of_one_name_let_exactly_one_win(store: Arc<dyn Store>) {
             tokio::spawn(async move {
                 let s = secret("race", "one-name");
                 let tx = Transaction {
+                    charges: Vec::new(),
                     guards: vec![Guard::secret(&s.tenant, &s.name, None)],
                     writes: vec![Write::PutSecret(s.clone())],
                     audit: Some(draft(Action::Store)),
@@ -1011,6 +1022,21 @@ async fn an_export_imports_into_an_empty_store(store: &dyn Store, subject: &dyn 
         }
     }
     assert!(kinds.iter().all(|&n| n > 0), "{kinds:?}");
+    // The import counted what its records hold: the tenant's secrets that have values, and
+    // the sealed values.
+    let mut expect = crate::store::usage::Usage::default();
+    let mut ids = std::collections::HashSet::new();
+    for record in records() {
+        if let Record::Envelope(e) = record
+            && e.tenant == tenant("t")
+        {
+            expect.secrets += u64::from(ids.insert(e.secret_id));
+            expect.value_bytes += e.ciphertext.len() as u64;
+        }
+    }
+    assert!(expect.secrets > 1 && expect.value_bytes > 0);
+    let counted = crate::store::UsageKey::Tenant(tenant("t"));
+    assert_eq!(fresh.usage(&counted).await.unwrap(), expect);
     let entries = store.audit_entries(0, usize::MAX).await.unwrap();
     assert_eq!(fresh.audit_entries(0, usize::MAX).await.unwrap(), entries);
     let peer = AuditIndex::PeerHost("127.0.0.1".into());
@@ -1082,6 +1108,7 @@ async fn revisions_increase_and_guard_every_record(store: &dyn Store) {
     assert!(second.rev > first.rev);
 
     let guarded = |guard: Guard| Transaction {
+        charges: Vec::new(),
         guards: vec![guard],
         writes: vec![Write::PutMeta(MetaKey::BootstrapAdmin, vec![1])],
         audit: None,
@@ -1133,6 +1160,7 @@ async fn revisions_increase_and_guard_every_record(store: &dyn Store) {
     let current = store.secret(&s.tenant, &s.name).await.unwrap().unwrap();
     let rewrite = || {
         store.commit(Transaction {
+            charges: Vec::new(),
             guards: vec![Guard::secret(&s.tenant, &s.name, Some(&current))],
             writes: vec![Write::PutSecret(s.clone())],
             audit: None,
@@ -1141,6 +1169,273 @@ async fn revisions_increase_and_guard_every_record(store: &dyn Store) {
     let (a, b) = tokio::join!(rewrite(), rewrite());
     assert_eq!([a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count(), 1);
     assert!(conflict(a) || conflict(b));
+}
+
+/// The quotas of `limits`, as the commit core applies them.
+fn quota_limits(secrets: u64, leases: u64) -> crate::store::usage::Limits {
+    crate::store::usage::Limits {
+        secrets_per_tenant: secrets,
+        value_bytes_per_tenant: 1 << 20,
+        leases_per_tenant: leases,
+        value_bytes_total: 1 << 20,
+    }
+}
+
+/// Two handles (two processes, for a shared engine) charge one tenant at once: 2 x 30
+/// Stores (a secret, its envelope and a charge of one secret and its bytes) under a quota of
+/// 25 secrets, then 2 x 20 leases under a quota of 12. Exactly the quota commits, whichever
+/// handle; the others fail with `OverQuota` and write nothing; both handles read the same
+/// usage, for the tenant and for all; a give-back on one makes room on the other.
+async fn charges_on_two_handles_stop_exactly_at_the_quota(handles: [Arc<dyn Store>; 2]) {
+    use crate::store::usage::{Charge, Delta, OverQuota, Usage, UsageKey};
+    for store in &handles {
+        store.start_audit_chain(chain_key()).await.unwrap();
+    }
+    let t = tenant("quota");
+    let charge = |delta: Delta, limited: Option<(u64, u64)>| Charge {
+        tenant: t.clone(),
+        delta,
+        limits: limited.map(|(secrets, leases)| quota_limits(secrets, leases)),
+    };
+    let stored = |i: usize| {
+        let s = secret("quota", &format!("s{i}"));
+        let mut e = envelope(s.id, 1);
+        e.tenant = s.tenant.clone();
+        let delta = Delta {
+            secrets: 1,
+            value_bytes: e.ciphertext.len() as i64,
+            leases: 0,
+        };
+        (s, e, delta)
+    };
+    // Counts the answers: (committed, over the quota named `what`).
+    async fn race(
+        commits: Vec<(Arc<dyn Store>, Transaction)>,
+        what: &'static str,
+    ) -> (usize, usize) {
+        let barrier = Arc::new(tokio::sync::Barrier::new(commits.len()));
+        let tasks: Vec<_> = commits
+            .into_iter()
+            .map(|(store, tx)| {
+                let barrier = barrier.clone();
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    store.commit(tx).await
+                })
+            })
+            .collect();
+        let (mut won, mut over) = (0, 0);
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(_) => won += 1,
+                Err(StoreError::OverQuota(OverQuota::Tenant { what: w, .. })) if w == what => {
+                    over += 1
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        (won, over)
+    }
+    let commits = (0..60)
+        .map(|i| {
+            let (s, e, delta) = stored(i);
+            let tx = Transaction {
+                charges: vec![charge(delta, Some((25, 12)))],
+                ..put(
+                    vec![Write::PutSecret(s), Write::PutEnvelope(e)],
+                    Action::Store,
+                )
+            };
+            (handles[i % 2].clone(), tx)
+        })
+        .collect();
+    assert_eq!(race(commits, "secrets").await, (25, 35));
+    let listed = handles[1].list_secrets(&t, None, 1000).await.unwrap();
+    assert_eq!(listed.len(), 25, "a refused commit wrote its records");
+    let bytes = 25 * envelope(SecretId::generate(), 1).ciphertext.len() as u64;
+    let mut expect = Usage {
+        secrets: 25,
+        value_bytes: bytes,
+        leases: 0,
+    };
+    for store in &handles {
+        assert_eq!(
+            store.usage(&UsageKey::Tenant(t.clone())).await.unwrap(),
+            expect
+        );
+        assert_eq!(store.usage(&UsageKey::All).await.unwrap(), expect);
+    }
+    // Leases, on the secrets that committed.
+    let commits = (0..40)
+        .map(|i| {
+            let l = lease(&listed[i % 25], 100 + i as u8, i64::MAX);
+            let delta = Delta {
+                leases: 1,
+                ..Delta::default()
+            };
+            let tx = Transaction {
+                charges: vec![charge(delta, Some((25, 12)))],
+                ..put(vec![Write::PutLease(l)], Action::Lease)
+            };
+            (handles[i % 2].clone(), tx)
+        })
+        .collect();
+    assert_eq!(race(commits, "leases").await, (12, 28));
+    expect.leases = 12;
+    for store in &handles {
+        assert_eq!(
+            store.usage(&UsageKey::Tenant(t.clone())).await.unwrap(),
+            expect
+        );
+    }
+    // Giving back is never refused; the room it makes is there for the other handle.
+    let (_, _, one) = stored(0);
+    let back = Transaction {
+        charges: vec![charge(one.back(), None)],
+        ..put(Vec::new(), Action::Revoke)
+    };
+    handles[0].commit(back).await.unwrap();
+    let (s, e, delta) = stored(60);
+    let again = Transaction {
+        charges: vec![charge(delta, Some((25, 12)))],
+        ..put(
+            vec![Write::PutSecret(s), Write::PutEnvelope(e)],
+            Action::Store,
+        )
+    };
+    handles[1].commit(again).await.unwrap();
+    for store in &handles {
+        assert_eq!(
+            store.usage(&UsageKey::Tenant(t.clone())).await.unwrap(),
+            expect
+        );
+    }
+}
+
+/// Commits what makes usage in every way (secrets with their values, a rotation, leases, a
+/// revocation, collected leases), each with its charge, in two tenants; returns the usage
+/// the charges left (tenant `u1`, tenant `u2`, all), which a count of the records must match.
+pub(crate) async fn charged_records(store: &dyn Store) -> [crate::store::usage::Usage; 3] {
+    use crate::store::usage::{Charge, Delta, UsageKey};
+    store.start_audit_chain(chain_key()).await.unwrap();
+    let charged = |t: &TenantId, delta: Delta, writes: Vec<Write>| Transaction {
+        charges: vec![Charge {
+            tenant: t.clone(),
+            delta,
+            limits: Some(quota_limits(100, 100)),
+        }],
+        ..put(writes, Action::Store)
+    };
+    for (t, n) in [("u1", 5), ("u2", 3)] {
+        for i in 0..n {
+            let s = secret(t, &format!("s{i}"));
+            let mut e = envelope(s.id, 1);
+            e.tenant = s.tenant.clone();
+            e.ciphertext = vec![7; 10 + i];
+            let delta = Delta {
+                secrets: 1,
+                value_bytes: e.ciphertext.len() as i64,
+                leases: 0,
+            };
+            let writes = vec![Write::PutSecret(s.clone()), Write::PutEnvelope(e)];
+            store
+                .commit(charged(&s.tenant, delta, writes))
+                .await
+                .unwrap();
+            let l = lease(&s, (i as u8) * 2 + u8::from(t == "u2") * 64, i64::MAX);
+            let delta = Delta {
+                leases: 1,
+                ..Delta::default()
+            };
+            let writes = vec![Write::PutLease(l)];
+            store
+                .commit(charged(&s.tenant, delta, writes))
+                .await
+                .unwrap();
+        }
+    }
+    // u1/s0 rotated to a longer value; u1/s1 revoked; one of u2's leases collected.
+    let u1 = tenant("u1");
+    let s0 = store.secret(&u1, &name("s0")).await.unwrap().unwrap();
+    let mut next = s0.clone();
+    next.version = 2;
+    let mut e = envelope(s0.id, 2);
+    e.tenant = u1.clone();
+    e.ciphertext = vec![8; 50];
+    let delta = Delta {
+        value_bytes: 50 - 10,
+        ..Delta::default()
+    };
+    let writes = vec![
+        Write::PutSecret(next),
+        Write::DestroyEnvelopes {
+            secret_id: s0.id,
+            keep: Some(2),
+        },
+        Write::PutEnvelope(e),
+    ];
+    store.commit(charged(&u1, delta, writes)).await.unwrap();
+    let s1 = store.secret(&u1, &name("s1")).await.unwrap().unwrap();
+    let mut tombstone = s1.clone();
+    tombstone.state = SecretState::Revoked;
+    let back = Delta {
+        secrets: -1,
+        value_bytes: -11,
+        leases: 0,
+    };
+    let revoke = Transaction {
+        charges: vec![Charge {
+            tenant: u1.clone(),
+            delta: back,
+            limits: None,
+        }],
+        ..put(
+            vec![
+                Write::PutSecret(tombstone),
+                Write::DestroyEnvelopes {
+                    secret_id: s1.id,
+                    keep: None,
+                },
+            ],
+            Action::Revoke,
+        )
+    };
+    store.commit(revoke).await.unwrap();
+    let u2 = tenant("u2");
+    let collected = store
+        .lease_by_token(&TokenHash([64; 32]))
+        .await
+        .unwrap()
+        .unwrap();
+    let collect = Transaction {
+        charges: vec![Charge {
+            tenant: u2.clone(),
+            delta: Delta {
+                leases: -1,
+                ..Delta::default()
+            },
+            limits: None,
+        }],
+        guards: Vec::new(),
+        writes: vec![Write::DeleteLease(collected)],
+        audit: None,
+    };
+    store.commit(collect).await.unwrap();
+    let mut usage = [Default::default(); 3];
+    for (i, key) in [UsageKey::Tenant(u1), UsageKey::Tenant(u2), UsageKey::All]
+        .iter()
+        .enumerate()
+    {
+        usage[i] = store.usage(key).await.unwrap();
+    }
+    let u1 = crate::store::usage::Usage {
+        secrets: 4,
+        value_bytes: 50 + 12 + 13 + 14,
+        leases: 5,
+    };
+    assert_eq!(usage[0], u1);
+    assert_eq!(usage[1].leases, 2);
+    usage
 }
 
 /// Two handles on one empty store (two processes, for a shared engine) start at the same
@@ -1190,6 +1485,30 @@ async fn concurrent_first_starts_initialise_once(handles: [Arc<dyn Store>; 2]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sled_passes_the_suite() {
     suite(&SledSubject::new(crate::store::DEFAULT_AUDIT_SEGMENT_BYTES)).await;
+}
+
+/// sled keeps the usage in memory: counted from the records when the store opens, it is
+/// what the charges left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_counts_the_usage_its_records_hold_when_it_opens() {
+    use crate::store::usage::UsageKey;
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let charged = charged_records(&store).await;
+    store.close().await.unwrap();
+    drop(store);
+    let store = SledStore::open(dir.path()).unwrap();
+    for (key, usage) in [
+        UsageKey::Tenant(tenant("u1")),
+        UsageKey::Tenant(tenant("u2")),
+        UsageKey::All,
+    ]
+    .iter()
+    .zip(charged)
+    {
+        assert_eq!(store.usage(key).await.unwrap(), usage, "{key:?}");
+    }
+    store.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

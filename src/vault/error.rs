@@ -47,7 +47,7 @@ pub enum VaultError {
     Decrypt(DecryptFailure),
     /// The store failed.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
     /// The master key failed (other than a failed unwrap).
     #[error(transparent)]
     Keyring(KeyringError),
@@ -91,6 +91,17 @@ pub enum VaultError {
         /// The limit.
         max: usize,
     },
+}
+
+impl From<StoreError> for VaultError {
+    /// A quota the store held a charge to is the caller's to hear (RESOURCE_EXHAUSTED);
+    /// other store failures are not.
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::OverQuota(over) => VaultError::Quota(QuotaError::Over(over)),
+            other => VaultError::Store(other),
+        }
+    }
 }
 
 /// Why a stored value did not decrypt; logged, never returned to callers.

@@ -1,5 +1,7 @@
 //! Leases: issuing one, redeeming it (Get), revoking one, and collecting expired ones.
 
+use std::collections::BTreeMap;
+
 use crate::auth::Operation;
 use crate::lease::{self, LeaseError, LeaseToken};
 use crate::model::{
@@ -7,7 +9,7 @@ use crate::model::{
     ValidationError,
 };
 use crate::pending::Pending;
-use crate::quota::Delta;
+use crate::quota::{Delta, Quotas};
 use crate::store::{Guard, Redemption, Transaction, Write};
 
 use super::{
@@ -74,7 +76,7 @@ impl Vault {
                 rev: Default::default(),
             };
             audit.lease(&lease);
-            let reservation = self.quotas.reserve(
+            let charge = self.quotas.charge(
                 &tenant,
                 Delta {
                     leases: 1,
@@ -82,6 +84,7 @@ impl Vault {
                 },
             )?;
             let tx = Transaction {
+                charges: vec![charge],
                 // The lease is on the version current at commit, not merely at read.
                 guards: vec![Guard::secret(&tenant, &name, Some(&secret))],
                 writes: vec![Write::PutLease(lease.clone())],
@@ -91,7 +94,6 @@ impl Vault {
                 .commit_or_retry(tx, IssuedLease { lease, token })
                 .await?
             {
-                reservation.keep();
                 return Ok(done);
             }
         }
@@ -168,6 +170,7 @@ impl Vault {
             let mut used = lease.clone();
             used.uses += 1;
             let tx = Transaction {
+                charges: Vec::new(),
                 // The use counts only if nobody else consumed, revoked or rotated meanwhile.
                 guards: vec![
                     Guard::lease(token_hash, Some(&lease)),
@@ -243,6 +246,7 @@ impl Vault {
             let mut revoked = lease.clone();
             revoked.revoked = true;
             let tx = Transaction {
+                charges: Vec::new(),
                 guards: vec![Guard::lease(lease.token_hash, Some(&lease))],
                 writes: vec![Write::UpdateLease(revoked)],
                 audit: Some(audit.clone()),
@@ -273,22 +277,27 @@ impl Vault {
             if count == 0 {
                 return Ok(total);
             }
-            let tenants: Vec<TenantId> = expired.iter().map(|l| l.tenant.clone()).collect();
+            let mut collected: BTreeMap<&TenantId, i64> = BTreeMap::new();
+            for lease in &expired {
+                *collected.entry(&lease.tenant).or_default() += 1;
+            }
+            let charges = collected
+                .into_iter()
+                .map(|(tenant, leases)| {
+                    let back = Delta {
+                        leases: -leases,
+                        ..Delta::default()
+                    };
+                    Quotas::give_back(tenant, back)
+                })
+                .collect();
             let tx = Transaction {
+                charges,
                 guards: vec![fence.clone()],
                 writes: expired.into_iter().map(Write::DeleteLease).collect(),
                 audit: None,
             };
             self.store.commit(tx).await?;
-            for tenant in &tenants {
-                self.quotas.committed(
-                    tenant,
-                    Delta {
-                        leases: -1,
-                        ..Delta::default()
-                    },
-                );
-            }
             total += count;
             if count < GC_BATCH {
                 return Ok(total);

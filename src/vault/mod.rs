@@ -27,7 +27,7 @@ use crate::pending::Pending;
 use crate::quota::Quotas;
 use crate::ratelimit::Buckets;
 use crate::rotation::{KeyringState, Rotator};
-use crate::store::{Store, StoreError, Transaction};
+use crate::store::{Store, StoreError, Transaction, UsageKey};
 
 /// Associated-data label of a sealed secret value.
 const VALUE_AAD_LABEL: &str = "byokd/v1/secret-value";
@@ -324,7 +324,7 @@ impl Vault {
         let (cache_hits, cache_misses) = self.cache.stats();
         let (volume_free_bytes, volume_size_bytes) = self.quotas.disk();
         Ok(crate::metrics::Snapshot {
-            leases_held: self.quotas.leases(),
+            leases_held: self.store.usage(&UsageKey::All).await?.leases,
             volume_free_bytes,
             volume_size_bytes,
             volume_reserve_bytes: self.quotas.reserve_bytes(),

@@ -7,7 +7,7 @@ use crate::model::{
     TenantId, Time, ValidationError, check_value_len, value_hint,
 };
 use crate::pending::Pending;
-use crate::quota::Delta;
+use crate::quota::{Delta, Quotas};
 use crate::store::{Guard, StoreError, Transaction, Write};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -60,7 +60,7 @@ impl Vault {
         };
         let envelope = self.seal(&record, &input.value).await?;
         audit.secret(&record);
-        let reservation = self.quotas.reserve(
+        let charge = self.quotas.charge(
             &record.tenant,
             Delta {
                 secrets: 1,
@@ -69,6 +69,7 @@ impl Vault {
             },
         )?;
         let tx = Transaction {
+            charges: vec![charge],
             guards: vec![Guard::secret(&record.tenant, &record.name, None)],
             writes: vec![
                 Write::PutSecret(record.clone()),
@@ -77,10 +78,7 @@ impl Vault {
             audit: Some(audit.clone()),
         };
         match self.store.commit(tx).await {
-            Ok(_) => {
-                reservation.keep();
-                Ok(record)
-            }
+            Ok(_) => Ok(record),
             // Another Store of the same name committed first.
             Err(StoreError::Conflict) => Err(VaultError::AlreadyExists),
             Err(e) => Err(e.into()),
@@ -183,7 +181,7 @@ impl Vault {
             let envelope = self.seal(&next, &value).await?;
             audit.secret(&next);
             let before = self.value_bytes(&current).await?;
-            let reservation = self.quotas.reserve(
+            let charge = self.quotas.charge(
                 &tenant,
                 Delta {
                     value_bytes: envelope.ciphertext.len() as i64 - before,
@@ -191,6 +189,7 @@ impl Vault {
                 },
             )?;
             let tx = Transaction {
+                charges: vec![charge],
                 guards: vec![Guard::secret(&tenant, &name, Some(&current))],
                 writes: vec![
                     Write::PutSecret(next.clone()),
@@ -203,7 +202,6 @@ impl Vault {
                 audit: Some(audit.clone()),
             };
             if let Some(done) = self.commit_or_retry(tx, next).await? {
-                reservation.keep();
                 // The previous version's data key is destroyed: drop it from memory too.
                 self.cache.evict_secret(done.id);
                 return Ok(done);
@@ -266,6 +264,14 @@ impl Vault {
             tombstone.updated_at = now;
             let freed = self.value_bytes(&current).await?;
             let tx = Transaction {
+                charges: vec![Quotas::give_back(
+                    &tenant,
+                    Delta {
+                        secrets: -1,
+                        value_bytes: -freed,
+                        leases: 0,
+                    },
+                )],
                 guards: vec![Guard::secret(&tenant, &name, Some(&current))],
                 writes: vec![
                     Write::PutSecret(tombstone.clone()),
@@ -288,14 +294,6 @@ impl Vault {
             {
                 // Every data key of the secret is destroyed: none may be served from memory.
                 self.cache.evict_secret(current.id);
-                self.quotas.committed(
-                    &tenant,
-                    Delta {
-                        secrets: -1,
-                        value_bytes: -freed,
-                        leases: 0,
-                    },
-                );
                 return Ok(done);
             }
         }

@@ -136,6 +136,7 @@ impl Vault {
                 humantime::format_duration(keep)
             );
             let tx = Transaction {
+                charges: Vec::new(),
                 guards: vec![fence.clone()],
                 writes: vec![Write::PruneAudit { through }],
                 audit: Some(entry),

@@ -692,3 +692,111 @@ async fn a_failed_restore_into_postgresql_leaves_the_schema_empty() {
     let value = lease_and_get(&replica, "acme", "k").await.expect("get");
     assert_eq!(value.value, b"sk-a-value-for-the-restore-01");
 }
+
+/// Quotas hold for the cluster, not per replica: the tenant's usage lives in the database
+/// and each commit is checked against it under the cluster's commit order. Stores and
+/// Leases raced from two replicas stop exactly at the quota; a revocation on one replica
+/// makes room on the other; every replica reports the cluster's lease records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_quotas_hold_for_the_cluster_when_replicas_race() {
+    let Some(replicas) = replicas_with(|config| {
+        config + "\n[quotas]\nmax_secrets_per_tenant = 10\nmax_leases_per_tenant = 6\n"
+    }) else {
+        return;
+    };
+    let servers = &replicas.servers;
+    let (a, b) = (&servers[0].1, &servers[1].1);
+    let mut admins = [a.as_(ADMIN).await, b.as_(ADMIN).await];
+    // 2 x 15 Stores at once, alternating replicas.
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let mut admin = admins[i % 2].clone();
+            tokio::spawn(async move {
+                admin
+                    .store(store_req(
+                        "acme",
+                        &format!("s{i}"),
+                        b"sk-quota-value-0123456789",
+                    ))
+                    .await
+            })
+        })
+        .collect();
+    let (mut stored, mut refused) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => stored += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(
+                    status
+                        .message()
+                        .contains("tenant acme is at its quota of 10 secrets"),
+                    "{status:?}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((stored, refused), (10, 20));
+    let listed = admins[1]
+        .list(pb::ListRequest {
+            tenant: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.secrets.len(), 10);
+    // A revocation on A makes room for one Store on B, and only one.
+    let first = listed.secrets[0].name.clone();
+    admins[0]
+        .revoke(revoke_secret("acme", &first, "make room"))
+        .await
+        .unwrap();
+    store(
+        &mut admins[1],
+        "acme",
+        "after-revoke",
+        b"sk-quota-value-0123456789",
+    )
+    .await;
+    assert_status(
+        admins[0]
+            .store(store_req(
+                "acme",
+                "one-too-many",
+                b"sk-quota-value-0123456789",
+            ))
+            .await,
+        Code::ResourceExhausted,
+        "quota of 10 secrets",
+    );
+    // 2 x 6 Leases at once: exactly six lease records.
+    let orchestrators = [a.as_(ORCHESTRATOR).await, b.as_(ORCHESTRATOR).await];
+    let name = listed.secrets[1].name.clone();
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let mut client = orchestrators[i % 2].clone();
+            let req = lease_req("acme", &name, 1);
+            tokio::spawn(async move { client.lease(req).await })
+        })
+        .collect();
+    let mut leased = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => leased += 1,
+            Err(status) => assert!(
+                status.code() == Code::ResourceExhausted
+                    && status.message().contains("quota of 6 leases"),
+                "{status:?}"
+            ),
+        }
+    }
+    assert_eq!(leased, 6);
+    // Each replica reports the cluster's lease records, whichever issued them.
+    for server in [a, b] {
+        let text = scrape(&ops_addr(server)).await;
+        assert_eq!(sample(&text, "byokd_leases_held"), 6.0, "{text}");
+    }
+}

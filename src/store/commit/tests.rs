@@ -8,6 +8,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use super::{Adapter, Change, Committer, Group, Position, RecordKey};
 use crate::model::{Action, AuditAnchor, AuditRecord, Revision, SecretId};
 use crate::store::tests::{chain_key, put, secret};
+use crate::store::usage::{Usage, UsageKey};
 use crate::store::{Guard, Record, StoreError, Transaction, Write};
 
 /// What the engine holds: record revisions, envelope versions and the trail.
@@ -17,6 +18,7 @@ struct State {
     envelopes: BTreeSet<(SecretId, u32)>,
     trail: Vec<AuditRecord>,
     last_revision: Revision,
+    usage: HashMap<UsageKey, Usage>,
 }
 
 /// The engine: its state, and the lock a group holds from `begin_group` to `end_group`.
@@ -47,6 +49,14 @@ impl Adapter for Handle {
 
     fn revision(&self, key: &RecordKey) -> Result<Option<Revision>, StoreError> {
         Ok(self.state().revisions.get(key).copied())
+    }
+
+    fn usage(&self, keys: &[UsageKey]) -> Result<Vec<Usage>, StoreError> {
+        let state = self.state();
+        Ok(keys
+            .iter()
+            .map(|key| state.usage.get(key).copied().unwrap_or_default())
+            .collect())
     }
 
     fn envelope_versions(&self, secret_id: SecretId) -> Result<Vec<u32>, StoreError> {
@@ -84,6 +94,7 @@ impl Adapter for Handle {
             }
             state.trail.extend(tx.audit.clone());
         }
+        state.usage.extend(group.usage.iter().cloned());
         state.last_revision = group.last_revision;
         Ok(())
     }
@@ -367,4 +378,101 @@ async fn commits_are_refused_while_a_write_stalls_not_queued_behind_it() {
     names.sort();
     assert_eq!(names, ["after", "short-first", "short-second", "stalled"]);
     assert_eq!(engine.state.lock().unwrap().trail.len(), 4);
+}
+
+/// Two writers of one engine charging one tenant's quota at once (2 x 40 commits, each a
+/// secret more, under a quota of 25): exactly 25 commit, the others fail with `OverQuota`
+/// and write nothing, and the engine's usage says 25 (for the tenant and for all); giving
+/// back is never refused and makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_charging_one_quota_commit_exactly_up_to_it() {
+    use crate::store::usage::{Charge, Delta, Limits, OverQuota};
+    let engine = Arc::new(Shared::default());
+    let key = chain_key();
+    let mut committers = Vec::new();
+    for _ in 0..2 {
+        let handle = Handle {
+            engine: engine.clone(),
+            shared: true,
+        };
+        let committer = Committer::start(handle, Position::after(None, None, Revision(0))).unwrap();
+        committer.start_chain(key.clone()).await.unwrap();
+        committers.push(Arc::new(committer));
+    }
+    let s = secret("t", "any");
+    let limits = Limits {
+        secrets_per_tenant: 25,
+        value_bytes_per_tenant: 1 << 20,
+        leases_per_tenant: 10,
+        value_bytes_total: 1 << 20,
+    };
+    let charge = move |secrets: i64| Charge {
+        tenant: s.tenant.clone(),
+        delta: Delta {
+            secrets,
+            value_bytes: 10 * secrets,
+            leases: 0,
+        },
+        limits: Some(limits),
+    };
+    let mut tasks = Vec::new();
+    for i in 0..80 {
+        let committer = committers[i % 2].clone();
+        let tx = Transaction {
+            charges: vec![charge(1)],
+            ..put(
+                vec![Write::PutSecret(secret("t", &format!("s{i}")))],
+                Action::Store,
+            )
+        };
+        tasks.push(tokio::spawn(async move { committer.commit(tx).await }));
+    }
+    let (mut won, mut over) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => won += 1,
+            Err(StoreError::OverQuota(OverQuota::Tenant { what, limit, .. })) => {
+                assert_eq!((what, limit), ("secrets", 25));
+                over += 1;
+            }
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    assert_eq!((won, over), (25, 55));
+    let usage = |key: &UsageKey| engine.state.lock().unwrap().usage.get(key).copied();
+    let tenant = UsageKey::Tenant(crate::model::TenantId::parse("t").unwrap());
+    let expect = Usage {
+        secrets: 25,
+        value_bytes: 250,
+        leases: 0,
+    };
+    assert_eq!(usage(&tenant), Some(expect));
+    assert_eq!(usage(&UsageKey::All), Some(expect));
+    let secrets = engine
+        .state
+        .lock()
+        .unwrap()
+        .revisions
+        .keys()
+        .filter(|k| matches!(k, RecordKey::Secret(..)))
+        .count();
+    assert_eq!(secrets, 25, "a refused commit wrote its record");
+    // Giving back (no limits) is never refused, and makes room on the other writer.
+    let back = Transaction {
+        charges: vec![Charge {
+            limits: None,
+            ..charge(-1)
+        }],
+        ..put(Vec::new(), Action::Revoke)
+    };
+    committers[0].commit(back).await.unwrap();
+    let again = Transaction {
+        charges: vec![charge(1)],
+        ..put(vec![Write::PutSecret(secret("t", "again"))], Action::Store)
+    };
+    committers[1].commit(again).await.unwrap();
+    assert_eq!(usage(&tenant).map(|u| u.secrets), Some(25));
+    for committer in &committers {
+        committer.close().await.unwrap();
+    }
 }

@@ -29,9 +29,10 @@ use crate::model::{AuditAnchor, AuditRecord, Revision, SecretId};
 use crate::store::StoreError;
 use crate::store::codec;
 use crate::store::commit::{Adapter, Change, Group, Position, RecordKey};
+use crate::store::usage::{Usage, UsageKey};
 
 use super::redemptions::Redemptions;
-use super::rows::{GroupRows, Writes, stored, uuid};
+use super::rows::{GroupRows, Writes, stored, usage_of, uuid};
 use super::unavailable;
 
 /// How long a commit whose answer was lost is looked for before its outcome is unknown.
@@ -93,6 +94,8 @@ struct Statements {
     position: Statement,
     /// The revisions of leases (by token hash) and of secrets (by tenant and name), at once.
     revisions: Statement,
+    /// The usage of tenants (by usage key).
+    usage: Statement,
     writes: Writes,
 }
 
@@ -127,6 +130,10 @@ impl Statements {
                  SELECT NULL::bytea, s.tenant, s.name, s.rev FROM {s}.secrets s
                  JOIN unnest($2::text[], $3::text[]) AS k(tenant, name)
                  ON s.tenant = k.tenant AND s.name = k.name"
+            ))?,
+            usage: p(format!(
+                "SELECT tenant, secrets, value_bytes, leases FROM {s}.usage
+                 WHERE tenant = ANY($1::text[])"
             ))?,
             writes: Writes::prepare(client, s)?,
         })
@@ -344,6 +351,19 @@ impl Adapter for PgAdapter {
                 other => self.revision(other),
             })
             .collect()
+    }
+
+    fn usage(&self, keys: &[UsageKey]) -> Result<Vec<Usage>, StoreError> {
+        let names: Vec<&str> = keys.iter().map(UsageKey::as_str).collect();
+        let rows = self.with(|client, sql| client.query(&sql.usage, &[&names]))?;
+        let stored: HashMap<&str, Usage> = rows
+            .iter()
+            .map(|row| (row.get::<_, &str>(0), usage_of(row)))
+            .collect();
+        Ok(names
+            .iter()
+            .map(|name| stored.get(name).copied().unwrap_or_default())
+            .collect())
     }
 
     fn envelope_versions(&self, secret_id: SecretId) -> Result<Vec<u32>, StoreError> {

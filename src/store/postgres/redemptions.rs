@@ -305,6 +305,7 @@ mod tests {
                 audit: None,
             }],
             last_revision: Revision(0),
+            usage: Vec::new(),
         }
     }
 

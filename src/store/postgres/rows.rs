@@ -20,6 +20,7 @@ use crate::model::Revision;
 use crate::store::StoreError;
 use crate::store::codec;
 use crate::store::commit::{Change, Group};
+use crate::store::usage::Usage;
 
 /// Audit entries one statement inserts at most.
 const ENTRIES_PER_STATEMENT: usize = 256;
@@ -82,12 +83,17 @@ impl Writes {
                DELETE FROM {s}.envelopes e USING unnest($19::uuid[], $20::int4[]) AS k(id, version)
                WHERE e.secret_id = k.id AND e.version = k.version),
              counter AS (
-               UPDATE {s}.position SET last_revision = greatest(last_revision, $21::int8))"
+               UPDATE {s}.position SET last_revision = greatest(last_revision, $21::int8)),
+             put_usage AS (
+               INSERT INTO {s}.usage (tenant, secrets, value_bytes, leases)
+               SELECT * FROM unnest($23::text[], $24::int8[], $25::int8[], $26::int8[])
+               ON CONFLICT (tenant) DO UPDATE SET secrets = excluded.secrets,
+                 value_bytes = excluded.value_bytes, leases = excluded.leases)"
         );
         if entries > 0 {
             let values = (0..entries)
                 .map(|i| {
-                    let p = 23 + 4 * i;
+                    let p = 27 + 4 * i;
                     format!("(${}, ${}, ${}, ${})", p, p + 1, p + 2, p + 3)
                 })
                 .collect::<Vec<_>>()
@@ -148,6 +154,8 @@ pub(super) struct GroupRows {
     anchor: Option<(i64, Vec<u8>)>,
     entries: Vec<EntryRow>,
     last_revision: i64,
+    /// The usage the group leaves: keys and their counts (secrets, value bytes, leases).
+    usage: (Vec<String>, [Vec<i64>; 3]),
 }
 
 /// A secret's or a lease's id as PostgreSQL's `uuid`.
@@ -157,6 +165,16 @@ pub(super) fn uuid(id: &[u8; 16]) -> uuid::Uuid {
 
 pub(super) fn stored(revision: Revision) -> i64 {
     revision.0 as i64
+}
+
+/// A usage row's counts (columns 1 to 3: secrets, value bytes, leases).
+pub(super) fn usage_of(row: &postgres::Row) -> Usage {
+    let count = |i| row.get::<_, i64>(i).max(0) as u64;
+    Usage {
+        secrets: count(1),
+        value_bytes: count(2),
+        leases: count(3),
+    }
 }
 
 impl GroupRows {
@@ -170,7 +188,15 @@ impl GroupRows {
             anchor: None,
             entries: Vec::new(),
             last_revision: stored(group.last_revision),
+            usage: Default::default(),
         };
+        for (key, usage) in &group.usage {
+            let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            rows.usage.0.push(key.as_str().to_string());
+            rows.usage.1[0].push(count(usage.secrets));
+            rows.usage.1[1].push(count(usage.value_bytes));
+            rows.usage.1[2].push(count(usage.leases));
+        }
         for tx in &group.transactions {
             for change in &tx.changes {
                 rows.add(change)?;
@@ -267,6 +293,12 @@ impl GroupRows {
             }
         }
         all.notify = self.entries.last().map(|e| e.seq.to_string());
+        all.usage = [
+            &self.usage.1[0][..],
+            &self.usage.1[1][..],
+            &self.usage.1[2][..],
+        ];
+        all.usage_keys = &self.usage.0;
         let none = Columns::default();
         let chunks: Vec<&[EntryRow]> = if self.entries.is_empty() {
             vec![&[]]
@@ -305,6 +337,10 @@ impl GroupRows {
                 &columns.gone_versions,
                 &self.last_revision,
                 &columns.notify,
+                &columns.usage_keys,
+                &columns.usage[0],
+                &columns.usage[1],
+                &columns.usage[2],
             ];
             for entry in chunk {
                 params.extend([
@@ -332,6 +368,9 @@ struct Columns<'a> {
     gone_ids: Vec<uuid::Uuid>,
     gone_versions: Vec<i32>,
     notify: Option<String>,
+    /// The usage keys, and their counts (secrets, value bytes, leases).
+    usage_keys: &'a [String],
+    usage: [&'a [i64]; 3],
 }
 
 /// Leases' columns, for `unnest`.

@@ -10,7 +10,10 @@
 
 use postgres::GenericClient;
 
+use crate::model::TenantId;
 use crate::store::StoreError;
+use crate::store::codec;
+use crate::store::usage::{Tally, Usage, UsageKey};
 
 use super::pg_error;
 
@@ -22,14 +25,90 @@ pub struct Migration {
     pub name: &'static str,
     /// Its statements, with `{schema}` for the schema's name.
     sql: &'static str,
+    /// What it fills in after its statements, in the same transaction.
+    fill: Option<Fill>,
 }
 
+/// A migration's step in Rust, given the transaction and the schema's name.
+type Fill = fn(&mut postgres::Transaction<'_>, &str) -> Result<(), StoreError>;
+
 /// Every migration this build knows, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "records, audit trail and commit position",
-    sql: include_str!("migrations/0001.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "records, audit trail and commit position",
+        sql: include_str!("migrations/0001.sql"),
+        fill: None,
+    },
+    Migration {
+        version: 2,
+        name: "usage per tenant",
+        sql: include_str!("migrations/0002.sql"),
+        fill: Some(count_usage),
+    },
+];
+
+/// Fills the usage table from the records, under the writers' lock (so that no group of any
+/// replica commits meanwhile): the envelopes (active secrets and their sealed values) and
+/// the lease records.
+fn count_usage(tx: &mut postgres::Transaction<'_>, s: &str) -> Result<(), StoreError> {
+    use postgres::fallible_iterator::FallibleIterator;
+    tx.batch_execute(&format!(
+        "SELECT pg_advisory_xact_lock(hashtext('byokd-commit:{s}'))"
+    ))
+    .map_err(pg_error)?;
+    let mut tally = Tally::default();
+    let table = |name: &str| format!("{s}.{name}");
+    let mut rows = tx
+        .query_raw(&format!("SELECT record FROM {s}.envelopes"), no_params())
+        .map_err(pg_error)?;
+    while let Some(row) = rows.next().map_err(pg_error)? {
+        let record = row.get::<_, &[u8]>(0);
+        tally.envelope(&codec::decode_record(
+            table("envelopes").as_bytes(),
+            record,
+        )?);
+    }
+    drop(rows);
+    let leases = tx
+        .query(
+            &format!("SELECT tenant, count(*) FROM {s}.leases GROUP BY tenant"),
+            &[],
+        )
+        .map_err(pg_error)?;
+    for row in &leases {
+        let tenant = row.get::<_, &str>(0);
+        let tenant = TenantId::parse(tenant).map_err(|e| StoreError::Corrupt {
+            key: table("leases"),
+            reason: format!("a lease's tenant: {e}"),
+        })?;
+        tally.leases(&tenant, row.get::<_, i64>(1).max(0) as u64);
+    }
+    let counted = tally.finish();
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let keys: Vec<&str> = counted.keys().map(UsageKey::as_str).collect();
+    let column =
+        |f: fn(&Usage) -> u64| -> Vec<i64> { counted.values().map(|u| count(f(u))).collect() };
+    tx.execute(
+        &format!(
+            "INSERT INTO {s}.usage (tenant, secrets, value_bytes, leases)
+             SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[])"
+        ),
+        &[
+            &keys,
+            &column(|u| u.secrets),
+            &column(|u| u.value_bytes),
+            &column(|u| u.leases),
+        ],
+    )
+    .map_err(pg_error)?;
+    Ok(())
+}
+
+/// No parameters, for `query_raw`.
+fn no_params() -> std::iter::Empty<&'static (dyn postgres::types::ToSql + Sync)> {
+    std::iter::empty()
+}
 
 /// What [`migrate`] found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +169,9 @@ pub fn migrate(client: &mut impl GenericClient, schema: &str) -> Result<Migrated
     for migration in MIGRATIONS.iter().filter(|m| m.version > recorded) {
         tx.batch_execute(&migration.sql.replace("{schema}", schema))
             .map_err(pg_error)?;
+        if let Some(fill) = migration.fill {
+            fill(&mut tx, schema)?;
+        }
         tx.execute(
             &format!("INSERT INTO {schema}.schema_migrations (version, name) VALUES ($1, $2)"),
             &[&migration.version, &migration.name],

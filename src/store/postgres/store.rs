@@ -11,7 +11,7 @@ use tokio_postgres::{IsolationLevel, Row};
 
 use super::feed::Feed;
 use super::redemptions::Redemptions;
-use super::rows::uuid;
+use super::rows::{usage_of, uuid};
 use super::schema;
 use super::{PgAdapter, Target, migrate_blocking, unavailable};
 use crate::chain::ChainKey;
@@ -24,7 +24,7 @@ use crate::store::commit::Committer;
 use crate::store::query::{self, AuditFilter, AuditPage};
 use crate::store::{
     AuditIndex, Committed, ExportSink, ImportSource, MetaKey, Record, Redemption, Store,
-    StoreError, Transaction,
+    StoreError, Transaction, Usage, UsageKey,
 };
 
 /// Live subscribers' buffer of entries.
@@ -50,6 +50,7 @@ struct Reads {
     envelopes_first: String,
     envelopes_after: String,
     envelope_count: String,
+    usage: String,
     lease_by_token: String,
     lease_by_id: String,
     redemption: String,
@@ -88,6 +89,9 @@ impl Reads {
                  ORDER BY secret_id, version LIMIT $3"
             ),
             envelope_count: format!("SELECT count(*) FROM {s}.envelopes"),
+            usage: format!(
+                "SELECT tenant, secrets, value_bytes, leases FROM {s}.usage WHERE tenant = $1"
+            ),
             lease_by_token: format!("SELECT record FROM {s}.leases WHERE token_hash = $1"),
             lease_by_id: format!("SELECT record FROM {s}.leases WHERE id = $1"),
             redemption: format!(
@@ -565,6 +569,11 @@ impl Store for PgStore {
         self.feed.stop();
         self.pool.close();
         closed
+    }
+
+    async fn usage(&self, key: &UsageKey) -> Result<Usage, StoreError> {
+        let row = self.row(&self.sql.usage, &[&key.as_str()]).await?;
+        Ok(row.as_ref().map(usage_of).unwrap_or_default())
     }
 
     async fn size_on_disk(&self) -> Result<u64, StoreError> {

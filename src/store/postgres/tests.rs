@@ -274,6 +274,42 @@ impl Subject for PgSubject {
     }
 }
 
+/// Migration 2 counts the usage of the records already there: with the usage table dropped
+/// and the migration applied again, the counts are what the charges had left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_usage_migration_counts_what_the_records_hold() {
+    use crate::store::usage::UsageKey;
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    let store = PgStore::open(db.target(), SCHEMA, 2).await.unwrap();
+    let charged = crate::store::tests::charged_records(&store).await;
+    store.close().await.unwrap();
+    let migrated = blocking(|| {
+        let mut client = db.connect();
+        client
+            .batch_execute(&format!(
+                "DROP TABLE {SCHEMA}.usage;
+                 DELETE FROM {SCHEMA}.schema_migrations WHERE version = 2"
+            ))
+            .unwrap();
+        schema::migrate(&mut client, SCHEMA).unwrap()
+    });
+    assert_eq!(migrated.applied, vec![2]);
+    let store = PgStore::open(db.target(), SCHEMA, 2).await.unwrap();
+    for (key, usage) in [
+        UsageKey::Tenant(crate::model::TenantId::parse("u1").unwrap()),
+        UsageKey::Tenant(crate::model::TenantId::parse("u2").unwrap()),
+        UsageKey::All,
+    ]
+    .iter()
+    .zip(charged)
+    {
+        assert_eq!(store.usage(key).await.unwrap(), usage, "{key:?}");
+    }
+    store.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_passes_the_suite() {
     let Some(db) = TestDatabase::create() else {

@@ -29,6 +29,7 @@
 //! The writer calls the blocking `Db::flush`, never `flush_async`: concurrent `flush_async`
 //! calls deadlock in sled 0.34 (sled issue #1308).
 
+use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
@@ -42,7 +43,7 @@ use super::codec::{self, encode};
 use super::commit::{Change, Committer, Position};
 use super::{
     AuditFilter, AuditIndex, AuditPage, Committed, ExportSink, ImportSource, MetaKey, MetaValue,
-    Record, Redemption, Store, StoreError, TrailDamage, Transaction, query,
+    Record, Redemption, Store, StoreError, TrailDamage, Transaction, Usage, UsageKey, query,
 };
 use crate::chain::ChainKey;
 use crate::model::{
@@ -56,8 +57,8 @@ mod writer;
 
 use self::migrations::{migrate_legacy_entries, remove_index_keys};
 use self::recovery::{
-    anchor, applied_position, check_trail_start, expected_first, meta_revision, meta_value,
-    recover_trail, stored_revision,
+    anchor, applied_position, check_trail_start, count_usage, expected_first, meta_revision,
+    meta_value, recover_trail, stored_revision,
 };
 use self::writer::{Pending, SledAdapter, batch_of, stage, stage_lease};
 
@@ -71,7 +72,12 @@ pub struct SledStore {
     log: Arc<AuditLog>,
     /// Tells the scrub of the sealed segments (a thread started at open) to stop.
     stop_scrub: Arc<AtomicBool>,
+    /// What each tenant holds (see [`SledAdapter::usage`]).
+    usage: SharedUsage,
 }
+
+/// The usage of the records, counted at open and kept by the writer as groups are written.
+type SharedUsage = Arc<std::sync::Mutex<HashMap<UsageKey, Usage>>>;
 
 /// How long `open` waits for a directory lock that is being released: sled's I/O threads
 /// can outlive the handle that was just dropped by a moment (reopening in one process).
@@ -179,11 +185,20 @@ impl SledStore {
         // tells the difference).
         position.next_seq = position.next_seq.max(log.next_position()?);
         let writes = Arc::new(AtomicU64::new(0));
+        let counting = std::time::Instant::now();
+        let counted = count_usage(&tree)?;
+        tracing::info!(
+            tenants = counted.len().saturating_sub(1),
+            ms = counting.elapsed().as_millis() as u64,
+            "tenant usage counted"
+        );
+        let usage: SharedUsage = Arc::new(std::sync::Mutex::new(counted));
         let adapter = SledAdapter {
             db: db.clone(),
             tree: tree.clone(),
             log: log.clone(),
             writes: writes.clone(),
+            usage: usage.clone(),
         };
         let store = Self {
             tree,
@@ -192,6 +207,7 @@ impl SledStore {
             db,
             log,
             stop_scrub: Arc::new(AtomicBool::new(false)),
+            usage,
         };
         store.start_scrub();
         Ok(store)
@@ -530,6 +546,11 @@ impl Store for SledStore {
 
     async fn commit(&self, tx: Transaction) -> Result<Committed, StoreError> {
         self.committer.commit(tx).await
+    }
+
+    async fn usage(&self, key: &UsageKey) -> Result<Usage, StoreError> {
+        let usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(usage.get(key).copied().unwrap_or_default())
     }
 
     async fn size_on_disk(&self) -> Result<u64, StoreError> {

@@ -1,11 +1,12 @@
 //! What `open` checks and repairs after a crash: the trail against the records (the position
 //! they reflect, the prune anchor), lease changes applied again from the trail, and the
-//! revision counter.
+//! revision counter; then the usage the records hold.
 
-use crate::model::{AuditAnchor, LeaseRecord, Revision};
+use crate::model::{AuditAnchor, EnvelopeRecord, LeaseRecord, Revision};
 use crate::store::auditlog::{self, AuditLog};
 use crate::store::codec::{self};
 use crate::store::commit::Change;
+use crate::store::usage::{Tally, Usage, UsageKey};
 use crate::store::{MetaKey, StoreError, TrailDamage};
 
 use super::{Pending, batch_of, engine, stage_lease};
@@ -180,4 +181,21 @@ pub(super) fn recover_trail(
         }
     }
     Ok(())
+}
+
+/// The usage the tree's records hold (sled keeps it in memory: counted here when the store
+/// opens, after recovery, then kept by the writer).
+pub(super) fn count_usage(
+    tree: &sled::Tree,
+) -> Result<std::collections::HashMap<UsageKey, Usage>, StoreError> {
+    let mut tally = Tally::default();
+    for entry in tree.scan_prefix([codec::ENVELOPE]) {
+        let (key, value) = entry.map_err(engine)?;
+        tally.envelope(&codec::decode_record::<EnvelopeRecord>(&key, &value)?);
+    }
+    for entry in tree.scan_prefix([codec::LEASE]) {
+        let (key, value) = entry.map_err(engine)?;
+        tally.lease(&codec::decode_record::<LeaseRecord>(&key, &value)?);
+    }
+    Ok(tally.finish())
 }

@@ -5,6 +5,7 @@ use crate::model::{AuditAnchor, AuditRecord, LeaseRecord, Revision, SecretId};
 use crate::store::auditlog::{self, AuditLog, NewFrame};
 use crate::store::codec::{self, encode};
 use crate::store::commit::{Adapter, Change, Group, RecordKey};
+use crate::store::usage::{Usage, UsageKey};
 use crate::store::{ExportSink, Record, StoreError};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -94,6 +95,9 @@ pub(super) struct SledAdapter {
     /// Counts the groups applied to the tree twice, once before and once after: a reader
     /// that sees the same even count before and after its reads read one state.
     pub(super) writes: Arc<AtomicU64>,
+    /// What each tenant holds: kept in memory (a process is sled's only writer), counted
+    /// when the store opens and changed as each group is written.
+    pub(super) usage: super::SharedUsage,
 }
 
 /// An audit entry's frame parts: its stored bytes, its index keys and its redo (lease
@@ -130,6 +134,14 @@ impl Adapter for SledAdapter {
             Some(bytes) => codec::stored_revision(&stored_key, &bytes).map(Some),
             None => Ok(None),
         }
+    }
+
+    fn usage(&self, keys: &[UsageKey]) -> Result<Vec<Usage>, StoreError> {
+        let usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(keys
+            .iter()
+            .map(|key| usage.get(key).copied().unwrap_or_default())
+            .collect())
     }
 
     fn envelope_versions(&self, secret_id: SecretId) -> Result<Vec<u32>, StoreError> {
@@ -220,6 +232,10 @@ impl Adapter for SledAdapter {
         }
         if let Some(last) = framed.last() {
             self.log.publish(last.seq);
+        }
+        if !group.usage.is_empty() {
+            let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+            usage.extend(group.usage.iter().cloned());
         }
         Ok(())
     }
