@@ -142,13 +142,27 @@ pub trait Adapter: Send + 'static {
     fn check_writable(&self) -> Result<(), StoreError>;
     /// The stored revision of a record (`None`: absent).
     fn revision(&self, key: &RecordKey) -> Result<Option<Revision>, StoreError>;
-    /// The stored revisions of `keys`, in their order. An engine that answers them in one
-    /// request overrides this (the default reads them one by one).
-    fn revisions(&self, keys: &[RecordKey]) -> Result<Vec<Option<Revision>>, StoreError> {
-        keys.iter().map(|key| self.revision(key)).collect()
-    }
     /// The stored usage of `keys`, in their order (a key never written: zero).
     fn usage(&self, keys: &[UsageKey]) -> Result<Vec<Usage>, StoreError>;
+    /// What a group's start reads: the stored revisions of `keys` and the stored usage of
+    /// `usage`, each in their order. An engine that answers them in one request overrides
+    /// this (the default reads the revisions one by one, then the usage).
+    fn group_reads(
+        &self,
+        keys: &[RecordKey],
+        usage: &[UsageKey],
+    ) -> Result<(Vec<Option<Revision>>, Vec<Usage>), StoreError> {
+        let revisions = keys
+            .iter()
+            .map(|key| self.revision(key))
+            .collect::<Result<_, _>>()?;
+        let usage = if usage.is_empty() {
+            Vec::new()
+        } else {
+            self.usage(usage)?
+        };
+        Ok((revisions, usage))
+    }
     /// The versions of a secret's envelopes, as stored.
     fn envelope_versions(&self, secret_id: SecretId) -> Result<Vec<u32>, StoreError>;
     /// The chain's anchor, as stored.
@@ -273,6 +287,12 @@ fn stalled(waited: Duration) -> StoreError {
 }
 
 type Reply = oneshot::Sender<Result<Committed, StoreError>>;
+
+/// What a group's start read: its guards' stored revisions and its charges' stored usage.
+type GroupReads = (
+    HashMap<RecordKey, Option<Revision>>,
+    HashMap<UsageKey, Usage>,
+);
 
 /// Work run on the writer thread between groups, with the adapter.
 pub type Between<A> = Box<dyn FnOnce(&mut A) + Send>;
@@ -464,14 +484,14 @@ impl<A: Adapter> Writer<A> {
                 let begun = self.begin_group();
                 before = self.position;
                 let failure = match &begun {
-                    Ok(()) => self
-                        .guarded_revisions(&commits)
-                        .and_then(|stored| {
-                            overlay.stored = stored;
-                            self.charged_usage(&commits)
-                        })
-                        .map(|stored| ledger.stored = stored)
-                        .err(),
+                    Ok(()) => match self.group_reads(&commits) {
+                        Ok((revisions, usage)) => {
+                            overlay.stored = revisions;
+                            ledger.stored = usage;
+                            None
+                        }
+                        Err(e) => Some(e),
+                    },
                     Err(e) => Some(copy_failure(e)),
                 };
                 for (tx, reply) in commits {
@@ -657,34 +677,22 @@ impl<A: Adapter> Writer<A> {
         Ok(Resolved { changes, audit })
     }
 
-    /// The stored revisions of every record the guards of `commits` name, read at once (an
-    /// engine reads them in one request).
-    fn guarded_revisions(
-        &self,
-        commits: &[(Box<Transaction>, Reply)],
-    ) -> Result<HashMap<RecordKey, Option<Revision>>, StoreError> {
+    /// The stored revisions of every record the guards of `commits` name, and the stored
+    /// usage of every tenant their charges name (and of all tenants together), read at once
+    /// (an engine reads them in one request).
+    fn group_reads(&self, commits: &[(Box<Transaction>, Reply)]) -> Result<GroupReads, StoreError> {
         let keys: Vec<RecordKey> = commits
             .iter()
             .flat_map(|(tx, _)| tx.guards.iter().map(|g| g.key.clone()))
             .collect::<std::collections::HashSet<_>>()
             .into_iter()
             .collect();
-        let revisions = self.adapter.revisions(&keys)?;
-        Ok(keys.into_iter().zip(revisions).collect())
-    }
-
-    /// The stored usage of every tenant the charges of `commits` name, and of all tenants
-    /// together, read at once.
-    fn charged_usage(
-        &self,
-        commits: &[(Box<Transaction>, Reply)],
-    ) -> Result<HashMap<UsageKey, Usage>, StoreError> {
-        let keys = Ledger::keys(commits.iter().flat_map(|(tx, _)| &tx.charges));
-        if keys.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let usage = self.adapter.usage(&keys)?;
-        Ok(keys.into_iter().zip(usage).collect())
+        let charged = Ledger::keys(commits.iter().flat_map(|(tx, _)| &tx.charges));
+        let (revisions, usage) = self.adapter.group_reads(&keys, &charged)?;
+        Ok((
+            keys.into_iter().zip(revisions).collect(),
+            charged.into_iter().zip(usage).collect(),
+        ))
     }
 
     /// The revision of `key` counting the group's changes so far.

@@ -32,7 +32,7 @@ use crate::store::commit::{Adapter, Change, Group, Position, RecordKey};
 use crate::store::usage::{Usage, UsageKey};
 
 use super::redemptions::Redemptions;
-use super::rows::{GroupRows, Writes, stored, usage_of, uuid};
+use super::rows::{GroupRows, Writes, stored, uuid};
 use super::unavailable;
 
 /// How long a commit whose answer was lost is looked for before its outcome is unknown.
@@ -92,10 +92,9 @@ struct Statements {
     begin: String,
     /// The head entry, the anchor and the revision counter, in one row.
     position: Statement,
-    /// The revisions of leases (by token hash) and of secrets (by tenant and name), at once.
-    revisions: Statement,
-    /// The usage of tenants (by usage key).
-    usage: Statement,
+    /// The revisions of leases (by token hash) and of secrets (by tenant and name), and the
+    /// usage of tenants (by usage key), at once: rows of kind 0, 1 and 2.
+    group_reads: Statement,
     writes: Writes,
 }
 
@@ -123,17 +122,16 @@ impl Statements {
                  LEFT JOIN LATERAL (SELECT seq, record FROM {s}.audit ORDER BY seq DESC LIMIT 1) h
                  ON true"
             ))?,
-            revisions: p(format!(
-                "SELECT token_hash, NULL::text, NULL::text, rev FROM {s}.leases
-                 WHERE token_hash = ANY($1::bytea[])
+            group_reads: p(format!(
+                "SELECT 0, token_hash, NULL::text, NULL::text, rev, NULL::int8, NULL::int8
+                 FROM {s}.leases WHERE token_hash = ANY($1::bytea[])
                  UNION ALL
-                 SELECT NULL::bytea, s.tenant, s.name, s.rev FROM {s}.secrets s
-                 JOIN unnest($2::text[], $3::text[]) AS k(tenant, name)
-                 ON s.tenant = k.tenant AND s.name = k.name"
-            ))?,
-            usage: p(format!(
-                "SELECT tenant, secrets, value_bytes, leases FROM {s}.usage
-                 WHERE tenant = ANY($1::text[])"
+                 SELECT 1, NULL::bytea, s.tenant, s.name, s.rev, NULL::int8, NULL::int8
+                 FROM {s}.secrets s JOIN unnest($2::text[], $3::text[]) AS k(tenant, name)
+                 ON s.tenant = k.tenant AND s.name = k.name
+                 UNION ALL
+                 SELECT 2, NULL::bytea, u.tenant, NULL::text, u.secrets, u.value_bytes, u.leases
+                 FROM {s}.usage u WHERE u.tenant = ANY($4::text[])"
             ))?,
             writes: Writes::prepare(client, s)?,
         })
@@ -313,8 +311,17 @@ impl Adapter for PgAdapter {
         Ok(row.map(|r| Revision(r.get::<_, i64>(0) as u64)))
     }
 
-    /// Leases' and secrets' revisions in one statement; others one by one.
-    fn revisions(&self, keys: &[RecordKey]) -> Result<Vec<Option<Revision>>, StoreError> {
+    fn usage(&self, keys: &[UsageKey]) -> Result<Vec<Usage>, StoreError> {
+        self.group_reads(&[], keys).map(|(_, usage)| usage)
+    }
+
+    /// Leases' and secrets' revisions and the usage in one statement; other revisions one by
+    /// one.
+    fn group_reads(
+        &self,
+        keys: &[RecordKey],
+        usage: &[UsageKey],
+    ) -> Result<(Vec<Option<Revision>>, Vec<Usage>), StoreError> {
         let mut hashes: Vec<&[u8]> = Vec::new();
         let (mut tenants, mut names): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
         for key in keys {
@@ -327,20 +334,38 @@ impl Adapter for PgAdapter {
                 RecordKey::Envelope(..) | RecordKey::Meta(_) => {}
             }
         }
-        let rows = if hashes.is_empty() && tenants.is_empty() {
+        let charged: Vec<&str> = usage.iter().map(UsageKey::as_str).collect();
+        let rows = if hashes.is_empty() && tenants.is_empty() && charged.is_empty() {
             Vec::new()
         } else {
-            self.with(|client, sql| client.query(&sql.revisions, &[&hashes, &tenants, &names]))?
+            self.with(|client, sql| {
+                client.query(&sql.group_reads, &[&hashes, &tenants, &names, &charged])
+            })?
         };
         let mut leases: HashMap<&[u8], i64> = HashMap::new();
         let mut secrets: HashMap<(&str, &str), i64> = HashMap::new();
+        let mut stored: HashMap<&str, Usage> = HashMap::new();
         for row in &rows {
-            match row.get::<_, Option<&[u8]>>(0) {
-                Some(hash) => leases.insert(hash, row.get(3)),
-                None => secrets.insert((row.get(1), row.get(2)), row.get(3)),
-            };
+            match row.get::<_, i32>(0) {
+                0 => {
+                    leases.insert(row.get(1), row.get(4));
+                }
+                1 => {
+                    secrets.insert((row.get(2), row.get(3)), row.get(4));
+                }
+                _ => {
+                    let count = |i| row.get::<_, i64>(i).max(0) as u64;
+                    let counted = Usage {
+                        secrets: count(4),
+                        value_bytes: count(5),
+                        leases: count(6),
+                    };
+                    stored.insert(row.get(2), counted);
+                }
+            }
         }
-        keys.iter()
+        let revisions = keys
+            .iter()
             .map(|key| match key {
                 RecordKey::Lease(hash) => Ok(leases
                     .get(hash.0.as_slice())
@@ -350,20 +375,12 @@ impl Adapter for PgAdapter {
                     .map(|rev| Revision(*rev as u64))),
                 other => self.revision(other),
             })
-            .collect()
-    }
-
-    fn usage(&self, keys: &[UsageKey]) -> Result<Vec<Usage>, StoreError> {
-        let names: Vec<&str> = keys.iter().map(UsageKey::as_str).collect();
-        let rows = self.with(|client, sql| client.query(&sql.usage, &[&names]))?;
-        let stored: HashMap<&str, Usage> = rows
+            .collect::<Result<_, _>>()?;
+        let usage = charged
             .iter()
-            .map(|row| (row.get::<_, &str>(0), usage_of(row)))
+            .map(|key| stored.get(key).copied().unwrap_or_default())
             .collect();
-        Ok(names
-            .iter()
-            .map(|name| stored.get(name).copied().unwrap_or_default())
-            .collect())
+        Ok((revisions, usage))
     }
 
     fn envelope_versions(&self, secret_id: SecretId) -> Result<Vec<u32>, StoreError> {
