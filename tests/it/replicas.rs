@@ -800,3 +800,87 @@ async fn tenant_quotas_hold_for_the_cluster_when_replicas_race() {
         assert_eq!(sample(&text, "byokd_leases_held"), 6.0, "{text}");
     }
 }
+
+/// Master-key rotation with AWS KMS across replicas: each version is a key id every replica
+/// can reach, so nothing is copied. A is restarted with the new key configured and rotates;
+/// the rewrap runs on B (which holds the turn and is still configured with the old key), B
+/// opens the new version by the key id the keyring records, and every value reads on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aws_kms_rotation_runs_across_replicas_configured_with_either_key() {
+    use crate::rotation::{assert_all_readable, rotate, value, wait_done};
+    let Some(db) = PgDatabase::create() else {
+        return;
+    };
+    let moto = Moto::start();
+    let (old_key, new_key) = (moto.create_key().await, moto.create_key().await);
+    let config_for = |key: &str| {
+        let store = db.replica_config(std::path::Path::new("unused"));
+        let store = store
+            .split("[master_key]")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        store.replace("pool_size = 4\n", "pool_size = 4\njob_turn = \"3s\"\n")
+            + &moto.master_key_config(key, "")
+            + "\n[metrics]\nlisten = \"127.0.0.1:0\"\n"
+    };
+    let held = |server: &TestServer| {
+        let ops = ops_addr(server);
+        async move { sample(&scrape(&ops).await, "byokd_background_turn_held") }
+    };
+    let dir_a = TestDir::with_config(&config_for(&old_key));
+    let a = dir_a.start();
+    let dir_b = TestDir::with_config(&config_for(&old_key));
+    let b = dir_b.start();
+    let mut admin = a.as_(ADMIN).await;
+    for i in 0..30 {
+        store(&mut admin, "acme", &format!("k{i}"), &value(i)).await;
+    }
+    // The operator moves A to the new key: B takes the turn A gave up.
+    assert!(a.stop().await.success());
+    dir_a.rewrite_config(&config_for(&new_key));
+    let a = dir_a.start();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while held(&b).await != 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B did not take the turn"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let job = rotate(&a).await;
+    assert_eq!(job.new_key_version, 2);
+    let done = wait_done(&b, &job.job_id).await;
+    assert!(done.rewrapped >= 30, "{done:?}");
+    assert!(
+        b.log()
+            .contains("resuming the unfinished master key rotation")
+            && !a
+                .log()
+                .contains("resuming the unfinished master key rotation"),
+        "the rewrap ran elsewhere than on B"
+    );
+    // B opened the version A made, by its key id, without being configured with it.
+    assert!(
+        b.log()
+            .lines()
+            .any(|l| l.contains("master key version opened") && l.contains(&new_key)),
+        "{}",
+        b.log()
+    );
+    assert_all_readable(&b, 30).await;
+    assert_all_readable(&a, 30).await;
+    // A new value stored on B (its data key wrapped by the new version) reads on A.
+    store(
+        &mut b.as_(ADMIN).await,
+        "acme",
+        "after",
+        b"sk-after-rotation-0123456789",
+    )
+    .await;
+    let got = lease_and_get(&a, "acme", "after").await.unwrap();
+    assert_eq!(got.value, b"sk-after-rotation-0123456789");
+    // B's verification finds A's head in the chain it verifies.
+    let head = verify(&a, None).await;
+    verify(&b, Some(head)).await;
+}
