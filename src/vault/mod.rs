@@ -17,7 +17,7 @@ use crate::auth::{AuthError, CertIdentity, Operation, Principal, Principals};
 use crate::chain::ChainKey;
 use crate::config::Limits;
 use crate::crypto::{self, Plaintext, Sealed, SymmetricKey};
-use crate::keyring::{DataKeyCache, Keyring, KeyringError, WrapContext};
+use crate::keyring::{DataKeyCache, Keyring, WrapContext};
 use crate::lease::LeasePolicy;
 use crate::model::{
     Action, AuditDraft, EnvelopeRecord, KeysChanged, Outcome, PrincipalId, SecretId, SecretName,
@@ -65,6 +65,7 @@ mod io;
 mod leases;
 mod secrets;
 mod trail;
+mod unwrap;
 mod watcher;
 
 pub use self::admin::check_envelopes;
@@ -504,21 +505,19 @@ impl Vault {
                 tracing::trace!(secret_id = %record.id, version = record.version, "data key unwrapped by the master key");
                 let generation = self.cache.generation();
                 let context = wrap_context(record);
-                let mut unwrapped = self.keyring.unwrap(&envelope.wrapped_key, &context).await;
-                if matches!(unwrapped, Err(KeyringError::ForeignKey { .. })) {
-                    // Wrapped by a master-key version another process sharing the store added
-                    // and this one has not opened yet: open it, then try again.
+                let follow = || async {
                     if let Err(e) = self.rotator.follow_stored().await {
                         tracing::warn!(error = %e, "could not open the stored master key versions");
                     }
-                    unwrapped = self.keyring.unwrap(&envelope.wrapped_key, &context).await;
-                }
-                let key = unwrapped.map_err(|e| match e {
-                    KeyringError::Unwrap | KeyringError::ForeignKey { .. } => {
-                        VaultError::Decrypt(DecryptFailure::Unwrap(e))
-                    }
-                    other => VaultError::Keyring(other),
-                })?;
+                };
+                let key = unwrap::unwrap_data_key(
+                    &self.keyring,
+                    &*self.store,
+                    follow,
+                    envelope,
+                    &context,
+                )
+                .await?;
                 let key = Arc::new(key);
                 self.cache
                     .insert(record.id, record.version, key.clone(), generation);

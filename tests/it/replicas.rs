@@ -836,11 +836,10 @@ async fn an_aws_kms_rotation_runs_across_replicas_configured_with_either_key() {
     for i in 0..30 {
         store(&mut admin, "acme", &format!("k{i}"), &value(i)).await;
     }
-    // The operator moves A to the new key: B takes the turn A gave up.
+    // The operator moves A to the new key. B takes the turn A gave up (before A is back, so
+    // that A cannot take it first), and keeps it.
     assert!(a.stop().await.success());
-    dir_a.rewrite_config(&config_for(&new_key));
-    let a = dir_a.start();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while held(&b).await != 1.0 {
         assert!(
             std::time::Instant::now() < deadline,
@@ -848,6 +847,8 @@ async fn an_aws_kms_rotation_runs_across_replicas_configured_with_either_key() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    dir_a.rewrite_config(&config_for(&new_key));
+    let a = dir_a.start();
     let job = rotate(&a).await;
     assert_eq!(job.new_key_version, 2);
     let done = wait_done(&b, &job.job_id).await;
