@@ -54,7 +54,7 @@ mod tests {
     use crate::crypto;
     use crate::keyring::{LocalMasterKey, MasterKey};
     use crate::model::{SecretId, TenantId, Time};
-    use crate::store::{SledStore, Transaction, Write};
+    use crate::store::{Engine, Transaction, Write};
 
     /// A copy of an envelope read before a rewrap moved it to version 2 and the rotation's
     /// end retired version 1: its data key unwraps from the envelope as stored now. Without
@@ -91,13 +91,13 @@ mod tests {
         let rewrapped = envelope(keyring.wrap_with(2, &data_key, &context).await.unwrap());
         keyring.remove(1);
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = Engine::default().open(dir.path()).await.unwrap();
         let follows = AtomicUsize::new(0);
         let follow = || async {
             follows.fetch_add(1, Ordering::SeqCst);
         };
         // Nothing newer stored: the failure of any unwrap.
-        let refused = unwrap_data_key(&keyring, &store, follow, &copy, &context).await;
+        let refused = unwrap_data_key(&keyring, &*store, follow, &copy, &context).await;
         assert!(matches!(
             refused.map(drop),
             Err(VaultError::Decrypt(DecryptFailure::Unwrap(_)))
@@ -109,7 +109,7 @@ mod tests {
             })
             .await
             .unwrap();
-        let key = unwrap_data_key(&keyring, &store, follow, &copy, &context)
+        let key = unwrap_data_key(&keyring, &*store, follow, &copy, &context)
             .await
             .unwrap();
         let opened = crypto::open(&key, &sealed, b"aad").unwrap();
