@@ -32,7 +32,7 @@ use crate::store::commit::{Adapter, Change, Group, Position, RecordKey};
 use crate::store::usage::{Usage, UsageKey};
 
 use super::redemptions::Redemptions;
-use super::rows::{GroupRows, Writes, stored, uuid};
+use super::rows::{GroupRows, Writes, stored, usage_of, uuid};
 use super::unavailable;
 
 /// How long a commit whose answer was lost is looked for before its outcome is unknown.
@@ -354,13 +354,7 @@ impl Adapter for PgAdapter {
                     secrets.insert((row.get(2), row.get(3)), row.get(4));
                 }
                 _ => {
-                    let count = |i| row.get::<_, i64>(i).max(0) as u64;
-                    let counted = Usage {
-                        secrets: count(4),
-                        value_bytes: count(5),
-                        leases: count(6),
-                    };
-                    stored.insert(row.get(2), counted);
+                    stored.insert(row.get(2), usage_of(row, 4));
                 }
             }
         }

@@ -20,7 +20,7 @@ use crate::model::Revision;
 use crate::store::StoreError;
 use crate::store::codec;
 use crate::store::commit::{Change, Group};
-use crate::store::usage::Usage;
+use crate::store::usage::{Usage, UsageKey};
 
 /// Audit entries one statement inserts at most.
 const ENTRIES_PER_STATEMENT: usize = 256;
@@ -154,8 +154,30 @@ pub(super) struct GroupRows {
     anchor: Option<(i64, Vec<u8>)>,
     entries: Vec<EntryRow>,
     last_revision: i64,
-    /// The usage the group leaves: keys and their counts (secrets, value bytes, leases).
-    usage: (Vec<String>, [Vec<i64>; 3]),
+    /// The usage the group leaves.
+    usage: UsageColumns,
+}
+
+/// Usage rows as columns, for `unnest`: keys, then secrets, value bytes and leases.
+#[derive(Default)]
+pub(super) struct UsageColumns {
+    pub(super) keys: Vec<String>,
+    pub(super) counts: [Vec<i64>; 3],
+}
+
+impl UsageColumns {
+    /// The columns of `usage`.
+    pub(super) fn of<'a>(usage: impl IntoIterator<Item = (&'a UsageKey, &'a Usage)>) -> Self {
+        let mut columns = Self::default();
+        for (key, usage) in usage {
+            columns.keys.push(key.as_str().to_string());
+            let counts = [usage.secrets, usage.value_bytes, usage.leases];
+            for (column, n) in columns.counts.iter_mut().zip(counts) {
+                column.push(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        columns
+    }
 }
 
 /// A secret's or a lease's id as PostgreSQL's `uuid`.
@@ -167,13 +189,13 @@ pub(super) fn stored(revision: Revision) -> i64 {
     revision.0 as i64
 }
 
-/// A usage row's counts (columns 1 to 3: secrets, value bytes, leases).
-pub(super) fn usage_of(row: &postgres::Row) -> Usage {
-    let count = |i| row.get::<_, i64>(i).max(0) as u64;
+/// A usage row's counts: secrets, value bytes and leases in the columns from `first` on.
+pub(super) fn usage_of(row: &postgres::Row, first: usize) -> Usage {
+    let count = |i| row.get::<_, i64>(first + i).max(0) as u64;
     Usage {
-        secrets: count(1),
-        value_bytes: count(2),
-        leases: count(3),
+        secrets: count(0),
+        value_bytes: count(1),
+        leases: count(2),
     }
 }
 
@@ -188,15 +210,8 @@ impl GroupRows {
             anchor: None,
             entries: Vec::new(),
             last_revision: stored(group.last_revision),
-            usage: Default::default(),
+            usage: UsageColumns::of(group.usage.iter().map(|(k, u)| (k, u))),
         };
-        for (key, usage) in &group.usage {
-            let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-            rows.usage.0.push(key.as_str().to_string());
-            rows.usage.1[0].push(count(usage.secrets));
-            rows.usage.1[1].push(count(usage.value_bytes));
-            rows.usage.1[2].push(count(usage.leases));
-        }
         for tx in &group.transactions {
             for change in &tx.changes {
                 rows.add(change)?;
@@ -293,13 +308,9 @@ impl GroupRows {
             }
         }
         all.notify = self.entries.last().map(|e| e.seq.to_string());
-        all.usage = [
-            &self.usage.1[0][..],
-            &self.usage.1[1][..],
-            &self.usage.1[2][..],
-        ];
-        all.usage_keys = &self.usage.0;
+        all.usage = Some(&self.usage);
         let none = Columns::default();
+        let no_usage = UsageColumns::default();
         let chunks: Vec<&[EntryRow]> = if self.entries.is_empty() {
             vec![&[]]
         } else {
@@ -314,6 +325,7 @@ impl GroupRows {
                 &columns.secrets,
                 &columns.put_envelopes,
             );
+            let usage = columns.usage.unwrap_or(&no_usage);
             let mut params: Vec<&(dyn ToSql + Sync)> = vec![
                 &l.hash,
                 &l.id,
@@ -337,10 +349,10 @@ impl GroupRows {
                 &columns.gone_versions,
                 &self.last_revision,
                 &columns.notify,
-                &columns.usage_keys,
-                &columns.usage[0],
-                &columns.usage[1],
-                &columns.usage[2],
+                &usage.keys,
+                &usage.counts[0],
+                &usage.counts[1],
+                &usage.counts[2],
             ];
             for entry in chunk {
                 params.extend([
@@ -368,9 +380,8 @@ struct Columns<'a> {
     gone_ids: Vec<uuid::Uuid>,
     gone_versions: Vec<i32>,
     notify: Option<String>,
-    /// The usage keys, and their counts (secrets, value bytes, leases).
-    usage_keys: &'a [String],
-    usage: [&'a [i64]; 3],
+    /// The usage rows (none in a statement that only inserts entries).
+    usage: Option<&'a UsageColumns>,
 }
 
 /// Leases' columns, for `unnest`.

@@ -13,7 +13,9 @@ use postgres::GenericClient;
 use crate::model::TenantId;
 use crate::store::StoreError;
 use crate::store::codec;
-use crate::store::usage::{Tally, Usage, UsageKey};
+use crate::store::usage::Tally;
+
+use super::rows::UsageColumns;
 
 use super::pg_error;
 
@@ -84,21 +86,17 @@ fn count_usage(tx: &mut postgres::Transaction<'_>, s: &str) -> Result<(), StoreE
         })?;
         tally.leases(&tenant, row.get::<_, i64>(1).max(0) as u64);
     }
-    let counted = tally.finish();
-    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-    let keys: Vec<&str> = counted.keys().map(UsageKey::as_str).collect();
-    let column =
-        |f: fn(&Usage) -> u64| -> Vec<i64> { counted.values().map(|u| count(f(u))).collect() };
+    let counted = UsageColumns::of(&tally.finish());
     tx.execute(
         &format!(
             "INSERT INTO {s}.usage (tenant, secrets, value_bytes, leases)
              SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[])"
         ),
         &[
-            &keys,
-            &column(|u| u.secrets),
-            &column(|u| u.value_bytes),
-            &column(|u| u.leases),
+            &counted.keys,
+            &counted.counts[0],
+            &counted.counts[1],
+            &counted.counts[2],
         ],
     )
     .map_err(pg_error)?;

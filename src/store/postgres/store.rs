@@ -573,7 +573,7 @@ impl Store for PgStore {
 
     async fn usage(&self, key: &UsageKey) -> Result<Usage, StoreError> {
         let row = self.row(&self.sql.usage, &[&key.as_str()]).await?;
-        Ok(row.as_ref().map(usage_of).unwrap_or_default())
+        Ok(row.map(|r| usage_of(&r, 1)).unwrap_or_default())
     }
 
     async fn size_on_disk(&self) -> Result<u64, StoreError> {
