@@ -121,6 +121,7 @@ async fn run(endpoint: &str, key_id: &str, cache: &str) -> f64 {
                 provider: "anthropic".into(),
                 value: format!("sk-bench-{i:04}-0123456789abcdefghijklmnop").into_bytes(),
                 labels: Default::default(),
+                ..Default::default()
             })
             .await
             .expect("store");

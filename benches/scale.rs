@@ -121,6 +121,7 @@ async fn populate(server: &Server, secrets: u64, audit: u64) {
                 provider: "anthropic".into(),
                 value: format!("sk-ant-api03-{i:08}-{}", "x".repeat(80)).into_bytes(),
                 labels: Default::default(),
+                ..Default::default()
             })
             .await
             .map(drop)

@@ -57,6 +57,7 @@ async fn orchestrate(orch: &mut Client, tenant: &str, name: &str) -> Result<Stri
             provider: "anthropic".into(),
             value: b"sk-ant-api03-rust-example-0123456789abcdef".to_vec(),
             labels: [("user".to_string(), "42".to_string())].into(),
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -11,6 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+pub mod keyshape;
+
 /// Longest tenant, secret name or principal id, in characters.
 pub const MAX_NAME_LEN: usize = 128;
 /// Longest provider name.
@@ -116,6 +118,14 @@ macro_rules! name_type {
                 Ok(Self(s))
             }
 
+            /// Parses a name a request carries: [`Self::parse`]'s rules, and it must not look
+            /// like an API key (a key pasted into the wrong field must not be kept in clear).
+            pub fn from_request(s: impl Into<String>) -> Result<Self, ValidationError> {
+                let s = s.into();
+                keyshape::refuse_key($field, &s)?;
+                Self::parse(s)
+            }
+
             /// The name as a string.
             pub fn as_str(&self) -> &str {
                 &self.0
@@ -169,9 +179,11 @@ name_type!(
 );
 
 impl PrincipalId {
-    /// Parses `s` as the id named in a request's `field` (e.g. `audience`).
+    /// Parses `s` as the id named in a request's `field` (e.g. `audience`); like
+    /// [`Self::from_request`], it must not look like an API key.
     pub fn parse_field(field: &'static str, s: impl Into<String>) -> Result<Self, ValidationError> {
         let s = s.into();
+        keyshape::refuse_key(field, &s)?;
         check_name(field, &s, MAX_NAME_LEN)?;
         Ok(Self(s))
     }
@@ -220,6 +232,19 @@ impl Labels {
         Ok(Self(map))
     }
 
+    /// Checks the labels a request carries: [`Self::parse`]'s rules, and no key or value may
+    /// look like an API key.
+    pub fn from_request(
+        map: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ValidationError> {
+        let labels = Self::parse(map)?;
+        for (k, v) in labels.iter() {
+            keyshape::refuse_key("labels", k)?;
+            keyshape::refuse_key("labels", v)?;
+        }
+        Ok(labels)
+    }
+
     /// The labels, ordered by key.
     pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
         self.0.iter()
@@ -245,8 +270,9 @@ impl From<Labels> for BTreeMap<String, String> {
 pub struct Reason(String);
 
 impl Reason {
-    /// Checks a caller-supplied reason.
+    /// Checks a caller-supplied reason (which must not hold what looks like an API key).
     pub fn parse(s: String) -> Result<Self, ValidationError> {
+        keyshape::refuse_key("reason", &s)?;
         if s.chars().count() > MAX_REASON_LEN {
             return Err(ValidationError::new(
                 "reason",

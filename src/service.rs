@@ -18,8 +18,8 @@ use crate::crypto::Plaintext;
 use crate::lease::RequestedTtl;
 use crate::model::{AuditRecord, Outcome, SecretRecord, SecretState, Time};
 use crate::vault::{
-    AuditFilterInput, AuditInput, Caller, LeaseInput, RevokeTarget, StoreInput, Vault, VaultError,
-    VerifyInput, WatchEvent, WatchInput,
+    AuditFilterInput, AuditInput, Caller, Changed, LeaseInput, RevokeTarget, RotateInput,
+    StoreInput, Vault, VaultError, VerifyInput, WatchEvent, WatchInput,
 };
 
 /// Bytes per message of a backup stream.
@@ -114,9 +114,10 @@ impl vault_server::Vault for VaultService {
             // Moves the buffer: no copy of the value is left behind unzeroized.
             value: Plaintext::new(std::mem::take(&mut req.value)),
             labels: req.labels,
+            strict_format: req.strict_format,
         };
         let result = self.vault.store(&caller, input).await;
-        respond("Store", result.map(|r| metadata(&r)))
+        respond("Store", result.map(changed))
     }
 
     async fn describe(
@@ -208,12 +209,14 @@ impl vault_server::Vault for VaultService {
     ) -> Result<Response<pb::SecretMetadata>, Status> {
         let caller = self.caller(&mut request);
         let mut req = request.into_inner();
-        let value = Plaintext::new(std::mem::take(&mut req.value));
-        let result = self
-            .vault
-            .rotate(&caller, req.tenant, req.name, value)
-            .await;
-        respond("Rotate", result.map(|r| metadata(&r)))
+        let input = RotateInput {
+            value: Plaintext::new(std::mem::take(&mut req.value)),
+            tenant: req.tenant,
+            name: req.name,
+            strict_format: req.strict_format,
+        };
+        let result = self.vault.rotate(&caller, input).await;
+        respond("Rotate", result.map(changed))
     }
 
     async fn revoke(
@@ -499,6 +502,14 @@ fn timestamp(t: Time) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds, nanos }
 }
 
+/// A Store's or Rotate's answer: the metadata, with the warnings about the value.
+fn changed(c: Changed) -> pb::SecretMetadata {
+    pb::SecretMetadata {
+        warnings: c.warnings,
+        ..metadata(&c.secret)
+    }
+}
+
 fn metadata(r: &SecretRecord) -> pb::SecretMetadata {
     pb::SecretMetadata {
         id: r.id.to_string(),
@@ -519,6 +530,7 @@ fn metadata(r: &SecretRecord) -> pb::SecretMetadata {
         updated_at: Some(timestamp(r.updated_at)),
         hint: r.hint.clone(),
         revoked_at: r.revoked_at.map(timestamp),
+        warnings: Vec::new(),
     }
 }
 
@@ -552,8 +564,8 @@ pub fn validate_requests(bytes: &[u8]) {
     use prost::Message;
     if let Ok(r) = pb::StoreRequest::decode(bytes) {
         names(&r.tenant, &r.name);
-        let _ = Provider::parse(r.provider);
-        let _ = Labels::parse(r.labels);
+        let _ = Provider::from_request(r.provider);
+        let _ = Labels::from_request(r.labels);
         let _ = check_value_len("value", r.value.len());
     }
     if let Ok(r) = pb::RotateRequest::decode(bytes) {
@@ -596,6 +608,6 @@ pub fn validate_requests(bytes: &[u8]) {
 
 /// Validation of a request's tenant and name (for [`validate_requests`]).
 fn names(tenant: &str, name: &str) {
-    let _ = crate::model::TenantId::parse(tenant);
-    let _ = crate::model::SecretName::parse(name);
+    let _ = crate::model::TenantId::from_request(tenant);
+    let _ = crate::model::SecretName::from_request(name);
 }

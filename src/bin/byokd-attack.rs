@@ -155,6 +155,7 @@ async fn run(args: Args) -> Result<String, BoxError> {
         provider: "anthropic".into(),
         value: b"sk-attack-victim-0123456789abcdefghij".to_vec(),
         labels: Default::default(),
+        ..Default::default()
     });
     store.metadata_mut().insert("authorization", token.clone());
     victim.store(store).await?;

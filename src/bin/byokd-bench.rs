@@ -388,6 +388,7 @@ async fn one_request(
                 tenant: tenant.into(),
                 name: pick(3),
                 value: value(value_bytes),
+                ..Default::default()
             };
             match client.rotate(req).await {
                 // Several streams rotating one secret at once: byokd retries, then says ABORTED.
@@ -638,6 +639,7 @@ fn store_request(tenant: &str, name: &str, value_bytes: usize) -> pb::StoreReque
         provider: "bench".into(),
         value: value(value_bytes),
         labels: Default::default(),
+        ..Default::default()
     }
 }
 

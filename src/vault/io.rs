@@ -19,6 +19,28 @@ pub struct StoreInput {
     pub value: Plaintext,
     /// Labels.
     pub labels: HashMap<String, String>,
+    /// Refuse a value not shaped like the provider's keys, instead of warning.
+    pub strict_format: bool,
+}
+
+/// Input of Rotate, as received.
+pub struct RotateInput {
+    /// Tenant.
+    pub tenant: String,
+    /// Name.
+    pub name: String,
+    /// The new value.
+    pub value: Plaintext,
+    /// Refuse a value not shaped like the provider's keys, instead of warning.
+    pub strict_format: bool,
+}
+
+/// A secret as a Store or Rotate left it, with what the caller should know about the value.
+pub struct Changed {
+    /// The secret's metadata.
+    pub secret: SecretRecord,
+    /// Warnings about the value (never quoting it).
+    pub warnings: Vec<String>,
 }
 
 /// Input of Lease, as received.

@@ -171,8 +171,8 @@ fn secret_ref(
     tenant: String,
     name: String,
 ) -> Result<(TenantId, SecretName), VaultError> {
-    let tenant = TenantId::parse(tenant);
-    let name = SecretName::parse(name);
+    let tenant = TenantId::from_request(tenant);
+    let name = SecretName::from_request(name);
     match &tenant {
         Ok(t) => audit.tenant = Some(t.clone()),
         Err(_) => caller.note_invalid("tenant"),

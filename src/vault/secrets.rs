@@ -4,7 +4,7 @@ use crate::auth::Operation;
 use crate::crypto::Plaintext;
 use crate::model::{
     Action, AuditDraft, Labels, Provider, Reason, SecretId, SecretName, SecretRecord, SecretState,
-    TenantId, Time, ValidationError, check_value_len, value_hint,
+    TenantId, Time, ValidationError, check_value_len, keyshape, value_hint,
 };
 use crate::pending::Pending;
 use crate::quota::{Delta, Quotas};
@@ -13,17 +13,13 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use super::{
-    Attempts, Caller, DEFAULT_LIST_PAGE_SIZE, MAX_LIST_PAGE_SIZE, RevokeTarget, Revoked,
-    StoreInput, Vault, VaultError, authorize_secret, page_size_or,
+    Attempts, Caller, Changed, DEFAULT_LIST_PAGE_SIZE, MAX_LIST_PAGE_SIZE, RevokeTarget, Revoked,
+    RotateInput, StoreInput, Vault, VaultError, authorize_secret, page_size_or,
 };
 
 impl Vault {
     /// Stores a new secret at version 1.
-    pub async fn store(
-        &self,
-        caller: &Caller,
-        input: StoreInput,
-    ) -> Result<SecretRecord, VaultError> {
+    pub async fn store(&self, caller: &Caller, input: StoreInput) -> Result<Changed, VaultError> {
         operation!(self, caller, Action::Store, |audit| {
             self.try_store(caller, input, &mut audit).await
         })
@@ -34,12 +30,13 @@ impl Vault {
         caller: &Caller,
         input: StoreInput,
         audit: &mut AuditDraft,
-    ) -> Result<SecretRecord, VaultError> {
+    ) -> Result<Changed, VaultError> {
         let (_, tenant, name) =
             authorize_secret(caller, audit, Operation::Store, input.tenant, input.name)?;
-        let provider = Provider::parse(input.provider)?;
-        let labels = Labels::parse(input.labels)?;
+        let provider = Provider::from_request(input.provider)?;
+        let labels = Labels::from_request(input.labels)?;
         check_value_len("value", input.value.len())?;
+        let warnings = shape_warnings(&provider, &input.value, input.strict_format)?;
         if self.store.secret(&tenant, &name).await?.is_some() {
             return Err(VaultError::AlreadyExists);
         }
@@ -78,7 +75,10 @@ impl Vault {
             audit: Some(audit.clone()),
         };
         match self.store.commit(tx).await {
-            Ok(_) => Ok(record),
+            Ok(_) => Ok(Changed {
+                secret: record,
+                warnings,
+            }),
             // Another Store of the same name committed first.
             Err(StoreError::Conflict) => Err(VaultError::AlreadyExists),
             Err(e) => Err(e.into()),
@@ -115,7 +115,7 @@ impl Vault {
         page_token: String,
     ) -> Result<(Vec<SecretRecord>, Option<String>), VaultError> {
         operation!(self, caller, Action::List, |audit| {
-            let tenant = TenantId::parse(tenant);
+            let tenant = TenantId::from_request(tenant);
             match &tenant {
                 Ok(t) => audit.tenant = Some(t.clone()),
                 Err(_) => caller.note_invalid("tenant"),
@@ -144,33 +144,31 @@ impl Vault {
     }
 
     /// Replaces a secret's value with a new version and destroys the previous one.
-    pub async fn rotate(
-        &self,
-        caller: &Caller,
-        tenant: String,
-        name: String,
-        value: Plaintext,
-    ) -> Result<SecretRecord, VaultError> {
+    pub async fn rotate(&self, caller: &Caller, input: RotateInput) -> Result<Changed, VaultError> {
         operation!(self, caller, Action::Rotate, |audit| {
-            self.try_rotate(caller, tenant, name, value, &mut audit)
-                .await
+            self.try_rotate(caller, input, &mut audit).await
         })
     }
 
     pub(super) async fn try_rotate(
         &self,
         caller: &Caller,
-        tenant: String,
-        name: String,
-        value: Plaintext,
+        input: RotateInput,
         audit: &mut AuditDraft,
-    ) -> Result<SecretRecord, VaultError> {
+    ) -> Result<Changed, VaultError> {
+        let RotateInput {
+            tenant,
+            name,
+            value,
+            strict_format,
+        } = input;
         let (_, tenant, name) = authorize_secret(caller, audit, Operation::Rotate, tenant, name)?;
         check_value_len("value", value.len())?;
         let mut attempts = Attempts::default();
         loop {
             attempts.next()?;
             let current = self.active_secret(&tenant, &name).await?;
+            let warnings = shape_warnings(&current.provider, &value, strict_format)?;
             let mut next = current.clone();
             next.version = current
                 .version
@@ -204,7 +202,10 @@ impl Vault {
             if let Some(done) = self.commit_or_retry(tx, next).await? {
                 // The previous version's data key is destroyed: drop it from memory too.
                 self.cache.evict_secret(done.id);
-                return Ok(done);
+                return Ok(Changed {
+                    secret: done,
+                    warnings,
+                });
             }
         }
     }
@@ -324,6 +325,20 @@ impl Vault {
             .envelope(secret.id, secret.version)
             .await?
             .map_or(0, |e| e.ciphertext.len() as i64))
+    }
+}
+
+/// The warnings about a value stored for `provider` (see [`keyshape`]); with `strict`, a
+/// value not shaped like the provider's keys is refused instead.
+fn shape_warnings(
+    provider: &Provider,
+    value: &Plaintext,
+    strict: bool,
+) -> Result<Vec<String>, VaultError> {
+    match keyshape::value_warning(provider.as_str(), value.expose_secret()) {
+        None => Ok(Vec::new()),
+        Some(problem) if strict => Err(ValidationError::new("value", problem).into()),
+        Some(problem) => Ok(vec![format!("value {problem}; stored as given")]),
     }
 }
 

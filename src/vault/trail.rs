@@ -158,13 +158,13 @@ pub(super) fn note_filter_target(
     filter: &AuditFilterInput,
 ) {
     if !filter.tenant.is_empty() {
-        match TenantId::parse(filter.tenant.as_str()) {
+        match TenantId::from_request(filter.tenant.as_str()) {
             Ok(t) => audit.tenant = Some(t),
             Err(_) => caller.note_invalid("tenant"),
         }
     }
     if !filter.name.is_empty() {
-        match SecretName::parse(filter.name.as_str()) {
+        match SecretName::from_request(filter.name.as_str()) {
             Ok(n) => audit.name = Some(n),
             Err(_) => caller.note_invalid("name"),
         }
@@ -177,8 +177,12 @@ pub(super) fn audit_filter(
     audit: &mut AuditDraft,
 ) -> Result<AuditFilter, VaultError> {
     let filter = AuditFilter {
-        tenant: non_empty(input.tenant).map(TenantId::parse).transpose()?,
-        name: non_empty(input.name).map(SecretName::parse).transpose()?,
+        tenant: non_empty(input.tenant)
+            .map(TenantId::from_request)
+            .transpose()?,
+        name: non_empty(input.name)
+            .map(SecretName::from_request)
+            .transpose()?,
         principal: non_empty(input.principal)
             .map(|p| PrincipalId::parse_field("principal", p))
             .transpose()?,

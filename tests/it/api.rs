@@ -215,6 +215,7 @@ async fn callers_without_valid_credentials_or_rights_are_refused_and_audited() {
                 tenant: "acme".into(),
                 name: "k".into(),
                 value: KEY.to_vec(),
+                ..Default::default()
             })
             .await,
         Code::PermissionDenied,
@@ -335,6 +336,7 @@ async fn rotate_makes_a_new_version_current_and_ends_old_leases() {
         tenant: "acme".into(),
         name: "k".into(),
         value: value.to_vec(),
+        ..Default::default()
     };
     let v2 = orch
         .rotate(rotate(b"second-value-000000000000000-2222"))
@@ -566,6 +568,7 @@ async fn audit_records_every_rpc_without_values_or_tokens() {
         tenant: "acme".into(),
         name: "k".into(),
         value: b"rotated-value-xyz".to_vec(),
+        ..Default::default()
     })
     .await
     .unwrap();

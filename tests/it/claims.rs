@@ -50,6 +50,7 @@ async fn a_write_that_keeps_losing_the_race_is_aborted_and_audited() {
                     tenant: "acme".into(),
                     name: "contended".into(),
                     value: format!("sk-contended-{i:03}-0123456789").into_bytes(),
+                    ..Default::default()
                 })
                 .await
                 .map(|r| r.into_inner().version)
@@ -149,6 +150,7 @@ async fn no_value_or_token_is_in_any_file_of_the_data_directory() {
             tenant: "acme".into(),
             name: format!("p{i}"),
             value: value.clone(),
+            ..Default::default()
         })
         .await
         .expect("rotate");

@@ -209,6 +209,7 @@ async fn no_secret_value_or_token_ever_reaches_the_logs() {
         tenant: "acme".into(),
         name: "k".into(),
         value: rotated.to_vec(),
+        ..Default::default()
     })
     .await
     .unwrap();

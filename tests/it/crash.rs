@@ -333,6 +333,7 @@ async fn writer(addr: std::net::SocketAddr, s: Shared, round: usize, w: u64, mut
                 tenant: "acme".into(),
                 name: name.clone(),
                 value: value.clone(),
+                ..Default::default()
             };
             let Some(meta) = s.answer("Rotate", c.rotate(req).await) else {
                 return;

@@ -25,6 +25,7 @@ async fn acknowledged_writes_and_consumed_uses_survive_kill_9() {
         tenant: "acme".into(),
         name: "k0".into(),
         value: value(1000),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -248,6 +249,7 @@ async fn rotate_and_revoke_destroy_the_old_data_keys() {
             tenant: "acme".into(),
             name: "k".into(),
             value: value(i),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -514,6 +514,7 @@ pub fn store_req(tenant: &str, name: &str, value: &[u8]) -> pb::StoreRequest {
         provider: "anthropic".into(),
         value: value.to_vec(),
         labels: Default::default(),
+        ..Default::default()
     }
 }
 
@@ -772,6 +773,7 @@ pub async fn lifecycle(server: &TestServer) {
         tenant: "acme".into(),
         name: "life".into(),
         value: v2.clone(),
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -217,6 +217,7 @@ async fn the_data_key_cache_saves_unwraps_and_forgets_rotated_and_revoked_keys()
         tenant: "acme".into(),
         name: "k".into(),
         value: b"sk-cache-rotated-0123456789abcdef".to_vec(),
+        ..Default::default()
     })
     .await
     .unwrap();

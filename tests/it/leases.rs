@@ -435,6 +435,7 @@ async fn every_failed_redemption_gets_exactly_the_same_answer() {
         tenant: "acme".into(),
         name: "rotated".into(),
         value: b"sk-proj-ROTATED-0123456789abcdefghij".to_vec(),
+        ..Default::default()
     })
     .await
     .unwrap();

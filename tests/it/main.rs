@@ -13,6 +13,7 @@ mod durability;
 mod examples;
 mod hardening;
 mod invariants;
+mod key_life;
 mod kms;
 mod leases;
 mod ops;

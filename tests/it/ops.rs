@@ -68,6 +68,7 @@ async fn backup_wipe_restore_every_secret_is_readable_and_the_chain_verifies() {
         tenant: "acme".into(),
         name: "key-0".into(),
         value: rotated.clone(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -761,6 +762,7 @@ async fn a_restore_does_not_undo_revocations_made_after_the_backup() {
         tenant: "acme".into(),
         name: "rotated".into(),
         value: newer,
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -66,6 +66,7 @@ async fn tenant_quotas_refuse_growth_and_give_it_back_on_revocation() {
             tenant: "t3".into(),
             name: "big0".into(),
             value: b"sk-short-now-0123456789".to_vec(),
+            ..Default::default()
         })
         .await
         .unwrap();

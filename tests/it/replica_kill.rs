@@ -337,6 +337,7 @@ async fn writer(load: Load, round: usize, w: u64, mut rng: Rng) {
                 tenant: "acme".into(),
                 name: name.clone(),
                 value: value.clone(),
+                ..Default::default()
             };
             if load
                 .answer(at, "Rotate", clients[at].rotate(req).await)

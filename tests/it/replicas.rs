@@ -82,6 +82,7 @@ async fn what_one_replica_writes_the_other_reads_at_once() {
         tenant: "acme".into(),
         name: "openai".into(),
         value: b"sk-replicated-value-0002".to_vec(),
+        ..Default::default()
     })
     .await
     .expect("rotate on B");
@@ -133,6 +134,7 @@ async fn a_lease_one_replica_knows_stops_working_there_when_another_ends_it() {
         tenant: "acme".into(),
         name: "openai".into(),
         value: b"sk-known-lease-value-0002".to_vec(),
+        ..Default::default()
     })
     .await
     .expect("rotate on A");
@@ -185,6 +187,7 @@ async fn a_rotate_or_revoke_on_one_replica_drops_the_keys_the_other_cached() {
         tenant: "acme".into(),
         name: "openai".into(),
         value: b"sk-cached-value-000000003".to_vec(),
+        ..Default::default()
     })
     .await
     .expect("rotate on A");
