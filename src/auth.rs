@@ -115,6 +115,8 @@ pub enum Operation {
     RotateMasterKey,
     /// Take a backup of the whole store.
     Backup,
+    /// Change a secret's metadata.
+    UpdateSecret,
 }
 
 impl Operation {
@@ -125,6 +127,7 @@ impl Operation {
             | Operation::Rotate
             | Operation::RevokeSecret
             | Operation::Describe
+            | Operation::UpdateSecret
             | Operation::List => &[Role::Writer, Role::Admin],
             Operation::RevokeLease => &[Role::Leaser, Role::Writer, Role::Admin],
             Operation::Lease => &[Role::Leaser, Role::Admin],
@@ -149,6 +152,7 @@ impl fmt::Display for Operation {
             Operation::Audit => "read the audit trail",
             Operation::RotateMasterKey => "rotate the master key",
             Operation::Backup => "take a backup",
+            Operation::UpdateSecret => "update secrets",
         })
     }
 }

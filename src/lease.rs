@@ -9,7 +9,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::crypto::{self, CryptoError};
-use crate::model::{LeaseRecord, PrincipalId, SecretRecord, SecretState, Time, TokenHash};
+use crate::model::{LeaseRecord, Phase, PrincipalId, SecretRecord, SecretState, Time, TokenHash};
 
 /// Prefix of every lease token, so that secret scanners can recognise a leaked one.
 pub const TOKEN_PREFIX: &str = "byokd_lt_";
@@ -60,6 +60,12 @@ pub enum LeaseError {
     /// The caller is not the lease's audience.
     #[error("caller is not the lease's audience")]
     WrongAudience,
+    /// The caller is not one of the secret's allowed readers.
+    #[error("caller is not one of the secret's allowed readers")]
+    NotAllowedReader,
+    /// The secret is past its expiry.
+    #[error("secret expired")]
+    SecretExpired,
     /// The caller may not act in the lease's tenant.
     #[error("caller has no access to the lease's tenant")]
     WrongTenant,
@@ -182,7 +188,11 @@ pub fn check_redeemable(
     }
     match secret {
         Some(s) if s.id == lease.secret_id && s.state == SecretState::Active => {
-            if s.version == lease.version {
+            if !s.life.may_read(caller) {
+                Err(LeaseError::NotAllowedReader)
+            } else if s.phase(now) == Phase::Expired {
+                Err(LeaseError::SecretExpired)
+            } else if s.version == lease.version {
                 Ok(())
             } else {
                 Err(LeaseError::Superseded)
@@ -268,6 +278,7 @@ mod tests {
             updated_at: Time::from_micros(0),
             hint: String::new(),
             revoked_at: None,
+            life: Default::default(),
             rev: Default::default(),
         };
         let caller = PrincipalId::parse("agent").unwrap();

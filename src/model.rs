@@ -475,9 +475,91 @@ pub struct SecretRecord {
     pub hint: String,
     /// When it was revoked.
     pub revoked_at: Option<Time>,
+    /// Who may use it and for how long (kept in the stored record's extension, see
+    /// `store/codec.rs`: records written before it existed read with the default).
+    #[serde(skip)]
+    pub life: Lifecycle,
     /// The store's revision of this record (see [`Revision`]); ignored when written.
     #[serde(skip)]
     pub rev: Revision,
+}
+
+/// What a secret's owner set about its use, and where the secret is in its life beyond
+/// active or revoked. The default is a secret as byokd kept them before any of it existed:
+/// any reader of the tenant, no expiry, no reminder, destroyed at revocation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lifecycle {
+    /// When not empty, the only principals that may redeem its leases (sorted, distinct).
+    pub allowed_readers: Vec<PrincipalId>,
+    /// When it stops being usable (until a Rotate gives it a new value).
+    pub expires_at: Option<Time>,
+    /// How long after a version is made a rotation is due, in microseconds.
+    pub rotate_after_us: Option<u64>,
+    /// When the current version was made (absent in records written before: `updated_at`).
+    pub version_created_at: Option<Time>,
+    /// The version whose due rotation the trail has recorded (`RotationDue`).
+    pub rotation_due_noted: Option<u32>,
+    /// The expiry the trail has recorded (`Expire`).
+    pub expiry_noted: Option<Time>,
+    /// Revoked with a recovery window: the data keys are kept until then.
+    pub destroy_at: Option<Time>,
+    /// The previous version, still redeemable by the leases issued for it until `until`.
+    pub grace: Option<Grace>,
+}
+
+/// A previous version kept for the leases issued on it, for a while after a Rotate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grace {
+    /// The previous version.
+    pub version: u32,
+    /// When its data key is destroyed.
+    pub until: Time,
+}
+
+impl Lifecycle {
+    /// Whether `principal` may redeem the secret's leases.
+    pub fn may_read(&self, principal: &PrincipalId) -> bool {
+        self.allowed_readers.is_empty() || self.allowed_readers.contains(principal)
+    }
+}
+
+/// Where a secret is in its life, as callers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The current version can be leased and read.
+    Active,
+    /// Past its `expires_at`: nothing can be leased or read until a Rotate.
+    Expired,
+    /// Revoked within a recovery window: restorable until `destroy_at`.
+    PendingDeletion,
+    /// Every version was destroyed.
+    Revoked,
+}
+
+impl SecretRecord {
+    /// When the current version was made.
+    pub fn version_made_at(&self) -> Time {
+        self.life.version_created_at.unwrap_or(self.updated_at)
+    }
+
+    /// Where the secret is in its life at `now`.
+    pub fn phase(&self, now: Time) -> Phase {
+        match self.state {
+            SecretState::Revoked if self.life.destroy_at.is_some() => Phase::PendingDeletion,
+            SecretState::Revoked => Phase::Revoked,
+            SecretState::Active if self.life.expires_at.is_some_and(|t| t <= now) => Phase::Expired,
+            SecretState::Active => Phase::Active,
+        }
+    }
+
+    /// Whether a rotation is due at `now`: `rotate_after` has passed since the current version
+    /// was made (of an active or expired secret).
+    pub fn rotation_due(&self, now: Time) -> bool {
+        self.state == SecretState::Active
+            && self.life.rotate_after_us.is_some_and(|after| {
+                self.version_made_at().plus(Duration::from_micros(after)) <= now
+            })
+    }
 }
 
 /// A data key wrapped by a master key, with the id of that master key.
@@ -586,11 +668,13 @@ pub enum Action {
     /// Requests refused before they reached the vault (too many unauthenticated requests
     /// from one host), counted: one entry per host and interval (not an RPC).
     Throttled,
+    /// `UpdateSecret`; the reason names the fields changed.
+    UpdateSecret,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 17] = [
+    pub const ALL: [Action; 18] = [
         Action::Store,
         Action::Describe,
         Action::List,
@@ -608,6 +692,7 @@ impl Action {
         Action::Backup,
         Action::Repair,
         Action::Throttled,
+        Action::UpdateSecret,
     ];
 
     /// The RPC's name, as recorded and as filtered on.
@@ -630,6 +715,7 @@ impl Action {
             Action::Backup => "Backup",
             Action::Repair => "Repair",
             Action::Throttled => "Throttled",
+            Action::UpdateSecret => "UpdateSecret",
         }
     }
 

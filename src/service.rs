@@ -16,10 +16,10 @@ use crate::admission::Admitted;
 use crate::api::v1::{self as pb, vault_server};
 use crate::crypto::Plaintext;
 use crate::lease::RequestedTtl;
-use crate::model::{AuditRecord, Outcome, SecretRecord, SecretState, Time};
+use crate::model::{AuditRecord, Outcome, Phase, SecretRecord, Time};
 use crate::vault::{
-    AuditFilterInput, AuditInput, Caller, Changed, LeaseInput, RevokeTarget, RotateInput,
-    StoreInput, Vault, VaultError, VerifyInput, WatchEvent, WatchInput,
+    AuditFilterInput, AuditInput, Caller, Changed, LeaseInput, LifeInput, ListInput, RevokeTarget,
+    RotateInput, StoreInput, UpdateInput, Vault, VaultError, VerifyInput, WatchEvent, WatchInput,
 };
 
 /// Bytes per message of a backup stream.
@@ -115,6 +115,11 @@ impl vault_server::Vault for VaultService {
             value: Plaintext::new(std::mem::take(&mut req.value)),
             labels: req.labels,
             strict_format: req.strict_format,
+            life: LifeInput {
+                allowed_readers: req.allowed_readers,
+                expires_at: req.expires_at.map(seconds_nanos),
+                rotate_after: req.rotate_after.map(|d| (d.seconds, d.nanos)),
+            },
         };
         let result = self.vault.store(&caller, input).await;
         respond("Store", result.map(changed))
@@ -136,10 +141,27 @@ impl vault_server::Vault for VaultService {
     ) -> Result<Response<pb::ListResponse>, Status> {
         let caller = self.caller(&mut request);
         let req = request.into_inner();
-        let result = self
-            .vault
-            .list(&caller, req.tenant, req.page_size, req.page_token)
-            .await;
+        let states = req
+            .states
+            .iter()
+            .map(|s| match pb::SecretState::try_from(*s) {
+                Ok(pb::SecretState::Active) => Some(Phase::Active),
+                Ok(pb::SecretState::Expired) => Some(Phase::Expired),
+                Ok(pb::SecretState::Revoked) => Some(Phase::Revoked),
+                Ok(pb::SecretState::Unspecified) | Err(_) => None,
+            })
+            .collect();
+        let input = ListInput {
+            tenant: req.tenant,
+            page_size: req.page_size,
+            page_token: req.page_token,
+            provider: req.provider,
+            label_selector: req.label_selector,
+            states,
+            expiring_before: req.expiring_before.map(seconds_nanos),
+            rotation_due: req.rotation_due,
+        };
+        let result = self.vault.list(&caller, input).await;
         respond(
             "List",
             result.map(|(secrets, next)| pb::ListResponse {
@@ -217,6 +239,28 @@ impl vault_server::Vault for VaultService {
         };
         let result = self.vault.rotate(&caller, input).await;
         respond("Rotate", result.map(changed))
+    }
+
+    async fn update_secret(
+        &self,
+        mut request: Request<pb::UpdateSecretRequest>,
+    ) -> Result<Response<pb::SecretMetadata>, Status> {
+        let caller = self.caller(&mut request);
+        let req = request.into_inner();
+        let input = UpdateInput {
+            tenant: req.tenant,
+            name: req.name,
+            labels: req.labels,
+            provider: req.provider,
+            life: LifeInput {
+                allowed_readers: req.allowed_readers,
+                expires_at: req.expires_at.map(seconds_nanos),
+                rotate_after: req.rotate_after.map(|d| (d.seconds, d.nanos)),
+            },
+            update_mask: req.update_mask.map(|m| m.paths).unwrap_or_default(),
+        };
+        let result = self.vault.update_secret(&caller, input).await;
+        respond("UpdateSecret", result.map(|r| metadata(&r)))
     }
 
     async fn revoke(
@@ -510,7 +554,12 @@ fn changed(c: Changed) -> pb::SecretMetadata {
     }
 }
 
+fn seconds_nanos(t: prost_types::Timestamp) -> (i64, i32) {
+    (t.seconds, t.nanos)
+}
+
 fn metadata(r: &SecretRecord) -> pb::SecretMetadata {
+    let now = Time::now();
     pb::SecretMetadata {
         id: r.id.to_string(),
         tenant: r.tenant.to_string(),
@@ -522,15 +571,29 @@ fn metadata(r: &SecretRecord) -> pb::SecretMetadata {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         version: r.version,
-        state: match r.state {
-            SecretState::Active => pb::SecretState::Active,
-            SecretState::Revoked => pb::SecretState::Revoked,
+        state: match r.phase(now) {
+            Phase::Active => pb::SecretState::Active,
+            Phase::Expired => pb::SecretState::Expired,
+            // Not yet: a revocation destroys every version at once.
+            Phase::PendingDeletion | Phase::Revoked => pb::SecretState::Revoked,
         } as i32,
         created_at: Some(timestamp(r.created_at)),
         updated_at: Some(timestamp(r.updated_at)),
         hint: r.hint.clone(),
         revoked_at: r.revoked_at.map(timestamp),
         warnings: Vec::new(),
+        allowed_readers: r
+            .life
+            .allowed_readers
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        expires_at: r.life.expires_at.map(timestamp),
+        rotate_after: r.life.rotate_after_us.map(|us| prost_types::Duration {
+            seconds: (us / 1_000_000) as i64,
+            nanos: ((us % 1_000_000) * 1_000) as i32,
+        }),
+        rotation_due: r.rotation_due(now),
     }
 }
 
@@ -570,6 +633,14 @@ pub fn validate_requests(bytes: &[u8]) {
     }
     if let Ok(r) = pb::RotateRequest::decode(bytes) {
         names(&r.tenant, &r.name);
+    }
+    if let Ok(r) = pb::UpdateSecretRequest::decode(bytes) {
+        names(&r.tenant, &r.name);
+        let _ = Provider::from_request(r.provider);
+        let _ = Labels::from_request(r.labels);
+        for id in r.allowed_readers {
+            let _ = PrincipalId::parse_field("allowed_readers", id);
+        }
     }
     if let Ok(r) = pb::LeaseRequest::decode(bytes) {
         names(&r.tenant, &r.name);

@@ -2,7 +2,9 @@
 //!
 //! Every record is one format byte followed by its postcard encoding; a mutable record (secret,
 //! envelope, lease) has its revision, 8 bytes big-endian, between the two (format 2; records
-//! of format 1, written before revisions, read as revision 0). Decoding re-runs the domain
+//! of format 1, written before revisions, read as revision 0). Fields a record gained later
+//! follow its body as an extension (a secret's `Lifecycle`), so that older records, and
+//! backups of them, read as they are. Decoding re-runs the domain
 //! types' validation, so a corrupted value is an error, never a panic or a bad value.
 //! Keys start with one byte naming the keyspace; integers are big-endian so that byte order
 //! is numeric order.
@@ -12,7 +14,7 @@ use serde::de::DeserializeOwned;
 
 use super::{AuditIndex, MetaKey, StoreError};
 use crate::model::{
-    AuditRecord, EnvelopeRecord, LeaseId, LeaseRecord, Revision, SecretId, SecretName,
+    AuditRecord, EnvelopeRecord, LeaseId, LeaseRecord, Lifecycle, Revision, SecretId, SecretName,
     SecretRecord, TenantId, Time, TokenHash,
 };
 
@@ -96,6 +98,16 @@ pub trait Revisioned: Serialize + DeserializeOwned {
     fn revision(&self) -> Revision;
     /// Sets the record's revision (when read).
     fn set_revision(&mut self, revision: Revision);
+
+    /// Appends the record's extension (fields added after its first format), if it has one
+    /// to keep.
+    fn encode_extension(&self, _out: &mut Vec<u8>) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Reads the record's extension from the bytes after its body (empty: none).
+    fn decode_extension(&mut self, _key: &[u8], _bytes: &[u8]) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 macro_rules! revisioned {
@@ -110,22 +122,55 @@ macro_rules! revisioned {
         }
     )*};
 }
-revisioned!(SecretRecord, EnvelopeRecord, LeaseRecord);
+revisioned!(EnvelopeRecord, LeaseRecord);
 
-/// A mutable record with its revision (format 2).
+/// The first byte of a secret's extension, [`Lifecycle`] (postcard) after it.
+const SECRET_EXTENSION_V1: u8 = 1;
+
+/// A secret's extension is its [`Lifecycle`], written only when it is not the default: a
+/// secret that uses none of it is stored exactly as before the extension existed.
+impl Revisioned for SecretRecord {
+    fn revision(&self) -> Revision {
+        self.rev
+    }
+    fn set_revision(&mut self, revision: Revision) {
+        self.rev = revision;
+    }
+    fn encode_extension(&self, out: &mut Vec<u8>) -> Result<(), StoreError> {
+        if self.life != Lifecycle::default() {
+            out.push(SECRET_EXTENSION_V1);
+            postcard::to_io(&self.life, out)
+                .map_err(|e| StoreError::Engine(format!("encode: {e}")))?;
+        }
+        Ok(())
+    }
+    fn decode_extension(&mut self, key: &[u8], bytes: &[u8]) -> Result<(), StoreError> {
+        self.life = match bytes.split_first() {
+            None => Lifecycle::default(),
+            Some((&SECRET_EXTENSION_V1, life)) => postcard::from_bytes(life)
+                .map_err(|e| corrupt(key, format!("undecodable extension: {e}")))?,
+            Some((other, _)) => return Err(corrupt(key, format!("unknown extension {other}"))),
+        };
+        Ok(())
+    }
+}
+
+/// A mutable record with its revision (format 2): the revision, the record, its extension.
 pub fn encode_record<T: Revisioned>(value: &T) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::with_capacity(64);
     out.push(FORMAT_V2);
     out.extend_from_slice(&value.revision().0.to_be_bytes());
     postcard::to_io(value, &mut out).map_err(|e| StoreError::Engine(format!("encode: {e}")))?;
+    value.encode_extension(&mut out)?;
     Ok(out)
 }
 
 /// A mutable record and its revision, of either format.
 pub fn decode_record<T: Revisioned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
     let (revision, body) = split_revision(key, bytes)?;
-    let mut value: T =
-        postcard::from_bytes(body).map_err(|e| corrupt(key, format!("undecodable: {e}")))?;
+    let (mut value, rest): (T, &[u8]) =
+        postcard::take_from_bytes(body).map_err(|e| corrupt(key, format!("undecodable: {e}")))?;
+    value.decode_extension(key, rest)?;
     value.set_revision(revision);
     Ok(value)
 }
@@ -334,6 +379,28 @@ mod tests {
             let err = decode_record::<SecretRecord>(&key, bytes).unwrap_err();
             assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
         }
+    }
+
+    /// A secret without lifecycle settings is stored as before they existed (so older
+    /// records, and backups of them, read as they are); one with them keeps them all.
+    #[test]
+    fn a_secret_extension_is_written_only_when_needed() {
+        let plain = crate::store::tests::secret("t", "n");
+        let bytes = encode_record(&plain).unwrap();
+        let mut old = vec![FORMAT_V2];
+        old.extend_from_slice(&plain.rev.0.to_be_bytes());
+        old.extend_from_slice(&postcard::to_stdvec(&plain).unwrap());
+        assert_eq!(bytes, old);
+        assert_eq!(decode_record::<SecretRecord>(b"s", &bytes).unwrap(), plain);
+        let full = crate::store::tests::with_life(plain);
+        let bytes = encode_record(&full).unwrap();
+        assert_eq!(decode_record::<SecretRecord>(b"s", &bytes).unwrap(), full);
+        let mut unknown = old.clone();
+        unknown.push(9);
+        let err = decode_record::<SecretRecord>(b"s", &unknown).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        let truncated = &bytes[..bytes.len() - 1];
+        assert!(decode_record::<SecretRecord>(b"s", truncated).is_err());
     }
 
     #[test]

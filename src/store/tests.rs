@@ -29,8 +29,27 @@ pub(crate) fn secret(t: &str, n: &str) -> SecretRecord {
         updated_at: Time::from_micros(1),
         hint: "…".into(),
         revoked_at: None,
+        life: Default::default(),
         rev: Default::default(),
     }
+}
+
+/// `s` with every lifecycle field set, to see each one kept.
+pub(crate) fn with_life(mut s: SecretRecord) -> SecretRecord {
+    s.life = crate::model::Lifecycle {
+        allowed_readers: vec![crate::model::PrincipalId::parse("agent").unwrap()],
+        expires_at: Some(Time::from_micros(9_000_000)),
+        rotate_after_us: Some(60_000_000),
+        version_created_at: Some(Time::from_micros(2)),
+        rotation_due_noted: Some(1),
+        expiry_noted: Some(Time::from_micros(8_000_000)),
+        destroy_at: Some(Time::from_micros(7_000_000)),
+        grace: Some(crate::model::Grace {
+            version: 1,
+            until: Time::from_micros(6_000_000),
+        }),
+    };
+    s
 }
 
 pub(crate) fn envelope(id: SecretId, version: u32) -> EnvelopeRecord {
@@ -309,7 +328,7 @@ async fn audit_indexes_span_blocks(store: &dyn Store) {
 }
 
 async fn records_round_trip(store: &dyn Store) {
-    let s = secret("t1", "a");
+    let s = with_life(secret("t1", "a"));
     let c = store
         .commit(put(
             vec![
@@ -859,7 +878,7 @@ async fn stored_with_lease(
     tenant: &str,
     hash: u8,
 ) -> (SecretRecord, LeaseRecord) {
-    let s = secret(tenant, "a");
+    let s = with_life(secret(tenant, "a"));
     let l = lease(&s, hash, i64::MAX);
     store
         .commit(put(

@@ -33,6 +33,9 @@ pub enum VaultError {
     /// The secret is revoked.
     #[error("secret is revoked")]
     SecretRevoked,
+    /// The secret is past its expiry (a Rotate makes it active again).
+    #[error("secret expired; rotate it to use it again")]
+    SecretExpired,
     /// A lease could not be issued or redeemed.
     #[error(transparent)]
     Lease(#[from] LeaseError),
@@ -138,7 +141,7 @@ impl VaultError {
             VaultError::Audit(AuditError::Abandoned) => Outcome::Cancelled,
             VaultError::SecretNotFound | VaultError::LeaseNotFound => Outcome::NotFound,
             VaultError::AlreadyExists => Outcome::AlreadyExists,
-            VaultError::SecretRevoked => Outcome::FailedPrecondition,
+            VaultError::SecretRevoked | VaultError::SecretExpired => Outcome::FailedPrecondition,
             VaultError::Pruned { .. } | VaultError::PastHead { .. } => Outcome::OutOfRange,
             VaultError::Lease(
                 LeaseError::TtlNotPositive

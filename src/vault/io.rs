@@ -4,7 +4,7 @@
 use crate::backup::BackupHeader;
 use crate::crypto::Plaintext;
 use crate::lease::{LeaseToken, RequestedTtl};
-use crate::model::{AuditRecord, LeaseRecord, SecretRecord};
+use crate::model::{AuditRecord, LeaseRecord, Phase, SecretRecord};
 use std::collections::HashMap;
 
 /// Input of Store, as received.
@@ -21,6 +21,56 @@ pub struct StoreInput {
     pub labels: HashMap<String, String>,
     /// Refuse a value not shaped like the provider's keys, instead of warning.
     pub strict_format: bool,
+    /// Who may use it and for how long.
+    pub life: LifeInput,
+}
+
+/// A secret's lifecycle settings, as received (in Store and UpdateSecret).
+#[derive(Default)]
+pub struct LifeInput {
+    /// Principals allowed to redeem its leases (empty: any reader of the tenant).
+    pub allowed_readers: Vec<String>,
+    /// When it stops being usable, seconds and nanoseconds.
+    pub expires_at: Option<(i64, i32)>,
+    /// How long after a version is made a rotation is due, seconds and nanoseconds.
+    pub rotate_after: Option<(i64, i32)>,
+}
+
+/// Input of UpdateSecret, as received.
+pub struct UpdateInput {
+    /// Tenant.
+    pub tenant: String,
+    /// Name.
+    pub name: String,
+    /// New labels.
+    pub labels: HashMap<String, String>,
+    /// New provider.
+    pub provider: String,
+    /// New lifecycle settings.
+    pub life: LifeInput,
+    /// The fields to change.
+    pub update_mask: Vec<String>,
+}
+
+/// Input of List, as received.
+#[derive(Default)]
+pub struct ListInput {
+    /// Tenant.
+    pub tenant: String,
+    /// Page size (0: default).
+    pub page_size: u32,
+    /// Page token.
+    pub page_token: String,
+    /// Only secrets of this provider (empty: any).
+    pub provider: String,
+    /// `k=v,k2=v2`: only secrets with all these labels (empty: any).
+    pub label_selector: String,
+    /// Only secrets in one of these phases (empty: any; `None`: a state that is not one).
+    pub states: Vec<Option<Phase>>,
+    /// Only secrets expiring before this time.
+    pub expiring_before: Option<(i64, i32)>,
+    /// Only secrets whose rotation is due.
+    pub rotation_due: bool,
 }
 
 /// Input of Rotate, as received.

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use crate::auth::Operation;
 use crate::lease::{self, LeaseError, LeaseToken};
 use crate::model::{
-    Action, AuditDraft, LeaseId, LeaseRecord, PrincipalId, Reason, TenantId, Time, TokenHash,
-    ValidationError,
+    Action, AuditDraft, LeaseId, LeaseRecord, Phase, PrincipalId, Reason, TenantId, Time,
+    TokenHash, ValidationError,
 };
 use crate::pending::Pending;
 use crate::quota::{Delta, Quotas};
@@ -57,8 +57,20 @@ impl Vault {
         loop {
             attempts.next()?;
             let secret = self.active_secret(&tenant, &name).await?;
-            let token = LeaseToken::generate().map_err(VaultError::Crypto)?;
             let now = Time::now();
+            if secret.phase(now) == Phase::Expired {
+                return Err(VaultError::SecretExpired);
+            }
+            if let Some(audience) = &audience
+                && !secret.life.may_read(audience)
+            {
+                return Err(ValidationError::new(
+                    "audience",
+                    "not one of the secret's allowed_readers",
+                )
+                .into());
+            }
+            let token = LeaseToken::generate().map_err(VaultError::Crypto)?;
             let lease = LeaseRecord {
                 id: LeaseId::generate(),
                 token_hash: token.hash(),

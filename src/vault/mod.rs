@@ -63,6 +63,8 @@ mod caller;
 mod error;
 mod io;
 mod leases;
+mod life;
+mod listing;
 mod secrets;
 mod trail;
 mod unwrap;
@@ -72,6 +74,7 @@ pub use self::admin::check_envelopes;
 pub use self::caller::Caller;
 pub use self::error::{DecryptFailure, VaultError};
 pub use self::io::*;
+use self::listing::{ListFilter, MAX_LIST_SCAN};
 use self::trail::{audit_filter, note_filter_target};
 use self::watcher::Watchers;
 

@@ -3,8 +3,8 @@
 use crate::auth::Operation;
 use crate::crypto::Plaintext;
 use crate::model::{
-    Action, AuditDraft, Labels, Provider, Reason, SecretId, SecretName, SecretRecord, SecretState,
-    TenantId, Time, ValidationError, check_value_len, keyshape, value_hint,
+    Action, AuditDraft, Labels, Phase, Provider, Reason, SecretId, SecretName, SecretRecord,
+    SecretState, TenantId, Time, ValidationError, check_value_len, keyshape, value_hint,
 };
 use crate::pending::Pending;
 use crate::quota::{Delta, Quotas};
@@ -13,8 +13,9 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use super::{
-    Attempts, Caller, Changed, DEFAULT_LIST_PAGE_SIZE, MAX_LIST_PAGE_SIZE, RevokeTarget, Revoked,
-    RotateInput, StoreInput, Vault, VaultError, authorize_secret, page_size_or,
+    Attempts, Caller, Changed, DEFAULT_LIST_PAGE_SIZE, ListFilter, ListInput, MAX_LIST_PAGE_SIZE,
+    MAX_LIST_SCAN, RevokeTarget, Revoked, RotateInput, StoreInput, Vault, VaultError,
+    authorize_secret, page_size_or,
 };
 
 impl Vault {
@@ -53,6 +54,7 @@ impl Vault {
             updated_at: now,
             hint: value_hint(input.value.expose_secret()),
             revoked_at: None,
+            life: self.new_life(input.life, now)?,
             rev: Default::default(),
         };
         let envelope = self.seal(&record, &input.value).await?;
@@ -110,12 +112,10 @@ impl Vault {
     pub async fn list(
         &self,
         caller: &Caller,
-        tenant: String,
-        page_size: u32,
-        page_token: String,
+        input: ListInput,
     ) -> Result<(Vec<SecretRecord>, Option<String>), VaultError> {
         operation!(self, caller, Action::List, |audit| {
-            let tenant = TenantId::from_request(tenant);
+            let tenant = TenantId::from_request(input.tenant.as_str());
             match &tenant {
                 Ok(t) => audit.tenant = Some(t.clone()),
                 Err(_) => caller.note_invalid("tenant"),
@@ -123,21 +123,47 @@ impl Vault {
             let principal = caller.authorize(Operation::List)?;
             let tenant = tenant?;
             principal.require_tenant(&tenant)?;
-            let size = page_size_or(page_size, DEFAULT_LIST_PAGE_SIZE, MAX_LIST_PAGE_SIZE)?;
-            let after = match page_token.as_str() {
+            let size = page_size_or(input.page_size, DEFAULT_LIST_PAGE_SIZE, MAX_LIST_PAGE_SIZE)?;
+            let mut after = match input.page_token.as_str() {
                 "" => None,
                 token => Some(decode_list_token(token)?),
             };
-            let mut page = self
-                .store
-                .list_secrets(&tenant, after.as_ref(), size + 1)
-                .await?;
-            let next = if page.len() > size {
-                page.truncate(size);
-                page.last().map(|s| URL_SAFE_NO_PAD.encode(s.name.as_str()))
-            } else {
-                None
+            let filter = ListFilter::parse(&input)?;
+            // Up to a page and one more that match, reading at most MAX_LIST_SCAN records:
+            // a page cut short by the bound still has a next page.
+            let mut page = Vec::new();
+            let mut scanned = 0;
+            let more = loop {
+                let read = self
+                    .store
+                    .list_secrets(&tenant, after.as_ref(), size + 1)
+                    .await?;
+                let full = read.len() == size + 1;
+                for secret in read {
+                    scanned += 1;
+                    after = Some(secret.name.clone());
+                    if filter.matches(&secret) {
+                        page.push(secret);
+                        if page.len() > size {
+                            break;
+                        }
+                    }
+                }
+                if page.len() > size {
+                    page.truncate(size);
+                    after = page.last().map(|s| s.name.clone());
+                    break true;
+                }
+                if !full {
+                    break false;
+                }
+                if scanned >= MAX_LIST_SCAN {
+                    break true;
+                }
             };
+            let next = after
+                .filter(|_| more)
+                .map(|name| URL_SAFE_NO_PAD.encode(name.as_str()));
             self.record(audit.settle()).await?;
             Ok((page, next))
         })
@@ -174,7 +200,16 @@ impl Vault {
                 .version
                 .checked_add(1)
                 .ok_or_else(|| ValidationError::new("name", "secret has no versions left"))?;
-            next.updated_at = Time::now();
+            let now = Time::now();
+            next.updated_at = now;
+            // A new version: its own rotation reminder, and an expiry that has passed is over
+            // (a Rotate makes an expired secret active again).
+            next.life.version_created_at = Some(now);
+            next.life.rotation_due_noted = None;
+            if current.phase(now) == Phase::Expired {
+                next.life.expires_at = None;
+                next.life.expiry_noted = None;
+            }
             next.hint = value_hint(value.expose_secret());
             let envelope = self.seal(&next, &value).await?;
             audit.secret(&next);

@@ -278,6 +278,7 @@ async fn list_pages_through_a_tenant_in_name_order() {
                 tenant: "acme".into(),
                 page_size: 2,
                 page_token: token,
+                ..Default::default()
             })
             .await
             .unwrap()

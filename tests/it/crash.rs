@@ -593,6 +593,7 @@ async fn verify(
                 tenant: "acme".into(),
                 page_size: 1000,
                 page_token,
+                ..Default::default()
             })
             .await
             .expect("List")

@@ -1,5 +1,5 @@
 //! The life of a user's key beyond store, lease, rotate and revoke (issue 18): key-shape
-//! checks, per-agent binding. Every case runs on both engines: a sled server and a server on
+//! checks, per-agent binding, metadata changes and filters, expiry and rotation reminders. Every case runs on both engines: a sled server and a server on
 //! a fresh PostgreSQL database.
 
 use crate::harness::*;
@@ -68,6 +68,9 @@ macro_rules! on_both_engines {
 on_both_engines!(
     key_shapes_warn_or_refuse_values,
     keys_pasted_into_other_fields_never_reach_the_trail,
+    allowed_readers_bind_a_secret_to_its_agents,
+    update_secret_changes_metadata_under_guard,
+    lists_filter_and_secrets_expire_and_fall_due,
 );
 
 /// A made-up key shaped like `provider`'s (see `src/model/keyshape.rs`).
@@ -300,4 +303,440 @@ async fn keys_pasted_into_other_fields_never_reach_the_trail(server: &TestServer
         let found = backup.windows(key.len()).any(|w| w == key.as_bytes());
         assert!(!found, "a key reached a backup");
     }
+}
+
+fn update(tenant: &str, name: &str, mask: &[&str]) -> pb::UpdateSecretRequest {
+    pb::UpdateSecretRequest {
+        tenant: tenant.into(),
+        name: name.into(),
+        update_mask: Some(prost_types::FieldMask {
+            paths: mask.iter().map(|p| p.to_string()).collect(),
+        }),
+        ..Default::default()
+    }
+}
+
+fn in_secs(seconds: i64) -> Option<prost_types::Timestamp> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock");
+    Some(prost_types::Timestamp {
+        seconds: now.as_secs() as i64 + seconds,
+        nanos: 0,
+    })
+}
+
+fn secs(seconds: i64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration { seconds, nanos: 0 })
+}
+
+async fn allowed_readers_bind_a_secret_to_its_agents(server: &TestServer) {
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    let bound = pb::StoreRequest {
+        allowed_readers: vec!["agent2".into(), "agent2".into()],
+        ..store_req("acme", "bound", b"bound-value-000001")
+    };
+    let meta = orch.store(bound).await.expect("store").into_inner();
+    assert_eq!(meta.allowed_readers, ["agent2"]);
+    // Only an allowed reader redeems; anyone else gets what any failed Get gets.
+    let grant = lease_ok(&mut orch, lease_req("acme", "bound", 3)).await;
+    let refused = redeem(server, AGENT, &grant.token).await;
+    assert_status(
+        refused,
+        Code::NotFound,
+        "lease not found or no longer valid",
+    );
+    let got = redeem(server, AGENT2, &grant.token)
+        .await
+        .expect("allowed reader");
+    assert_eq!(got.value, b"bound-value-000001");
+    assert_eq!(got.remaining_uses, 2, "the refused Get used nothing");
+    // An audience must be one of them.
+    let mut to_agent = lease_req("acme", "bound", 1);
+    to_agent.audience = "agent".into();
+    let refused = orch.lease(to_agent.clone()).await;
+    assert_status(
+        refused,
+        Code::InvalidArgument,
+        "audience: not one of the secret's allowed_readers",
+    );
+    let mut to_agent2 = lease_req("acme", "bound", 1);
+    to_agent2.audience = "agent2".into();
+    lease_ok(&mut orch, to_agent2).await;
+    // Readers must be principals byokd knows.
+    let unknown = pb::StoreRequest {
+        allowed_readers: vec!["nobody".into()],
+        ..store_req("acme", "unknown-reader", b"bound-value-000002")
+    };
+    assert_status(
+        orch.store(unknown).await,
+        Code::InvalidArgument,
+        "allowed_readers: no such principal",
+    );
+    // The binding is read at redemption: cleared, the outstanding lease works for the agent;
+    // set again, it stops.
+    let cleared = orch
+        .update_secret(update("acme", "bound", &["allowed_readers"]))
+        .await
+        .expect("update")
+        .into_inner();
+    assert!(cleared.allowed_readers.is_empty());
+    let got = redeem(server, AGENT, &grant.token)
+        .await
+        .expect("any reader now");
+    assert_eq!(got.remaining_uses, 1);
+    orch.lease(to_agent).await.expect("any audience now");
+    let rebound = pb::UpdateSecretRequest {
+        allowed_readers: vec!["agent2".into()],
+        ..update("acme", "bound", &["allowed_readers"])
+    };
+    orch.update_secret(rebound).await.expect("update");
+    assert_status(
+        redeem(server, AGENT, &grant.token).await,
+        Code::NotFound,
+        "",
+    );
+    // The refusals are audited against the lease.
+    let gets = audit_all(
+        server,
+        pb::AuditRequest {
+            tenant: "acme".into(),
+            name: "bound".into(),
+            action: "Get".into(),
+            outcome: "NOT_FOUND".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(gets.len(), 2);
+    assert!(
+        gets.iter()
+            .all(|e| e.lease_id == grant.lease_id && e.principal == "agent")
+    );
+}
+
+async fn update_secret_changes_metadata_under_guard(server: &TestServer) {
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    let mut first = store_req("acme", "meta", b"meta-value-00000001");
+    first.labels.insert("user".into(), "42".into());
+    let stored = orch.store(first).await.expect("store").into_inner();
+    let mut change = update("acme", "meta", &["labels", "provider"]);
+    change.labels.insert("tier".into(), "pro".into());
+    change.provider = "openai".into();
+    let updated = orch
+        .update_secret(change)
+        .await
+        .expect("update")
+        .into_inner();
+    assert_eq!(updated.provider, "openai");
+    assert_eq!(updated.labels.len(), 1);
+    assert_eq!(updated.labels["tier"], "pro");
+    assert_eq!(updated.version, 1);
+    assert_eq!(updated.hint, stored.hint);
+    assert!(micros(&updated.updated_at) >= micros(&stored.updated_at));
+    // Bad requests.
+    let cases = [
+        (
+            update("acme", "meta", &[]),
+            Code::InvalidArgument,
+            "update_mask: name the fields",
+        ),
+        (
+            update("acme", "meta", &["value"]),
+            Code::InvalidArgument,
+            "update_mask: unknown field",
+        ),
+        (
+            update("acme", "meta", &["provider"]),
+            Code::InvalidArgument,
+            "provider: required",
+        ),
+        (update("acme", "nope", &["labels"]), Code::NotFound, ""),
+        (
+            pb::UpdateSecretRequest {
+                expires_at: in_secs(-10),
+                ..update("acme", "meta", &["expires_at"])
+            },
+            Code::InvalidArgument,
+            "expires_at: must be in the future",
+        ),
+        (
+            pb::UpdateSecretRequest {
+                rotate_after: secs(0),
+                ..update("acme", "meta", &["rotate_after"])
+            },
+            Code::InvalidArgument,
+            "rotate_after",
+        ),
+    ];
+    for (req, code, message) in cases {
+        assert_status(orch.update_secret(req).await, code, message);
+    }
+    let denied = server
+        .as_(AGENT)
+        .await
+        .update_secret(update("acme", "meta", &["labels"]))
+        .await;
+    assert_status(denied, Code::PermissionDenied, "");
+    let other_tenant = server
+        .as_(GLOBEX_WRITER)
+        .await
+        .update_secret(update("acme", "meta", &["labels"]))
+        .await;
+    assert_status(other_tenant, Code::PermissionDenied, "");
+    // Guarded like every change: updates racing rotations all land (retried, as a client
+    // does, when contention answers ABORTED), none undoes another.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let c = server.as_(ORCHESTRATOR).await;
+        tasks.push(tokio::spawn(async move {
+            let mut req = update("acme", "meta", &["labels"]);
+            req.labels.insert("n".into(), i.to_string());
+            retry_aborted(|| {
+                let (mut c, req) = (c.clone(), req.clone());
+                async move { c.update_secret(req).await }
+            })
+            .await
+        }));
+    }
+    for i in 0..4 {
+        let c = server.as_(ORCHESTRATOR).await;
+        tasks.push(tokio::spawn(async move {
+            let value = format!("meta-value-rotated-{i:02}").into_bytes();
+            remember_secret(&value);
+            let req = pb::RotateRequest {
+                tenant: "acme".into(),
+                name: "meta".into(),
+                value,
+                ..Default::default()
+            };
+            retry_aborted(|| {
+                let (mut c, req) = (c.clone(), req.clone());
+                async move { c.rotate(req).await }
+            })
+            .await
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task").expect("every change lands");
+    }
+    let after = orch
+        .describe(secret_ref("acme", "meta"))
+        .await
+        .expect("describe")
+        .into_inner();
+    assert_eq!(after.version, 5, "no update rolled a rotation back");
+    assert_eq!(after.provider, "openai");
+    assert!(after.labels["n"].parse::<u32>().expect("a number") < 8);
+    // Audited with the fields changed.
+    let entries = audit_all(
+        server,
+        pb::AuditRequest {
+            tenant: "acme".into(),
+            name: "meta".into(),
+            action: "UpdateSecret".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let ok: Vec<_> = entries.iter().filter(|e| e.outcome == "OK").collect();
+    assert_eq!(ok.len(), 9);
+    assert_eq!(ok[0].reason, "changed: labels, provider");
+    assert!(ok[1..].iter().all(|e| e.reason == "changed: labels"));
+    let refused = entries
+        .iter()
+        .filter(|e| e.outcome != "OK" && e.outcome != "ABORTED")
+        .count();
+    assert_eq!(refused, 5 + 2, "every refusal naming it is audited too");
+    // A revoked secret's metadata stays as it was.
+    orch.revoke(revoke_secret("acme", "meta", "test"))
+        .await
+        .expect("revoke");
+    let revoked = orch
+        .update_secret(update("acme", "meta", &["labels"]))
+        .await;
+    assert_status(revoked, Code::FailedPrecondition, "");
+}
+
+/// `call`'s answer, called again while it answers ABORTED (contention), at most 20 times.
+async fn retry_aborted<T, F: std::future::Future<Output = Result<T, tonic::Status>>>(
+    mut call: impl FnMut() -> F,
+) -> Result<(), tonic::Status> {
+    let mut left = 20;
+    loop {
+        match call().await {
+            Err(s) if s.code() == Code::Aborted && left > 0 => left -= 1,
+            other => return other.map(|_| ()),
+        }
+    }
+}
+
+async fn list_names(client: &mut Client, req: pb::ListRequest) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut req = req;
+    loop {
+        let page = client.list(req.clone()).await.expect("list").into_inner();
+        names.extend(page.secrets.into_iter().map(|s| s.name));
+        if page.next_page_token.is_empty() {
+            return names;
+        }
+        req.page_token = page.next_page_token;
+    }
+}
+
+async fn lists_filter_and_secrets_expire_and_fall_due(server: &TestServer) {
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    let labeled = |name: &str, provider: &str, labels: &[(&str, &str)]| {
+        let value = format!("{name}-value-000000001");
+        let mut req = store_as(provider, "globex", name, value.as_bytes());
+        for (k, v) in labels {
+            req.labels.insert(k.to_string(), v.to_string());
+        }
+        req
+    };
+    orch.store(labeled(
+        "s1",
+        "anthropic",
+        &[("tier", "pro"), ("user", "1")],
+    ))
+    .await
+    .expect("s1");
+    orch.store(labeled("s2", "openai", &[("tier", "free")]))
+        .await
+        .expect("s2");
+    let expiring = pb::StoreRequest {
+        expires_at: in_secs(2),
+        ..labeled("s3", "anthropic", &[("tier", "free")])
+    };
+    let s3 = orch.store(expiring).await.expect("s3").into_inner();
+    assert_eq!(s3.state, pb::SecretState::Active as i32);
+    let due = pb::StoreRequest {
+        rotate_after: secs(1),
+        ..labeled("s4", "anthropic", &[])
+    };
+    let s4 = orch.store(due).await.expect("s4").into_inner();
+    assert_eq!(s4.rotate_after, secs(1));
+    assert!(!s4.rotation_due);
+    orch.store(labeled("s5", "anthropic", &[]))
+        .await
+        .expect("s5");
+    orch.revoke(revoke_secret("globex", "s5", "gone"))
+        .await
+        .expect("revoke");
+    // A lease issued before the expiry, redeemed after it.
+    let early = lease_ok(&mut orch, lease_req("globex", "s3", 2)).await;
+    redeem(server, AGENT, &early.token)
+        .await
+        .expect("before expiry");
+
+    let list = |f: fn(&mut pb::ListRequest)| {
+        let mut req = pb::ListRequest {
+            tenant: "globex".into(),
+            page_size: 1,
+            ..Default::default()
+        };
+        f(&mut req);
+        req
+    };
+    let mut c = orch.clone();
+    assert_eq!(
+        list_names(&mut c, list(|r| r.provider = "anthropic".into())).await,
+        ["s1", "s3", "s4", "s5"]
+    );
+    assert_eq!(
+        list_names(&mut c, list(|r| r.label_selector = "tier=free".into())).await,
+        ["s2", "s3"]
+    );
+    assert_eq!(
+        list_names(
+            &mut c,
+            list(|r| r.label_selector = "tier=pro,user=1".into())
+        )
+        .await,
+        ["s1"]
+    );
+    assert_eq!(
+        list_names(
+            &mut c,
+            list(|r| r.states = vec![pb::SecretState::Revoked as i32])
+        )
+        .await,
+        ["s5"]
+    );
+    let expiring_soon = |r: &mut pb::ListRequest| r.expiring_before = in_secs(3600);
+    assert_eq!(list_names(&mut c, list(expiring_soon)).await, ["s3"]);
+    for (bad, message) in [
+        (list(|r| r.states = vec![99]), "states"),
+        (list(|r| r.label_selector = "tier".into()), "label_selector"),
+    ] {
+        assert_status(c.list(bad).await, Code::InvalidArgument, message);
+    }
+
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    // s3 has expired, s4's rotation is due.
+    let expired = |r: &mut pb::ListRequest| r.states = vec![pb::SecretState::Expired as i32];
+    assert_eq!(list_names(&mut c, list(expired)).await, ["s3"]);
+    assert_eq!(
+        list_names(&mut c, list(|r| r.rotation_due = true)).await,
+        ["s4"]
+    );
+    let active = |r: &mut pb::ListRequest| r.states = vec![pb::SecretState::Active as i32];
+    assert_eq!(list_names(&mut c, list(active)).await, ["s1", "s2", "s4"]);
+    let s4 = orch
+        .describe(secret_ref("globex", "s4"))
+        .await
+        .expect("describe")
+        .into_inner();
+    assert!(s4.rotation_due);
+    // Expired: no lease, and the lease issued before stops working.
+    let refused = orch.lease(lease_req("globex", "s3", 1)).await;
+    assert_status(refused, Code::FailedPrecondition, "secret expired");
+    assert_status(
+        redeem(server, AGENT, &early.token).await,
+        Code::NotFound,
+        "",
+    );
+    // A Rotate makes it active again, without the expiry that passed; and s4's new version
+    // is not due.
+    for name in ["s3", "s4"] {
+        let value = format!("{name}-value-000000002").into_bytes();
+        remember_secret(&value);
+        let rotated = orch
+            .rotate(pb::RotateRequest {
+                tenant: "globex".into(),
+                name: name.into(),
+                value,
+                ..Default::default()
+            })
+            .await
+            .expect("rotate")
+            .into_inner();
+        assert_eq!(rotated.state, pb::SecretState::Active as i32);
+        assert!(!rotated.rotation_due);
+    }
+    let s3 = lease_and_get(server, "globex", "s3")
+        .await
+        .expect("active again");
+    assert_eq!(s3.value, b"s3-value-000000002");
+    let described = orch
+        .describe(secret_ref("globex", "s3"))
+        .await
+        .expect("describe")
+        .into_inner();
+    assert_eq!(described.expires_at, None);
+    // Expiry and reminders are refused where they make no sense.
+    let past = pb::StoreRequest {
+        expires_at: in_secs(-1),
+        ..labeled("s6", "anthropic", &[])
+    };
+    assert_status(orch.store(past).await, Code::InvalidArgument, "expires_at");
+    let long = pb::StoreRequest {
+        rotate_after: secs(3651 * 86_400),
+        ..labeled("s6", "anthropic", &[])
+    };
+    assert_status(
+        orch.store(long).await,
+        Code::InvalidArgument,
+        "rotate_after",
+    );
 }
