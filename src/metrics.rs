@@ -112,6 +112,20 @@ pub struct Metrics {
     pub turns_taken: Counter,
     /// 1 while this process holds that turn.
     pub turn_held: Gauge,
+    /// Secrets by state, as the last sweep of their lifecycles counted them.
+    pub secrets: Family<SecretStateLabels, Gauge>,
+    /// Secrets whose rotation is due, as the last sweep counted them.
+    pub secrets_rotation_due: Gauge,
+    /// Active secrets expiring within 7 days, as the last sweep counted them.
+    pub secrets_expiring_soon: Gauge,
+}
+
+/// Labels of a count of secrets: their state (`active`, `expired`, `pending_deletion`,
+/// `revoked`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecretStateLabels {
+    /// The state.
+    pub state: &'static str,
 }
 
 /// Labels of the read pool's connections: `open`, `idle`, or `waiting` (callers waiting for
@@ -141,6 +155,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     store_pool: Family::default(),
     turns_taken: Counter::default(),
     turn_held: Gauge::default(),
+    secrets: Family::default(),
+    secrets_rotation_due: Gauge::default(),
+    secrets_expiring_soon: Gauge::default(),
 });
 
 /// The process-wide metrics.
@@ -278,6 +295,23 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
         "background_turn_held",
         "1 while this process holds the turn to run background work",
         m.turn_held.clone(),
+    );
+    registry.register(
+        "secrets",
+        "Secrets by state (active, expired, pending_deletion, revoked), as the last sweep of \
+         their lifecycles counted them (every gc_interval)",
+        m.secrets.clone(),
+    );
+    registry.register(
+        "secrets_rotation_due",
+        "Secrets whose rotation is due (rotate_after has passed since their current version \
+         was made), as the last sweep counted them",
+        m.secrets_rotation_due.clone(),
+    );
+    registry.register(
+        "secrets_expiring_soon",
+        "Active secrets whose expires_at is within 7 days, as the last sweep counted them",
+        m.secrets_expiring_soon.clone(),
     );
     registry.register(
         "lease_redemptions",

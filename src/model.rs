@@ -670,11 +670,16 @@ pub enum Action {
     Throttled,
     /// `UpdateSecret`; the reason names the fields changed.
     UpdateSecret,
+    /// A secret reached its `expires_at` (not an RPC: the background sweep records it).
+    Expire,
+    /// A secret's rotation fell due (not an RPC: the background sweep records it once per
+    /// version).
+    RotationDue,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 18] = [
+    pub const ALL: [Action; 20] = [
         Action::Store,
         Action::Describe,
         Action::List,
@@ -693,6 +698,8 @@ impl Action {
         Action::Repair,
         Action::Throttled,
         Action::UpdateSecret,
+        Action::Expire,
+        Action::RotationDue,
     ];
 
     /// The RPC's name, as recorded and as filtered on.
@@ -716,6 +723,8 @@ impl Action {
             Action::Repair => "Repair",
             Action::Throttled => "Throttled",
             Action::UpdateSecret => "UpdateSecret",
+            Action::Expire => "Expire",
+            Action::RotationDue => "RotationDue",
         }
     }
 
@@ -727,7 +736,7 @@ impl Action {
             .ok_or_else(|| {
                 ValidationError::new(
                     field,
-                    "unknown action (an RPC name such as Get, or Prune, Rewrap, Repair, Throttled)",
+                    "unknown action (an RPC name such as Get, or Prune, Rewrap, Repair, Throttled, Expire, RotationDue)",
                 )
             })
     }

@@ -326,6 +326,11 @@ async fn serve(
         runner.clone(),
         config.gc_interval,
     ));
+    let sweep = tokio::spawn(sweep_secrets(
+        vault.clone(),
+        runner.clone(),
+        config.gc_interval,
+    ));
     let evictions = tokio::spawn(vault.clone().follow_keys());
     let retention = config
         .audit_retention
@@ -480,6 +485,7 @@ async fn serve(
         }
     };
     gc.abort();
+    sweep.abort();
     turns.abort();
     evictions.abort();
     refusals.abort();
@@ -621,6 +627,26 @@ async fn collect_leases(vault: Arc<Vault>, runner: Arc<Runner>, every: Duration)
             Ok(0) => {}
             Ok(n) => tracing::debug!(removed = n, "expired leases collected"),
             Err(e) => tracing::warn!(error = %e, "expired lease collection failed"),
+        }
+    }
+}
+
+/// Sweeps the secrets' lifecycles every `every` (see `vault::sweep`): counts for the gauges
+/// here, and what fell due recorded while this process holds the background turn.
+async fn sweep_secrets(vault: Arc<Vault>, runner: Arc<Runner>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match vault.sweep_secrets(runner.fence()).await {
+            Ok(counts) if counts.recorded > 0 => {
+                tracing::info!(
+                    recorded = counts.recorded,
+                    "secrets' lifecycle events recorded"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sweep of secrets' lifecycles failed"),
         }
     }
 }

@@ -373,6 +373,14 @@ pub trait Store: Send + Sync {
         limit: usize,
     ) -> Result<Vec<SecretRecord>, StoreError>;
 
+    /// Up to `limit` secrets of every tenant, ordered by tenant and name, starting after
+    /// `after` (for the background sweep of secrets' lifecycles).
+    async fn all_secrets(
+        &self,
+        after: Option<(&TenantId, &SecretName)>,
+        limit: usize,
+    ) -> Result<Vec<SecretRecord>, StoreError>;
+
     /// The envelope of one secret version.
     async fn envelope(
         &self,

@@ -66,6 +66,7 @@ mod leases;
 mod life;
 mod listing;
 mod secrets;
+mod sweep;
 mod trail;
 mod unwrap;
 mod watcher;
@@ -75,6 +76,7 @@ pub use self::caller::Caller;
 pub use self::error::{DecryptFailure, VaultError};
 pub use self::io::*;
 use self::listing::{ListFilter, MAX_LIST_SCAN};
+pub use self::sweep::LifeCounts;
 use self::trail::{audit_filter, note_filter_target};
 use self::watcher::Watchers;
 

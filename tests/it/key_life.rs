@@ -1,5 +1,6 @@
 //! The life of a user's key beyond store, lease, rotate and revoke (issue 18): key-shape
-//! checks, per-agent binding, metadata changes and filters, expiry and rotation reminders. Every case runs on both engines: a sled server and a server on
+//! checks, per-agent binding, metadata changes and filters, expiry and rotation reminders
+//! (and the background sweep that records them). Every case runs on both engines: a sled server and a server on
 //! a fresh PostgreSQL database.
 
 use crate::harness::*;
@@ -44,19 +45,23 @@ pub(crate) fn on_postgres(extra: &str) -> Option<OnEngine> {
     })
 }
 
-/// One `#[tokio::test]` per engine for each `case(&TestServer)`.
+/// One `#[tokio::test]` per engine for each `case(&TestServer)`, on servers with `config`
+/// added to their configuration (none if not given).
 macro_rules! on_both_engines {
-    ($($case:ident),* $(,)?) => {$(
+    ($($case:ident),* $(,)?) => {
+        on_both_engines!(config ""; $($case),*);
+    };
+    (config $config:expr; $($case:ident),* $(,)?) => {$(
         mod $case {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn on_sled() {
-                let s = super::on_sled("");
+                let s = super::on_sled($config);
                 super::$case(&s.server).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn on_postgres() {
-                let Some(s) = super::on_postgres("") else {
+                let Some(s) = super::on_postgres($config) else {
                     return;
                 };
                 super::$case(&s.server).await;
@@ -65,6 +70,9 @@ macro_rules! on_both_engines {
     )*};
 }
 
+/// A sweep every second, and the metrics listener.
+const SWEEPING: &str = "[lease]\ngc_interval = \"1s\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n";
+
 on_both_engines!(
     key_shapes_warn_or_refuse_values,
     keys_pasted_into_other_fields_never_reach_the_trail,
@@ -72,6 +80,8 @@ on_both_engines!(
     update_secret_changes_metadata_under_guard,
     lists_filter_and_secrets_expire_and_fall_due,
 );
+
+on_both_engines!(config super::SWEEPING; the_sweep_records_expiry_and_due_rotations_once_and_counts,);
 
 /// A made-up key shaped like `provider`'s (see `src/model/keyshape.rs`).
 fn shaped_key(provider: &str, seed: u64) -> String {
@@ -739,4 +749,124 @@ async fn lists_filter_and_secrets_expire_and_fall_due(server: &TestServer) {
         Code::InvalidArgument,
         "rotate_after",
     );
+}
+
+/// The entries with `action` about `tenant`/`name`, waiting up to 20 s for `at_least`.
+async fn entries_of(
+    server: &TestServer,
+    tenant: &str,
+    name: &str,
+    action: &str,
+    at_least: usize,
+) -> Vec<pb::AuditEntry> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let entries = audit_all(
+            server,
+            pb::AuditRequest {
+                tenant: tenant.into(),
+                name: name.into(),
+                action: action.into(),
+                ..Default::default()
+            },
+        )
+        .await;
+        if entries.len() >= at_least || std::time::Instant::now() > deadline {
+            return entries;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+async fn the_sweep_records_expiry_and_due_rotations_once_and_counts(server: &TestServer) {
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    // A consumer of the trail that tells end users.
+    let mut watch = server
+        .as_(ACME_AUDITOR)
+        .await
+        .watch_audit(pb::WatchAuditRequest {
+            tenant: "acme".into(),
+            action: "Expire".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let expiring = pb::StoreRequest {
+        expires_at: in_secs(2),
+        ..store_req("acme", "e1", b"expiring-value-0001")
+    };
+    orch.store(expiring).await.expect("e1");
+    let later = pb::StoreRequest {
+        expires_at: in_secs(3 * 86_400),
+        ..store_req("acme", "e2", b"expiring-value-0002")
+    };
+    orch.store(later).await.expect("e2");
+    let due = pb::StoreRequest {
+        rotate_after: secs(1),
+        ..store_req("acme", "r1", b"rotating-value-0001")
+    };
+    orch.store(due).await.expect("r1");
+    store(&mut orch, "acme", "p1", b"plain-value-000001").await;
+    store(&mut orch, "acme", "v1", b"revoked-value-0001").await;
+    orch.revoke(revoke_secret("acme", "v1", "test"))
+        .await
+        .expect("revoke");
+
+    let expired = entries_of(server, "acme", "e1", "Expire", 1).await;
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    assert_eq!(expired[0].principal, "", "recorded by byokd itself");
+    assert_eq!(expired[0].version, 1);
+    let watched = tokio::time::timeout(std::time::Duration::from_secs(10), watch.next())
+        .await
+        .expect("the watcher is told")
+        .expect("an entry")
+        .expect("ok");
+    assert_eq!(
+        (watched.name.as_str(), watched.action.as_str()),
+        ("e1", "Expire")
+    );
+    let due = entries_of(server, "acme", "r1", "RotationDue", 1).await;
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].version, 1);
+    // Later sweeps record nothing twice.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(entries_of(server, "acme", "e1", "Expire", 0).await.len(), 1);
+    assert_eq!(
+        entries_of(server, "acme", "r1", "RotationDue", 0)
+            .await
+            .len(),
+        1
+    );
+    assert!(
+        entries_of(server, "acme", "e2", "Expire", 0)
+            .await
+            .is_empty()
+    );
+    assert!(
+        entries_of(server, "acme", "p1", "RotationDue", 0)
+            .await
+            .is_empty()
+    );
+    // The gauges.
+    let metrics = scrape(&ops_addr(server)).await;
+    assert_eq!(sample(&metrics, "byokd_secrets{state=\"expired\"}"), 1.0);
+    assert_eq!(sample(&metrics, "byokd_secrets{state=\"active\"}"), 3.0);
+    assert_eq!(sample(&metrics, "byokd_secrets{state=\"revoked\"}"), 1.0);
+    assert_eq!(sample(&metrics, "byokd_secrets_rotation_due"), 1.0);
+    assert_eq!(sample(&metrics, "byokd_secrets_expiring_soon"), 1.0);
+    // A new version is due again once its own interval has passed.
+    let value = b"rotating-value-0002".to_vec();
+    remember_secret(&value);
+    orch.rotate(pb::RotateRequest {
+        tenant: "acme".into(),
+        name: "r1".into(),
+        value,
+        ..Default::default()
+    })
+    .await
+    .expect("rotate");
+    let due = entries_of(server, "acme", "r1", "RotationDue", 2).await;
+    assert_eq!(due.iter().map(|e| e.version).collect::<Vec<_>>(), [1, 2]);
+    assert_chain_verifies(server).await;
 }

@@ -253,8 +253,10 @@ async fn scrape_p50(ops: &str, n: usize) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_costs_the_same_however_many_leases_are_held() {
+    // Leases outlive the test however slow the machine (none expires and is collected).
     let dir = TestDir::with_config(
         "[metrics]\nlisten = \"127.0.0.1:0\"\n\
+         [lease]\ndefault_ttl = \"15m\"\n\
          [limits]\nprincipal_rate_limit = { per_second = 1000000, burst = 1000000 }\n",
     );
     let server = dir.start();

@@ -46,6 +46,8 @@ struct Reads {
     secret: String,
     secrets_first: String,
     secrets_after: String,
+    all_secrets_first: String,
+    all_secrets_after: String,
     envelope: String,
     envelopes_first: String,
     envelopes_after: String,
@@ -77,6 +79,13 @@ impl Reads {
             secrets_after: format!(
                 "SELECT record FROM {s}.secrets WHERE tenant = $1 AND name > $2
                  ORDER BY name LIMIT $3"
+            ),
+            all_secrets_first: format!(
+                "SELECT record FROM {s}.secrets ORDER BY tenant, name LIMIT $1"
+            ),
+            all_secrets_after: format!(
+                "SELECT record FROM {s}.secrets WHERE (tenant, name) > ($1, $2)
+                 ORDER BY tenant, name LIMIT $3"
             ),
             envelope: format!(
                 "SELECT record FROM {s}.envelopes WHERE secret_id = $1 AND version = $2"
@@ -360,6 +369,26 @@ impl Store for PgStore {
                     &[&tenant.as_str(), &limit(limit_to)],
                 )
                 .await
+            }
+        }
+    }
+
+    async fn all_secrets(
+        &self,
+        after: Option<(&TenantId, &SecretName)>,
+        limit_to: usize,
+    ) -> Result<Vec<SecretRecord>, StoreError> {
+        let key = [codec::SECRET];
+        match after {
+            Some((tenant, name)) => {
+                let params: [&(dyn ToSql + Sync); 3] =
+                    [&tenant.as_str(), &name.as_str(), &limit(limit_to)];
+                self.records(&key, &self.sql.all_secrets_after, &params)
+                    .await
+            }
+            None => {
+                self.records(&key, &self.sql.all_secrets_first, &[&limit(limit_to)])
+                    .await
             }
         }
     }

@@ -381,6 +381,26 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    async fn all_secrets(
+        &self,
+        after: Option<(&TenantId, &SecretName)>,
+        limit: usize,
+    ) -> Result<Vec<SecretRecord>, StoreError> {
+        let start = match after {
+            Some((tenant, name)) => Bound::Excluded(codec::secret_key(tenant, name)),
+            None => Bound::Included(vec![codec::SECRET]),
+        };
+        let mut out = Vec::new();
+        for entry in self.tree.range((start, Bound::Unbounded)) {
+            let (key, value) = entry.map_err(engine)?;
+            if key.first() != Some(&codec::SECRET) || out.len() >= limit {
+                break;
+            }
+            out.push(codec::decode_record(&key, &value)?);
+        }
+        Ok(out)
+    }
+
     async fn envelope(
         &self,
         secret_id: SecretId,
