@@ -392,6 +392,24 @@ async fn records_round_trip(store: &dyn Store) {
             .unwrap()
             .is_empty()
     );
+    // Every tenant's, in tenant and name order, page after page.
+    let all = |v: Vec<SecretRecord>| {
+        v.into_iter()
+            .filter(|s| s.tenant.as_str().starts_with("t1"))
+            .map(|s| format!("{}/{}", s.tenant, s.name))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        all(store.all_secrets(None, 100).await.unwrap()),
+        ["t1/a", "t1/b", "t1/c", "t1/d", "t1x/a"]
+    );
+    assert_eq!(
+        all(store
+            .all_secrets(Some((&tenant("t1"), &name("c"))), 2)
+            .await
+            .unwrap()),
+        ["t1/d", "t1x/a"]
+    );
 
     store
         .commit(Transaction {
