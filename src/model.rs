@@ -505,6 +505,9 @@ pub struct Lifecycle {
     pub destroy_at: Option<Time>,
     /// The previous version, still redeemable by the leases issued for it until `until`.
     pub grace: Option<Grace>,
+    /// Leases issued before this time do not work (set by a Restore: the leases a
+    /// revocation ended stay ended).
+    pub leases_after: Option<Time>,
 }
 
 /// A previous version kept for the leases issued on it, for a while after a Rotate.
@@ -675,11 +678,18 @@ pub enum Action {
     /// A secret's rotation fell due (not an RPC: the background sweep records it once per
     /// version).
     RotationDue,
+    /// `Restore`
+    Restore,
+    /// `Purge`
+    Purge,
+    /// Data keys destroyed when a recovery window or a rotation grace ended (not an RPC: the
+    /// background sweep records it).
+    Destroy,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 20] = [
+    pub const ALL: [Action; 23] = [
         Action::Store,
         Action::Describe,
         Action::List,
@@ -700,6 +710,9 @@ impl Action {
         Action::UpdateSecret,
         Action::Expire,
         Action::RotationDue,
+        Action::Restore,
+        Action::Purge,
+        Action::Destroy,
     ];
 
     /// The RPC's name, as recorded and as filtered on.
@@ -725,6 +738,9 @@ impl Action {
             Action::UpdateSecret => "UpdateSecret",
             Action::Expire => "Expire",
             Action::RotationDue => "RotationDue",
+            Action::Restore => "Restore",
+            Action::Purge => "Purge",
+            Action::Destroy => "Destroy",
         }
     }
 
@@ -736,7 +752,7 @@ impl Action {
             .ok_or_else(|| {
                 ValidationError::new(
                     field,
-                    "unknown action (an RPC name such as Get, or Prune, Rewrap, Repair, Throttled, Expire, RotationDue)",
+                    "unknown action (an RPC name such as Get, or Prune, Rewrap, Repair, Throttled, Expire, RotationDue, Destroy)",
                 )
             })
     }
@@ -886,7 +902,7 @@ pub struct AuditDraft {
 pub enum KeysChanged {
     /// Nothing.
     None,
-    /// A Rotate or Revoke of this secret destroyed data keys of it.
+    /// A Rotate, Revoke, Destroy or Purge of this secret destroyed data keys of it.
     Secret(SecretId),
     /// A master-key rotation started or rewrapped envelopes: the keyring changed.
     MasterKey,
@@ -900,7 +916,9 @@ impl AuditDraft {
             return KeysChanged::None;
         }
         match (self.action, self.secret_id) {
-            (Action::Rotate | Action::Revoke, Some(id)) => KeysChanged::Secret(id),
+            (Action::Rotate | Action::Revoke | Action::Destroy | Action::Purge, Some(id)) => {
+                KeysChanged::Secret(id)
+            }
             (Action::RotateMasterKey | Action::Rewrap, _) => KeysChanged::MasterKey,
             _ => KeysChanged::None,
         }

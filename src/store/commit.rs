@@ -88,6 +88,8 @@ pub enum RecordKey {
 pub enum Change {
     /// Insert or replace a secret's record.
     Secret(SecretRecord),
+    /// Delete a secret's record.
+    DeleteSecret(TenantId, SecretName),
     /// Insert or replace a version's envelope.
     Envelope(EnvelopeRecord),
     /// Delete the envelope of one version (its wrapped data key is gone).
@@ -745,6 +747,10 @@ impl<A: Adapter> Writer<A> {
             Write::DeleteLease(l) => {
                 touched.push((RecordKey::Lease(l.token_hash), None));
                 changes.push(Change::DeleteLease(l));
+            }
+            Write::DeleteSecret { tenant, name } => {
+                touched.push((RecordKey::Secret(tenant.clone(), name.clone()), None));
+                changes.push(Change::DeleteSecret(tenant, name));
             }
             Write::DestroyEnvelopes { secret_id, keep } => {
                 let mut versions = self.adapter.envelope_versions(secret_id)?;

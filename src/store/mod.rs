@@ -281,6 +281,13 @@ pub struct Guard {
 pub enum Write {
     /// Insert or replace a secret's metadata.
     PutSecret(SecretRecord),
+    /// Delete a secret's metadata (a purge: its name is free again).
+    DeleteSecret {
+        /// Its tenant.
+        tenant: TenantId,
+        /// Its name.
+        name: SecretName,
+    },
     /// Insert or replace a version's envelope.
     PutEnvelope(EnvelopeRecord),
     /// Delete every envelope of the secret except version `keep` (crypto-shredding: the

@@ -48,6 +48,7 @@ pub(crate) fn with_life(mut s: SecretRecord) -> SecretRecord {
             version: 1,
             until: Time::from_micros(6_000_000),
         }),
+        leases_after: Some(Time::from_micros(5_000_000)),
     };
     s
 }
@@ -217,6 +218,7 @@ pub(crate) async fn check_adapter(store: Arc<dyn Store>) {
     records_round_trip(&*store).await;
     guards_reject_stale_reads(&*store).await;
     envelopes_are_destroyed(&*store).await;
+    deleted_secrets_free_their_name(&*store).await;
     leases_are_indexed(&*store).await;
     audit_sequence_has_no_gaps(store.clone()).await;
     racing_creates_of_one_name_let_exactly_one_win(store.clone()).await;
@@ -428,6 +430,64 @@ async fn records_round_trip(store: &dyn Store) {
         Some(&b"check"[..])
     );
     assert_eq!(store.meta(MetaKey::BootstrapAdmin).await.unwrap(), None);
+}
+
+/// A purge deletes a secret's record: gone from reads and lists, its name free for a new
+/// secret, and a guard on what was read before fails.
+async fn deleted_secrets_free_their_name(store: &dyn Store) {
+    let s = with_life(secret("purge", "a"));
+    store
+        .commit(put(
+            vec![
+                Write::PutSecret(s.clone()),
+                Write::PutEnvelope(envelope(s.id, 1)),
+            ],
+            Action::Store,
+        ))
+        .await
+        .unwrap();
+    let read = store.secret(&s.tenant, &s.name).await.unwrap().unwrap();
+    let purge = Transaction {
+        guards: vec![Guard::secret(&s.tenant, &s.name, Some(&read))],
+        writes: vec![
+            Write::DestroyEnvelopes {
+                secret_id: s.id,
+                keep: None,
+            },
+            Write::DeleteSecret {
+                tenant: s.tenant.clone(),
+                name: s.name.clone(),
+            },
+        ],
+        ..put(Vec::new(), Action::Purge)
+    };
+    store.commit(purge.clone()).await.unwrap();
+    assert_eq!(store.secret(&s.tenant, &s.name).await.unwrap(), None);
+    assert_eq!(store.envelope(s.id, 1).await.unwrap(), None);
+    assert!(
+        store
+            .list_secrets(&s.tenant, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // What was read before the purge guards nothing any more.
+    assert!(matches!(
+        store.commit(purge).await,
+        Err(StoreError::Conflict)
+    ));
+    // The name is free: a new secret takes it, guarded on its absence.
+    let again = secret("purge", "a");
+    let store_again = Transaction {
+        guards: vec![Guard::secret(&s.tenant, &s.name, None)],
+        writes: vec![Write::PutSecret(again.clone())],
+        ..put(Vec::new(), Action::Store)
+    };
+    store.commit(store_again).await.unwrap();
+    assert_eq!(
+        plain(store.secret(&s.tenant, &s.name).await.unwrap()),
+        Some(again)
+    );
 }
 
 async fn guards_reject_stale_reads(store: &dyn Store) {

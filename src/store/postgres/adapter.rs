@@ -284,7 +284,10 @@ fn witness(group: &Group) -> Witness {
             Change::Envelope(e) => (RecordKey::Envelope(e.secret_id, e.version), e.rev),
             Change::NewLease(l) | Change::UpdateLease(l) => (RecordKey::Lease(l.token_hash), l.rev),
             Change::Meta(key, revision, _) => (RecordKey::Meta(*key), *revision),
-            Change::DeleteEnvelope(..) | Change::DeleteLease(_) | Change::Anchor(_) => continue,
+            Change::DeleteEnvelope(..)
+            | Change::DeleteSecret(..)
+            | Change::DeleteLease(_)
+            | Change::Anchor(_) => continue,
         };
         return Witness::Record(key, revision);
     }

@@ -161,6 +161,9 @@ impl Redemptions {
                         .secrets
                         .remove(&(secret.tenant.clone(), secret.name.clone()));
                 }
+                Change::DeleteSecret(tenant, name) => {
+                    known.secrets.remove(&(tenant.clone(), name.clone()));
+                }
                 Change::Envelope(envelope) => {
                     envelopes_of.insert(envelope.secret_id);
                 }

@@ -28,6 +28,7 @@ const ENTRIES_PER_STATEMENT: usize = 256;
 /// The write statements, for one schema on one connection.
 pub(super) struct Writes {
     put_meta: Statement,
+    delete_secret: Statement,
     put_anchor: Statement,
     prune: Statement,
     /// The group statement with n audit entries, by n (prepared when first needed).
@@ -42,6 +43,9 @@ impl Writes {
             put_meta: client.prepare(&format!(
                 "INSERT INTO {s}.meta (name, rev, value) VALUES ($1, $2, $3)
                  ON CONFLICT (name) DO UPDATE SET rev = $2, value = $3"
+            ))?,
+            delete_secret: client.prepare(&format!(
+                "DELETE FROM {s}.secrets WHERE tenant = $1 AND name = $2"
             ))?,
             put_anchor: client.prepare(&format!(
                 "INSERT INTO {s}.anchor (one, seq, record) VALUES (true, $1, $2)
@@ -146,8 +150,8 @@ struct EntryRow {
 pub(super) struct GroupRows {
     /// By token hash: the lease as the group leaves it (`None`: deleted).
     leases: HashMap<Vec<u8>, Option<LeaseRow>>,
-    /// By tenant and name.
-    secrets: HashMap<(String, String), SecretRow>,
+    /// By tenant and name: the secret as the group leaves it (`None`: deleted).
+    secrets: HashMap<(String, String), Option<SecretRow>>,
     /// By secret id and version: the envelope as the group leaves it (`None`: deleted).
     envelopes: HashMap<(uuid::Uuid, i32), Option<EnvelopeRow>>,
     metas: Vec<(&'static str, i64, Vec<u8>)>,
@@ -233,12 +237,18 @@ impl GroupRows {
             Change::Secret(s) => {
                 self.secrets.insert(
                     (s.tenant.as_str().to_string(), s.name.as_str().to_string()),
-                    SecretRow {
+                    Some(SecretRow {
                         id: uuid(s.id.as_bytes()),
                         version: s.version as i32,
                         rev: stored(s.rev),
                         record: codec::encode_record(s)?,
-                    },
+                    }),
+                );
+            }
+            Change::DeleteSecret(tenant, name) => {
+                self.secrets.insert(
+                    (tenant.as_str().to_string(), name.as_str().to_string()),
+                    None,
                 );
             }
             Change::Envelope(e) => {
@@ -278,8 +288,9 @@ impl GroupRows {
         Ok(())
     }
 
-    /// Writes the rows in the open transaction: meta values and the anchor one by one, then
-    /// everything else in one statement (one more per [`ENTRIES_PER_STATEMENT`] entries).
+    /// Writes the rows in the open transaction: meta values, the anchor and deleted secrets
+    /// (purges) one by one, then everything else in one statement (one more per
+    /// [`ENTRIES_PER_STATEMENT`] entries).
     pub(super) fn write(&self, client: &mut Client, sql: &Writes) -> Result<(), postgres::Error> {
         for (name, rev, value) in &self.metas {
             client.execute(&sql.put_meta, &[name, rev, value])?;
@@ -296,7 +307,12 @@ impl GroupRows {
             }
         }
         for ((tenant, name), s) in &self.secrets {
-            all.secrets.push(tenant, name, s);
+            match s {
+                Some(s) => all.secrets.push(tenant, name, s),
+                None => {
+                    client.execute(&sql.delete_secret, &[tenant, name])?;
+                }
+            }
         }
         for ((id, version), envelope) in &self.envelopes {
             match envelope {

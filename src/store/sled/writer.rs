@@ -294,6 +294,9 @@ pub(super) fn stage(change: &Change, pending: &mut Pending) -> Result<(), StoreE
         Change::DeleteEnvelope(id, version) => {
             pending.insert(codec::envelope_key(*id, *version), None);
         }
+        Change::DeleteSecret(tenant, name) => {
+            pending.insert(codec::secret_key(tenant, name), None);
+        }
         Change::NewLease(_) | Change::UpdateLease(_) | Change::DeleteLease(_) => {
             stage_lease(change, pending)?
         }
