@@ -168,6 +168,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             name,
         })),
         reason: "example done".into(),
+        ..Default::default()
     })
     .await?;
     println!("example ok");

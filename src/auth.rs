@@ -117,6 +117,10 @@ pub enum Operation {
     Backup,
     /// Change a secret's metadata.
     UpdateSecret,
+    /// Restore a secret pending deletion.
+    Restore,
+    /// Purge a secret.
+    Purge,
 }
 
 impl Operation {
@@ -128,12 +132,13 @@ impl Operation {
             | Operation::RevokeSecret
             | Operation::Describe
             | Operation::UpdateSecret
+            | Operation::Restore
             | Operation::List => &[Role::Writer, Role::Admin],
             Operation::RevokeLease => &[Role::Leaser, Role::Writer, Role::Admin],
             Operation::Lease => &[Role::Leaser, Role::Admin],
             Operation::Get => &[Role::Reader, Role::Admin],
             Operation::Audit => &[Role::Auditor, Role::Admin],
-            Operation::RotateMasterKey | Operation::Backup => &[Role::Admin],
+            Operation::RotateMasterKey | Operation::Backup | Operation::Purge => &[Role::Admin],
         }
     }
 }
@@ -153,6 +158,8 @@ impl fmt::Display for Operation {
             Operation::RotateMasterKey => "rotate the master key",
             Operation::Backup => "take a backup",
             Operation::UpdateSecret => "update secrets",
+            Operation::Restore => "restore secrets",
+            Operation::Purge => "purge secrets",
         })
     }
 }

@@ -188,11 +188,18 @@ pub fn check_redeemable(
     }
     match secret {
         Some(s) if s.id == lease.secret_id && s.state == SecretState::Active => {
+            let in_grace = s
+                .life
+                .grace
+                .is_some_and(|g| g.version == lease.version && now < g.until);
             if !s.life.may_read(caller) {
                 Err(LeaseError::NotAllowedReader)
+            } else if s.life.leases_after.is_some_and(|t| lease.created_at < t) {
+                // Issued before a revocation that a Restore undid: ended by it.
+                Err(LeaseError::SecretRevoked)
             } else if s.phase(now) == Phase::Expired {
                 Err(LeaseError::SecretExpired)
-            } else if s.version == lease.version {
+            } else if s.version == lease.version || in_grace {
                 Ok(())
             } else {
                 Err(LeaseError::Superseded)

@@ -148,6 +148,7 @@ impl vault_server::Vault for VaultService {
                 Ok(pb::SecretState::Active) => Some(Phase::Active),
                 Ok(pb::SecretState::Expired) => Some(Phase::Expired),
                 Ok(pb::SecretState::Revoked) => Some(Phase::Revoked),
+                Ok(pb::SecretState::PendingDeletion) => Some(Phase::PendingDeletion),
                 Ok(pb::SecretState::Unspecified) | Err(_) => None,
             })
             .collect();
@@ -218,7 +219,8 @@ impl vault_server::Vault for VaultService {
                 tenant: r.secret.tenant.to_string(),
                 name: r.secret.name.to_string(),
                 provider: r.secret.provider.to_string(),
-                version: r.secret.version,
+                // The version the value is of: the lease's (a previous one, in a rotation grace).
+                version: r.lease.version,
                 lease_id: r.lease.id.to_string(),
                 remaining_uses: r.lease.max_uses.saturating_sub(r.lease.uses),
             }),
@@ -236,6 +238,7 @@ impl vault_server::Vault for VaultService {
             tenant: req.tenant,
             name: req.name,
             strict_format: req.strict_format,
+            previous_grace: req.previous_grace.map(|d| (d.seconds, d.nanos)),
         };
         let result = self.vault.rotate(&caller, input).await;
         respond("Rotate", result.map(changed))
@@ -263,6 +266,35 @@ impl vault_server::Vault for VaultService {
         respond("UpdateSecret", result.map(|r| metadata(&r)))
     }
 
+    async fn restore(
+        &self,
+        mut request: Request<pb::SecretRef>,
+    ) -> Result<Response<pb::SecretMetadata>, Status> {
+        let caller = self.caller(&mut request);
+        let req = request.into_inner();
+        let result = self.vault.restore(&caller, req.tenant, req.name).await;
+        respond("Restore", result.map(|r| metadata(&r)))
+    }
+
+    async fn purge(
+        &self,
+        mut request: Request<pb::PurgeRequest>,
+    ) -> Result<Response<pb::PurgeResponse>, Status> {
+        let caller = self.caller(&mut request);
+        let req = request.into_inner();
+        let result = self
+            .vault
+            .purge(&caller, req.tenant, req.name, req.reason)
+            .await;
+        respond(
+            "Purge",
+            result.map(|p| pb::PurgeResponse {
+                secret_id: p.secret_id.to_string(),
+                versions_destroyed: p.versions_destroyed,
+            }),
+        )
+    }
+
     async fn revoke(
         &self,
         mut request: Request<pb::RevokeRequest>,
@@ -277,7 +309,8 @@ impl vault_server::Vault for VaultService {
             },
             Some(pb::revoke_request::Target::LeaseId(id)) => RevokeTarget::Lease(id),
         };
-        let result = self.vault.revoke(&caller, target, req.reason).await;
+        let window = req.recovery_window.map(|d| (d.seconds, d.nanos));
+        let result = self.vault.revoke(&caller, target, req.reason, window).await;
         respond(
             "Revoke",
             result.map(|r| pb::RevokeResponse {
@@ -574,8 +607,8 @@ fn metadata(r: &SecretRecord) -> pb::SecretMetadata {
         state: match r.phase(now) {
             Phase::Active => pb::SecretState::Active,
             Phase::Expired => pb::SecretState::Expired,
-            // Not yet: a revocation destroys every version at once.
-            Phase::PendingDeletion | Phase::Revoked => pb::SecretState::Revoked,
+            Phase::PendingDeletion => pb::SecretState::PendingDeletion,
+            Phase::Revoked => pb::SecretState::Revoked,
         } as i32,
         created_at: Some(timestamp(r.created_at)),
         updated_at: Some(timestamp(r.updated_at)),
@@ -594,6 +627,9 @@ fn metadata(r: &SecretRecord) -> pb::SecretMetadata {
             nanos: ((us % 1_000_000) * 1_000) as i32,
         }),
         rotation_due: r.rotation_due(now),
+        destroy_at: r.life.destroy_at.map(timestamp),
+        previous_version: r.life.grace.map_or(0, |g| g.version),
+        previous_until: r.life.grace.map(|g| timestamp(g.until)),
     }
 }
 

@@ -36,6 +36,9 @@ pub enum VaultError {
     /// The secret is past its expiry (a Rotate makes it active again).
     #[error("secret expired; rotate it to use it again")]
     SecretExpired,
+    /// Restore of a secret that is not pending deletion (or whose window has ended).
+    #[error("secret is not pending deletion")]
+    NotPendingDeletion,
     /// A lease could not be issued or redeemed.
     #[error(transparent)]
     Lease(#[from] LeaseError),
@@ -141,7 +144,9 @@ impl VaultError {
             VaultError::Audit(AuditError::Abandoned) => Outcome::Cancelled,
             VaultError::SecretNotFound | VaultError::LeaseNotFound => Outcome::NotFound,
             VaultError::AlreadyExists => Outcome::AlreadyExists,
-            VaultError::SecretRevoked | VaultError::SecretExpired => Outcome::FailedPrecondition,
+            VaultError::SecretRevoked
+            | VaultError::SecretExpired
+            | VaultError::NotPendingDeletion => Outcome::FailedPrecondition,
             VaultError::Pruned { .. } | VaultError::PastHead { .. } => Outcome::OutOfRange,
             VaultError::Lease(
                 LeaseError::TtlNotPositive

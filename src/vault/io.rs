@@ -4,7 +4,7 @@
 use crate::backup::BackupHeader;
 use crate::crypto::Plaintext;
 use crate::lease::{LeaseToken, RequestedTtl};
-use crate::model::{AuditRecord, LeaseRecord, Phase, SecretRecord};
+use crate::model::{AuditRecord, LeaseRecord, Phase, SecretId, SecretRecord};
 use std::collections::HashMap;
 
 /// Input of Store, as received.
@@ -83,6 +83,17 @@ pub struct RotateInput {
     pub value: Plaintext,
     /// Refuse a value not shaped like the provider's keys, instead of warning.
     pub strict_format: bool,
+    /// How long the previous version stays redeemable by its leases, seconds and
+    /// nanoseconds (absent or 0: destroyed at once).
+    pub previous_grace: Option<(i64, i32)>,
+}
+
+/// A purged secret.
+pub struct Purged {
+    /// The id it had.
+    pub secret_id: SecretId,
+    /// Versions whose data keys were destroyed.
+    pub versions_destroyed: u32,
 }
 
 /// A secret as a Store or Rotate left it, with what the caller should know about the value.

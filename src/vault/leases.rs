@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use crate::auth::Operation;
 use crate::lease::{self, LeaseError, LeaseToken};
 use crate::model::{
-    Action, AuditDraft, LeaseId, LeaseRecord, Phase, PrincipalId, Reason, TenantId, Time,
-    TokenHash, ValidationError,
+    Action, AuditDraft, LeaseId, LeaseRecord, Phase, PrincipalId, Reason, SecretRecord, TenantId,
+    Time, TokenHash, ValidationError,
 };
 use crate::pending::Pending;
 use crate::quota::{Delta, Quotas};
@@ -177,8 +177,23 @@ impl Vault {
                 // check_redeemable fails when the secret is absent.
                 return Err(LeaseError::SecretRevoked.into());
             };
-            let envelope = envelope.ok_or(VaultError::Decrypt(DecryptFailure::MissingEnvelope))?;
-            let value = self.open(&secret, &envelope).await?;
+            let value = if lease.version == secret.version {
+                let envelope =
+                    envelope.ok_or(VaultError::Decrypt(DecryptFailure::MissingEnvelope))?;
+                self.open(&secret, &envelope).await?
+            } else {
+                // A lease on the previous version, in its rotation grace: that version.
+                let envelope = self
+                    .store
+                    .envelope(secret.id, lease.version)
+                    .await?
+                    .ok_or(VaultError::Decrypt(DecryptFailure::MissingEnvelope))?;
+                let previous = SecretRecord {
+                    version: lease.version,
+                    ..secret.clone()
+                };
+                self.open(&previous, &envelope).await?
+            };
             let mut used = lease.clone();
             used.uses += 1;
             let tx = Transaction {
@@ -212,6 +227,7 @@ impl Vault {
         caller: &Caller,
         id: &str,
         reason: String,
+        recovery_window: Option<(i64, i32)>,
         audit: &mut Pending,
     ) -> Result<Revoked, VaultError> {
         // The lease it names, before authorization decides, so that a denied request is
@@ -233,6 +249,13 @@ impl Vault {
         };
         let principal = caller.authorize(Operation::RevokeLease)?;
         audit.reason = Reason::parse(reason)?.as_str().to_string();
+        if recovery_window.is_some() {
+            return Err(ValidationError::new(
+                "recovery_window",
+                "only a secret's revocation has one",
+            )
+            .into());
+        }
         let id = id?;
         let mut first = Some(found);
         let mut attempts = Attempts::default();

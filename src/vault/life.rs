@@ -215,20 +215,47 @@ fn update_fields(mask: &[String]) -> Result<Vec<&'static str>, ValidationError> 
 
 /// A request's `rotate_after`, in microseconds: absent, or 1 s to 3650 days.
 fn rotate_after(given: Option<(i64, i32)>) -> Result<Option<u64>, ValidationError> {
+    let Some(d) = duration_field("rotate_after", given)? else {
+        return Ok(None);
+    };
+    if !(MIN_ROTATE_AFTER..=MAX_ROTATE_AFTER).contains(&d) {
+        return Err(ValidationError::new(
+            "rotate_after",
+            "must be 1s to 3650 days",
+        ));
+    }
+    Ok(Some(d.as_micros() as u64))
+}
+
+/// A request's duration `field` (seconds and nanoseconds): absent, or not negative.
+fn duration_field(
+    field: &'static str,
+    given: Option<(i64, i32)>,
+) -> Result<Option<Duration>, ValidationError> {
     let Some((seconds, nanos)) = given else {
         return Ok(None);
     };
-    let out_of_range = || ValidationError::new("rotate_after", "must be 1s to 3650 days");
-    let seconds = u64::try_from(seconds).map_err(|_| out_of_range())?;
-    let nanos = u32::try_from(nanos).map_err(|_| out_of_range())?;
+    let invalid = || ValidationError::new(field, "must not be negative");
+    let seconds = u64::try_from(seconds).map_err(|_| invalid())?;
+    let nanos = u32::try_from(nanos).map_err(|_| invalid())?;
     if nanos >= 1_000_000_000 {
-        return Err(out_of_range());
+        return Err(ValidationError::new(field, "not a valid duration"));
     }
-    let d = Duration::new(seconds, nanos);
-    if !(MIN_ROTATE_AFTER..=MAX_ROTATE_AFTER).contains(&d) {
-        return Err(out_of_range());
+    Ok(Some(Duration::new(seconds, nanos)))
+}
+
+/// A request's optional duration `field` of at most `max`: absent or zero is `None`.
+pub(super) fn window_field(
+    field: &'static str,
+    given: Option<(i64, i32)>,
+    max: Duration,
+    max_text: &str,
+) -> Result<Option<Duration>, ValidationError> {
+    match duration_field(field, given)? {
+        Some(d) if d > max => Err(ValidationError::new(field, format!("at most {max_text}"))),
+        Some(d) if !d.is_zero() => Ok(Some(d)),
+        _ => Ok(None),
     }
-    Ok(Some(d.as_micros() as u64))
 }
 
 #[cfg(test)]

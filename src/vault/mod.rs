@@ -60,6 +60,7 @@ const WATCH_BUFFER: usize = 256;
 
 mod admin;
 mod caller;
+mod deletion;
 mod error;
 mod io;
 mod leases;

@@ -1,13 +1,13 @@
 //! Operations on secrets: Store, Describe, List, Rotate and Revoke.
 
+use super::life::window_field;
 use crate::auth::Operation;
 use crate::crypto::Plaintext;
 use crate::model::{
-    Action, AuditDraft, Labels, Phase, Provider, Reason, SecretId, SecretName, SecretRecord,
+    Action, AuditDraft, Grace, Labels, Phase, Provider, SecretId, SecretName, SecretRecord,
     SecretState, TenantId, Time, ValidationError, check_value_len, keyshape, value_hint,
 };
-use crate::pending::Pending;
-use crate::quota::{Delta, Quotas};
+use crate::quota::Delta;
 use crate::store::{Guard, StoreError, Transaction, Write};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -187,9 +187,11 @@ impl Vault {
             name,
             value,
             strict_format,
+            previous_grace,
         } = input;
         let (_, tenant, name) = authorize_secret(caller, audit, Operation::Rotate, tenant, name)?;
         check_value_len("value", value.len())?;
+        let grace = window_field("previous_grace", previous_grace, MAX_GRACE, "15 minutes")?;
         let mut attempts = Attempts::default();
         loop {
             attempts.next()?;
@@ -211,13 +213,24 @@ impl Vault {
                 next.life.expiry_noted = None;
             }
             next.hint = value_hint(value.expose_secret());
+            // With a grace, the previous version is kept for its leases (and a version kept
+            // by an earlier grace is destroyed); without, it is destroyed now.
+            next.life.grace = grace.map(|g| Grace {
+                version: current.version,
+                until: now.plus(g),
+            });
+            let keep = grace.map(|_| current.version);
             let envelope = self.seal(&next, &value).await?;
             audit.secret(&next);
-            let before = self.value_bytes(&current).await?;
+            let held = self.held_bytes(&current).await?;
+            let kept = match keep {
+                Some(_) => self.value_bytes(&current).await?,
+                None => 0,
+            };
             let charge = self.quotas.charge(
                 &tenant,
                 Delta {
-                    value_bytes: envelope.ciphertext.len() as i64 - before,
+                    value_bytes: envelope.ciphertext.len() as i64 - (held - kept),
                     ..Delta::default()
                 },
             )?;
@@ -228,14 +241,15 @@ impl Vault {
                     Write::PutSecret(next.clone()),
                     Write::DestroyEnvelopes {
                         secret_id: next.id,
-                        keep: Some(next.version),
+                        keep,
                     },
                     Write::PutEnvelope(envelope),
                 ],
                 audit: Some(audit.clone()),
             };
             if let Some(done) = self.commit_or_retry(tx, next).await? {
-                // The previous version's data key is destroyed: drop it from memory too.
+                // Destroyed data keys may not be served from memory (a kept one is unwrapped
+                // again when a lease needs it).
                 self.cache.evict_secret(done.id);
                 return Ok(Changed {
                     secret: done,
@@ -245,12 +259,14 @@ impl Vault {
         }
     }
 
-    /// Revokes a secret (destroying every version) or one lease. Revoking twice succeeds.
+    /// Revokes a secret (destroying every version, at once or after `recovery_window`) or one
+    /// lease. Revoking twice succeeds.
     pub async fn revoke(
         &self,
         caller: &Caller,
         target: RevokeTarget,
         reason: String,
+        recovery_window: Option<(i64, i32)>,
     ) -> Result<Revoked, VaultError> {
         operation!(self, caller, Action::Revoke, |audit| {
             match target {
@@ -258,81 +274,16 @@ impl Vault {
                     Err(ValidationError::new("target", "set secret or lease_id").into())
                 }),
                 RevokeTarget::Secret { tenant, name } => {
-                    self.revoke_secret(caller, tenant, name, reason, &mut audit)
+                    let target = (tenant, name, recovery_window);
+                    self.revoke_secret(caller, target, reason, &mut audit).await
+                }
+                RevokeTarget::Lease(id) => {
+                    let window = recovery_window.filter(|&(s, n)| (s, n) != (0, 0));
+                    self.revoke_lease(caller, &id, reason, window, &mut audit)
                         .await
                 }
-                RevokeTarget::Lease(id) => self.revoke_lease(caller, &id, reason, &mut audit).await,
             }
         })
-    }
-
-    pub(super) async fn revoke_secret(
-        &self,
-        caller: &Caller,
-        tenant: String,
-        name: String,
-        reason: String,
-        audit: &mut Pending,
-    ) -> Result<Revoked, VaultError> {
-        let (_, tenant, name) =
-            authorize_secret(caller, audit, Operation::RevokeSecret, tenant, name)?;
-        audit.reason = Reason::parse(reason)?.as_str().to_string();
-        let mut attempts = Attempts::default();
-        loop {
-            attempts.next()?;
-            let current = self
-                .store
-                .secret(&tenant, &name)
-                .await?
-                .ok_or(VaultError::SecretNotFound)?;
-            audit.secret(&current);
-            if current.state == SecretState::Revoked {
-                self.record(audit.settle()).await?;
-                return Ok(Revoked {
-                    already_revoked: true,
-                    secret: Some(current),
-                });
-            }
-            let now = Time::now();
-            let mut tombstone = current.clone();
-            tombstone.state = SecretState::Revoked;
-            tombstone.revoked_at = Some(now);
-            tombstone.updated_at = now;
-            let freed = self.value_bytes(&current).await?;
-            let tx = Transaction {
-                charges: vec![Quotas::give_back(
-                    &tenant,
-                    Delta {
-                        secrets: -1,
-                        value_bytes: -freed,
-                        leases: 0,
-                    },
-                )],
-                guards: vec![Guard::secret(&tenant, &name, Some(&current))],
-                writes: vec![
-                    Write::PutSecret(tombstone.clone()),
-                    Write::DestroyEnvelopes {
-                        secret_id: current.id,
-                        keep: None,
-                    },
-                ],
-                audit: Some(audit.clone()),
-            };
-            if let Some(done) = self
-                .commit_or_retry(
-                    tx,
-                    Revoked {
-                        already_revoked: false,
-                        secret: Some(tombstone),
-                    },
-                )
-                .await?
-            {
-                // Every data key of the secret is destroyed: none may be served from memory.
-                self.cache.evict_secret(current.id);
-                return Ok(done);
-            }
-        }
     }
 
     /// The secret `tenant`/`name`, if it exists and is active.
@@ -376,6 +327,9 @@ fn shape_warnings(
         Some(problem) => Ok(vec![format!("value {problem}; stored as given")]),
     }
 }
+
+/// Longest rotation grace.
+const MAX_GRACE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 pub(super) fn decode_list_token(token: &str) -> Result<SecretName, ValidationError> {
     let invalid = || ValidationError::new("page_token", "not a token returned by List");

@@ -1,14 +1,16 @@
 //! The background sweep of secrets' lifecycles: every `gc_interval`, each process counts the
-//! secrets by state for the gauges, and the one holding the background turn records what fell
-//! due since the last sweep (a secret past its `expires_at`: `Expire`; a rotation due:
-//! `RotationDue`, once per version). A secret's record notes what the trail has recorded, in
-//! the same commit, so a sweep after a crash or on another replica records nothing twice and
-//! misses nothing.
+//! secrets by state for the gauges, and the one holding the background turn does what fell
+//! due since the last sweep: destroys the data keys of a secret whose recovery window ended,
+//! and of a previous version whose rotation grace ended (`Destroy`), and records a secret
+//! past its `expires_at` (`Expire`) and a rotation due (`RotationDue`, once per version). A
+//! secret's record notes what was done, in the same commit, so a sweep after a crash (the
+//! first one runs at start) or on another replica does nothing twice and misses nothing.
 
 use std::time::Duration;
 
 use crate::metrics::SecretStateLabels;
 use crate::model::{Action, AuditDraft, Phase, SecretName, SecretRecord, TenantId, Time};
+use crate::quota::{Delta, Quotas};
 use crate::store::{Guard, StoreError, Transaction, Write};
 
 use super::{Vault, VaultError};
@@ -73,17 +75,53 @@ fn gauge(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// What has fallen due for `s` at `now` and is not recorded yet: the entry to record and the
-/// record noting it.
-fn due(s: &SecretRecord, now: Time) -> Option<(Action, SecretRecord)> {
+/// Something fallen due for a secret: the entry to record, the record as it leaves it, and
+/// the data keys it destroys.
+#[derive(Debug)]
+struct Due {
+    action: Action,
+    next: SecretRecord,
+    /// The version the entry names.
+    version: u32,
+    /// Destroys every envelope but `Some(version)` (or all, `None`).
+    destroy: Option<Option<u32>>,
+    reason: &'static str,
+}
+
+/// What has fallen due for `s` at `now` and is not done yet, the destructions first.
+fn due(s: &SecretRecord, now: Time) -> Option<Due> {
     let mut next = s.clone();
+    let note = |action, next, reason| Due {
+        action,
+        next,
+        version: s.version,
+        destroy: None,
+        reason,
+    };
+    if s.phase(now) == Phase::PendingDeletion && s.life.destroy_at.is_some_and(|t| t <= now) {
+        next.life.destroy_at = None;
+        next.life.grace = None;
+        next.updated_at = now.max(s.updated_at);
+        return Some(Due {
+            destroy: Some(None),
+            ..note(Action::Destroy, next, "recovery window ended")
+        });
+    }
+    if let Some(grace) = s.life.grace.filter(|g| g.until <= now) {
+        next.life.grace = None;
+        return Some(Due {
+            version: grace.version,
+            destroy: Some(Some(s.version)),
+            ..note(Action::Destroy, next, "rotation grace ended")
+        });
+    }
     if s.phase(now) == Phase::Expired && s.life.expiry_noted != s.life.expires_at {
         next.life.expiry_noted = s.life.expires_at;
-        return Some((Action::Expire, next));
+        return Some(note(Action::Expire, next, ""));
     }
     if s.rotation_due(now) && s.life.rotation_due_noted != Some(s.version) {
         next.life.rotation_due_noted = Some(s.version);
-        return Some((Action::RotationDue, next));
+        return Some(note(Action::RotationDue, next, ""));
     }
     None
 }
@@ -127,22 +165,47 @@ impl Vault {
         fence: &Guard,
     ) -> Result<u64, VaultError> {
         let mut recorded = 0;
-        while let Some((action, next)) = due(&secret, now) {
-            let mut audit = AuditDraft::new(action, None, None);
+        while let Some(due) = due(&secret, now) {
+            let mut audit = AuditDraft::new(due.action, None, None);
             audit.secret(&secret);
+            audit.version = Some(due.version);
+            audit.reason = due.reason.to_string();
+            let mut writes = vec![Write::PutSecret(due.next)];
+            let mut charges = Vec::new();
+            if let Some(keep) = due.destroy {
+                writes.push(Write::DestroyEnvelopes {
+                    secret_id: secret.id,
+                    keep,
+                });
+                // What the destroyed data keys held goes back to the tenant's quota.
+                let held = self.held_bytes(&secret).await?;
+                let (secrets, freed) = match keep {
+                    None => (-1, held),
+                    Some(_) => (0, held - self.value_bytes(&secret).await?),
+                };
+                let back = Delta {
+                    secrets,
+                    value_bytes: -freed,
+                    leases: 0,
+                };
+                charges.push(Quotas::give_back(&secret.tenant, back));
+            }
             let tx = Transaction {
-                charges: Vec::new(),
+                charges,
                 guards: vec![
                     Guard::secret(&secret.tenant, &secret.name, Some(&secret)),
                     fence.clone(),
                 ],
-                writes: vec![Write::PutSecret(next)],
+                writes,
                 audit: Some(audit),
             };
             match self.store.commit(tx).await {
                 Ok(_) => recorded += 1,
                 Err(StoreError::Conflict) => return Ok(recorded),
                 Err(e) => return Err(e.into()),
+            }
+            if due.destroy.is_some() {
+                self.cache.evict_secret(secret.id);
             }
             match self.store.secret(&secret.tenant, &secret.name).await? {
                 Some(read) => secret = read,
@@ -164,17 +227,41 @@ mod tests {
         assert!(due(&s, now).is_none());
         s.life.expires_at = Some(Time::from_micros(50_000_000));
         s.life.rotate_after_us = Some(1_000_000);
-        let (action, next) = due(&s, now).unwrap();
-        assert_eq!(action, Action::Expire);
-        let (action, next) = due(&next, now).unwrap();
-        assert_eq!(action, Action::RotationDue);
+        let first = due(&s, now).unwrap();
+        assert_eq!(first.action, Action::Expire);
+        let second = due(&first.next, now).unwrap();
+        assert_eq!(second.action, Action::RotationDue);
+        let next = second.next;
         assert!(due(&next, now).is_none());
         // A new expiry, and a new version, are due again.
         let mut later = next.clone();
         later.life.expires_at = Some(Time::from_micros(60_000_000));
-        assert_eq!(due(&later, now).unwrap().0, Action::Expire);
-        let mut rotated = next;
+        assert_eq!(due(&later, now).unwrap().action, Action::Expire);
+        let mut rotated = next.clone();
         rotated.version += 1;
-        assert_eq!(due(&rotated, now).unwrap().0, Action::RotationDue);
+        assert_eq!(due(&rotated, now).unwrap().action, Action::RotationDue);
+        // The end of a grace destroys the previous version, once.
+        let mut graced = next.clone();
+        graced.version = 3;
+        graced.life.rotation_due_noted = Some(3);
+        graced.life.grace = Some(crate::model::Grace {
+            version: 2,
+            until: Time::from_micros(90_000_000),
+        });
+        let end = due(&graced, now).unwrap();
+        assert_eq!(
+            (end.action, end.version, end.destroy),
+            (Action::Destroy, 2, Some(Some(3)))
+        );
+        assert!(due(&end.next, now).is_none());
+        // The end of a recovery window destroys them all, once; not before.
+        let mut pending = next;
+        pending.state = crate::model::SecretState::Revoked;
+        pending.life.destroy_at = Some(Time::from_micros(100_000_001));
+        assert!(due(&pending, now).is_none());
+        pending.life.destroy_at = Some(now);
+        let end = due(&pending, now).unwrap();
+        assert_eq!((end.action, end.destroy), (Action::Destroy, Some(None)));
+        assert!(due(&end.next, now).is_none());
     }
 }

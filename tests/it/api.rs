@@ -444,6 +444,7 @@ async fn revoking_a_secret_leaves_a_tombstone_and_ends_every_lease() {
         orch.revoke(pb::RevokeRequest {
             target: None,
             reason: String::new(),
+            ..Default::default()
         })
         .await,
         Code::InvalidArgument,

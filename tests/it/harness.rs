@@ -545,6 +545,7 @@ pub fn revoke_secret(tenant: &str, name: &str, reason: &str) -> pb::RevokeReques
     pb::RevokeRequest {
         target: Some(pb::revoke_request::Target::Secret(secret_ref(tenant, name))),
         reason: reason.into(),
+        ..Default::default()
     }
 }
 
@@ -552,6 +553,7 @@ pub fn revoke_lease(lease_id: &str) -> pb::RevokeRequest {
     pb::RevokeRequest {
         target: Some(pb::revoke_request::Target::LeaseId(lease_id.into())),
         reason: String::new(),
+        ..Default::default()
     }
 }
 

@@ -1,6 +1,7 @@
 //! The life of a user's key beyond store, lease, rotate and revoke (issue 18): key-shape
 //! checks, per-agent binding, metadata changes and filters, expiry and rotation reminders
-//! (and the background sweep that records them). Every case runs on both engines: a sled server and a server on
+//! (and the background sweep that records them), recovery window, restore and purge, rotation
+//! grace. Every case runs on both engines: a sled server and a server on
 //! a fresh PostgreSQL database.
 
 use crate::harness::*;
@@ -81,7 +82,12 @@ on_both_engines!(
     lists_filter_and_secrets_expire_and_fall_due,
 );
 
-on_both_engines!(config super::SWEEPING; the_sweep_records_expiry_and_due_rotations_once_and_counts,);
+on_both_engines!(config super::SWEEPING;
+    the_sweep_records_expiry_and_due_rotations_once_and_counts,
+    a_recovery_window_keeps_a_secret_restorable_then_destroys_it,
+    purge_destroys_now_and_frees_the_name,
+    a_rotation_grace_keeps_previous_leases_working_until_it_ends,
+);
 
 /// A made-up key shaped like `provider`'s (see `src/model/keyshape.rs`).
 fn shaped_key(provider: &str, seed: u64) -> String {
@@ -194,6 +200,7 @@ async fn key_shapes_warn_or_refuse_values(server: &TestServer) {
             name: "fits".into(),
             value: google.into_bytes(),
             strict_format: true,
+            ..Default::default()
         })
         .await;
     assert_status(refused, Code::InvalidArgument, "anthropic API key");
@@ -868,5 +875,287 @@ async fn the_sweep_records_expiry_and_due_rotations_once_and_counts(server: &Tes
     .expect("rotate");
     let due = entries_of(server, "acme", "r1", "RotationDue", 2).await;
     assert_eq!(due.iter().map(|e| e.version).collect::<Vec<_>>(), [1, 2]);
+    assert_chain_verifies(server).await;
+}
+
+fn revoke_within(tenant: &str, name: &str, window: i64) -> pb::RevokeRequest {
+    pb::RevokeRequest {
+        recovery_window: secs(window),
+        ..revoke_secret(tenant, name, "user deleted the key")
+    }
+}
+
+async fn describe(client: &mut Client, tenant: &str, name: &str) -> pb::SecretMetadata {
+    client
+        .describe(secret_ref(tenant, name))
+        .await
+        .expect("describe")
+        .into_inner()
+}
+
+async fn a_recovery_window_keeps_a_secret_restorable_then_destroys_it(server: &TestServer) {
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    let stored = store(&mut orch, "acme", "w1", b"windowed-value-0001").await;
+    let early = lease_ok(&mut orch, lease_req("acme", "w1", 3)).await;
+    let revoked = orch
+        .revoke(revoke_within("acme", "w1", 3600))
+        .await
+        .expect("revoke")
+        .into_inner();
+    assert!(!revoked.already_revoked);
+    let tombstone = revoked.secret.expect("metadata");
+    assert_eq!(tombstone.state, pb::SecretState::PendingDeletion as i32);
+    let window = micros(&tombstone.destroy_at) - micros(&tombstone.revoked_at);
+    assert!(
+        (3_599_000_000..=3_601_000_000).contains(&window),
+        "{window}"
+    );
+    // Within the window: no lease works, none is issued.
+    assert_status(
+        redeem(server, AGENT, &early.token).await,
+        Code::NotFound,
+        "",
+    );
+    let refused = orch.lease(lease_req("acme", "w1", 1)).await;
+    assert_status(refused, Code::FailedPrecondition, "");
+    let again = orch.revoke(revoke_within("acme", "w1", 60)).await;
+    assert!(again.expect("revoke again").into_inner().already_revoked);
+    let metrics = scrape(&ops_addr(server)).await;
+    let pending = "byokd_secrets{state=\"pending_deletion\"}";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut metrics = metrics;
+    while sample(&metrics, pending) != 1.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        metrics = scrape(&ops_addr(server)).await;
+    }
+    assert_eq!(sample(&metrics, pending), 1.0);
+    // Restored: active, its value kept, the leases the revocation ended still ended.
+    let restored = orch
+        .restore(secret_ref("acme", "w1"))
+        .await
+        .expect("restore")
+        .into_inner();
+    assert_eq!(restored.state, pb::SecretState::Active as i32);
+    assert_eq!((&restored.id, restored.version), (&stored.id, 1));
+    assert!(restored.destroy_at.is_none() && restored.revoked_at.is_none());
+    assert_status(
+        redeem(server, AGENT, &early.token).await,
+        Code::NotFound,
+        "",
+    );
+    let value = lease_and_get(server, "acme", "w1").await.expect("get");
+    assert_eq!(value.value, b"windowed-value-0001");
+    let twice = orch.restore(secret_ref("acme", "w1")).await;
+    assert_status(twice, Code::FailedPrecondition, "not pending deletion");
+    // Revoked again with a short window: destroyed by the sweep when it ends.
+    orch.revoke(revoke_within("acme", "w1", 1))
+        .await
+        .expect("revoke");
+    let destroyed = entries_of(server, "acme", "w1", "Destroy", 1).await;
+    assert_eq!(destroyed.len(), 1, "{destroyed:?}");
+    assert_eq!(destroyed[0].reason, "recovery window ended");
+    assert_eq!(destroyed[0].principal, "");
+    assert_eq!(destroyed[0].secret_id, stored.id);
+    let gone = describe(&mut orch, "acme", "w1").await;
+    assert_eq!(gone.state, pb::SecretState::Revoked as i32);
+    assert!(gone.destroy_at.is_none());
+    let late = orch.restore(secret_ref("acme", "w1")).await;
+    assert_status(late, Code::FailedPrecondition, "not pending deletion");
+    // A Revoke without a window during one destroys at once.
+    store(&mut orch, "acme", "w2", b"windowed-value-0002").await;
+    orch.revoke(revoke_within("acme", "w2", 3600))
+        .await
+        .expect("revoke");
+    let now = orch
+        .revoke(revoke_secret("acme", "w2", "now"))
+        .await
+        .expect("revoke now")
+        .into_inner();
+    assert_eq!(
+        now.secret.expect("metadata").state,
+        pb::SecretState::Revoked as i32
+    );
+    let late = orch.restore(secret_ref("acme", "w2")).await;
+    assert_status(late, Code::FailedPrecondition, "");
+    // Bounds, and who may.
+    let long = orch
+        .revoke(revoke_within("acme", "w2", 30 * 86_400 + 1))
+        .await;
+    assert_status(
+        long,
+        Code::InvalidArgument,
+        "recovery_window: at most 30 days",
+    );
+    store(&mut orch, "acme", "w3", b"windowed-value-0003").await;
+    let grant = lease_ok(&mut orch, lease_req("acme", "w3", 1)).await;
+    let on_lease = pb::RevokeRequest {
+        recovery_window: secs(60),
+        ..revoke_lease(&grant.lease_id)
+    };
+    let on_lease = orch.revoke(on_lease).await;
+    assert_status(on_lease, Code::InvalidArgument, "recovery_window");
+    let denied = server
+        .as_(AGENT)
+        .await
+        .restore(secret_ref("acme", "w2"))
+        .await;
+    assert_status(denied, Code::PermissionDenied, "");
+    let restores = entries_of(server, "acme", "w1", "Restore", 0).await;
+    assert_eq!(restores.iter().filter(|e| e.outcome == "OK").count(), 1);
+}
+
+async fn purge_destroys_now_and_frees_the_name(server: &TestServer) {
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    let mut admin = server.as_(ADMIN).await;
+    let mut req = store_req("acme", "erase", b"erased-value-000001");
+    req.labels
+        .insert("email".into(), "user42-label-marker".into());
+    let stored = orch.store(req).await.expect("store").into_inner();
+    let early = lease_ok(&mut orch, lease_req("acme", "erase", 2)).await;
+    let purge = |name: &str| pb::PurgeRequest {
+        tenant: "acme".into(),
+        name: name.into(),
+        reason: "erasure request 42".into(),
+    };
+    let denied = orch.purge(purge("erase")).await;
+    assert_status(denied, Code::PermissionDenied, "");
+    let purged = admin
+        .purge(purge("erase"))
+        .await
+        .expect("purge")
+        .into_inner();
+    assert_eq!(purged.secret_id, stored.id);
+    assert_eq!(purged.versions_destroyed, 1);
+    assert_status(
+        orch.describe(secret_ref("acme", "erase")).await,
+        Code::NotFound,
+        "",
+    );
+    assert_status(
+        redeem(server, AGENT, &early.token).await,
+        Code::NotFound,
+        "",
+    );
+    let names = list_names(
+        &mut orch,
+        pb::ListRequest {
+            tenant: "acme".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(!names.contains(&"erase".to_string()));
+    // The name is free: a new secret with a new id; the old lease stays dead.
+    let again = store(&mut orch, "acme", "erase", b"erased-value-000002").await;
+    assert_ne!(again.id, stored.id);
+    assert!(again.labels.is_empty());
+    assert_status(
+        redeem(server, AGENT, &early.token).await,
+        Code::NotFound,
+        "",
+    );
+    let value = lease_and_get(server, "acme", "erase").await.expect("get");
+    assert_eq!(value.value, b"erased-value-000002");
+    // The trail keeps the id and the Purge; nothing of the secret is left in a backup.
+    let entries = entries_of(server, "acme", "erase", "Purge", 1).await;
+    let ok: Vec<_> = entries.iter().filter(|e| e.outcome == "OK").collect();
+    assert_eq!(ok.len(), 1);
+    assert_eq!(ok[0].secret_id, stored.id);
+    assert_eq!(ok[0].reason, "erasure request 42");
+    let mut backup = Vec::new();
+    let mut stream = admin
+        .backup(pb::BackupRequest {})
+        .await
+        .expect("backup")
+        .into_inner();
+    while let Some(chunk) = stream.next().await {
+        backup.extend(chunk.expect("chunk").data);
+    }
+    let marker = b"user42-label-marker";
+    assert!(!backup.windows(marker.len()).any(|w| w == marker));
+    // A tombstone purges too (nothing left to destroy); an absent name is not found.
+    store(&mut orch, "acme", "old", b"erased-value-000003").await;
+    orch.revoke(revoke_secret("acme", "old", "gone"))
+        .await
+        .expect("revoke");
+    let tombstone = admin.purge(purge("old")).await.expect("purge").into_inner();
+    assert_eq!(tombstone.versions_destroyed, 0);
+    assert_status(admin.purge(purge("old")).await, Code::NotFound, "");
+}
+
+async fn a_rotation_grace_keeps_previous_leases_working_until_it_ends(server: &TestServer) {
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    store(&mut orch, "acme", "g1", b"graced-value-v1-0001").await;
+    let old = lease_ok(&mut orch, lease_req("acme", "g1", 3)).await;
+    let rotate = |name: &str, value: &[u8], grace: i64| {
+        remember_secret(value);
+        pb::RotateRequest {
+            tenant: "acme".into(),
+            name: name.into(),
+            value: value.to_vec(),
+            previous_grace: secs(grace),
+            ..Default::default()
+        }
+    };
+    let rotated = orch
+        .rotate(rotate("g1", b"graced-value-v2-0002", 2))
+        .await
+        .expect("rotate")
+        .into_inner();
+    assert_eq!((rotated.version, rotated.previous_version), (2, 1));
+    assert!(rotated.previous_until.is_some());
+    // The lease issued before: the previous value; new leases: the new one.
+    let got = redeem(server, AGENT, &old.token).await.expect("in grace");
+    assert_eq!(
+        (got.value.as_slice(), got.version),
+        (&b"graced-value-v1-0001"[..], 1)
+    );
+    let new = lease_ok(&mut orch, lease_req("acme", "g1", 1)).await;
+    assert_eq!(new.version, 2);
+    let got = redeem(server, AGENT, &new.token).await.expect("new");
+    assert_eq!(got.value, b"graced-value-v2-0002");
+    let long = orch
+        .rotate(rotate("g1", b"graced-value-v3-0003", 15 * 60 + 1))
+        .await;
+    assert_status(
+        long,
+        Code::InvalidArgument,
+        "previous_grace: at most 15 minutes",
+    );
+    // When the grace ends, the previous version's data key is destroyed (audited).
+    let destroyed = entries_of(server, "acme", "g1", "Destroy", 1).await;
+    assert_eq!(destroyed.len(), 1);
+    assert_eq!(
+        (destroyed[0].version, destroyed[0].reason.as_str()),
+        (1, "rotation grace ended")
+    );
+    assert_status(redeem(server, AGENT, &old.token).await, Code::NotFound, "");
+    let after = describe(&mut orch, "acme", "g1").await;
+    assert_eq!((after.version, after.previous_version), (2, 0));
+    // A Revoke during a grace ends it at once.
+    store(&mut orch, "acme", "g2", b"graced-value-v1-0004").await;
+    let old = lease_ok(&mut orch, lease_req("acme", "g2", 3)).await;
+    orch.rotate(rotate("g2", b"graced-value-v2-0005", 600))
+        .await
+        .expect("rotate");
+    redeem(server, AGENT, &old.token).await.expect("in grace");
+    orch.revoke(revoke_within("acme", "g2", 3600))
+        .await
+        .expect("revoke");
+    let restored = orch
+        .restore(secret_ref("acme", "g2"))
+        .await
+        .expect("restore")
+        .into_inner();
+    assert_eq!((restored.version, restored.previous_version), (2, 0));
+    assert_status(redeem(server, AGENT, &old.token).await, Code::NotFound, "");
+    let value = lease_and_get(server, "acme", "g2").await.expect("get");
+    assert_eq!(value.value, b"graced-value-v2-0005");
+    // Without a grace, today's behaviour: the previous version's leases end at once.
+    let old = lease_ok(&mut orch, lease_req("acme", "g2", 1)).await;
+    orch.rotate(rotate("g2", b"graced-value-v3-0006", 0))
+        .await
+        .expect("rotate");
+    assert_status(redeem(server, AGENT, &old.token).await, Code::NotFound, "");
     assert_chain_verifies(server).await;
 }

@@ -1,0 +1,245 @@
+//! A secret's end: Revoke (at once, or after a recovery window), Restore within the window,
+//! Purge, and the bytes a secret's data keys hold (what a destruction gives back to the
+//! tenant's quota).
+
+use std::time::Duration;
+
+use crate::auth::Operation;
+use crate::model::{Action, Phase, Reason, SecretRecord, SecretState, Time};
+use crate::pending::Pending;
+use crate::quota::{Delta, Quotas};
+use crate::store::{Guard, Transaction, Write};
+
+use super::life::window_field;
+use super::{Attempts, Caller, Purged, Revoked, Vault, VaultError, authorize_secret};
+
+/// Longest recovery window.
+const MAX_RECOVERY_WINDOW: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// What Revoke does to a secret, decided from what it read.
+enum Revocation {
+    /// Already revoked (or already pending deletion, asked for a window again): nothing.
+    Nothing,
+    /// Every version destroyed now.
+    DestroyNow,
+    /// Kept, restorable, until the window ends.
+    Window(Duration),
+}
+
+impl Vault {
+    /// Revokes the secret `target` names (tenant, name, recovery window).
+    pub(super) async fn revoke_secret(
+        &self,
+        caller: &Caller,
+        target: (String, String, Option<(i64, i32)>),
+        reason: String,
+        audit: &mut Pending,
+    ) -> Result<Revoked, VaultError> {
+        let (tenant, name, window) = target;
+        let (_, tenant, name) =
+            authorize_secret(caller, audit, Operation::RevokeSecret, tenant, name)?;
+        audit.reason = Reason::parse(reason)?.as_str().to_string();
+        let window = window_field("recovery_window", window, MAX_RECOVERY_WINDOW, "30 days")?;
+        let mut attempts = Attempts::default();
+        loop {
+            attempts.next()?;
+            let current = self
+                .store
+                .secret(&tenant, &name)
+                .await?
+                .ok_or(VaultError::SecretNotFound)?;
+            audit.secret(&current);
+            let now = Time::now();
+            let phase = current.phase(now);
+            let revocation = match (phase, window) {
+                (Phase::Revoked, _) | (Phase::PendingDeletion, Some(_)) => Revocation::Nothing,
+                (_, None) => Revocation::DestroyNow,
+                (_, Some(w)) => Revocation::Window(w),
+            };
+            let mut tombstone = current.clone();
+            tombstone.state = SecretState::Revoked;
+            tombstone.updated_at = now;
+            if phase != Phase::PendingDeletion {
+                tombstone.revoked_at = Some(now);
+            }
+            // A revocation ends a rotation grace at once.
+            tombstone.life.grace = None;
+            let (keep, freed) = match revocation {
+                Revocation::Nothing => {
+                    self.record(audit.settle()).await?;
+                    return Ok(Revoked {
+                        already_revoked: true,
+                        secret: Some(current),
+                    });
+                }
+                Revocation::DestroyNow => {
+                    tombstone.life.destroy_at = None;
+                    (None, self.held_bytes(&current).await?)
+                }
+                Revocation::Window(w) => {
+                    tombstone.life.destroy_at = Some(now.plus(w));
+                    let grace =
+                        self.held_bytes(&current).await? - self.value_bytes(&current).await?;
+                    (Some(current.version), grace)
+                }
+            };
+            // The usage counts what the data keys hold: a secret pending deletion still
+            // holds its current version.
+            let secrets = if matches!(revocation, Revocation::DestroyNow) {
+                -1
+            } else {
+                0
+            };
+            let tx = Transaction {
+                charges: vec![Quotas::give_back(
+                    &tenant,
+                    Delta {
+                        secrets,
+                        value_bytes: -freed,
+                        leases: 0,
+                    },
+                )],
+                guards: vec![Guard::secret(&tenant, &name, Some(&current))],
+                writes: vec![
+                    Write::PutSecret(tombstone.clone()),
+                    Write::DestroyEnvelopes {
+                        secret_id: current.id,
+                        keep,
+                    },
+                ],
+                audit: Some(audit.clone()),
+            };
+            let revoked = Revoked {
+                already_revoked: phase == Phase::PendingDeletion,
+                secret: Some(tombstone),
+            };
+            if let Some(done) = self.commit_or_retry(tx, revoked).await? {
+                // Destroyed data keys may not be served from memory; nor, while the secret
+                // is revoked, any other.
+                self.cache.evict_secret(current.id);
+                return Ok(done);
+            }
+        }
+    }
+
+    /// Makes a secret pending deletion active again (its leases stay ended).
+    pub async fn restore(
+        &self,
+        caller: &Caller,
+        tenant: String,
+        name: String,
+    ) -> Result<SecretRecord, VaultError> {
+        operation!(self, caller, Action::Restore, |audit| {
+            let (_, tenant, name) =
+                authorize_secret(caller, &mut audit, Operation::Restore, tenant, name)?;
+            let mut attempts = Attempts::default();
+            loop {
+                attempts.next()?;
+                let current = self
+                    .store
+                    .secret(&tenant, &name)
+                    .await?
+                    .ok_or(VaultError::SecretNotFound)?;
+                audit.secret(&current);
+                let now = Time::now();
+                let within = current.life.destroy_at.is_some_and(|t| now < t);
+                if current.phase(now) != Phase::PendingDeletion || !within {
+                    return Err(VaultError::NotPendingDeletion);
+                }
+                let mut restored = current.clone();
+                restored.state = SecretState::Active;
+                restored.revoked_at = None;
+                restored.updated_at = now;
+                restored.life.destroy_at = None;
+                restored.life.leases_after = Some(now);
+                let tx = Transaction {
+                    charges: Vec::new(),
+                    guards: vec![Guard::secret(&tenant, &name, Some(&current))],
+                    writes: vec![Write::PutSecret(restored.clone())],
+                    audit: Some(audit.clone()),
+                };
+                if let Some(done) = self.commit_or_retry(tx, restored).await? {
+                    return Ok(done);
+                }
+            }
+        })
+    }
+
+    /// Destroys every version of a secret now and deletes its record (its name is free).
+    pub async fn purge(
+        &self,
+        caller: &Caller,
+        tenant: String,
+        name: String,
+        reason: String,
+    ) -> Result<Purged, VaultError> {
+        operation!(self, caller, Action::Purge, |audit| {
+            let (_, tenant, name) =
+                authorize_secret(caller, &mut audit, Operation::Purge, tenant, name)?;
+            audit.reason = Reason::parse(reason)?.as_str().to_string();
+            let mut attempts = Attempts::default();
+            loop {
+                attempts.next()?;
+                let current = self
+                    .store
+                    .secret(&tenant, &name)
+                    .await?
+                    .ok_or(VaultError::SecretNotFound)?;
+                audit.secret(&current);
+                let holds = current.phase(Time::now()) != Phase::Revoked;
+                let (secrets, freed, versions) = match holds {
+                    true => (
+                        -1,
+                        self.held_bytes(&current).await?,
+                        1 + u32::from(current.life.grace.is_some()),
+                    ),
+                    false => (0, 0, 0),
+                };
+                let tx = Transaction {
+                    charges: vec![Quotas::give_back(
+                        &tenant,
+                        Delta {
+                            secrets,
+                            value_bytes: -freed,
+                            leases: 0,
+                        },
+                    )],
+                    guards: vec![Guard::secret(&tenant, &name, Some(&current))],
+                    writes: vec![
+                        Write::DestroyEnvelopes {
+                            secret_id: current.id,
+                            keep: None,
+                        },
+                        Write::DeleteSecret {
+                            tenant: tenant.clone(),
+                            name: name.clone(),
+                        },
+                    ],
+                    audit: Some(audit.clone()),
+                };
+                let purged = Purged {
+                    secret_id: current.id,
+                    versions_destroyed: versions,
+                };
+                if let Some(done) = self.commit_or_retry(tx, purged).await? {
+                    self.cache.evict_secret(current.id);
+                    return Ok(done);
+                }
+            }
+        })
+    }
+
+    /// The bytes of the sealed values a secret's data keys hold: its current version's and,
+    /// during a rotation grace, the previous one's (what its quota counts).
+    pub(super) async fn held_bytes(&self, secret: &SecretRecord) -> Result<i64, VaultError> {
+        let mut bytes = self.value_bytes(secret).await?;
+        if let Some(grace) = secret.life.grace {
+            bytes += self
+                .store
+                .envelope(secret.id, grace.version)
+                .await?
+                .map_or(0, |e| e.ciphertext.len() as i64);
+        }
+        Ok(bytes)
+    }
+}
