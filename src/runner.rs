@@ -52,6 +52,8 @@ pub struct Runner {
     shared: bool,
     held: Mutex<Option<Held>>,
     taken: AtomicU64,
+    /// Told each time this process takes the turn (see [`Runner::turn_taken`]).
+    turn_taken: tokio::sync::Notify,
 }
 
 /// A turn this process holds.
@@ -75,6 +77,7 @@ impl Runner {
             shared,
             held: Mutex::new(None),
             taken: AtomicU64::new(0),
+            turn_taken: tokio::sync::Notify::new(),
         })
     }
 
@@ -98,6 +101,13 @@ impl Runner {
     /// of its length.
     pub fn renewal_period(&self) -> Duration {
         self.turn / 3
+    }
+
+    /// Returns once this process has taken the turn since the last call returned (at once if
+    /// it did meanwhile): for the one job that must act as soon as it may (the sweep of
+    /// secrets' lifecycles, which does at a start what fell due while no process could).
+    pub async fn turn_taken(&self) {
+        self.turn_taken.notified().await
     }
 
     /// Turns this process has taken since it started.
@@ -184,6 +194,7 @@ impl Runner {
             return Ok(false);
         }
         self.taken.fetch_add(1, Ordering::Relaxed);
+        self.turn_taken.notify_one();
         crate::metrics::global().turns_taken.inc();
         crate::metrics::global().turn_held.set(1);
         tracing::info!(epoch, "this process took the turn to run background work");

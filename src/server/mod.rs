@@ -631,13 +631,17 @@ async fn collect_leases(vault: Arc<Vault>, runner: Arc<Runner>, every: Duration)
     }
 }
 
-/// Sweeps the secrets' lifecycles every `every` (see `vault::sweep`): counts for the gauges
-/// here, and what fell due recorded while this process holds the background turn.
+/// Sweeps the secrets' lifecycles every `every` (see `vault::sweep`), and as soon as this
+/// process takes the background turn: counts for the gauges here, and what fell due done
+/// while this process holds the turn.
 async fn sweep_secrets(vault: Arc<Vault>, runner: Arc<Runner>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = runner.turn_taken() => {}
+        }
         match vault.sweep_secrets(runner.fence()).await {
             Ok(counts) if counts.recorded > 0 => {
                 tracing::info!(

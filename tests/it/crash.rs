@@ -13,6 +13,9 @@
 //! Every other round only leases, so that lease changes must survive through the trail's
 //! lease records alone (no store's sled flush carries them).
 //!
+//! A recovery window and a rotation grace that end while byokd is down (killed) are done at
+//! the next start, and nothing else is lost: see the test after the main one (both engines).
+//!
 //! Any request that fails before the kill, or fails after it with anything but a transport
 //! error, fails the test. `BYOKD_CRASH_KILLS` kills (default 3; `scripts/crash-test.sh` runs
 //! 25); `BYOKD_CRASH_SEED` replays a run's choices (every worker's operations and names, and
@@ -280,6 +283,142 @@ async fn acknowledged_writes_and_uses_survive_repeated_kill_9() {
     );
     assert!(m.acked > 0 && count("Get") > 0 && count("Revoke") > 0);
     assert!(newest > 1, "{segments:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_and_graces_that_end_while_down_are_done_at_the_next_start_on_sled() {
+    let on = crate::key_life::on_sled(DUE_WHILE_DOWN);
+    due_while_down(on).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_and_graces_that_end_while_down_are_done_at_the_next_start_on_postgres() {
+    let Some(on) = crate::key_life::on_postgres(DUE_WHILE_DOWN) else {
+        return;
+    };
+    due_while_down(on).await;
+}
+
+/// Four secrets per tenant at most (so that the usage after the restart is seen), and the
+/// sweep at its default interval: what is due at a start must not wait for it.
+const DUE_WHILE_DOWN: &str = "[quotas]\nmax_secrets_per_tenant = 4\n";
+
+async fn due_while_down(on: crate::key_life::OnEngine) {
+    use crate::key_life::{entries_of, revoke_within, secs};
+    let server = &on.server;
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    // A window and a grace of 2 s, a window that outlasts the test, and a restored secret.
+    store(&mut orch, "acme", "window", b"sk-due-window-0001").await;
+    let ended = lease_ok(&mut orch, lease_req("acme", "window", 1)).await;
+    orch.revoke(revoke_within("acme", "window", 2))
+        .await
+        .expect("revoke");
+    store(&mut orch, "acme", "grace", b"sk-due-grace-v1-0001").await;
+    let previous = lease_ok(&mut orch, lease_req("acme", "grace", 2)).await;
+    remember_secret(b"sk-due-grace-v2-0002");
+    orch.rotate(pb::RotateRequest {
+        tenant: "acme".into(),
+        name: "grace".into(),
+        value: b"sk-due-grace-v2-0002".to_vec(),
+        previous_grace: secs(2),
+        ..Default::default()
+    })
+    .await
+    .expect("rotate");
+    let got = redeem(server, AGENT, &previous.token)
+        .await
+        .expect("in grace");
+    assert_eq!(got.value, b"sk-due-grace-v1-0001");
+    store(&mut orch, "acme", "long", b"sk-due-long-0001").await;
+    orch.revoke(revoke_within("acme", "long", 3600))
+        .await
+        .expect("revoke");
+    store(&mut orch, "acme", "back", b"sk-due-back-0001").await;
+    orch.revoke(revoke_within("acme", "back", 3600))
+        .await
+        .expect("revoke");
+    orch.restore(secret_ref("acme", "back"))
+        .await
+        .expect("restore");
+    // All four hold their data keys: the tenant is at its quota.
+    let full = orch
+        .store(store_req("acme", "extra", b"sk-due-extra-0001"))
+        .await;
+    assert_status(full, Code::ResourceExhausted, "");
+    let head = verify_against(server, (0, "")).await;
+    assert!(head.ok);
+    let set_at = Instant::now();
+    // Killed before either ends; down until both have.
+    let crate::key_life::OnEngine {
+        server,
+        dir,
+        _key_dir,
+        _db,
+    } = on;
+    server.kill9();
+    tokio::time::sleep(Duration::from_millis(2500).saturating_sub(set_at.elapsed())).await;
+    let server = dir.start();
+    // The sweep destroys both as soon as the new process takes the background turn: at
+    // once on sled; on PostgreSQL once the killed process's turn has lapsed (`job_turn`, 15 s),
+    // not a sweep interval (30 s) later.
+    let mut window = Vec::new();
+    for _ in 0..2 {
+        window = entries_of(&server, "acme", "window", "Destroy", 1).await;
+        if !window.is_empty() {
+            break;
+        }
+    }
+    let grace = entries_of(&server, "acme", "grace", "Destroy", 1).await;
+    assert_eq!(window.len(), 1, "{window:?}");
+    assert_eq!(grace.len(), 1, "{grace:?}");
+    assert_eq!(grace[0].version, 1);
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    let window = orch
+        .describe(secret_ref("acme", "window"))
+        .await
+        .expect("describe")
+        .into_inner();
+    assert_eq!(window.state, pb::SecretState::Revoked as i32);
+    let restore = orch.restore(secret_ref("acme", "window")).await;
+    assert_status(restore, Code::FailedPrecondition, "");
+    assert_status(
+        redeem(&server, AGENT, &ended.token).await,
+        Code::NotFound,
+        "",
+    );
+    assert_status(
+        redeem(&server, AGENT, &previous.token).await,
+        Code::NotFound,
+        "",
+    );
+    // Nothing else lost: the new version, the restored secret, the window still open.
+    let got = lease_and_get(&server, "acme", "grace")
+        .await
+        .expect("grace");
+    assert_eq!(got.value, b"sk-due-grace-v2-0002");
+    let got = lease_and_get(&server, "acme", "back").await.expect("back");
+    assert_eq!(got.value, b"sk-due-back-0001");
+    let long = orch
+        .describe(secret_ref("acme", "long"))
+        .await
+        .expect("describe")
+        .into_inner();
+    assert_eq!(long.state, pb::SecretState::PendingDeletion as i32);
+    orch.restore(secret_ref("acme", "long"))
+        .await
+        .expect("restore");
+    let got = lease_and_get(&server, "acme", "long").await.expect("long");
+    assert_eq!(got.value, b"sk-due-long-0001");
+    // The destroyed secret went back to the quota: one more Store fits, then no more.
+    store(&mut orch, "acme", "extra", b"sk-due-extra-0001").await;
+    let full = orch
+        .store(store_req("acme", "extra2", b"sk-due-extra-0002"))
+        .await;
+    assert_status(full, Code::ResourceExhausted, "");
+    let report = verify_against(&server, (head.head_seq, &head.head_hash)).await;
+    assert!(report.ok, "{report:?}");
+    drop(server);
+    drop(dir);
 }
 
 /// Follows the trail from where the entries in `into` end, checking that each entry links to

@@ -12,10 +12,10 @@ use tonic::Code;
 /// A server on one engine, with what it needs kept until the test ends.
 pub(crate) struct OnEngine {
     pub(crate) server: TestServer,
-    _dir: TestDir,
-    _key_dir: Option<tempfile::TempDir>,
+    pub(crate) dir: TestDir,
+    pub(crate) _key_dir: Option<tempfile::TempDir>,
     // Dropped last: the server closes its connections first.
-    _db: Option<PgDatabase>,
+    pub(crate) _db: Option<PgDatabase>,
 }
 
 /// A sled server with `extra` in its configuration.
@@ -23,7 +23,7 @@ pub(crate) fn on_sled(extra: &str) -> OnEngine {
     let dir = TestDir::with_config(extra);
     OnEngine {
         server: dir.start(),
-        _dir: dir,
+        dir,
         _key_dir: None,
         _db: None,
     }
@@ -40,7 +40,7 @@ pub(crate) fn on_postgres(extra: &str) -> Option<OnEngine> {
     ));
     Some(OnEngine {
         server: dir.start(),
-        _dir: dir,
+        dir,
         _key_dir: Some(key_dir),
         _db: Some(db),
     })
@@ -343,7 +343,7 @@ fn in_secs(seconds: i64) -> Option<prost_types::Timestamp> {
     })
 }
 
-fn secs(seconds: i64) -> Option<prost_types::Duration> {
+pub(crate) fn secs(seconds: i64) -> Option<prost_types::Duration> {
     Some(prost_types::Duration { seconds, nanos: 0 })
 }
 
@@ -759,7 +759,7 @@ async fn lists_filter_and_secrets_expire_and_fall_due(server: &TestServer) {
 }
 
 /// The entries with `action` about `tenant`/`name`, waiting up to 20 s for `at_least`.
-async fn entries_of(
+pub(crate) async fn entries_of(
     server: &TestServer,
     tenant: &str,
     name: &str,
@@ -878,7 +878,7 @@ async fn the_sweep_records_expiry_and_due_rotations_once_and_counts(server: &Tes
     assert_chain_verifies(server).await;
 }
 
-fn revoke_within(tenant: &str, name: &str, window: i64) -> pb::RevokeRequest {
+pub(crate) fn revoke_within(tenant: &str, name: &str, window: i64) -> pb::RevokeRequest {
     pb::RevokeRequest {
         recovery_window: secs(window),
         ..revoke_secret(tenant, name, "user deleted the key")
