@@ -93,6 +93,9 @@ fn every_runbook_command_runs_as_printed() {
         "RotateMasterKey",
         "GetRotationStatus",
         "Backup",
+        "UpdateSecret",
+        "Restore",
+        "Purge",
     ] {
         assert!(
             script.contains(&format!("byokd.v1.Vault/{rpc}")),
