@@ -188,7 +188,7 @@ pub fn value_warning(provider: &str, value: &[u8]) -> Option<String> {
     let fits = std::str::from_utf8(value).is_ok_and(|text| shape.fits(text));
     (!fits).then(|| {
         format!(
-            "does not look like a {} API key (expected {})",
+            "does not look like {}'s API keys (expected {})",
             shape.provider, shape.described
         )
     })

@@ -97,11 +97,6 @@ async fn a_clean_restart_keeps_everything() {
     let server = dir.start();
     let mut orch = server.as_(ORCHESTRATOR).await;
     let meta = store(&mut orch, "acme", "k", &value(1)).await;
-    // Warnings answer the Store only; they are not kept.
-    let meta = pb::SecretMetadata {
-        warnings: Vec::new(),
-        ..meta
-    };
     let grant = lease_ok(&mut orch, lease_req("acme", "k", 3)).await;
     assert!(server.stop().await.success());
 

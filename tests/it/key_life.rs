@@ -161,7 +161,7 @@ async fn key_shapes_warn_or_refuse_values(server: &TestServer) {
     assert_status(
         orch.store(strict).await,
         Code::InvalidArgument,
-        "value: does not look like a google API key",
+        "value: does not look like google's API keys",
     );
     assert_status(
         orch.describe(secret_ref("acme", "strict")).await,
@@ -203,7 +203,7 @@ async fn key_shapes_warn_or_refuse_values(server: &TestServer) {
             ..Default::default()
         })
         .await;
-    assert_status(refused, Code::InvalidArgument, "anthropic API key");
+    assert_status(refused, Code::InvalidArgument, "anthropic's API keys");
     let described = orch
         .describe(secret_ref("acme", "fits"))
         .await
