@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use crate::auth::Operation;
-use crate::model::{Action, Phase, Reason, SecretRecord, SecretState, Time};
+use crate::model::{Action, Phase, Reason, SecretRecord, SecretState, TenantId, Time};
 use crate::pending::Pending;
 use crate::quota::{Delta, Quotas};
-use crate::store::{Guard, Transaction, Write};
+use crate::store::{Charge, Guard, Transaction, Write};
 
 use super::life::window_field;
 use super::{Attempts, Caller, Purged, Revoked, Vault, VaultError, authorize_secret};
@@ -24,6 +24,19 @@ enum Revocation {
     DestroyNow,
     /// Kept, restorable, until the window ends.
     Window(Duration),
+}
+
+/// What destroying data keys gives back to `tenant`'s usage: `secrets` (0 or -1) and the
+/// `freed` bytes of sealed values.
+pub(super) fn given_back(tenant: &TenantId, secrets: i64, freed: i64) -> Charge {
+    Quotas::give_back(
+        tenant,
+        Delta {
+            secrets,
+            value_bytes: -freed,
+            leases: 0,
+        },
+    )
 }
 
 impl Vault {
@@ -91,14 +104,7 @@ impl Vault {
                 0
             };
             let tx = Transaction {
-                charges: vec![Quotas::give_back(
-                    &tenant,
-                    Delta {
-                        secrets,
-                        value_bytes: -freed,
-                        leases: 0,
-                    },
-                )],
+                charges: vec![given_back(&tenant, secrets, freed)],
                 guards: vec![Guard::secret(&tenant, &name, Some(&current))],
                 writes: vec![
                     Write::PutSecret(tombstone.clone()),
@@ -196,14 +202,7 @@ impl Vault {
                     false => (0, 0, 0),
                 };
                 let tx = Transaction {
-                    charges: vec![Quotas::give_back(
-                        &tenant,
-                        Delta {
-                            secrets,
-                            value_bytes: -freed,
-                            leases: 0,
-                        },
-                    )],
+                    charges: vec![given_back(&tenant, secrets, freed)],
                     guards: vec![Guard::secret(&tenant, &name, Some(&current))],
                     writes: vec![
                         Write::DestroyEnvelopes {

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use crate::metrics::SecretStateLabels;
 use crate::model::{Action, AuditDraft, Phase, SecretName, SecretRecord, TenantId, Time};
-use crate::quota::{Delta, Quotas};
 use crate::store::{Guard, StoreError, Transaction, Write};
 
+use super::deletion::given_back;
 use super::{Vault, VaultError};
 
 /// Secrets read per page of a sweep.
@@ -183,12 +183,7 @@ impl Vault {
                     None => (-1, held),
                     Some(_) => (0, held - self.value_bytes(&secret).await?),
                 };
-                let back = Delta {
-                    secrets,
-                    value_bytes: -freed,
-                    leases: 0,
-                };
-                charges.push(Quotas::give_back(&secret.tenant, back));
+                charges.push(given_back(&secret.tenant, secrets, freed));
             }
             let tx = Transaction {
                 charges,

@@ -89,6 +89,20 @@ on_both_engines!(config super::SWEEPING;
     a_rotation_grace_keeps_previous_leases_working_until_it_ends,
 );
 
+/// A backup's bytes, taken through the `Backup` RPC.
+async fn backup_bytes(admin: &mut Client) -> Vec<u8> {
+    let mut backup = Vec::new();
+    let mut stream = admin
+        .backup(pb::BackupRequest {})
+        .await
+        .expect("backup")
+        .into_inner();
+    while let Some(chunk) = stream.next().await {
+        backup.extend(chunk.expect("chunk").data);
+    }
+    backup
+}
+
 /// A made-up key shaped like `provider`'s (see `src/model/keyshape.rs`).
 fn shaped_key(provider: &str, seed: u64) -> String {
     let alnum: String = format!("{seed:016}aB3dE5gH7jK9mN1pQ2rS4tU6vW8xY0zA")
@@ -305,15 +319,7 @@ async fn keys_pasted_into_other_fields_never_reach_the_trail(server: &TestServer
         .collect();
     assert_eq!(refused.len(), 10, "{refused:#?}");
     let trail = format!("{entries:?}");
-    let mut backup = Vec::new();
-    let mut stream = admin
-        .backup(pb::BackupRequest {})
-        .await
-        .expect("backup")
-        .into_inner();
-    while let Some(chunk) = stream.next().await {
-        backup.extend(chunk.expect("chunk").data);
-    }
+    let backup = backup_bytes(&mut admin).await;
     assert!(backup.len() > 100);
     for key in &keys {
         assert!(!trail.contains(key.as_str()), "a key reached the trail");
@@ -1062,15 +1068,7 @@ async fn purge_destroys_now_and_frees_the_name(server: &TestServer) {
     assert_eq!(ok.len(), 1);
     assert_eq!(ok[0].secret_id, stored.id);
     assert_eq!(ok[0].reason, "erasure request 42");
-    let mut backup = Vec::new();
-    let mut stream = admin
-        .backup(pb::BackupRequest {})
-        .await
-        .expect("backup")
-        .into_inner();
-    while let Some(chunk) = stream.next().await {
-        backup.extend(chunk.expect("chunk").data);
-    }
+    let backup = backup_bytes(&mut admin).await;
     let marker = b"user42-label-marker";
     assert!(!backup.windows(marker.len()).any(|w| w == marker));
     // A tombstone purges too (nothing left to destroy); an absent name is not found.

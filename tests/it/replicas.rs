@@ -888,3 +888,52 @@ async fn an_aws_kms_rotation_runs_across_replicas_configured_with_either_key() {
     let head = verify(&a, None).await;
     verify(&b, Some(head)).await;
 }
+
+/// A binding (allowed readers) changed on one replica is in force on the other at once, both
+/// ways, whatever the other's redemption cache holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_changed_on_one_replica_is_in_force_on_the_other_at_once() {
+    let Some(replicas) = replicas() else {
+        return;
+    };
+    let servers = &replicas.servers;
+    let (a, b) = (&servers[0].1, &servers[1].1);
+    let mut on_a = a.as_(ORCHESTRATOR).await;
+    let bound = pb::StoreRequest {
+        allowed_readers: vec!["agent2".into()],
+        ..store_req("acme", "bound", b"sk-bound-replica-value-01")
+    };
+    on_a.store(bound).await.expect("store");
+    let grant = lease_ok(
+        &mut b.as_(ORCHESTRATOR).await,
+        lease_req("acme", "bound", 10),
+    )
+    .await;
+    // B reads and knows the lease and the secret; the agent is refused there.
+    redeem(b, AGENT2, &grant.token)
+        .await
+        .expect("allowed reader on B");
+    assert_status(redeem(b, AGENT, &grant.token).await, Code::NotFound, "");
+    let update = |readers: Vec<String>| pb::UpdateSecretRequest {
+        tenant: "acme".into(),
+        name: "bound".into(),
+        allowed_readers: readers,
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["allowed_readers".into()],
+        }),
+        ..Default::default()
+    };
+    // Cleared on A: the agent redeems on B at once.
+    on_a.update_secret(update(Vec::new())).await.expect("clear");
+    redeem(b, AGENT, &grant.token)
+        .await
+        .expect("any reader on B now");
+    // Bound again on A: refused on B at once.
+    on_a.update_secret(update(vec!["agent2".into()]))
+        .await
+        .expect("bind");
+    assert_status(redeem(b, AGENT, &grant.token).await, Code::NotFound, "");
+    redeem(b, AGENT2, &grant.token)
+        .await
+        .expect("allowed reader on B");
+}

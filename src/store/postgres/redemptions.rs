@@ -12,8 +12,10 @@
 //!   guards ([`StoreError::Conflict`]); the store then forgets the records the transaction
 //!   guarded, and the retry reads them from the database.
 //! - A refusal is never decided on a stale secret: a cached redemption is served only when
-//!   its secret is active at the lease's version (the answer that lets the lease be
-//!   redeemed); anything else is read. What a cached lease alone refuses (revoked, used up,
+//!   its secret is active at the lease's version and nothing about the secret could refuse
+//!   the lease (no allowed readers to hold the caller to, not expired, the lease not ended by
+//!   a revocation that a Restore undid), the answer that lets the lease be redeemed; anything
+//!   else is read (so a secret bound to its readers costs a read per `Get`). What a cached lease alone refuses (revoked, used up,
 //!   expired, another audience) never becomes redeemable again.
 //! - Copies only move forward: a record replaces a cached one only with a larger revision
 //!   (revisions grow in commit order across every replica), so a read that raced a commit of
@@ -28,8 +30,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 
 use crate::model::{
-    AuditRecord, EnvelopeRecord, KeysChanged, LeaseRecord, SecretId, SecretName, SecretRecord,
-    SecretState, TenantId, TokenHash,
+    AuditRecord, EnvelopeRecord, KeysChanged, LeaseRecord, Phase, SecretId, SecretName,
+    SecretRecord, TenantId, Time, TokenHash,
 };
 use crate::store::commit::{Change, Group, RecordKey};
 use crate::store::{Guard, Redemption};
@@ -114,18 +116,21 @@ impl Secrets {
 }
 
 impl Redemptions {
-    /// The lease `token_hash` names with its secret and envelope, if all are known and the
-    /// secret is active at the lease's version.
+    /// The lease `token_hash` names with its secret and envelope, if all are known, the
+    /// secret is active at the lease's version and nothing about the secret could refuse it.
     pub fn get(&self, token_hash: &TokenHash) -> Option<Redemption> {
         let known = self.lock();
         let lease = known.leases.get(token_hash)?;
         let (secret, envelope) = known
             .secrets
             .get(&(lease.tenant.clone(), lease.name.clone()))?;
+        let life = &secret.life;
         let redeemable = secret.id == lease.secret_id
-            && secret.state == SecretState::Active
+            && secret.phase(Time::now()) == Phase::Active
             && secret.version == lease.version
-            && envelope.version == secret.version;
+            && envelope.version == secret.version
+            && life.allowed_readers.is_empty()
+            && life.leases_after.is_none_or(|t| lease.created_at >= t);
         redeemable.then(|| Redemption {
             lease: lease.clone(),
             secret: Some(secret.clone()),
@@ -271,6 +276,7 @@ fn bounded_insert<K: std::hash::Hash + Eq + Clone, V>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::SecretState;
     use crate::model::{Action, Outcome, Revision};
     use crate::store::commit::Resolved;
     use crate::store::tests as suite;
