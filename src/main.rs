@@ -310,6 +310,9 @@ fn main() -> ExitCode {
                 for (tenant, name) in &summary.revocations_replayed {
                     println!("revoked again (revoked after the backup): {tenant}/{name}");
                 }
+                for (tenant, name) in &summary.purges_replayed {
+                    println!("purged again (purged after the backup): {tenant}/{name}");
+                }
                 for (tenant, name) in &summary.rotated_after {
                     println!(
                         "rotated after the backup, restored with its older value (rotate it again): {tenant}/{name}"

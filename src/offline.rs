@@ -10,10 +10,10 @@ use serde::Serialize;
 use crate::audit::{self, RecordedHead, Verification};
 use crate::backup::{BackupHeader, BackupReader};
 use crate::config::Config;
-use crate::model::{Action, AuditDraft, AuditRecord, SecretName, TenantId, Time};
+use crate::model::{Action, AuditDraft, AuditRecord, SecretName, SecretRecord, TenantId, Time};
 use crate::server::{Initialise, Keys, ServeError, open_keys, open_store};
 use crate::store::{
-    RepairNote, RepairPlan, Store, StoreError, Transaction, Write, load_meta, put_meta,
+    Charge, RepairNote, RepairPlan, Store, StoreError, Transaction, Write, load_meta, put_meta,
 };
 
 /// Verifies the audit chain of the configured data directory (needs its master key).
@@ -313,6 +313,8 @@ pub struct RestoreSummary {
     pub header: BackupHeader,
     /// Secrets revoked after the backup was taken, revoked again in the restored data.
     pub revocations_replayed: Vec<(TenantId, SecretName)>,
+    /// Secrets purged after the backup was taken, purged again in the restored data.
+    pub purges_replayed: Vec<(TenantId, SecretName)>,
     /// Secrets rotated after the backup was taken: the restored value is the older one.
     pub rotated_after: Vec<(TenantId, SecretName)>,
 }
@@ -330,13 +332,16 @@ pub enum LaterChanges {
 
 /// What an audit export records after a backup's head.
 struct Later {
-    /// Secrets revoked: the entry's seq, tenant and name.
+    /// Secrets revoked (and not restored since): the entry's seq, tenant and name.
     revoked: Vec<(u64, TenantId, SecretName)>,
+    /// Secrets purged: the entry's seq, tenant, name and the purged secret's id.
+    purged: Vec<(u64, TenantId, SecretName, String)>,
     /// Secrets rotated.
     rotated: Vec<(TenantId, SecretName)>,
 }
 
-/// The secrets an audit export records as revoked, and as rotated, after entry `after`.
+/// The secrets an audit export records as revoked (and not restored since), purged and
+/// rotated, after entry `after`.
 fn later_changes(export: &Path, after: u64) -> Result<Later, ServeError> {
     use std::io::BufRead;
     let bad = |line: usize, why: &dyn std::fmt::Display| {
@@ -344,7 +349,7 @@ fn later_changes(export: &Path, after: u64) -> Result<Later, ServeError> {
     };
     let file = std::fs::File::open(export)
         .map_err(|e| ServeError::Restore(format!("{}: {e}", export.display())))?;
-    let (mut revoked, mut rotated) = (Vec::new(), Vec::new());
+    let (mut revoked, mut purged, mut rotated) = (Vec::new(), Vec::new(), Vec::new());
     for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line = line.map_err(|e| bad(number + 1, &e))?;
         if line.trim().is_empty() {
@@ -370,11 +375,25 @@ fn later_changes(export: &Path, after: u64) -> Result<Later, ServeError> {
                 let (tenant, name) = target()?;
                 revoked.push((seq, tenant, name));
             }
+            // A revocation with a recovery window that a Restore undid is not replayed.
+            Some("Restore") => {
+                let restored = target()?;
+                revoked.retain(|(_, t, n)| (t, n) != (&restored.0, &restored.1));
+            }
+            Some("Purge") => {
+                let (tenant, name) = target()?;
+                let id = entry["secret_id"].as_str().unwrap_or_default().to_string();
+                purged.push((seq, tenant, name, id));
+            }
             Some("Rotate") => rotated.push(target()?),
             _ => {}
         }
     }
-    Ok(Later { revoked, rotated })
+    Ok(Later {
+        revoked,
+        purged,
+        rotated,
+    })
 }
 
 /// Revokes `secrets` in `store` (as a revocation does: a tombstone, every version
@@ -397,6 +416,8 @@ async fn replay_revocations(
         tombstone.state = crate::model::SecretState::Revoked;
         tombstone.revoked_at = Some(now);
         tombstone.updated_at = now;
+        tombstone.life.destroy_at = None;
+        tombstone.life.grace = None;
         let mut entry = AuditDraft::new(Action::Revoke, None, None);
         entry.secret(&current);
         entry.reason = format!(
@@ -405,7 +426,7 @@ async fn replay_revocations(
         );
         store
             .commit(Transaction {
-                charges: Vec::new(),
+                charges: vec![destroyed(store, &current).await?],
                 guards: Vec::new(),
                 writes: vec![
                     Write::PutSecret(tombstone),
@@ -420,6 +441,71 @@ async fn replay_revocations(
         replayed.push((tenant.clone(), name.clone()));
     }
     Ok(replayed)
+}
+
+/// Purges `secrets` in `store` again (every version destroyed, the record deleted), each
+/// the secret of the id the purge named, with an audit entry saying where it came from.
+async fn replay_purges(
+    store: &dyn Store,
+    secrets: &[(u64, TenantId, SecretName, String)],
+    export: &Path,
+) -> Result<Vec<(TenantId, SecretName)>, ServeError> {
+    let mut replayed = Vec::new();
+    for (seq, tenant, name, id) in secrets {
+        let Some(current) = store.secret(tenant, name).await? else {
+            continue;
+        };
+        if current.id.to_string() != *id {
+            continue;
+        }
+        let mut entry = AuditDraft::new(Action::Purge, None, None);
+        entry.secret(&current);
+        entry.reason = format!(
+            "restore: purged after the backup was taken (entry {seq} of {})",
+            export.display()
+        );
+        store
+            .commit(Transaction {
+                charges: vec![destroyed(store, &current).await?],
+                guards: Vec::new(),
+                writes: vec![
+                    Write::DestroyEnvelopes {
+                        secret_id: current.id,
+                        keep: None,
+                    },
+                    Write::DeleteSecret {
+                        tenant: tenant.clone(),
+                        name: name.clone(),
+                    },
+                ],
+                audit: Some(entry),
+            })
+            .await?;
+        replayed.push((tenant.clone(), name.clone()));
+    }
+    Ok(replayed)
+}
+
+/// What destroying every version of `secret` gives back to its tenant's usage (what its
+/// envelopes hold).
+async fn destroyed(store: &dyn Store, secret: &SecretRecord) -> Result<Charge, ServeError> {
+    let mut versions = vec![secret.version];
+    versions.extend(secret.life.grace.map(|g| g.version));
+    let (mut held, mut bytes) = (false, 0i64);
+    for version in versions {
+        if let Some(envelope) = store.envelope(secret.id, version).await? {
+            held = true;
+            bytes += envelope.ciphertext.len() as i64;
+        }
+    }
+    Ok(crate::quota::Quotas::give_back(
+        &secret.tenant,
+        crate::quota::Delta {
+            secrets: -i64::from(held),
+            value_bytes: -bytes,
+            leases: 0,
+        },
+    ))
 }
 
 /// Loads the backup `input` into the configured data directory, which must hold no data.
@@ -459,79 +545,89 @@ pub async fn restore(
         .open_staging(&config.data_dir)
         .await
         .map_err(|e| restore_error(&e))?;
-    let result = async {
-        let records = store
-            .import(Box::new(move || {
-                reader.next_record().map_err(|e| e.to_string())
-            }))
-            .await
-            .map_err(|e| restore_error(&e));
-        let records = match records {
-            Ok(records) => records,
-            Err(e) => {
-                let _ = store.close().await;
-                return Err(e);
-            }
-        };
-        let checked = async {
-            let keys = existing_keys(config, &*store).await?;
-            let report = audit::verify(
-                &*store,
-                &keys.chain,
-                0,
-                0,
-                recorded,
-                &audit::Budget::default(),
-            )
-            .await
-            .map_err(audit_error)?;
-            if let Some((seq, why)) = report.broken {
-                return Err(ServeError::Restore(format!(
-                    "audit chain broken at entry {seq}: {why}"
-                )));
-            }
-            let versions = crate::vault::check_envelopes(&*store, &keys.keyring)
+    let result =
+        async {
+            let records = store
+                .import(Box::new(move || {
+                    reader.next_record().map_err(|e| e.to_string())
+                }))
                 .await
-                .map_err(|e| {
-                    tracing::error!(error = ?e, "decrypt check failed");
-                    ServeError::Restore(
-                        "a stored value did not decrypt under the configured master key".into(),
-                    )
-                })?;
-            let (revocations_replayed, rotated_after) = match &later {
-                LaterChanges::Ignore => (Vec::new(), Vec::new()),
-                LaterChanges::Replay(export) => {
-                    let later = later_changes(export, header.audit_head_seq)?;
-                    store.start_audit_chain(keys.chain.clone()).await?;
-                    let replayed = replay_revocations(&*store, &later.revoked, export).await?;
-                    (replayed, later.rotated)
+                .map_err(|e| restore_error(&e));
+            let records = match records {
+                Ok(records) => records,
+                Err(e) => {
+                    let _ = store.close().await;
+                    return Err(e);
                 }
             };
-            Ok((
-                report.checked,
-                versions,
+            let checked = async {
+                let keys = existing_keys(config, &*store).await?;
+                let report = audit::verify(
+                    &*store,
+                    &keys.chain,
+                    0,
+                    0,
+                    recorded,
+                    &audit::Budget::default(),
+                )
+                .await
+                .map_err(audit_error)?;
+                if let Some((seq, why)) = report.broken {
+                    return Err(ServeError::Restore(format!(
+                        "audit chain broken at entry {seq}: {why}"
+                    )));
+                }
+                let versions = crate::vault::check_envelopes(&*store, &keys.keyring)
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = ?e, "decrypt check failed");
+                        ServeError::Restore(
+                            "a stored value did not decrypt under the configured master key".into(),
+                        )
+                    })?;
+                let (revocations_replayed, purges_replayed, rotated_after) = match &later {
+                    LaterChanges::Ignore => (Vec::new(), Vec::new(), Vec::new()),
+                    LaterChanges::Replay(export) => {
+                        let later = later_changes(export, header.audit_head_seq)?;
+                        store.start_audit_chain(keys.chain.clone()).await?;
+                        let purged = replay_purges(&*store, &later.purged, export).await?;
+                        let revoked = replay_revocations(&*store, &later.revoked, export).await?;
+                        (revoked, purged, later.rotated)
+                    }
+                };
+                Ok((
+                    report.checked,
+                    versions,
+                    revocations_replayed,
+                    purges_replayed,
+                    rotated_after,
+                ))
+            }
+            .await;
+            store.close().await?;
+            let (
+                audit_entries,
+                versions_checked,
                 revocations_replayed,
+                purges_replayed,
                 rotated_after,
-            ))
+            ) = checked?;
+            config
+                .store
+                .promote_staging(&config.data_dir)
+                .await
+                .map_err(|e| restore_error(&e))?;
+            Ok(RestoreSummary {
+                records,
+                audit_entries,
+                versions_checked,
+                header: header.clone(),
+                revocations_replayed,
+                purges_replayed,
+                rotated_after,
+            })
         }
         .await;
-        store.close().await?;
-        let (audit_entries, versions_checked, revocations_replayed, rotated_after) = checked?;
-        config
-            .store
-            .promote_staging(&config.data_dir)
-            .await
-            .map_err(|e| restore_error(&e))?;
-        Ok(RestoreSummary {
-            records,
-            audit_entries,
-            versions_checked,
-            header: header.clone(),
-            revocations_replayed,
-            rotated_after,
-        })
-    }
-    .await;
     if result.is_err()
         && let Err(e) = config.store.discard_staging(&config.data_dir).await
     {

@@ -670,6 +670,10 @@ pub fn validate_requests(bytes: &[u8]) {
     if let Ok(r) = pb::RotateRequest::decode(bytes) {
         names(&r.tenant, &r.name);
     }
+    if let Ok(r) = pb::PurgeRequest::decode(bytes) {
+        names(&r.tenant, &r.name);
+        let _ = Reason::parse(r.reason);
+    }
     if let Ok(r) = pb::UpdateSecretRequest::decode(bytes) {
         names(&r.tenant, &r.name);
         let _ = Provider::from_request(r.provider);

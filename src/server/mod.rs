@@ -632,8 +632,8 @@ async fn collect_leases(vault: Arc<Vault>, runner: Arc<Runner>, every: Duration)
 }
 
 /// Sweeps the secrets' lifecycles every `every` (see `vault::sweep`), and as soon as this
-/// process takes the background turn: counts for the gauges here, and what fell due done
-/// while this process holds the turn.
+/// process takes the background turn: while it holds the turn, what fell due is done and the
+/// secrets are counted for the gauges.
 async fn sweep_secrets(vault: Arc<Vault>, runner: Arc<Runner>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

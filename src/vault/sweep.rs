@@ -1,6 +1,6 @@
-//! The background sweep of secrets' lifecycles: every `gc_interval`, each process counts the
-//! secrets by state for the gauges, and the one holding the background turn does what fell
-//! due since the last sweep: destroys the data keys of a secret whose recovery window ended,
+//! The background sweep of secrets' lifecycles: every `gc_interval`, the process holding the
+//! background turn counts the secrets by state for the gauges and does what fell due since
+//! the last sweep: destroys the data keys of a secret whose recovery window ended,
 //! and of a previous version whose rotation grace ended (`Destroy`), and records a secret
 //! past its `expires_at` (`Expire`) and a rotation due (`RotationDue`, once per version). A
 //! secret's record notes what was done, in the same commit, so a sweep after a crash (the
@@ -52,6 +52,14 @@ impl LifeCounts {
         self.expiring_soon += u64::from(
             s.phase(now) == Phase::Active && s.life.expires_at.is_some_and(|t| t <= soon),
         );
+    }
+
+    /// Stops reporting the gauges (another process sweeps).
+    fn withdraw() {
+        let m = crate::metrics::global();
+        m.secrets.clear();
+        m.secrets_rotation_due.set(0);
+        m.secrets_expiring_soon.set(0);
     }
 
     fn publish(&self) {
@@ -127,9 +135,15 @@ fn due(s: &SecretRecord, now: Time) -> Option<Due> {
 }
 
 impl Vault {
-    /// Sweeps every secret once: counts them for the gauges and, with `fence` (this process
-    /// holds the background turn, see `runner`), records what fell due.
+    /// Sweeps every secret once, with `fence` (this process holds the background turn, see
+    /// `runner`): does what fell due and counts the secrets for the gauges. Without it, the
+    /// process that holds the turn does both: this one reads nothing and stops reporting the
+    /// gauges (so that every replica does not read every secret, and only one reports them).
     pub async fn sweep_secrets(&self, fence: Option<Guard>) -> Result<LifeCounts, VaultError> {
+        let Some(fence) = fence else {
+            LifeCounts::withdraw();
+            return Ok(LifeCounts::default());
+        };
         let now = Time::now();
         let mut counts = LifeCounts::default();
         let mut after: Option<(TenantId, SecretName)> = None;
@@ -140,9 +154,7 @@ impl Vault {
                 .await?;
             for secret in &page {
                 counts.count(secret, now);
-                if let Some(fence) = &fence {
-                    counts.recorded += self.record_due(secret.clone(), now, fence).await?;
-                }
+                counts.recorded += self.record_due(secret.clone(), now, &fence).await?;
             }
             match page.last() {
                 Some(last) if page.len() == SWEEP_PAGE => {

@@ -740,7 +740,7 @@ async fn a_restore_does_not_undo_revocations_made_after_the_backup() {
     let dir = TestDir::new();
     let server = dir.start();
     let mut orch = server.as_(ORCHESTRATOR).await;
-    for name in ["leaked", "rotated", "kept"] {
+    for name in ["leaked", "rotated", "kept", "erased", "undone"] {
         store(
             &mut orch,
             "acme",
@@ -766,6 +766,28 @@ async fn a_restore_does_not_undo_revocations_made_after_the_backup() {
     })
     .await
     .unwrap();
+    // An erasure request is purged; a deletion is undone within its recovery window.
+    let purged = server
+        .as_(ADMIN)
+        .await
+        .purge(pb::PurgeRequest {
+            tenant: "acme".into(),
+            name: "erased".into(),
+            reason: "erasure request".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(purged.into_inner().versions_destroyed, 1);
+    orch.revoke(pb::RevokeRequest {
+        recovery_window: Some(prost_types::Duration {
+            seconds: 3600,
+            nanos: 0,
+        }),
+        ..revoke_secret("acme", "undone", "user deleted it")
+    })
+    .await
+    .unwrap();
+    orch.restore(secret_ref("acme", "undone")).await.unwrap();
     assert!(server.stop().await.success());
     let export = dir.path().join("trail-now.jsonl");
     std::fs::write(&export, export_jsonl(&dir)).unwrap();
@@ -788,6 +810,11 @@ async fn a_restore_does_not_undo_revocations_made_after_the_backup() {
     );
     assert!(out.contains("rotated after the backup"), "{out}");
     assert!(out.contains("acme/rotated"), "{out}");
+    assert!(
+        out.contains("purged again (purged after the backup): acme/erased"),
+        "{out}"
+    );
+    assert!(!out.contains("acme/undone"), "{out}");
 
     let server = dir.start();
     let mut orch = server.as_(ORCHESTRATOR).await;
@@ -803,6 +830,13 @@ async fn a_restore_does_not_undo_revocations_made_after_the_backup() {
         "",
     );
     lease_and_get(&server, "acme", "kept").await.unwrap();
+    // The purged secret stays erased; the undone deletion stays undone.
+    assert_status(
+        orch.describe(secret_ref("acme", "erased")).await,
+        Code::NotFound,
+        "",
+    );
+    lease_and_get(&server, "acme", "undone").await.unwrap();
     let replayed = audit_all(
         &server,
         pb::AuditRequest {
