@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::model::{Action, AuditDraft, AuditRecord, SecretName, SecretRecord, TenantId, Time};
 use crate::server::{Initialise, Keys, ServeError, open_keys, open_store};
 use crate::store::{
-    Charge, RepairNote, RepairPlan, Store, StoreError, Transaction, Write, load_meta, put_meta,
+    RepairNote, RepairPlan, Store, StoreError, Transaction, Write, load_meta, put_meta,
 };
 
 /// Verifies the audit chain of the configured data directory (needs its master key).
@@ -418,26 +418,8 @@ async fn replay_revocations(
         tombstone.updated_at = now;
         tombstone.life.destroy_at = None;
         tombstone.life.grace = None;
-        let mut entry = AuditDraft::new(Action::Revoke, None, None);
-        entry.secret(&current);
-        entry.reason = format!(
-            "restore: revoked after the backup was taken (entry {seq} of {})",
-            export.display()
-        );
-        store
-            .commit(Transaction {
-                charges: vec![destroyed(store, &current).await?],
-                guards: Vec::new(),
-                writes: vec![
-                    Write::PutSecret(tombstone),
-                    Write::DestroyEnvelopes {
-                        secret_id: current.id,
-                        keep: None,
-                    },
-                ],
-                audit: Some(entry),
-            })
-            .await?;
+        let again = (Action::Revoke, "revoked", *seq, export);
+        destroy_again(store, &current, Write::PutSecret(tombstone), again).await?;
         replayed.push((tenant.clone(), name.clone()));
     }
     Ok(replayed)
@@ -458,54 +440,49 @@ async fn replay_purges(
         if current.id.to_string() != *id {
             continue;
         }
-        let mut entry = AuditDraft::new(Action::Purge, None, None);
-        entry.secret(&current);
-        entry.reason = format!(
-            "restore: purged after the backup was taken (entry {seq} of {})",
-            export.display()
-        );
-        store
-            .commit(Transaction {
-                charges: vec![destroyed(store, &current).await?],
-                guards: Vec::new(),
-                writes: vec![
-                    Write::DestroyEnvelopes {
-                        secret_id: current.id,
-                        keep: None,
-                    },
-                    Write::DeleteSecret {
-                        tenant: tenant.clone(),
-                        name: name.clone(),
-                    },
-                ],
-                audit: Some(entry),
-            })
-            .await?;
+        let deleted = Write::DeleteSecret {
+            tenant: tenant.clone(),
+            name: name.clone(),
+        };
+        let again = (Action::Purge, "purged", *seq, export);
+        destroy_again(store, &current, deleted, again).await?;
         replayed.push((tenant.clone(), name.clone()));
     }
     Ok(replayed)
 }
 
-/// What destroying every version of `secret` gives back to its tenant's usage (what its
-/// envelopes hold).
-async fn destroyed(store: &dyn Store, secret: &SecretRecord) -> Result<Charge, ServeError> {
-    let mut versions = vec![secret.version];
-    versions.extend(secret.life.grace.map(|g| g.version));
-    let (mut held, mut bytes) = (false, 0i64);
-    for version in versions {
-        if let Some(envelope) = store.envelope(secret.id, version).await? {
-            held = true;
-            bytes += envelope.ciphertext.len() as i64;
-        }
-    }
-    Ok(crate::quota::Quotas::give_back(
-        &secret.tenant,
-        crate::quota::Delta {
-            secrets: -i64::from(held),
-            value_bytes: -bytes,
-            leases: 0,
-        },
-    ))
+/// Destroys every version of `secret` again, with `record` (its tombstone, or its record's
+/// deletion), in one commit that gives back what its data keys held and is audited as
+/// `(action, verb, seq, export)`: an action the export recorded, at entry `seq`.
+async fn destroy_again(
+    store: &dyn Store,
+    secret: &SecretRecord,
+    record: Write,
+    (action, verb, seq, export): (Action, &str, u64, &Path),
+) -> Result<(), ServeError> {
+    let held = crate::vault::held(store, secret).await?;
+    let mut entry = AuditDraft::new(action, None, None);
+    entry.secret(secret);
+    entry.reason = format!(
+        "restore: {verb} after the backup was taken (entry {seq} of {})",
+        export.display()
+    );
+    let given_back = crate::vault::given_back(&secret.tenant, -i64::from(held.any()), held.total());
+    store
+        .commit(Transaction {
+            charges: vec![given_back],
+            guards: Vec::new(),
+            writes: vec![
+                record,
+                Write::DestroyEnvelopes {
+                    secret_id: secret.id,
+                    keep: None,
+                },
+            ],
+            audit: Some(entry),
+        })
+        .await?;
+    Ok(())
 }
 
 /// Loads the backup `input` into the configured data directory, which must hold no data.

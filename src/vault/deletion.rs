@@ -8,7 +8,7 @@ use crate::auth::Operation;
 use crate::model::{Action, Phase, Reason, SecretRecord, SecretState, TenantId, Time};
 use crate::pending::Pending;
 use crate::quota::{Delta, Quotas};
-use crate::store::{Charge, Guard, Transaction, Write};
+use crate::store::{Charge, Guard, Store, StoreError, Transaction, Write};
 
 use super::life::window_field;
 use super::{Attempts, Caller, Purged, Revoked, Vault, VaultError, authorize_secret};
@@ -28,7 +28,7 @@ enum Revocation {
 
 /// What destroying data keys gives back to `tenant`'s usage: `secrets` (0 or -1) and the
 /// `freed` bytes of sealed values.
-pub(super) fn given_back(tenant: &TenantId, secrets: i64, freed: i64) -> Charge {
+pub fn given_back(tenant: &TenantId, secrets: i64, freed: i64) -> Charge {
     Quotas::give_back(
         tenant,
         Delta {
@@ -56,11 +56,7 @@ impl Vault {
         let mut attempts = Attempts::default();
         loop {
             attempts.next()?;
-            let current = self
-                .store
-                .secret(&tenant, &name)
-                .await?
-                .ok_or(VaultError::SecretNotFound)?;
+            let current = self.secret_named(&tenant, &name).await?;
             audit.secret(&current);
             let now = Time::now();
             let phase = current.phase(now);
@@ -87,13 +83,12 @@ impl Vault {
                 }
                 Revocation::DestroyNow => {
                     tombstone.life.destroy_at = None;
-                    (None, self.held_bytes(&current).await?)
+                    (None, held(&*self.store, &current).await?.total())
                 }
                 Revocation::Window(w) => {
                     tombstone.life.destroy_at = Some(now.plus(w));
-                    let grace =
-                        self.held_bytes(&current).await? - self.value_bytes(&current).await?;
-                    (Some(current.version), grace)
+                    let previous = held(&*self.store, &current).await?.previous;
+                    (Some(current.version), previous.unwrap_or(0))
                 }
             };
             // The usage counts what the data keys hold: a secret pending deletion still
@@ -141,11 +136,7 @@ impl Vault {
             let mut attempts = Attempts::default();
             loop {
                 attempts.next()?;
-                let current = self
-                    .store
-                    .secret(&tenant, &name)
-                    .await?
-                    .ok_or(VaultError::SecretNotFound)?;
+                let current = self.secret_named(&tenant, &name).await?;
                 audit.secret(&current);
                 let now = Time::now();
                 let within = current.life.destroy_at.is_some_and(|t| now < t);
@@ -186,17 +177,13 @@ impl Vault {
             let mut attempts = Attempts::default();
             loop {
                 attempts.next()?;
-                let current = self
-                    .store
-                    .secret(&tenant, &name)
-                    .await?
-                    .ok_or(VaultError::SecretNotFound)?;
+                let current = self.secret_named(&tenant, &name).await?;
                 audit.secret(&current);
                 let holds = current.phase(Time::now()) != Phase::Revoked;
                 let (secrets, freed, versions) = match holds {
                     true => (
                         -1,
-                        self.held_bytes(&current).await?,
+                        held(&*self.store, &current).await?.total(),
                         1 + u32::from(current.life.grace.is_some()),
                     ),
                     false => (0, 0, 0),
@@ -227,18 +214,45 @@ impl Vault {
             }
         })
     }
+}
 
-    /// The bytes of the sealed values a secret's data keys hold: its current version's and,
-    /// during a rotation grace, the previous one's (what its quota counts).
-    pub(super) async fn held_bytes(&self, secret: &SecretRecord) -> Result<i64, VaultError> {
-        let mut bytes = self.value_bytes(secret).await?;
-        if let Some(grace) = secret.life.grace {
-            bytes += self
-                .store
-                .envelope(secret.id, grace.version)
-                .await?
-                .map_or(0, |e| e.ciphertext.len() as i64);
-        }
-        Ok(bytes)
+/// The bytes of the sealed values a secret's data keys hold (what its quota counts): its
+/// current version's and, during a rotation grace, the previous one's; `None` for a version
+/// whose envelope is not stored.
+#[derive(Debug, Clone, Copy)]
+pub struct Held {
+    /// The current version's.
+    pub current: Option<i64>,
+    /// The previous version's, kept by a rotation grace.
+    pub previous: Option<i64>,
+}
+
+impl Held {
+    /// Both together.
+    pub fn total(self) -> i64 {
+        self.current.unwrap_or(0) + self.previous.unwrap_or(0)
     }
+
+    /// Whether the secret holds any data key.
+    pub fn any(self) -> bool {
+        self.current.is_some() || self.previous.is_some()
+    }
+}
+
+/// What `secret`'s data keys hold in `store` (one read per version kept).
+pub async fn held(store: &dyn Store, secret: &SecretRecord) -> Result<Held, StoreError> {
+    let bytes = |version| async move {
+        store
+            .envelope(secret.id, version)
+            .await
+            .map(|e| e.map(|e| e.ciphertext.len() as i64))
+    };
+    let previous = match secret.life.grace {
+        Some(grace) => bytes(grace.version).await?,
+        None => None,
+    };
+    Ok(Held {
+        current: bytes(secret.version).await?,
+        previous,
+    })
 }

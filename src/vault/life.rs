@@ -131,11 +131,7 @@ impl Vault {
         let mut attempts = Attempts::default();
         loop {
             attempts.next()?;
-            let read = self
-                .store
-                .secret(&tenant, &name)
-                .await?
-                .ok_or(VaultError::SecretNotFound)?;
+            let read = self.secret_named(&tenant, &name).await?;
             audit.secret(&read);
             if read.state != crate::model::SecretState::Active {
                 return Err(VaultError::SecretRevoked);

@@ -74,6 +74,7 @@ mod watcher;
 
 pub use self::admin::check_envelopes;
 pub use self::caller::Caller;
+pub use self::deletion::{Held, given_back, held};
 pub use self::error::{DecryptFailure, VaultError};
 pub use self::io::*;
 use self::listing::{ListFilter, MAX_LIST_SCAN};

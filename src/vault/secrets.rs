@@ -1,5 +1,6 @@
 //! Operations on secrets: Store, Describe, List, Rotate and Revoke.
 
+use super::deletion::held;
 use super::life::window_field;
 use crate::auth::Operation;
 use crate::crypto::Plaintext;
@@ -97,11 +98,7 @@ impl Vault {
         operation!(self, caller, Action::Describe, |audit| {
             let (_, tenant, name) =
                 authorize_secret(caller, &mut audit, Operation::Describe, tenant, name)?;
-            let record = self
-                .store
-                .secret(&tenant, &name)
-                .await?
-                .ok_or(VaultError::SecretNotFound)?;
+            let record = self.secret_named(&tenant, &name).await?;
             audit.secret(&record);
             self.record(audit.settle()).await?;
             Ok(record)
@@ -222,15 +219,16 @@ impl Vault {
             let keep = grace.map(|_| current.version);
             let envelope = self.seal(&next, &value).await?;
             audit.secret(&next);
-            let held = self.held_bytes(&current).await?;
-            let kept = match keep {
-                Some(_) => self.value_bytes(&current).await?,
-                None => 0,
+            // What this Rotate destroys: every version but the one a grace keeps.
+            let held = held(&*self.store, &current).await?;
+            let destroyed = match keep {
+                Some(_) => held.previous.unwrap_or(0),
+                None => held.total(),
             };
             let charge = self.quotas.charge(
                 &tenant,
                 Delta {
-                    value_bytes: envelope.ciphertext.len() as i64 - (held - kept),
+                    value_bytes: envelope.ciphertext.len() as i64 - destroyed,
                     ..Delta::default()
                 },
             )?;
@@ -286,31 +284,29 @@ impl Vault {
         })
     }
 
+    /// The secret `tenant`/`name`: `SecretNotFound` if there is none.
+    pub(super) async fn secret_named(
+        &self,
+        tenant: &TenantId,
+        name: &SecretName,
+    ) -> Result<SecretRecord, VaultError> {
+        self.store
+            .secret(tenant, name)
+            .await?
+            .ok_or(VaultError::SecretNotFound)
+    }
+
     /// The secret `tenant`/`name`, if it exists and is active.
     pub(super) async fn active_secret(
         &self,
         tenant: &TenantId,
         name: &SecretName,
     ) -> Result<SecretRecord, VaultError> {
-        let secret = self
-            .store
-            .secret(tenant, name)
-            .await?
-            .ok_or(VaultError::SecretNotFound)?;
+        let secret = self.secret_named(tenant, name).await?;
         if secret.state == SecretState::Revoked {
             return Err(VaultError::SecretRevoked);
         }
         Ok(secret)
-    }
-
-    /// Commits a successful read-only operation's audit entry.
-    /// The bytes of a secret's current sealed value (what its quota counts).
-    pub(super) async fn value_bytes(&self, secret: &SecretRecord) -> Result<i64, VaultError> {
-        Ok(self
-            .store
-            .envelope(secret.id, secret.version)
-            .await?
-            .map_or(0, |e| e.ciphertext.len() as i64))
     }
 }
 

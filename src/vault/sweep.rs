@@ -12,7 +12,7 @@ use crate::metrics::SecretStateLabels;
 use crate::model::{Action, AuditDraft, Phase, SecretName, SecretRecord, TenantId, Time};
 use crate::store::{Guard, StoreError, Transaction, Write};
 
-use super::deletion::given_back;
+use super::deletion::{given_back, held};
 use super::{Vault, VaultError};
 
 /// Secrets read per page of a sweep.
@@ -190,10 +190,10 @@ impl Vault {
                     keep,
                 });
                 // What the destroyed data keys held goes back to the tenant's quota.
-                let held = self.held_bytes(&secret).await?;
+                let held = held(&*self.store, &secret).await?;
                 let (secrets, freed) = match keep {
-                    None => (-1, held),
-                    Some(_) => (0, held - self.value_bytes(&secret).await?),
+                    None => (-1, held.total()),
+                    Some(_) => (0, held.previous.unwrap_or(0)),
                 };
                 charges.push(given_back(&secret.tenant, secrets, freed));
             }

@@ -304,7 +304,7 @@ async fn windows_and_graces_that_end_while_down_are_done_at_the_next_start_on_po
 const DUE_WHILE_DOWN: &str = "[quotas]\nmax_secrets_per_tenant = 4\n";
 
 async fn due_while_down(on: crate::key_life::OnEngine) {
-    use crate::key_life::{entries_of, revoke_within, secs};
+    use crate::key_life::{describe, entries_of, revoke_within, secs};
     let server = &on.server;
     let mut orch = server.as_(ORCHESTRATOR).await;
     // A window and a grace of 2 s, a window that outlasts the test, and a restored secret.
@@ -373,11 +373,7 @@ async fn due_while_down(on: crate::key_life::OnEngine) {
     assert_eq!(grace.len(), 1, "{grace:?}");
     assert_eq!(grace[0].version, 1);
     let mut orch = server.as_(ORCHESTRATOR).await;
-    let window = orch
-        .describe(secret_ref("acme", "window"))
-        .await
-        .expect("describe")
-        .into_inner();
+    let window = describe(&mut orch, "acme", "window").await;
     assert_eq!(window.state, pb::SecretState::Revoked as i32);
     let restore = orch.restore(secret_ref("acme", "window")).await;
     assert_status(restore, Code::FailedPrecondition, "");
@@ -398,11 +394,7 @@ async fn due_while_down(on: crate::key_life::OnEngine) {
     assert_eq!(got.value, b"sk-due-grace-v2-0002");
     let got = lease_and_get(&server, "acme", "back").await.expect("back");
     assert_eq!(got.value, b"sk-due-back-0001");
-    let long = orch
-        .describe(secret_ref("acme", "long"))
-        .await
-        .expect("describe")
-        .into_inner();
+    let long = describe(&mut orch, "acme", "long").await;
     assert_eq!(long.state, pb::SecretState::PendingDeletion as i32);
     orch.restore(secret_ref("acme", "long"))
         .await

@@ -891,7 +891,7 @@ pub(crate) fn revoke_within(tenant: &str, name: &str, window: i64) -> pb::Revoke
     }
 }
 
-async fn describe(client: &mut Client, tenant: &str, name: &str) -> pb::SecretMetadata {
+pub(crate) async fn describe(client: &mut Client, tenant: &str, name: &str) -> pb::SecretMetadata {
     client
         .describe(secret_ref(tenant, name))
         .await
