@@ -121,6 +121,8 @@ pub enum Operation {
     Restore,
     /// Purge a secret.
     Purge,
+    /// Read how much secrets were used.
+    GetUsage,
 }
 
 impl Operation {
@@ -138,6 +140,7 @@ impl Operation {
             Operation::Lease => &[Role::Leaser, Role::Admin],
             Operation::Get => &[Role::Reader, Role::Admin],
             Operation::Audit => &[Role::Auditor, Role::Admin],
+            Operation::GetUsage => &[Role::Auditor, Role::Writer, Role::Admin],
             Operation::RotateMasterKey | Operation::Backup | Operation::Purge => &[Role::Admin],
         }
     }
@@ -160,6 +163,7 @@ impl fmt::Display for Operation {
             Operation::UpdateSecret => "update secrets",
             Operation::Restore => "restore secrets",
             Operation::Purge => "purge secrets",
+            Operation::GetUsage => "read secrets' usage",
         })
     }
 }
@@ -515,11 +519,12 @@ mod tests {
                     Operation::RevokeLease,
                     Operation::Describe,
                     Operation::List,
+                    Operation::GetUsage,
                 ],
             ),
             (Role::Leaser, &[Operation::Lease, Operation::RevokeLease]),
             (Role::Reader, &[Operation::Get]),
-            (Role::Auditor, &[Operation::Audit]),
+            (Role::Auditor, &[Operation::Audit, Operation::GetUsage]),
         ];
         let all = [
             Operation::Store,
@@ -531,6 +536,7 @@ mod tests {
             Operation::Lease,
             Operation::Get,
             Operation::Audit,
+            Operation::GetUsage,
         ];
         for (role, granted) in table {
             let p = principal("p", "t", &[*role], None);

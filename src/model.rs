@@ -331,6 +331,11 @@ macro_rules! uuid_type {
             pub fn as_bytes(&self) -> &[u8; 16] {
                 self.0.as_bytes()
             }
+
+            /// The id of 16 raw bytes (as a storage key holds it).
+            pub fn from_bytes(bytes: [u8; 16]) -> Self {
+                Self(uuid::Uuid::from_bytes(bytes))
+            }
         }
 
         impl fmt::Display for $name {
@@ -685,11 +690,13 @@ pub enum Action {
     /// Data keys destroyed when a recovery window or a rotation grace ended (not an RPC: the
     /// background sweep records it).
     Destroy,
+    /// `GetUsage`
+    GetUsage,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 23] = [
+    pub const ALL: [Action; 24] = [
         Action::Store,
         Action::Describe,
         Action::List,
@@ -713,6 +720,7 @@ impl Action {
         Action::Restore,
         Action::Purge,
         Action::Destroy,
+        Action::GetUsage,
     ];
 
     /// The RPC's name, as recorded and as filtered on.
@@ -741,6 +749,7 @@ impl Action {
             Action::Restore => "Restore",
             Action::Purge => "Purge",
             Action::Destroy => "Destroy",
+            Action::GetUsage => "GetUsage",
         }
     }
 

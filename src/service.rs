@@ -16,10 +16,12 @@ use crate::admission::Admitted;
 use crate::api::v1::{self as pb, vault_server};
 use crate::crypto::Plaintext;
 use crate::lease::RequestedTtl;
-use crate::model::{AuditRecord, Outcome, Phase, SecretRecord, Time};
+use crate::model::{AuditRecord, Outcome, Phase, Time};
+use crate::store::{DayRow, SecretActivity};
 use crate::vault::{
-    AuditFilterInput, AuditInput, Caller, Changed, LeaseInput, LifeInput, ListInput, RevokeTarget,
-    RotateInput, StoreInput, UpdateInput, Vault, VaultError, VerifyInput, WatchEvent, WatchInput,
+    AuditFilterInput, AuditInput, Caller, Changed, Described, LeaseInput, LifeInput, ListInput,
+    RevokeTarget, RotateInput, StoreInput, UpdateInput, UsageInput, Vault, VaultError, VerifyInput,
+    WatchEvent, WatchInput, day_start,
 };
 
 /// Bytes per message of a backup stream.
@@ -276,6 +278,28 @@ impl vault_server::Vault for VaultService {
         respond("Restore", result.map(|r| metadata(&r)))
     }
 
+    async fn get_usage(
+        &self,
+        mut request: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::UsageReport>, Status> {
+        let caller = self.caller(&mut request);
+        let req = request.into_inner();
+        let input = UsageInput {
+            tenant: req.tenant,
+            name: req.name,
+            from: req.from.map(seconds_nanos),
+            to: req.to.map(seconds_nanos),
+            group_by_principal: req.group_by_principal,
+        };
+        let result = self.vault.get_usage(&caller, input).await;
+        respond(
+            "GetUsage",
+            result.map(|rows| pb::UsageReport {
+                buckets: rows.iter().map(usage_bucket).collect(),
+            }),
+        )
+    }
+
     async fn purge(
         &self,
         mut request: Request<pb::PurgeRequest>,
@@ -315,7 +339,12 @@ impl vault_server::Vault for VaultService {
             "Revoke",
             result.map(|r| pb::RevokeResponse {
                 already_revoked: r.already_revoked,
-                secret: r.secret.as_ref().map(metadata),
+                secret: r.secret.map(|secret| {
+                    metadata(&Described {
+                        secret,
+                        usage: r.usage,
+                    })
+                }),
             }),
         )
     }
@@ -587,11 +616,40 @@ fn changed(c: Changed) -> pb::SecretMetadata {
     }
 }
 
+fn usage(u: &SecretActivity) -> pb::SecretUsage {
+    pb::SecretUsage {
+        leases_issued: u.leases_issued,
+        redemptions: u.redemptions,
+        failed_redemptions: u.failed_redemptions,
+        last_leased_at: u.last_leased_at.map(timestamp),
+        last_redeemed_at: u.last_redeemed_at.map(timestamp),
+        last_redeemed_by: u
+            .last_redeemed_by
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+    }
+}
+
+fn usage_bucket(row: &DayRow) -> pb::UsageBucket {
+    pb::UsageBucket {
+        day: Some(timestamp(day_start(row.key.day))),
+        tenant: row.key.tenant.to_string(),
+        name: row.name.to_string(),
+        principal: row.key.principal.clone(),
+        leases: row.counts.leases,
+        redemptions: row.counts.redemptions,
+        failed_redemptions: row.counts.failed_redemptions,
+        secret_id: row.key.secret_id.to_string(),
+    }
+}
+
 fn seconds_nanos(t: prost_types::Timestamp) -> (i64, i32) {
     (t.seconds, t.nanos)
 }
 
-fn metadata(r: &SecretRecord) -> pb::SecretMetadata {
+fn metadata(d: &Described) -> pb::SecretMetadata {
+    let r = &d.secret;
     let now = Time::now();
     pb::SecretMetadata {
         id: r.id.to_string(),
@@ -630,6 +688,7 @@ fn metadata(r: &SecretRecord) -> pb::SecretMetadata {
         destroy_at: r.life.destroy_at.map(timestamp),
         previous_version: r.life.grace.map_or(0, |g| g.version),
         previous_until: r.life.grace.map(|g| timestamp(g.until)),
+        usage: d.usage.as_ref().map(usage),
     }
 }
 

@@ -12,6 +12,7 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::activity::DayKey;
 use super::{AuditIndex, MetaKey, StoreError};
 use crate::model::{
     AuditRecord, EnvelopeRecord, LeaseId, LeaseRecord, Lifecycle, Revision, SecretId, SecretName,
@@ -60,6 +61,13 @@ pub const LEGACY_INDEX_SPACES: [u8; 5] = [
     AUDIT_BY_PEER,
     AUDIT_POSTINGS,
 ];
+/// `c` secret_id -> Counted<SecretActivity>: a secret's use (sled; see `activity.rs`)
+pub const ACTIVITY: u8 = b'c';
+/// `d` tenant 0x00 day secret_id principal -> Counted<DayValue>: a day bucket (sled)
+pub const ACTIVITY_DAY: u8 = b'd';
+/// The meta key present once the tree's activity rows count the whole trail (sled stores
+/// made before counted nothing; their first open counts the trail).
+pub const ACTIVITY_COUNTED_META: &[u8] = b"mactivity-counted";
 /// The meta key of the audit chain's anchor.
 pub const AUDIT_ANCHOR_META: &[u8] = b"maudit-anchor";
 /// The meta key of the last audit position whose transaction's records the tree holds
@@ -216,9 +224,55 @@ pub fn describe_key(key: &[u8]) -> String {
             "audit-index"
         }
         Some(&AUDIT_POSTINGS) => "audit-postings",
+        Some(&ACTIVITY) => "activity",
+        Some(&ACTIVITY_DAY) => "activity-day",
         _ => "unknown",
     };
     format!("{space} key ({} bytes)", key.len())
+}
+
+pub fn activity_key(secret_id: SecretId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(ACTIVITY);
+    k.extend_from_slice(secret_id.as_bytes());
+    k
+}
+
+/// The day buckets of `tenant` from `day` on (see [`activity_day_key`]).
+pub fn activity_day_prefix(tenant: &TenantId, day: Option<i64>) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + tenant.as_str().len() + 8);
+    k.push(ACTIVITY_DAY);
+    k.extend_from_slice(tenant.as_str().as_bytes());
+    k.push(0);
+    if let Some(day) = day {
+        // The sign bit flipped: byte order is numeric order for negative days too.
+        k.extend_from_slice(&((day as u64) ^ (1 << 63)).to_be_bytes());
+    }
+    k
+}
+
+pub fn activity_day_key(key: &DayKey) -> Vec<u8> {
+    let mut k = activity_day_prefix(&key.tenant, Some(key.day));
+    k.extend_from_slice(key.secret_id.as_bytes());
+    k.extend_from_slice(key.principal.as_bytes());
+    k
+}
+
+/// The bucket a day key names (`None`: not a day key).
+pub fn activity_day_of_key(key: &[u8]) -> Option<DayKey> {
+    let rest = key.strip_prefix(&[ACTIVITY_DAY])?;
+    let sep = rest.iter().position(|b| *b == 0)?;
+    let tenant = TenantId::parse(std::str::from_utf8(&rest[..sep]).ok()?).ok()?;
+    let rest = &rest[sep + 1..];
+    let day = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?) ^ (1 << 63);
+    let secret_id = SecretId::from_bytes(rest.get(8..24)?.try_into().ok()?);
+    let principal = std::str::from_utf8(rest.get(24..)?).ok()?.to_string();
+    Some(DayKey {
+        tenant,
+        day: day as i64,
+        secret_id,
+        principal,
+    })
 }
 
 pub fn secret_prefix(tenant: &TenantId) -> Vec<u8> {

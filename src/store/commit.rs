@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use super::activity::Activity;
 use super::usage::{Ledger, Tally, Usage, UsageKey};
 use super::{Committed, Guard, ImportSource, MetaKey, Record, StoreError, Transaction, Write};
 use crate::chain::{ChainKey, GENESIS};
@@ -135,6 +136,8 @@ pub struct Group {
     pub last_revision: Revision,
     /// The usage the group leaves, for each key its charges changed (written with it).
     pub usage: Vec<(UsageKey, Usage)>,
+    /// What its audit entries add to the secrets' use (written with it).
+    pub activity: Activity,
 }
 
 /// What an engine adapter does for the core. Reads see the engine's durable state (the
@@ -453,6 +456,7 @@ impl<A: Adapter> Writer<A> {
                 transactions: Vec::new(),
                 last_revision: Revision(0),
                 usage: Vec::new(),
+                activity: Activity::default(),
             };
             let mut waiting: Vec<Waiting> = Vec::new();
             let mut overlay = Overlay::default();
@@ -574,6 +578,7 @@ impl<A: Adapter> Writer<A> {
             return Ok(());
         }
         group.last_revision = Revision(self.position.next_revision - 1);
+        group.activity = Activity::of(group.transactions.iter().filter_map(|t| t.audit.as_ref()));
         crate::metrics::global()
             .group_commits
             .observe(group.transactions.len() as f64);
@@ -814,6 +819,7 @@ impl<A: Adapter> Writer<A> {
             transactions: Vec::new(),
             last_revision: Revision(0),
             usage: Vec::new(),
+            activity: Activity::default(),
         };
         // The usage the records bring, written with the last group.
         let mut tally = Tally::default();
@@ -873,6 +879,8 @@ impl<A: Adapter> Writer<A> {
                     group.usage = std::mem::take(&mut tally).finish().into_iter().collect();
                 }
                 if !group.transactions.is_empty() || !group.usage.is_empty() {
+                    group.activity =
+                        Activity::of(group.transactions.iter().filter_map(|t| t.audit.as_ref()));
                     self.adapter.write_group(&group)?;
                     let mut newest = group.transactions.iter_mut().rev();
                     head = newest.find_map(|t| t.audit.take()).or(head);

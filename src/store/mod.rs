@@ -12,6 +12,7 @@
 //! `sled/` and `postgres/` are the engine adapters, opened only through `engine.rs`, which
 //! `[store] kind` chooses; `tests` holds the suite every engine must pass.
 
+pub mod activity;
 mod auditindex;
 mod auditlog;
 mod codec;
@@ -34,6 +35,7 @@ use crate::model::{
     Revision, SecretId, SecretName, SecretRecord, TenantId, Time, TokenHash,
 };
 
+pub use self::activity::{DayQuery, DayRow, SecretActivity};
 pub use self::auditlog::DEFAULT_SEGMENT_BYTES as DEFAULT_AUDIT_SEGMENT_BYTES;
 pub use self::commit::RecordKey;
 pub use self::engine::{Engine, KINDS};
@@ -482,6 +484,14 @@ pub trait Store: Send + Sync {
 
     /// What a tenant (or all together) holds, as of the latest commit this store knows.
     async fn usage(&self, key: &UsageKey) -> Result<Usage, StoreError>;
+
+    /// How much each of `ids` was used, in their order (a secret never used: zero), as of
+    /// the latest commit this store knows.
+    async fn activity(&self, ids: &[SecretId]) -> Result<Vec<SecretActivity>, StoreError>;
+
+    /// The day buckets `query` names, in no particular order: at most `query.limit`, or one
+    /// more if there are more.
+    async fn activity_days(&self, query: &DayQuery) -> Result<Vec<DayRow>, StoreError>;
 
     /// False while the store refuses writes: after a failed write or flush, or while the
     /// audit trail is damaged.

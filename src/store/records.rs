@@ -89,7 +89,11 @@ impl Record {
             codec::META if key == codec::AUDIT_ANCHOR_META => {
                 Record::Anchor(codec::decode(key, value)?)
             }
-            codec::META if key == codec::REVISION_META || key == codec::AUDIT_APPLIED_META => {
+            codec::META
+                if key == codec::REVISION_META
+                    || key == codec::AUDIT_APPLIED_META
+                    || key == codec::ACTIVITY_COUNTED_META =>
+            {
                 return Ok(None);
             }
             codec::META => {
@@ -99,7 +103,12 @@ impl Record {
                     .ok_or_else(unknown)?;
                 Record::Meta(meta, Revision(0), value.to_vec())
             }
-            codec::META_REVISION | codec::LEASE | codec::LEASE_ID | codec::LEASE_EXPIRY => {
+            codec::META_REVISION
+            | codec::LEASE
+            | codec::LEASE_ID
+            | codec::LEASE_EXPIRY
+            | codec::ACTIVITY
+            | codec::ACTIVITY_DAY => {
                 return Ok(None);
             }
             _ => return Err(unknown()),

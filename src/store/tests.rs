@@ -162,6 +162,7 @@ pub(crate) async fn suite(subject: &dyn Subject) {
     charges_on_two_handles_stop_exactly_at_the_quota([first.clone(), second.clone()]).await;
     close(&second).await;
     close(&first).await;
+    activity_counts_committed_leases_and_gets(subject).await;
 }
 
 async fn close(store: &Arc<dyn Store>) {
@@ -170,6 +171,164 @@ async fn close(store: &Arc<dyn Store>) {
         store.commit(Transaction::default()).await,
         Err(StoreError::Closed)
     ));
+}
+
+/// An audit-only transaction: `action` on `s` by `who`, ending with `outcome`.
+pub(crate) fn use_of(s: &SecretRecord, action: Action, outcome: Outcome, who: &str) -> Transaction {
+    let mut entry = AuditDraft::new(action, PrincipalId::parse(who).ok(), None);
+    entry.tenant = Some(s.tenant.clone());
+    entry.name = Some(s.name.clone());
+    entry.secret_id = Some(s.id);
+    entry.outcome = outcome;
+    Transaction::audit_only(entry)
+}
+
+/// The secrets' use is counted from the entries each group commits (a Lease issued, a Get
+/// that succeeded, a Get that failed; nothing else), per secret and per day bucket, the same
+/// on every handle; an import counts it again from the entries it brings.
+async fn activity_counts_committed_leases_and_gets(subject: &dyn Subject) {
+    use crate::store::activity::{buckets, day_of};
+    let store = subject.fresh().await;
+    store.start_audit_chain(chain_key()).await.unwrap();
+    let (k, other) = (secret("act", "k"), secret("act", "other"));
+    let mut uses = Vec::new();
+    for (n, action, outcome, who) in [
+        (5, Action::Lease, Outcome::Ok, "app"),
+        (4, Action::Get, Outcome::Ok, "agent"),
+        (2, Action::Get, Outcome::Ok, "agent2"),
+        (3, Action::Get, Outcome::NotFound, "stranger"),
+        (2, Action::Lease, Outcome::FailedPrecondition, "app"),
+        (2, Action::Describe, Outcome::Ok, "app"),
+    ] {
+        for _ in 0..n {
+            uses.push(use_of(&k, action, outcome, who));
+        }
+    }
+    uses.push(use_of(&other, Action::Lease, Outcome::Ok, "app"));
+    let tasks: Vec<_> = uses
+        .into_iter()
+        .map(|tx| {
+            let store = store.clone();
+            tokio::spawn(async move { store.commit(tx).await.unwrap() })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let last = store
+        .commit(use_of(&k, Action::Get, Outcome::Ok, "last"))
+        .await
+        .unwrap();
+    let at = store
+        .audit_entry(last.audit_seq.unwrap())
+        .await
+        .unwrap()
+        .unwrap()
+        .time;
+    let never = secret("act", "never");
+    let read = store.activity(&[k.id, never.id, other.id]).await.unwrap();
+    assert_eq!(
+        (
+            read[0].leases_issued,
+            read[0].redemptions,
+            read[0].failed_redemptions
+        ),
+        (5, 7, 3)
+    );
+    assert_eq!(read[0].last_redeemed_at, Some(at));
+    assert_eq!(
+        read[0].last_redeemed_by.as_ref().map(|p| p.as_str()),
+        Some("last")
+    );
+    assert!(read[0].last_leased_at.is_some_and(|t| t <= at));
+    assert_eq!(read[1], SecretActivity::default());
+    assert_eq!(read[2].leases_issued, 1);
+    // The day buckets: one per day, secret and principal.
+    let today = day_of(at);
+    let query = |name: Option<&str>, limit| DayQuery {
+        tenant: tenant("act"),
+        name: name.map(super::tests::name),
+        from: today - 2,
+        to: today + 1,
+        limit,
+    };
+    let rows = store.activity_days(&query(None, 100)).await.unwrap();
+    let per_secret = buckets(rows.clone(), false);
+    let total = |rows: &[DayRow], id| {
+        rows.iter().filter(|r| r.key.secret_id == id).fold(
+            crate::store::activity::Counts::default(),
+            |mut sum, r| {
+                sum.add(r.counts);
+                sum
+            },
+        )
+    };
+    let counted = total(&per_secret, k.id);
+    assert_eq!(
+        (
+            counted.leases,
+            counted.redemptions,
+            counted.failed_redemptions
+        ),
+        (5, 7, 3)
+    );
+    assert_eq!(total(&per_secret, other.id).leases, 1);
+    let agents: std::collections::BTreeSet<_> = buckets(rows, true)
+        .into_iter()
+        .filter(|r| r.key.secret_id == k.id && r.counts.redemptions > 0)
+        .map(|r| r.key.principal)
+        .collect();
+    assert_eq!(
+        agents.into_iter().collect::<Vec<_>>(),
+        ["agent", "agent2", "last"]
+    );
+    let named = store
+        .activity_days(&query(Some("other"), 100))
+        .await
+        .unwrap();
+    assert!(!named.is_empty() && named.iter().all(|r| r.key.secret_id == other.id));
+    // One more row than the limit says there are more.
+    assert_eq!(store.activity_days(&query(None, 1)).await.unwrap().len(), 2);
+    let mut elsewhere = query(None, 100);
+    elsewhere.tenant = tenant("else");
+    assert!(store.activity_days(&elsewhere).await.unwrap().is_empty());
+    let mut earlier = query(None, 100);
+    (earlier.from, earlier.to) = (today - 30, today - 2);
+    assert!(store.activity_days(&earlier).await.unwrap().is_empty());
+    // Another handle reads the same.
+    let second = subject.another_handle(&store).await;
+    assert_eq!(second.activity(&[k.id]).await.unwrap()[0], read[0]);
+    // An import counts the entries it brings.
+    let exported = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = exported.clone();
+    store
+        .export(Box::new(move |record| {
+            sink.lock().unwrap().push(record);
+            Ok(())
+        }))
+        .await
+        .unwrap();
+    let mut records = std::mem::take(&mut *exported.lock().unwrap());
+    records.reverse();
+    let fresh = subject.fresh().await;
+    fresh
+        .import(Box::new(move || Ok(records.pop())))
+        .await
+        .unwrap();
+    assert_eq!(
+        fresh.activity(&[k.id, other.id]).await.unwrap(),
+        vec![read[0].clone(), read[2].clone()]
+    );
+    let mut imported = fresh.activity_days(&query(None, 100)).await.unwrap();
+    let mut original = store.activity_days(&query(None, 100)).await.unwrap();
+    imported.sort_by(|a, b| a.key.cmp(&b.key));
+    original.sort_by(|a, b| a.key.cmp(&b.key));
+    assert_eq!(imported, original);
+    close(&fresh).await;
+    if !Arc::ptr_eq(&second, &store) {
+        close(&second).await;
+    }
+    close(&store).await;
 }
 
 /// Sled stores in a temporary directory, with audit segments of a given size.
@@ -1606,6 +1765,71 @@ async fn sled_counts_the_usage_its_records_hold_when_it_opens() {
         assert_eq!(store.usage(key).await.unwrap(), usage, "{key:?}");
     }
     store.close().await.unwrap();
+}
+
+/// sled counts the secrets' use again from the trail where the tree lost it (a crash after
+/// a group's trail sync), never counting twice an entry a row already counts; a store made
+/// before the counts were kept has them counted from its trail at its first open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_counts_the_secrets_use_again_from_the_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = secret("t", "k");
+    let query = DayQuery {
+        tenant: tenant("t"),
+        name: None,
+        from: i64::MIN / 2,
+        to: i64::MAX / 2,
+        limit: 100,
+    };
+    let store = SledStore::open(dir.path()).unwrap();
+    store.start_audit_chain(chain_key()).await.unwrap();
+    for (action, outcome) in [
+        (Action::Lease, Outcome::Ok),
+        (Action::Get, Outcome::Ok),
+        (Action::Get, Outcome::DeadlineExceeded),
+        (Action::Lease, Outcome::Ok),
+    ] {
+        store
+            .commit(use_of(&k, action, outcome, "p"))
+            .await
+            .unwrap();
+    }
+    let used = store.activity(&[k.id]).await.unwrap();
+    assert_eq!(
+        (
+            used[0].leases_issued,
+            used[0].redemptions,
+            used[0].failed_redemptions
+        ),
+        (2, 1, 1)
+    );
+    let days = store.activity_days(&query).await.unwrap();
+    store.close().await.unwrap();
+    drop(store);
+    // (the tree's position, forget the rows, keep the mark)
+    for (applied, forget, keep_mark) in [
+        // The rows survived, the position did not: the entries after it are not counted again.
+        (1, false, true),
+        // The rows were lost with the position (sled keeps a prefix of its writes):
+        // counted again from the trail.
+        (0, true, true),
+        // A store from before the counts: its trail is counted at open.
+        (4, true, false),
+        (2, true, false),
+    ] {
+        if forget {
+            SledStore::danger_forget_activity(dir.path(), keep_mark).unwrap();
+        }
+        SledStore::danger_set_applied_position(dir.path(), applied).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.activity(&[k.id]).await.unwrap(),
+            used,
+            "{applied} {forget} {keep_mark}"
+        );
+        assert_eq!(store.activity_days(&query).await.unwrap(), days);
+        store.close().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

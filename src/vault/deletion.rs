@@ -11,7 +11,7 @@ use crate::quota::{Delta, Quotas};
 use crate::store::{Charge, Guard, Store, StoreError, Transaction, Write};
 
 use super::life::window_field;
-use super::{Attempts, Caller, Purged, Revoked, Vault, VaultError, authorize_secret};
+use super::{Attempts, Caller, Described, Purged, Revoked, Vault, VaultError, authorize_secret};
 
 /// Longest recovery window.
 const MAX_RECOVERY_WINDOW: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -79,6 +79,7 @@ impl Vault {
                     return Ok(Revoked {
                         already_revoked: true,
                         secret: Some(current),
+                        usage: None,
                     });
                 }
                 Revocation::DestroyNow => {
@@ -113,6 +114,7 @@ impl Vault {
             let revoked = Revoked {
                 already_revoked: phase == Phase::PendingDeletion,
                 secret: Some(tombstone),
+                usage: None,
             };
             if let Some(done) = self.commit_or_retry(tx, revoked).await? {
                 // Destroyed data keys may not be served from memory; nor, while the secret
@@ -129,8 +131,8 @@ impl Vault {
         caller: &Caller,
         tenant: String,
         name: String,
-    ) -> Result<SecretRecord, VaultError> {
-        operation!(self, caller, Action::Restore, |audit| {
+    ) -> Result<Described, VaultError> {
+        let restored = operation!(self, caller, Action::Restore, |audit| {
             let (_, tenant, name) =
                 authorize_secret(caller, &mut audit, Operation::Restore, tenant, name)?;
             let mut attempts = Attempts::default();
@@ -159,7 +161,8 @@ impl Vault {
                     return Ok(done);
                 }
             }
-        })
+        })?;
+        Ok(self.after_change(restored).await)
     }
 
     /// Destroys every version of a secret now and deletes its record (its name is free).

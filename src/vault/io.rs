@@ -5,6 +5,7 @@ use crate::backup::BackupHeader;
 use crate::crypto::Plaintext;
 use crate::lease::{LeaseToken, RequestedTtl};
 use crate::model::{AuditRecord, LeaseRecord, Phase, SecretId, SecretRecord};
+use crate::store::SecretActivity;
 use std::collections::HashMap;
 
 /// Input of Store, as received.
@@ -98,10 +99,34 @@ pub struct Purged {
 
 /// A secret as a Store or Rotate left it, with what the caller should know about the value.
 pub struct Changed {
-    /// The secret's metadata.
-    pub secret: SecretRecord,
+    /// The secret's metadata and use.
+    pub secret: Described,
     /// Warnings about the value (never quoting it).
     pub warnings: Vec<String>,
+}
+
+/// A secret's metadata as answered: its record and how much it was used (`None`: could not
+/// be read after a change that committed).
+pub struct Described {
+    /// The record.
+    pub secret: SecretRecord,
+    /// Its use.
+    pub usage: Option<SecretActivity>,
+}
+
+/// Input of GetUsage, as received.
+#[derive(Default)]
+pub struct UsageInput {
+    /// Tenant.
+    pub tenant: String,
+    /// One secret's name (empty: the whole tenant).
+    pub name: String,
+    /// The first day's time, seconds and nanoseconds (absent: 29 days before `to`).
+    pub from: Option<(i64, i32)>,
+    /// The last day's time (absent: now).
+    pub to: Option<(i64, i32)>,
+    /// A bucket per principal too.
+    pub group_by_principal: bool,
 }
 
 /// Input of Lease, as received.
@@ -239,6 +264,8 @@ pub struct Revoked {
     pub already_revoked: bool,
     /// The secret's tombstone, when a secret was revoked.
     pub secret: Option<SecretRecord>,
+    /// Its use (see [`Described`]).
+    pub usage: Option<SecretActivity>,
 }
 
 /// A backup taken by [`Vault::backup`].

@@ -276,6 +276,7 @@ impl Vault {
                 return Ok(Revoked {
                     already_revoked: true,
                     secret: None,
+                    usage: None,
                 });
             }
             let mut revoked = lease.clone();
@@ -292,6 +293,7 @@ impl Vault {
                     Revoked {
                         already_revoked: false,
                         secret: None,
+                        usage: None,
                     },
                 )
                 .await?

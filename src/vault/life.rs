@@ -11,7 +11,9 @@ use crate::model::{
 };
 
 use super::trail::time_field;
-use super::{Attempts, Caller, LifeInput, UpdateInput, Vault, VaultError, authorize_secret};
+use super::{
+    Attempts, Caller, Described, LifeInput, UpdateInput, Vault, VaultError, authorize_secret,
+};
 use crate::store::{Guard, Transaction, Write};
 
 /// Most principals in `allowed_readers`.
@@ -94,10 +96,11 @@ impl Vault {
         &self,
         caller: &Caller,
         input: UpdateInput,
-    ) -> Result<SecretRecord, VaultError> {
-        operation!(self, caller, Action::UpdateSecret, |audit| {
+    ) -> Result<Described, VaultError> {
+        let updated = operation!(self, caller, Action::UpdateSecret, |audit| {
             self.try_update(caller, input, &mut audit).await
-        })
+        })?;
+        Ok(self.after_change(updated).await)
     }
 
     async fn try_update(

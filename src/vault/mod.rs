@@ -58,6 +58,7 @@ const PRUNE_BATCH: u64 = 10_000;
 /// Entries buffered for a live audit stream's consumer.
 const WATCH_BUFFER: usize = 256;
 
+mod activity;
 mod admin;
 mod caller;
 mod deletion;
@@ -72,6 +73,7 @@ mod trail;
 mod unwrap;
 mod watcher;
 
+pub use self::activity::{MAX_USAGE_DAYS, MAX_USAGE_ROWS, day_start};
 pub use self::admin::check_envelopes;
 pub use self::caller::Caller;
 pub use self::deletion::{Held, given_back, held};

@@ -14,9 +14,9 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use super::{
-    Attempts, Caller, Changed, DEFAULT_LIST_PAGE_SIZE, ListFilter, ListInput, MAX_LIST_PAGE_SIZE,
-    MAX_LIST_SCAN, RevokeTarget, Revoked, RotateInput, StoreInput, Vault, VaultError,
-    authorize_secret, page_size_or,
+    Attempts, Caller, Changed, DEFAULT_LIST_PAGE_SIZE, Described, ListFilter, ListInput,
+    MAX_LIST_PAGE_SIZE, MAX_LIST_SCAN, RevokeTarget, Revoked, RotateInput, StoreInput, Vault,
+    VaultError, authorize_secret, page_size_or,
 };
 
 impl Vault {
@@ -79,7 +79,11 @@ impl Vault {
         };
         match self.store.commit(tx).await {
             Ok(_) => Ok(Changed {
-                secret: record,
+                // A new secret (a new id, even for a name used before): not used yet.
+                secret: Described {
+                    secret: record,
+                    usage: Some(Default::default()),
+                },
                 warnings,
             }),
             // Another Store of the same name committed first.
@@ -94,14 +98,15 @@ impl Vault {
         caller: &Caller,
         tenant: String,
         name: String,
-    ) -> Result<SecretRecord, VaultError> {
+    ) -> Result<Described, VaultError> {
         operation!(self, caller, Action::Describe, |audit| {
             let (_, tenant, name) =
                 authorize_secret(caller, &mut audit, Operation::Describe, tenant, name)?;
             let record = self.secret_named(&tenant, &name).await?;
             audit.secret(&record);
+            let mut described = self.described(vec![record]).await?;
             self.record(audit.settle()).await?;
-            Ok(record)
+            described.pop().ok_or(VaultError::SecretNotFound)
         })
     }
 
@@ -110,7 +115,7 @@ impl Vault {
         &self,
         caller: &Caller,
         input: ListInput,
-    ) -> Result<(Vec<SecretRecord>, Option<String>), VaultError> {
+    ) -> Result<(Vec<Described>, Option<String>), VaultError> {
         operation!(self, caller, Action::List, |audit| {
             let tenant = TenantId::from_request(input.tenant.as_str());
             match &tenant {
@@ -161,6 +166,7 @@ impl Vault {
             let next = after
                 .filter(|_| more)
                 .map(|name| URL_SAFE_NO_PAD.encode(name.as_str()));
+            let page = self.described(page).await?;
             self.record(audit.settle()).await?;
             Ok((page, next))
         })
@@ -250,7 +256,7 @@ impl Vault {
                 // again when a lease needs it).
                 self.cache.evict_secret(done.id);
                 return Ok(Changed {
-                    secret: done,
+                    secret: self.after_change(done).await,
                     warnings,
                 });
             }
@@ -266,7 +272,7 @@ impl Vault {
         reason: String,
         recovery_window: Option<(i64, i32)>,
     ) -> Result<Revoked, VaultError> {
-        operation!(self, caller, Action::Revoke, |audit| {
+        let mut revoked = operation!(self, caller, Action::Revoke, |audit| {
             match target {
                 RevokeTarget::Missing => caller.authorize(Operation::RevokeLease).and_then(|_| {
                     Err(ValidationError::new("target", "set secret or lease_id").into())
@@ -281,7 +287,11 @@ impl Vault {
                         .await
                 }
             }
-        })
+        })?;
+        if let Some(secret) = &revoked.secret {
+            revoked.usage = self.usage_after(secret.id).await;
+        }
+        Ok(revoked)
     }
 
     /// The secret `tenant`/`name`: `SecretNotFound` if there is none.

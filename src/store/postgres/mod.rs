@@ -5,6 +5,7 @@
 //! `[store] kind = "postgres"` opens it (through `store::Engine`); `tests/it/replicas.rs`
 //! runs two byokd processes on one database.
 
+mod activity;
 mod adapter;
 mod feed;
 mod redemptions;

@@ -315,6 +315,7 @@ mod tests {
             }],
             last_revision: Revision(0),
             usage: Vec::new(),
+            activity: Default::default(),
         }
     }
 

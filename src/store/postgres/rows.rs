@@ -5,7 +5,7 @@
 //! envelopes (each record as the group leaves it: the last change of a record wins), its
 //! audit entries, the revision counter and the NOTIFY to the replicas' feeds go to the
 //! server as one statement of data-modifying `WITH` clauses: column arrays that `unnest`
-//! into upserts and deletes, and the entries as one multi-row insert (a statement per count
+//! into upserts and deletes (the secrets' use into additive upserts, `activity.rs`), and the entries as one multi-row insert (a statement per count
 //! of entries, prepared when first needed; more than [`ENTRIES_PER_STATEMENT`] take one more
 //! statement per batch). Meta values and the anchor, written by rare commits, have statements
 //! of their own.
@@ -22,8 +22,13 @@ use crate::store::codec;
 use crate::store::commit::{Change, Group};
 use crate::store::usage::{Usage, UsageKey};
 
+use super::activity;
+
 /// Audit entries one statement inserts at most.
 const ENTRIES_PER_STATEMENT: usize = 256;
+/// The group statement's first parameter of the activity upserts, and of the entries.
+const FIRST_ACTIVITY: usize = 27;
+const FIRST_ENTRY: usize = FIRST_ACTIVITY + activity::PARAMS;
 
 /// The write statements, for one schema on one connection.
 pub(super) struct Writes {
@@ -92,12 +97,14 @@ impl Writes {
                INSERT INTO {s}.usage (tenant, secrets, value_bytes, leases)
                SELECT * FROM unnest($23::text[], $24::int8[], $25::int8[], $26::int8[])
                ON CONFLICT (tenant) DO UPDATE SET secrets = excluded.secrets,
-                 value_bytes = excluded.value_bytes, leases = excluded.leases)"
+                 value_bytes = excluded.value_bytes, leases = excluded.leases),
+             {}",
+            activity::upserts(s, FIRST_ACTIVITY)
         );
         if entries > 0 {
             let values = (0..entries)
                 .map(|i| {
-                    let p = 27 + 4 * i;
+                    let p = FIRST_ENTRY + 4 * i;
                     format!("(${}, ${}, ${}, ${})", p, p + 1, p + 2, p + 3)
                 })
                 .collect::<Vec<_>>()
@@ -160,6 +167,8 @@ pub(super) struct GroupRows {
     last_revision: i64,
     /// The usage the group leaves.
     usage: UsageColumns,
+    /// What its entries add to the secrets' use.
+    activity: activity::Columns,
 }
 
 /// Usage rows as columns, for `unnest`: keys, then secrets, value bytes and leases.
@@ -215,6 +224,7 @@ impl GroupRows {
             entries: Vec::new(),
             last_revision: stored(group.last_revision),
             usage: UsageColumns::of(group.usage.iter().map(|(k, u)| (k, u))),
+            activity: activity::Columns::of(&group.activity),
         };
         for tx in &group.transactions {
             for change in &tx.changes {
@@ -325,8 +335,10 @@ impl GroupRows {
         }
         all.notify = self.entries.last().map(|e| e.seq.to_string());
         all.usage = Some(&self.usage);
+        all.activity = Some(&self.activity);
         let none = Columns::default();
         let no_usage = UsageColumns::default();
+        let no_activity = activity::Columns::default();
         let chunks: Vec<&[EntryRow]> = if self.entries.is_empty() {
             vec![&[]]
         } else {
@@ -342,6 +354,7 @@ impl GroupRows {
                 &columns.put_envelopes,
             );
             let usage = columns.usage.unwrap_or(&no_usage);
+            let activity = columns.activity.unwrap_or(&no_activity);
             let mut params: Vec<&(dyn ToSql + Sync)> = vec![
                 &l.hash,
                 &l.id,
@@ -370,6 +383,7 @@ impl GroupRows {
                 &usage.counts[1],
                 &usage.counts[2],
             ];
+            params.extend(activity.params());
             for entry in chunk {
                 params.extend([
                     &entry.seq as &(dyn ToSql + Sync),
@@ -398,6 +412,8 @@ struct Columns<'a> {
     notify: Option<String>,
     /// The usage rows (none in a statement that only inserts entries).
     usage: Option<&'a UsageColumns>,
+    /// What the group adds to the secrets' use (likewise).
+    activity: Option<&'a activity::Columns>,
 }
 
 /// Leases' columns, for `unnest`.

@@ -48,6 +48,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("migrations/0002.sql"),
         fill: Some(count_usage),
     },
+    Migration {
+        version: 3,
+        name: "the secrets' use",
+        sql: include_str!("migrations/0003.sql"),
+        fill: Some(super::activity::count_trail),
+    },
 ];
 
 /// Fills the usage table from the records, under the writers' lock (so that no group of any

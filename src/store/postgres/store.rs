@@ -9,6 +9,7 @@ use tokio::sync::broadcast;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, Row};
 
+use super::activity;
 use super::feed::Feed;
 use super::redemptions::Redemptions;
 use super::rows::{usage_of, uuid};
@@ -23,8 +24,8 @@ use crate::store::codec::{self, Revisioned};
 use crate::store::commit::Committer;
 use crate::store::query::{self, AuditFilter, AuditPage};
 use crate::store::{
-    AuditIndex, Committed, ExportSink, ImportSource, MetaKey, Record, Redemption, Store,
-    StoreError, Transaction, Usage, UsageKey,
+    AuditIndex, Committed, DayQuery, DayRow, ExportSink, ImportSource, MetaKey, Record, Redemption,
+    SecretActivity, Store, StoreError, Transaction, Usage, UsageKey,
 };
 
 /// Live subscribers' buffer of entries.
@@ -53,6 +54,8 @@ struct Reads {
     envelopes_after: String,
     envelope_count: String,
     usage: String,
+    activity: String,
+    activity_days: String,
     lease_by_token: String,
     lease_by_id: String,
     redemption: String,
@@ -100,6 +103,16 @@ impl Reads {
             envelope_count: format!("SELECT count(*) FROM {s}.envelopes"),
             usage: format!(
                 "SELECT tenant, secrets, value_bytes, leases FROM {s}.usage WHERE tenant = $1"
+            ),
+            activity: format!(
+                "SELECT secret_id, leases_issued, redemptions, failed_redemptions, last_leased_at,
+                   last_redeemed_at, last_redeemed_by FROM {s}.activity WHERE secret_id = ANY($1)"
+            ),
+            activity_days: format!(
+                "SELECT tenant, day, secret_id, principal, name, leases, redemptions,
+                   failed_redemptions FROM {s}.activity_days
+                 WHERE tenant = $1 AND day BETWEEN $2 AND $3 AND ($4::text IS NULL OR name = $4)
+                 LIMIT $5"
             ),
             lease_by_token: format!("SELECT record FROM {s}.leases WHERE token_hash = $1"),
             lease_by_id: format!("SELECT record FROM {s}.leases WHERE id = $1"),
@@ -603,6 +616,36 @@ impl Store for PgStore {
     async fn usage(&self, key: &UsageKey) -> Result<Usage, StoreError> {
         let row = self.row(&self.sql.usage, &[&key.as_str()]).await?;
         Ok(row.map(|r| usage_of(&r, 1)).unwrap_or_default())
+    }
+
+    async fn activity(&self, ids: &[SecretId]) -> Result<Vec<SecretActivity>, StoreError> {
+        let keys: Vec<uuid::Uuid> = ids.iter().map(|id| uuid(id.as_bytes())).collect();
+        let mut found = std::collections::HashMap::new();
+        for row in self.rows(&self.sql.activity, &[&keys]).await? {
+            let (id, activity) = activity::secret_of(&row)?;
+            found.insert(id, activity);
+        }
+        Ok(ids
+            .iter()
+            .map(|id| found.remove(id).unwrap_or_default())
+            .collect())
+    }
+
+    async fn activity_days(&self, query: &DayQuery) -> Result<Vec<DayRow>, StoreError> {
+        let name = query.name.as_ref().map(|n| n.as_str());
+        let rows = self
+            .rows(
+                &self.sql.activity_days,
+                &[
+                    &query.tenant.as_str(),
+                    &query.from,
+                    &query.to,
+                    &name,
+                    &limit(query.limit.saturating_add(1)),
+                ],
+            )
+            .await?;
+        rows.iter().map(activity::day_of).collect()
     }
 
     async fn size_on_disk(&self) -> Result<u64, StoreError> {

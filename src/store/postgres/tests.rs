@@ -274,29 +274,46 @@ impl Subject for PgSubject {
     }
 }
 
-/// Migration 2 counts the usage of the records already there: with the usage table dropped
-/// and the migration applied again, the counts are what the charges had left.
+/// Migrations 2 and 3 count the usage of the records already there and the secrets' use the
+/// trail records: with their tables dropped and the migrations applied again, the counts are
+/// what the commits had left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_usage_migration_counts_what_the_records_hold() {
+async fn the_usage_migrations_count_what_the_records_and_the_trail_hold() {
+    use crate::model::{Action, Outcome};
+    use crate::store::tests::{secret, use_of};
     use crate::store::usage::UsageKey;
     let Some(db) = TestDatabase::create() else {
         return;
     };
     let store = PgStore::open(db.target(), SCHEMA, 2).await.unwrap();
     let charged = crate::store::tests::charged_records(&store).await;
+    let k = secret("u1", "k");
+    for (action, outcome) in [
+        (Action::Lease, Outcome::Ok),
+        (Action::Get, Outcome::Ok),
+        (Action::Get, Outcome::PermissionDenied),
+    ] {
+        store
+            .commit(use_of(&k, action, outcome, "p"))
+            .await
+            .unwrap();
+    }
+    let used = store.activity(&[k.id]).await.unwrap();
+    assert_eq!(used[0].redemptions, 1);
     store.close().await.unwrap();
     let migrated = blocking(|| {
         let mut client = db.connect();
         client
             .batch_execute(&format!(
-                "DROP TABLE {SCHEMA}.usage;
-                 DELETE FROM {SCHEMA}.schema_migrations WHERE version = 2"
+                "DROP TABLE {SCHEMA}.usage, {SCHEMA}.activity, {SCHEMA}.activity_days;
+                 DELETE FROM {SCHEMA}.schema_migrations WHERE version >= 2"
             ))
             .unwrap();
         schema::migrate(&mut client, SCHEMA).unwrap()
     });
-    assert_eq!(migrated.applied, vec![2]);
+    assert_eq!(migrated.applied, vec![2, 3]);
     let store = PgStore::open(db.target(), SCHEMA, 2).await.unwrap();
+    assert_eq!(store.activity(&[k.id]).await.unwrap(), used);
     for (key, usage) in [
         UsageKey::Tenant(crate::model::TenantId::parse("u1").unwrap()),
         UsageKey::Tenant(crate::model::TenantId::parse("u2").unwrap()),

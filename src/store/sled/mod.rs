@@ -42,8 +42,9 @@ use super::auditlog::{self, AuditLog, Frame};
 use super::codec::{self, encode};
 use super::commit::{Change, Committer, Position};
 use super::{
-    AuditFilter, AuditIndex, AuditPage, Committed, ExportSink, ImportSource, MetaKey, MetaValue,
-    Record, Redemption, Store, StoreError, TrailDamage, Transaction, Usage, UsageKey, query,
+    AuditFilter, AuditIndex, AuditPage, Committed, DayQuery, DayRow, ExportSink, ImportSource,
+    MetaKey, MetaValue, Record, Redemption, SecretActivity, Store, StoreError, TrailDamage,
+    Transaction, Usage, UsageKey, query,
 };
 use crate::chain::ChainKey;
 use crate::model::{
@@ -51,6 +52,7 @@ use crate::model::{
     SecretRecord, TenantId, Time, TokenHash,
 };
 
+mod activity;
 mod migrations;
 mod recovery;
 mod writer;
@@ -162,6 +164,7 @@ impl SledStore {
         let anchor = anchor(&tree)?;
         check_trail_start(&log, anchor.as_ref())?;
         let applied = applied_position(&tree)?;
+        activity::count_trail(&db, &tree, &log, applied)?;
         recover_trail(&db, &tree, &log, applied)?;
         // What the trail holds after recovery is on disk: readers may see all of it.
         if let Some(last) = log.last_position()? {
@@ -270,7 +273,15 @@ impl SledStore {
             let db = open_db(dir, DEFAULT_CACHE_BYTES)?;
             let tree = db.open_tree("byokd").map_err(engine)?;
             let mut pending = Pending::new();
-            for prefix in [codec::LEASE, codec::LEASE_ID, codec::LEASE_EXPIRY] {
+            // The secrets' use is counted again from the trail as cut at the next open.
+            pending.insert(codec::ACTIVITY_COUNTED_META.to_vec(), None);
+            for prefix in [
+                codec::LEASE,
+                codec::LEASE_ID,
+                codec::LEASE_EXPIRY,
+                codec::ACTIVITY,
+                codec::ACTIVITY_DAY,
+            ] {
                 for entry in tree.scan_prefix([prefix]) {
                     pending.insert(entry.map_err(engine)?.0.to_vec(), None);
                 }
@@ -327,6 +338,25 @@ impl SledStore {
         let tree = db.open_tree("byokd").map_err(engine)?;
         tree.insert(codec::AUDIT_APPLIED_META, &position.to_be_bytes())
             .map_err(engine)?;
+        db.flush().map(drop).map_err(engine)
+    }
+
+    /// Deletes the secrets' use from a stopped server's store (and, unless `keep_mark`, the
+    /// mark that it counts the trail), as a crash that lost it, or a store made before it
+    /// was kept, would leave it. Only for tests of how it is counted again.
+    pub fn danger_forget_activity(dir: &Path, keep_mark: bool) -> Result<(), StoreError> {
+        let db = open_db(dir, DEFAULT_CACHE_BYTES)?;
+        let tree = db.open_tree("byokd").map_err(engine)?;
+        let mut pending = Pending::new();
+        for prefix in [codec::ACTIVITY, codec::ACTIVITY_DAY] {
+            for entry in tree.scan_prefix([prefix]) {
+                pending.insert(entry.map_err(engine)?.0.to_vec(), None);
+            }
+        }
+        if !keep_mark {
+            pending.insert(codec::ACTIVITY_COUNTED_META.to_vec(), None);
+        }
+        tree.apply_batch(batch_of(pending)).map_err(engine)?;
         db.flush().map(drop).map_err(engine)
     }
 
@@ -571,6 +601,14 @@ impl Store for SledStore {
     async fn usage(&self, key: &UsageKey) -> Result<Usage, StoreError> {
         let usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
         Ok(usage.get(key).copied().unwrap_or_default())
+    }
+
+    async fn activity(&self, ids: &[SecretId]) -> Result<Vec<SecretActivity>, StoreError> {
+        activity::read(&self.tree, ids)
+    }
+
+    async fn activity_days(&self, query: &DayQuery) -> Result<Vec<DayRow>, StoreError> {
+        activity::days(&self.tree, query)
     }
 
     async fn size_on_disk(&self) -> Result<u64, StoreError> {

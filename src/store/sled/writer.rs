@@ -188,6 +188,7 @@ impl Adapter for SledAdapter {
                 });
             }
         }
+        super::activity::stage_activity(&self.tree, &group.activity, &mut pending)?;
         // Changes the trail cannot replay must reach sled atomically and be in sled's log
         // before they are answered.
         let needs_flush = group
