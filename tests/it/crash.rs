@@ -603,6 +603,13 @@ async fn verify(
     }
     let start = verify_against(server, (0, "")).await;
     assert!(start.ok, "{start:?}");
+    // The watcher has every entry up to the head at restart.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while watched.lock().unwrap().last().map_or(0, |e| e.seq) < start.head_seq {
+        assert!(Instant::now() < deadline, "the watcher did not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    uses_agree_with_the_trail(server, watched, start.head_seq).await;
 
     let mut m = shared.model.lock().unwrap().clone_for_check();
     let mut orch = server.as_(ORCHESTRATOR).await;
@@ -692,13 +699,8 @@ async fn verify(
         );
     }
 
-    // The watcher has every entry up to the head at restart, and so every acknowledged
-    // write's entry.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while watched.lock().unwrap().last().map_or(0, |e| e.seq) < start.head_seq {
-        assert!(Instant::now() < deadline, "the watcher did not catch up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The watcher has every entry up to the head at restart (see above), and so every
+    // acknowledged write's entry.
     {
         let watched = watched.lock().unwrap();
         assert_eq!(watched.first().map(|e| e.seq), Some(1));
@@ -758,6 +760,55 @@ async fn verify(
     model.revoked = m.revoked;
     // Every lease was used once more: start afresh.
     model.leases.clear();
+}
+
+/// Each leased secret's use, counted in the commits that survived the kill (and counted
+/// again from the trail where the store lost it), is what the trail records: the entries
+/// through `head` as watched since the first (retention has pruned the older ones from the
+/// store). Nothing has leased or redeemed since `head`.
+async fn uses_agree_with_the_trail(
+    server: &TestServer,
+    watched: &Arc<Mutex<Vec<pb::AuditEntry>>>,
+    head: u64,
+) {
+    let mut orch = server.as_(ORCHESTRATOR).await;
+    let entries: Vec<pb::AuditEntry> = watched
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.seq <= head)
+        .cloned()
+        .collect();
+    for i in 0..LEASED {
+        let meta = orch
+            .describe(secret_ref("acme", &format!("leased-{i}")))
+            .await
+            .expect("describe")
+            .into_inner();
+        let usage = meta.usage.expect("usage");
+        let (mut leases, mut redemptions, mut failed, mut last) = (0, 0, 0, None);
+        for e in entries.iter().filter(|e| e.secret_id == meta.id) {
+            match (e.action.as_str(), e.outcome.as_str()) {
+                ("Lease", "OK") => leases += 1,
+                ("Get", "OK") => {
+                    redemptions += 1;
+                    last = Some(micros(&e.time));
+                }
+                ("Get", _) => failed += 1,
+                _ => {}
+            }
+        }
+        assert_eq!(
+            (
+                usage.leases_issued,
+                usage.redemptions,
+                usage.failed_redemptions
+            ),
+            (leases, redemptions, failed),
+            "leased-{i}: its use against the trail"
+        );
+        assert_eq!(usage.last_redeemed_at.map(|t| micros(&Some(t))), last);
+    }
 }
 
 impl Model {

@@ -102,13 +102,21 @@ async fn a_clean_restart_keeps_everything() {
 
     let server = dir.start();
     let mut orch = server.as_(ORCHESTRATOR).await;
+    let described = orch
+        .describe(secret_ref("acme", "k"))
+        .await
+        .unwrap()
+        .into_inner();
+    // The same metadata, and the lease counted in its use.
     assert_eq!(
-        orch.describe(secret_ref("acme", "k"))
-            .await
-            .unwrap()
-            .into_inner(),
+        pb::SecretMetadata {
+            usage: meta.usage.clone(),
+            ..described.clone()
+        },
         meta
     );
+    let usage = described.usage.expect("usage");
+    assert_eq!((usage.leases_issued, usage.redemptions), (1, 0));
     let v = redeem(&server, AGENT, &grant.token).await.unwrap();
     assert_eq!((v.value, v.remaining_uses), (value(1), 2));
 }

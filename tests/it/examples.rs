@@ -96,6 +96,7 @@ fn every_runbook_command_runs_as_printed() {
         "UpdateSecret",
         "Restore",
         "Purge",
+        "GetUsage",
     ] {
         assert!(
             script.contains(&format!("byokd.v1.Vault/{rpc}")),

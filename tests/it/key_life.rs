@@ -71,6 +71,8 @@ macro_rules! on_both_engines {
     )*};
 }
 
+pub(crate) use on_both_engines;
+
 /// A sweep every second, and the metrics listener.
 const SWEEPING: &str = "[lease]\ngc_interval = \"1s\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n";
 

@@ -27,5 +27,6 @@ mod rotation;
 mod streams;
 mod tamper;
 mod trail_damage;
+mod usage;
 mod walkthrough;
 mod work;

@@ -10,7 +10,11 @@ use crate::store::activity::{Activity, Counts, DayKey, DayRow, SecretActivity};
 use crate::store::codec;
 
 use super::pg_error;
-use super::rows::uuid;
+
+/// A secret's id as PostgreSQL's `uuid`.
+fn uuid(id: SecretId) -> uuid::Uuid {
+    uuid::Uuid::from_bytes(*id.as_bytes())
+}
 
 /// Parameters the upserts take.
 pub(super) const PARAMS: usize = 15;
@@ -89,7 +93,7 @@ impl Columns {
     pub(super) fn of(activity: &Activity) -> Self {
         let mut c = Self::default();
         for (id, (a, _)) in &activity.secrets {
-            c.id.push(uuid(id.as_bytes()));
+            c.id.push(uuid(*id));
             c.leases_issued.push(count(a.leases_issued));
             c.redemptions.push(count(a.redemptions));
             c.failed.push(count(a.failed_redemptions));
@@ -102,7 +106,7 @@ impl Columns {
         for (key, (name, counts, _)) in &activity.days {
             c.day_tenant.push(key.tenant.as_str().to_string());
             c.day.push(key.day);
-            c.day_id.push(uuid(key.secret_id.as_bytes()));
+            c.day_id.push(uuid(key.secret_id));
             c.day_principal.push(key.principal.clone());
             c.day_name.push(name.as_str().to_string());
             c.day_leases.push(count(counts.leases));
