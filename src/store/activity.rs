@@ -138,6 +138,8 @@ pub struct Activity {
     pub secrets: BTreeMap<SecretId, (SecretActivity, u64)>,
     /// Per day bucket: the secret's name, what it adds, and the last entry counted.
     pub days: BTreeMap<DayKey, (SecretName, Counts, u64)>,
+    /// The entries that counted.
+    pub entries: u64,
 }
 
 impl Activity {
@@ -185,6 +187,7 @@ impl Activity {
             }
             _ => return,
         }
+        self.entries += 1;
         let (sum, through) = self.secrets.entry(secret_id).or_default();
         sum.add(&secret);
         *through = record.seq;

@@ -65,9 +65,10 @@ pub const LEGACY_INDEX_SPACES: [u8; 5] = [
 pub const ACTIVITY: u8 = b'c';
 /// `d` tenant 0x00 day secret_id principal -> Counted<DayValue>: a day bucket (sled)
 pub const ACTIVITY_DAY: u8 = b'd';
-/// The meta key present once the tree's activity rows count the whole trail (sled stores
-/// made before counted nothing; their first open counts the trail).
-pub const ACTIVITY_COUNTED_META: &[u8] = b"mactivity-counted";
+/// The meta key of the last audit position whose entries the tree's activity rows count
+/// (u64 big-endian; absent in stores made before they were kept, whose first open counts the
+/// whole trail).
+pub const ACTIVITY_THROUGH_META: &[u8] = b"mactivity-through";
 /// The meta key of the audit chain's anchor.
 pub const AUDIT_ANCHOR_META: &[u8] = b"maudit-anchor";
 /// The meta key of the last audit position whose transaction's records the tree holds

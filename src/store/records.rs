@@ -92,7 +92,7 @@ impl Record {
             codec::META
                 if key == codec::REVISION_META
                     || key == codec::AUDIT_APPLIED_META
-                    || key == codec::ACTIVITY_COUNTED_META =>
+                    || key == codec::ACTIVITY_THROUGH_META =>
             {
                 return Ok(None);
             }

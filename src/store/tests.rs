@@ -1767,9 +1767,10 @@ async fn sled_counts_the_usage_its_records_hold_when_it_opens() {
     store.close().await.unwrap();
 }
 
-/// sled counts the secrets' use again from the trail where the tree lost it (a crash after
-/// a group's trail sync), never counting twice an entry a row already counts; a store made
-/// before the counts were kept has them counted from its trail at its first open.
+/// sled counts the secrets' use again from the trail where the tree does not hold it (kept in
+/// memory since the last checkpoint when the process died), never counting twice an entry a
+/// row already counts; a store made before the counts were kept has them counted from its
+/// trail at its first open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sled_counts_the_secrets_use_again_from_the_trail() {
     let dir = tempfile::tempdir().unwrap();
@@ -1806,26 +1807,23 @@ async fn sled_counts_the_secrets_use_again_from_the_trail() {
     let days = store.activity_days(&query).await.unwrap();
     store.close().await.unwrap();
     drop(store);
-    // (the tree's position, forget the rows, keep the mark)
-    for (applied, forget, keep_mark) in [
-        // The rows survived, the position did not: the entries after it are not counted again.
-        (1, false, true),
-        // The rows were lost with the position (sled keeps a prefix of its writes):
-        // counted again from the trail.
-        (0, true, true),
+    // (forget the rows, the mark of the last entry they count)
+    for (forget, mark) in [
+        // The rows count more than the mark says (a checkpoint whose mark a crash lost): the
+        // entries after it are not counted twice.
+        (false, Some(1)),
+        // Nothing written since the start (the writer keeps the use in memory between
+        // checkpoints): counted again from the trail.
+        (true, Some(0)),
         // A store from before the counts: its trail is counted at open.
-        (4, true, false),
-        (2, true, false),
+        (true, None),
     ] {
-        if forget {
-            SledStore::danger_forget_activity(dir.path(), keep_mark).unwrap();
-        }
-        SledStore::danger_set_applied_position(dir.path(), applied).unwrap();
+        SledStore::danger_forget_activity(dir.path(), forget, mark).unwrap();
         let store = SledStore::open(dir.path()).unwrap();
         assert_eq!(
             store.activity(&[k.id]).await.unwrap(),
             used,
-            "{applied} {forget} {keep_mark}"
+            "{forget} {mark:?}"
         );
         assert_eq!(store.activity_days(&query).await.unwrap(), days);
         store.close().await.unwrap();

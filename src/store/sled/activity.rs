@@ -1,112 +1,222 @@
-//! The secrets' use (`store/activity.rs`) in the tree: a row per secret and per day bucket,
-//! each with the last audit entry it counts.
+//! The secrets' use (`store/activity.rs`) on sled: a row per secret and per day bucket in the
+//! tree, each with the last audit entry it counts, and the rows a group changes kept in
+//! memory until a checkpoint writes them.
 //!
-//! A group's counts go into the tree with its records. A group of `Get`s is durable through
-//! the trail alone (its tree writes are not flushed), so a crash can lose counts the trail
-//! holds: `open` counts again the entries after the position the tree reflects, and a row
-//! that already counts an entry (`through`) does not count it twice. A store made before
-//! the counts existed has them counted from its whole trail at its first open.
+//! A group of `Get`s is durable through the trail alone, so the counts need no write of
+//! their own: the writer adds each group's counts to the rows it keeps in memory
+//! ([`Unwritten`]; readers see them there), and writes them to the tree with a group that
+//! writes the tree anyway (one that is flushed), every [`CHECKPOINT_ENTRIES`] entries counted
+//! or [`CHECKPOINT_ROWS`] rows changed, and at close, with the last entry they count
+//! (`mactivity-through`). At open, the entries after that mark are counted again from the
+//! trail (after recovery cut what was never answered); a row that already counts an entry
+//! (written by a checkpoint whose mark a crash lost) does not count it twice. A store made
+//! before the counts were kept has no mark: its whole trail is counted at its first open.
 
-use crate::model::{AuditRecord, SecretId};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use crate::model::SecretId;
 use crate::store::StoreError;
-use crate::store::activity::{Activity, Counted, DayQuery, DayRow, DayValue, SecretActivity};
+use crate::store::activity::{
+    Activity, Counted, DayKey, DayQuery, DayRow, DayValue, SecretActivity,
+};
 use crate::store::auditlog::AuditLog;
 use crate::store::codec;
 
 use super::{Pending, batch_of, decode_frame, engine};
 
-/// The stored row under `key`, as the group's staged changes leave it (else as stored).
+/// Entries counted since the last checkpoint that make the writer write the rows.
+const CHECKPOINT_ENTRIES: u64 = 4096;
+/// Rows changed since the last checkpoint that make the writer write them.
+const CHECKPOINT_ROWS: usize = 1024;
+
+/// A day bucket's row.
+type DayCounted = Counted<Option<DayValue>>;
+
+/// The rows changed since the last checkpoint, as they are now.
+#[derive(Default)]
+pub(super) struct Unwritten {
+    secrets: HashMap<SecretId, Counted<SecretActivity>>,
+    days: BTreeMap<DayKey, DayCounted>,
+    /// Entries counted since the checkpoint.
+    entries: u64,
+}
+
+/// What the writer and the readers share.
+pub(super) type SharedUnwritten = Arc<Mutex<Unwritten>>;
+
+/// The rows a group changes, as it leaves them (applied to [`Unwritten`] once it is written).
+#[derive(Default)]
+pub(super) struct Counting {
+    secrets: Vec<(SecretId, Counted<SecretActivity>)>,
+    days: Vec<(DayKey, DayCounted)>,
+    entries: u64,
+}
+
+fn lock(shared: &SharedUnwritten) -> std::sync::MutexGuard<'_, Unwritten> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A stored row (absent: nothing counted).
 fn stored<T: serde::de::DeserializeOwned + Default>(
     tree: &sled::Tree,
-    pending: &Pending,
     key: &[u8],
 ) -> Result<Counted<T>, StoreError> {
-    let bytes = match pending.get(key) {
-        Some(staged) => staged.clone(),
-        None => tree.get(key).map_err(engine)?.map(|v| v.to_vec()),
-    };
-    match bytes {
+    match tree.get(key).map_err(engine)? {
         Some(bytes) => codec::decode(key, &bytes),
         None => Ok(Counted::default()),
     }
 }
 
-/// Stages what `activity` adds to the rows, skipping a row that already counts the last
-/// entry that adds to it (counted before a crash).
-pub(super) fn stage_activity(
-    tree: &sled::Tree,
-    activity: &Activity,
-    pending: &mut Pending,
-) -> Result<(), StoreError> {
-    for (id, (added, through)) in &activity.secrets {
-        let key = codec::activity_key(*id);
-        let mut row: Counted<SecretActivity> = stored(tree, pending, &key)?;
-        if row.through < *through {
-            row.value.add(added);
-            row.through = *through;
-            pending.insert(key, Some(codec::encode(&row)?));
-        }
+/// Adds `added` (counted through entry `through`) to `row`, unless the row counts it
+/// already. True if it changed.
+fn add_secret(row: &mut Counted<SecretActivity>, added: &SecretActivity, through: u64) -> bool {
+    if row.through >= through {
+        return false;
     }
-    for (day, (name, added, through)) in &activity.days {
-        let key = codec::activity_day_key(day);
-        let mut row: Counted<Option<DayValue>> = stored(tree, pending, &key)?;
-        if row.through < *through {
-            let value = row
-                .value
-                .get_or_insert_with(|| (name.clone(), Default::default()));
-            value.1.add(*added);
-            row.through = *through;
-            pending.insert(key, Some(codec::encode(&row)?));
-        }
-    }
-    Ok(())
+    row.value.add(added);
+    row.through = through;
+    true
 }
 
-/// Stages the counts of one entry read back from the trail (recovery).
-pub(super) fn stage_entry(
-    tree: &sled::Tree,
-    record: &AuditRecord,
-    pending: &mut Pending,
-) -> Result<(), StoreError> {
-    stage_activity(tree, &Activity::of([record]), pending)
+fn add_day(row: &mut DayCounted, added: &DayValue, through: u64) -> bool {
+    if row.through >= through {
+        return false;
+    }
+    let value = row
+        .value
+        .get_or_insert_with(|| (added.0.clone(), Default::default()));
+    value.1.add(added.1);
+    row.through = through;
+    true
 }
 
-/// For a store whose rows do not count its trail yet (made before they existed): counts
-/// every entry through `applied` (the position the tree reflects; recovery counts those
-/// after), in one flushed batch with the mark that they are counted.
-pub(super) fn count_trail(
-    db: &sled::Db,
-    tree: &sled::Tree,
-    log: &AuditLog,
-    applied: u64,
-) -> Result<(), StoreError> {
-    if tree
-        .contains_key(codec::ACTIVITY_COUNTED_META)
-        .map_err(engine)?
-    {
-        return Ok(());
+impl Unwritten {
+    /// The rows `activity` changes, as they will be: from the rows kept here, else stored.
+    pub(super) fn count(
+        &self,
+        tree: &sled::Tree,
+        activity: &Activity,
+    ) -> Result<Counting, StoreError> {
+        let mut counting = Counting {
+            entries: self.entries,
+            ..Counting::default()
+        };
+        for (id, (added, through)) in &activity.secrets {
+            let mut row = match self.secrets.get(id) {
+                Some(row) => row.clone(),
+                None => stored(tree, &codec::activity_key(*id))?,
+            };
+            if add_secret(&mut row, added, *through) {
+                counting.secrets.push((*id, row));
+            }
+        }
+        for (key, (name, added, through)) in &activity.days {
+            let mut row = match self.days.get(key) {
+                Some(row) => row.clone(),
+                None => stored(tree, &codec::activity_day_key(key))?,
+            };
+            if add_day(&mut row, &(name.clone(), *added), *through) {
+                counting.days.push((key.clone(), row));
+            }
+        }
+        counting.entries += activity.entries;
+        Ok(counting)
     }
+
+    /// True if the rows should be written with the group `counting` comes with.
+    pub(super) fn due(&self, counting: &Counting) -> bool {
+        counting.entries >= CHECKPOINT_ENTRIES
+            || self.secrets.len() + self.days.len() + counting.secrets.len() + counting.days.len()
+                >= CHECKPOINT_ROWS
+    }
+
+    /// Stages every row kept here, with `counting`'s over them, and the mark that the tree
+    /// counts every entry through `through` (the group's last: a group's entries are all
+    /// counted once it is written).
+    pub(super) fn stage_checkpoint(
+        &self,
+        counting: &Counting,
+        through: u64,
+        pending: &mut Pending,
+    ) -> Result<(), StoreError> {
+        let mut secrets: HashMap<&SecretId, &Counted<SecretActivity>> =
+            self.secrets.iter().collect();
+        secrets.extend(counting.secrets.iter().map(|(id, row)| (id, row)));
+        let mut days: BTreeMap<&DayKey, &DayCounted> = self.days.iter().collect();
+        days.extend(counting.days.iter().map(|(key, row)| (key, row)));
+        for (id, row) in secrets {
+            pending.insert(codec::activity_key(*id), Some(codec::encode(row)?));
+        }
+        for (key, row) in days {
+            pending.insert(codec::activity_day_key(key), Some(codec::encode(row)?));
+        }
+        pending.insert(
+            codec::ACTIVITY_THROUGH_META.to_vec(),
+            Some(through.to_be_bytes().to_vec()),
+        );
+        Ok(())
+    }
+
+    /// Keeps what a written group counted (`checkpointed`: its rows went to the tree with
+    /// every row kept here, which are dropped).
+    pub(super) fn apply(&mut self, counting: Counting, checkpointed: bool) {
+        if checkpointed {
+            *self = Unwritten::default();
+            return;
+        }
+        self.secrets.extend(counting.secrets);
+        self.days.extend(counting.days);
+        self.entries = counting.entries;
+    }
+
+    /// True if nothing is kept.
+    pub(super) fn is_empty(&self) -> bool {
+        self.secrets.is_empty() && self.days.is_empty()
+    }
+}
+
+/// The rows kept in memory, for the writer.
+pub(super) fn unwritten(shared: &SharedUnwritten) -> std::sync::MutexGuard<'_, Unwritten> {
+    lock(shared)
+}
+
+/// The entry through which the tree's rows count every entry (`None`: a store made before
+/// they were kept).
+fn counted_through(tree: &sled::Tree) -> Result<Option<u64>, StoreError> {
+    match tree.get(codec::ACTIVITY_THROUGH_META).map_err(engine)? {
+        Some(bytes) => codec::decode_u64(codec::ACTIVITY_THROUGH_META, &bytes).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// At open, after recovery: counts the entries after the mark (all of them for a store
+/// without one) into the tree, in one flushed batch with the new mark.
+pub(super) fn catch_up(db: &sled::Db, tree: &sled::Tree, log: &AuditLog) -> Result<(), StoreError> {
+    let marked = counted_through(tree)?;
     let started = std::time::Instant::now();
-    let mut activity = Activity::default();
-    let mut from = 0;
-    let mut counted = 0u64;
-    'frames: loop {
+    let mut from = marked.map_or(0, |through| through + 1);
+    let mut rows = Unwritten::default();
+    let mut last = marked.unwrap_or(0);
+    loop {
         let frames = log.read(from, 4096, true)?;
         let Some(end) = frames.last().map(|f| f.position) else {
             break;
         };
         for frame in &frames {
-            if frame.position > applied {
-                break 'frames;
-            }
-            activity.count(&decode_frame(frame)?);
-            counted += 1;
+            let record = decode_frame(frame)?;
+            let counting = rows.count(tree, &Activity::of([&record]))?;
+            rows.apply(counting, false);
+            last = frame.position;
         }
         from = end + 1;
     }
+    if marked == Some(last) {
+        return Ok(());
+    }
     let mut pending = Pending::new();
-    stage_activity(tree, &activity, &mut pending)?;
-    pending.insert(codec::ACTIVITY_COUNTED_META.to_vec(), Some(Vec::new()));
+    let counted = rows.entries;
+    rows.stage_checkpoint(&Counting::default(), last, &mut pending)?;
     tree.apply_batch(batch_of(pending)).map_err(engine)?;
     db.flush().map_err(engine)?;
     if counted > 0 {
@@ -119,48 +229,61 @@ pub(super) fn count_trail(
     Ok(())
 }
 
-/// The use of each of `ids`, in their order.
-pub(super) fn read(tree: &sled::Tree, ids: &[SecretId]) -> Result<Vec<SecretActivity>, StoreError> {
+/// The use of each of `ids`, in their order: as kept in memory, else as stored.
+pub(super) fn read(
+    tree: &sled::Tree,
+    unwritten: &SharedUnwritten,
+    ids: &[SecretId],
+) -> Result<Vec<SecretActivity>, StoreError> {
+    let kept = lock(unwritten);
     ids.iter()
-        .map(|id| {
-            let key = codec::activity_key(*id);
-            match tree.get(&key).map_err(engine)? {
-                Some(bytes) => {
-                    codec::decode::<Counted<SecretActivity>>(&key, &bytes).map(|c| c.value)
-                }
-                None => Ok(SecretActivity::default()),
-            }
+        .map(|id| match kept.secrets.get(id) {
+            Some(row) => Ok(row.value.clone()),
+            None => stored::<SecretActivity>(tree, &codec::activity_key(*id)).map(|c| c.value),
         })
         .collect()
 }
 
-/// The day buckets `query` names (a walk of the tenant's days in its range).
-pub(super) fn days(tree: &sled::Tree, query: &DayQuery) -> Result<Vec<DayRow>, StoreError> {
+/// The day buckets `query` names: a walk of the tenant's days in its range, with the rows
+/// kept in memory over the stored ones.
+pub(super) fn days(
+    tree: &sled::Tree,
+    unwritten: &SharedUnwritten,
+    query: &DayQuery,
+) -> Result<Vec<DayRow>, StoreError> {
     let start = codec::activity_day_prefix(&query.tenant, Some(query.from));
     // Days are far from i64::MAX (the vault bounds a report's range).
     let end = codec::activity_day_prefix(&query.tenant, Some(query.to.saturating_add(1)));
-    let mut rows = Vec::new();
+    let mut rows: BTreeMap<DayKey, DayRow> = BTreeMap::new();
+    let keep = |key: DayKey, row: DayCounted, rows: &mut BTreeMap<DayKey, DayRow>| {
+        if let Some((name, counts)) = row.value {
+            let row = DayRow {
+                key: key.clone(),
+                name,
+                counts,
+            };
+            if query.matches(&row) {
+                rows.insert(key, row);
+            }
+        }
+    };
     for entry in tree.range(start..end) {
         let (key, value) = entry.map_err(engine)?;
         let day = codec::activity_day_of_key(&key).ok_or_else(|| StoreError::Corrupt {
             key: codec::describe_key(&key),
             reason: "not a day bucket's key".into(),
         })?;
-        let row: Counted<Option<DayValue>> = codec::decode(&key, &value)?;
-        let Some((name, counts)) = row.value else {
-            continue;
-        };
-        let row = DayRow {
-            key: day,
-            name,
-            counts,
-        };
-        if query.matches(&row) {
-            rows.push(row);
-            if rows.len() > query.limit {
-                break;
-            }
+        keep(day, codec::decode(&key, &value)?, &mut rows);
+        if rows.len() > query.limit {
+            break;
         }
     }
-    Ok(rows)
+    let kept = lock(unwritten);
+    for (key, row) in &kept.days {
+        keep(key.clone(), row.clone(), &mut rows);
+    }
+    Ok(rows
+        .into_values()
+        .take(query.limit.saturating_add(1))
+        .collect())
 }

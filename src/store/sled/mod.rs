@@ -76,6 +76,8 @@ pub struct SledStore {
     stop_scrub: Arc<AtomicBool>,
     /// What each tenant holds (see [`SledAdapter::usage`]).
     usage: SharedUsage,
+    /// The secrets' use not yet written to the tree (see `activity.rs`).
+    unwritten: activity::SharedUnwritten,
 }
 
 /// The usage of the records, counted at open and kept by the writer as groups are written.
@@ -164,8 +166,8 @@ impl SledStore {
         let anchor = anchor(&tree)?;
         check_trail_start(&log, anchor.as_ref())?;
         let applied = applied_position(&tree)?;
-        activity::count_trail(&db, &tree, &log, applied)?;
         recover_trail(&db, &tree, &log, applied)?;
+        activity::catch_up(&db, &tree, &log)?;
         // What the trail holds after recovery is on disk: readers may see all of it.
         if let Some(last) = log.last_position()? {
             log.publish(last);
@@ -196,12 +198,14 @@ impl SledStore {
             "tenant usage counted"
         );
         let usage: SharedUsage = Arc::new(std::sync::Mutex::new(counted));
+        let unwritten = activity::SharedUnwritten::default();
         let adapter = SledAdapter {
             db: db.clone(),
             tree: tree.clone(),
             log: log.clone(),
             writes: writes.clone(),
             usage: usage.clone(),
+            unwritten: unwritten.clone(),
         };
         let store = Self {
             tree,
@@ -211,6 +215,7 @@ impl SledStore {
             log,
             stop_scrub: Arc::new(AtomicBool::new(false)),
             usage,
+            unwritten,
         };
         store.start_scrub();
         Ok(store)
@@ -274,7 +279,7 @@ impl SledStore {
             let tree = db.open_tree("byokd").map_err(engine)?;
             let mut pending = Pending::new();
             // The secrets' use is counted again from the trail as cut at the next open.
-            pending.insert(codec::ACTIVITY_COUNTED_META.to_vec(), None);
+            pending.insert(codec::ACTIVITY_THROUGH_META.to_vec(), None);
             for prefix in [
                 codec::LEASE,
                 codec::LEASE_ID,
@@ -341,21 +346,29 @@ impl SledStore {
         db.flush().map(drop).map_err(engine)
     }
 
-    /// Deletes the secrets' use from a stopped server's store (and, unless `keep_mark`, the
-    /// mark that it counts the trail), as a crash that lost it, or a store made before it
-    /// was kept, would leave it. Only for tests of how it is counted again.
-    pub fn danger_forget_activity(dir: &Path, keep_mark: bool) -> Result<(), StoreError> {
+    /// Sets the mark of the last entry the secrets' use counts in a stopped server's store
+    /// (`None`: no mark) and, if `forget_rows`, deletes the rows, as a crash that lost them,
+    /// or a store made before they were kept, would leave it. Only for tests of how they are
+    /// counted again.
+    pub fn danger_forget_activity(
+        dir: &Path,
+        forget_rows: bool,
+        mark: Option<u64>,
+    ) -> Result<(), StoreError> {
         let db = open_db(dir, DEFAULT_CACHE_BYTES)?;
         let tree = db.open_tree("byokd").map_err(engine)?;
         let mut pending = Pending::new();
-        for prefix in [codec::ACTIVITY, codec::ACTIVITY_DAY] {
-            for entry in tree.scan_prefix([prefix]) {
-                pending.insert(entry.map_err(engine)?.0.to_vec(), None);
+        if forget_rows {
+            for prefix in [codec::ACTIVITY, codec::ACTIVITY_DAY] {
+                for entry in tree.scan_prefix([prefix]) {
+                    pending.insert(entry.map_err(engine)?.0.to_vec(), None);
+                }
             }
         }
-        if !keep_mark {
-            pending.insert(codec::ACTIVITY_COUNTED_META.to_vec(), None);
-        }
+        pending.insert(
+            codec::ACTIVITY_THROUGH_META.to_vec(),
+            mark.map(|m| m.to_be_bytes().to_vec()),
+        );
         tree.apply_batch(batch_of(pending)).map_err(engine)?;
         db.flush().map(drop).map_err(engine)
     }
@@ -604,11 +617,11 @@ impl Store for SledStore {
     }
 
     async fn activity(&self, ids: &[SecretId]) -> Result<Vec<SecretActivity>, StoreError> {
-        activity::read(&self.tree, ids)
+        activity::read(&self.tree, &self.unwritten, ids)
     }
 
     async fn activity_days(&self, query: &DayQuery) -> Result<Vec<DayRow>, StoreError> {
-        activity::days(&self.tree, query)
+        activity::days(&self.tree, &self.unwritten, query)
     }
 
     async fn size_on_disk(&self) -> Result<u64, StoreError> {

@@ -1,6 +1,6 @@
 //! What `open` checks and repairs after a crash: the trail against the records (the position
-//! they reflect, the prune anchor), lease changes and the secrets' use applied again from the
-//! trail, and the revision counter; then the usage the records hold.
+//! they reflect, the prune anchor), lease changes applied again from the trail, and the
+//! revision counter; then the usage the records hold.
 
 use crate::model::{AuditAnchor, EnvelopeRecord, LeaseRecord, Revision};
 use crate::store::auditlog::{self, AuditLog};
@@ -158,8 +158,6 @@ pub(super) fn recover_trail(
                 }
                 replayed += 1;
             }
-            // Its counts, unless the rows they go to survived (see `activity.rs`).
-            super::activity::stage_entry(tree, &super::decode_frame(frame)?, &mut staged)?;
             kept = frame.position;
         }
         from = end + 1;

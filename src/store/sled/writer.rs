@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::activity::{Counting, SharedUnwritten, unwritten};
 use super::{anchor, decode_frame, engine, meta_revision, meta_value};
 
 /// What the writer copied while writes waited, and the part of the trail left to copy.
@@ -98,6 +99,8 @@ pub(super) struct SledAdapter {
     /// What each tenant holds: kept in memory (a process is sled's only writer), counted
     /// when the store opens and changed as each group is written.
     pub(super) usage: super::SharedUsage,
+    /// The secrets' use the tree does not hold yet (see `activity.rs`).
+    pub(super) unwritten: SharedUnwritten,
 }
 
 /// An audit entry's frame parts: its stored bytes, its index keys and its redo (lease
@@ -188,13 +191,23 @@ impl Adapter for SledAdapter {
                 });
             }
         }
-        super::activity::stage_activity(&self.tree, &group.activity, &mut pending)?;
         // Changes the trail cannot replay must reach sled atomically and be in sled's log
         // before they are answered.
-        let needs_flush = group
+        let mut needs_flush = group
             .transactions
             .iter()
             .any(|tx| !tx.changes.is_empty() && !tx.changes.iter().all(Change::is_lease));
+        // The secrets' use: kept in memory, written with a group that is flushed anyway, or
+        // (flushing this one) once enough is kept.
+        let counting = unwritten(&self.unwritten).count(&self.tree, &group.activity)?;
+        let checkpoint = match framed.last() {
+            Some(last) if needs_flush || unwritten(&self.unwritten).due(&counting) => {
+                unwritten(&self.unwritten).stage_checkpoint(&counting, last.seq, &mut pending)?;
+                true
+            }
+            _ => false,
+        };
+        needs_flush |= checkpoint;
         let revision = (!pending.is_empty()).then(|| {
             (
                 codec::REVISION_META.to_vec(),
@@ -231,6 +244,7 @@ impl Adapter for SledAdapter {
             // The anchor is durable: the segments it covers whole can go.
             self.log.delete_through(through)?;
         }
+        unwritten(&self.unwritten).apply(counting, checkpoint);
         if let Some(last) = framed.last() {
             self.log.publish(last.seq);
         }
@@ -242,6 +256,17 @@ impl Adapter for SledAdapter {
     }
 
     fn close(&mut self) -> Result<(), StoreError> {
+        // The secrets' use kept in memory counts every entry of the trail.
+        let mut kept = unwritten(&self.unwritten);
+        if !kept.is_empty()
+            && let Some(last) = self.log.last_position()?
+        {
+            let mut pending = Pending::new();
+            kept.stage_checkpoint(&Counting::default(), last, &mut pending)?;
+            self.tree.apply_batch(batch_of(pending)).map_err(engine)?;
+            kept.apply(Counting::default(), true);
+        }
+        drop(kept);
         self.db.flush().map(drop).map_err(engine)
     }
 }
