@@ -733,6 +733,12 @@ pub fn validate_requests(bytes: &[u8]) {
         names(&r.tenant, &r.name);
         let _ = Reason::parse(r.reason);
     }
+    if let Ok(r) = pb::GetUsageRequest::decode(bytes) {
+        names(&r.tenant, &r.name);
+        for t in [r.from, r.to].into_iter().flatten() {
+            let _ = Time::from_seconds_nanos(t.seconds, t.nanos);
+        }
+    }
     if let Ok(r) = pb::UpdateSecretRequest::decode(bytes) {
         names(&r.tenant, &r.name);
         let _ = Provider::from_request(r.provider);

@@ -540,6 +540,9 @@ pub(crate) fn decode_any_record(bytes: &[u8]) {
     let _ = codec::decode_record::<LeaseRecord>(&key, bytes);
     let _ = codec::decode::<AuditRecord>(&key, bytes);
     let _ = codec::decode::<AuditAnchor>(&key, bytes);
+    let _ = codec::decode::<activity::Counted<SecretActivity>>(&key, bytes);
+    let _ = codec::decode::<activity::Counted<Option<activity::DayValue>>>(&key, bytes);
+    let _ = codec::activity_day_of_key(bytes);
 }
 
 /// Opens an audit trail made of the given files' bytes (for the fuzz targets): first the
