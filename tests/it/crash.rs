@@ -785,29 +785,11 @@ async fn uses_agree_with_the_trail(
             .await
             .expect("describe")
             .into_inner();
-        let usage = meta.usage.expect("usage");
-        let (mut leases, mut redemptions, mut failed, mut last) = (0, 0, 0, None);
-        for e in entries.iter().filter(|e| e.secret_id == meta.id) {
-            match (e.action.as_str(), e.outcome.as_str()) {
-                ("Lease", "OK") => leases += 1,
-                ("Get", "OK") => {
-                    redemptions += 1;
-                    last = Some(micros(&e.time));
-                }
-                ("Get", _) => failed += 1,
-                _ => {}
-            }
-        }
         assert_eq!(
-            (
-                usage.leases_issued,
-                usage.redemptions,
-                usage.failed_redemptions
-            ),
-            (leases, redemptions, failed),
+            meta.usage.expect("usage"),
+            recount_uses(&entries, &meta.id),
             "leased-{i}: its use against the trail"
         );
-        assert_eq!(usage.last_redeemed_at.map(|t| micros(&Some(t))), last);
     }
 }
 

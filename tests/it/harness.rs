@@ -653,6 +653,31 @@ pub async fn audit_all(server: &TestServer, mut req: pb::AuditRequest) -> Vec<pb
     }
 }
 
+/// What audit entries say a secret was used for, as `SecretUsage` counts it: Leases issued,
+/// Gets that succeeded (the last one's time and principal kept), Gets that failed.
+pub fn recount_uses<'a>(
+    entries: impl IntoIterator<Item = &'a pb::AuditEntry>,
+    secret_id: &str,
+) -> pb::SecretUsage {
+    let mut usage = pb::SecretUsage::default();
+    for e in entries.into_iter().filter(|e| e.secret_id == secret_id) {
+        match (e.action.as_str(), e.outcome.as_str()) {
+            ("Lease", "OK") => {
+                usage.leases_issued += 1;
+                usage.last_leased_at = e.time;
+            }
+            ("Get", "OK") => {
+                usage.redemptions += 1;
+                usage.last_redeemed_at = e.time;
+                usage.last_redeemed_by = e.principal.clone();
+            }
+            ("Get", _) => usage.failed_redemptions += 1,
+            _ => {}
+        }
+    }
+    usage
+}
+
 /// A protobuf timestamp in microseconds since the epoch, for comparisons.
 pub fn micros(t: &Option<prost_types::Timestamp>) -> i64 {
     let t = t.as_ref().expect("timestamp set");
