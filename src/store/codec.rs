@@ -74,6 +74,10 @@ pub const AUDIT_ANCHOR_META: &[u8] = b"maudit-anchor";
 /// The meta key of the last audit position whose transaction's records the tree holds
 /// (u64 big-endian), written in every batch that goes with audit entries.
 pub const AUDIT_APPLIED_META: &[u8] = b"maudit-applied";
+/// The meta key of the last audit position through which the tree holds every lease change
+/// (u64 big-endian; sled keeps later ones in memory, and recovery applies them again from
+/// the trail; absent in stores made before, which wrote them with every group).
+pub const LEASES_THROUGH_META: &[u8] = b"mleases-through";
 /// The meta key of the largest revision assigned (u64 big-endian), written with (and, where
 /// writes are not atomic, before) the records that carry it.
 pub const REVISION_META: &[u8] = b"mrevision";

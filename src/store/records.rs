@@ -92,7 +92,8 @@ impl Record {
             codec::META
                 if key == codec::REVISION_META
                     || key == codec::AUDIT_APPLIED_META
-                    || key == codec::ACTIVITY_THROUGH_META =>
+                    || key == codec::ACTIVITY_THROUGH_META
+                    || key == codec::LEASES_THROUGH_META =>
             {
                 return Ok(None);
             }

@@ -1830,6 +1830,110 @@ async fn sled_counts_the_secrets_use_again_from_the_trail() {
     }
 }
 
+/// sled keeps the lease changes of groups that change nothing else in memory, written to the
+/// tree at a checkpoint (a group flushed anyway, or close); after a crash that lost them, the
+/// trail's frames bring them back: every lease issued, used, revoked or deleted since the
+/// tree's lease position reads as it was, by token, by id and by expiry, and counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_applies_again_the_lease_changes_it_kept_in_memory() {
+    use crate::store::usage::UsageKey;
+    let dir = tempfile::tempdir().unwrap();
+    let s = secret("t", "k");
+    let (mut kept, mut used, gone, expired);
+    let mark;
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        store.start_audit_chain(chain_key()).await.unwrap();
+        store
+            .commit(put(vec![Write::PutSecret(s.clone())], Action::Store))
+            .await
+            .unwrap();
+        mark = store.durable_audit_seq();
+        (kept, used, gone) = (
+            lease(&s, 1, i64::MAX),
+            lease(&s, 2, i64::MAX),
+            lease(&s, 3, i64::MAX),
+        );
+        expired = lease(&s, 4, 5);
+        for l in [&kept, &used, &gone, &expired] {
+            store
+                .commit(put(vec![Write::PutLease(l.clone())], Action::Lease))
+                .await
+                .unwrap();
+        }
+        used = store
+            .lease_by_token(&used.token_hash)
+            .await
+            .unwrap()
+            .unwrap();
+        used.uses += 1;
+        used.revoked = true;
+        store
+            .commit(put(vec![Write::UpdateLease(used.clone())], Action::Get))
+            .await
+            .unwrap();
+        let read = store
+            .lease_by_token(&gone.token_hash)
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .commit(put(vec![Write::DeleteLease(read)], Action::Revoke))
+            .await
+            .unwrap();
+        kept = store
+            .lease_by_token(&kept.token_hash)
+            .await
+            .unwrap()
+            .unwrap();
+        used = store
+            .lease_by_token(&used.token_hash)
+            .await
+            .unwrap()
+            .unwrap();
+        store.close().await.unwrap();
+    }
+    async fn check(dir: &std::path::Path, leases: [&LeaseRecord; 4]) -> crate::store::Usage {
+        let [kept, used, gone, expired] = leases;
+        let store = SledStore::open(dir).unwrap();
+        for l in [kept, used] {
+            assert_eq!(
+                store.lease_by_token(&l.token_hash).await.unwrap().as_ref(),
+                Some(l)
+            );
+        }
+        assert_eq!((used.uses, used.revoked), (1, true));
+        assert_eq!(store.lease_by_token(&gone.token_hash).await.unwrap(), None);
+        assert_eq!(store.lease_by_id(gone.id).await.unwrap(), None);
+        assert_eq!(
+            store
+                .lease_by_id(kept.id)
+                .await
+                .unwrap()
+                .map(|l| l.token_hash),
+            Some(kept.token_hash)
+        );
+        let expiring = store
+            .expired_leases(Time::from_micros(10), 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            expiring.iter().map(|l| l.token_hash).collect::<Vec<_>>(),
+            [expired.token_hash]
+        );
+        let usage = store.usage(&UsageKey::Tenant(tenant("t"))).await.unwrap();
+        store.close().await.unwrap();
+        usage
+    }
+    let leases = [&kept, &used, &gone, &expired];
+    // Written at close: read back from the tree.
+    let at_close = check(dir.path(), leases).await;
+    assert_eq!(at_close.leases, 3);
+    // As a crash would leave it: nothing of them in the tree since the Store.
+    SledStore::danger_forget_leases(dir.path(), mark).unwrap();
+    assert_eq!(check(dir.path(), leases).await, at_close);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sled_adapter_indexes_survive_reopening() {
     let dir = tempfile::tempdir().unwrap();

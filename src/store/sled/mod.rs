@@ -9,19 +9,26 @@
 //! 2. applies the group's record changes to the tree as one atomic `sled::Batch`, which also
 //!    records the last audit position the tree reflects (`maudit-applied`) and the largest
 //!    revision assigned (`mrevision`);
-//! 3. flushes sled, if any transaction of the group changed records the trail cannot replay
-//!    (a group of audit-only and lease-only transactions, such as reads and `Get`s, is
-//!    durable with step 1);
+//! 3. flushes sled, if any transaction of the group changed records the trail cannot replay;
 //!
 //! and only then lets readers see its entries (the core then answers the group's commits).
 //! One append, one batch and one flush per group make many concurrent writers cost one
 //! fsync of each.
 //!
+//! Lease changes (issuing a lease, a `Get`'s use, revoking a lease) are the exception: each
+//! entry's frame carries them, so a group of them (and of audit-only entries) is durable with
+//! step 1. The writer keeps them in memory (`leases.rs`: readers and guards look there first)
+//! and writes them to the tree at a checkpoint: with the next group that is flushed anyway,
+//! once 8,192 are kept, and at close, marking the position through which the tree holds every
+//! lease change (`mleases-through`). Such a group writes only the revision counter and the
+//! position to the tree, and is not flushed. The secrets' use is kept the same way
+//! (`activity.rs`).
+//!
 //! After a crash, the trail may hold entries of a group whose records sled lost (step 1 done,
 //! step 2 or 3 not): none of them was answered. `open` keeps the audit-only entries after the
 //! position sled recorded and cuts the trail at the first entry whose transaction changed
 //! records (flagged in its frame), since everything from there on belongs to unanswered
-//! groups.
+//! groups; it applies again the lease changes of every entry after the lease position.
 //!
 //! The audit indexes live with the trail (`auditindex.rs`: one per segment, derived from its
 //! entries), not in sled.
@@ -53,6 +60,7 @@ use crate::model::{
 };
 
 mod activity;
+mod leases;
 mod migrations;
 mod recovery;
 mod writer;
@@ -78,6 +86,8 @@ pub struct SledStore {
     usage: SharedUsage,
     /// The secrets' use not yet written to the tree (see `activity.rs`).
     unwritten: activity::SharedUnwritten,
+    /// The lease changes not yet written to the tree (see `leases.rs`).
+    leases: leases::SharedOverlay,
 }
 
 /// The usage of the records, counted at open and kept by the writer as groups are written.
@@ -199,6 +209,7 @@ impl SledStore {
         );
         let usage: SharedUsage = Arc::new(std::sync::Mutex::new(counted));
         let unwritten = activity::SharedUnwritten::default();
+        let leases = leases::SharedOverlay::default();
         let adapter = SledAdapter {
             db: db.clone(),
             tree: tree.clone(),
@@ -206,6 +217,7 @@ impl SledStore {
             writes: writes.clone(),
             usage: usage.clone(),
             unwritten: unwritten.clone(),
+            leases: leases.clone(),
         };
         let store = Self {
             tree,
@@ -216,6 +228,7 @@ impl SledStore {
             stop_scrub: Arc::new(AtomicBool::new(false)),
             usage,
             unwritten,
+            leases,
         };
         store.start_scrub();
         Ok(store)
@@ -298,6 +311,11 @@ impl SledStore {
                     Some(kept.to_be_bytes().to_vec()),
                 );
             }
+            // Every lease ended: none of the trail's lease changes is applied again.
+            pending.insert(
+                codec::LEASES_THROUGH_META.to_vec(),
+                Some(kept.to_be_bytes().to_vec()),
+            );
             // Written as a commit would write it: with a new revision.
             let revision = Revision(stored_revision(&tree)?.0 + 1);
             let note = super::RepairNote(note.to_string()).to_bytes()?;
@@ -313,6 +331,15 @@ impl SledStore {
             db.flush().map_err(engine)?;
         }
         AuditLog::cut_before(&dir.join(AUDIT_DIR), plan.damage.first_lost, quarantine)
+    }
+
+    /// A lease: as kept in memory since the last checkpoint, else as the tree holds it.
+    fn lease(&self, hash: &TokenHash) -> Result<Option<LeaseRecord>, StoreError> {
+        match leases::read(&self.leases).lease(hash) {
+            leases::Found::Is(lease) => Ok(Some(lease)),
+            leases::Found::Gone => Ok(None),
+            leases::Found::InTree => self.get(&codec::lease_key(hash)),
+        }
     }
 
     fn get<T: codec::Revisioned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
@@ -343,6 +370,26 @@ impl SledStore {
         let tree = db.open_tree("byokd").map_err(engine)?;
         tree.insert(codec::AUDIT_APPLIED_META, &position.to_be_bytes())
             .map_err(engine)?;
+        db.flush().map(drop).map_err(engine)
+    }
+
+    /// Deletes every lease from a stopped server's tree and sets the position through which
+    /// the tree holds lease changes to `mark`, as a crash would leave a store whose lease
+    /// changes since `mark` were kept in memory. Only for tests of how they are applied again.
+    pub fn danger_forget_leases(dir: &Path, mark: u64) -> Result<(), StoreError> {
+        let db = open_db(dir, DEFAULT_CACHE_BYTES)?;
+        let tree = db.open_tree("byokd").map_err(engine)?;
+        let mut pending = Pending::new();
+        for prefix in [codec::LEASE, codec::LEASE_ID, codec::LEASE_EXPIRY] {
+            for entry in tree.scan_prefix([prefix]) {
+                pending.insert(entry.map_err(engine)?.0.to_vec(), None);
+            }
+        }
+        pending.insert(
+            codec::LEASES_THROUGH_META.to_vec(),
+            Some(mark.to_be_bytes().to_vec()),
+        );
+        tree.apply_batch(batch_of(pending)).map_err(engine)?;
         db.flush().map(drop).map_err(engine)
     }
 
@@ -485,10 +532,13 @@ impl Store for SledStore {
         &self,
         token_hash: &TokenHash,
     ) -> Result<Option<LeaseRecord>, StoreError> {
-        self.get(&codec::lease_key(token_hash))
+        self.lease(token_hash)
     }
 
     async fn lease_by_id(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
+        if let Some(hash) = leases::read(&self.leases).hash_of(id) {
+            return self.lease(&hash);
+        }
         let key = codec::lease_id_key(id);
         let Some(hash) = self.tree.get(&key).map_err(engine)? else {
             return Ok(None);
@@ -497,18 +547,19 @@ impl Store for SledStore {
             key: codec::describe_key(&key),
             reason: "index entry is not a token hash".into(),
         })?;
-        self.lease_by_token(&TokenHash(hash)).await
+        self.lease(&TokenHash(hash))
     }
 
     async fn redemption(&self, token_hash: &TokenHash) -> Result<Option<Redemption>, StoreError> {
-        // One state: no group was written to the tree between the first read and the last.
+        // One state: no group was written to the tree (or the leases kept in memory) between
+        // the first read and the last.
         loop {
             let before = self.writes.load(Ordering::Acquire);
             if before % 2 == 1 {
                 tokio::task::yield_now().await;
                 continue;
             }
-            let Some(lease) = self.get::<LeaseRecord>(&codec::lease_key(token_hash))? else {
+            let Some(lease) = self.lease(token_hash)? else {
                 return Ok(None);
             };
             let secret =
@@ -534,14 +585,19 @@ impl Store for SledStore {
     ) -> Result<Vec<LeaseRecord>, StoreError> {
         let start = vec![codec::LEASE_EXPIRY];
         let end = codec::lease_expiry_key(now, &TokenHash([0; 32]));
-        let mut out = Vec::new();
-        for entry in self.tree.range(start..end).take(limit) {
+        // Those issued since the checkpoint, then those in the tree (as changed since).
+        let mut out = leases::read(&self.leases).expired(now);
+        out.truncate(limit);
+        for entry in self.tree.range(start..end) {
+            if out.len() >= limit {
+                break;
+            }
             let (key, _) = entry.map_err(engine)?;
             let hash = codec::lease_expiry_hash(&key).ok_or_else(|| StoreError::Corrupt {
                 key: codec::describe_key(&key),
                 reason: "malformed expiry index key".into(),
             })?;
-            if let Some(lease) = self.lease_by_token(&hash).await? {
+            if let Some(lease) = self.lease(&hash)? {
                 out.push(lease);
             }
         }

@@ -103,10 +103,12 @@ pub(super) fn check_trail_start(
     }
 }
 
-/// Recovers after a crash: entries after `applied` are from groups whose batch sled lost.
-/// Lease changes carried in their frames are applied again; at the first entry whose
+/// Recovers after a crash. Entries after `applied` are from groups whose records sled lost:
+/// lease changes carried in their frames are applied again; at the first entry whose
 /// transaction changed other records, the trail is cut: that group was never answered, nor
 /// was anything after it (see the module documentation). Audit-only entries before it stay.
+/// Entries from the tree's lease position (`mleases-through`) through `applied` were answered,
+/// but their lease changes were kept in memory (`leases.rs`): they are applied again too.
 pub(super) fn recover_trail(
     db: &sled::Db,
     tree: &sled::Tree,
@@ -124,10 +126,19 @@ pub(super) fn recover_trail(
             first_lost: end,
         })));
     }
+    // Stores made before lease changes were kept in memory wrote them with every group.
+    let leases_through = match tree.get(codec::LEASES_THROUGH_META).map_err(engine)? {
+        Some(bytes) => Some(codec::decode_u64(codec::LEASES_THROUGH_META, &bytes)?),
+        None => None,
+    };
     let Some(last) = last else {
+        if leases_through.is_none() {
+            tree.insert(codec::LEASES_THROUGH_META, &0u64.to_be_bytes())
+                .map_err(engine)?;
+        }
         return Ok(());
     };
-    let mut from = applied + 1;
+    let mut from = leases_through.unwrap_or(applied).min(applied) + 1;
     let mut staged = Pending::new();
     let mut replayed = 0u64;
     let mut revision = stored_revision(tree)?;
@@ -138,8 +149,13 @@ pub(super) fn recover_trail(
             break;
         };
         for frame in &frames {
+            let answered = frame.position <= applied;
             if frame.flags & auditlog::STATE_BEARING != 0 {
                 if frame.flags & auditlog::REPLAYABLE == 0 {
+                    if answered {
+                        // Its records are in the tree.
+                        continue;
+                    }
                     tracing::warn!(
                         from = frame.position,
                         through = last,
@@ -158,19 +174,18 @@ pub(super) fn recover_trail(
                 }
                 replayed += 1;
             }
-            kept = frame.position;
+            kept = kept.max(frame.position);
         }
         from = end + 1;
     }
-    if kept > applied {
-        staged.insert(
-            codec::AUDIT_APPLIED_META.to_vec(),
-            Some(kept.to_be_bytes().to_vec()),
-        );
-        staged.insert(
-            codec::REVISION_META.to_vec(),
-            Some(revision.0.to_be_bytes().to_vec()),
-        );
+    if kept > applied || leases_through != Some(kept) {
+        for (key, position) in [
+            (codec::AUDIT_APPLIED_META, kept),
+            (codec::LEASES_THROUGH_META, kept),
+            (codec::REVISION_META, revision.0),
+        ] {
+            staged.insert(key.to_vec(), Some(position.to_be_bytes().to_vec()));
+        }
         tree.apply_batch(batch_of(staged)).map_err(engine)?;
         db.flush().map_err(engine)?;
         if replayed > 0 {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::activity::{Counting, SharedUnwritten, unwritten};
+use super::leases::{self, Found, SharedOverlay};
 use super::{anchor, decode_frame, engine, meta_revision, meta_value};
 
 /// What the writer copied while writes waited, and the part of the trail left to copy.
@@ -101,6 +102,8 @@ pub(super) struct SledAdapter {
     pub(super) usage: super::SharedUsage,
     /// The secrets' use the tree does not hold yet (see `activity.rs`).
     pub(super) unwritten: SharedUnwritten,
+    /// The lease changes the tree does not hold yet (see `leases.rs`).
+    pub(super) leases: SharedOverlay,
 }
 
 /// An audit entry's frame parts: its stored bytes, its index keys and its redo (lease
@@ -128,7 +131,11 @@ impl Adapter for SledAdapter {
         let stored_key = match key {
             RecordKey::Secret(tenant, name) => codec::secret_key(tenant, name),
             RecordKey::Envelope(id, version) => codec::envelope_key(*id, *version),
-            RecordKey::Lease(hash) => codec::lease_key(hash),
+            RecordKey::Lease(hash) => match leases::read(&self.leases).lease(hash) {
+                Found::Is(lease) => return Ok(Some(lease.rev)),
+                Found::Gone => return Ok(None),
+                Found::InTree => codec::lease_key(hash),
+            },
             RecordKey::Meta(meta) => {
                 return Ok(meta_value(&self.tree, *meta)?.map(|(revision, _)| revision));
             }
@@ -174,9 +181,14 @@ impl Adapter for SledAdapter {
         let mut pending = Pending::new();
         let mut framed = Vec::new();
         let mut pruned = None;
+        let mut lease_changes = Vec::new();
         for tx in &group.transactions {
             for change in &tx.changes {
-                stage(change, &mut pending)?;
+                if change.is_lease() {
+                    lease_changes.push(change);
+                } else {
+                    stage(change, &mut pending)?;
+                }
                 if let Change::Anchor(anchor) = change {
                     pruned = Some(anchor.seq);
                 }
@@ -193,22 +205,35 @@ impl Adapter for SledAdapter {
         }
         // Changes the trail cannot replay must reach sled atomically and be in sled's log
         // before they are answered.
-        let mut needs_flush = group
-            .transactions
-            .iter()
-            .any(|tx| !tx.changes.is_empty() && !tx.changes.iter().all(Change::is_lease));
-        // The secrets' use: kept in memory, written with a group that is flushed anyway, or
-        // (flushing this one) once enough is kept.
+        let mut needs_flush = !pending.is_empty();
+        // Lease changes and the secrets' use are kept in memory (`leases.rs`, `activity.rs`)
+        // and written with a group that is flushed anyway, or (flushing this one) once
+        // enough is kept: a checkpoint, marked with the group's last entry.
         let counting = unwritten(&self.unwritten).count(&self.tree, &group.activity)?;
+        let kept_leases = leases::read(&self.leases).len() + lease_changes.len();
         let checkpoint = match framed.last() {
-            Some(last) if needs_flush || unwritten(&self.unwritten).due(&counting) => {
+            Some(last)
+                if needs_flush
+                    || kept_leases >= leases::CHECKPOINT_CHANGES
+                    || unwritten(&self.unwritten).due(&counting) =>
+            {
                 unwritten(&self.unwritten).stage_checkpoint(&counting, last.seq, &mut pending)?;
+                // The kept changes first: the group's own are newer.
+                leases::read(&self.leases).stage(&mut pending)?;
+                for change in &lease_changes {
+                    stage_lease(change, &mut pending)?;
+                }
+                pending.insert(
+                    codec::LEASES_THROUGH_META.to_vec(),
+                    Some(last.seq.to_be_bytes().to_vec()),
+                );
                 true
             }
             _ => false,
         };
         needs_flush |= checkpoint;
-        let revision = (!pending.is_empty()).then(|| {
+        let has_changes = group.transactions.iter().any(|tx| !tx.changes.is_empty());
+        let revision = has_changes.then(|| {
             (
                 codec::REVISION_META.to_vec(),
                 Some(group.last_revision.0.to_be_bytes().to_vec()),
@@ -230,8 +255,19 @@ impl Adapter for SledAdapter {
             pending.extend(applied);
             self.write_batch(pending)
         } else {
-            self.write_in_order(revision.into_iter().chain(pending).chain(applied))
+            // The revision counter first, the position last (see `write_in_order`).
+            self.write_in_order(revision.into_iter().chain(applied))
         };
+        if written.is_ok() {
+            let mut kept = leases::write(&self.leases);
+            if checkpoint {
+                kept.clear();
+            } else {
+                for change in &lease_changes {
+                    kept.apply(change);
+                }
+            }
+        }
         self.writes.fetch_add(1, Ordering::AcqRel);
         written?;
         if let Some(through) = pruned {
@@ -256,17 +292,25 @@ impl Adapter for SledAdapter {
     }
 
     fn close(&mut self) -> Result<(), StoreError> {
-        // The secrets' use kept in memory counts every entry of the trail.
-        let mut kept = unwritten(&self.unwritten);
-        if !kept.is_empty()
+        // What is kept in memory (lease changes, the secrets' use) goes to the tree, marked
+        // with the trail's last entry.
+        let mut counts = unwritten(&self.unwritten);
+        let mut kept = leases::write(&self.leases);
+        if (!counts.is_empty() || !kept.is_empty())
             && let Some(last) = self.log.last_position()?
         {
             let mut pending = Pending::new();
-            kept.stage_checkpoint(&Counting::default(), last, &mut pending)?;
+            counts.stage_checkpoint(&Counting::default(), last, &mut pending)?;
+            kept.stage(&mut pending)?;
+            pending.insert(
+                codec::LEASES_THROUGH_META.to_vec(),
+                Some(last.to_be_bytes().to_vec()),
+            );
             self.tree.apply_batch(batch_of(pending)).map_err(engine)?;
-            kept.apply(Counting::default(), true);
+            counts.apply(Counting::default(), true);
+            kept.clear();
         }
-        drop(kept);
+        drop((counts, kept));
         self.db.flush().map(drop).map_err(engine)
     }
 }
@@ -374,12 +418,11 @@ impl SledAdapter {
         self.tree.apply_batch(batch_of(pending)).map_err(engine)
     }
 
-    /// Applies the group's changes one key at a time, for a group whose record changes the
-    /// trail can replay: a sled batch costs two writes of sled's log buffer, which such a
-    /// group does not need. sled recovers a prefix of its writes: the revision counter comes
-    /// first (so that no revision a surviving record carries is assigned again) and the
-    /// position the tree reflects last (if it survives a crash, every change before it does;
-    /// if not, recovery applies the group again from the trail).
+    /// Writes a group that changed no record the trail cannot replay (its lease changes are
+    /// kept in memory): the revision counter and the trail's position, one key at a time (a
+    /// sled batch costs two writes of sled's log buffer, which such a group does not need).
+    /// sled recovers a prefix of its writes: the revision counter comes first, the position
+    /// last.
     fn write_in_order(
         &mut self,
         writes: impl Iterator<Item = (Vec<u8>, Option<Vec<u8>>)>,

@@ -1,0 +1,153 @@
+//! The lease changes of the groups since the last checkpoint, kept in memory instead of in
+//! sled's tree.
+//!
+//! A `Lease` inserts three keys into the tree and a `Get` rewrites one, and sled's inserts
+//! were the largest share of a request's CPU. Their groups are durable without the tree: each
+//! entry's frame in the trail carries its lease changes (the redo), which recovery applies
+//! again. So the writer keeps them here ([`Overlay`]; readers and guards look here first), and
+//! writes them to the tree with the next group that writes the tree anyway (one that changes
+//! other records and is flushed), once [`CHECKPOINT_CHANGES`] are kept, and at close, with
+//! the position through which the tree then holds every lease change (`mleases-through`).
+//! `open` applies again the redo of the entries after that position.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+
+use crate::model::{LeaseId, LeaseRecord, Time, TokenHash};
+use crate::store::StoreError;
+use crate::store::commit::Change;
+
+use super::{Pending, stage_lease};
+
+/// Lease changes kept that make the writer write them to the tree.
+pub(super) const CHECKPOINT_CHANGES: usize = 8192;
+
+/// A lease as the groups since the checkpoint left it.
+#[derive(Clone)]
+enum Kept {
+    /// Issued since the checkpoint (not in the tree), as it is now.
+    New(LeaseRecord),
+    /// In the tree, changed since.
+    Updated(LeaseRecord),
+    /// In the tree, deleted since.
+    Deleted(LeaseRecord),
+}
+
+/// What the tree does not hold yet of the leases.
+#[derive(Default)]
+pub(super) struct Overlay {
+    by_hash: HashMap<[u8; 32], Kept>,
+    /// The leases issued since the checkpoint, by id.
+    by_id: HashMap<LeaseId, [u8; 32]>,
+    /// The leases issued since the checkpoint, by expiry.
+    expiring: BTreeSet<(Time, [u8; 32])>,
+}
+
+/// What the writer and the readers share.
+pub(super) type SharedOverlay = Arc<RwLock<Overlay>>;
+
+/// How a lease stands in the overlay.
+pub(super) enum Found {
+    /// Not changed since the checkpoint: as the tree holds it.
+    InTree,
+    /// As it is now.
+    Is(LeaseRecord),
+    /// Deleted.
+    Gone,
+}
+
+impl Overlay {
+    /// Keeps a lease change of a written group.
+    pub(super) fn apply(&mut self, change: &Change) {
+        match change {
+            Change::NewLease(l) => {
+                self.by_id.insert(l.id, l.token_hash.0);
+                self.expiring.insert((l.expires_at, l.token_hash.0));
+                self.by_hash.insert(l.token_hash.0, Kept::New(l.clone()));
+            }
+            Change::UpdateLease(l) => {
+                let kept = match self.by_hash.get(&l.token_hash.0) {
+                    Some(Kept::New(_)) => Kept::New(l.clone()),
+                    _ => Kept::Updated(l.clone()),
+                };
+                self.by_hash.insert(l.token_hash.0, kept);
+            }
+            Change::DeleteLease(l) => {
+                if let Some(Kept::New(_)) = self.by_hash.get(&l.token_hash.0) {
+                    // Never in the tree: nothing to delete there.
+                    self.by_hash.remove(&l.token_hash.0);
+                    self.by_id.remove(&l.id);
+                    self.expiring.remove(&(l.expires_at, l.token_hash.0));
+                } else {
+                    self.by_hash
+                        .insert(l.token_hash.0, Kept::Deleted(l.clone()));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Stages every change kept, as tree writes (before the group's own, which follow).
+    pub(super) fn stage(&self, pending: &mut Pending) -> Result<(), StoreError> {
+        for kept in self.by_hash.values() {
+            let change = match kept {
+                Kept::New(l) => Change::NewLease(l.clone()),
+                Kept::Updated(l) => Change::UpdateLease(l.clone()),
+                Kept::Deleted(l) => Change::DeleteLease(l.clone()),
+            };
+            stage_lease(&change, pending)?;
+        }
+        Ok(())
+    }
+
+    /// Lease changes kept.
+    pub(super) fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    /// True if nothing is kept.
+    pub(super) fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+
+    /// Drops everything (written to the tree).
+    pub(super) fn clear(&mut self) {
+        *self = Overlay::default();
+    }
+
+    /// The lease with this token hash.
+    pub(super) fn lease(&self, hash: &TokenHash) -> Found {
+        match self.by_hash.get(&hash.0) {
+            None => Found::InTree,
+            Some(Kept::New(l) | Kept::Updated(l)) => Found::Is(l.clone()),
+            Some(Kept::Deleted(_)) => Found::Gone,
+        }
+    }
+
+    /// The token hash of a lease issued since the checkpoint.
+    pub(super) fn hash_of(&self, id: LeaseId) -> Option<TokenHash> {
+        self.by_id.get(&id).copied().map(TokenHash)
+    }
+
+    /// The leases issued since the checkpoint that expired before `now`, by expiry.
+    pub(super) fn expired(&self, now: Time) -> Vec<LeaseRecord> {
+        self.expiring
+            .iter()
+            .take_while(|(at, _)| *at < now)
+            .filter_map(|(_, hash)| match self.by_hash.get(hash) {
+                Some(Kept::New(l)) => Some(l.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The overlay, for reading.
+pub(super) fn read(shared: &SharedOverlay) -> std::sync::RwLockReadGuard<'_, Overlay> {
+    shared.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The overlay, for the writer.
+pub(super) fn write(shared: &SharedOverlay) -> std::sync::RwLockWriteGuard<'_, Overlay> {
+    shared.write().unwrap_or_else(|p| p.into_inner())
+}
