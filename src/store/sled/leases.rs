@@ -20,7 +20,7 @@ use crate::store::commit::Change;
 use super::{Pending, stage_lease};
 
 /// Lease changes kept that make the writer write them to the tree.
-pub(super) const CHECKPOINT_CHANGES: usize = 1024;
+pub(super) const CHECKPOINT_CHANGES: usize = 256;
 
 /// A lease as the groups since the checkpoint left it.
 #[derive(Clone)]
