@@ -81,9 +81,17 @@ impl<A: Send + 'static> Queue<A> {
             return;
         };
         while let Ok(message) = rx.try_recv() {
+            // The stall may have ended since it was seen: a commit sent after it ended (its
+            // caller may have waited for the stalled one) goes to the writer, in order.
+            let waited = match status.writing_for() {
+                Some(waited) if waited > STALL => waited,
+                _ => {
+                    self.held().push_back(message);
+                    continue;
+                }
+            };
             match message {
                 Message::Commit(_, reply) => {
-                    let waited = status.writing_for().unwrap_or(STALL);
                     // The caller may have gone away; nothing of its commit was written.
                     let _ = reply.send(Err(stalled(waited)));
                 }
