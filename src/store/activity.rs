@@ -152,11 +152,6 @@ impl Activity {
         activity
     }
 
-    /// True if nothing was counted.
-    pub fn is_empty(&self) -> bool {
-        self.secrets.is_empty()
-    }
-
     /// Counts one entry: a Lease issued, a Get that succeeded, or a Get that named a lease of
     /// a secret and failed. Nothing else counts.
     pub fn count(&mut self, record: &AuditRecord) {
@@ -217,6 +212,19 @@ pub struct Counted<T> {
     pub value: T,
     /// The last entry counted.
     pub through: u64,
+}
+
+impl<T> Counted<T> {
+    /// Adds what entries through `through` counted (`add`), unless the row counts them
+    /// already. True if it changed.
+    pub fn add_through(&mut self, through: u64, add: impl FnOnce(&mut T)) -> bool {
+        if self.through >= through {
+            return false;
+        }
+        add(&mut self.value);
+        self.through = through;
+        true
+    }
 }
 
 /// A day bucket's stored value: the secret's name and the counts.

@@ -140,6 +140,13 @@ pub struct Group {
     pub activity: Activity,
 }
 
+impl Group {
+    /// Counts what its audit entries add to the secrets' use, before it is written.
+    fn count_activity(&mut self) {
+        self.activity = Activity::of(self.transactions.iter().filter_map(|t| t.audit.as_ref()));
+    }
+}
+
 /// What an engine adapter does for the core. Reads see the engine's durable state (the
 /// core overlays the group's own changes); [`Adapter::write_group`] is the only write.
 pub trait Adapter: Send + 'static {
@@ -578,7 +585,7 @@ impl<A: Adapter> Writer<A> {
             return Ok(());
         }
         group.last_revision = Revision(self.position.next_revision - 1);
-        group.activity = Activity::of(group.transactions.iter().filter_map(|t| t.audit.as_ref()));
+        group.count_activity();
         crate::metrics::global()
             .group_commits
             .observe(group.transactions.len() as f64);
@@ -879,8 +886,7 @@ impl<A: Adapter> Writer<A> {
                     group.usage = std::mem::take(&mut tally).finish().into_iter().collect();
                 }
                 if !group.transactions.is_empty() || !group.usage.is_empty() {
-                    group.activity =
-                        Activity::of(group.transactions.iter().filter_map(|t| t.audit.as_ref()));
+                    group.count_activity();
                     self.adapter.write_group(&group)?;
                     let mut newest = group.transactions.iter_mut().rev();
                     head = newest.find_map(|t| t.audit.take()).or(head);

@@ -8,7 +8,7 @@ use crate::store::activity::{DAY_MICROS, buckets, day_of};
 use crate::store::{DayQuery, DayRow, SecretActivity};
 
 use super::trail::time_field;
-use super::{Caller, Described, UsageInput, Vault, VaultError};
+use super::{Caller, Described, UsageInput, Vault, VaultError, noted};
 
 /// Most days one report covers.
 pub const MAX_USAGE_DAYS: i64 = 366;
@@ -26,19 +26,12 @@ impl Vault {
     ) -> Result<Vec<DayRow>, VaultError> {
         operation!(self, caller, Action::GetUsage, |audit| {
             let tenant = TenantId::from_request(input.tenant.as_str());
-            match &tenant {
-                Ok(t) => audit.tenant = Some(t.clone()),
-                Err(_) => caller.note_invalid("tenant"),
-            }
+            let tenant = noted(caller, "tenant", tenant, &mut audit.tenant);
             let name = match input.name.as_str() {
                 "" => None,
                 name => {
                     let name = SecretName::from_request(name);
-                    match &name {
-                        Ok(n) => audit.name = Some(n.clone()),
-                        Err(_) => caller.note_invalid("name"),
-                    }
-                    Some(name)
+                    Some(noted(caller, "name", name, &mut audit.name))
                 }
             };
             let principal = caller.authorize(Operation::GetUsage)?;

@@ -180,17 +180,35 @@ fn secret_ref(
     tenant: String,
     name: String,
 ) -> Result<(TenantId, SecretName), VaultError> {
-    let tenant = TenantId::from_request(tenant);
-    let name = SecretName::from_request(name);
-    match &tenant {
-        Ok(t) => audit.tenant = Some(t.clone()),
-        Err(_) => caller.note_invalid("tenant"),
-    }
-    match &name {
-        Ok(n) => audit.name = Some(n.clone()),
-        Err(_) => caller.note_invalid("name"),
-    }
+    let tenant = noted(
+        caller,
+        "tenant",
+        TenantId::from_request(tenant),
+        &mut audit.tenant,
+    );
+    let name = noted(
+        caller,
+        "name",
+        SecretName::from_request(name),
+        &mut audit.name,
+    );
     Ok((tenant?, name?))
+}
+
+/// A part of the target a request names, as parsed: kept in the audit entry's `slot` if it
+/// is valid, noted as invalid (never copied) if not; the result is returned for the caller to
+/// raise after authorization (see [`secret_ref`]).
+fn noted<T: Clone>(
+    caller: &Caller,
+    field: &'static str,
+    parsed: Result<T, ValidationError>,
+    slot: &mut Option<T>,
+) -> Result<T, ValidationError> {
+    match &parsed {
+        Ok(value) => *slot = Some(value.clone()),
+        Err(_) => caller.note_invalid(field),
+    }
+    parsed
 }
 
 /// The secret a request names, for `operation`: noted in its audit entry as far as it is valid,

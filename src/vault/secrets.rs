@@ -16,7 +16,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use super::{
     Attempts, Caller, Changed, DEFAULT_LIST_PAGE_SIZE, Described, ListFilter, ListInput,
     MAX_LIST_PAGE_SIZE, MAX_LIST_SCAN, RevokeTarget, Revoked, RotateInput, StoreInput, Vault,
-    VaultError, authorize_secret, page_size_or,
+    VaultError, authorize_secret, noted, page_size_or,
 };
 
 impl Vault {
@@ -118,10 +118,7 @@ impl Vault {
     ) -> Result<(Vec<Described>, Option<String>), VaultError> {
         operation!(self, caller, Action::List, |audit| {
             let tenant = TenantId::from_request(input.tenant.as_str());
-            match &tenant {
-                Ok(t) => audit.tenant = Some(t.clone()),
-                Err(_) => caller.note_invalid("tenant"),
-            }
+            let tenant = noted(caller, "tenant", tenant, &mut audit.tenant);
             let principal = caller.authorize(Operation::List)?;
             let tenant = tenant?;
             principal.require_tenant(&tenant)?;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::{
     AuditFilterInput, AuditInput, Caller, MAX_VERIFY_PAGE, PRUNE_BATCH, Vault, VaultError,
-    VerifyInput, page_size_or,
+    VerifyInput, noted, page_size_or,
 };
 
 impl Vault {
@@ -158,16 +158,12 @@ pub(super) fn note_filter_target(
     filter: &AuditFilterInput,
 ) {
     if !filter.tenant.is_empty() {
-        match TenantId::from_request(filter.tenant.as_str()) {
-            Ok(t) => audit.tenant = Some(t),
-            Err(_) => caller.note_invalid("tenant"),
-        }
+        let tenant = TenantId::from_request(filter.tenant.as_str());
+        let _ = noted(caller, "tenant", tenant, &mut audit.tenant);
     }
     if !filter.name.is_empty() {
-        match SecretName::from_request(filter.name.as_str()) {
-            Ok(n) => audit.name = Some(n),
-            Err(_) => caller.note_invalid("name"),
-        }
+        let name = SecretName::from_request(filter.name.as_str());
+        let _ = noted(caller, "name", name, &mut audit.name);
     }
 }
 

@@ -23,6 +23,7 @@ use crate::store::activity::{
 use crate::store::auditlog::AuditLog;
 use crate::store::codec;
 
+use super::recovery::stored_mark;
 use super::{Pending, batch_of, decode_frame, engine};
 
 /// Entries counted since the last checkpoint that make the writer write the rows.
@@ -53,10 +54,6 @@ pub(super) struct Counting {
     entries: u64,
 }
 
-fn lock(shared: &SharedUnwritten) -> std::sync::MutexGuard<'_, Unwritten> {
-    shared.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// A stored row (absent: nothing counted).
 fn stored<T: serde::de::DeserializeOwned + Default>(
     tree: &sled::Tree,
@@ -66,29 +63,6 @@ fn stored<T: serde::de::DeserializeOwned + Default>(
         Some(bytes) => codec::decode(key, &bytes),
         None => Ok(Counted::default()),
     }
-}
-
-/// Adds `added` (counted through entry `through`) to `row`, unless the row counts it
-/// already. True if it changed.
-fn add_secret(row: &mut Counted<SecretActivity>, added: &SecretActivity, through: u64) -> bool {
-    if row.through >= through {
-        return false;
-    }
-    row.value.add(added);
-    row.through = through;
-    true
-}
-
-fn add_day(row: &mut DayCounted, added: &DayValue, through: u64) -> bool {
-    if row.through >= through {
-        return false;
-    }
-    let value = row
-        .value
-        .get_or_insert_with(|| (added.0.clone(), Default::default()));
-    value.1.add(added.1);
-    row.through = through;
-    true
 }
 
 impl Unwritten {
@@ -107,7 +81,7 @@ impl Unwritten {
                 Some(row) => row.clone(),
                 None => stored(tree, &codec::activity_key(*id))?,
             };
-            if add_secret(&mut row, added, *through) {
+            if row.add_through(*through, |value| value.add(added)) {
                 counting.secrets.push((*id, row));
             }
         }
@@ -116,7 +90,13 @@ impl Unwritten {
                 Some(row) => row.clone(),
                 None => stored(tree, &codec::activity_day_key(key))?,
             };
-            if add_day(&mut row, &(name.clone(), *added), *through) {
+            let changed = row.add_through(*through, |value| {
+                value
+                    .get_or_insert_with(|| (name.clone(), Default::default()))
+                    .1
+                    .add(*added)
+            });
+            if changed {
                 counting.days.push((key.clone(), row));
             }
         }
@@ -176,24 +156,16 @@ impl Unwritten {
     }
 }
 
-/// The rows kept in memory, for the writer.
+/// The rows kept in memory.
 pub(super) fn unwritten(shared: &SharedUnwritten) -> std::sync::MutexGuard<'_, Unwritten> {
-    lock(shared)
-}
-
-/// The entry through which the tree's rows count every entry (`None`: a store made before
-/// they were kept).
-fn counted_through(tree: &sled::Tree) -> Result<Option<u64>, StoreError> {
-    match tree.get(codec::ACTIVITY_THROUGH_META).map_err(engine)? {
-        Some(bytes) => codec::decode_u64(codec::ACTIVITY_THROUGH_META, &bytes).map(Some),
-        None => Ok(None),
-    }
+    shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// At open, after recovery: counts the entries after the mark (all of them for a store
 /// without one) into the tree, in one flushed batch with the new mark.
 pub(super) fn catch_up(db: &sled::Db, tree: &sled::Tree, log: &AuditLog) -> Result<(), StoreError> {
-    let marked = counted_through(tree)?;
+    // The entry through which the rows count every entry (none: a store made before).
+    let marked = stored_mark(tree, codec::ACTIVITY_THROUGH_META)?;
     let started = std::time::Instant::now();
     let mut from = marked.map_or(0, |through| through + 1);
     let mut rows = Unwritten::default();
@@ -235,7 +207,7 @@ pub(super) fn read(
     unwritten: &SharedUnwritten,
     ids: &[SecretId],
 ) -> Result<Vec<SecretActivity>, StoreError> {
-    let kept = lock(unwritten);
+    let kept = self::unwritten(unwritten);
     ids.iter()
         .map(|id| match kept.secrets.get(id) {
             Some(row) => Ok(row.value.clone()),
@@ -278,7 +250,7 @@ pub(super) fn days(
             break;
         }
     }
-    let kept = lock(unwritten);
+    let kept = self::unwritten(unwritten);
     for (key, row) in &kept.days {
         keep(key.clone(), row.clone(), &mut rows);
     }

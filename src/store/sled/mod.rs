@@ -293,17 +293,17 @@ impl SledStore {
             let mut pending = Pending::new();
             // The secrets' use is counted again from the trail as cut at the next open.
             pending.insert(codec::ACTIVITY_THROUGH_META.to_vec(), None);
-            for prefix in [
-                codec::LEASE,
-                codec::LEASE_ID,
-                codec::LEASE_EXPIRY,
-                codec::ACTIVITY,
-                codec::ACTIVITY_DAY,
-            ] {
-                for entry in tree.scan_prefix([prefix]) {
-                    pending.insert(entry.map_err(engine)?.0.to_vec(), None);
-                }
-            }
+            stage_removal(
+                &tree,
+                &[
+                    codec::LEASE,
+                    codec::LEASE_ID,
+                    codec::LEASE_EXPIRY,
+                    codec::ACTIVITY,
+                    codec::ACTIVITY_DAY,
+                ],
+                &mut pending,
+            )?;
             let kept = plan.damage.first_lost.saturating_sub(1);
             if applied_position(&tree)? > kept {
                 pending.insert(
@@ -380,11 +380,11 @@ impl SledStore {
         let db = open_db(dir, DEFAULT_CACHE_BYTES)?;
         let tree = db.open_tree("byokd").map_err(engine)?;
         let mut pending = Pending::new();
-        for prefix in [codec::LEASE, codec::LEASE_ID, codec::LEASE_EXPIRY] {
-            for entry in tree.scan_prefix([prefix]) {
-                pending.insert(entry.map_err(engine)?.0.to_vec(), None);
-            }
-        }
+        stage_removal(
+            &tree,
+            &[codec::LEASE, codec::LEASE_ID, codec::LEASE_EXPIRY],
+            &mut pending,
+        )?;
         pending.insert(
             codec::LEASES_THROUGH_META.to_vec(),
             Some(mark.to_be_bytes().to_vec()),
@@ -406,11 +406,7 @@ impl SledStore {
         let tree = db.open_tree("byokd").map_err(engine)?;
         let mut pending = Pending::new();
         if forget_rows {
-            for prefix in [codec::ACTIVITY, codec::ACTIVITY_DAY] {
-                for entry in tree.scan_prefix([prefix]) {
-                    pending.insert(entry.map_err(engine)?.0.to_vec(), None);
-                }
-            }
+            stage_removal(&tree, &[codec::ACTIVITY, codec::ACTIVITY_DAY], &mut pending)?;
         }
         pending.insert(
             codec::ACTIVITY_THROUGH_META.to_vec(),
@@ -433,6 +429,20 @@ impl SledStore {
             None => self.log.rewrite(seq, None),
         }
     }
+}
+
+/// Stages the removal of every key in the keyspaces `prefixes` (on a stopped server's tree).
+fn stage_removal(
+    tree: &sled::Tree,
+    prefixes: &[u8],
+    pending: &mut Pending,
+) -> Result<(), StoreError> {
+    for prefix in prefixes {
+        for entry in tree.scan_prefix([*prefix]) {
+            pending.insert(entry.map_err(engine)?.0.to_vec(), None);
+        }
+    }
+    Ok(())
 }
 
 fn decode_frame(frame: &Frame) -> Result<AuditRecord, StoreError> {

@@ -45,9 +45,14 @@ pub(super) fn applied_position(tree: &sled::Tree) -> Result<u64, StoreError> {
 
 /// The number (u64 big-endian) kept under `key`; 0 if there is none.
 fn stored_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
+    Ok(stored_mark(tree, key)?.unwrap_or(0))
+}
+
+/// The number (u64 big-endian) kept under `key`, if there is one.
+pub(super) fn stored_mark(tree: &sled::Tree, key: &[u8]) -> Result<Option<u64>, StoreError> {
     match tree.get(key).map_err(engine)? {
-        Some(bytes) => codec::decode_u64(key, &bytes),
-        None => Ok(0),
+        Some(bytes) => codec::decode_u64(key, &bytes).map(Some),
+        None => Ok(None),
     }
 }
 
@@ -127,10 +132,7 @@ pub(super) fn recover_trail(
         })));
     }
     // Stores made before lease changes were kept in memory wrote them with every group.
-    let leases_through = match tree.get(codec::LEASES_THROUGH_META).map_err(engine)? {
-        Some(bytes) => Some(codec::decode_u64(codec::LEASES_THROUGH_META, &bytes)?),
-        None => None,
-    };
+    let leases_through = stored_mark(tree, codec::LEASES_THROUGH_META)?;
     let Some(last) = last else {
         if leases_through.is_none() {
             tree.insert(codec::LEASES_THROUGH_META, &0u64.to_be_bytes())

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::activity::{Counting, SharedUnwritten, unwritten};
-use super::leases::{self, Found, SharedOverlay};
+use super::activity::{Counting, SharedUnwritten, Unwritten, unwritten};
+use super::leases::{self, Found, Overlay, SharedOverlay};
 use super::{anchor, decode_frame, engine, meta_revision, meta_value};
 
 /// What the writer copied while writes waited, and the part of the trail left to copy.
@@ -209,27 +209,23 @@ impl Adapter for SledAdapter {
         // Lease changes and the secrets' use are kept in memory (`leases.rs`, `activity.rs`)
         // and written with a group that is flushed anyway, or (flushing this one) once
         // enough is kept: a checkpoint, marked with the group's last entry.
-        let counting = unwritten(&self.unwritten).count(&self.tree, &group.activity)?;
-        let kept_leases = leases::read(&self.leases).len() + lease_changes.len();
-        let checkpoint = match framed.last() {
-            Some(last)
-                if needs_flush
-                    || kept_leases >= leases::CHECKPOINT_CHANGES
-                    || unwritten(&self.unwritten).due(&counting) =>
-            {
-                unwritten(&self.unwritten).stage_checkpoint(&counting, last.seq, &mut pending)?;
-                // The kept changes first: the group's own are newer.
-                leases::read(&self.leases).stage(&mut pending)?;
-                for change in &lease_changes {
-                    stage_lease(change, &mut pending)?;
+        let (counting, checkpoint) = {
+            let counts = unwritten(&self.unwritten);
+            let counting = counts.count(&self.tree, &group.activity)?;
+            let kept = leases::read(&self.leases);
+            let checkpoint = match framed.last() {
+                Some(last)
+                    if needs_flush
+                        || kept.len() + lease_changes.len() >= leases::CHECKPOINT_CHANGES
+                        || counts.due(&counting) =>
+                {
+                    let newer = Checkpoint::of(&counts, &kept, &counting, &lease_changes);
+                    newer.stage(last.seq, &mut pending)?;
+                    true
                 }
-                pending.insert(
-                    codec::LEASES_THROUGH_META.to_vec(),
-                    Some(last.seq.to_be_bytes().to_vec()),
-                );
-                true
-            }
-            _ => false,
+                _ => false,
+            };
+            (counting, checkpoint)
         };
         needs_flush |= checkpoint;
         let has_changes = group.transactions.iter().any(|tx| !tx.changes.is_empty());
@@ -300,18 +296,53 @@ impl Adapter for SledAdapter {
             && let Some(last) = self.log.last_position()?
         {
             let mut pending = Pending::new();
-            counts.stage_checkpoint(&Counting::default(), last, &mut pending)?;
-            kept.stage(&mut pending)?;
-            pending.insert(
-                codec::LEASES_THROUGH_META.to_vec(),
-                Some(last.to_be_bytes().to_vec()),
-            );
+            Checkpoint::of(&counts, &kept, &Counting::default(), &[]).stage(last, &mut pending)?;
             self.tree.apply_batch(batch_of(pending)).map_err(engine)?;
             counts.apply(Counting::default(), true);
             kept.clear();
         }
         drop((counts, kept));
         self.db.flush().map(drop).map_err(engine)
+    }
+}
+
+/// What a checkpoint writes to the tree: the counts and lease changes kept in memory, with a
+/// group's own lease changes (newer) after them, and the marks that the tree holds them.
+struct Checkpoint<'a> {
+    counts: &'a Unwritten,
+    kept: &'a Overlay,
+    counting: &'a Counting,
+    newer: &'a [&'a Change],
+}
+
+impl<'a> Checkpoint<'a> {
+    fn of(
+        counts: &'a Unwritten,
+        kept: &'a Overlay,
+        counting: &'a Counting,
+        newer: &'a [&'a Change],
+    ) -> Self {
+        Self {
+            counts,
+            kept,
+            counting,
+            newer,
+        }
+    }
+
+    /// Stages it, marked with the trail's entry `through`.
+    fn stage(&self, through: u64, pending: &mut Pending) -> Result<(), StoreError> {
+        self.counts
+            .stage_checkpoint(self.counting, through, pending)?;
+        self.kept.stage(pending)?;
+        for change in self.newer {
+            stage_lease(change, pending)?;
+        }
+        pending.insert(
+            codec::LEASES_THROUGH_META.to_vec(),
+            Some(through.to_be_bytes().to_vec()),
+        );
+        Ok(())
     }
 }
 
