@@ -1,7 +1,7 @@
 //! Frames: their encoding, and reading them from a segment file: the scans that find where a
 //! segment ends, and whether it ends torn or damaged.
 
-use super::{Frame, HEADER, MAX_PAYLOAD, NONE, NewFrame, READ_CHUNK, io};
+use super::{Frame, HEADER, MAX_MISSING, MAX_PAYLOAD, NONE, NewFrame, READ_CHUNK, io};
 use crate::store::StoreError;
 use crate::store::auditindex::{Indexer, SegmentIndex};
 use std::fs::File;
@@ -153,6 +153,7 @@ pub(super) fn scan(file: &File, first: u64, indexer: Option<&Indexer>) -> Scan {
     let mut offsets = Vec::new();
     let mut index = SegmentIndex::new();
     let mut at = 0u64;
+    let mut missing = 0u64;
     let bad = loop {
         match reader.frame_at(at) {
             Ok(None) => break None,
@@ -170,6 +171,20 @@ pub(super) fn scan(file: &File, first: u64, indexer: Option<&Indexer>) -> Scan {
                         offset: at,
                         reason: format!(
                             "entry {} where entry {expected} or later belongs",
+                            frame.position
+                        ),
+                        out_of_order: true,
+                    });
+                }
+                missing = missing.saturating_add(frame.position - expected);
+                if missing > MAX_MISSING {
+                    // Each missing position costs a slot in memory that no byte of the file
+                    // pays for: a position far ahead is damage, not a gap to pad.
+                    break Some(BadFrame {
+                        offset: at,
+                        reason: format!(
+                            "entry {} where entry {expected} belongs: more than \
+                             {MAX_MISSING} entries missing from the segment",
                             frame.position
                         ),
                         out_of_order: true,

@@ -65,6 +65,9 @@ pub const REPLAYABLE: u8 = 2;
 const HEADER: usize = 4 + 4 + 8 + 1 + 4;
 /// No entry at this position.
 const NONE: u64 = u64::MAX;
+/// The most positions one segment may lack (a gap: an entry removed, which only the tamper
+/// tests do): a scan holds an offset in memory for each, so a frame further ahead is damage.
+const MAX_MISSING: u64 = 1 << 16;
 /// A frame claiming a longer payload is torn or corrupt (audit records are a few hundred bytes).
 const MAX_PAYLOAD: usize = 1 << 20;
 /// Bytes read at a time when reading frames.
