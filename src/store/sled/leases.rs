@@ -19,8 +19,12 @@ use crate::store::commit::Change;
 
 use super::{Pending, stage_lease};
 
-/// Lease changes kept that make the writer write them to the tree.
-pub(super) const CHECKPOINT_CHANGES: usize = 256;
+/// Lease changes kept that make the writer write them to the tree. Each checkpoint is a sled
+/// batch and a flush: at 256, they were 12% of a `lease+get`'s CPU (1,024 costs 5-13% less
+/// per `lease+get`, BENCHMARKS.md). Its write holds the group's commits, which the stall
+/// watchdog refuses after a second: 8,192 changes (24,576 keys) took over that in a debug
+/// build on a loaded CI machine; 1,024 take an eighth.
+pub(super) const CHECKPOINT_CHANGES: usize = 1024;
 
 /// A lease as the groups since the checkpoint left it.
 #[derive(Clone)]

@@ -19,7 +19,7 @@
 //! entry's frame carries them, so a group of them (and of audit-only entries) is durable with
 //! step 1. The writer keeps them in memory (`leases.rs`: readers and guards look there first)
 //! and writes them to the tree at a checkpoint: with the next group that is flushed anyway,
-//! once 256 are kept, and at close, marking the position through which the tree holds every
+//! once 1,024 are kept, and at close, marking the position through which the tree holds every
 //! lease change (`mleases-through`). Such a group writes only the revision counter and the
 //! position to the tree, and is not flushed. The secrets' use is kept the same way
 //! (`activity.rs`).
