@@ -16,7 +16,8 @@
 //! where `len` counts the bytes after the CRC and the CRC covers them, the payload is the
 //! stored audit record (see `codec::encode`) and `redo`, where the flags say so, the record
 //! changes of the entry's transaction (see `SledStore`'s recovery). Positions increase along the trail; a gap is an entry that is
-//! missing (only ever made by the tamper tests). The writer appends to the last segment (the
+//! missing (only ever made by the tamper tests; more than [`MAX_MISSING`] in one segment is
+//! damage). The writer appends to the last segment (the
 //! active one) and starts a new one once it holds [`DEFAULT_SEGMENT_BYTES`]; the segment it
 //! leaves is sealed on a thread of its own (`seal_in_background`: tens of milliseconds that
 //! the commits waiting for the next append need not wait for): fsynced, with an index file

@@ -128,13 +128,19 @@ fn entries_read_back_across_segments_and_reopen() {
     assert_eq!(log.head().unwrap().unwrap().position, 204);
 }
 
-#[test]
-fn a_torn_tail_is_cut_off_at_open() {
+/// A closed trail of entries 1 to 5 in one segment, and that segment's path.
+fn five_entries() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let log = AuditLog::open(dir.path(), 1 << 20, test_indexer()).unwrap();
     append(&log, 1..6);
     drop(log);
     let path = segment_path(dir.path(), 1, "log");
+    (dir, path)
+}
+
+#[test]
+fn a_torn_tail_is_cut_off_at_open() {
+    let (dir, path) = five_entries();
     let full = std::fs::metadata(&path).unwrap().len();
     // Half a frame, as a kill in the middle of a write leaves it.
     let mut torn = Vec::new();
@@ -225,11 +231,7 @@ fn a_bad_frame_with_valid_frames_after_it_is_damage_not_a_torn_write() {
 /// position skipped (found by fuzzing `audit_files`: one frame at 2^57 ran out of memory).
 #[test]
 fn a_frame_far_ahead_of_the_next_position_is_damage_not_a_gap() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = AuditLog::open(dir.path(), 1 << 20, test_indexer()).unwrap();
-    append(&log, 1..6);
-    drop(log);
-    let path = segment_path(dir.path(), 1, "log");
+    let (dir, path) = five_entries();
     let len = std::fs::metadata(&path).unwrap().len();
     let far = |position: u64| {
         let mut bytes = Vec::new();
@@ -254,11 +256,7 @@ fn a_frame_far_ahead_of_the_next_position_is_damage_not_a_gap() {
 
 #[test]
 fn a_bad_last_frame_the_records_reflect_is_damage() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = AuditLog::open(dir.path(), 1 << 20, test_indexer()).unwrap();
-    append(&log, 1..6);
-    drop(log);
-    let path = segment_path(dir.path(), 1, "log");
+    let (dir, path) = five_entries();
     let len = std::fs::metadata(&path).unwrap().len();
     flip(&path, len - 2);
     let damage = damage_of(AuditLog::open_acknowledged(
