@@ -219,8 +219,8 @@ impl Adapter for SledAdapter {
                         || kept.len() + lease_changes.len() >= leases::CHECKPOINT_CHANGES
                         || counts.due(&counting) =>
                 {
-                    let newer = Checkpoint::of(&counts, &kept, &counting, &lease_changes);
-                    newer.stage(last.seq, &mut pending)?;
+                    let (changes, through) = (&lease_changes, last.seq);
+                    stage_checkpoint(&counts, &counting, &kept, changes, through, &mut pending)?;
                     true
                 }
                 _ => false,
@@ -296,7 +296,14 @@ impl Adapter for SledAdapter {
             && let Some(last) = self.log.last_position()?
         {
             let mut pending = Pending::new();
-            Checkpoint::of(&counts, &kept, &Counting::default(), &[]).stage(last, &mut pending)?;
+            stage_checkpoint(
+                &counts,
+                &Counting::default(),
+                &kept,
+                &[],
+                last,
+                &mut pending,
+            )?;
             self.tree.apply_batch(batch_of(pending)).map_err(engine)?;
             counts.apply(Counting::default(), true);
             kept.clear();
@@ -306,44 +313,27 @@ impl Adapter for SledAdapter {
     }
 }
 
-/// What a checkpoint writes to the tree: the counts and lease changes kept in memory, with a
-/// group's own lease changes (newer) after them, and the marks that the tree holds them.
-struct Checkpoint<'a> {
-    counts: &'a Unwritten,
-    kept: &'a Overlay,
-    counting: &'a Counting,
-    newer: &'a [&'a Change],
-}
-
-impl<'a> Checkpoint<'a> {
-    fn of(
-        counts: &'a Unwritten,
-        kept: &'a Overlay,
-        counting: &'a Counting,
-        newer: &'a [&'a Change],
-    ) -> Self {
-        Self {
-            counts,
-            kept,
-            counting,
-            newer,
-        }
+/// Stages a checkpoint, marked with the trail's entry `through`: the counts kept in memory
+/// with those the group adds (`counting`), the lease changes kept, then the group's own
+/// (`newer`), and the marks that the tree holds them.
+fn stage_checkpoint(
+    counts: &Unwritten,
+    counting: &Counting,
+    kept: &Overlay,
+    newer: &[&Change],
+    through: u64,
+    pending: &mut Pending,
+) -> Result<(), StoreError> {
+    counts.stage_checkpoint(counting, through, pending)?;
+    kept.stage(pending)?;
+    for change in newer {
+        stage_lease(change, pending)?;
     }
-
-    /// Stages it, marked with the trail's entry `through`.
-    fn stage(&self, through: u64, pending: &mut Pending) -> Result<(), StoreError> {
-        self.counts
-            .stage_checkpoint(self.counting, through, pending)?;
-        self.kept.stage(pending)?;
-        for change in self.newer {
-            stage_lease(change, pending)?;
-        }
-        pending.insert(
-            codec::LEASES_THROUGH_META.to_vec(),
-            Some(through.to_be_bytes().to_vec()),
-        );
-        Ok(())
-    }
+    pending.insert(
+        codec::LEASES_THROUGH_META.to_vec(),
+        Some(through.to_be_bytes().to_vec()),
+    );
+    Ok(())
 }
 
 impl Framed {
