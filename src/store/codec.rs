@@ -15,8 +15,8 @@ use serde::de::DeserializeOwned;
 use super::activity::DayKey;
 use super::{AuditIndex, MetaKey, StoreError};
 use crate::model::{
-    AuditRecord, EnvelopeRecord, LeaseId, LeaseRecord, Lifecycle, Revision, SecretId, SecretName,
-    SecretRecord, TenantId, Time, TokenHash,
+    AuditRecord, EnvelopeRecord, LeaseRecord, Lifecycle, Revision, SecretId, SecretName,
+    SecretRecord, TenantId, TokenHash,
 };
 
 /// Format byte of immutable records (audit entries, the anchor), and of mutable records
@@ -31,10 +31,12 @@ pub const SECRET: u8 = b's';
 pub const ENVELOPE: u8 = b'e';
 /// `l` token_hash -> LeaseRecord
 pub const LEASE: u8 = b'l';
-/// `i` lease_id -> token_hash
+/// `i` lease_id -> token_hash: stores before the leases' indexes were kept in memory
 pub const LEASE_ID: u8 = b'i';
-/// `x` expires_at token_hash -> ()
+/// `x` expires_at token_hash -> (): stores before the leases' indexes were kept in memory
 pub const LEASE_EXPIRY: u8 = b'x';
+/// The keyspaces of the lease indexes that older stores kept in the tree (removed at open).
+pub const LEGACY_LEASE_INDEX_SPACES: [u8; 2] = [LEASE_ID, LEASE_EXPIRY];
 /// `a` seq -> AuditRecord: stores before the trail had its own files, and backups
 pub const AUDIT: u8 = b'a';
 /// `m` name -> bytes
@@ -321,31 +323,6 @@ pub fn lease_key(hash: &TokenHash) -> Vec<u8> {
     k
 }
 
-pub fn lease_id_key(id: LeaseId) -> Vec<u8> {
-    let mut k = Vec::with_capacity(17);
-    k.push(LEASE_ID);
-    k.extend_from_slice(id.as_bytes());
-    k
-}
-
-/// Times as unsigned big-endian with the sign bit flipped, so byte order is time order.
-fn time_bytes(t: Time) -> [u8; 8] {
-    ((t.as_micros() as u64) ^ (1 << 63)).to_be_bytes()
-}
-
-pub fn lease_expiry_key(expires_at: Time, hash: &TokenHash) -> Vec<u8> {
-    let mut k = Vec::with_capacity(41);
-    k.push(LEASE_EXPIRY);
-    k.extend_from_slice(&time_bytes(expires_at));
-    k.extend_from_slice(&hash.0);
-    k
-}
-
-/// The token hash at the end of a lease-expiry key.
-pub fn lease_expiry_hash(key: &[u8]) -> Option<TokenHash> {
-    Some(TokenHash(key.get(9..41)?.try_into().ok()?))
-}
-
 pub fn audit_key(seq: u64) -> [u8; 9] {
     let mut k = [AUDIT; 9];
     k[1..].copy_from_slice(&seq.to_be_bytes());
@@ -403,16 +380,6 @@ pub fn meta_revision_key(key: MetaKey) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn time_keys_sort_in_time_order() {
-        let times = [i64::MIN, -5, 0, 1, 1_700_000_000_000_000, i64::MAX];
-        let keys: Vec<_> = times
-            .iter()
-            .map(|&t| time_bytes(Time::from_micros(t)))
-            .collect();
-        assert!(keys.windows(2).all(|w| w[0] < w[1]));
-    }
 
     #[test]
     fn corrupt_records_are_errors_not_panics() {

@@ -1,14 +1,22 @@
-//! The lease changes of the groups since the last checkpoint, kept in memory instead of in
-//! sled's tree.
+//! The leases in memory: the changes of the groups since the last checkpoint, kept instead
+//! of written to sled's tree, and the indexes of every lease (by id, by expiry), which the
+//! tree does not hold.
 //!
-//! A `Lease` inserts three keys into the tree and a `Get` rewrites one, and sled's inserts
-//! were the largest share of a request's CPU. Their groups are durable without the tree: each
-//! entry's frame in the trail carries its lease changes (the redo), which recovery applies
-//! again. So the writer keeps them here ([`Overlay`]; readers and guards look here first), and
-//! writes them to the tree with the next group that writes the tree anyway (one that changes
-//! other records and is flushed), once [`CHECKPOINT_CHANGES`] are kept, and at close, with
-//! the position through which the tree then holds every lease change (`mleases-through`).
-//! `open` applies again the redo of the entries after that position.
+//! A `Lease` inserted three keys into the tree (the lease, its id, its expiry) and a `Get`
+//! rewrites one, and sled's inserts were the largest share of a request's CPU. Their groups
+//! are durable without the tree: each entry's frame in the trail carries its lease changes
+//! (the redo), which recovery applies again. So the writer keeps them here ([`Overlay`];
+//! readers and guards look here first), and writes them to the tree with the next group that
+//! writes the tree anyway (one that changes other records and is flushed), once
+//! [`CHECKPOINT_CHANGES`] are kept, and at close, with the position through which the tree
+//! then holds every lease change (`mleases-through`). `open` applies again the redo of the
+//! entries after that position.
+//!
+//! The tree holds each lease under its token's hash only. Its id (for `RevokeLease`) and its
+//! expiry (for the collection of expired leases) are indexed here, for every lease: built
+//! from the tree's leases at open (after recovery), then kept by the writer. They cost about
+//! 150 bytes of memory per lease outstanding; the two index keys per lease they replace cost
+//! 13-16% of a `lease+get`'s CPU (BENCHMARKS.md).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
@@ -37,13 +45,14 @@ enum Kept {
     Deleted(LeaseRecord),
 }
 
-/// What the tree does not hold yet of the leases.
+/// What the tree does not hold of the leases.
 #[derive(Default)]
 pub(super) struct Overlay {
+    /// The lease changes since the checkpoint.
     by_hash: HashMap<[u8; 32], Kept>,
-    /// The leases issued since the checkpoint, by id.
+    /// Every lease, by id.
     by_id: HashMap<LeaseId, [u8; 32]>,
-    /// The leases issued since the checkpoint, by expiry.
+    /// Every lease, by expiry.
     expiring: BTreeSet<(Time, [u8; 32])>,
 }
 
@@ -61,12 +70,17 @@ pub(super) enum Found {
 }
 
 impl Overlay {
-    /// Keeps a lease change of a written group.
+    /// Indexes a lease the tree holds (at open).
+    pub(super) fn index(&mut self, lease: &LeaseRecord) {
+        self.by_id.insert(lease.id, lease.token_hash.0);
+        self.expiring.insert((lease.expires_at, lease.token_hash.0));
+    }
+
+    /// Keeps a lease change of a written group, and indexes it.
     pub(super) fn apply(&mut self, change: &Change) {
         match change {
             Change::NewLease(l) => {
-                self.by_id.insert(l.id, l.token_hash.0);
-                self.expiring.insert((l.expires_at, l.token_hash.0));
+                self.index(l);
                 self.by_hash.insert(l.token_hash.0, Kept::New(l.clone()));
             }
             Change::UpdateLease(l) => {
@@ -77,11 +91,11 @@ impl Overlay {
                 self.by_hash.insert(l.token_hash.0, kept);
             }
             Change::DeleteLease(l) => {
+                self.by_id.remove(&l.id);
+                self.expiring.remove(&(l.expires_at, l.token_hash.0));
                 if let Some(Kept::New(_)) = self.by_hash.get(&l.token_hash.0) {
                     // Never in the tree: nothing to delete there.
                     self.by_hash.remove(&l.token_hash.0);
-                    self.by_id.remove(&l.id);
-                    self.expiring.remove(&(l.expires_at, l.token_hash.0));
                 } else {
                     self.by_hash
                         .insert(l.token_hash.0, Kept::Deleted(l.clone()));
@@ -109,14 +123,19 @@ impl Overlay {
         self.by_hash.len()
     }
 
+    /// Leases outstanding (indexed).
+    pub(super) fn leases(&self) -> usize {
+        self.by_id.len()
+    }
+
     /// True if nothing is kept.
     pub(super) fn is_empty(&self) -> bool {
         self.by_hash.is_empty()
     }
 
-    /// Drops everything (written to the tree).
+    /// Drops the changes kept (written to the tree); the indexes stay.
     pub(super) fn clear(&mut self) {
-        *self = Overlay::default();
+        self.by_hash.clear();
     }
 
     /// The lease with this token hash.
@@ -128,20 +147,18 @@ impl Overlay {
         }
     }
 
-    /// The token hash of a lease issued since the checkpoint.
+    /// The token hash of the lease with this id.
     pub(super) fn hash_of(&self, id: LeaseId) -> Option<TokenHash> {
         self.by_id.get(&id).copied().map(TokenHash)
     }
 
-    /// The leases issued since the checkpoint that expired before `now`, by expiry.
-    pub(super) fn expired(&self, now: Time) -> Vec<LeaseRecord> {
+    /// The token hashes of at most `limit` leases that expired before `now`, by expiry.
+    pub(super) fn expired(&self, now: Time, limit: usize) -> Vec<TokenHash> {
         self.expiring
             .iter()
             .take_while(|(at, _)| *at < now)
-            .filter_map(|(_, hash)| match self.by_hash.get(hash) {
-                Some(Kept::New(l)) => Some(l.clone()),
-                _ => None,
-            })
+            .take(limit)
+            .map(|(_, hash)| TokenHash(*hash))
             .collect()
     }
 }

@@ -27,16 +27,21 @@ pub(super) fn plain_frame(position: u64, payload: &[u8]) -> NewFrame<'_> {
     }
 }
 
-/// Deletes the audit index keys that stores kept in the tree before the trail had its own
-/// indexes (per-entry keys, then posting blocks): the trail's indexes are built from its
-/// entries.
-pub(super) fn remove_index_keys(db: &sled::Db, tree: &sled::Tree) -> Result<(), StoreError> {
+/// Deletes every key of the keyspaces `spaces`, which earlier versions kept in the tree and
+/// this one derives (the audit indexes, built from the trail's entries; the leases' id and
+/// expiry indexes, kept in memory), logging `what` if there were any.
+pub(super) fn remove_keyspaces(
+    db: &sled::Db,
+    tree: &sled::Tree,
+    spaces: &[u8],
+    what: &str,
+) -> Result<(), StoreError> {
     let mut removed = 0u64;
-    for space in codec::LEGACY_INDEX_SPACES {
+    for space in spaces {
         loop {
             let mut batch = sled::Batch::default();
             let mut n = 0;
-            for entry in tree.scan_prefix([space]).take(10_000) {
+            for entry in tree.scan_prefix([*space]).take(10_000) {
                 batch.remove(entry.map_err(engine)?.0);
                 n += 1;
             }
@@ -49,10 +54,7 @@ pub(super) fn remove_index_keys(db: &sled::Db, tree: &sled::Tree) -> Result<(), 
     }
     if removed > 0 {
         db.flush().map_err(engine)?;
-        tracing::info!(
-            keys = removed,
-            "removed audit index keys the trail's own indexes replace"
-        );
+        tracing::info!(keys = removed, "{what}");
     }
     Ok(())
 }

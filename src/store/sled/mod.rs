@@ -21,8 +21,9 @@
 //! and writes them to the tree at a checkpoint: with the next group that is flushed anyway,
 //! once 1,024 are kept, and at close, marking the position through which the tree holds every
 //! lease change (`mleases-through`). Such a group writes only the revision counter and the
-//! position to the tree, and is not flushed. The secrets' use is kept the same way
-//! (`activity.rs`).
+//! position to the tree, and is not flushed. The tree holds a lease under its token's hash
+//! only; `leases.rs` keeps every lease's id and expiry in memory. The secrets' use is kept
+//! the same way as lease changes (`activity.rs`).
 //!
 //! After a crash, the trail may hold entries of a group whose records sled lost (step 1 done,
 //! step 2 or 3 not): none of them was answered. `open` keeps the audit-only entries after the
@@ -65,7 +66,7 @@ mod migrations;
 mod recovery;
 mod writer;
 
-use self::migrations::{migrate_legacy_entries, remove_index_keys};
+use self::migrations::{migrate_legacy_entries, remove_keyspaces};
 use self::recovery::{
     anchor, applied_position, check_trail_start, count_usage, expected_first, meta_revision,
     meta_value, recover_trail, stored_revision,
@@ -172,7 +173,18 @@ impl SledStore {
         )?);
         let trail_opened = started.elapsed();
         migrate_legacy_entries(&db, &tree, &log)?;
-        remove_index_keys(&db, &tree)?;
+        remove_keyspaces(
+            &db,
+            &tree,
+            &codec::LEGACY_INDEX_SPACES,
+            "removed audit index keys the trail's own indexes replace",
+        )?;
+        remove_keyspaces(
+            &db,
+            &tree,
+            &codec::LEGACY_LEASE_INDEX_SPACES,
+            "removed lease index keys the indexes in memory replace",
+        )?;
         let anchor = anchor(&tree)?;
         check_trail_start(&log, anchor.as_ref())?;
         let applied = applied_position(&tree)?;
@@ -201,15 +213,17 @@ impl SledStore {
         position.next_seq = position.next_seq.max(log.next_position()?);
         let writes = Arc::new(AtomicU64::new(0));
         let counting = std::time::Instant::now();
-        let counted = count_usage(&tree)?;
+        let mut indexed = leases::Overlay::default();
+        let counted = count_usage(&tree, &mut indexed)?;
         tracing::info!(
             tenants = counted.len().saturating_sub(1),
+            leases = indexed.leases(),
             ms = counting.elapsed().as_millis() as u64,
-            "tenant usage counted"
+            "tenant usage counted, leases indexed"
         );
         let usage: SharedUsage = Arc::new(std::sync::Mutex::new(counted));
         let unwritten = activity::SharedUnwritten::default();
-        let leases = leases::SharedOverlay::default();
+        let leases = Arc::new(std::sync::RwLock::new(indexed));
         let adapter = SledAdapter {
             db: db.clone(),
             tree: tree.clone(),
@@ -546,18 +560,11 @@ impl Store for SledStore {
     }
 
     async fn lease_by_id(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
-        if let Some(hash) = leases::read(&self.leases).hash_of(id) {
-            return self.lease(&hash);
+        let hash = leases::read(&self.leases).hash_of(id);
+        match hash {
+            Some(hash) => self.lease(&hash),
+            None => Ok(None),
         }
-        let key = codec::lease_id_key(id);
-        let Some(hash) = self.tree.get(&key).map_err(engine)? else {
-            return Ok(None);
-        };
-        let hash: [u8; 32] = hash.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-            key: codec::describe_key(&key),
-            reason: "index entry is not a token hash".into(),
-        })?;
-        self.lease(&TokenHash(hash))
     }
 
     async fn redemption(&self, token_hash: &TokenHash) -> Result<Option<Redemption>, StoreError> {
@@ -593,20 +600,10 @@ impl Store for SledStore {
         now: Time,
         limit: usize,
     ) -> Result<Vec<LeaseRecord>, StoreError> {
-        let start = vec![codec::LEASE_EXPIRY];
-        let end = codec::lease_expiry_key(now, &TokenHash([0; 32]));
-        // Those issued since the checkpoint, then those in the tree (as changed since).
-        let mut out = leases::read(&self.leases).expired(now);
-        out.truncate(limit);
-        for entry in self.tree.range(start..end) {
-            if out.len() >= limit {
-                break;
-            }
-            let (key, _) = entry.map_err(engine)?;
-            let hash = codec::lease_expiry_hash(&key).ok_or_else(|| StoreError::Corrupt {
-                key: codec::describe_key(&key),
-                reason: "malformed expiry index key".into(),
-            })?;
+        let expired = leases::read(&self.leases).expired(now, limit);
+        let mut out = Vec::with_capacity(expired.len());
+        for hash in expired {
+            // Deleted meanwhile: not expired any more.
             if let Some(lease) = self.lease(&hash)? {
                 out.push(lease);
             }
@@ -1085,6 +1082,95 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(stored.rev > new.rev, "{:?}", stored.rev);
+        store.close().await.unwrap();
+    }
+
+    fn distinct_hash(i: usize) -> [u8; 32] {
+        let mut hash = [0xa5; 32];
+        hash[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        hash
+    }
+
+    /// The leases' id and expiry indexes are in memory, for every lease: those the last
+    /// checkpoint wrote to the tree as well as those kept since, and after reopening. Index
+    /// keys that older stores kept in the tree are removed at open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leases_are_indexed_across_checkpoints_reopening_and_older_stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.start_audit_chain(chain_key()).await.unwrap();
+        // More than a checkpoint's worth, expiring in turn: the first ones are in the tree.
+        let count = leases::CHECKPOINT_CHANGES + 100;
+        let issued: Vec<LeaseRecord> = (0..count)
+            .map(|i| LeaseRecord {
+                token_hash: TokenHash(distinct_hash(i)),
+                expires_at: Time::from_micros(1_000 + i as i64),
+                ..lease_record(0, 0)
+            })
+            .collect();
+        for lease in &issued {
+            store
+                .commit(Transaction {
+                    writes: vec![super::super::Write::PutLease(lease.clone())],
+                    audit: Some(get_draft(0)),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        assert!(leases::read(&store.leases).len() < count, "no checkpoint");
+        let gone = store
+            .lease_by_token(&issued[1].token_hash)
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .commit(Transaction {
+                writes: vec![super::super::Write::DeleteLease(gone)],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        async fn check(store: &SledStore, issued: &[LeaseRecord]) {
+            for i in [0, 2, issued.len() - 1] {
+                let found = store.lease_by_id(issued[i].id).await.unwrap();
+                assert_eq!(found.map(|l| l.token_hash), Some(issued[i].token_hash));
+            }
+            assert_eq!(store.lease_by_id(issued[1].id).await.unwrap(), None);
+            let expired = |micros, limit| store.expired_leases(Time::from_micros(micros), limit);
+            let hashes = |leases: Vec<LeaseRecord>| -> Vec<TokenHash> {
+                leases.into_iter().map(|l| l.token_hash).collect()
+            };
+            assert_eq!(
+                hashes(expired(1_003, 10).await.unwrap()),
+                [issued[0].token_hash, issued[2].token_hash]
+            );
+            let all = expired(i64::MAX, usize::MAX).await.unwrap();
+            assert_eq!(all.len(), issued.len() - 1);
+            assert_eq!(all[0].token_hash, issued[0].token_hash);
+            assert_eq!(
+                all[all.len() - 1].token_hash,
+                issued[issued.len() - 1].token_hash
+            );
+            assert!(all.windows(2).all(|w| w[0].expires_at < w[1].expires_at));
+        }
+        check(&store, &issued).await;
+        // An older store's index keys (an id's and an expiry's) beside the leases.
+        let first = &issued[0];
+        let mut id_key = vec![codec::LEASE_ID];
+        id_key.extend_from_slice(first.id.as_bytes());
+        let mut expiry_key = vec![codec::LEASE_EXPIRY];
+        expiry_key.extend_from_slice(&[0x80, 0, 0, 0, 0, 0, 0x03, 0xe8]);
+        expiry_key.extend_from_slice(&first.token_hash.0);
+        store.tree.insert(id_key, &first.token_hash.0).unwrap();
+        store.tree.insert(expiry_key, vec![]).unwrap();
+        store.close().await.unwrap();
+        drop(store);
+        let store = SledStore::open(dir.path()).unwrap();
+        for space in codec::LEGACY_LEASE_INDEX_SPACES {
+            assert!(store.tree.scan_prefix([space]).next().is_none());
+        }
+        check(&store, &issued).await;
         store.close().await.unwrap();
     }
 

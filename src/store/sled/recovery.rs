@@ -9,6 +9,7 @@ use crate::store::commit::Change;
 use crate::store::usage::{Tally, Usage, UsageKey};
 use crate::store::{MetaKey, StoreError, TrailDamage};
 
+use super::leases::Overlay;
 use super::{Pending, batch_of, engine, stage_lease};
 
 /// [`LeaseRedoRef`] read back (the same encoding).
@@ -201,9 +202,11 @@ pub(super) fn recover_trail(
 }
 
 /// The usage the tree's records hold (sled keeps it in memory: counted here when the store
-/// opens, after recovery, then kept by the writer).
+/// opens, after recovery, then kept by the writer), indexing each lease in `leases` on the
+/// way (`leases.rs`).
 pub(super) fn count_usage(
     tree: &sled::Tree,
+    leases: &mut Overlay,
 ) -> Result<std::collections::HashMap<UsageKey, Usage>, StoreError> {
     let mut tally = Tally::default();
     for entry in tree.scan_prefix([codec::ENVELOPE]) {
@@ -212,7 +215,9 @@ pub(super) fn count_usage(
     }
     for entry in tree.scan_prefix([codec::LEASE]) {
         let (key, value) = entry.map_err(engine)?;
-        tally.lease(&codec::decode_record::<LeaseRecord>(&key, &value)?);
+        let lease = codec::decode_record::<LeaseRecord>(&key, &value)?;
+        tally.lease(&lease);
+        leases.index(&lease);
     }
     Ok(tally.finish())
 }

@@ -61,19 +61,8 @@ pub(super) fn lease_redo(changes: &[Change]) -> Option<Vec<u8>> {
 /// Stages a lease change (see `stage`).
 pub(super) fn stage_lease(change: &Change, pending: &mut Pending) -> Result<(), StoreError> {
     match change {
-        Change::NewLease(l) => {
-            // A lease's expiry never changes, so its expiry index key is stable.
-            pending.insert(
-                codec::lease_key(&l.token_hash),
-                Some(codec::encode_record(l)?),
-            );
-            pending.insert(codec::lease_id_key(l.id), Some(l.token_hash.0.to_vec()));
-            pending.insert(
-                codec::lease_expiry_key(l.expires_at, &l.token_hash),
-                Some(Vec::new()),
-            );
-        }
-        Change::UpdateLease(l) => {
+        // The lease only: its id and expiry are indexed in memory (`leases.rs`).
+        Change::NewLease(l) | Change::UpdateLease(l) => {
             pending.insert(
                 codec::lease_key(&l.token_hash),
                 Some(codec::encode_record(l)?),
@@ -81,8 +70,6 @@ pub(super) fn stage_lease(change: &Change, pending: &mut Pending) -> Result<(), 
         }
         Change::DeleteLease(l) => {
             pending.insert(codec::lease_key(&l.token_hash), None);
-            pending.insert(codec::lease_id_key(l.id), None);
-            pending.insert(codec::lease_expiry_key(l.expires_at, &l.token_hash), None);
         }
         _ => {}
     }
@@ -256,12 +243,11 @@ impl Adapter for SledAdapter {
         };
         if written.is_ok() {
             let mut kept = leases::write(&self.leases);
+            for change in &lease_changes {
+                kept.apply(change);
+            }
             if checkpoint {
                 kept.clear();
-            } else {
-                for change in &lease_changes {
-                    kept.apply(change);
-                }
             }
         }
         self.writes.fetch_add(1, Ordering::AcqRel);
