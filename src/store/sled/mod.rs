@@ -61,6 +61,7 @@ use crate::model::{
 };
 
 mod activity;
+mod cache;
 mod leases;
 mod migrations;
 mod recovery;
@@ -89,6 +90,8 @@ pub struct SledStore {
     unwritten: activity::SharedUnwritten,
     /// The lease changes not yet written to the tree (see `leases.rs`).
     leases: leases::SharedOverlay,
+    /// Secrets and envelopes as read (see `cache.rs`).
+    cache: cache::SharedCache,
 }
 
 /// The usage of the records, counted at open and kept by the writer as groups are written.
@@ -224,6 +227,7 @@ impl SledStore {
         let usage: SharedUsage = Arc::new(std::sync::Mutex::new(counted));
         let unwritten = activity::SharedUnwritten::default();
         let leases = Arc::new(std::sync::RwLock::new(indexed));
+        let cache = cache::SharedCache::default();
         let adapter = SledAdapter {
             db: db.clone(),
             tree: tree.clone(),
@@ -232,6 +236,7 @@ impl SledStore {
             usage: usage.clone(),
             unwritten: unwritten.clone(),
             leases: leases.clone(),
+            cache: cache.clone(),
         };
         let store = Self {
             tree,
@@ -243,6 +248,7 @@ impl SledStore {
             usage,
             unwritten,
             leases,
+            cache,
         };
         store.start_scrub();
         Ok(store)
@@ -357,7 +363,7 @@ impl SledStore {
     }
 
     fn get<T: codec::Revisioned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
-        match self.tree.get(key).map_err(engine)? {
+        match self.cache.read(&self.tree, &self.writes, key)? {
             Some(bytes) => codec::decode_record(key, &bytes).map(Some),
             None => Ok(None),
         }
@@ -374,6 +380,7 @@ impl SledStore {
         self.tree
             .insert(codec::secret_key(tenant, name), bytes)
             .map_err(engine)?;
+        self.cache.clear();
         self.tree.flush().map(drop).map_err(engine)
     }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::activity::{Counting, SharedUnwritten, Unwritten, unwritten};
+use super::cache::SharedCache;
 use super::leases::{self, Found, Overlay, SharedOverlay};
 use super::{anchor, decode_frame, engine, meta_revision, meta_value};
 
@@ -91,6 +92,8 @@ pub(super) struct SledAdapter {
     pub(super) unwritten: SharedUnwritten,
     /// The lease changes the tree does not hold yet (see `leases.rs`).
     pub(super) leases: SharedOverlay,
+    /// Secrets and envelopes as read (see `cache.rs`): forgotten as the tree changes.
+    pub(super) cache: SharedCache,
 }
 
 /// An audit entry's frame parts: its stored bytes, its index keys and its redo (lease
@@ -127,7 +130,7 @@ impl Adapter for SledAdapter {
                 return Ok(meta_value(&self.tree, *meta)?.map(|(revision, _)| revision));
             }
         };
-        match self.tree.get(&stored_key).map_err(engine)? {
+        match self.cache.read(&self.tree, &self.writes, &stored_key)? {
             Some(bytes) => codec::stored_revision(&stored_key, &bytes).map(Some),
             None => Ok(None),
         }
@@ -236,7 +239,9 @@ impl Adapter for SledAdapter {
         let written = if needs_flush {
             pending.extend(revision);
             pending.extend(applied);
-            self.write_batch(pending)
+            let written = self.write_batch(&pending);
+            self.cache.forget(pending.keys().map(Vec::as_slice));
+            written
         } else {
             // The revision counter first, the position last (see `write_in_order`).
             self.write_in_order(revision.into_iter().chain(applied))
@@ -421,8 +426,15 @@ impl SledAdapter {
     }
 
     /// Applies the group's changes to the tree as one atomic batch.
-    fn write_batch(&mut self, pending: Pending) -> Result<(), StoreError> {
-        self.tree.apply_batch(batch_of(pending)).map_err(engine)
+    fn write_batch(&mut self, pending: &Pending) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in pending {
+            match value {
+                Some(v) => batch.insert(key.as_slice(), v.as_slice()),
+                None => batch.remove(key.as_slice()),
+            }
+        }
+        self.tree.apply_batch(batch).map_err(engine)
     }
 
     /// Writes a group that changed no record the trail cannot replay (its lease changes are
