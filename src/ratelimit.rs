@@ -55,9 +55,25 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         })
     }
 
-    /// True if `key`'s bucket has a token, without taking it.
+    /// True if `key`'s bucket has a token, without taking it. Looking makes no bucket: a key
+    /// without one has its whole burst (at least 1, as configuration requires).
     pub fn has_token(&self, key: &K, limit: RateLimit) -> bool {
-        self.with(key, limit, |bucket| bucket.tokens >= 1.0)
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        match buckets.get_mut(key) {
+            Some(bucket) => {
+                bucket.refill(limit, Instant::now());
+                bucket.tokens >= 1.0
+            }
+            None => limit.burst >= 1,
+        }
+    }
+
+    /// True if no key has a bucket (nothing was taken since the idle ones were forgotten).
+    pub fn is_empty(&self) -> bool {
+        self.buckets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 
     fn with<T>(&self, key: &K, limit: RateLimit, f: impl FnOnce(&mut Bucket) -> T) -> T {
@@ -107,7 +123,9 @@ mod tests {
         };
         let b = Buckets::default();
         assert!((0..10).all(|_| b.has_token(&1, limit)));
+        assert!(b.is_empty(), "looking makes no bucket");
         assert!(b.take(&1, limit));
+        assert!(!b.is_empty());
         assert!(!b.has_token(&1, limit));
     }
 }

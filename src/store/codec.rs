@@ -331,38 +331,47 @@ pub fn audit_key(seq: u64) -> [u8; 9] {
 
 /// The key of one index value in the trail's indexes.
 pub fn audit_index_prefix(index: &AuditIndex) -> Vec<u8> {
-    let (space, parts): (u8, Vec<&str>) = match index {
-        AuditIndex::Secret(t, n) => (AUDIT_BY_SECRET, vec![t.as_str(), n.as_str()]),
-        AuditIndex::Tenant(t) => (AUDIT_BY_TENANT, vec![t.as_str()]),
-        AuditIndex::Principal(p) => (AUDIT_BY_PRINCIPAL, vec![p.as_str()]),
-        AuditIndex::PeerHost(h) => (AUDIT_BY_PEER, vec![h.as_str()]),
-    };
-    let mut k = vec![space];
+    match index {
+        AuditIndex::Secret(t, n) => index_key(AUDIT_BY_SECRET, &[t.as_str(), n.as_str()]),
+        AuditIndex::Tenant(t) => index_key(AUDIT_BY_TENANT, &[t.as_str()]),
+        AuditIndex::Principal(p) => index_key(AUDIT_BY_PRINCIPAL, &[p.as_str()]),
+        AuditIndex::PeerHost(h) => index_key(AUDIT_BY_PEER, &[h.as_str()]),
+    }
+}
+
+/// The keyspace byte, then each part followed by 0x00 (names, ids and peer addresses never
+/// contain it).
+fn index_key(space: u8, parts: &[&str]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
+    k.push(space);
     for part in parts {
-        // Names, ids and peer addresses never contain 0x00.
         k.extend_from_slice(part.as_bytes());
         k.push(0);
     }
     k
 }
 
-/// The index prefixes (see [`audit_index_prefix`]) an audit record belongs to.
+/// The index prefixes (see [`audit_index_prefix`]) an audit record belongs to, built from
+/// its fields as they are (a writer builds them for every entry).
 pub fn audit_index_prefixes(record: &AuditRecord) -> Vec<Vec<u8>> {
     let e = &record.entry;
-    let mut indexes = Vec::with_capacity(4);
+    let mut keys = Vec::with_capacity(4);
     if let Some(tenant) = &e.tenant {
         if let Some(name) = &e.name {
-            indexes.push(AuditIndex::Secret(tenant.clone(), name.clone()));
+            keys.push(index_key(
+                AUDIT_BY_SECRET,
+                &[tenant.as_str(), name.as_str()],
+            ));
         }
-        indexes.push(AuditIndex::Tenant(tenant.clone()));
+        keys.push(index_key(AUDIT_BY_TENANT, &[tenant.as_str()]));
     }
     if let Some(p) = &e.principal {
-        indexes.push(AuditIndex::Principal(p.clone()));
+        keys.push(index_key(AUDIT_BY_PRINCIPAL, &[p.as_str()]));
     }
     if let Some(peer) = &e.peer {
-        indexes.push(AuditIndex::PeerHost(crate::model::peer_host(peer)));
+        keys.push(index_key(AUDIT_BY_PEER, &[&crate::model::peer_host(peer)]));
     }
-    indexes.iter().map(audit_index_prefix).collect()
+    keys
 }
 
 pub fn meta_key(key: MetaKey) -> Vec<u8> {

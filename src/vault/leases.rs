@@ -125,12 +125,13 @@ impl Vault {
                 audit.lease(&read.lease);
             }
             let limit = self.limits.failed_get_rate_limit;
-            let keys = caller.failure_keys();
             // A peer or principal that keeps presenting bad tokens is refused before its next
-            // guess is looked at.
-            if !keys
-                .iter()
-                .all(|k| self.failure_buckets.has_token(k, limit))
+            // guess is looked at. Only one that failed has a bucket to look at.
+            if !self.failure_buckets.is_empty()
+                && !caller
+                    .failure_keys()
+                    .iter()
+                    .all(|k| self.failure_buckets.has_token(k, limit))
             {
                 return Err(VaultError::TooManyFailures);
             }
@@ -138,7 +139,7 @@ impl Vault {
             if let Err(VaultError::Lease(_)) = &result {
                 self.failed_gets
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                for key in &keys {
+                for key in &caller.failure_keys() {
                     self.failure_buckets.take(key, limit);
                 }
             }
