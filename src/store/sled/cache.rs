@@ -8,7 +8,8 @@
 //! read and has not moved by the time it holds the cache's lock: no group wrote the tree in
 //! between, and any group that starts after will forget the key (it takes the same lock).
 //! Only records that exist are kept (a miss is not), at most [`CACHED_RECORDS`]; when full,
-//! the cache starts again empty.
+//! the cache starts again empty. It holds what the tree holds: an envelope's ciphertext and
+//! wrapped data key, never anything decrypted.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
