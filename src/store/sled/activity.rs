@@ -189,7 +189,7 @@ pub(super) fn catch_up(db: &sled::Db, tree: &sled::Tree, log: &AuditLog) -> Resu
     let mut pending = Pending::new();
     let counted = rows.entries;
     rows.stage_checkpoint(&Counting::default(), last, &mut pending)?;
-    tree.apply_batch(batch_of(pending)).map_err(engine)?;
+    tree.apply_batch(batch_of(&pending)).map_err(engine)?;
     db.flush().map_err(engine)?;
     if counted > 0 {
         tracing::info!(

@@ -347,7 +347,7 @@ impl SledStore {
                 codec::REVISION_META.to_vec(),
                 Some(revision.0.to_be_bytes().to_vec()),
             );
-            tree.apply_batch(batch_of(pending)).map_err(engine)?;
+            tree.apply_batch(batch_of(&pending)).map_err(engine)?;
             db.flush().map_err(engine)?;
         }
         AuditLog::cut_before(&dir.join(AUDIT_DIR), plan.damage.first_lost, quarantine)
@@ -410,7 +410,7 @@ impl SledStore {
             codec::LEASES_THROUGH_META.to_vec(),
             Some(mark.to_be_bytes().to_vec()),
         );
-        tree.apply_batch(batch_of(pending)).map_err(engine)?;
+        tree.apply_batch(batch_of(&pending)).map_err(engine)?;
         db.flush().map(drop).map_err(engine)
     }
 
@@ -433,7 +433,7 @@ impl SledStore {
             codec::ACTIVITY_THROUGH_META.to_vec(),
             mark.map(|m| m.to_be_bytes().to_vec()),
         );
-        tree.apply_batch(batch_of(pending)).map_err(engine)?;
+        tree.apply_batch(batch_of(&pending)).map_err(engine)?;
         db.flush().map(drop).map_err(engine)
     }
 

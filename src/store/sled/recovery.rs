@@ -189,7 +189,7 @@ pub(super) fn recover_trail(
         ] {
             staged.insert(key.to_vec(), Some(position.to_be_bytes().to_vec()));
         }
-        tree.apply_batch(batch_of(staged)).map_err(engine)?;
+        tree.apply_batch(batch_of(&staged)).map_err(engine)?;
         db.flush().map_err(engine)?;
         if replayed > 0 {
             tracing::info!(

@@ -295,7 +295,7 @@ impl Adapter for SledAdapter {
                 last,
                 &mut pending,
             )?;
-            self.tree.apply_batch(batch_of(pending)).map_err(engine)?;
+            self.tree.apply_batch(batch_of(&pending)).map_err(engine)?;
             counts.apply(Counting::default(), true);
             kept.clear();
         }
@@ -347,12 +347,12 @@ impl Framed {
 }
 
 /// Staged changes as one sled batch.
-pub(super) fn batch_of(pending: Pending) -> sled::Batch {
+pub(super) fn batch_of(pending: &Pending) -> sled::Batch {
     let mut batch = sled::Batch::default();
     for (key, value) in pending {
         match value {
-            Some(v) => batch.insert(key, v),
-            None => batch.remove(key),
+            Some(v) => batch.insert(key.as_slice(), v.as_slice()),
+            None => batch.remove(key.as_slice()),
         }
     }
     batch
@@ -427,14 +427,7 @@ impl SledAdapter {
 
     /// Applies the group's changes to the tree as one atomic batch.
     fn write_batch(&mut self, pending: &Pending) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for (key, value) in pending {
-            match value {
-                Some(v) => batch.insert(key.as_slice(), v.as_slice()),
-                None => batch.remove(key.as_slice()),
-            }
-        }
-        self.tree.apply_batch(batch).map_err(engine)
+        self.tree.apply_batch(batch_of(pending)).map_err(engine)
     }
 
     /// Writes a group that changed no record the trail cannot replay (its lease changes are
