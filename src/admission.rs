@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -56,8 +56,8 @@ pub const MAX_SCRAPES: usize = 4;
 pub struct Admitted {
     /// The authenticated principal, or why the caller is not one.
     pub principal: Result<Principal, AuthError>,
-    /// The peer's address.
-    pub peer: Option<SocketAddr>,
+    /// The peer's address, as text.
+    pub peer: Option<Arc<str>>,
     /// When the request arrived (its deadline counts from then).
     pub arrived: std::time::Instant,
 }
@@ -395,7 +395,7 @@ impl Admission {
         };
         parts.extensions.insert(Admitted {
             principal,
-            peer: connection.peer,
+            peer: connection.peer_text.clone(),
             arrived,
         });
         Ok(Admit {

@@ -113,6 +113,8 @@ impl ConnState {
 pub struct Connection {
     /// The peer's address.
     pub peer: Option<SocketAddr>,
+    /// The peer's address as text (as the audit trail records it).
+    pub peer_text: Option<Arc<str>>,
     /// The identities in the client certificate (mutual TLS).
     pub certs: Vec<CertIdentity>,
     state: Option<Arc<ConnState>>,
@@ -126,6 +128,7 @@ impl Connection {
             let info = tls.get_ref();
             return Connection {
                 peer: Some(info.remote),
+                peer_text: Some(info.remote_text.clone()),
                 certs: tls
                     .peer_certs()
                     .map(|certs| cert_identities(&certs))
@@ -136,11 +139,13 @@ impl Connection {
         match extensions.get::<ConnInfo>() {
             Some(info) => Connection {
                 peer: Some(info.remote),
+                peer_text: Some(info.remote_text.clone()),
                 certs: Vec::new(),
                 state: Some(info.state.clone()),
             },
             None => Connection {
                 peer: None,
+                peer_text: None,
                 certs: Vec::new(),
                 state: None,
             },
@@ -357,6 +362,8 @@ impl http_body::Body for Tracked {
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     remote: SocketAddr,
+    /// `remote` as text, written once for the connection's requests.
+    remote_text: Arc<str>,
     state: Arc<ConnState>,
 }
 
@@ -365,6 +372,7 @@ pub struct ConnInfo {
 pub struct Guarded {
     stream: TcpStream,
     remote: SocketAddr,
+    remote_text: Arc<str>,
     state: Arc<ConnState>,
     timeouts: ConnTimeouts,
     opened: Instant,
@@ -394,6 +402,7 @@ impl Guarded {
     pub fn info(&self) -> ConnInfo {
         ConnInfo {
             remote: self.remote,
+            remote_text: self.remote_text.clone(),
             state: self.state.clone(),
         }
     }
@@ -658,6 +667,7 @@ impl Stream for Incoming {
             return Poll::Ready(Some(Ok(Guarded {
                 stream,
                 remote,
+                remote_text: remote.to_string().into(),
                 state: ConnState::new(),
                 timeouts: this.timeouts,
                 opened,

@@ -67,7 +67,7 @@ impl VaultService {
             let deadline = deadline(admitted.arrived);
             return self
                 .vault
-                .caller_authenticated(admitted.principal, admitted.peer.map(|a| a.to_string()))
+                .caller_authenticated(admitted.principal, admitted.peer)
                 .with_deadline(deadline);
         }
         let authorization = request
@@ -75,7 +75,7 @@ impl VaultService {
             .get("authorization")
             // Present but not text: pass something that fails as malformed, not as missing.
             .map(|v| v.to_str().unwrap_or(""));
-        let peer = request.remote_addr().map(|a| a.to_string());
+        let peer = request.remote_addr().map(|a| a.to_string().into());
         self.vault
             .caller(authorization, &[], peer)
             .with_deadline(deadline(Instant::now()))

@@ -38,7 +38,6 @@
 //!
 //! [`Store::failed_for_good`]: super::Store::failed_for_good
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -302,8 +301,8 @@ type Reply = oneshot::Sender<Result<Committed, StoreError>>;
 
 /// What a group's start read: its guards' stored revisions and its charges' stored usage.
 type GroupReads = (
-    HashMap<RecordKey, Option<Revision>>,
-    HashMap<UsageKey, Usage>,
+    foldhash::HashMap<RecordKey, Option<Revision>>,
+    foldhash::HashMap<UsageKey, Usage>,
 );
 
 /// Work run on the writer thread between groups, with the adapter.
@@ -433,9 +432,9 @@ struct Waiting {
 #[derive(Default)]
 struct Overlay {
     /// What the group's transactions so far wrote.
-    written: HashMap<RecordKey, Option<Revision>>,
+    written: foldhash::HashMap<RecordKey, Option<Revision>>,
     /// The stored revisions read at the group's start.
-    stored: HashMap<RecordKey, Option<Revision>>,
+    stored: foldhash::HashMap<RecordKey, Option<Revision>>,
 }
 
 /// State owned by the writer thread.
@@ -551,8 +550,9 @@ impl<A: Adapter> Writer<A> {
                 let result = w.result.map(|at| {
                     let record = audits[at].take();
                     let audit_seq = record.as_ref().map(|r| r.seq);
-                    if let Some(record) = record {
-                        // No subscriber is fine; a lagging one is told so by the channel.
+                    // No subscriber is fine (then there is nothing to share: the record is
+                    // dropped here); a lagging one is told so by the channel.
+                    if let Some(record) = record.filter(|_| self.status.feed.receiver_count() > 0) {
                         let _ = self.status.feed.send(Arc::new(record));
                     }
                     Committed { audit_seq }
@@ -698,7 +698,7 @@ impl<A: Adapter> Writer<A> {
         let keys: Vec<RecordKey> = commits
             .iter()
             .flat_map(|(tx, _)| tx.guards.iter().map(|g| g.key.clone()))
-            .collect::<std::collections::HashSet<_>>()
+            .collect::<foldhash::HashSet<_>>()
             .into_iter()
             .collect();
         let charged = Ledger::keys(commits.iter().flat_map(|(tx, _)| &tx.charges));

@@ -151,9 +151,9 @@ pub enum OverQuota {
 #[derive(Debug, Default)]
 pub struct Ledger {
     /// Read from the engine at the group's start.
-    pub stored: HashMap<UsageKey, Usage>,
+    pub stored: foldhash::HashMap<UsageKey, Usage>,
     /// As the group's transactions so far left it.
-    written: HashMap<UsageKey, Usage>,
+    written: foldhash::HashMap<UsageKey, Usage>,
 }
 
 impl Ledger {
@@ -162,7 +162,7 @@ impl Ledger {
         let mut keys: Vec<UsageKey> = charges
             .into_iter()
             .map(|c| UsageKey::Tenant(c.tenant.clone()))
-            .collect::<HashSet<_>>()
+            .collect::<foldhash::HashSet<_>>()
             .into_iter()
             .collect();
         if !keys.is_empty() {

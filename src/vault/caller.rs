@@ -10,7 +10,7 @@ use super::VaultError;
 /// kept, not raised, so that the operation can audit them.
 pub struct Caller {
     pub(super) principal: Result<Principal, AuthError>,
-    pub(super) peer: Option<String>,
+    pub(super) peer: Option<std::sync::Arc<str>>,
     /// The principal has used up its request rate.
     pub(super) rate_limited: bool,
     /// Parts of the request's target that were not valid: a failure's audit entry says so
@@ -83,7 +83,7 @@ impl Caller {
         AuditDraft::new(
             action,
             self.principal.as_ref().ok().map(|p| p.id.clone()),
-            self.peer.clone(),
+            self.peer.as_deref().map(str::to_owned),
         )
     }
 }

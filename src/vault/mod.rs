@@ -279,7 +279,7 @@ impl Vault {
         &self,
         authorization: Option<&str>,
         cert: &[CertIdentity],
-        peer: Option<String>,
+        peer: Option<Arc<str>>,
     ) -> Caller {
         let principal = self.principals.authenticate(authorization, cert).cloned();
         self.caller_authenticated(principal, peer)
@@ -290,7 +290,7 @@ impl Vault {
     pub fn caller_authenticated(
         &self,
         principal: Result<Principal, AuthError>,
-        peer: Option<String>,
+        peer: Option<Arc<str>>,
     ) -> Caller {
         let rate_limited = match &principal {
             Ok(p) => !self.request_rate.take(
