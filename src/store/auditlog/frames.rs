@@ -134,7 +134,8 @@ pub(super) struct Scan {
     pub(super) valid: u64,
     /// The segment's index (when asked for).
     pub(super) index: SegmentIndex,
-    /// Where the valid prefix ends short of the end of the file, and why.
+    /// Where the valid prefix ends short of the end of the file (but for zeros to the end:
+    /// space set aside), and why.
     pub(super) bad: Option<BadFrame>,
 }
 
@@ -157,6 +158,8 @@ pub(super) fn scan(file: &File, first: u64, indexer: Option<&Indexer>) -> Scan {
     let bad = loop {
         match reader.frame_at(at) {
             Ok(None) => break None,
+            // Zeros from here to the end: space the writer set aside, not yet written.
+            Err(_) if zeros_to_end(file, at) => break None,
             Err(reason) => {
                 break Some(BadFrame {
                     offset: at,
@@ -206,6 +209,21 @@ pub(super) fn scan(file: &File, first: u64, indexer: Option<&Indexer>) -> Scan {
         valid: at,
         index,
         bad,
+    }
+}
+
+/// Whether every byte of `file` from `offset` to its end is zero (the space the writer sets
+/// aside ahead of its appends, see `AuditLog::append`). False if it cannot be read.
+pub(super) fn zeros_to_end(file: &File, offset: u64) -> bool {
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut at = offset;
+    loop {
+        match file.read_at(&mut buf, at) {
+            Ok(0) => return true,
+            Ok(n) if buf[..n].iter().all(|&b| b == 0) => at += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return false,
+        }
     }
 }
 

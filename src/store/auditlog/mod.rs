@@ -17,8 +17,10 @@
 //! stored audit record (see `codec::encode`) and `redo`, where the flags say so, the record
 //! changes of the entry's transaction (see `SledStore`'s recovery). Positions increase along the trail; a gap is an entry that is
 //! missing (only ever made by the tamper tests; more than [`MAX_MISSING`] in one segment is
-//! damage). The writer appends to the last segment (the
-//! active one) and starts a new one once it holds [`DEFAULT_SEGMENT_BYTES`]; the segment it
+//! damage). The active segment's file may end with zeros: space the writer sets aside
+//! ahead of its appends ([`SET_ASIDE`] at a time), cut off when the segment is left or the
+//! trail closed; a scan takes zeros up to the end of the file for the end of the frames.
+//! The writer appends to the last segment (the active one) and starts a new one once it holds [`DEFAULT_SEGMENT_BYTES`]; the segment it
 //! leaves is sealed on a thread of its own (`seal_in_background`: tens of milliseconds that
 //! the commits waiting for the next append need not wait for): fsynced, with an index file
 //! (`.idx`: one u64 LE offset per position, `u64::MAX` where there is no entry) and its
@@ -73,6 +75,10 @@ const MAX_MISSING: u64 = 1 << 16;
 const MAX_PAYLOAD: usize = 1 << 20;
 /// Bytes read at a time when reading frames.
 const READ_CHUNK: usize = 256 * 1024;
+/// Bytes of zeros the writer adds to the active segment's file at a time, ahead of its
+/// appends (at most a segment's worth): a sync then writes the frames' pages alone, not the
+/// file's new size and block allocation as well (`BENCHMARKS.md`, "Space set aside").
+const SET_ASIDE: u64 = 4 * 1024 * 1024;
 
 /// One stored entry: its position in the trail, flags, the record's bytes and its redo part.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,8 +112,13 @@ type Attempt<T> = Result<T, Unreadable>;
 
 /// The writer's end of the trail.
 struct Tail {
-    /// Bytes in the active segment.
+    /// Bytes of frames in the active segment.
     len: u64,
+    /// Length of the active segment's file: its frames, then zeros set aside for the next.
+    allocated: u64,
+    /// Whether to set space aside: not once the file system refused it (a nearly full
+    /// volume, a file size limit), until the next segment.
+    set_aside: bool,
     /// Segments appended to since the last sync.
     unsynced: Vec<Arc<Segment>>,
 }
@@ -176,7 +187,7 @@ impl AuditLog {
         create_private_dir(dir).map_err(io)?;
         let firsts = list_segments(dir)?;
         let mut segments = BTreeMap::new();
-        let mut tail_len = 0;
+        let (mut tail_len, mut allocated) = (0, 0);
         for (i, &first) in firsts.iter().enumerate() {
             let path = segment_path(dir, first, "log");
             let file = open_file(&path, false).map_err(io)?;
@@ -184,6 +195,7 @@ impl AuditLog {
                 None => {
                     let scan = open_active(dir, &file, first, &indexer, acknowledged)?;
                     tail_len = scan.valid;
+                    allocated = file.metadata().map_err(io)?.len().max(tail_len);
                     (Offsets::Active(scan.offsets), scan.index)
                 }
                 Some(&next) => (
@@ -209,6 +221,8 @@ impl AuditLog {
             segments: RwLock::new(segments),
             tail: Mutex::new(Tail {
                 len: tail_len,
+                allocated,
+                set_aside: true,
                 unsynced: Vec::new(),
             }),
             sealers: Mutex::new(Vec::new()),
@@ -292,10 +306,19 @@ impl AuditLog {
         let active = match active {
             Some(segment) if tail.len < self.segment_bytes => segment,
             previous => {
+                if let Some(previous) = &previous {
+                    // A sealed segment ends with its last frame: the zeros set aside go, for
+                    // good, before its successor exists.
+                    Self::give_back(previous, &mut tail).map_err(|e| {
+                        StoreError::Transient(format!("audit log: cannot end a segment: {e}"))
+                    })?;
+                }
                 // The new segment first: if it cannot be created (no file descriptor left,
                 // say), nothing changed and the next append tries again.
                 let segment = self.create_segment(first_position)?;
                 tail.len = 0;
+                tail.allocated = 0;
+                tail.set_aside = true;
                 if let Some(previous) = previous {
                     // If frames of it are not synced yet it stays in `unsynced`: the next
                     // `sync` covers them, whether or not the seal has got that far.
@@ -328,15 +351,23 @@ impl AuditLog {
             expected += 1;
             encode_frame(&mut buf, frame);
         }
-        if let Err(e) = active.file.write_all_at(&buf, tail.len) {
+        let end = tail.len + buf.len() as u64;
+        let written = end > tail.allocated
+            && tail.set_aside
+            && self.set_aside(&active, &mut tail, &mut buf)?;
+        if !written && let Err(e) = active.file.write_all_at(&buf, tail.len) {
             // None of it counts: offsets and index are untouched, and whatever reached the
             // file goes, so that the next append starts at the same place.
             return match active.file.set_len(tail.len) {
-                Ok(()) => Err(StoreError::Transient(format!("audit log: {e}"))),
+                Ok(()) => {
+                    tail.allocated = tail.len;
+                    Err(StoreError::Transient(format!("audit log: {e}")))
+                }
                 Err(_) => Err(io(e)),
             };
         }
-        tail.len += buf.len() as u64;
+        tail.allocated = tail.allocated.max(end);
+        tail.len = end;
         {
             let mut index = active.index.write().map_err(poisoned)?;
             for frame in frames {
@@ -366,6 +397,45 @@ impl AuditLog {
         let mut tail = self.tail.lock().map_err(poisoned)?;
         for segment in tail.unsynced.drain(..) {
             segment.file.sync_data().map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the frames in `buf` with zeros after them (see [`SET_ASIDE`]), in one write:
+    /// true. If the file system refuses the room, false: the file is as it was and `buf`
+    /// holds the frames alone, for the caller to write; no more is set aside until the next
+    /// segment.
+    fn set_aside(
+        &self,
+        active: &Segment,
+        tail: &mut Tail,
+        buf: &mut Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        let frames = buf.len();
+        let grown =
+            (tail.len + frames as u64).max(tail.allocated + SET_ASIDE.min(self.segment_bytes));
+        buf.resize((grown - tail.len) as usize, 0);
+        match active.file.write_all_at(buf, tail.len) {
+            Ok(()) => {
+                tail.allocated = grown;
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no room to set aside in the audit trail's segment");
+                tail.set_aside = false;
+                buf.truncate(frames);
+                active.file.set_len(tail.allocated).map_err(io)?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Cuts the zeros set aside off the active segment `segment`, durably.
+    fn give_back(segment: &Segment, tail: &mut Tail) -> std::io::Result<()> {
+        if tail.allocated > tail.len {
+            segment.file.set_len(tail.len)?;
+            segment.file.sync_all()?;
+            tail.allocated = tail.len;
         }
         Ok(())
     }
@@ -490,9 +560,22 @@ impl AuditLog {
 
 impl Drop for AuditLog {
     /// A seal in progress finishes before the trail is closed: a store reopened in the same
-    /// process must not find its files half written.
+    /// process must not find its files half written. The active segment's zeros set aside
+    /// are cut off.
     fn drop(&mut self) {
         self.wait_for_seals();
+        // Closed, the active segment ends with its last frame too (a crash leaves the zeros
+        // set aside, which the next open reads as the end).
+        let active = self
+            .segments
+            .read()
+            .ok()
+            .and_then(|s| s.values().next_back().cloned());
+        if let (Some(active), Ok(mut tail)) = (active, self.tail.lock())
+            && let Err(e) = Self::give_back(&active, &mut tail)
+        {
+            tracing::warn!(error = %e, "could not cut the audit trail's space set aside at close");
+        }
     }
 }
 

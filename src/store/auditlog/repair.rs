@@ -275,7 +275,8 @@ impl AuditLog {
             }
         }
         if let Some(segment) = segments.values().next_back() {
-            let mut offsets = scan(&segment.file, segment.first, None).offsets;
+            let found = scan(&segment.file, segment.first, None);
+            let mut offsets = found.offsets;
             let keep = (position + 1).saturating_sub(segment.first) as usize;
             let cut = offsets
                 .get(keep..)
@@ -287,7 +288,7 @@ impl AuditLog {
             }
             let len = match cut {
                 Some(offset) => offset,
-                None => segment.file.metadata().map_err(io)?.len(),
+                None => found.valid,
             };
             segment.file.set_len(len).map_err(io)?;
             segment.file.sync_all().map_err(io)?;
@@ -297,6 +298,7 @@ impl AuditLog {
             *segment.offsets.write().map_err(poisoned)? = Offsets::Active(offsets);
             *segment.index.write().map_err(poisoned)? = index;
             tail.len = len;
+            tail.allocated = len;
         }
         sync_dir(&self.dir)?;
         tail.unsynced.clear();
@@ -385,6 +387,7 @@ impl AuditLog {
         let mut held = segment.offsets.write().map_err(poisoned)?;
         if active {
             tail.len = buf.len() as u64;
+            tail.allocated = tail.len;
             *held = Offsets::Active(offsets);
         } else {
             let count = offsets.len() as u64;

@@ -566,3 +566,81 @@ fn rewritten_and_removed_entries() {
     assert_eq!(again, at);
     assert_eq!(log.next_position().unwrap(), 39);
 }
+
+/// The length of `path`, and where its frames end.
+fn length_and_frames_end(path: &Path) -> (u64, u64) {
+    let file = open_file(path, false).unwrap();
+    let len = file.metadata().unwrap().len();
+    (len, frames::scan(&file, 0, None).valid)
+}
+
+#[test]
+fn space_set_aside_reads_as_the_end_and_goes_when_a_segment_is_left_or_the_trail_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(dir.path(), 1 << 20, test_indexer()).unwrap();
+    append_in_groups(&log, 1..21, 4);
+    let path = segment_path(dir.path(), 1, "log");
+    let (len, end) = length_and_frames_end(&path);
+    assert_eq!(
+        len,
+        1 << 20,
+        "a segment's worth set aside (less than SET_ASIDE)"
+    );
+    assert!(end > 0 && end < len, "{end}");
+    // The scrub reads the zeros as the end, not as damage.
+    assert_eq!(log.scrub(&AtomicBool::new(false)).unwrap(), None);
+
+    // A crash now leaves the zeros: the next open reads them as the end, and appends go on
+    // where the frames end.
+    let crashed = tempfile::tempdir().unwrap();
+    std::fs::copy(&path, segment_path(crashed.path(), 1, "log")).unwrap();
+    let reopened =
+        AuditLog::open_acknowledged(crashed.path(), 1 << 20, test_indexer(), 20).unwrap();
+    assert_eq!(positions(&reopened, 0), (1..21).collect::<Vec<_>>());
+    append(&reopened, 21..25);
+    assert_eq!(positions(&reopened, 0), (1..25).collect::<Vec<_>>());
+    check_lookups(&reopened, 0);
+    drop(reopened);
+    let (len, end) = length_and_frames_end(&segment_path(crashed.path(), 1, "log"));
+    assert_eq!(len, end, "closed, the segment ends with its last frame");
+
+    // A write torn inside the space set aside is cut off as before; past what the records
+    // reflect it is damage.
+    let torn = |acknowledged: u64| {
+        let crashed = tempfile::tempdir().unwrap();
+        let copy = segment_path(crashed.path(), 1, "log");
+        std::fs::copy(&path, &copy).unwrap();
+        let (_, end) = length_and_frames_end(&copy);
+        let file = open_file(&copy, false).unwrap();
+        let mut bytes = Vec::new();
+        let (payload, redo) = (payload(21), redo(21));
+        encode_frame(&mut bytes, frame(21, &payload, &redo));
+        file.write_all_at(&bytes[..bytes.len() - 5], end).unwrap();
+        (
+            AuditLog::open_acknowledged(crashed.path(), 1 << 20, test_indexer(), acknowledged),
+            crashed,
+        )
+    };
+    let (opened, _kept) = torn(20);
+    assert_eq!(positions(&opened.unwrap(), 0), (1..21).collect::<Vec<_>>());
+    let (opened, _kept) = torn(21);
+    assert_eq!(damage_of(opened).first_lost, 21);
+
+    // Segments left behind end with their last frame, as does the active one once closed.
+    append_in_groups(&log, 21..60, 4);
+    drop(log);
+    let log = AuditLog::open(dir.path(), 300, test_indexer()).unwrap();
+    append_in_groups(&log, 60..120, 4);
+    let logs = segment_files(dir.path());
+    assert!(logs.len() >= 4, "{logs:?}");
+    for sealed in &logs[..logs.len() - 1] {
+        let (len, end) = length_and_frames_end(sealed);
+        assert_eq!(len, end, "{}", sealed.display());
+    }
+    drop(log);
+    let (len, end) = length_and_frames_end(logs.last().unwrap());
+    assert_eq!(len, end);
+    let log = AuditLog::open(dir.path(), 300, test_indexer()).unwrap();
+    assert_eq!(positions(&log, 0), (1..120).collect::<Vec<_>>());
+    check_lookups(&log, 50);
+}
