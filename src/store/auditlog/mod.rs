@@ -15,20 +15,21 @@
 //!
 //! where `len` counts the bytes after the CRC and the CRC covers them, the payload is the
 //! stored audit record (see `codec::encode`) and `redo`, where the flags say so, the record
-//! changes of the entry's transaction (see `SledStore`'s recovery). Positions increase along the trail; a gap is an entry that is
-//! missing (only ever made by the tamper tests; more than [`MAX_MISSING`] in one segment is
-//! damage). The active segment's file may end with zeros: space the writer sets aside
-//! ahead of its appends ([`SET_ASIDE`] at a time), cut off when the segment is left or the
-//! trail closed; a scan takes zeros up to the end of the file for the end of the frames.
-//! The writer appends to the last segment (the active one) and starts a new one once it holds [`DEFAULT_SEGMENT_BYTES`]; the segment it
+//! changes of the entry's transaction (see `SledStore`'s recovery). Positions increase
+//! along the trail; a gap is an entry that is missing (only ever made by the tamper tests;
+//! more than [`MAX_MISSING`] in one segment is damage). The active segment's file may end
+//! with zeros: space the writer sets aside ahead of its appends ([`SET_ASIDE`] at a time),
+//! cut off when the segment is left or the trail closed; a scan takes zeros up to the end
+//! of the file for the end of the frames. The writer appends to the last segment (the
+//! active one) and starts a new one once it holds [`DEFAULT_SEGMENT_BYTES`]; the segment it
 //! leaves is sealed on a thread of its own (`seal_in_background`: tens of milliseconds that
 //! the commits waiting for the next append need not wait for): fsynced, with an index file
 //! (`.idx`: one u64 LE offset per position, `u64::MAX` where there is no entry) and its
 //! audit index (`.ndx`) written beside it and renamed into place. Until then readers use
-//! the in-memory forms; a seal cut short by a crash is redone at open. The active
-//! segment's index is kept in memory and rebuilt at open by reading the segment, which also
-//! cuts off a frame torn by a crash. Readers never see past the position the writer last
-//! published, nor before the first position kept after a prune.
+//! the in-memory forms; a seal cut short by a crash is redone at open. The active segment's
+//! index is kept in memory and rebuilt at open by reading the segment, which also cuts off
+//! a frame torn by a crash. Readers never see past the position the writer last published,
+//! nor before the first position kept after a prune.
 //!
 //! The rooms: this file (the trail's state, opening, appending, syncing, pruning),
 //! `frames.rs` (the frame encoding and scans), `segments.rs` (segment files, offsets,
