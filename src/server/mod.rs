@@ -331,7 +331,13 @@ async fn serve(
         runner.clone(),
         config.gc_interval,
     ));
-    let evictions = tokio::spawn(vault.clone().follow_keys());
+    // Only other processes sharing the store change keys behind this one's back: a process
+    // alone on its store evicts what its own Rotate and Revoke destroy as they commit, and
+    // would otherwise wake for every audit entry to learn nothing.
+    let evictions = config
+        .store
+        .shared()
+        .then(|| tokio::spawn(vault.clone().follow_keys()));
     let retention = config
         .audit_retention
         .map(|policy| tokio::spawn(prune_audit(vault.clone(), runner.clone(), policy)));
@@ -487,7 +493,9 @@ async fn serve(
     gc.abort();
     sweep.abort();
     turns.abort();
-    evictions.abort();
+    if let Some(evictions) = evictions {
+        evictions.abort();
+    }
     refusals.abort();
     if let Some(task) = retention {
         task.abort();

@@ -489,7 +489,8 @@ impl Vault {
     /// a master-key rotation started or finished. A Get does not depend on the first, as it
     /// opens the version the store names as current: this keeps destroyed keys out of memory.
     /// When entries were missed (the feed lagged), the whole cache is dropped and the keyring
-    /// reread. Runs until the store closes.
+    /// reread. Runs until the store closes; the server runs it only on an engine that
+    /// processes share.
     pub async fn follow_keys(self: Arc<Self>) {
         use tokio::sync::broadcast::error::RecvError;
         let mut feed = self.store.subscribe_audit();
