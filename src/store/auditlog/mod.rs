@@ -18,7 +18,7 @@
 //! changes of the entry's transaction (see `SledStore`'s recovery). Positions increase
 //! along the trail; a gap is an entry that is missing (only ever made by the tamper tests;
 //! more than [`MAX_MISSING`] in one segment is damage). The active segment's file may end
-//! with zeros: space the writer sets aside ahead of its appends ([`SET_ASIDE`] at a time),
+//! with zeros: space the writer sets aside ahead of its appends ([`tail::SET_ASIDE`] at a time),
 //! cut off when the segment is left or the trail closed; a scan takes zeros up to the end
 //! of the file for the end of the frames. The writer appends to the last segment (the
 //! active one) and starts a new one once it holds [`DEFAULT_SEGMENT_BYTES`]; the segment it
@@ -32,13 +32,13 @@
 //! nor before the first position kept after a prune.
 //!
 //! The rooms: this file (the trail's state, opening, appending, syncing, pruning),
+//! `tail.rs` (the writer's end: writing a group's frames, the zeros set aside),
 //! `frames.rs` (the frame encoding and scans), `segments.rs` (segment files, offsets,
 //! sealing), `reads.rs` (reads and index lookups), `repair.rs` (damage, scrub, repair) and
 //! `tests.rs`.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -51,11 +51,13 @@ mod frames;
 mod reads;
 mod repair;
 mod segments;
+mod tail;
 
 use self::frames::encode_frame;
 use self::segments::{
     Offsets, Segment, list_segments, open_active, seal, sealed_index, sealed_offsets,
 };
+use self::tail::Tail;
 
 /// A segment is sealed once it holds this many bytes.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 32 * 1024 * 1024;
@@ -76,11 +78,6 @@ const MAX_MISSING: u64 = 1 << 16;
 const MAX_PAYLOAD: usize = 1 << 20;
 /// Bytes read at a time when reading frames.
 const READ_CHUNK: usize = 256 * 1024;
-/// Bytes of zeros the writer adds to the active segment's file at a time, ahead of its
-/// appends (at most a segment's worth): a sync then writes the frames' pages alone, not the
-/// file's new size and block allocation as well (`BENCHMARKS.md`, "Space set aside").
-const SET_ASIDE: u64 = 4 * 1024 * 1024;
-
 /// One stored entry: its position in the trail, flags, the record's bytes and its redo part.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
@@ -110,19 +107,6 @@ struct Unreadable {
 
 /// A read's result, or what it could not read.
 type Attempt<T> = Result<T, Unreadable>;
-
-/// The writer's end of the trail.
-struct Tail {
-    /// Bytes of frames in the active segment.
-    len: u64,
-    /// Length of the active segment's file: its frames, then zeros set aside for the next.
-    allocated: u64,
-    /// Whether to set space aside: not once the file system refused it (a nearly full
-    /// volume, a file size limit), until the next segment.
-    set_aside: bool,
-    /// Segments appended to since the last sync.
-    unsynced: Vec<Arc<Segment>>,
-}
 
 /// The audit trail's segment files (see the module documentation).
 pub struct AuditLog {
@@ -220,12 +204,7 @@ impl AuditLog {
             indexer,
             segment_bytes: segment_bytes.max(1),
             segments: RwLock::new(segments),
-            tail: Mutex::new(Tail {
-                len: tail_len,
-                allocated,
-                set_aside: true,
-                unsynced: Vec::new(),
-            }),
+            tail: Mutex::new(Tail::new(tail_len, allocated)),
             sealers: Mutex::new(Vec::new()),
             visible: AtomicU64::new(0),
             start: AtomicU64::new(0),
@@ -310,16 +289,14 @@ impl AuditLog {
                 if let Some(previous) = &previous {
                     // A sealed segment ends with its last frame: the zeros set aside go, for
                     // good, before its successor exists.
-                    Self::give_back(previous, &mut tail).map_err(|e| {
+                    tail.give_back(previous).map_err(|e| {
                         StoreError::Transient(format!("audit log: cannot end a segment: {e}"))
                     })?;
                 }
                 // The new segment first: if it cannot be created (no file descriptor left,
                 // say), nothing changed and the next append tries again.
                 let segment = self.create_segment(first_position)?;
-                tail.len = 0;
-                tail.allocated = 0;
-                tail.set_aside = true;
+                tail.reset(0);
                 if let Some(previous) = previous {
                     // If frames of it are not synced yet it stays in `unsynced`: the next
                     // `sync` covers them, whether or not the seal has got that far.
@@ -352,23 +329,7 @@ impl AuditLog {
             expected += 1;
             encode_frame(&mut buf, frame);
         }
-        let end = tail.len + buf.len() as u64;
-        let written = end > tail.allocated
-            && tail.set_aside
-            && self.set_aside(&active, &mut tail, &mut buf)?;
-        if !written && let Err(e) = active.file.write_all_at(&buf, tail.len) {
-            // None of it counts: offsets and index are untouched, and whatever reached the
-            // file goes, so that the next append starts at the same place.
-            return match active.file.set_len(tail.len) {
-                Ok(()) => {
-                    tail.allocated = tail.len;
-                    Err(StoreError::Transient(format!("audit log: {e}")))
-                }
-                Err(_) => Err(io(e)),
-            };
-        }
-        tail.allocated = tail.allocated.max(end);
-        tail.len = end;
+        tail.write(&active, &buf, self.segment_bytes)?;
         {
             let mut index = active.index.write().map_err(poisoned)?;
             for frame in frames {
@@ -398,45 +359,6 @@ impl AuditLog {
         let mut tail = self.tail.lock().map_err(poisoned)?;
         for segment in tail.unsynced.drain(..) {
             segment.file.sync_data().map_err(io)?;
-        }
-        Ok(())
-    }
-
-    /// Writes the frames in `buf` with zeros after them (see [`SET_ASIDE`]), in one write:
-    /// true. If the file system refuses the room, false: the file is as it was and `buf`
-    /// holds the frames alone, for the caller to write; no more is set aside until the next
-    /// segment.
-    fn set_aside(
-        &self,
-        active: &Segment,
-        tail: &mut Tail,
-        buf: &mut Vec<u8>,
-    ) -> Result<bool, StoreError> {
-        let frames = buf.len();
-        let grown =
-            (tail.len + frames as u64).max(tail.allocated + SET_ASIDE.min(self.segment_bytes));
-        buf.resize((grown - tail.len) as usize, 0);
-        match active.file.write_all_at(buf, tail.len) {
-            Ok(()) => {
-                tail.allocated = grown;
-                Ok(true)
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "no room to set aside in the audit trail's segment");
-                tail.set_aside = false;
-                buf.truncate(frames);
-                active.file.set_len(tail.allocated).map_err(io)?;
-                Ok(false)
-            }
-        }
-    }
-
-    /// Cuts the zeros set aside off the active segment `segment`, durably.
-    fn give_back(segment: &Segment, tail: &mut Tail) -> std::io::Result<()> {
-        if tail.allocated > tail.len {
-            segment.file.set_len(tail.len)?;
-            segment.file.sync_all()?;
-            tail.allocated = tail.len;
         }
         Ok(())
     }
@@ -573,7 +495,7 @@ impl Drop for AuditLog {
             .ok()
             .and_then(|s| s.values().next_back().cloned());
         if let (Some(active), Ok(mut tail)) = (active, self.tail.lock())
-            && let Err(e) = Self::give_back(&active, &mut tail)
+            && let Err(e) = tail.give_back(&active)
         {
             tracing::warn!(error = %e, "could not cut the audit trail's space set aside at close");
         }

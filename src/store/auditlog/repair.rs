@@ -297,8 +297,7 @@ impl AuditLog {
             let index = scan(&segment.file, segment.first, Some(&self.indexer)).index;
             *segment.offsets.write().map_err(poisoned)? = Offsets::Active(offsets);
             *segment.index.write().map_err(poisoned)? = index;
-            tail.len = len;
-            tail.allocated = len;
+            tail.reset(len);
         }
         sync_dir(&self.dir)?;
         tail.unsynced.clear();
@@ -386,8 +385,7 @@ impl AuditLog {
         segment.file.sync_all().map_err(io)?;
         let mut held = segment.offsets.write().map_err(poisoned)?;
         if active {
-            tail.len = buf.len() as u64;
-            tail.allocated = tail.len;
+            tail.reset(buf.len() as u64);
             *held = Offsets::Active(offsets);
         } else {
             let count = offsets.len() as u64;

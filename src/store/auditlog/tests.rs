@@ -1,4 +1,5 @@
 use super::*;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::AtomicBool;
 
 fn payload(position: u64) -> Vec<u8> {
@@ -583,8 +584,8 @@ fn space_set_aside_reads_as_the_end_and_goes_when_a_segment_is_left_or_the_trail
     let (len, end) = length_and_frames_end(&path);
     assert_eq!(
         len,
-        1 << 20,
-        "a segment's worth set aside (less than SET_ASIDE)"
+        4096 + (1 << 20),
+        "a segment's worth set aside (less than SET_ASIDE), after the first group's page"
     );
     assert!(end > 0 && end < len, "{end}");
     // The scrub reads the zeros as the end, not as damage.
@@ -643,4 +644,57 @@ fn space_set_aside_reads_as_the_end_and_goes_when_a_segment_is_left_or_the_trail
     let log = AuditLog::open(dir.path(), 300, test_indexer()).unwrap();
     assert_eq!(positions(&log, 0), (1..120).collect::<Vec<_>>());
     check_lookups(&log, 50);
+}
+
+/// After every group, the active segment's file is its frames and then zeros, to a length
+/// the writer knows, whatever pages and set-aside runs the groups cross, and after a reopen
+/// that left the frames ending inside a page.
+#[test]
+fn frames_written_in_whole_pages_leave_frames_then_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = segment_path(dir.path(), 1, "log");
+    let check = |log: &AuditLog, last: u64| {
+        let bytes = std::fs::read(&path).unwrap();
+        let tail = log.tail.lock().unwrap();
+        assert_eq!(
+            bytes.len() as u64,
+            tail.allocated,
+            "the file's length is known"
+        );
+        let (_, end) = length_and_frames_end(&path);
+        assert_eq!(end, tail.len, "the frames end where the writer says");
+        assert!(
+            bytes[end as usize..].iter().all(|&b| b == 0),
+            "zeros after the frames"
+        );
+        drop(tail);
+        assert_eq!(positions(log, 0), (1..=last).collect::<Vec<_>>());
+    };
+    // Two pages set aside at a time: the groups cross many pages and several runs of zeros.
+    let log = AuditLog::open(dir.path(), 1 << 30, test_indexer()).unwrap();
+    log.tail.lock().unwrap().room_for_tests = Some(8192);
+    let mut next = 1;
+    for size in (1..=7).cycle().take(150) {
+        append(&log, next..next + size);
+        next += size;
+        check(&log, next - 1);
+    }
+    let (len, _) = length_and_frames_end(&path);
+    assert!(
+        len % 4096 == 0 && len > 4 * 8192,
+        "several runs set aside: {len}"
+    );
+    drop(log);
+    let (len, end) = length_and_frames_end(&path);
+    assert_eq!(len, end, "closed, the segment ends with its last frame");
+    assert_ne!(end % 4096, 0, "the frames end inside a page");
+    // Reopened, the first write reads the start of its page back from the file.
+    let log = AuditLog::open(dir.path(), 1 << 30, test_indexer()).unwrap();
+    log.tail.lock().unwrap().room_for_tests = Some(8192);
+    for size in [1, 5, 2] {
+        append(&log, next..next + size);
+        next += size;
+        check(&log, next - 1);
+    }
+    check_lookups(&log, 0);
 }
