@@ -13,7 +13,9 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::crypto::{self, KEY_LEN, SymmetricKey};
-use crate::model::{AuditAnchor, AuditDraft, AuditRecord, ChainHash, Time};
+use crate::model::{
+    AuditAnchor, AuditDraft, AuditRecord, ChainHash, PrincipalId, SecretName, TenantId, Time,
+};
 
 /// HKDF label of the audit key.
 pub const AUDIT_KEY_LABEL: &[u8] = b"byokd/v1/audit-chain-key";
@@ -94,36 +96,25 @@ impl ChainKey {
 /// no two different entries encode alike. An absent optional field encodes as empty, which no
 /// present value does (names, ids and versions are never empty).
 pub fn canonical(seq: u64, time: Time, e: &AuditDraft) -> Vec<u8> {
-    let text = |v: Option<String>| v.unwrap_or_default();
-    let principal = text(e.principal.as_ref().map(ToString::to_string));
-    let tenant = text(e.tenant.as_ref().map(ToString::to_string));
-    let name = text(e.name.as_ref().map(ToString::to_string));
-    let secret_id = e
-        .secret_id
-        .map(|id| id.as_bytes().to_vec())
-        .unwrap_or_default();
-    let version = e
-        .version
-        .map(|v| v.to_be_bytes().to_vec())
-        .unwrap_or_default();
-    let lease_id = e
-        .lease_id
-        .map(|id| id.as_bytes().to_vec())
-        .unwrap_or_default();
-    let peer = text(e.peer.clone());
+    fn text(v: Option<&str>) -> &[u8] {
+        v.unwrap_or_default().as_bytes()
+    }
+    let secret_id = e.secret_id.map(|id| *id.as_bytes());
+    let version = e.version.map(u32::to_be_bytes);
+    let lease_id = e.lease_id.map(|id| *id.as_bytes());
     crypto::associated_data(
         ENTRY_LABEL,
         &[
             &seq.to_be_bytes(),
             &time.as_micros().to_be_bytes(),
-            principal.as_bytes(),
-            peer.as_bytes(),
+            text(e.principal.as_ref().map(PrincipalId::as_str)),
+            text(e.peer.as_deref()),
             e.action.as_str().as_bytes(),
-            tenant.as_bytes(),
-            name.as_bytes(),
-            &secret_id,
-            &version,
-            &lease_id,
+            text(e.tenant.as_ref().map(TenantId::as_str)),
+            text(e.name.as_ref().map(SecretName::as_str)),
+            secret_id.as_ref().map_or(&[][..], |id| &id[..]),
+            version.as_ref().map_or(&[][..], |v| &v[..]),
+            lease_id.as_ref().map_or(&[][..], |id| &id[..]),
             e.outcome.as_str().as_bytes(),
             e.reason.as_bytes(),
         ],

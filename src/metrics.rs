@@ -23,9 +23,9 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabels {
     /// `/package.Service/Method` of a method byokd serves, or `unknown`.
-    pub method: String,
+    pub method: &'static str,
     /// The gRPC code name, e.g. `OK`, `NOT_FOUND`.
-    pub code: String,
+    pub code: &'static str,
 }
 
 /// Labels of a call to the master key service.
@@ -167,11 +167,8 @@ pub fn global() -> &'static Metrics {
 
 impl Metrics {
     /// Records one RPC answered with the gRPC status `code` (its canonical name, `NOT_FOUND`).
-    pub fn rpc(&self, method: String, code: &'static str, took: Duration) {
-        let labels = RpcLabels {
-            method,
-            code: code.to_string(),
-        };
+    pub fn rpc(&self, method: &'static str, code: &'static str, took: Duration) {
+        let labels = RpcLabels { method, code };
         self.rpc_requests.get_or_create(&labels).inc();
         self.rpc_duration
             .get_or_create(&labels)
@@ -458,11 +455,7 @@ mod tests {
 
     #[test]
     fn exposition_has_every_family_with_recorded_values() {
-        global().rpc(
-            "/byokd.v1.Vault/Get".to_string(),
-            "NOT_FOUND",
-            Duration::from_millis(2),
-        );
+        global().rpc("/byokd.v1.Vault/Get", "NOT_FOUND", Duration::from_millis(2));
         global().redeemed(false);
         let text = render(&Snapshot {
             leases_held: 3,

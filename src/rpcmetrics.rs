@@ -19,21 +19,20 @@ const OTHER_METHODS: [&str; 5] = [
 
 /// Every method byokd serves, by path: the only label values a request can make, so that
 /// the metrics stay the same size whatever paths callers send.
-static KNOWN_METHODS: std::sync::LazyLock<std::collections::HashSet<String>> =
+static KNOWN_METHODS: std::sync::LazyLock<std::collections::HashSet<&'static str>> =
     std::sync::LazyLock::new(|| {
         use prost::Message;
-        let mut known: std::collections::HashSet<String> =
-            OTHER_METHODS.iter().map(|m| m.to_string()).collect();
+        let mut known: std::collections::HashSet<&'static str> =
+            OTHER_METHODS.iter().copied().collect();
         if let Ok(set) = prost_types::FileDescriptorSet::decode(crate::api::FILE_DESCRIPTOR_SET) {
             for file in &set.file {
                 for service in &file.service {
                     for method in &service.method {
-                        known.insert(format!(
-                            "/{}.{}/{}",
-                            file.package(),
-                            service.name(),
-                            method.name()
-                        ));
+                        // Made once per process, for the few dozen methods there are: the
+                        // labels are then borrowed, not allocated per request.
+                        let path =
+                            format!("/{}.{}/{}", file.package(), service.name(), method.name());
+                        known.insert(path.leak());
                     }
                 }
             }
@@ -63,12 +62,8 @@ pub struct RpcMetrics<S> {
 }
 
 /// The metric label of a request path: the path of a method byokd serves, else `unknown`.
-fn method_label(path: &str) -> String {
-    if KNOWN_METHODS.contains(path) {
-        path.to_string()
-    } else {
-        UNKNOWN.to_string()
-    }
+fn method_label(path: &str) -> &'static str {
+    KNOWN_METHODS.get(path).copied().unwrap_or(UNKNOWN)
 }
 
 /// The status of a response whose headers are in: trailers-only responses (errors) carry

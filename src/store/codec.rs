@@ -85,7 +85,9 @@ pub const LEASES_THROUGH_META: &[u8] = b"mleases-through";
 pub const REVISION_META: &[u8] = b"mrevision";
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    let mut out = vec![FORMAT_V1];
+    // Room for an audit record (a few hundred bytes), so that the encoding seldom grows it.
+    let mut out = Vec::with_capacity(512);
+    out.push(FORMAT_V1);
     postcard::to_io(value, &mut out).map_err(|e| StoreError::Engine(format!("encode: {e}")))?;
     Ok(out)
 }
