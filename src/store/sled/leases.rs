@@ -29,10 +29,10 @@ use super::{Pending, stage_lease};
 
 /// Lease changes kept that make the writer write them to the tree. Each checkpoint is a sled
 /// batch and a flush: at 256, they were 12% of a `lease+get`'s CPU (1,024 costs 5-13% less
-/// per `lease+get`, BENCHMARKS.md). Its write holds the group's commits, which the stall
-/// watchdog refuses after a second: 8,192 changes (24,576 keys) took over that in a debug
-/// build on a loaded CI machine; 1,024 take an eighth.
-pub(super) const CHECKPOINT_CHANGES: usize = 1024;
+/// per `lease+get`, and 2,048 another 5%, BENCHMARKS.md). Its write holds the group's commits,
+/// which the stall watchdog refuses after a second: 8,192 changes (24,576 keys) took over
+/// that in a debug build on a loaded CI machine; 2,048 take a quarter.
+pub(super) const CHECKPOINT_CHANGES: usize = 2048;
 
 /// A lease as the groups since the checkpoint left it.
 #[derive(Clone)]
@@ -60,11 +60,11 @@ pub(super) struct Overlay {
 pub(super) type SharedOverlay = Arc<RwLock<Overlay>>;
 
 /// How a lease stands in the overlay.
-pub(super) enum Found {
+pub(super) enum Found<'a> {
     /// Not changed since the checkpoint: as the tree holds it.
     InTree,
     /// As it is now.
-    Is(LeaseRecord),
+    Is(&'a LeaseRecord),
     /// Deleted.
     Gone,
 }
@@ -139,10 +139,10 @@ impl Overlay {
     }
 
     /// The lease with this token hash.
-    pub(super) fn lease(&self, hash: &TokenHash) -> Found {
+    pub(super) fn lease(&self, hash: &TokenHash) -> Found<'_> {
         match self.by_hash.get(&hash.0) {
             None => Found::InTree,
-            Some(Kept::New(l) | Kept::Updated(l)) => Found::Is(l.clone()),
+            Some(Kept::New(l) | Kept::Updated(l)) => Found::Is(l),
             Some(Kept::Deleted(_)) => Found::Gone,
         }
     }

@@ -356,7 +356,7 @@ impl SledStore {
     /// A lease: as kept in memory since the last checkpoint, else as the tree holds it.
     fn lease(&self, hash: &TokenHash) -> Result<Option<LeaseRecord>, StoreError> {
         match leases::read(&self.leases).lease(hash) {
-            leases::Found::Is(lease) => Ok(Some(lease)),
+            leases::Found::Is(lease) => Ok(Some(lease.clone())),
             leases::Found::Gone => Ok(None),
             leases::Found::InTree => self.get(&codec::lease_key(hash)),
         }
