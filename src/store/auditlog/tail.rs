@@ -15,8 +15,8 @@
 //!
 //! The file's length is `allocated` at all times, and every byte between `len` and it is zero.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use super::io;
@@ -213,9 +213,17 @@ impl Tail {
 }
 
 /// The segment's file opened for writes around the page cache.
+#[cfg(target_os = "linux")]
 fn open_direct(segment: &Segment) -> std::io::Result<File> {
-    OpenOptions::new()
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
         .write(true)
         .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
         .open(&segment.path)
+}
+
+/// Elsewhere the zeros go through the page cache.
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_: &Segment) -> std::io::Result<File> {
+    Err(std::io::ErrorKind::Unsupported.into())
 }
