@@ -204,7 +204,7 @@ impl AuditLog {
             indexer,
             segment_bytes: segment_bytes.max(1),
             segments: RwLock::new(segments),
-            tail: Mutex::new(Tail::new(tail_len, allocated)),
+            tail: Mutex::new(Tail::new(tail_len, allocated, segment_bytes.max(1))),
             sealers: Mutex::new(Vec::new()),
             visible: AtomicU64::new(0),
             start: AtomicU64::new(0),
@@ -329,7 +329,7 @@ impl AuditLog {
             expected += 1;
             encode_frame(&mut buf, frame);
         }
-        tail.write(&active, &buf, self.segment_bytes)?;
+        tail.write(&active, &buf)?;
         {
             let mut index = active.index.write().map_err(poisoned)?;
             for frame in frames {

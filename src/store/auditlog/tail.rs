@@ -51,24 +51,23 @@ pub(super) struct Tail {
     direct: Option<Option<File>>,
     /// Zeros to write from (one page more than [`ZEROS`], to start on a page boundary).
     zeros: Vec<u8>,
-    /// Bytes to set aside at a time instead of [`SET_ASIDE`] (for tests that cross runs).
-    #[cfg(test)]
-    pub(super) room_for_tests: Option<u64>,
+    /// Bytes set aside at a time: [`SET_ASIDE`], at most a segment's worth, in whole pages.
+    pub(super) room: u64,
 }
 
 impl Tail {
-    /// The end of an active segment with `len` bytes of frames in a file of `allocated`.
-    pub(super) fn new(len: u64, allocated: u64) -> Self {
+    /// The end of an active segment with `len` bytes of frames in a file of `allocated`
+    /// (at least `len`), in a trail of `segment_bytes` segments.
+    pub(super) fn new(len: u64, allocated: u64, segment_bytes: u64) -> Self {
         Self {
             len,
-            allocated: allocated.max(len),
+            allocated,
             unsynced: Vec::new(),
             set_aside: true,
             page: None,
             direct: None,
             zeros: Vec::new(),
-            #[cfg(test)]
-            room_for_tests: None,
+            room: SET_ASIDE.min(segment_bytes).div_ceil(PAGE) * PAGE,
         }
     }
 
@@ -94,15 +93,10 @@ impl Tail {
 
     /// Writes `frames` (whole frames) after the active segment's last, without syncing. On
     /// failure none of it counts: the frames end where they did, and so does the file.
-    pub(super) fn write(
-        &mut self,
-        segment: &Segment,
-        frames: &[u8],
-        segment_bytes: u64,
-    ) -> Result<(), StoreError> {
+    pub(super) fn write(&mut self, segment: &Segment, frames: &[u8]) -> Result<(), StoreError> {
         let end = self.len + frames.len() as u64;
         if self.set_aside {
-            match self.write_pages(segment, frames, segment_bytes) {
+            match self.write_pages(segment, frames) {
                 Ok(()) => {
                     self.len = end;
                     return Ok(());
@@ -133,12 +127,7 @@ impl Tail {
 
     /// Writes `frames` in whole pages, and sets space aside if that reached the end of the
     /// file. Fails if the file system refuses a page.
-    fn write_pages(
-        &mut self,
-        segment: &Segment,
-        frames: &[u8],
-        segment_bytes: u64,
-    ) -> std::io::Result<()> {
+    fn write_pages(&mut self, segment: &Segment, frames: &[u8]) -> std::io::Result<()> {
         let from = self.len / PAGE * PAGE;
         let end = self.len + frames.len() as u64;
         let to = end.div_ceil(PAGE) * PAGE;
@@ -156,9 +145,7 @@ impl Tail {
         segment.file.write_all_at(&out, from)?;
         if to > self.allocated {
             self.allocated = to;
-            #[cfg(test)]
-            let segment_bytes = self.room_for_tests.unwrap_or(segment_bytes);
-            let room = SET_ASIDE.min(segment_bytes).div_ceil(PAGE) * PAGE;
+            let room = self.room;
             if let Err(e) = self.add_zeros(segment, to, room) {
                 // The frames are written; only the room is refused.
                 tracing::debug!(error = %e, "no room to set aside in the audit trail's segment");

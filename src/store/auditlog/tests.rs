@@ -672,7 +672,7 @@ fn frames_written_in_whole_pages_leave_frames_then_zeros() {
     };
     // Two pages set aside at a time: the groups cross many pages and several runs of zeros.
     let log = AuditLog::open(dir.path(), 1 << 30, test_indexer()).unwrap();
-    log.tail.lock().unwrap().room_for_tests = Some(8192);
+    log.tail.lock().unwrap().room = 8192;
     let mut next = 1;
     for size in (1..=7).cycle().take(150) {
         append(&log, next..next + size);
@@ -690,7 +690,7 @@ fn frames_written_in_whole_pages_leave_frames_then_zeros() {
     assert_ne!(end % 4096, 0, "the frames end inside a page");
     // Reopened, the first write reads the start of its page back from the file.
     let log = AuditLog::open(dir.path(), 1 << 30, test_indexer()).unwrap();
-    log.tail.lock().unwrap().room_for_tests = Some(8192);
+    log.tail.lock().unwrap().room = 8192;
     for size in [1, 5, 2] {
         append(&log, next..next + size);
         next += size;
